@@ -1,0 +1,106 @@
+"""Text side of the embedded model: a word-level tokenizer and a small CLIP-style text encoder.
+
+The tokenizer is a `tokenizers` WordLevel model over the world's vocabulary,
+saved as `tokenizer.json` and loaded with `transformers.PreTrainedTokenizerFast`.
+The encoder is a `CLIPTextModelWithProjection` built from a config and trained
+jointly with the denoiser; it gives per-token states (the transformer's
+`encoder_hidden_states`) and a pooled, projected vector (`pooled_projections`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordLevel
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast
+
+from catlab.embedded.world import vocabulary
+
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
+# CLIP treats eos_token_id == 2 as a legacy special case, so keep EOS at id 3.
+SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)
+
+
+@dataclass
+class TextConfig:
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    max_length: int = 24  # every prompt is padded / truncated to this many tokens
+
+
+def build_tokenizer(max_length: int = 24) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: lower-cases, drops punctuation, adds <bos>/<eos>, pads to max_length."""
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *vocabulary()])}
+    tok = Tokenizer(WordLevel(vocab, unk_token=UNK))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Lowercase(), normalizers.Replace(Regex(r"[^\w\s]"), " ")]
+    )
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        model_max_length=max_length,
+        padding_side="right",
+    )
+
+
+def unknown_words(tokenizer: PreTrainedTokenizerFast, prompt: str) -> list[str]:
+    """Words of `prompt` that are not in the tokenizer's vocabulary."""
+    backend = tokenizer.backend_tokenizer
+    text = backend.normalizer.normalize_str(prompt)
+    words = [w for w, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
+    vocab = tokenizer.get_vocab()
+    return [w for w in words if w not in vocab]
+
+
+def tokenize(tokenizer: PreTrainedTokenizerFast, prompts: list[str], warn: bool = True) -> torch.Tensor:
+    """Token ids (B, max_length); warns once, naming them, when prompts hold unknown words."""
+    if warn:
+        unknown = sorted({w for p in prompts for w in unknown_words(tokenizer, p)})
+        if unknown:
+            warnings.warn(
+                f"embedded model: unknown words {unknown} are mapped to {UNK}; "
+                f"its vocabulary is {vocabulary()}",
+                stacklevel=3,
+            )
+    out = tokenizer(
+        prompts,
+        padding="max_length",
+        truncation=True,
+        max_length=tokenizer.model_max_length,
+        return_tensors="pt",
+    )
+    return out["input_ids"]
+
+
+def build_text_encoder(cfg: TextConfig, tokenizer: PreTrainedTokenizerFast) -> CLIPTextModelWithProjection:
+    """A fresh CLIP-style causal text transformer with a pooled projection."""
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer.get_vocab()),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=2 * cfg.hidden_size,
+        projection_dim=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_length,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return CLIPTextModelWithProjection(config)
+
+
+def encode_ids(text_encoder: CLIPTextModelWithProjection, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token states (B, L, hidden), pooled projection (B, projection_dim))."""
+    out = text_encoder(input_ids=ids.to(text_encoder.device))
+    return out.last_hidden_state, out.text_embeds

@@ -1,0 +1,164 @@
+"""Token-pruned execution of a stock diffusers transformer, through diffusers hooks.
+
+The stock forward of the transformer and of every block runs unchanged; three
+narrow interventions make it pruned:
+
+1. a hook on the patch embedding gathers the k selected tokens, so every block
+   (norms, modulation, attention queries, MLP) sees a ``(rows, k, D)`` tensor;
+2. each image attention module gets a processor that writes the k fresh K/V into
+   its layer's cache and attends over the whole cache (plus text);
+3. a hook on the output projection scatters the k fresh outputs into the previous
+   step's token-space output, so the stock unpatchify sees all N tokens.
+
+With every token selected this is the stock model, by construction.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
+
+from catlab.pruning.families import FamilySpec, family_of
+from catlab.pruning.processors import PrunedJointAttnProcessor, PrunedSelfAttnProcessor
+
+GATHER_HOOK = "catlab_token_gather"
+SCATTER_HOOK = "catlab_token_scatter"
+
+
+class _GatherHook(ModelHook):
+    """After the patch embedding: keep only the selected tokens."""
+
+    def __init__(self, pruner: "TokenPruner"):
+        super().__init__()
+        self.pruner = pruner
+
+    def post_forward(self, module: nn.Module, output: torch.Tensor) -> torch.Tensor:
+        self.pruner.num_tokens = output.shape[1]
+        idx = self.pruner.row_indices
+        if idx is None:
+            return output
+        return output.gather(1, idx[..., None].expand(-1, -1, output.shape[-1]))
+
+
+class _ScatterHook(ModelHook):
+    """After the output projection: fresh outputs for the selected tokens, cached ones for the rest."""
+
+    def __init__(self, pruner: "TokenPruner"):
+        super().__init__()
+        self.pruner = pruner
+
+    def post_forward(self, module: nn.Module, output: torch.Tensor) -> torch.Tensor:
+        p = self.pruner
+        idx = p.row_indices
+        if idx is None:
+            p.output_cache = output
+            return output
+        if p.output_cache is None or p.output_cache.shape[0] != output.shape[0]:
+            raise RuntimeError("a pruned step needs the output of a previous full step for the same batch")
+        index = idx[..., None].expand(-1, -1, output.shape[-1])
+        p.output_cache = p.output_cache.scatter(1, index, output.to(p.output_cache.dtype))
+        return p.output_cache
+
+
+class TokenPruner:
+    """The pruning state of one transformer: indices of the step, caches, probes, cost.
+
+    Drive it with :meth:`set_indices` before each forward (``None`` = a full step);
+    :meth:`reset` at the start of each generation. ``last_macs`` holds the MACs of the
+    latest forward, from the family's analytic counter.
+    """
+
+    def __init__(self, transformer: nn.Module):
+        self.transformer = transformer
+        self.spec: FamilySpec = family_of(transformer)
+        self.row_indices: torch.Tensor | None = None
+        self.output_cache: torch.Tensor | None = None
+        self.num_tokens: int = 0
+        self.probe_layers: set[int] = set()
+        self.attention: dict[int, torch.Tensor] = {}
+        self.processors: list = []
+        self._original_processors: dict[nn.Module, object] = {}
+        self.attached = False
+
+    # -- lifecycle -------------------------------------------------------------
+    def attach(self) -> "TokenPruner":
+        if self.attached:
+            return self
+        t = self.transformer
+        HookRegistry.check_if_exists_or_initialize(getattr(t, self.spec.patch_embed)).register_hook(_GatherHook(self), GATHER_HOOK)
+        HookRegistry.check_if_exists_or_initialize(getattr(t, self.spec.output_proj)).register_hook(_ScatterHook(self), SCATTER_HOOK)
+        kinds = {"joint": PrunedJointAttnProcessor, "self": PrunedSelfAttnProcessor}
+        for layer, block in enumerate(t.transformer_blocks):
+            for attr, kind in self.spec.attentions:
+                attn = getattr(block, attr, None)
+                if attn is None:
+                    continue
+                proc = kinds[kind](self, layer, f"transformer_blocks.{layer}.{attr}")
+                self._original_processors[attn] = attn.processor
+                attn.processor = proc
+                self.processors.append(proc)
+        self.attached = True
+        return self
+
+    def detach(self) -> None:
+        if not self.attached:
+            return
+        t = self.transformer
+        getattr(t, self.spec.patch_embed)._diffusers_hook.remove_hook(GATHER_HOOK, recurse=False)
+        getattr(t, self.spec.output_proj)._diffusers_hook.remove_hook(SCATTER_HOOK, recurse=False)
+        for attn, proc in self._original_processors.items():
+            attn.processor = proc
+        self._original_processors.clear()
+        self.processors.clear()
+        self.reset()
+        self.attached = False
+
+    def reset(self) -> None:
+        """Forget every cache: the next forward must be a full step."""
+        self.row_indices = None
+        self.output_cache = None
+        self.attention = {}
+        for proc in self.processors:
+            proc.reset()
+
+    # -- per step ----------------------------------------------------------------
+    def set_indices(self, indices: torch.Tensor | None, rows: int | None = None) -> None:
+        """Set the tokens to compute in the next forward.
+
+        ``indices`` is ``(B, k)``, one row per sample; with ``rows = g·B`` (g
+        classifier-free-guidance branches stacked as the pipelines do) each sample's
+        indices are shared by its branches.
+        """
+        if indices is None:
+            self.row_indices = None
+            return
+        indices = indices.long()
+        if rows is not None and rows != indices.shape[0]:
+            if rows % indices.shape[0]:
+                raise ValueError(f"{rows} batch rows are not a multiple of {indices.shape[0]} samples")
+            indices = indices.repeat(rows // indices.shape[0], 1)
+        self.row_indices = indices
+
+    def record_attention(self, layer: int, probs: torch.Tensor) -> None:
+        """Keep each row of a probe layer's attention map as last computed."""
+        idx = self.row_indices
+        if idx is None or layer not in self.attention:
+            self.attention[layer] = probs
+            return
+        index = idx[..., None].expand(-1, -1, probs.shape[-1])
+        self.attention[layer] = self.attention[layer].scatter(1, index, probs)
+
+    def macs(self, rows: int, num_text_tokens: int, num_tokens: int | None = None, kept: int | None = None) -> int:
+        """Analytic MACs of one forward over ``rows`` rows with ``kept`` image tokens recomputed."""
+        n_total = num_tokens or self.num_tokens
+        n = n_total if kept is None else kept
+        return self.spec.macs(self.transformer, rows, n, n_total, num_text_tokens)
+
+    def probe_macs(self, rows: int, num_text_tokens: int, kept: int) -> int:
+        """Extra MACs of materialising the probe layers' attention logits (part of the selection's cost)."""
+        if not self.probe_layers:
+            return 0
+        attr, kind = self.spec.attentions[0]
+        dim = getattr(self.transformer.transformer_blocks[0], attr).to_q.out_features
+        keys = self.num_tokens + (num_text_tokens if kind == "joint" else 0)
+        return rows * len(self.probe_layers) * kept * keys * dim

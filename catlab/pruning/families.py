@@ -1,0 +1,142 @@
+"""The transformer families catlab can prune, described as data, and their MAC counts.
+
+A :class:`FamilySpec` says where a family keeps its patch embedding, its output
+projection, its blocks and which attention modules inside a block carry the
+image tokens' K/V. Supporting a new family means writing one more spec (and its
+MAC formula); the pruning engine itself is family-agnostic.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class UnsupportedModelError(TypeError):
+    """The transformer (or one of its blocks) is not of a family catlab knows how to prune."""
+
+
+def linear_macs(module: nn.Module | None) -> int:
+    """Multiply-accumulates of one token through every ``nn.Linear`` in ``module``."""
+    if module is None:
+        return 0
+    if isinstance(module, nn.Linear):
+        return module.in_features * module.out_features
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def _conv_macs(t: nn.Module, n_total: int) -> int:
+    proj = t.pos_embed.proj
+    return n_total * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] * proj.out_channels // proj.groups
+
+
+def sd3_macs(t: nn.Module, rows: int, n: int, n_total: int, n_text: int) -> int:
+    """One SD3 forward with ``n`` of ``n_total`` image tokens recomputed and ``n_text`` text tokens."""
+    per_row = _conv_macs(t, n_total) + linear_macs(t.time_text_embed) + n_text * linear_macs(t.context_embedder)
+    for blk in t.transformer_blocks:
+        a = blk.attn
+        inner = a.to_q.out_features
+        per_row += linear_macs(blk.norm1.linear) + linear_macs(blk.norm1_context.linear)
+        per_row += n * (linear_macs(a.to_q) + linear_macs(a.to_k) + linear_macs(a.to_v) + linear_macs(a.to_out[0]))
+        per_row += n_text * (linear_macs(a.add_q_proj) + linear_macs(a.add_k_proj) + linear_macs(a.add_v_proj))
+        per_row += 2 * (n + n_text) * (n_total + n_text) * inner
+        if not blk.context_pre_only:
+            per_row += n_text * (linear_macs(a.to_add_out) + linear_macs(blk.ff_context))
+        if blk.attn2 is not None:
+            a2 = blk.attn2
+            per_row += n * (linear_macs(a2.to_q) + linear_macs(a2.to_k) + linear_macs(a2.to_v) + linear_macs(a2.to_out[0]))
+            per_row += 2 * n * n_total * a2.to_q.out_features
+        per_row += n * linear_macs(blk.ff)
+    per_row += linear_macs(t.norm_out.linear) + n * linear_macs(t.proj_out)
+    return rows * per_row
+
+
+def pixart_macs(t: nn.Module, rows: int, n: int, n_total: int, n_text: int) -> int:
+    """One PixArt forward with ``n`` of ``n_total`` image tokens recomputed and ``n_text`` text tokens."""
+    per_row = _conv_macs(t, n_total) + linear_macs(t.adaln_single) + n_text * linear_macs(t.caption_projection)
+    for blk in t.transformer_blocks:
+        a1, a2 = blk.attn1, blk.attn2
+        per_row += n * (linear_macs(a1.to_q) + linear_macs(a1.to_k) + linear_macs(a1.to_v) + linear_macs(a1.to_out[0]))
+        per_row += 2 * n * n_total * a1.to_q.out_features
+        per_row += n * (linear_macs(a2.to_q) + linear_macs(a2.to_out[0]))
+        per_row += n_text * (linear_macs(a2.to_k) + linear_macs(a2.to_v))
+        per_row += 2 * n * n_text * a2.to_q.out_features
+        per_row += n * linear_macs(blk.ff)
+    per_row += n * linear_macs(t.proj_out)
+    return rows * per_row
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Where one transformer family keeps the parts the pruning engine touches."""
+
+    name: str
+    transformer_type: str
+    block_type: str
+    #: attribute names of the attention modules (in a block) that attend over image tokens,
+    #: with the processor kind: "joint" (SD3 style, text concatenated) or "self".
+    attentions: tuple[tuple[str, str], ...]
+    macs: Callable[[nn.Module, int, int, int, int], int]
+    patch_embed: str = "pos_embed"
+    output_proj: str = "proj_out"
+    #: output channels beyond ``in_channels`` are a learned variance, not the prediction
+    learned_sigma_split: bool = False
+
+    def check_block(self, index: int, block: nn.Module) -> None:
+        if type(block).__name__ != self.block_type:
+            raise UnsupportedModelError(
+                f"block {index} is a {type(block).__name__}; a {self.transformer_type} can be pruned "
+                f"only when its blocks are {self.block_type}"
+            )
+        if self.name == "pixart":
+            if getattr(block, "norm_type", None) != "ada_norm_single" or block.attn2 is None or block.only_cross_attention:
+                raise UnsupportedModelError(
+                    f"block {index}: PixArt pruning needs BasicTransformerBlock(norm_type='ada_norm_single') "
+                    "with self-attention (attn1) and cross-attention (attn2)"
+                )
+        for attr, _ in self.attentions:
+            attn = getattr(block, attr, None)
+            if attn is None:
+                continue
+            if getattr(attn, "group_norm", None) is not None or getattr(attn, "spatial_norm", None) is not None \
+                    or getattr(attn, "residual_connection", False):
+                raise UnsupportedModelError(f"block {index}.{attr}: group/spatial norm or residual attention is not supported")
+
+
+SD3 = FamilySpec(
+    name="sd3",
+    transformer_type="SD3Transformer2DModel",
+    block_type="JointTransformerBlock",
+    attentions=(("attn", "joint"), ("attn2", "joint")),
+    macs=sd3_macs,
+)
+PIXART = FamilySpec(
+    name="pixart",
+    transformer_type="PixArtTransformer2DModel",
+    block_type="BasicTransformerBlock",
+    attentions=(("attn1", "self"),),
+    macs=pixart_macs,
+    learned_sigma_split=True,
+)
+FAMILIES = (SD3, PIXART)
+
+
+def family_of(transformer: nn.Module) -> FamilySpec:
+    """The spec for ``transformer``, or a clear error naming what is supported."""
+    name = type(transformer).__name__
+    for spec in FAMILIES:
+        if name == spec.transformer_type:
+            for i, block in enumerate(transformer.transformer_blocks):
+                spec.check_block(i, block)
+            return spec
+    supported = "; ".join(f"{s.transformer_type} with {s.block_type} blocks" for s in FAMILIES)
+    raise UnsupportedModelError(f"cannot prune a {name}: supported transformers are {supported}")
+
+
+def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """``(B, C, H, W)`` → ``(B, N, p·p·C)`` in the token order and channel layout of the output projection."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)

@@ -1,0 +1,125 @@
+"""One small registry type; one instance per component kind.
+
+A component is a class (usually a dataclass, whose fields are its config) registered
+under a short name::
+
+    from catlab.registry import selectors
+
+    @selectors.register("my_strategy")
+    @dataclass
+    class MyStrategy(Policy):
+        alpha: float = 0.3
+
+    policy = selectors.build({"name": "my_strategy", "alpha": 0.5})
+
+Third-party packages add components through the ``catlab.plugins`` entry-point
+group: each entry point names a module that is imported (and so registers its
+components) the first time any registry is asked for a name it does not know.
+Plugins ship Hydra config files through the ``catlab.conf`` entry-point group
+(see ``docs/plugins.md``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import importlib.metadata
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+PLUGIN_GROUP = "catlab.plugins"
+CONF_GROUP = "catlab.conf"
+
+_plugins_loaded = False
+
+
+class ComponentError(ValueError):
+    """A component name or config that cannot be built; the message says what is allowed."""
+
+
+def load_plugins() -> list[str]:
+    """Import every module named in the ``catlab.plugins`` entry-point group, once."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return []
+    _plugins_loaded = True
+    loaded = []
+    for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        ep.load()
+        loaded.append(ep.name)
+    return loaded
+
+
+class Registry:
+    """Names → component classes for one kind (selector, clusterer, model, ...)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Callable[..., Any]] = {}
+
+    def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def deco(obj: Callable[..., Any]) -> Callable[..., Any]:
+            if name in self._entries and self._entries[name] is not obj:
+                raise ComponentError(f"{self.kind} '{name}' is registered twice")
+            self._entries[name] = obj
+            obj.registered_name = name
+            return obj
+
+        return deco
+
+    def names(self, pattern: str = "*") -> list[str]:
+        load_plugins()
+        return sorted(n for n in self._entries if fnmatch.fnmatch(n, pattern))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names()
+
+    def get(self, name: str) -> Callable[..., Any]:
+        if name not in self._entries:
+            load_plugins()
+        if name not in self._entries:
+            known = ", ".join(self.names()) or "(none)"
+            raise ComponentError(f"unknown {self.kind} '{name}'; registered {self.kind}s: {known}")
+        return self._entries[name]
+
+    def build(self, cfg: Mapping[str, Any] | str, **extra: Any) -> Any:
+        """Build from ``{"name": ..., **params}`` (or a bare name), checking the params.
+
+        Unknown keys fail here, before any compute, with the allowed keys named.
+        """
+        if isinstance(cfg, str):
+            cfg = {"name": cfg}
+        params = dict(cfg)
+        name = params.pop("name", None)
+        if name is None:
+            raise ComponentError(f"{self.kind} config has no 'name' key; known: {', '.join(self.names())}")
+        cls = self.get(name)
+        params.update(extra)
+        allowed = config_fields(cls)
+        bad = sorted(set(params) - set(allowed))
+        if bad:
+            raise ComponentError(
+                f"{self.kind} '{name}' has no config key(s) {bad}; allowed: {sorted(allowed)}"
+            )
+        return cls(**params)
+
+
+def config_fields(cls: Callable[..., Any]) -> list[str]:
+    """The keyword arguments a component accepts: dataclass fields, or its signature."""
+    if dataclasses.is_dataclass(cls):
+        return [f.name for f in dataclasses.fields(cls) if f.init]
+    sig = inspect.signature(cls)
+    return [p.name for p in sig.parameters.values() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+scorers = Registry("scorer")
+stalenesses = Registry("staleness")
+clusterers = Registry("clusterer")
+poolings = Registry("pooling")
+selectors = Registry("selector")
+models = Registry("model")
+metrics = Registry("metric")
+prompt_sets = Registry("prompts")
+loggers = Registry("logger")
+
+REGISTRIES = {r.kind: r for r in (scorers, stalenesses, clusterers, poolings, selectors, models, metrics, prompt_sets, loggers)}

@@ -1,0 +1,105 @@
+"""What a selection strategy sees and must return.
+
+A strategy (a *policy*) never touches the model. Before each denoising step the
+sampler (or the diffusers hook) asks :meth:`Policy.num_kept` whether the step is
+pruned; if so it calls :meth:`Policy.select` with a small :class:`StepState` and
+gets back ``(B, k)`` token indices, one row per sample. After the step the policy
+is shown the model output through :meth:`Policy.observe`, so it can keep whatever
+history it needs (a reference output, staleness counters, ...).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+
+@dataclass
+class StepState:
+    """The step as a policy sees it.
+
+    ``output`` is the latest model output in token space, ``(B, N, C)`` with the
+    classifier-free-guidance branches combined (the "predicted noise" n_t of the
+    paper); ``None`` before the first step. ``attention`` maps each probe layer the
+    policy asked for (:attr:`Policy.attention_layers`) to ``(B, N, N)`` image-to-image
+    attention probabilities averaged over heads, each row as last computed.
+    """
+
+    step: int
+    num_steps: int
+    grid: tuple[int, int]
+    batch_size: int
+    k: int
+    output: torch.Tensor | None = None
+    attention: dict[int, torch.Tensor] | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+def kept_tokens(alpha: float, num_tokens: int) -> int:
+    """k = round(α·N), at least one token."""
+    return max(1, min(num_tokens, int(round(alpha * num_tokens))))
+
+
+@dataclass
+class Policy:
+    """Base of every selector: the pruning schedule plus the selection hooks.
+
+    ``alpha`` is the fraction of image tokens kept (recomputed) at a pruned step;
+    steps ``1..start_step`` (the paper's t0) run every token and pruning starts at
+    ``start_step + 1``. Subclasses override :meth:`select` and, if they keep
+    history, :meth:`reset` and :meth:`observe`.
+    """
+
+    alpha: float = 0.3
+    start_step: int = 8
+    seed: int = 0
+
+    #: probe layers whose attention probabilities :attr:`StepState.attention` must carry
+    attention_layers: ClassVar[tuple[int, ...]] = ()
+
+    def __post_init__(self) -> None:
+        if not (0.0 < float(self.alpha) <= 1.0):
+            raise ValueError(f"alpha must be in (0, 1] (the fraction of tokens kept); got {self.alpha}")
+        if int(self.start_step) < 0:
+            raise ValueError(f"start_step must be >= 0; got {self.start_step}")
+
+    @property
+    def name(self) -> str:
+        return getattr(type(self), "registered_name", type(self).__name__)
+
+    def check(self, num_steps: int) -> None:
+        """Fail before any compute if the schedule cannot work with ``num_steps``."""
+        if self.prunes and self.start_step >= num_steps:
+            raise ValueError(
+                f"start_step={self.start_step} must be < num_steps={num_steps}: "
+                f"pruning starts at step start_step + 1"
+            )
+
+    @property
+    def prunes(self) -> bool:
+        return True
+
+    def reset(self, batch_size: int, grid: tuple[int, int], num_steps: int, device: torch.device) -> None:
+        """Forget everything: a new generation starts."""
+        self.generator = torch.Generator(device="cpu").manual_seed(int(self.seed))
+
+    def num_kept(self, step: int, num_tokens: int) -> int | None:
+        """Tokens to recompute at ``step`` (1-based); ``None`` means every token, unpruned."""
+        if not self.prunes or step <= self.start_step:
+            return None
+        return kept_tokens(self.alpha, num_tokens)
+
+    def select(self, state: StepState) -> torch.Tensor:
+        raise NotImplementedError
+
+    def observe(self, step: int, output: torch.Tensor, indices: torch.Tensor | None) -> None:
+        """See the model output ``(B, N, C)`` of ``step`` and the indices used (``None``: all)."""
+
+    def selection_macs(self, state: StepState) -> int:
+        """Multiply-accumulates the selection itself spent at this step (for cost accounting)."""
+        return 0
