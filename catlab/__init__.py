@@ -1,1 +1,20 @@
-"""catlab."""
+"""catlab: token pruning for text-to-image diffusion transformers.
+
+The pieces a user reaches for first::
+
+    import catlab
+    policy = catlab.selectors.build({"name": "random", "alpha": 0.3})
+    catlab.enable_pruning(pipe, policy)           # a stock diffusers pipeline, pruned
+    result = catlab.sample(adapter, policy, prompts, seeds)   # catlab's own loop
+"""
+from catlab.registry import (  # noqa: F401  (the model, metric and logger registries live in catlab.registry)
+    REGISTRIES, ComponentError, Registry, clusterers, poolings, prompt_sets, scorers, selectors, stalenesses,
+)
+import catlab.models  # noqa: F401,E402  (register the built-in adapters)
+import catlab.selection  # noqa: F401,E402  (register the built-in selectors)
+import catlab.prompts  # noqa: F401,E402
+import catlab.loggers  # noqa: F401,E402
+from catlab.pruning import TokenPruner, disable_pruning, enable_pruning, reset_pruning  # noqa: F401
+from catlab.sampler import SamplerConfig, sample  # noqa: F401
+
+__version__ = "0.1.0"

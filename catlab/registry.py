@@ -79,7 +79,7 @@ class Registry:
             load_plugins()
         if name not in self._entries:
             known = ", ".join(self.names()) or "(none)"
-            raise ComponentError(f"unknown {self.kind} '{name}'; registered {self.kind}s: {known}")
+            raise ComponentError(f"unknown {self.kind} {name!r}; registered: {known}")
         return self._entries[name]
 
     def build(self, cfg: Mapping[str, Any] | str, **extra: Any) -> Any:

@@ -9,6 +9,7 @@ history it needs (a reference output, staleness counters, ...).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -103,3 +104,14 @@ class Policy:
     def selection_macs(self, state: StepState) -> int:
         """Multiply-accumulates the selection itself spent at this step (for cost accounting)."""
         return 0
+
+
+def build_part(registry, spec):
+    """A selector's part (scorer, staleness, ...) from ``{"name": ..., **params}`` or a bare name.
+
+    An already-built object passes through unchanged, so parts can be shared or
+    constructed in code.
+    """
+    if isinstance(spec, (str, Mapping)):
+        return registry.build(spec)
+    return spec

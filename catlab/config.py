@@ -1,0 +1,44 @@
+"""The structured schema of ``python -m catlab.run``.
+
+Hydra checks the top level and ``sampler`` against these dataclasses when it
+composes the config, so a misspelt key fails before anything runs. Each
+component group (``model``, ``selector``, ...) is a plain mapping with a
+``name``; its registry checks the remaining keys against the component's own
+dataclass fields when it is built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from catlab.sampler import SamplerConfig
+
+#: component kinds a selector may take as parts, passed when its dataclass has the field
+SELECTOR_PARTS = ("scorer", "staleness", "clusterer", "pooling")
+
+
+@dataclass
+class RunConfig:
+    model: Any = None
+    selector: Any = None
+    prompts: Any = None
+    logger: Any = None
+    scorer: Any = None
+    staleness: Any = None
+    clusterer: Any = None
+    pooling: Any = None
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    #: seed of the first image; image i uses seed + i
+    seed: int = 0
+    #: images to generate (prompts are cycled); null = one per prompt
+    num_images: int | None = None
+    batch_size: int = 2
+    save_images: bool = True
+    #: free-form name of the experiment, used as the W&B group
+    experiment: str = "default"
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name="catlab_schema", node=RunConfig)

@@ -1,0 +1,44 @@
+"""The logger interface every sink implements."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+
+def image_grid(images: torch.Tensor, cols: int | None = None) -> Image.Image:
+    """``(B, 3, H, W)`` in [0, 1] → one PIL grid image."""
+    b, _, h, w = images.shape
+    cols = cols or math.ceil(math.sqrt(b))
+    rows = math.ceil(b / cols)
+    grid = torch.ones(3, rows * h, cols * w)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    return to_pil(grid)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """``(3, H, W)`` in [0, 1] → PIL image."""
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array)
+
+
+class Logger:
+    """Receives a run's config, metrics and images. Subclasses write them somewhere."""
+
+    def start(self, run_dir: Path, config: dict[str, Any], name: str, group: str | None = None,
+              tags: list[str] | None = None) -> None:
+        self.run_dir = Path(run_dir)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_images(self, key: str, images: torch.Tensor, captions: list[str]) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass

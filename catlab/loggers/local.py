@@ -1,0 +1,22 @@
+"""A plain local sink: JSON lines and PNG grids in the run directory."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from catlab.loggers.base import Logger, image_grid
+from catlab.registry import loggers
+
+
+@loggers.register("local")
+@dataclass
+class LocalLogger(Logger):
+    """Appends metrics to ``log.jsonl`` and writes image grids as ``<key>.png``."""
+
+    def log_metrics(self, metrics, step=None):
+        with open(self.run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def log_images(self, key, images, captions):
+        image_grid(images).save(self.run_dir / f"{key}.png")
+        (self.run_dir / f"{key}.txt").write_text("\n".join(captions) + "\n")

@@ -1,0 +1,90 @@
+"""What the sampler needs from a model family, and nothing more.
+
+An adapter wraps one text-to-image transformer with its prompt encoding, its
+initial noise, its scheduler and its decoder. It never knows which selection
+strategy runs; the pruning engine reaches the transformer through hooks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Conditioning:
+    """Transformer keyword arguments for the stacked batch rows.
+
+    With classifier-free guidance the rows are ``[unconditional; conditional]``
+    (``groups = 2``), as in the diffusers pipelines; ``num_text_tokens`` feeds the
+    MAC counter.
+    """
+
+    kwargs: dict[str, Any]
+    groups: int
+    num_text_tokens: int
+
+
+@dataclass
+class ModelAdapter:
+    """Base adapter. Subclasses set ``transformer`` and override the hooks below."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    height: int = 32
+    width: int = 32
+    transformer: nn.Module | None = field(default=None, init=False, repr=False)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    # -- shapes ------------------------------------------------------------------
+    @property
+    def patch_size(self) -> int:
+        return int(self.transformer.config.patch_size)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.transformer.config.in_channels)
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        """(H, W) of the transformer's input; pixel space unless a VAE downsamples."""
+        return self.height // self.vae_scale, self.width // self.vae_scale
+
+    @property
+    def vae_scale(self) -> int:
+        return 1
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        h, w = self.latent_size
+        return h // self.patch_size, w // self.patch_size
+
+    # -- the generation steps ------------------------------------------------------
+    def make_scheduler(self):
+        raise NotImplementedError
+
+    def encode(self, prompts: list[str], guidance: bool) -> Conditioning:
+        raise NotImplementedError
+
+    def initial_latents(self, seeds: list[int]) -> torch.Tensor:
+        """One seeded CPU noise draw per image, so a seed gives the same image on any device."""
+        h, w = self.latent_size
+        noise = [torch.randn(1, self.latent_channels, h, w, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        return torch.cat(noise).to(self.torch_device, self.torch_dtype)
+
+    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The model output for the stacked rows, in the latents' shape."""
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1], ``(B, 3, H, W)``, float32 on the CPU."""
+        raise NotImplementedError

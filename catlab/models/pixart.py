@@ -1,0 +1,109 @@
+"""PixArt-family adapters: the real PixArt-Σ pipeline and a tiny random-weight one."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
+
+from catlab.models.base import Conditioning, ModelAdapter
+from catlab.models.sd3 import HashedPromptEncoder
+from catlab.registry import models
+
+
+def _pixart_predict(adapter: ModelAdapter, latents, timestep, cond: Conditioning) -> torch.Tensor:
+    t = timestep.expand(latents.shape[0])
+    out = adapter.transformer(
+        latents, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False, **cond.kwargs
+    )[0]
+    channels = latents.shape[1]
+    return out[:, :channels] if out.shape[1] == 2 * channels else out  # drop the learned variance
+
+
+@models.register("tiny_pixart")
+@dataclass
+class TinyPixArt(ModelAdapter):
+    """A PixArt-architecture transformer (learned sigma, cross-attention) with seeded random weights, pixel space."""
+
+    height: int = 32
+    width: int = 32
+    patch: int = 2
+    num_layers: int = 4
+    num_heads: int = 4
+    head_dim: int = 32
+    text_dim: int = 64
+    text_tokens: int = 16
+    weights_seed: int = 0
+    transformer: object = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        torch.manual_seed(self.weights_seed)
+        self.transformer = PixArtTransformer2DModel(
+            sample_size=max(self.height, self.width), patch_size=self.patch, in_channels=3, out_channels=6,
+            num_layers=self.num_layers, attention_head_dim=self.head_dim, num_attention_heads=self.num_heads,
+            cross_attention_dim=self.num_heads * self.head_dim, caption_channels=self.text_dim,
+            norm_type="ada_norm_single", num_embeds_ada_norm=1000, use_additional_conditions=False,
+        ).to(self.torch_device).eval()
+        if self.torch_dtype != torch.float32:
+            self.transformer.to(dtype=self.torch_dtype)
+        self.encoder = HashedPromptEncoder(self.text_tokens, self.text_dim, 1, self.weights_seed)
+
+    def make_scheduler(self):
+        return DPMSolverMultistepScheduler()
+
+    def encode(self, prompts: list[str], guidance: bool) -> Conditioning:
+        texts = ([""] * len(prompts) + list(prompts)) if guidance else list(prompts)
+        embeds, _ = self.encoder(texts)
+        mask = torch.ones(embeds.shape[:2], device=self.torch_device)
+        kw = dict(encoder_hidden_states=embeds.to(self.torch_device, self.torch_dtype), encoder_attention_mask=mask)
+        return Conditioning(kw, 2 if guidance else 1, embeds.shape[1])
+
+    def predict(self, latents, timestep, cond):
+        return _pixart_predict(self, latents, timestep, cond)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return ((latents.float().cpu() + 1) / 2).clamp(0, 1)
+
+
+@models.register("pixart_sigma")
+@dataclass
+class PixArtSigma(ModelAdapter):
+    """A PixArt-Σ checkpoint loaded with ``PixArtSigmaPipeline.from_pretrained`` (weights must be present)."""
+
+    path: str = "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"
+    height: int = 1024
+    width: int = 1024
+    dtype: str = "float16"
+    device: str = "cuda"
+    max_sequence_length: int = 300
+    pipeline: object = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from diffusers import PixArtSigmaPipeline
+
+        self.pipeline = PixArtSigmaPipeline.from_pretrained(self.path, torch_dtype=self.torch_dtype).to(self.device)
+        self.transformer = self.pipeline.transformer
+
+    @property
+    def vae_scale(self) -> int:
+        return self.pipeline.vae_scale_factor
+
+    def make_scheduler(self):
+        return type(self.pipeline.scheduler).from_config(self.pipeline.scheduler.config)
+
+    def encode(self, prompts: list[str], guidance: bool) -> Conditioning:
+        pe, pm, ne, nm = self.pipeline.encode_prompt(
+            prompts, do_classifier_free_guidance=guidance, device=self.torch_device,
+            max_sequence_length=self.max_sequence_length,
+        )
+        if guidance:
+            pe, pm = torch.cat([ne, pe]), torch.cat([nm, pm])
+        return Conditioning(dict(encoder_hidden_states=pe, encoder_attention_mask=pm), 2 if guidance else 1, pe.shape[1])
+
+    def predict(self, latents, timestep, cond):
+        return _pixart_predict(self, latents, timestep, cond)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipeline.vae
+        images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
+        return ((images.float().cpu() + 1) / 2).clamp(0, 1)

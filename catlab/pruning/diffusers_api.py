@@ -1,0 +1,162 @@
+"""``enable_pruning`` / ``disable_pruning``: token pruning for a stock diffusers pipeline.
+
+::
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(...)
+    catlab.enable_pruning(pipe, catlab.selectors.build("cat"))
+    image = pipe("a teddy bear").images[0]      # runs pruned
+    catlab.disable_pruning(pipe)                 # the stock pipeline again
+
+A stateful hook on the transformer counts the denoising steps, asks the policy
+for indices before each call and shows it the guided output after. A new
+generation is detected when the timestep stops decreasing (or the batch changes),
+and everything is reset then; ``reset_pruning(pipe)`` does it by hand.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
+
+from catlab.pruning.engine import TokenPruner
+from catlab.pruning.families import patchify
+from catlab.selection.base import Policy, StepState
+
+POLICY_HOOK = "catlab_token_pruning"
+
+
+def _transformer_of(target) -> nn.Module:
+    transformer = getattr(target, "transformer", None)
+    if isinstance(transformer, nn.Module):
+        return transformer
+    if isinstance(target, nn.Module):
+        return target
+    raise TypeError(f"expected a diffusers pipeline with a .transformer or a transformer module; got {type(target).__name__}")
+
+
+class TokenPruningHook(ModelHook):
+    """Drives a :class:`TokenPruner` from a policy inside a stock pipeline call."""
+
+    _is_stateful = True
+
+    def __init__(self, pruner: TokenPruner, policy: Policy, pipeline=None, guidance_scale: float | None = None):
+        super().__init__()
+        self.pruner, self.policy, self.pipeline, self.guidance_scale = pruner, policy, pipeline, guidance_scale
+        self.step = 0
+        self.last_timestep: float | None = None
+        self.rows: int | None = None
+        self.indices: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
+        self.macs: list[int] = []
+        self._warned = False
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        self.step, self.last_timestep, self.rows, self.indices, self.output = 0, None, None, None, None
+        self.macs = []
+        self.pruner.reset()
+        return module
+
+    def _guidance(self) -> float | None:
+        if self.guidance_scale is not None:
+            return self.guidance_scale
+        scale = getattr(self.pipeline, "_guidance_scale", None)
+        return float(scale) if scale is not None else None
+
+    def pre_forward(self, module: nn.Module, *args, **kwargs):
+        latents = kwargs.get("hidden_states", args[0] if args else None)
+        timestep = kwargs.get("timestep")
+        t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+        rows = latents.shape[0]
+        if self.last_timestep is None or t >= self.last_timestep or rows != self.rows:
+            self.reset_state(module)
+        self.last_timestep, self.rows = t, rows
+        self.step += 1
+
+        scale = self._guidance()
+        self.groups = 2 if (scale is not None and scale > 1.0 and rows % 2 == 0) else 1
+        if self.groups == 1 and rows % 2 == 0 and scale is None and not self._warned:
+            warnings.warn("catlab: guidance scale unknown; treating every batch row as its own sample. "
+                          "Pass enable_pruning(..., guidance_scale=...) so CFG branches share indices.")
+            self._warned = True
+        batch = rows // self.groups
+        patch = module.config.patch_size
+        grid = (latents.shape[-2] // patch, latents.shape[-1] // patch)
+        n = grid[0] * grid[1]
+        if self.step == 1:
+            self.policy.reset(batch, grid, self._num_steps(), latents.device)
+            self.pruner.probe_layers = set(getattr(self.policy, "attention_layers", ()))
+        k = self.policy.num_kept(self.step, n)
+        self.indices = None
+        if k is not None:
+            attention = {l: a[-batch:] for l, a in self.pruner.attention.items()} or None
+            state = StepState(step=self.step, num_steps=self._num_steps(), grid=grid, batch_size=batch, k=k,
+                              output=self.output, attention=attention, device=latents.device)
+            self.indices = self.policy.select(state)
+        self.pruner.set_indices(self.indices, rows)
+        text = kwargs.get("encoder_hidden_states")
+        n_text = text.shape[1] if text is not None else 0
+        self.macs.append(self.pruner.macs(rows, n_text, num_tokens=n, kept=n if k is None else k))
+        return args, kwargs
+
+    def _num_steps(self) -> int:
+        timesteps = getattr(getattr(self.pipeline, "scheduler", None), "timesteps", None)
+        return len(timesteps) if timesteps is not None else 0
+
+    def post_forward(self, module: nn.Module, output):
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        channels = module.config.in_channels
+        pred = sample[:, :channels].float()
+        if self.groups == 2:
+            uncond, text = pred.chunk(2)
+            pred = uncond + self._guidance() * (text - uncond)
+        self.output = patchify(pred, module.config.patch_size)
+        self.policy.observe(self.step, self.output, self.indices)
+        return output
+
+
+def enable_pruning(target, policy: Policy, guidance_scale: float | None = None) -> TokenPruner:
+    """Make every call of ``target`` (a pipeline or its transformer) run token-pruned by ``policy``.
+
+    ``guidance_scale`` tells the hook how the pipeline combines its classifier-free
+    guidance branches, so both branches of a sample share indices and the policy
+    sees the guided output. For pipelines that store it (SD3) it is read at call
+    time; give it explicitly for the others (PixArt).
+    """
+    transformer = _transformer_of(target)
+    if getattr(transformer, "_catlab_pruner", None) is not None:
+        disable_pruning(transformer)
+    pruner = TokenPruner(transformer).attach()
+    pipeline = None if target is transformer else target
+    hook = TokenPruningHook(pruner, policy, pipeline, guidance_scale)
+    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, POLICY_HOOK)
+    transformer._catlab_pruner = pruner
+    return pruner
+
+
+def reset_pruning(target) -> None:
+    """Forget all pruning state; the next call starts a new generation."""
+    transformer = _transformer_of(target)
+    registry = getattr(transformer, "_diffusers_hook", None)
+    hook = registry.get_hook(POLICY_HOOK) if registry is not None else None
+    if hook is not None:
+        hook.reset_state(transformer)
+
+
+def disable_pruning(target) -> None:
+    """Remove every hook and processor catlab installed; the stock model runs again."""
+    transformer = _transformer_of(target)
+    pruner = getattr(transformer, "_catlab_pruner", None)
+    if pruner is None:
+        return
+    transformer._diffusers_hook.remove_hook(POLICY_HOOK, recurse=False)
+    pruner.detach()
+    transformer._catlab_pruner = None
+
+
+def pruning_macs(target) -> list[int]:
+    """Analytic MACs of each transformer call since the current generation started."""
+    transformer = _transformer_of(target)
+    hook = transformer._diffusers_hook.get_hook(POLICY_HOOK)
+    return list(hook.macs)
