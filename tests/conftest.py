@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny SD3 and PixArt transformers built from configs with seeded weights."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_SILENT", "true")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_sd3(**overrides):
+    from catlab.models.sd3 import TinySD3
+
+    kw = dict(height=16, width=16, num_layers=3, num_heads=2, head_dim=16, text_dim=24, text_tokens=6)
+    kw.update(overrides)
+    return TinySD3(**kw)
+
+
+def tiny_pixart(**overrides):
+    from catlab.models.pixart import TinyPixArt
+
+    kw = dict(height=16, width=16, num_layers=3, num_heads=2, head_dim=16, text_dim=24, text_tokens=6)
+    kw.update(overrides)
+    return TinyPixArt(**kw)
+
+
+ADAPTERS = {
+    "sd3": tiny_sd3,
+    "sd35": lambda: tiny_sd3(dual_attention_layers=(0, 1), qk_norm="rms_norm"),
+    "pixart": tiny_pixart,
+}
+
+
+@pytest.fixture(params=sorted(ADAPTERS))
+def adapter(request):
+    torch.manual_seed(0)
+    return ADAPTERS[request.param]()
+
+
+def run_cli(*overrides: str, tmp_path: Path, module: str = "catlab.run", check: bool = True, timeout: int = 300):
+    """Run ``python -m catlab.run`` with Hydra's run dir under ``tmp_path``; return (proc, run_dir)."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", module, f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides]
+    env = {**os.environ, "WANDB_SILENT": "true", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc, run_dir
+
+
+FAST = ("sampler.num_steps=6", "sampler.progress=false", "logger=local")

@@ -1,0 +1,70 @@
+"""enable_pruning / disable_pruning on stock diffusers pipelines."""
+from __future__ import annotations
+
+import torch
+from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, PixArtSigmaPipeline,
+                       StableDiffusion3Pipeline)
+
+from catlab import disable_pruning, enable_pruning
+from catlab.pruning import pruning_macs
+from catlab.selection.simple import Random
+from tests.conftest import tiny_pixart, tiny_sd3
+
+PROMPTS = ["a red circle", "a blue square"]
+
+
+def _sd3():
+    a = tiny_sd3()
+    pipe = StableDiffusion3Pipeline(transformer=a.transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
+                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None)
+    c = a.encode(PROMPTS, True).kwargs
+    e, p = c["encoder_hidden_states"], c["pooled_projections"]
+
+    def call():
+        return pipe(prompt_embeds=e[2:], pooled_prompt_embeds=p[2:], negative_prompt_embeds=e[:2],
+                    negative_pooled_prompt_embeds=p[:2], num_inference_steps=5, height=128, width=128, guidance_scale=4.0,
+                    output_type="latent", generator=torch.Generator().manual_seed(0)).images
+    return pipe, call
+
+
+def _pixart():
+    a = tiny_pixart()
+    pipe = PixArtSigmaPipeline(transformer=a.transformer, scheduler=DPMSolverMultistepScheduler(), vae=None,
+                               text_encoder=None, tokenizer=None)
+    c = a.encode(PROMPTS, True).kwargs
+    e, m = c["encoder_hidden_states"], c["encoder_attention_mask"]
+
+    def call():
+        return pipe(prompt_embeds=e[2:], prompt_attention_mask=m[2:], negative_prompt=None,
+                    negative_prompt_embeds=e[:2], negative_prompt_attention_mask=m[:2], num_inference_steps=5,
+                    height=128, width=128, guidance_scale=4.5, output_type="latent", use_resolution_binning=False,
+                    generator=torch.Generator().manual_seed(0)).images
+    return pipe, call
+
+
+def _check_family(make, guidance_scale):
+    pipe, call = make()
+    stock = call()
+    assert stock.shape[-2:] == (16, 16)  # 128 px through the pipelines' default VAE factor of 8
+    enable_pruning(pipe, Random(alpha=1.0, start_step=1), guidance_scale=guidance_scale)
+    torch.testing.assert_close(call(), stock, atol=1e-5, rtol=0)
+    disable_pruning(pipe)
+    assert torch.equal(call(), stock)
+
+    enable_pruning(pipe, Random(alpha=0.3, start_step=2), guidance_scale=guidance_scale)
+    first = call()
+    macs = pruning_macs(pipe)
+    assert len(macs) == 5 and macs[0] == macs[1] > macs[2] == macs[4]
+    assert torch.equal(call(), first)  # state resets between generations: same seed, same image
+    assert not torch.allclose(first, stock, atol=1e-3)
+    disable_pruning(pipe)
+    assert torch.equal(call(), stock)
+
+
+def test_sd3_pipeline():
+    _check_family(_sd3, guidance_scale=None)  # SD3 pipelines expose their guidance scale
+
+
+def test_pixart_pipeline():
+    _check_family(_pixart, guidance_scale=4.5)
