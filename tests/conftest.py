@@ -45,7 +45,9 @@ def adapter(request):
 def run_cli(*overrides: str, tmp_path: Path, module: str = "catlab.run", check: bool = True, timeout: int = 300):
     """Run ``python -m catlab.run`` with Hydra's run dir under ``tmp_path``; return (proc, run_dir)."""
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", module, f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides]
+    flags = [o for o in overrides if o.startswith("-")]
+    rest = [o for o in overrides if not o.startswith("-")]
+    cmd = [sys.executable, "-m", module, *flags, f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={tmp_path / 'sweep'}", *rest]
     env = {**os.environ, "WANDB_SILENT": "true", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
@@ -53,4 +55,4 @@ def run_cli(*overrides: str, tmp_path: Path, module: str = "catlab.run", check: 
     return proc, run_dir
 
 
-FAST = ("sampler.num_steps=6", "sampler.progress=false", "logger=local")
+FAST = ("sampler.num_steps=10", "sampler.progress=false", "logger=local")
