@@ -14,6 +14,7 @@ import catlab.models  # noqa: F401,E402  (register the built-in adapters)
 import catlab.selection  # noqa: F401,E402  (register the built-in selectors)
 import catlab.prompts  # noqa: F401,E402
 import catlab.loggers  # noqa: F401,E402
+import catlab.metrics  # noqa: F401,E402
 from catlab.pruning import TokenPruner, disable_pruning, enable_pruning, reset_pruning  # noqa: F401
 from catlab.sampler import SamplerConfig, sample  # noqa: F401
 

@@ -42,3 +42,41 @@ class RunConfig:
 
 def register_schema() -> None:
     ConfigStore.instance().store(name="catlab_schema", node=RunConfig)
+
+
+@dataclass
+class EvaluateConfig:
+    """Schema of ``python -m catlab.evaluate``: one model, many strategies, one table."""
+
+    model: Any = None
+    prompts: Any = None
+    logger: Any = None
+    scorer: Any = None
+    staleness: Any = None
+    clusterer: Any = None
+    pooling: Any = None
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    #: selectors to compare: names or mappings ({name: cat, alpha: 0.5}); "full" is added first if missing
+    strategies: list[Any] = field(default_factory=lambda: ["full", "random"])
+    #: when set, every pruning strategy runs once per alpha
+    alphas: list[float] | None = None
+    #: overrides applied to every pruning strategy (e.g. {start_step: 8})
+    strategy_defaults: dict[str, Any] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    #: a seeded subset of the prompt set; null = every prompt
+    num_prompts: int | None = 20
+    subset_seed: int = 0
+    batch_size: int = 4
+    metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim", "lpips", "clip_score", "attribute_accuracy"])
+    warmup: bool = True
+    repeats: int = 1
+    #: reference images are cached here (default: $CATLAB_CACHE or ~/.cache/catlab)
+    cache_dir: str | None = None
+    diagnostics: bool = True
+    save_images: bool = True
+    experiment: str = "evaluate"
+    title: str = ""
+
+
+def register_evaluate_schema() -> None:
+    ConfigStore.instance().store(name="catlab_evaluate_schema", node=EvaluateConfig)

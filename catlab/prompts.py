@@ -1,15 +1,36 @@
-"""Prompt sets: where the prompts of a run come from."""
+"""Prompt sets: where the prompts of a run or an evaluation come from.
+
+Each set has ``load() -> list[str]`` and ``load_with_meta() -> (prompts, meta)``,
+where ``meta`` carries per-prompt data a metric may need (the scene behind an
+embedded-world caption, a PartiPrompts category) or is ``None``.
+"""
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from catlab.registry import prompt_sets
 
 
+def cache_dir() -> Path:
+    """catlab's cache root: ``$CATLAB_CACHE`` or ``~/.cache/catlab``."""
+    return Path(os.environ.get("CATLAB_CACHE", Path.home() / ".cache" / "catlab")).expanduser()
+
+
+class PromptSet:
+    def load(self) -> list[str]:
+        return self.load_with_meta()[0]
+
+    def load_with_meta(self) -> tuple[list[str], list[Any] | None]:
+        return self.load(), None
+
+
 @prompt_sets.register("list")
 @dataclass
-class PromptList:
+class PromptList(PromptSet):
     """Prompts written in the config."""
 
     prompts: list[str] = field(default_factory=lambda: ["a red circle in the top left"])
@@ -20,16 +41,107 @@ class PromptList:
         return [str(p) for p in self.prompts]
 
 
+def _read_lines(path: str) -> list[str]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"prompts.path: no such file {path!r}")
+    lines = [line.strip() for line in p.read_text().splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
 @prompt_sets.register("file")
 @dataclass
-class PromptFile:
+class PromptFile(PromptSet):
     """One prompt per line of a text file (blank lines and ``#`` comments skipped)."""
 
     path: str = ""
 
     def load(self) -> list[str]:
-        p = Path(self.path).expanduser()
+        return _read_lines(self.path)
+
+
+@dataclass
+class _HubPrompts(PromptSet):
+    """A prompt set from the Hugging Face hub (with ``datasets``), a local file, or catlab's cache.
+
+    Order of preference: ``path`` (a local .txt / .jsonl / .tsv file), the cached
+    copy under ``$CATLAB_CACHE/prompts/``, then the hub, whose result is cached.
+    """
+
+    path: str | None = None
+    dataset: str = ""
+    split: str = "train"
+    column: str = "Prompt"
+    meta_column: str | None = None
+
+    def load_with_meta(self):
+        if self.path:
+            return self._from_file(Path(self.path).expanduser())
+        cached = cache_dir() / "prompts" / f"{self.registered_name}.jsonl"
+        if cached.is_file():
+            return self._from_file(cached)
+        try:
+            import datasets
+        except ImportError as err:
+            raise ValueError(f"prompts '{self.registered_name}': give prompts.path (a local file), or install "
+                             "'datasets' and go online once to cache it") from err
+        rows = datasets.load_dataset(self.dataset, split=self.split)
+        prompts = [self._text(r[self.column]) for r in rows]
+        meta = [r[self.meta_column] for r in rows] if self.meta_column else None
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({"prompt": p, "meta": m}) + "\n" for p, m in zip(prompts, meta or [None] * len(prompts))))
+        os.replace(tmp, cached)
+        return prompts, meta
+
+    @staticmethod
+    def _text(value) -> str:
+        return value[0] if isinstance(value, list) else str(value)
+
+    def _from_file(self, p: Path):
         if not p.is_file():
-            raise ValueError(f"prompts.path: no such file {self.path!r}")
-        lines = [line.strip() for line in p.read_text().splitlines()]
-        return [line for line in lines if line and not line.startswith("#")]
+            raise ValueError(f"prompts.path: no such file {str(p)!r}")
+        if p.suffix == ".jsonl":
+            rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+            meta = [r.get("meta") for r in rows]
+            return [r["prompt"] for r in rows], (meta if any(m is not None for m in meta) else None)
+        if p.suffix == ".tsv":
+            rows = [line.split("\t") for line in p.read_text().splitlines()[1:] if line.strip()]
+            return [r[0] for r in rows], [r[1] if len(r) > 1 else None for r in rows]
+        return _read_lines(str(p)), None
+
+
+@prompt_sets.register("partiprompts")
+@dataclass
+class PartiPrompts(_HubPrompts):
+    """PartiPrompts (Yu et al. 2022): 1,632 prompts with categories."""
+
+    dataset: str = "nateraw/parti-prompts"
+    column: str = "Prompt"
+    meta_column: str | None = "Category"
+
+
+@prompt_sets.register("coco2017")
+@dataclass
+class COCO2017(_HubPrompts):
+    """COCO 2017 validation captions, the first caption of each image."""
+
+    dataset: str = "phiyodr/coco2017"
+    split: str = "validation"
+    column: str = "captions"
+
+
+@prompt_sets.register("embedded_heldout")
+@dataclass
+class EmbeddedHeldout(PromptSet):
+    """The embedded model's fixed held-out captions, each with the scene it describes."""
+
+    n: int = 200
+    seed: int | None = None
+
+    def load_with_meta(self):
+        from catlab.embedded.world import heldout_scenes
+
+        kwargs = {} if self.seed is None else {"seed": self.seed}
+        scenes, captions = heldout_scenes(self.n, **kwargs)
+        return list(captions), list(scenes)

@@ -15,52 +15,32 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import catlab  # noqa: F401  (registers the built-in components)
-from catlab.config import SELECTOR_PARTS, register_schema
+from catlab.builders import ConfigError, build_selector, plain
+from catlab.config import register_schema
 from catlab.loggers.base import to_pil
 from catlab.metrics.cost import cost_metrics
-from catlab.registry import ComponentError, config_fields, loggers, models, prompt_sets, selectors
+from catlab.registry import ComponentError, loggers, models, prompt_sets
 from catlab.sampler import SamplerConfig, sample
 
 log = logging.getLogger("catlab")
 register_schema()
 
 
-class ConfigError(ValueError):
-    """A run config that cannot work; raised before any compute."""
-
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
-
-def build_selector(cfg: DictConfig):
-    """The selector, given the parts (scorer, clusterer, ...) its dataclass asks for."""
-    sel = _plain(cfg.selector)
-    if not isinstance(sel, dict) or "name" not in sel:
-        raise ConfigError("selector must be a mapping with a 'name'; choose one with selector=<name>")
-    cls = selectors.get(sel["name"])
-    fields = config_fields(cls)
-    parts = {kind: _plain(cfg[kind]) for kind in SELECTOR_PARTS if kind in fields and cfg.get(kind) is not None
-             and kind not in sel}
-    return selectors.build(sel, **parts)
-
-
 def prepare(cfg: DictConfig):
     """Check and build everything cheap, so a bad config fails before the model loads."""
     try:
-        sampler_cfg = SamplerConfig(**_plain(cfg.sampler))
-        policy = build_selector(cfg)
+        sampler_cfg = SamplerConfig(**plain(cfg.sampler))
+        policy = build_selector(cfg.selector, cfg)
         policy.check(sampler_cfg.num_steps)
-        prompts = prompt_sets.build(_plain(cfg.prompts)).load()
-        logger = loggers.build(_plain(cfg.logger))
-        model_cfg = _plain(cfg.model)
+        prompts = prompt_sets.build(plain(cfg.prompts)).load()
+        logger = loggers.build(plain(cfg.logger))
+        model_cfg = plain(cfg.model)
         models.get(model_cfg.get("name", ""))
         if int(cfg.batch_size) < 1:
             raise ConfigError(f"batch_size must be >= 1; got {cfg.batch_size}")

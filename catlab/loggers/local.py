@@ -18,5 +18,6 @@ class LocalLogger(Logger):
             f.write(json.dumps({"step": step, **metrics}) + "\n")
 
     def log_images(self, key, images, captions):
-        image_grid(images).save(self.run_dir / f"{key}.png")
-        (self.run_dir / f"{key}.txt").write_text("\n".join(captions) + "\n")
+        stem = key.replace("/", "_")
+        image_grid(images).save(self.run_dir / f"{stem}.png")
+        (self.run_dir / f"{stem}.txt").write_text("\n".join(captions) + "\n")

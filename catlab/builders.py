@@ -1,0 +1,34 @@
+"""Building components from composed configs, shared by ``catlab.run`` and ``catlab.evaluate``."""
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from catlab.config import SELECTOR_PARTS
+from catlab.registry import config_fields, selectors
+from catlab.selection.base import Policy
+
+
+class ConfigError(ValueError):
+    """A config that cannot work; raised before any compute, naming the bad key or value."""
+
+
+def plain(node: Any) -> Any:
+    """A DictConfig/ListConfig as plain Python containers (resolved); anything else unchanged."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def build_selector(selector: Any, cfg: DictConfig | dict) -> Policy:
+    """Build a selector, passing the top-level parts (scorer, clusterer, ...) its dataclass asks for.
+
+    ``selector`` is a name or a mapping with a ``name``; keys it sets itself win
+    over the top-level groups.
+    """
+    sel = {"name": selector} if isinstance(selector, str) else dict(plain(selector) or {})
+    if "name" not in sel:
+        raise ConfigError(f"a selector needs a 'name'; registered selectors: {', '.join(selectors.names())}")
+    fields = config_fields(selectors.get(sel["name"]))
+    parts = {kind: plain(cfg[kind]) for kind in SELECTOR_PARTS
+             if kind in fields and kind not in sel and cfg.get(kind) is not None}
+    return selectors.build(sel, **parts)

@@ -1,0 +1,50 @@
+"""An on-disk cache of the full model's images, shared by every strategy of a sweep.
+
+Entries are keyed by the model config, the sampler config, the prompt and the
+seed, so a change to any of them misses the cache instead of comparing against a
+stale reference. Writes are atomic (write to a temporary name, then rename):
+a killed job never leaves a half-written entry behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def config_hash(obj: Any, length: int = 12) -> str:
+    """A short stable hash of a JSON-able config."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+class ReferenceCache:
+    def __init__(self, root: str | Path, model_cfg: dict, sampler_cfg: dict):
+        setup = {"model": model_cfg, "sampler": {k: v for k, v in sampler_cfg.items() if k in ("num_steps", "guidance_scale")}}
+        self.root = Path(root).expanduser() / "references" / config_hash(setup)
+        self.root.mkdir(parents=True, exist_ok=True)
+        meta = self.root / "setup.json"
+        if not meta.exists():
+            _atomic_write_bytes(meta, json.dumps(setup, indent=2, default=str).encode())
+
+    def path(self, prompt: str, seed: int) -> Path:
+        return self.root / f"{config_hash([prompt, int(seed)], 20)}.pt"
+
+    def get(self, prompt: str, seed: int) -> torch.Tensor | None:
+        p = self.path(prompt, seed)
+        return torch.load(p, weights_only=True) if p.exists() else None
+
+    def put(self, prompt: str, seed: int, image: torch.Tensor) -> None:
+        p = self.path(prompt, seed)
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        torch.save(image.detach().cpu().float().clone(), tmp)
+        os.replace(tmp, p)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

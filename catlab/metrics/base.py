@@ -1,0 +1,31 @@
+"""The metric interface: one value per image, or a notice saying why it was skipped."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Metric:
+    """A per-image metric. ``needs_reference``: it compares against the full model's image.
+
+    ``unavailable()`` returns a one-line reason when the metric cannot run here
+    (missing weights, wrong model), so the harness skips it with a notice instead
+    of crashing.
+    """
+
+    needs_reference = False
+    higher_is_better = True
+
+    @property
+    def name(self) -> str:
+        return getattr(type(self), "registered_name", type(self).__name__)
+
+    def unavailable(self, context: dict[str, Any]) -> str | None:
+        return None
+
+    def __call__(self, images: torch.Tensor, reference: torch.Tensor | None, prompts: list[str],
+                 meta: list[Any] | None) -> torch.Tensor:
+        raise NotImplementedError
