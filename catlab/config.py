@@ -72,6 +72,8 @@ class EvaluateConfig:
     repeats: int = 1
     #: reference images are cached here (default: $CATLAB_CACHE or ~/.cache/catlab)
     cache_dir: str | None = None
+    #: per-image records (default: <run dir>/store); reruns skip what is there
+    store_dir: str | None = None
     diagnostics: bool = True
     save_images: bool = True
     experiment: str = "evaluate"

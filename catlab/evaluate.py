@@ -7,29 +7,35 @@ Examples::
     python -m catlab.evaluate 'strategies=[full,cat,random]' 'alphas=[0.2,0.3,0.5]'
 
 Writes ``results.csv``, ``results.md``, ``cost_quality.png``, diagnostic
-figures and sample images into the Hydra run directory.
+figures, sample images and the per-image results store into the Hydra run
+directory. Rerunning with the same ``hydra.run.dir`` resumes: finished records
+are skipped. ``torchrun --nproc_per_node=N -m catlab.evaluate ...`` shards the
+prompts over N processes (see docs/scaling.md).
 """
 from __future__ import annotations
 
-import json
 import logging
+import os
 from pathlib import Path
 
 import hydra
 import torch
+import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import catlab  # noqa: F401  (registers the built-in components)
 from catlab.builders import ConfigError, build_selector, plain
-from catlab.config import register_evaluate_schema
-from catlab.evaluation import diagnostics, report
-from catlab.evaluation.harness import evaluate_strategies, make_jobs
+from catlab.config import SELECTOR_PARTS, register_evaluate_schema
+from catlab.evaluation import diagnostics
+from catlab.evaluation.harness import References, Strategy, _Budget, evaluate_strategy, make_jobs
+from catlab.evaluation.merge import rows_from_store, write_tables
 from catlab.evaluation.recorder import RecordingPolicy
-from catlab.evaluation.reference import ReferenceCache
-from catlab.loggers.base import image_grid, to_pil
+from catlab.evaluation.reference import ReferenceCache, config_hash
+from catlab.evaluation.store import ResultStore
+from catlab.loggers.base import image_grid
 from catlab.prompts import cache_dir
-from catlab.registry import ComponentError, loggers, metrics, models, prompt_sets
+from catlab.registry import ComponentError, config_fields, loggers, metrics, models, prompt_sets, selectors
 from catlab.sampler import SamplerConfig
 
 log = logging.getLogger("catlab.evaluate")
@@ -79,9 +85,37 @@ def prepare(cfg: DictConfig):
     return sampler_cfg, policies, prompts, meta, metric_objs, logger, model_cfg
 
 
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); joins the torchrun process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _shared_dir(out: Path, world: int) -> Path:
+    """Every rank writes into rank 0's run directory."""
+    if world == 1:
+        return out
+    box = [str(out)]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0])
+
+
+def strategy_key(spec: dict, cfg: DictConfig, model_cfg: dict, sampler_cfg: SamplerConfig) -> str:
+    """The hash that keys a strategy's records: selector config, its parts, model and sampler settings."""
+    fields = config_fields(selectors.get(spec["name"]))
+    parts = {k: plain(cfg[k]) for k in SELECTOR_PARTS if k in fields and k not in spec and cfg.get(k) is not None}
+    return config_hash({"selector": spec, "parts": parts, "model": model_cfg,
+                        "sampler": [sampler_cfg.num_steps, sampler_cfg.guidance_scale]})
+
+
 def run(cfg: DictConfig, out: Path) -> list[dict]:
     sampler_cfg, policies, prompts, meta, metric_objs, logger, model_cfg = prepare(cfg)
+    rank, world = _distributed()
+    out = _shared_dir(out, world)
     jobs = make_jobs(prompts, meta, list(cfg.seeds), cfg.num_prompts, int(cfg.subset_seed))
+    my_jobs = jobs[rank::world]
     context = {"model": model_cfg["name"], "meta": [j.meta for j in jobs]}
     usable = []
     for m in metric_objs:
@@ -90,66 +124,74 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
             log.warning("skipped metric — %s", reason)
         else:
             usable.append(m)
+    if world > 1 and str(model_cfg.get("device", "cpu")).startswith("cuda"):
+        model_cfg = {**model_cfg, "device": f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"}
     adapter = models.build(model_cfg)
-    cache = ReferenceCache(cfg.cache_dir or cache_dir(), model_cfg, plain(cfg.sampler))
-    if cfg.diagnostics:
-        policies = [(name, RecordingPolicy(p, keep_outputs=(i == 0))) for i, (name, p) in enumerate(policies)]
+    store = ResultStore(Path(cfg.store_dir) if cfg.store_dir else out / "store")
+    references = References(ReferenceCache(cfg.cache_dir or cache_dir(), plain(cfg.model), plain(cfg.sampler)),
+                            adapter, policies[0][1], sampler_cfg)
+    strategies = []
+    for (name, policy), spec in zip(policies, strategy_specs(cfg)):
+        key = strategy_key(spec, cfg, plain(cfg.model), sampler_cfg)
+        if cfg.diagnostics:
+            policy = RecordingPolicy(policy, keep_outputs=not policy.prunes)
+        strategies.append(Strategy(name, policy, key, spec))
+        store.register_strategy(key, {"label": name, "spec": spec, "alpha": float(policy.alpha) if policy.prunes else 1.0,
+                                      "start_step": int(policy.start_step), "steps": sampler_cfg.num_steps,
+                                      "model": plain(cfg.model)})
+    if rank == 0:
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        logger.start(out, OmegaConf.to_container(cfg, resolve=True), name=cfg.experiment, group=cfg.experiment,
+                     tags=[model_cfg["name"]])
 
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    logger.start(out, OmegaConf.to_container(cfg, resolve=True), name=cfg.experiment, group=cfg.experiment,
-                 tags=[model_cfg["name"]])
-    results = evaluate_strategies(adapter, policies, jobs, sampler_cfg, int(cfg.batch_size), usable, cache,
-                                  bool(cfg.warmup), int(cfg.repeats))
+    budget = _Budget()
+    warm = {}
+    for s in strategies:
+        log.info("evaluating %s on %d images (rank %d of %d)", s.label, len(my_jobs), rank, world)
+        warm[s.label] = evaluate_strategy(adapter, s, my_jobs, sampler_cfg, int(cfg.batch_size), usable, store,
+                                          references, bool(cfg.warmup), int(cfg.repeats),
+                                          out / "images" if cfg.save_images else None, budget)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        return []
 
-    rows = []
-    for r in results:
-        row = {"method": r.label, "alpha": float(r.policy.alpha) if r.policy.prunes else 1.0,
-               "start_step": int(r.policy.start_step), "steps": sampler_cfg.num_steps, **r.metrics}
-        rows.append(row)
-        if cfg.save_images:
-            d = out / "images" / r.label
-            d.mkdir(parents=True, exist_ok=True)
-            for job, img in zip(jobs, r.images):
-                to_pil(img).save(d / f"{job.index:05d}_seed{job.seed}.png")
-        logger.log_images(f"samples/{r.label}", r.images[:16], [j.prompt for j in jobs[:16]])
-
-    notes = [f"Model `{model_cfg['name']}`, {len(jobs)} images ({len(set(j.prompt for j in jobs))} prompts × "
+    rows = rows_from_store(store, [s.key for s in strategies], {s.key: len(jobs) for s in strategies})
+    notes = [f"Model `{model_cfg['name']}`, {len(jobs)} images ({len({j.prompt_id for j in jobs})} prompts × "
              f"{len(cfg.seeds)} seeds), {sampler_cfg.num_steps} steps, guidance {sampler_cfg.guidance_scale}. "
-             "Speed-up: wall clock against the full model in the same process; MACs include the selection's own work."]
+             "Speed-up: wall clock against the full model, same process and batches, after a warm-up batch; "
+             "MACs include the selection's own work."]
     if any(m.name == "clip_score" for m in usable):
         notes.append(f"CLIP score backbone: `{next(m for m in usable if m.name == 'clip_score').backbone}`.")
-    report.write_csv(rows, out / "results.csv")
-    (out / "results.md").write_text(report.markdown_table(rows, cfg.title, notes))
-    report.cost_quality_plot(rows, out / "cost_quality.png", cfg.title)
-    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    if cfg.diagnostics:
-        write_diagnostics(results, out / "diagnostics", jobs)
+    write_tables(rows, out, cfg.title, notes)
+    if cfg.diagnostics and all(w is not None for w in warm.values()):
+        write_diagnostics(strategies, warm, out / "diagnostics")
     logger.log_metrics({f"{r['method']}/{k}": v for r in rows for k, v in r.items() if isinstance(v, (int, float))})
     logger.finish()
     log.info("\n%s", (out / "results.md").read_text())
     return rows
 
 
-def write_diagnostics(results, folder: Path, jobs) -> None:
-    """Selection maps of every strategy, the cluster map of clustered ones, the relative-noise correlation."""
+def write_diagnostics(strategies, warm, folder: Path) -> None:
+    """From the warm-up batch: selection maps, cluster maps, the relative-noise correlation."""
     folder.mkdir(parents=True, exist_ok=True)
-    first = results[0].results[0].trace
-    grid, steps = first.grid, len(first.steps)
-    pruned = {r.label: r.results[0].trace.indices for r in results[1:]}
+    first = warm[strategies[0].label]
+    grid, steps = first.trace.grid, len(first.trace.steps)
+    pruned = {s.label: warm[s.label].trace.indices for s in strategies if s.policy.prunes}
     if pruned:
         start = next((i + 1 for i, idx in enumerate(next(iter(pruned.values()))) if idx is not None), steps)
         picks = sorted({start, min(start + 1, steps), min(start + 2, steps), steps})
         diagnostics.selection_maps(pruned, grid, folder / "selection_maps.png", picks)
-    for r in results[1:]:
-        labels = getattr(r.policy, "cluster_labels", None)
+    for s in strategies:
+        labels = getattr(s.policy, "cluster_labels", None)
         if torch.is_tensor(labels):
-            diagnostics.cluster_map(labels[0], grid, folder / f"clusters_{r.label}.png", r.images[0])
-    outputs = getattr(results[0].policy, "outputs", {})
+            diagnostics.cluster_map(labels[0], grid, folder / f"clusters_{s.label}.png", warm[s.label].images[0])
+    outputs = getattr(strategies[0].policy, "outputs", {})
     reference = max(1, min(7, steps - 3))
     if len(outputs) >= reference + 3:
         r = diagnostics.noise_correlation(outputs, reference, reference + 1, folder / "relative_noise_correlation.png")
         (folder / "relative_noise_correlation.txt").write_text(f"pearson_r {r:.4f}\n")
-    image_grid(results[0].images[:16]).save(folder / "full_samples.png")
+    image_grid(first.images[:16]).save(folder / "full_samples.png")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")

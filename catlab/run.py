@@ -18,11 +18,13 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import catlab  # noqa: F401  (registers the built-in components)
 from catlab.builders import ConfigError, build_selector, plain
 from catlab.config import register_schema
+from catlab.evaluation.reference import config_hash
 from catlab.loggers.base import to_pil
 from catlab.metrics.cost import cost_metrics
 from catlab.registry import ComponentError, loggers, models, prompt_sets
@@ -49,6 +51,22 @@ def prepare(cfg: DictConfig):
     return sampler_cfg, policy, prompts, logger, model_cfg
 
 
+def run_hash(cfg: DictConfig) -> str:
+    """Hash of what determines a run's images: model, selector, its parts, sampler, prompts, seeds."""
+    keys = ("model", "selector", "scorer", "staleness", "clusterer", "pooling", "sampler", "prompts", "seed", "num_images")
+    return config_hash({k: plain(cfg.get(k)) for k in keys})
+
+
+def sweep_group(cfg: DictConfig) -> str:
+    """The W&B group: the experiment name, or in a multirun the sweep's directory name."""
+    if cfg.experiment != "default":
+        return str(cfg.experiment)
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        return Path(hc.sweep.dir).name
+    return "default"
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     sampler_cfg, policy, prompts, logger, model_cfg = prepare(cfg)
     try:
@@ -62,8 +80,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     image_dir = run_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
-    logger.start(run_dir, resolved, name=f"{policy.name}-a{policy.alpha}", group=cfg.experiment,
-                 tags=[policy.name, model_cfg["name"]])
+    logger.start(run_dir, resolved, name=f"{policy.name}-a{policy.alpha}", group=sweep_group(cfg),
+                 tags=[policy.name, model_cfg["name"], f"cfg-{run_hash(cfg)}"])
 
     traces, all_images = [], []
     start = time.perf_counter()
@@ -77,7 +95,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                 to_pil(img).save(image_dir / f"{b + j:05d}_seed{batch[j][1]}.png")
     wall = time.perf_counter() - start
 
-    metrics = {"selector": policy.name, "alpha": float(policy.alpha), "start_step": int(policy.start_step),
+    metrics = {"config_hash": run_hash(cfg), "selector": policy.name, "alpha": float(policy.alpha), "start_step": int(policy.start_step),
                "num_steps": sampler_cfg.num_steps, "model": model_cfg["name"], **cost_metrics(traces, wall)}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     import torch

@@ -1,121 +1,163 @@
-"""Evaluate a set of strategies on one model: cost, fidelity to the full model, alignment.
+"""Evaluate strategies on one model, one batch of images at a time, into a results store.
 
 Every strategy sees the same prompts, seeds, batches and sampler settings, in
-one process, so the speed-ups are measured against a full-model baseline timed
-under the same conditions. The full model's images are the fidelity reference;
-they are cached on disk and reused by every strategy (and every job of a sweep).
+the same process, after a warm-up batch, so the speed-ups are measured against
+a full-model baseline timed under the same conditions. The full model's images
+are the fidelity reference, cached on disk and shared by every strategy, job
+and rank. Each finished image becomes one record in the :class:`ResultStore`;
+what is already there is skipped, so an interrupted evaluation resumes.
 """
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from catlab.evaluation.reference import ReferenceCache
+from catlab.evaluation.store import ResultStore
+from catlab.loggers.base import to_pil
 from catlab.metrics.base import Metric
-from catlab.metrics.cost import cost_metrics
 from catlab.models.base import ModelAdapter
-from catlab.sampler import SamplerConfig, SampleResult, sample
+from catlab.sampler import SampleResult, SamplerConfig, sample
 from catlab.selection.base import Policy
 
 log = logging.getLogger("catlab.evaluate")
+
+#: testing hook: stop the process (as a crash would) after this many records were written
+STOP_AFTER_ENV = "CATLAB_EVAL_STOP_AFTER"
 
 
 @dataclass
 class Job:
     """One image to generate: a prompt (with its metadata) and a seed."""
 
-    index: int
+    prompt_id: int
     prompt: str
     seed: int
     meta: Any = None
 
 
+@dataclass
+class Strategy:
+    """A selector to evaluate, with its label and the hash that keys its records."""
+
+    label: str
+    policy: Policy
+    key: str
+    spec: dict
+
+
 def make_jobs(prompts: list[str], meta: list[Any] | None, seeds: list[int], num_prompts: int | None,
               subset_seed: int) -> list[Job]:
-    """Every (prompt, seed) pair, on a seeded subset of the prompts."""
+    """Every (prompt, seed) pair, on a seeded subset of the prompts; ids are positions in the prompt set."""
     order = list(range(len(prompts)))
     if num_prompts is not None and num_prompts < len(prompts):
         order = sorted(random.Random(subset_seed).sample(order, num_prompts))
-    jobs = []
-    for i in order:
-        for s in seeds:
-            jobs.append(Job(len(jobs), prompts[i], int(s), None if meta is None else meta[i]))
-    return jobs
+    return [Job(i, prompts[i], int(s), None if meta is None else meta[i]) for i in order for s in seeds]
 
 
-@dataclass
-class StrategyResult:
-    label: str
-    policy: Policy
-    images: torch.Tensor
-    metrics: dict[str, float]
-    results: list[SampleResult] = field(default_factory=list)
+def _chunks(items: list, size: int):
+    for b in range(0, len(items), size):
+        yield items[b:b + size]
 
 
-def generate(adapter: ModelAdapter, policy, jobs: list[Job], sampler: SamplerConfig, batch_size: int,
-             warmup: bool = True, repeats: int = 1) -> tuple[torch.Tensor, list[SampleResult], float]:
-    """All images of ``jobs``; the wall time is the best of ``repeats`` timed passes after a warm-up batch."""
-    if warmup:
-        first = jobs[:batch_size]
-        sample(adapter, policy, [j.prompt for j in first], [j.seed for j in first], sampler)
+def timed_sample(adapter, policy, jobs: list[Job], sampler: SamplerConfig, repeats: int) -> tuple[SampleResult, float]:
+    """One batch, timed; with ``repeats`` > 1 the best of several identical passes."""
     best, kept = float("inf"), None
     for _ in range(max(1, repeats)):
-        results = []
         start = time.perf_counter()
-        for b in range(0, len(jobs), batch_size):
-            chunk = jobs[b:b + batch_size]
-            results.append(sample(adapter, policy, [j.prompt for j in chunk], [j.seed for j in chunk], sampler))
+        result = sample(adapter, policy, [j.prompt for j in jobs], [j.seed for j in jobs], sampler)
         wall = time.perf_counter() - start
         if wall < best:
-            best, kept = wall, results
-    return torch.cat([r.images for r in kept]), kept, best
+            best, kept = wall, result
+    return kept, best
 
 
-def score(metrics: list[Metric], images: torch.Tensor, reference: torch.Tensor | None, jobs: list[Job]) -> dict[str, float]:
-    """Mean of each per-image metric; a reference-free metric also runs on the full model."""
-    out = {}
-    prompts, meta = [j.prompt for j in jobs], [j.meta for j in jobs]
-    for m in metrics:
-        if m.needs_reference and reference is None:
-            continue
-        out[m.name] = float(m(images, reference, prompts, meta).float().mean())
-    return out
+class References:
+    """The full model's images for any jobs: from the on-disk cache, or generated and cached."""
+
+    def __init__(self, cache: ReferenceCache, adapter: ModelAdapter, full: Policy, sampler: SamplerConfig):
+        self.cache, self.adapter, self.full, self.sampler = cache, adapter, full, sampler
+
+    def get(self, jobs: list[Job]) -> torch.Tensor:
+        images = [self.cache.get(j.prompt, j.seed) for j in jobs]
+        missing = [j for j, img in zip(jobs, images) if img is None]
+        if missing:
+            fresh = sample(self.adapter, self.full, [j.prompt for j in missing], [j.seed for j in missing], self.sampler)
+            for j, img in zip(missing, fresh.images):
+                self.cache.put(j.prompt, j.seed, img)
+            images = [self.cache.get(j.prompt, j.seed) for j in jobs]
+        return torch.stack(images)
+
+    def put(self, jobs: list[Job], images: torch.Tensor) -> None:
+        for j, img in zip(jobs, images):
+            if self.cache.get(j.prompt, j.seed) is None:
+                self.cache.put(j.prompt, j.seed, img)
 
 
-def full_reference(adapter, full_policy, jobs, sampler, batch_size, cache: ReferenceCache | None, warmup, repeats):
-    """The full model's images (from the cache where present) and its timed run."""
-    images, results, wall = generate(adapter, full_policy, jobs, sampler, batch_size, warmup, repeats)
-    if cache is not None:
-        for job, img in zip(jobs, images):
-            cached = cache.get(job.prompt, job.seed)
-            if cached is None:
-                cache.put(job.prompt, job.seed, img)
-            elif not torch.allclose(cached, img, atol=1e-4):
-                log.warning("the cached reference for %r (seed %d) differs from this run's full model", job.prompt, job.seed)
-    return images, results, wall
+class _Budget:
+    """Counts records written, for the crash-injection testing hook."""
+
+    def __init__(self):
+        limit = os.environ.get(STOP_AFTER_ENV)
+        self.left = int(limit) if limit else None
+
+    def spend(self) -> None:
+        if self.left is not None:
+            self.left -= 1
+            if self.left <= 0:
+                log.error("%s reached: stopping as if killed", STOP_AFTER_ENV)
+                os._exit(17)
 
 
-def evaluate_strategies(adapter: ModelAdapter, policies: list[tuple[str, Policy]], jobs: list[Job],
-                        sampler: SamplerConfig, batch_size: int, metrics: list[Metric],
-                        cache: ReferenceCache | None = None, warmup: bool = True, repeats: int = 1) -> list[StrategyResult]:
-    """Run the full model first (reference and timing baseline), then each strategy; return one result each."""
-    full_label, full_policy = policies[0]
-    if full_policy.prunes:
-        raise ValueError("the first strategy must be the full model (selector 'full')")
-    ref_images, ref_results, ref_wall = full_reference(adapter, full_policy, jobs, sampler, batch_size, cache,
-                                                       warmup, repeats)
-    full_cost = cost_metrics([r.trace for r in ref_results], ref_wall)
-    out = [StrategyResult(full_label, full_policy, ref_images, {**full_cost, "speedup": 1.0,
-                                                                **score(metrics, ref_images, None, jobs)}, ref_results)]
-    for label, policy in policies[1:]:
-        log.info("evaluating %s", label)
-        images, results, wall = generate(adapter, policy, jobs, sampler, batch_size, warmup, repeats)
-        cost = cost_metrics([r.trace for r in results], wall)
-        cost["speedup"] = full_cost["seconds_per_image"] / cost["seconds_per_image"]
-        out.append(StrategyResult(label, policy, images, {**cost, **score(metrics, images, ref_images, jobs)}, results))
-    return out
+def evaluate_strategy(adapter: ModelAdapter, strategy: Strategy, jobs: list[Job], sampler: SamplerConfig,
+                      batch_size: int, metrics: list[Metric], store: ResultStore, references: References,
+                      warmup: bool = True, repeats: int = 1, image_dir: Path | None = None,
+                      budget: _Budget | None = None) -> SampleResult | None:
+    """Write a record for every job of ``strategy`` that the store lacks; return the warm-up batch's result."""
+    is_full = not strategy.policy.prunes
+    todo = [j for j in jobs if not store.has(strategy.key, j.prompt_id, j.seed)]
+    if len(todo) < len(jobs):
+        log.info("%s: %d of %d records already in the store", strategy.label, len(jobs) - len(todo), len(jobs))
+    if not todo:
+        return None
+    warm = None
+    if warmup:
+        first = todo[:batch_size]
+        warm = sample(adapter, strategy.policy, [j.prompt for j in first], [j.seed for j in first], sampler)
+    for chunk in _chunks(todo, batch_size):
+        result, wall = timed_sample(adapter, strategy.policy, chunk, sampler, repeats)
+        images = result.images
+        reference = None
+        if is_full:
+            references.put(chunk, images)
+        elif any(m.needs_reference for m in metrics):
+            reference = references.get(chunk)
+        values = {}
+        for m in metrics:
+            if m.needs_reference and reference is None:
+                continue
+            values[m.name] = m(images, reference, [j.prompt for j in chunk], [j.meta for j in chunk]).float()
+        trace, n = result.trace, len(chunk)
+        for i, job in enumerate(chunk):
+            store.put(strategy.key, {
+                "prompt_id": job.prompt_id, "seed": job.seed, "prompt": job.prompt, "label": strategy.label,
+                "macs": (trace.macs) / n, "full_macs": trace.full_macs / n,
+                "selection_macs": sum(s.selection_macs for s in trace.steps) / n,
+                "seconds": wall / n, "denoise_seconds": trace.seconds / n,
+                "selection_seconds": trace.selection_seconds / n,
+                "metrics": {k: float(v[i]) for k, v in values.items()},
+            })
+            if image_dir is not None:
+                d = image_dir / strategy.label
+                d.mkdir(parents=True, exist_ok=True)
+                to_pil(images[i]).save(d / f"p{job.prompt_id:06d}_s{job.seed}.png")
+            if budget is not None:
+                budget.spend()
+    return warm

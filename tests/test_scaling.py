@@ -1,0 +1,99 @@
+"""Scale-out: sweeps on Hydra launchers, torchrun-sharded evaluation, and resumable results."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, run_cli
+
+TINY = ("model.num_layers=1", "model.height=16", "model.width=16", "sampler.num_steps=4", "sampler.progress=false",
+        "logger=local")
+# batch_size=1: a stochastic selector's draws depend on a sample's place in its batch, so sharded and
+# single-process runs agree image by image only when every batch holds one image
+EVAL = (*TINY, "+strategy_defaults.start_step=2", "batch_size=1", "prompts.prompts=[a red circle,a blue square,a green star]",
+        "metrics=[psnr,ssim]", "diagnostics=false", "save_images=false")
+
+
+def _sweep(launcher: str, tmp_path: Path) -> list[dict]:
+    run_cli("-m", f"hydra/launcher={launcher}", "selector=full,random", "selector.start_step=2", *TINY,
+            tmp_path=tmp_path, timeout=600)
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name.isdigit())
+    return [json.loads((j / "metrics.json").read_text()) for j in jobs]
+
+
+def test_sweep_with_joblib_processes(tmp_path):
+    metrics = _sweep("processes", tmp_path)
+    assert [m["selector"] for m in metrics] == ["full", "random"]
+    assert metrics[1]["macs_ratio"] > 1.2
+
+
+def test_sweep_with_submitit_local(tmp_path):
+    metrics = _sweep("slurm_local", tmp_path)
+    assert [m["selector"] for m in metrics] == ["full", "random"]
+
+
+def _evaluate(out: Path, *extra: str, torchrun: int = 0, env: dict | None = None, check: bool = True):
+    launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_port=29611"]
+                if torchrun else [sys.executable])
+    cmd = [*launcher, "-m", "catlab.evaluate", f"hydra.run.dir={out}", *EVAL, *extra]
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "CATLAB_CACHE": str(out.parent / "cache"), **(env or {})}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
+    return proc
+
+
+def _quality(out: Path) -> list[tuple]:
+    rows = json.loads((out / "results.json").read_text())
+    return [(r["method"], r["alpha"], r["num_images"], r["macs_per_image"], r["macs_ratio"], r.get("psnr"), r.get("ssim"))
+            for r in rows]
+
+
+def _records(out: Path) -> dict[str, float]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in (out / "store").glob("*/p*.json")}
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory) -> Path:
+    """One uninterrupted single-process evaluation, the baseline of the tests below."""
+    out = tmp_path_factory.mktemp("clean") / "run"
+    _evaluate(out)
+    return out
+
+
+def test_torchrun_two_processes_match_one(tmp_path, clean_run):
+    _evaluate(tmp_path / "ddp", torchrun=2)
+    assert _quality(tmp_path / "ddp") == _quality(clean_run)
+    assert len(_records(tmp_path / "ddp")) == 6  # 2 strategies x 3 prompts, each written once
+
+
+def test_killed_evaluation_resumes_without_recomputing(tmp_path, clean_run):
+    out = tmp_path / "killed"
+    proc = _evaluate(out, env={"CATLAB_EVAL_STOP_AFTER": "4"}, check=False)
+    assert proc.returncode == 17
+    before = _records(out)
+    assert len(before) == 4 and not (out / "results.json").exists()
+    proc = _evaluate(out)
+    after = _records(out)
+    assert len(after) == 6
+    assert {k: after[k] for k in before} == before  # finished records untouched: only the missing were computed
+    assert "records already in the store" in proc.stderr + proc.stdout
+    assert _quality(out) == _quality(clean_run)
+
+
+def test_merge_rebuilds_the_table_from_the_store(tmp_path, clean_run):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(clean_run, out)
+    table = (out / "results.md").read_text()
+    (out / "results.md").unlink()
+    subprocess.run([sys.executable, "-m", "catlab.evaluation.merge", str(out)], check=True, capture_output=True,
+                   cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    rebuilt = (out / "results.md").read_text()
+    assert rebuilt.splitlines()[:4] == table.splitlines()[:4]
