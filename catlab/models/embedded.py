@@ -1,0 +1,52 @@
+"""The embedded default model: catlab's own small text-to-image MMDiT, trained on a shapes world.
+
+It ships inside the package (``catlab/embedded/bundle/``), loads offline, and
+really generates images of its prompts, so strategies can be judged on quality,
+not only on cost. See ``docs/model_card.md``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from catlab.models.base import Conditioning, ModelAdapter
+from catlab.registry import models
+
+
+@models.register("embedded")
+@dataclass
+class Embedded(ModelAdapter):
+    """``path`` null = the bundle shipped with catlab; images are pixel-space samples in [-1, 1]."""
+
+    path: str | None = None
+    height: int | None = None
+    width: int | None = None
+    bundle: object = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from catlab.embedded.bundle import load_bundle
+
+        self.bundle = load_bundle(self.path, device=self.device, dtype=self.torch_dtype)
+        self.transformer = self.bundle.transformer
+        size = self.bundle.image_size
+        if (self.height or size) != size or (self.width or size) != size:
+            raise ValueError(f"the embedded model generates {size}x{size} images; got height={self.height}, width={self.width}")
+        self.height = self.width = size
+
+    def make_scheduler(self):
+        return FlowMatchEulerDiscreteScheduler.from_config(self.bundle.scheduler_config)
+
+    def encode(self, prompts: list[str], guidance: bool) -> Conditioning:
+        texts = ([""] * len(prompts) + list(prompts)) if guidance else list(prompts)
+        embeds, pooled = self.bundle.encode(texts)
+        kw = dict(encoder_hidden_states=embeds.to(self.torch_device), pooled_projections=pooled.to(self.torch_device))
+        return Conditioning(kw, 2 if guidance else 1, embeds.shape[1])
+
+    def predict(self, latents, timestep, cond):
+        t = timestep.expand(latents.shape[0]).to(latents.dtype)
+        return self.transformer(hidden_states=latents, timestep=t, return_dict=False, **cond.kwargs)[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return ((latents.float().cpu() + 1) / 2).clamp(0, 1)
