@@ -183,7 +183,7 @@ def write_diagnostics(strategies, warm, folder: Path) -> None:
         picks = sorted({start, min(start + 1, steps), min(start + 2, steps), steps})
         diagnostics.selection_maps(pruned, grid, folder / "selection_maps.png", picks)
     for s in strategies:
-        labels = getattr(s.policy, "cluster_labels", None)
+        labels = getattr(s.policy, "labels", None)  # the token clusters of a clustered selector, (B, N)
         if torch.is_tensor(labels):
             diagnostics.cluster_map(labels[0], grid, folder / f"clusters_{s.label}.png", warm[s.label].images[0])
     outputs = getattr(strategies[0].policy, "outputs", {})
