@@ -1,0 +1,1 @@
+"""An example catlab plugin: a selection strategy and its Hydra config."""

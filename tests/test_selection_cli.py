@@ -1,0 +1,50 @@
+"""The selection config groups compose with the run app, and CAT runs from the command line."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SELECTORS = ["cat", "cat_reference", "noise", "noise_staleness", "sequential", "random", "atedm"]
+PARTS = {
+    "clusterer": ["kmeans", "kmeans_sklearn", "spectral", "grid", "none"],
+    "pooling": ["graph", "mean"],
+    "staleness": ["ewma", "age"],
+    "scorer": ["relative_noise"],
+}
+
+
+def _prepare(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    from catlab.run import prepare
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return prepare(compose(config_name="config", overrides=list(overrides)))[1]
+
+
+@pytest.mark.parametrize("name", SELECTORS)
+def test_every_selector_config_builds(name):
+    policy = _prepare(f"selector={name}")
+    assert policy.name == name and policy.alpha == 0.3 and policy.start_step == 8
+
+
+@pytest.mark.parametrize("kind, name", [(k, n) for k, names in PARTS.items() for n in names])
+def test_every_part_config_reaches_cat(kind, name):
+    policy = _prepare("selector=cat", f"{kind}={name}")
+    assert getattr(policy, kind).registered_name == name
+
+
+def test_cat_runs_from_the_command_line(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "catlab.run", "selector=cat", "clusterer=spectral", "selector.start_step=2",
+           "sampler.num_steps=5", "sampler.progress=false", "num_images=1", "batch_size=1", "logger=local",
+           "save_images=false", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["selector"] == "cat" and metrics["pruned_steps"] == 3 and metrics["macs_ratio"] > 1.0

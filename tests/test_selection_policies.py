@@ -1,0 +1,187 @@
+"""Selectors driven through the sampler's protocol with simulated model outputs."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from catlab.registry import selectors
+from catlab.selection import StepState, kept_tokens
+
+CPU = torch.device("cpu")
+SELECTORS = ["cat", "cat_reference", "noise", "noise_staleness", "sequential", "random", "atedm"]
+
+
+def simulate(policy, grid, num_steps, batch=2, channels=4, seed=0, outputs=None, on_select=None):
+    """Run the reset/num_kept/select/observe protocol with random outputs; return the indices per step."""
+    n = grid[0] * grid[1]
+    gen = torch.Generator().manual_seed(seed)
+    policy.reset(batch, grid, num_steps, CPU)
+    output, chosen = None, []
+    for step in range(1, num_steps + 1):
+        k = policy.num_kept(step, n)
+        idx = None
+        if k is not None:
+            attention = {
+                layer: torch.softmax(torch.randn(batch, n, n, generator=gen), -1)
+                for layer in getattr(policy, "attention_layers", ())
+            }
+            state = StepState(step=step, num_steps=num_steps, grid=grid, batch_size=batch, k=k,
+                              output=output, attention=attention, device=CPU)
+            idx = policy.select(state)
+            if on_select:
+                on_select(step, state, idx)
+        output = outputs(step) if outputs else torch.randn(batch, n, channels, generator=gen)
+        policy.observe(step, output, idx)
+        chosen.append(idx)
+    return chosen
+
+
+def _assert_exact(idx, batch, k, n):
+    assert idx.shape == (batch, k) and idx.dtype == torch.long
+    assert int(idx.min()) >= 0 and int(idx.max()) < n
+    assert (idx.sort(dim=1).values.diff(dim=1) != 0).all(), "repeated index"
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    name=st.sampled_from(SELECTORS),
+    alpha=st.floats(0.01, 1.0),
+    h=st.integers(1, 12),
+    w=st.integers(1, 12),
+    batch=st.integers(1, 3),
+    start=st.integers(0, 3),
+    clusterer=st.sampled_from(["kmeans", "spectral", "grid", "none"]),
+)
+def test_exactly_k_unique_indices(name, alpha, h, w, batch, start, clusterer):
+    cfg = {"name": name, "alpha": alpha, "start_step": start}
+    if name == "cat":
+        cfg["clusterer"] = {"name": clusterer}
+    policy = selectors.build(cfg)
+    n = h * w
+    for idx in simulate(policy, (h, w), num_steps=5, batch=batch):
+        if idx is not None:
+            _assert_exact(idx, batch, kept_tokens(alpha, n), n)
+
+
+@pytest.mark.parametrize("cfg", [
+    {"name": "cat", "clusterer": {"name": "spectral"}},
+    {"name": "cat", "clusterer": {"name": "grid"}, "pooling": {"name": "mean"}},
+    {"name": "cat", "clusterer": {"name": "none"}, "staleness": {"name": "age"}},
+    {"name": "cat", "clusterer": {"name": "kmeans_sklearn"}},
+    {"name": "atedm", "schedule": "step_aware"},
+])
+def test_variants_keep_exactly_k(cfg):
+    policy = selectors.build({**cfg, "start_step": 3})
+    ks = []
+    for idx in simulate(policy, (8, 10), num_steps=12):
+        if idx is not None:
+            _assert_exact(idx, 2, idx.shape[1], 80)
+            ks.append(idx.shape[1])
+    if cfg.get("schedule") == "step_aware":
+        assert ks[0] > kept_tokens(0.3, 80) > ks[-1] and ks == sorted(ks, reverse=True)
+        assert abs(sum(ks) / len(ks) - 0.3 * 80) < 1.5
+
+
+@pytest.mark.parametrize("cfg, share", [
+    ({"name": "cat"}, 0.75),
+    ({"name": "cat", "cluster_share": 0.9, "staleness": {"name": "age"}}, 0.1),
+    ({"name": "noise_staleness", "staleness_share": 0.2}, 0.2),
+    ({"name": "cat_reference"}, 0.75),
+])
+def test_every_token_is_recomputed_within_a_bounded_number_of_steps(cfg, share):
+    grid, steps, start = (16, 16), 80, 4
+    n = grid[0] * grid[1]
+    k = kept_tokens(0.3, n)
+    stale_budget = k - round((1 - share) * k)
+    bound = math.ceil(n / stale_budget) + 2
+    policy = selectors.build({**cfg, "start_step": start})
+    last = torch.full((2, n), start)
+    worst = 0
+    for step, idx in enumerate(simulate(policy, grid, steps), start=1):
+        if idx is None:
+            continue
+        worst = max(worst, int((step - last).max()))
+        last.scatter_(1, idx, step)
+    assert worst <= bound, f"a token waited {worst} steps; bound {bound}"
+
+
+def test_noise_alone_starves_tokens():
+    """The failure the staleness part exists for (paper Fig. 3): a fixed noise field pins the selection."""
+    grid, n = (8, 8), 64
+    fixed = torch.linspace(0, 1, n)[None, :, None].expand(2, -1, 4)
+    chosen = simulate(selectors.build({"name": "noise", "start_step": 2}), grid, 20, outputs=lambda s: fixed * s)
+    seen = torch.zeros(2, n, dtype=torch.bool)
+    for idx in chosen[2:]:
+        seen.scatter_(1, idx, True)
+    assert seen.sum(1).tolist() == [kept_tokens(0.3, n)] * 2
+
+
+def test_cat_first_pruned_step_takes_top_noise_inside_top_clusters():
+    grid = (16, 16)
+    n = 256
+    i = torch.arange(16).repeat_interleave(16).float()
+    j = torch.arange(16).repeat(16).float()
+    blob = torch.exp(-((i - 3) ** 2 + (j - 12) ** 2) / 6)  # changes only around (3, 12)
+
+    def outputs(step):
+        return (blob * (step >= 8))[None, :, None].expand(1, -1, 4).clone()
+
+    picked = {}
+    policy = selectors.build({"name": "cat", "alpha": 0.1, "start_step": 8,
+                              "clusterer": {"name": "kmeans", "num_clusters": 8, "per_tokens": 256}})
+    simulate(policy, grid, 10, batch=1, outputs=outputs, on_select=lambda s, st_, idx: picked.setdefault(s, idx))
+    first = picked[9][0]
+    assert int(blob.argmax()) in first.tolist()
+    # every pick sits where the noise changed the most: inside the blob's cluster(s)
+    assert blob[first].min() > 0.01
+    assert len(policy.labels[0].unique()) >= 4
+
+
+def test_cat_reference_first_step_quota_is_a_tenth_of_k():
+    policy = selectors.build({"name": "cat_reference", "start_step": 3, "num_clusters": 4, "per_tokens": 256})
+    picked = {}
+    simulate(policy, (16, 16), 5, batch=1, on_select=lambda s, st_, idx: picked.setdefault(s, idx))
+    k = kept_tokens(0.3, 256)
+    labels = policy.labels[0]
+    per_cluster = torch.bincount(labels[picked[4][0]], minlength=4)
+    # 4 clusters × ⌊k/10⌋ tokens each < k, so the rest is padded with the stalest tokens
+    assert picked[4].shape == (1, k) and int(per_cluster.max()) >= k // 10
+
+
+def test_sequential_walks_rows_and_wraps():
+    policy = selectors.build({"name": "sequential", "alpha": 0.5, "start_step": 1})
+    chosen = simulate(policy, (4, 4), 4, batch=2)
+    assert chosen[0] is None
+    assert chosen[1][1].tolist() == list(range(8))
+    assert chosen[2][0].tolist() == list(range(8, 16))
+    assert chosen[3][0].tolist() == list(range(8))
+
+
+def test_atedm_keeps_the_most_attended_tokens():
+    n = 16
+    attention = torch.full((1, n, n), 0.01)
+    attention[:, :, [5, 9]] = 1.0
+    policy = selectors.build({"name": "atedm", "alpha": 2 / 16, "attention_layers": [0, 1]})
+    policy.reset(1, (4, 4), 28, CPU)
+    state = StepState(step=9, num_steps=28, grid=(4, 4), batch_size=1, k=2, attention={0: attention, 1: attention})
+    assert sorted(policy.select(state)[0].tolist()) == [5, 9]
+    assert policy.attention_layers == (0, 1)
+    with pytest.raises(RuntimeError, match="attention"):
+        policy.select(StepState(step=9, num_steps=28, grid=(4, 4), batch_size=1, k=2))
+
+
+def test_parts_come_from_configs_or_objects():
+    from catlab.registry import clusterers
+
+    built = clusterers.build({"name": "grid"})
+    policy = selectors.build({"name": "cat", "clusterer": built, "staleness": "age"})
+    assert policy.clusterer is built and type(policy.staleness).__name__ == "AgeStaleness"
+    with pytest.raises(ValueError, match="cluster_share"):
+        selectors.build({"name": "cat", "cluster_share": 1.5})
+
+
+def test_selection_is_reproducible():
+    runs = [simulate(selectors.build({"name": "cat", "start_step": 3, "seed": 7}), (8, 8), 8, seed=1) for _ in range(2)]
+    assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(*runs))
