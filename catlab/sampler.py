@@ -6,6 +6,7 @@ indices into pruned execution.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 from catlab.models.base import ModelAdapter
 from catlab.pruning.engine import TokenPruner
 from catlab.pruning.families import patchify
+from catlab.pruning.sync_check import no_host_sync
 from catlab.selection.base import Policy, StepState
 
 
@@ -29,6 +31,9 @@ class SamplerConfig:
     check_indices: bool = False
     #: synchronise the device around each step so per-step times are exact (off: no host sync)
     sync_timing: bool = False
+    #: fail on any host synchronisation in a pruned step (selection, pruned forward, guidance,
+    #: scheduler step); see :func:`catlab.pruning.sync_check.no_host_sync`. Slow: for tests.
+    check_sync: bool = False
 
     def __post_init__(self) -> None:
         if int(self.num_steps) < 1:
@@ -86,6 +91,11 @@ def _check(idx: torch.Tensor, batch: int, k: int, n: int, name: str) -> None:
         raise ValueError(f"selector '{name}' returned repeated indices")
 
 
+def _guard(cfg: SamplerConfig, k: int | None, what: str):
+    """The host-sync guard for a pruned step when ``cfg.check_sync`` asks for it."""
+    return no_host_sync(what) if cfg.check_sync and k is not None else contextlib.nullcontext()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -126,30 +136,33 @@ def sample(adapter: ModelAdapter, policy: Policy, prompts: list[str], seeds: lis
             if k is not None:
                 state = StepState(step=step, num_steps=cfg.num_steps, grid=grid, batch_size=batch, k=k,
                                   output=output, attention=_sample_attention(pruner, batch), device=device)
-                idx = policy.select(state)
-                sel_macs = policy.selection_macs(state) + pruner.probe_macs(rows, cond.num_text_tokens, k)
+                with _guard(cfg, k, f"the selection of step {step} ({policy.name})"):
+                    idx = policy.select(state)
+                    sel_macs = policy.selection_macs(state) + pruner.probe_macs(rows, cond.num_text_tokens, k)
                 if cfg.check_indices:
                     _check(idx, batch, k, n, policy.name)
             if cfg.sync_timing:
                 _sync(device)
             t1 = time.perf_counter()
-            pruner.set_indices(idx, rows)
-            pred = adapter.predict(torch.cat([latents] * cond.groups), t, cond)
-            if guidance:
-                uncond, text = pred.chunk(2)
-                pred = uncond + cfg.guidance_scale * (text - uncond)
-            output = patchify(pred, adapter.patch_size)
-            policy.observe(step, output, idx)
-            latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+            with _guard(cfg, k, f"the pruned step {step}"):
+                pruner.set_indices(idx, rows)
+                pred = adapter.predict(torch.cat([latents] * cond.groups), t, cond)
+                if guidance:
+                    uncond, text = pred.chunk(2)
+                    pred = uncond + cfg.guidance_scale * (text - uncond)
+                output = patchify(pred, adapter.patch_size)
+                policy.observe(step, output, idx)
+                latents = scheduler.step(pred, t, latents, return_dict=False)[0]
             if cfg.sync_timing:
                 _sync(device)
             t2 = time.perf_counter()
             kept = n if k is None else k
             trace.steps.append(StepRecord(step, kept, pruner.macs(rows, cond.num_text_tokens, num_tokens=n, kept=kept),
                                           sel_macs, t2 - t0, t1 - t0))
-            trace.indices.append(None if idx is None else idx.detach().cpu())
+            trace.indices.append(None if idx is None else idx.detach())  # stays on the device until the end
         _sync(device)
         trace.seconds = time.perf_counter() - start
+        trace.indices = [None if idx is None else idx.cpu() for idx in trace.indices]
         images = adapter.decode(latents)
     finally:
         pruner.detach()

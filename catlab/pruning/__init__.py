@@ -1,7 +1,11 @@
-"""Token-pruned execution: the engine, the supported families, and the diffusers hook API."""
+"""Token-pruned execution: the engine, the supported families, the diffusers hook API,
+``torch.compile`` of the pruned blocks and a guard against host synchronisation."""
+from catlab.pruning.compile import compile_pruned, uncompile
 from catlab.pruning.diffusers_api import disable_pruning, enable_pruning, pruning_macs, reset_pruning
 from catlab.pruning.engine import TokenPruner
 from catlab.pruning.families import FAMILIES, FamilySpec, UnsupportedModelError, family_of
+from catlab.pruning.sync_check import HostSyncError, no_host_sync
 
 __all__ = ["TokenPruner", "FamilySpec", "FAMILIES", "UnsupportedModelError", "family_of",
-           "enable_pruning", "disable_pruning", "reset_pruning", "pruning_macs"]
+           "enable_pruning", "disable_pruning", "reset_pruning", "pruning_macs",
+           "compile_pruned", "uncompile", "no_host_sync", "HostSyncError"]

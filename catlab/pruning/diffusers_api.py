@@ -9,8 +9,12 @@
 
 A stateful hook on the transformer counts the denoising steps, asks the policy
 for indices before each call and shows it the guided output after. A new
-generation is detected when the timestep stops decreasing (or the batch changes),
-and everything is reset then; ``reset_pruning(pipe)`` does it by hand.
+generation is detected when the pipeline's scheduler gets new timesteps (every
+pipeline call runs ``scheduler.set_timesteps``) or the batch changes, and
+everything is reset then; ``reset_pruning(pipe)`` does it by hand. Neither test
+reads a tensor on the host, so the hook adds no device synchronisation to a step.
+Without a pipeline (a bare transformer) the hook falls back to watching the
+timestep value stop decreasing, which reads it on the host once per call.
 """
 from __future__ import annotations
 
@@ -45,7 +49,8 @@ class TokenPruningHook(ModelHook):
         super().__init__()
         self.pruner, self.policy, self.pipeline, self.guidance_scale = pruner, policy, pipeline, guidance_scale
         self.step = 0
-        self.last_timestep: float | None = None
+        #: the scheduler's timesteps (or the last timestep value) of the current generation
+        self.marker: torch.Tensor | float | None = None
         self.rows: int | None = None
         self.indices: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
@@ -53,7 +58,7 @@ class TokenPruningHook(ModelHook):
         self._warned = False
 
     def reset_state(self, module: nn.Module) -> nn.Module:
-        self.step, self.last_timestep, self.rows, self.indices, self.output = 0, None, None, None, None
+        self.step, self.marker, self.rows, self.indices, self.output = 0, None, None, None, None
         self.macs = []
         self.pruner.reset()
         return module
@@ -64,14 +69,26 @@ class TokenPruningHook(ModelHook):
         scale = getattr(self.pipeline, "_guidance_scale", None)
         return float(scale) if scale is not None else None
 
+    def _generation_marker(self, timestep) -> torch.Tensor | float:
+        """What tells one generation from the next: the scheduler's timestep tensor (compared by
+        identity, no host read) or, for a bare transformer, the timestep value (read on the host)."""
+        timesteps = getattr(getattr(self.pipeline, "scheduler", None), "timesteps", None)
+        if timesteps is not None:
+            return timesteps
+        return float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+
+    def _starts_generation(self, marker, rows: int) -> bool:
+        if self.marker is None or rows != self.rows or torch.is_tensor(marker) != torch.is_tensor(self.marker):
+            return True
+        return marker is not self.marker if torch.is_tensor(marker) else marker >= self.marker
+
     def pre_forward(self, module: nn.Module, *args, **kwargs):
         latents = kwargs.get("hidden_states", args[0] if args else None)
-        timestep = kwargs.get("timestep")
-        t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
         rows = latents.shape[0]
-        if self.last_timestep is None or t >= self.last_timestep or rows != self.rows:
+        marker = self._generation_marker(kwargs.get("timestep"))
+        if self._starts_generation(marker, rows):
             self.reset_state(module)
-        self.last_timestep, self.rows = t, rows
+        self.marker, self.rows = marker, rows
         self.step += 1
 
         scale = self._guidance()

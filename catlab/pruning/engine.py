@@ -10,7 +10,10 @@ narrow interventions make it pruned:
 3. a hook on the output projection scatters the k fresh outputs into the previous
    step's token-space output, so the stock unpatchify sees all N tokens.
 
-With every token selected this is the stock model, by construction.
+With every token selected this is the stock model, by construction. A step reads
+no tensor value on the host (indices are fixed-size ``(rows, k)`` tensors), so on
+a GPU the host queues the next step while the device computes this one; and the
+whole pruned forward traces into one ``torch.compile`` graph (see ``compile.py``).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
+from catlab.pruning.compile import compile_pruned
 from catlab.pruning.families import FamilySpec, family_of
 from catlab.pruning.processors import PrunedJointAttnProcessor, PrunedSelfAttnProcessor
 
@@ -78,6 +82,7 @@ class TokenPruner:
         self.attention: dict[int, torch.Tensor] = {}
         self.processors: list = []
         self._original_processors: dict[nn.Module, object] = {}
+        self._macs: dict[tuple[int, int, int, int], int] = {}
         self.attached = False
 
     # -- lifecycle -------------------------------------------------------------
@@ -152,7 +157,15 @@ class TokenPruner:
         """Analytic MACs of one forward over ``rows`` rows with ``kept`` image tokens recomputed."""
         n_total = num_tokens or self.num_tokens
         n = n_total if kept is None else kept
-        return self.spec.macs(self.transformer, rows, n, n_total, num_text_tokens)
+        key = (rows, n, n_total, num_text_tokens)
+        if key not in self._macs:  # walking the modules every step would cost host time per step
+            self._macs[key] = self.spec.macs(self.transformer, rows, n, n_total, num_text_tokens)
+        return self._macs[key]
+
+    def compile(self, **compile_kwargs) -> "TokenPruner":
+        """``torch.compile`` the transformer's blocks for pruned execution; see :func:`catlab.pruning.compile.compile_pruned`."""
+        compile_pruned(self.transformer, **compile_kwargs)
+        return self
 
     def probe_macs(self, rows: int, num_text_tokens: int, kept: int) -> int:
         """Extra MACs of materialising the probe layers' attention logits (part of the selection's cost)."""

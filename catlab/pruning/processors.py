@@ -1,10 +1,14 @@
 """Attention processors that compute Q/K/V for the selected tokens only.
 
-Each processor owns one layer's K/V cache of shape ``(rows, heads, N, head_dim)``:
-at a full step it is filled from every token, at a pruned step the k fresh keys
-and values are scattered into it at the selected positions, and the k queries
-attend over the whole cache (plus the text tokens). The unselected tokens' K/V
-are therefore those written the last time each token was computed.
+Each processor owns one layer's K/V cache, token-major: ``(rows, N + L, inner)``
+with the N image tokens first and the layer's L text tokens (joint attention)
+after them. At a full step it is filled from every token; at a pruned step the k
+fresh image keys and values are copied into their rows with one ``index_copy_``
+per tensor (contiguous rows of ``inner`` values, cheap on any device), the text
+tail is overwritten, and the k queries (plus text) attend over the whole cache.
+The cache *is* the attention's key/value tensor, so no per-step concatenation
+of N + L keys is needed. The unselected tokens' K/V are those written the last
+time each token was computed.
 """
 from __future__ import annotations
 
@@ -17,9 +21,16 @@ if TYPE_CHECKING:
     from catlab.pruning.engine import TokenPruner
 
 
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+def _split(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(rows, n, inner)`` → ``(rows, n, heads, d)`` (a view)."""
     rows, n, inner = x.shape
-    return x.view(rows, n, heads, inner // heads).transpose(1, 2)
+    return x.view(rows, n, heads, inner // heads)
+
+
+def _project(linear, norm, x: torch.Tensor, heads: int) -> torch.Tensor:
+    """A Q/K/V projection, optionally QK-normed per head, as ``(rows, n, heads, d)``."""
+    out = _split(linear(x), heads)
+    return norm(out) if norm is not None else out
 
 
 class _CachedAttention:
@@ -29,34 +40,72 @@ class _CachedAttention:
         self.pruner = pruner
         self.layer = layer
         self.name = name
-        self.key_cache: torch.Tensor | None = None
-        self.value_cache: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.heads = 1
 
     def reset(self) -> None:
-        self.key_cache = None
-        self.value_cache = None
+        self.keys = None
+        self.values = None
 
-    def update_cache(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write fresh image K/V ``(rows, heads, n, d)``; return the full ``(rows, heads, N, d)`` cache."""
+    def _image(self, cache: torch.Tensor | None) -> torch.Tensor | None:
+        if cache is None:
+            return None
+        rows, _, inner = cache.shape
+        n = self.pruner.num_tokens
+        return cache[:, :n].view(rows, n, self.heads, inner // self.heads).transpose(1, 2)
+
+    @property
+    def key_cache(self) -> torch.Tensor | None:
+        """The image tokens' cached keys, ``(rows, heads, N, d)``."""
+        return self._image(self.keys)
+
+    @property
+    def value_cache(self) -> torch.Tensor | None:
+        """The image tokens' cached values, ``(rows, heads, N, d)``."""
+        return self._image(self.values)
+
+    def update_cache(self, key: torch.Tensor, value: torch.Tensor, text_key: torch.Tensor | None = None,
+                     text_value: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write fresh K/V ``(rows, n, heads, d)`` (+ text); return the ``(rows, heads, N + L, d)`` attention K/V."""
+        rows, n, heads, d = key.shape
+        self.heads = heads
+        key, value = key.reshape(rows, n, heads * d), value.reshape(rows, n, heads * d)
+        if text_key is not None:
+            text_key, text_value = text_key.reshape(rows, -1, heads * d), text_value.reshape(rows, -1, heads * d)
         idx = self.pruner.row_indices
         if idx is None:
-            if key.shape[2] != self.pruner.num_tokens:
-                raise RuntimeError(f"{self.name}: a full step got {key.shape[2]} tokens, expected {self.pruner.num_tokens}")
-            self.key_cache, self.value_cache = key.contiguous(), value.contiguous()
-            return self.key_cache, self.value_cache
-        if self.key_cache is None or self.key_cache.shape[0] != key.shape[0]:
+            if n != self.pruner.num_tokens:
+                raise RuntimeError(f"{self.name}: a full step got {n} tokens, expected {self.pruner.num_tokens}")
+            if text_key is None:
+                self.keys, self.values = key.contiguous(), value.contiguous()
+            else:
+                self.keys, self.values = torch.cat([key, text_key], 1), torch.cat([value, text_value], 1)
+        else:
+            self._write(key, value, idx, text_key, text_value)
+        total = self.keys.shape[1]
+        return (self.keys.view(rows, total, heads, d).transpose(1, 2),
+                self.values.view(rows, total, heads, d).transpose(1, 2))
+
+    def _write(self, key, value, idx, text_key, text_value) -> None:
+        rows, n, inner = key.shape
+        n_text = 0 if text_key is None else text_key.shape[1]
+        if self.keys is None or self.keys.shape[0] != rows or self.keys.shape[1] != self.pruner.num_tokens + n_text:
             raise RuntimeError(
                 f"{self.name}: a pruned step needs the K/V of a previous full step for the same batch; "
                 "run at least one full step first (start_step >= 1)"
             )
-        index = idx[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[3])
-        self.key_cache.scatter_(2, index, key.to(self.key_cache.dtype))
-        self.value_cache.scatter_(2, index, value.to(self.value_cache.dtype))
-        return self.key_cache, self.value_cache
+        total = self.keys.shape[1]
+        flat = (idx + torch.arange(rows, device=idx.device)[:, None] * total).reshape(-1)
+        self.keys.view(-1, inner).index_copy_(0, flat, key.reshape(-1, inner).to(self.keys.dtype))
+        self.values.view(-1, inner).index_copy_(0, flat, value.reshape(-1, inner).to(self.values.dtype))
+        if text_key is not None:
+            self.keys[:, total - n_text:].copy_(text_key)
+            self.values[:, total - n_text:].copy_(text_value)
 
     def attend(self, attn, query, key, value, n_image: int, mask=None) -> torch.Tensor:
         """SDPA, plus the image→image attention probabilities when this layer is a probe."""
-        if self.layer in self.pruner.probe_layers:
+        if self.pruner.probe_layers and self.layer in self.pruner.probe_layers:  # no per-layer guard when compiled
             scale = attn.scale if hasattr(attn, "scale") else query.shape[-1] ** -0.5
             logits = (query[:, :, :n_image] @ key.transpose(-1, -2)) * scale
             if mask is not None:
@@ -71,29 +120,21 @@ class PrunedJointAttnProcessor(_CachedAttention):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         rows, n_image, _ = hidden_states.shape
-        query = _heads(attn.to_q(hidden_states), attn.heads)
-        key = _heads(attn.to_k(hidden_states), attn.heads)
-        value = _heads(attn.to_v(hidden_states), attn.heads)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        key, value = self.update_cache(key, value)
-
+        h = attn.heads
+        query = _project(attn.to_q, attn.norm_q, hidden_states, h)
+        key = _project(attn.to_k, attn.norm_k, hidden_states, h)
+        value = _split(attn.to_v(hidden_states), h)
+        text_key = text_value = None
         if encoder_hidden_states is not None:
-            c_query = _heads(attn.add_q_proj(encoder_hidden_states), attn.heads)
-            c_key = _heads(attn.add_k_proj(encoder_hidden_states), attn.heads)
-            c_value = _heads(attn.add_v_proj(encoder_hidden_states), attn.heads)
-            if attn.norm_added_q is not None:
-                c_query = attn.norm_added_q(c_query)
-            if attn.norm_added_k is not None:
-                c_key = attn.norm_added_k(c_key)
-            query = torch.cat([query, c_query], dim=2)
-            key = torch.cat([key, c_key], dim=2)
-            value = torch.cat([value, c_value], dim=2)
+            e = encoder_hidden_states
+            text_query = _project(attn.add_q_proj, attn.norm_added_q, e, h)
+            text_key = _project(attn.add_k_proj, attn.norm_added_k, e, h)
+            text_value = _split(attn.add_v_proj(e), h)
+            query = torch.cat([query, text_query], dim=1)
+        key, value = self.update_cache(key, value, text_key, text_value)
 
-        out = self.attend(attn, query, key, value, n_image)
-        out = out.transpose(1, 2).reshape(rows, -1, attn.heads * out.shape[-1]).to(query.dtype)
+        out = self.attend(attn, query.transpose(1, 2), key, value, n_image)
+        out = out.transpose(1, 2).reshape(rows, -1, h * out.shape[-1]).to(hidden_states.dtype)
         image_out = attn.to_out[1](attn.to_out[0](out[:, :n_image]))
         if encoder_hidden_states is None:
             return image_out
@@ -110,15 +151,11 @@ class PrunedSelfAttnProcessor(_CachedAttention):
         if encoder_hidden_states is not None or attention_mask is not None:
             raise RuntimeError(f"{self.name}: pruned self-attention takes no encoder states or mask")
         rows, n_image, _ = hidden_states.shape
-        query = _heads(attn.to_q(hidden_states), attn.heads)
-        key = _heads(attn.to_k(hidden_states), attn.heads)
-        value = _heads(attn.to_v(hidden_states), attn.heads)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        key, value = self.update_cache(key, value)
-        out = self.attend(attn, query, key, value, n_image)
-        out = out.transpose(1, 2).reshape(rows, n_image, -1).to(query.dtype)
+        h = attn.heads
+        query = _project(attn.to_q, attn.norm_q, hidden_states, h)
+        key = _project(attn.to_k, attn.norm_k, hidden_states, h)
+        key, value = self.update_cache(key, _split(attn.to_v(hidden_states), h))
+        out = self.attend(attn, query.transpose(1, 2), key, value, n_image)
+        out = out.transpose(1, 2).reshape(rows, n_image, -1).to(hidden_states.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         return out / attn.rescale_output_factor
