@@ -37,4 +37,7 @@ class Random(Policy):
 
     def select(self, state: StepState) -> torch.Tensor:
         scores = torch.rand(state.batch_size, state.num_tokens, generator=self.generator)
-        return scores.topk(state.k, dim=1).indices.to(state.device)
+        indices = scores.topk(state.k, dim=1).indices
+        if state.device.type == "cuda":  # pinned + non-blocking: the copy does not wait for the GPU
+            return indices.pin_memory().to(state.device, non_blocking=True)
+        return indices.to(state.device)
