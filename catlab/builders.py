@@ -32,3 +32,13 @@ def build_selector(selector: Any, cfg: DictConfig | dict) -> Policy:
     parts = {kind: plain(cfg[kind]) for kind in SELECTOR_PARTS
              if kind in fields and kind not in sel and cfg.get(kind) is not None}
     return selectors.build(sel, **parts)
+
+
+def set_threads(threads: int | None) -> None:
+    """Pin torch's CPU thread count when asked (``threads: null`` leaves torch's default)."""
+    if threads is not None:
+        import torch
+
+        if int(threads) < 1:
+            raise ConfigError(f"threads must be >= 1 or null; got {threads}")
+        torch.set_num_threads(int(threads))

@@ -38,6 +38,8 @@ class RunConfig:
     save_images: bool = True
     #: free-form name of the experiment, used as the W&B group
     experiment: str = "default"
+    #: torch CPU threads (null: torch's default). On a shared machine 1 avoids OpenMP stalls.
+    threads: int | None = None
 
 
 def register_schema() -> None:
@@ -78,6 +80,8 @@ class EvaluateConfig:
     save_images: bool = True
     experiment: str = "evaluate"
     title: str = ""
+    #: torch CPU threads (null: torch's default). Timings on a shared CPU are only sound with 1.
+    threads: int | None = None
 
 
 def register_evaluate_schema() -> None:

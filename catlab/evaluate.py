@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import catlab  # noqa: F401  (registers the built-in components)
-from catlab.builders import ConfigError, build_selector, plain
+from catlab.builders import ConfigError, build_selector, plain, set_threads
 from catlab.config import SELECTOR_PARTS, register_evaluate_schema
 from catlab.evaluation import diagnostics
 from catlab.evaluation.harness import References, Strategy, _Budget, evaluate_strategy, make_jobs
@@ -112,6 +112,7 @@ def strategy_key(spec: dict, cfg: DictConfig, model_cfg: dict, sampler_cfg: Samp
 
 def run(cfg: DictConfig, out: Path) -> list[dict]:
     sampler_cfg, policies, prompts, meta, metric_objs, logger, model_cfg = prepare(cfg)
+    set_threads(cfg.threads)
     rank, world = _distributed()
     out = _shared_dir(out, world)
     jobs = make_jobs(prompts, meta, list(cfg.seeds), cfg.num_prompts, int(cfg.subset_seed))

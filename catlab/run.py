@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import catlab  # noqa: F401  (registers the built-in components)
-from catlab.builders import ConfigError, build_selector, plain
+from catlab.builders import ConfigError, build_selector, plain, set_threads
 from catlab.config import register_schema
 from catlab.evaluation.reference import config_hash
 from catlab.loggers.base import to_pil
@@ -69,6 +69,7 @@ def sweep_group(cfg: DictConfig) -> str:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     sampler_cfg, policy, prompts, logger, model_cfg = prepare(cfg)
+    set_threads(cfg.threads)
     try:
         adapter = models.build(model_cfg)
     except (ComponentError, TypeError, ValueError) as err:
