@@ -1,0 +1,99 @@
+"""diffusers' step-level caches as catlab components: one small wrapper per cache.
+
+A wrapper builds diffusers' own config and calls diffusers' own ``apply_*`` on a
+transformer; catlab only chooses the layout where a family needs it (see each
+wrapper) and drives the state per generation. The loop calls::
+
+    cache.apply(transformer)                   # once; after TokenPruner.attach() when composing
+    cache.reset()                              # at the start of each generation
+    with cache.context(step_index, num_steps): # around each transformer call (0-based index)
+        pred = adapter.predict(...)
+    cache.remove(transformer)                  # the transformer is the stock model again
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+from diffusers.hooks import HookRegistry
+from diffusers.hooks.hooks import CacheContext, _set_cache_context
+from torch import nn
+
+from catlab.registry import Registry
+
+stepcaches = Registry("stepcache")
+
+
+class StepCacheError(RuntimeError):
+    """A step cache cannot run on this model or in this combination; the message says why and what works."""
+
+
+@dataclass
+class StepCache:
+    """Base wrapper: subclasses set :attr:`hook_names` and implement :meth:`_apply`."""
+
+    #: names of the diffusers hooks this cache registers (removed by :meth:`remove`)
+    hook_names: ClassVar[tuple[str, ...]] = ()
+    #: whether token pruning may run inside the steps this cache computes (see docs/beyond_copy.md)
+    composes_with_pruning: ClassVar[bool] = False
+    #: whether :meth:`calibrate` must run before generating
+    needs_calibration: ClassVar[bool] = False
+
+    @property
+    def name(self) -> str:
+        return getattr(type(self), "registered_name", type(self).__name__)
+
+    def apply(self, transformer: nn.Module) -> "StepCache":
+        if getattr(self, "_transformer", None) is not None:
+            raise StepCacheError(f"step cache '{self.name}' is already applied; remove() it first")
+        self._transformer = transformer
+        try:
+            self._apply(transformer)
+        except StepCacheError:
+            self.remove(transformer)
+            raise
+        except Exception as err:  # noqa: BLE001  (any diffusers failure becomes one clear message)
+            self.remove(transformer)
+            raise StepCacheError(f"step cache '{self.name}' cannot be applied to a {type(transformer).__name__}: "
+                                 f"{type(err).__name__}: {err}") from err
+        HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+        return self
+
+    def _apply(self, transformer: nn.Module) -> None:
+        raise NotImplementedError
+
+    def remove(self, transformer: nn.Module | None = None) -> None:
+        transformer = transformer if transformer is not None else getattr(self, "_transformer", None)
+        if transformer is None:
+            return
+        registry = HookRegistry.check_if_exists_or_initialize(transformer)
+        for hook in self.hook_names:
+            registry.remove_hook(hook, recurse=True)
+        registry.invalidate_child_registries_cache()
+        self._transformer = None
+
+    def reset(self) -> None:
+        """Forget the cached features: a new generation starts."""
+        t = getattr(self, "_transformer", None)
+        if t is not None:
+            HookRegistry.check_if_exists_or_initialize(t).reset_stateful_hooks(recurse=True)
+            _set_cache_context(t, None)
+
+    @contextlib.contextmanager
+    def context(self, step_index: int, num_steps: int, **info):
+        """The diffusers cache context around one transformer call (one call per step: CFG rows are stacked)."""
+        t = self._transformer
+        _set_cache_context(t, CacheContext("catlab", step_index=step_index, num_inference_steps=num_steps, **info))
+        try:
+            yield
+        finally:
+            _set_cache_context(t, None)
+
+    def calibrate(self, transformer: nn.Module, generate: Callable[[], object]) -> list[float] | None:
+        """Measure what the cache needs first; ``generate()`` runs one full generation with this cache."""
+        return None
+
+    def computes(self, step_index: int) -> bool | None:
+        """Whether the step is computed, when known ahead (a fixed schedule); ``None``: decided at run time."""
+        return None

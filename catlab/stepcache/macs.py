@@ -1,0 +1,99 @@
+"""MACs a transformer really executed, counted while it runs.
+
+Step-level caches skip whole blocks, attention modules or the whole network at
+some steps, decided inside diffusers' hooks; the token pruner shrinks what the
+blocks see. Instead of predicting either, :class:`MacCounter` counts what ran:
+every ``nn.Linear`` and ``nn.Conv2d`` call (tokens × weights, read from the
+tensors they got) and every ``scaled_dot_product_attention`` call (queries ×
+keys × (head_dim + value_dim) per head). That is the same quantity as the
+family's analytic counter (:attr:`catlab.pruning.families.FamilySpec.macs`), so
+the two agree exactly on full and pruned steps, and it is half of what
+``torch.utils.flop_counter.FlopCounterMode`` reports.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+
+class _AttentionCounter(TorchFunctionMode):
+    """Adds the MACs of each SDPA call made while active."""
+
+    def __init__(self, counter: "MacCounter"):
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k, v = args[:3]
+            lq, lk = q.shape[-2], k.shape[-2]
+            self.counter._add(q.shape[:-2].numel() * lq * lk * (q.shape[-1] + v.shape[-1]))
+        return func(*args, **kwargs)
+
+
+class MacCounter:
+    """Counts executed MACs per transformer forward; ``calls[i]`` is the i-th forward's total.
+
+    Use ``with MacCounter(transformer) as counter: ...`` or :meth:`attach` / :meth:`detach`.
+    It uses plain PyTorch module hooks, so it coexists with any diffusers hook.
+    """
+
+    def __init__(self, transformer: nn.Module):
+        self.transformer = transformer
+        self.calls: list[int] = []
+        self._handles: list = []
+        self._mode: _AttentionCounter | None = None
+
+    def _add(self, macs: int) -> None:
+        if self.calls:
+            self.calls[-1] += int(macs)
+
+    def _linear(self, module: nn.Linear, args, output) -> None:
+        self._add(args[0].numel() // module.in_features * module.in_features * module.out_features)
+
+    def _conv(self, module: nn.Conv2d, args, output) -> None:
+        kh, kw = module.kernel_size
+        self._add(output.numel() * module.in_channels // module.groups * kh * kw)
+
+    def _enter(self, module, args, kwargs=None) -> None:
+        self.calls.append(0)
+        self._mode = _AttentionCounter(self)
+        self._mode.__enter__()
+
+    def _exit(self, module, args, output) -> None:
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self._mode = None
+
+    def attach(self) -> "MacCounter":
+        if self._handles:
+            return self
+        for m in self.transformer.modules():
+            if isinstance(m, nn.Linear):
+                self._handles.append(m.register_forward_hook(self._linear))
+            elif isinstance(m, nn.Conv2d):
+                self._handles.append(m.register_forward_hook(self._conv))
+        self._handles.append(self.transformer.register_forward_pre_hook(self._enter))
+        self._handles.append(self.transformer.register_forward_hook(self._exit, always_call=True))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def reset(self) -> None:
+        self.calls = []
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls)
+
+    def __enter__(self) -> "MacCounter":
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
