@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import ROOT, run_cli
 
-TINY = ("model.num_layers=1", "model.height=16", "model.width=16", "sampler.num_steps=4", "sampler.progress=false",
+TINY = ("model=tiny_sd3", "model.num_layers=1", "model.height=16", "model.width=16", "sampler.num_steps=4", "sampler.progress=false",
         "logger=local")
 # batch_size=1: a stochastic selector's draws depend on a sample's place in its batch, so sharded and
 # single-process runs agree image by image only when every batch holds one image
