@@ -20,9 +20,10 @@ SELECTOR_PARTS = ("scorer", "staleness", "clusterer", "pooling")
 
 
 @dataclass
-class RunConfig:
+class _Setup:
+    """What both apps share: the component groups, the sampler, and the CPU thread count."""
+
     model: Any = None
-    selector: Any = None
     prompts: Any = None
     logger: Any = None
     scorer: Any = None
@@ -30,6 +31,15 @@ class RunConfig:
     clusterer: Any = None
     pooling: Any = None
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    #: torch CPU threads (null: torch's default). On a shared CPU only 1 gives sound timings.
+    threads: int | None = None
+
+
+@dataclass
+class RunConfig(_Setup):
+    """Schema of ``python -m catlab.run``: one model, one selector."""
+
+    selector: Any = None
     #: seed of the first image; image i uses seed + i
     seed: int = 0
     #: images to generate (prompts are cycled); null = one per prompt
@@ -38,8 +48,6 @@ class RunConfig:
     save_images: bool = True
     #: free-form name of the experiment, used as the W&B group
     experiment: str = "default"
-    #: torch CPU threads (null: torch's default). On a shared machine 1 avoids OpenMP stalls.
-    threads: int | None = None
 
 
 def register_schema() -> None:
@@ -47,17 +55,9 @@ def register_schema() -> None:
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(_Setup):
     """Schema of ``python -m catlab.evaluate``: one model, many strategies, one table."""
 
-    model: Any = None
-    prompts: Any = None
-    logger: Any = None
-    scorer: Any = None
-    staleness: Any = None
-    clusterer: Any = None
-    pooling: Any = None
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
     #: selectors to compare: names or mappings ({name: cat, alpha: 0.5}); "full" is added first if missing
     strategies: list[Any] = field(default_factory=lambda: ["full", "random"])
     #: when set, every pruning strategy runs once per alpha
@@ -80,8 +80,6 @@ class EvaluateConfig:
     save_images: bool = True
     experiment: str = "evaluate"
     title: str = ""
-    #: torch CPU threads (null: torch's default). Timings on a shared CPU are only sound with 1.
-    threads: int | None = None
 
 
 def register_evaluate_schema() -> None:

@@ -127,7 +127,10 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
             usable.append(m)
     if world > 1 and str(model_cfg.get("device", "cpu")).startswith("cuda"):
         model_cfg = {**model_cfg, "device": f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"}
-    adapter = models.build(model_cfg)
+    try:
+        adapter = models.build(model_cfg)
+    except (ComponentError, TypeError, ValueError, OSError) as err:
+        raise ConfigError(f"model {model_cfg.get('name')!r} could not be built: {err}") from err
     store = ResultStore(Path(cfg.store_dir) if cfg.store_dir else out / "store")
     references = References(ReferenceCache(cfg.cache_dir or cache_dir(), plain(cfg.model), plain(cfg.sampler)),
                             adapter, policies[0][1], sampler_cfg)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -72,8 +73,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     set_threads(cfg.threads)
     try:
         adapter = models.build(model_cfg)
-    except (ComponentError, TypeError, ValueError) as err:
-        raise ConfigError(str(err)) from err
+    except (ComponentError, TypeError, ValueError, OSError) as err:
+        raise ConfigError(f"model {model_cfg.get('name')!r} could not be built: {err}") from err
     num = int(cfg.num_images) if cfg.num_images is not None else len(prompts)
     jobs = [(prompts[i % len(prompts)], int(cfg.seed) + i) for i in range(num)]
 
@@ -96,11 +97,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                 to_pil(img).save(image_dir / f"{b + j:05d}_seed{batch[j][1]}.png")
     wall = time.perf_counter() - start
 
-    metrics = {"config_hash": run_hash(cfg), "selector": policy.name, "alpha": float(policy.alpha), "start_step": int(policy.start_step),
-               "num_steps": sampler_cfg.num_steps, "model": model_cfg["name"], **cost_metrics(traces, wall)}
+    metrics = {"config_hash": run_hash(cfg), "selector": policy.name, "alpha": float(policy.alpha),
+               "start_step": int(policy.start_step), "num_steps": sampler_cfg.num_steps, "model": model_cfg["name"],
+               **cost_metrics(traces, wall)}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    import torch
-
     logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     logger.log_images("samples", torch.cat(all_images)[:16], [p for p, _ in jobs[:16]])
     logger.finish()

@@ -88,3 +88,35 @@ class ModelAdapter:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1], ``(B, 3, H, W)``, float32 on the CPU."""
         raise NotImplementedError
+
+
+@dataclass
+class PipelineAdapter(ModelAdapter):
+    """Base of adapters around a real diffusers pipeline loaded with ``from_pretrained``.
+
+    ``path`` is a hub id or a local folder; the weights must be present (catlab never
+    downloads inside tests). Subclasses name the pipeline class and encode/decode.
+    """
+
+    pipeline_class = ""
+    path: str = ""
+    height: int = 1024
+    width: int = 1024
+    dtype: str = "float16"
+    device: str = "cuda"
+    max_sequence_length: int = 256
+    pipeline: object = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        import diffusers
+
+        cls = getattr(diffusers, self.pipeline_class)
+        self.pipeline = cls.from_pretrained(self.path, torch_dtype=self.torch_dtype).to(self.device)
+        self.transformer = self.pipeline.transformer
+
+    @property
+    def vae_scale(self) -> int:
+        return self.pipeline.vae_scale_factor
+
+    def make_scheduler(self):
+        return type(self.pipeline.scheduler).from_config(self.pipeline.scheduler.config)

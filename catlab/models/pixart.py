@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
 
-from catlab.models.base import Conditioning, ModelAdapter
+from catlab.models.base import Conditioning, ModelAdapter, PipelineAdapter
 from catlab.models.sd3 import HashedPromptEncoder
 from catlab.registry import models
 
@@ -67,29 +67,12 @@ class TinyPixArt(ModelAdapter):
 
 @models.register("pixart_sigma")
 @dataclass
-class PixArtSigma(ModelAdapter):
-    """A PixArt-Σ checkpoint loaded with ``PixArtSigmaPipeline.from_pretrained`` (weights must be present)."""
+class PixArtSigma(PipelineAdapter):
+    """A PixArt-Σ checkpoint (``PixArtSigmaPipeline``): a T5 text encoder, a VAE, learned sigma."""
 
+    pipeline_class = "PixArtSigmaPipeline"
     path: str = "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"
-    height: int = 1024
-    width: int = 1024
-    dtype: str = "float16"
-    device: str = "cuda"
     max_sequence_length: int = 300
-    pipeline: object = field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        from diffusers import PixArtSigmaPipeline
-
-        self.pipeline = PixArtSigmaPipeline.from_pretrained(self.path, torch_dtype=self.torch_dtype).to(self.device)
-        self.transformer = self.pipeline.transformer
-
-    @property
-    def vae_scale(self) -> int:
-        return self.pipeline.vae_scale_factor
-
-    def make_scheduler(self):
-        return type(self.pipeline.scheduler).from_config(self.pipeline.scheduler.config)
 
     def encode(self, prompts: list[str], guidance: bool) -> Conditioning:
         pe, pm, ne, nm = self.pipeline.encode_prompt(

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
-from catlab.models.base import Conditioning, ModelAdapter
+from catlab.models.base import Conditioning, ModelAdapter, PipelineAdapter
 from catlab.registry import models
 
 
@@ -97,34 +97,11 @@ class TinySD3(ModelAdapter):
 
 @models.register("sd3")
 @dataclass
-class SD3(ModelAdapter):
-    """A Stable Diffusion 3 / 3.5 checkpoint loaded with ``StableDiffusion3Pipeline.from_pretrained``.
+class SD3(PipelineAdapter):
+    """A Stable Diffusion 3 / 3.5 checkpoint (``StableDiffusion3Pipeline``): three text encoders, a VAE."""
 
-    ``path`` is a hub id or a local folder; weights must be present (catlab never
-    downloads inside tests). Prompts are encoded by the pipeline's three text
-    encoders; images are decoded by its VAE.
-    """
-
+    pipeline_class = "StableDiffusion3Pipeline"
     path: str = "stabilityai/stable-diffusion-3-medium-diffusers"
-    height: int = 1024
-    width: int = 1024
-    dtype: str = "float16"
-    device: str = "cuda"
-    max_sequence_length: int = 256
-    pipeline: object = field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        from diffusers import StableDiffusion3Pipeline
-
-        self.pipeline = StableDiffusion3Pipeline.from_pretrained(self.path, torch_dtype=self.torch_dtype).to(self.device)
-        self.transformer = self.pipeline.transformer
-
-    @property
-    def vae_scale(self) -> int:
-        return self.pipeline.vae_scale_factor
-
-    def make_scheduler(self):
-        return FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
 
     def encode(self, prompts: list[str], guidance: bool) -> Conditioning:
         pe, ne, pp, npool = self.pipeline.encode_prompt(
