@@ -30,6 +30,8 @@ class _Setup:
     staleness: Any = None
     clusterer: Any = None
     pooling: Any = None
+    #: what an unselected token's output becomes: copy (the paper's) or taylor (a forecast)
+    reuse: Any = None
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     #: torch CPU threads (null: torch's default). On a shared CPU only 1 gives sound timings.
     threads: int | None = None

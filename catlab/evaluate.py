@@ -36,6 +36,7 @@ from catlab.evaluation.store import ResultStore
 from catlab.loggers.base import image_grid
 from catlab.prompts import cache_dir
 from catlab.registry import ComponentError, config_fields, loggers, metrics, models, prompt_sets, selectors
+from catlab.reuse import reuses
 from catlab.sampler import SamplerConfig
 
 log = logging.getLogger("catlab.evaluate")
@@ -70,7 +71,7 @@ def prepare(cfg: DictConfig):
         specs = strategy_specs(cfg)
         policies = []
         for spec in specs:
-            policy = build_selector(spec, cfg)
+            policy = build_selector({k: v for k, v in spec.items() if k != "reuse"}, cfg)
             policy.check(sampler_cfg.num_steps)
             policies.append((label(spec), policy))
         prompts, meta = prompt_sets.build(plain(cfg.prompts)).load_with_meta()
@@ -106,7 +107,11 @@ def strategy_key(spec: dict, cfg: DictConfig, model_cfg: dict, sampler_cfg: Samp
     """The hash that keys a strategy's records: selector config, its parts, model and sampler settings."""
     fields = config_fields(selectors.get(spec["name"]))
     parts = {k: plain(cfg[k]) for k in SELECTOR_PARTS if k in fields and k not in spec and cfg.get(k) is not None}
-    return config_hash({"selector": spec, "parts": parts, "model": model_cfg,
+    reuse = spec.get("reuse", plain(cfg.reuse))
+    if reuse in (None, "copy", {"name": "copy"}):
+        reuse = None  # copying is what the engine does anyway: same records with or without it
+    return config_hash({"selector": {k: v for k, v in spec.items() if k != "reuse"}, "parts": parts, "reuse": reuse,
+                        "model": model_cfg,
                         "sampler": [sampler_cfg.num_steps, sampler_cfg.guidance_scale]})
 
 
@@ -139,7 +144,8 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
         key = strategy_key(spec, cfg, plain(cfg.model), sampler_cfg)
         if cfg.diagnostics:
             policy = RecordingPolicy(policy, keep_outputs=not policy.prunes)
-        strategies.append(Strategy(name, policy, key, spec))
+        reuse_cfg = spec.get("reuse", plain(cfg.reuse))
+        strategies.append(Strategy(name, policy, key, spec, reuses.build(reuse_cfg) if reuse_cfg else None))
         store.register_strategy(key, {"label": name, "spec": spec, "alpha": float(policy.alpha) if policy.prunes else 1.0,
                                       "start_step": int(policy.start_step), "steps": sampler_cfg.num_steps,
                                       "model": plain(cfg.model)})

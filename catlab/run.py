@@ -29,6 +29,7 @@ from catlab.evaluation.reference import config_hash
 from catlab.loggers.base import to_pil
 from catlab.metrics.cost import cost_metrics
 from catlab.registry import ComponentError, loggers, models, prompt_sets
+from catlab.reuse import reuses
 from catlab.sampler import SamplerConfig, sample
 
 log = logging.getLogger("catlab")
@@ -43,18 +44,20 @@ def prepare(cfg: DictConfig):
         policy.check(sampler_cfg.num_steps)
         prompts = prompt_sets.build(plain(cfg.prompts)).load()
         logger = loggers.build(plain(cfg.logger))
+        reuse = reuses.build(plain(cfg.reuse)) if cfg.reuse is not None else None
         model_cfg = plain(cfg.model)
         models.get(model_cfg.get("name", ""))
         if int(cfg.batch_size) < 1:
             raise ConfigError(f"batch_size must be >= 1; got {cfg.batch_size}")
     except (ComponentError, TypeError, ValueError) as err:
         raise ConfigError(str(err)) from err
-    return sampler_cfg, policy, prompts, logger, model_cfg
+    return sampler_cfg, policy, prompts, logger, model_cfg, reuse
 
 
 def run_hash(cfg: DictConfig) -> str:
     """Hash of what determines a run's images: model, selector, its parts, sampler, prompts, seeds."""
-    keys = ("model", "selector", "scorer", "staleness", "clusterer", "pooling", "sampler", "prompts", "seed", "num_images")
+    keys = ("model", "selector", "scorer", "staleness", "clusterer", "pooling", "reuse", "sampler", "prompts", "seed",
+            "num_images")
     return config_hash({k: plain(cfg.get(k)) for k in keys})
 
 
@@ -69,7 +72,7 @@ def sweep_group(cfg: DictConfig) -> str:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
-    sampler_cfg, policy, prompts, logger, model_cfg = prepare(cfg)
+    sampler_cfg, policy, prompts, logger, model_cfg, reuse = prepare(cfg)
     set_threads(cfg.threads)
     try:
         adapter = models.build(model_cfg)
@@ -89,7 +92,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     start = time.perf_counter()
     for b in range(0, num, int(cfg.batch_size)):
         batch = jobs[b:b + int(cfg.batch_size)]
-        result = sample(adapter, policy, [p for p, _ in batch], [s for _, s in batch], sampler_cfg)
+        result = sample(adapter, policy, [p for p, _ in batch], [s for _, s in batch], sampler_cfg, reuse)
         traces.append(result.trace)
         all_images.append(result.images)
         if cfg.save_images:

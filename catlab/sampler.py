@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from catlab.models.base import ModelAdapter
 from catlab.pruning.engine import TokenPruner
 from catlab.pruning.families import patchify
+from catlab.reuse.base import unpatchify
 from catlab.pruning.sync_check import no_host_sync
 from catlab.selection.base import Policy, StepState
 
@@ -103,8 +104,14 @@ def _sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def sample(adapter: ModelAdapter, policy: Policy, prompts: list[str], seeds: list[int],
-           config: SamplerConfig | None = None) -> SampleResult:
-    """Generate one image per (prompt, seed) with ``policy`` choosing the recomputed tokens."""
+           config: SamplerConfig | None = None, reuse=None) -> SampleResult:
+    """Generate one image per (prompt, seed) with ``policy`` choosing the recomputed tokens.
+
+    ``reuse`` (a :mod:`catlab.reuse` rule) decides what the unselected tokens'
+    outputs become at a pruned step; ``None`` (or ``copy``) keeps their last
+    computed values, as the paper does. The policy always observes the output as
+    computed, before any forecast.
+    """
     cfg = config or SamplerConfig()
     policy.check(cfg.num_steps)
     device = adapter.torch_device
@@ -122,6 +129,8 @@ def sample(adapter: ModelAdapter, policy: Policy, prompts: list[str], seeds: lis
         n = grid[0] * grid[1]
         rows = batch * cond.groups
         policy.reset(batch, grid, cfg.num_steps, device)
+        if reuse is not None:  # what the unselected tokens' outputs become (default: stale copies)
+            reuse.reset(batch, n, adapter.patch_size ** 2 * adapter.latent_channels, device, adapter.torch_dtype)
         trace = Trace(num_tokens=n, grid=grid, batch_size=batch,
                       full_step_macs=pruner.macs(rows, cond.num_text_tokens, num_tokens=n))
         output = None
@@ -152,6 +161,10 @@ def sample(adapter: ModelAdapter, policy: Policy, prompts: list[str], seeds: lis
                     pred = uncond + cfg.guidance_scale * (text - uncond)
                 output = patchify(pred, adapter.patch_size)
                 policy.observe(step, output, idx)
+                if reuse is not None:
+                    composed = reuse.compose(step, output, idx)
+                    if idx is not None:
+                        pred = unpatchify(composed, adapter.patch_size, pred.shape[-2], pred.shape[-1])
                 latents = scheduler.step(pred, t, latents, return_dict=False)[0]
             if cfg.sync_timing:
                 _sync(device)

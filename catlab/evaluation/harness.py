@@ -51,6 +51,8 @@ class Strategy:
     policy: Policy
     key: str
     spec: dict
+    #: the reuse rule for unselected tokens (None: stale copies)
+    reuse: Any = None
 
 
 def make_jobs(prompts: list[str], meta: list[Any] | None, seeds: list[int], num_prompts: int | None,
@@ -67,12 +69,13 @@ def _chunks(items: list, size: int):
         yield items[b:b + size]
 
 
-def timed_sample(adapter, policy, jobs: list[Job], sampler: SamplerConfig, repeats: int) -> tuple[SampleResult, float]:
+def timed_sample(adapter, policy, jobs: list[Job], sampler: SamplerConfig, repeats: int,
+                 reuse=None) -> tuple[SampleResult, float]:
     """One batch, timed; with ``repeats`` > 1 the best of several identical passes."""
     best, kept = float("inf"), None
     for _ in range(max(1, repeats)):
         start = time.perf_counter()
-        result = sample(adapter, policy, [j.prompt for j in jobs], [j.seed for j in jobs], sampler)
+        result = sample(adapter, policy, [j.prompt for j in jobs], [j.seed for j in jobs], sampler, reuse)
         wall = time.perf_counter() - start
         if wall < best:
             best, kept = wall, result
@@ -130,9 +133,10 @@ def evaluate_strategy(adapter: ModelAdapter, strategy: Strategy, jobs: list[Job]
     warm = None
     if warmup:
         first = todo[:batch_size]
-        warm = sample(adapter, strategy.policy, [j.prompt for j in first], [j.seed for j in first], sampler)
+        warm = sample(adapter, strategy.policy, [j.prompt for j in first], [j.seed for j in first], sampler,
+                      strategy.reuse)
     for chunk in _chunks(todo, batch_size):
-        result, wall = timed_sample(adapter, strategy.policy, chunk, sampler, repeats)
+        result, wall = timed_sample(adapter, strategy.policy, chunk, sampler, repeats, strategy.reuse)
         images = result.images
         reference = None
         if is_full:
