@@ -48,6 +48,7 @@ class StepRecord:
     macs: int
     selection_macs: int
     seconds: float
+    #: time in the policy: select() and observe()
     selection_seconds: float
 
 
@@ -160,7 +161,9 @@ def sample(adapter: ModelAdapter, policy: Policy, prompts: list[str], seeds: lis
                     uncond, text = pred.chunk(2)
                     pred = uncond + cfg.guidance_scale * (text - uncond)
                 output = patchify(pred, adapter.patch_size)
-                policy.observe(step, output, idx)
+                t_obs = time.perf_counter()
+                policy.observe(step, output, idx)  # a policy's bookkeeping counts as selection time
+                observe_seconds = time.perf_counter() - t_obs
                 if reuse is not None:
                     composed = reuse.compose(step, output, idx)
                     if idx is not None:
@@ -171,7 +174,7 @@ def sample(adapter: ModelAdapter, policy: Policy, prompts: list[str], seeds: lis
             t2 = time.perf_counter()
             kept = n if k is None else k
             trace.steps.append(StepRecord(step, kept, pruner.macs(rows, cond.num_text_tokens, num_tokens=n, kept=kept),
-                                          sel_macs, t2 - t0, t1 - t0))
+                                          sel_macs, t2 - t0, (t1 - t0) + observe_seconds))
             trace.indices.append(None if idx is None else idx.detach())  # stays on the device until the end
         _sync(device)
         trace.seconds = time.perf_counter() - start
