@@ -28,7 +28,7 @@ import catlab  # noqa: F401  (registers the built-in components)
 from catlab.builders import ConfigError, build_selector, plain, set_threads
 from catlab.config import SELECTOR_PARTS, register_evaluate_schema
 from catlab.evaluation import diagnostics
-from catlab.evaluation.harness import References, Strategy, _Budget, evaluate_strategy, make_jobs
+from catlab.evaluation.harness import References, Strategy, _Budget, evaluate_strategies, make_jobs
 from catlab.evaluation.merge import rows_from_store, write_tables
 from catlab.evaluation.recorder import RecordingPolicy
 from catlab.evaluation.reference import ReferenceCache, config_hash
@@ -154,13 +154,11 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
         logger.start(out, OmegaConf.to_container(cfg, resolve=True), name=cfg.experiment, group=cfg.experiment,
                      tags=[model_cfg["name"]])
 
-    budget = _Budget()
-    warm = {}
-    for s in strategies:
-        log.info("evaluating %s on %d images (rank %d of %d)", s.label, len(my_jobs), rank, world)
-        warm[s.label] = evaluate_strategy(adapter, s, my_jobs, sampler_cfg, int(cfg.batch_size), usable, store,
-                                          references, bool(cfg.warmup), int(cfg.repeats),
-                                          out / "images" if cfg.save_images else None, budget)
+    log.info("evaluating %s on %d images (rank %d of %d)", ", ".join(s.label for s in strategies), len(my_jobs),
+             rank, world)
+    warm = evaluate_strategies(adapter, strategies, my_jobs, sampler_cfg, int(cfg.batch_size), usable, store,
+                               references, bool(cfg.warmup), int(cfg.repeats),
+                               out / "images" if cfg.save_images else None, _Budget())
     if world > 1:
         dist.barrier()
     if rank != 0:
@@ -169,7 +167,7 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
     rows = rows_from_store(store, [s.key for s in strategies], {s.key: len(jobs) for s in strategies})
     notes = [f"Model `{model_cfg['name']}`, {len(jobs)} images ({len({j.prompt_id for j in jobs})} prompts × "
              f"{len(cfg.seeds)} seeds), {sampler_cfg.num_steps} steps, guidance {sampler_cfg.guidance_scale}. "
-             "Speed-up: wall clock against the full model, same process and batches, after a warm-up batch; "
+             "Speed-up: wall clock against the full model, same process and batches (strategies take turns on each batch), after a warm-up batch; "
              "MACs include the selection's own work."]
     if any(m.name == "clip_score" for m in usable):
         notes.append(f"CLIP score backbone: `{next(m for m in usable if m.name == 'clip_score').backbone}`.")

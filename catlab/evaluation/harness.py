@@ -119,49 +119,61 @@ class _Budget:
                 os._exit(17)
 
 
-def evaluate_strategy(adapter: ModelAdapter, strategy: Strategy, jobs: list[Job], sampler: SamplerConfig,
-                      batch_size: int, metrics: list[Metric], store: ResultStore, references: References,
-                      warmup: bool = True, repeats: int = 1, image_dir: Path | None = None,
-                      budget: _Budget | None = None) -> SampleResult | None:
-    """Write a record for every job of ``strategy`` that the store lacks; return the warm-up batch's result."""
-    is_full = not strategy.policy.prunes
-    todo = [j for j in jobs if not store.has(strategy.key, j.prompt_id, j.seed)]
-    if len(todo) < len(jobs):
-        log.info("%s: %d of %d records already in the store", strategy.label, len(jobs) - len(todo), len(jobs))
-    if not todo:
-        return None
-    warm = None
-    if warmup:
-        first = todo[:batch_size]
-        warm = sample(adapter, strategy.policy, [j.prompt for j in first], [j.seed for j in first], sampler,
-                      strategy.reuse)
-    for chunk in _chunks(todo, batch_size):
-        result, wall = timed_sample(adapter, strategy.policy, chunk, sampler, repeats, strategy.reuse)
-        images = result.images
-        reference = None
-        if is_full:
-            references.put(chunk, images)
-        elif any(m.needs_reference for m in metrics):
-            reference = references.get(chunk)
-        values = {}
-        for m in metrics:
-            if m.needs_reference and reference is None:
-                continue
-            values[m.name] = m(images, reference, [j.prompt for j in chunk], [j.meta for j in chunk]).float()
-        trace, n = result.trace, len(chunk)
-        for i, job in enumerate(chunk):
-            store.put(strategy.key, {
-                "prompt_id": job.prompt_id, "seed": job.seed, "prompt": job.prompt, "label": strategy.label,
-                "macs": (trace.macs) / n, "full_macs": trace.full_macs / n,
-                "selection_macs": sum(s.selection_macs for s in trace.steps) / n,
-                "seconds": wall / n, "denoise_seconds": trace.seconds / n,
-                "selection_seconds": trace.selection_seconds / n,
-                "metrics": {k: float(v[i]) for k, v in values.items()},
-            })
-            if image_dir is not None:
-                d = image_dir / strategy.label
-                d.mkdir(parents=True, exist_ok=True)
-                to_pil(images[i]).save(d / f"p{job.prompt_id:06d}_s{job.seed}.png")
-            if budget is not None:
-                budget.spend()
+def _record_batch(adapter: ModelAdapter, strategy: Strategy, chunk: list[Job], sampler: SamplerConfig,
+                  metrics: list[Metric], store: ResultStore, references: References, repeats: int,
+                  image_dir: Path | None, budget: _Budget | None) -> None:
+    """Generate one batch with ``strategy``, score it, and write one record per image."""
+    result, wall = timed_sample(adapter, strategy.policy, chunk, sampler, repeats, strategy.reuse)
+    images = result.images
+    reference = None
+    if not strategy.policy.prunes:
+        references.put(chunk, images)
+    elif any(m.needs_reference for m in metrics):
+        reference = references.get(chunk)
+    values = {}
+    for m in metrics:
+        if m.needs_reference and reference is None:
+            continue
+        values[m.name] = m(images, reference, [j.prompt for j in chunk], [j.meta for j in chunk]).float()
+    trace, n = result.trace, len(chunk)
+    for i, job in enumerate(chunk):
+        store.put(strategy.key, {
+            "prompt_id": job.prompt_id, "seed": job.seed, "prompt": job.prompt, "label": strategy.label,
+            "macs": (trace.macs) / n, "full_macs": trace.full_macs / n,
+            "selection_macs": sum(s.selection_macs for s in trace.steps) / n,
+            "seconds": wall / n, "denoise_seconds": trace.seconds / n,
+            "selection_seconds": trace.selection_seconds / n,
+            "metrics": {k: float(v[i]) for k, v in values.items()},
+        })
+        if image_dir is not None:
+            d = image_dir / strategy.label
+            d.mkdir(parents=True, exist_ok=True)
+            to_pil(images[i]).save(d / f"p{job.prompt_id:06d}_s{job.seed}.png")
+        if budget is not None:
+            budget.spend()
+
+
+def evaluate_strategies(adapter: ModelAdapter, strategies: list[Strategy], jobs: list[Job], sampler: SamplerConfig,
+                        batch_size: int, metrics: list[Metric], store: ResultStore, references: References,
+                        warmup: bool = True, repeats: int = 1, image_dir: Path | None = None,
+                        budget: _Budget | None = None) -> dict[str, SampleResult | None]:
+    """Write every record the store lacks; return each strategy's warm-up result (``None`` if nothing to do).
+
+    The strategies take turns on each batch (the full model first, so its images
+    are the references), so a change of load on a shared machine during the run
+    affects every strategy alike instead of whichever ran at that moment.
+    """
+    pending = {s.key: [j for j in jobs if not store.has(s.key, j.prompt_id, j.seed)] for s in strategies}
+    warm = {}
+    for s in strategies:
+        if len(pending[s.key]) < len(jobs):
+            log.info("%s: %d of %d records already in the store", s.label, len(jobs) - len(pending[s.key]), len(jobs))
+        first = pending[s.key][:batch_size]
+        warm[s.label] = (sample(adapter, s.policy, [j.prompt for j in first], [j.seed for j in first], sampler, s.reuse)
+                         if warmup and first else None)
+    for chunk in _chunks(jobs, batch_size):
+        for s in strategies:
+            todo = [j for j in chunk if not store.has(s.key, j.prompt_id, j.seed)]
+            if todo:
+                _record_batch(adapter, s, todo, sampler, metrics, store, references, repeats, image_dir, budget)
     return warm
