@@ -86,8 +86,13 @@ class ModelAdapter:
         raise NotImplementedError
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1], ``(B, 3, H, W)``, float32 on the CPU."""
-        raise NotImplementedError
+        """Images in [0, 1], ``(B, 3, H, W)``, float32 on the CPU; by default a pixel-space model's [-1, 1] output."""
+        return ((latents.float().cpu() + 1) / 2).clamp(0, 1)
+
+
+def with_unconditional(prompts: list[str], guidance: bool) -> list[str]:
+    """The prompts of the stacked rows: ``["", ...] + prompts`` with classifier-free guidance."""
+    return ([""] * len(prompts) + list(prompts)) if guidance else list(prompts)
 
 
 @dataclass

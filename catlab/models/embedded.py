@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from catlab.models.base import Conditioning, ModelAdapter
+from catlab.models.base import Conditioning, ModelAdapter, with_unconditional
 from catlab.registry import models
 
 
@@ -39,7 +38,7 @@ class Embedded(ModelAdapter):
         return FlowMatchEulerDiscreteScheduler.from_config(self.bundle.scheduler_config)
 
     def encode(self, prompts: list[str], guidance: bool) -> Conditioning:
-        texts = ([""] * len(prompts) + list(prompts)) if guidance else list(prompts)
+        texts = with_unconditional(prompts, guidance)
         embeds, pooled = self.bundle.encode(texts)
         kw = dict(encoder_hidden_states=embeds.to(self.torch_device), pooled_projections=pooled.to(self.torch_device))
         return Conditioning(kw, 2 if guidance else 1, embeds.shape[1])
@@ -47,6 +46,3 @@ class Embedded(ModelAdapter):
     def predict(self, latents, timestep, cond):
         t = timestep.expand(latents.shape[0]).to(latents.dtype)
         return self.transformer(hidden_states=latents, timestep=t, return_dict=False, **cond.kwargs)[0]
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return ((latents.float().cpu() + 1) / 2).clamp(0, 1)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
 
-from catlab.models.base import Conditioning, ModelAdapter, PipelineAdapter
+from catlab.models.base import Conditioning, ModelAdapter, PipelineAdapter, with_unconditional
 from catlab.models.sd3 import HashedPromptEncoder
 from catlab.registry import models
 
@@ -52,7 +52,7 @@ class TinyPixArt(ModelAdapter):
         return DPMSolverMultistepScheduler()
 
     def encode(self, prompts: list[str], guidance: bool) -> Conditioning:
-        texts = ([""] * len(prompts) + list(prompts)) if guidance else list(prompts)
+        texts = with_unconditional(prompts, guidance)
         embeds, _ = self.encoder(texts)
         mask = torch.ones(embeds.shape[:2], device=self.torch_device)
         kw = dict(encoder_hidden_states=embeds.to(self.torch_device, self.torch_dtype), encoder_attention_mask=mask)
@@ -60,9 +60,6 @@ class TinyPixArt(ModelAdapter):
 
     def predict(self, latents, timestep, cond):
         return _pixart_predict(self, latents, timestep, cond)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return ((latents.float().cpu() + 1) / 2).clamp(0, 1)
 
 
 @models.register("pixart_sigma")

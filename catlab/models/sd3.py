@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
-from catlab.models.base import Conditioning, ModelAdapter, PipelineAdapter
+from catlab.models.base import Conditioning, ModelAdapter, PipelineAdapter, with_unconditional
 from catlab.registry import models
 
 
@@ -82,7 +82,7 @@ class TinySD3(ModelAdapter):
         return FlowMatchEulerDiscreteScheduler(shift=self.shift)
 
     def encode(self, prompts: list[str], guidance: bool) -> Conditioning:
-        texts = ([""] * len(prompts) + list(prompts)) if guidance else list(prompts)
+        texts = with_unconditional(prompts, guidance)
         embeds, pooled = self.encoder(texts)
         kw = dict(encoder_hidden_states=embeds.to(self.torch_device, self.torch_dtype),
                   pooled_projections=pooled.to(self.torch_device, self.torch_dtype))
@@ -90,9 +90,6 @@ class TinySD3(ModelAdapter):
 
     def predict(self, latents, timestep, cond):
         return _sd3_predict(self, latents, timestep, cond)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return ((latents.float().cpu() + 1) / 2).clamp(0, 1)
 
 
 @models.register("sd3")
