@@ -6,7 +6,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from catlab.config import SELECTOR_PARTS
-from catlab.registry import config_fields, selectors
+from catlab.registry import ComponentError, config_fields, models, selectors
 from catlab.selection.base import Policy
 
 
@@ -42,3 +42,23 @@ def set_threads(threads: int | None) -> None:
         if int(threads) < 1:
             raise ConfigError(f"threads must be >= 1 or null; got {threads}")
         torch.set_num_threads(int(threads))
+
+
+def build_model(model_cfg: dict):
+    """The model adapter; a checkpoint that cannot load is a config error naming the model."""
+    try:
+        return models.build(model_cfg)
+    except (ComponentError, TypeError, ValueError, OSError) as err:
+        raise ConfigError(f"model {model_cfg.get('name')!r} could not be built: {err}") from err
+
+
+def run_app(run, cfg) -> None:
+    """Run a Hydra app's ``run(cfg, output_dir)``; a config error ends it with its message, not a traceback."""
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except ConfigError as err:
+        raise SystemExit(f"catlab: config error: {err}") from None

@@ -21,11 +21,10 @@ from pathlib import Path
 import hydra
 import torch
 import torch.distributed as dist
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import catlab  # noqa: F401  (registers the built-in components)
-from catlab.builders import ConfigError, build_selector, plain, set_threads
+from catlab.builders import ConfigError, build_model, build_selector, plain, run_app, set_threads
 from catlab.config import SELECTOR_PARTS, register_evaluate_schema
 from catlab.evaluation import diagnostics
 from catlab.evaluation.harness import References, Strategy, _Budget, evaluate_strategies, make_jobs
@@ -132,10 +131,7 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
             usable.append(m)
     if world > 1 and str(model_cfg.get("device", "cpu")).startswith("cuda"):
         model_cfg = {**model_cfg, "device": f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"}
-    try:
-        adapter = models.build(model_cfg)
-    except (ComponentError, TypeError, ValueError, OSError) as err:
-        raise ConfigError(f"model {model_cfg.get('name')!r} could not be built: {err}") from err
+    adapter = build_model(model_cfg)
     store = ResultStore(Path(cfg.store_dir) if cfg.store_dir else out / "store")
     references = References(ReferenceCache(cfg.cache_dir or cache_dir(), plain(cfg.model), plain(cfg.sampler)),
                             adapter, policies[0][1], sampler_cfg)
@@ -204,10 +200,7 @@ def write_diagnostics(strategies, warm, folder: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except ConfigError as err:
-        raise SystemExit(f"catlab: config error: {err}") from None
+    run_app(run, cfg)
 
 
 if __name__ == "__main__":

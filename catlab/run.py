@@ -23,7 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import catlab  # noqa: F401  (registers the built-in components)
-from catlab.builders import ConfigError, build_selector, plain, set_threads
+from catlab.builders import ConfigError, build_model, build_selector, plain, run_app, set_threads
 from catlab.config import register_schema
 from catlab.evaluation.reference import config_hash
 from catlab.loggers.base import to_pil
@@ -74,10 +74,7 @@ def sweep_group(cfg: DictConfig) -> str:
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     sampler_cfg, policy, prompts, logger, model_cfg, reuse = prepare(cfg)
     set_threads(cfg.threads)
-    try:
-        adapter = models.build(model_cfg)
-    except (ComponentError, TypeError, ValueError, OSError) as err:
-        raise ConfigError(f"model {model_cfg.get('name')!r} could not be built: {err}") from err
+    adapter = build_model(model_cfg)
     num = int(cfg.num_images) if cfg.num_images is not None else len(prompts)
     jobs = [(prompts[i % len(prompts)], int(cfg.seed) + i) for i in range(num)]
 
@@ -114,10 +111,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except ConfigError as err:
-        raise SystemExit(f"catlab: config error: {err}") from None
+    run_app(run, cfg)
 
 
 if __name__ == "__main__":
