@@ -34,6 +34,30 @@ def build_selector(selector: Any, cfg: DictConfig | dict) -> Policy:
     return selectors.build(sel, **parts)
 
 
+def build_step_cache(spec: Any, policy: Policy, sampler_cfg):
+    """A :mod:`catlab.stepcache` wrapper from a name or mapping (``None``: no cache), checked against the run.
+
+    Fails before compute where the cache cannot work: an unknown cache or key, a
+    ``num_steps`` that is not the sampler's, or token pruning inside a cache that
+    compares block residuals between steps.
+    """
+    spec = plain(spec)
+    if spec is None:
+        return None
+    from catlab.sampler import check_composition
+    from catlab.stepcache import StepCacheError, stepcaches
+
+    cache = stepcaches.build(spec)
+    steps = getattr(cache, "num_steps", None)
+    if steps is not None and int(steps) != int(sampler_cfg.num_steps):
+        raise ConfigError(f"stepcache.num_steps={steps} must equal sampler.num_steps={sampler_cfg.num_steps}")
+    try:
+        check_composition(policy, cache)
+    except StepCacheError as err:
+        raise ConfigError(str(err)) from None
+    return cache
+
+
 def set_threads(threads: int | None) -> None:
     """Pin torch's CPU thread count when asked (``threads: null`` leaves torch's default)."""
     if threads is not None:
@@ -53,12 +77,16 @@ def build_model(model_cfg: dict):
 
 
 def run_app(run, cfg) -> None:
-    """Run a Hydra app's ``run(cfg, output_dir)``; a config error ends it with its message, not a traceback."""
+    """Run a Hydra app's ``run(cfg, output_dir)``; a config or step-cache error ends it with its message, not a traceback."""
     from pathlib import Path
 
     from hydra.core.hydra_config import HydraConfig
+
+    from catlab.stepcache import StepCacheError
 
     try:
         run(cfg, Path(HydraConfig.get().runtime.output_dir))
     except ConfigError as err:
         raise SystemExit(f"catlab: config error: {err}") from None
+    except StepCacheError as err:
+        raise SystemExit(f"catlab: step cache error: {err}") from None

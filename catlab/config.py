@@ -42,6 +42,8 @@ class RunConfig(_Setup):
     """Schema of ``python -m catlab.run``: one model, one selector."""
 
     selector: Any = None
+    #: a diffusers step-level cache (taylorseer, first_block_cache, mag_cache); null = none
+    stepcache: Any = None
     #: seed of the first image; image i uses seed + i
     seed: int = 0
     #: images to generate (prompts are cycled); null = one per prompt

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 import catlab  # noqa: F401  (registers the built-in components)
-from catlab.builders import ConfigError, build_model, build_selector, plain, run_app, set_threads
+from catlab.builders import ConfigError, build_model, build_selector, build_step_cache, plain, run_app, set_threads
 from catlab.config import SELECTOR_PARTS, register_evaluate_schema
 from catlab.evaluation import diagnostics
 from catlab.evaluation.harness import References, Strategy, _Budget, evaluate_strategies, make_jobs
@@ -43,23 +43,40 @@ register_evaluate_schema()
 
 
 def strategy_specs(cfg: DictConfig) -> list[dict]:
-    """The strategies to run, as selector configs: full first, each pruning strategy once per alpha."""
+    """The strategies to run, as selector configs: the plain full model first, each pruning strategy once per alpha.
+
+    A strategy may carry ``reuse`` (a rule) and ``stepcache`` (a diffusers step
+    cache, e.g. ``{name: full, stepcache: {name: taylorseer, cache_interval: 3}}``);
+    the first plain ``full`` (no step cache) is the reference and timing baseline.
+    """
     specs = []
     for s in plain(cfg.strategies):
         spec = {"name": s} if isinstance(s, str) else dict(s)
         if spec["name"] != "full":
             spec = {**plain(cfg.strategy_defaults), **spec}
         specs.append(spec)
-    if not any(s["name"] == "full" for s in specs):
+
+    def reference(spec: dict) -> bool:
+        return spec["name"] == "full" and not spec.get("stepcache")
+
+    if not any(reference(s) for s in specs):
         specs.insert(0, {"name": "full"})
-    specs.sort(key=lambda s: s["name"] != "full")
+    specs.sort(key=lambda s: not reference(s))
     if cfg.alphas:
-        specs = [specs[0]] + [{**s, "alpha": float(a)} for s in specs[1:] for a in cfg.alphas]
+        specs = [specs[0]] + [x for s in specs[1:] for x in
+                              ([s] if s["name"] == "full" else [{**s, "alpha": float(a)} for a in cfg.alphas])]
     return specs
 
 
 def label(spec: dict) -> str:
-    extras = [f"{k}={v}" for k, v in spec.items() if k not in ("name", "alpha", "start_step") and not isinstance(v, dict)]
+    """A table label: the selector's name plus every setting but alpha and start_step (mappings as name(k=v))."""
+    def show(v):
+        if isinstance(v, dict):
+            inner = ",".join(f"{k}={show(x)}" for k, x in v.items() if k != "name")
+            return f"{v.get('name', '')}({inner})" if inner else str(v.get("name", ""))
+        return str(v)
+
+    extras = [f"{k}={show(v)}" for k, v in spec.items() if k not in ("name", "alpha", "start_step")]
     return spec["name"] + (f"[{','.join(extras)}]" if extras else "")
 
 
@@ -70,9 +87,10 @@ def prepare(cfg: DictConfig):
         specs = strategy_specs(cfg)
         policies = []
         for spec in specs:
-            policy = build_selector({k: v for k, v in spec.items() if k != "reuse"}, cfg)
+            policy = build_selector(selector_spec(spec), cfg)
             policy.check(sampler_cfg.num_steps)
-            policies.append((label(spec), policy))
+            cache = build_step_cache(spec.get("stepcache"), policy, sampler_cfg)
+            policies.append((label(spec), policy, cache))
         prompts, meta = prompt_sets.build(plain(cfg.prompts)).load_with_meta()
         metric_objs = [metrics.build(m) for m in plain(cfg.metrics)]
         logger = loggers.build(plain(cfg.logger))
@@ -83,6 +101,11 @@ def prepare(cfg: DictConfig):
     except (ComponentError, TypeError, ValueError) as err:
         raise ConfigError(str(err)) from err
     return sampler_cfg, policies, prompts, meta, metric_objs, logger, model_cfg
+
+
+def selector_spec(spec: dict) -> dict:
+    """A strategy spec without the keys that are not the selector's (reuse rule, step cache)."""
+    return {k: v for k, v in spec.items() if k not in ("reuse", "stepcache")}
 
 
 def _distributed() -> tuple[int, int]:
@@ -109,7 +132,8 @@ def strategy_key(spec: dict, cfg: DictConfig, model_cfg: dict, sampler_cfg: Samp
     reuse = spec.get("reuse", plain(cfg.reuse))
     if reuse in (None, "copy", {"name": "copy"}):
         reuse = None  # copying is what the engine does anyway: same records with or without it
-    return config_hash({"selector": {k: v for k, v in spec.items() if k != "reuse"}, "parts": parts, "reuse": reuse,
+    extra = {"stepcache": spec["stepcache"]} if spec.get("stepcache") else {}  # absent: old keys stay valid
+    return config_hash({"selector": selector_spec(spec), "parts": parts, "reuse": reuse, **extra,
                         "model": model_cfg,
                         "sampler": [sampler_cfg.num_steps, sampler_cfg.guidance_scale]})
 
@@ -136,12 +160,12 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
     references = References(ReferenceCache(cfg.cache_dir or cache_dir(), plain(cfg.model), plain(cfg.sampler)),
                             adapter, policies[0][1], sampler_cfg)
     strategies = []
-    for (name, policy), spec in zip(policies, strategy_specs(cfg)):
+    for (name, policy, cache), spec in zip(policies, strategy_specs(cfg)):
         key = strategy_key(spec, cfg, plain(cfg.model), sampler_cfg)
         if cfg.diagnostics:
             policy = RecordingPolicy(policy, keep_outputs=not policy.prunes)
         reuse_cfg = spec.get("reuse", plain(cfg.reuse))
-        strategies.append(Strategy(name, policy, key, spec, reuses.build(reuse_cfg) if reuse_cfg else None))
+        strategies.append(Strategy(name, policy, key, spec, reuses.build(reuse_cfg) if reuse_cfg else None, cache))
         store.register_strategy(key, {"label": name, "spec": spec, "alpha": float(policy.alpha) if policy.prunes else 1.0,
                                       "start_step": int(policy.start_step), "steps": sampler_cfg.num_steps,
                                       "model": plain(cfg.model)})

@@ -5,6 +5,8 @@ Examples::
     python -m catlab.run selector=random
     python -m catlab.run selector=cat clusterer=kmeans selector.alpha=0.5
     python -m catlab.run -m selector=full,random          # one run directory per job
+    python -m catlab.run selector=full stepcache=taylorseer stepcache.cache_interval=3
+    python -m catlab.run selector=budget_schedule reuse=taylor   # full / forecast / pruned steps
 
 Each run directory gets ``metrics.json`` (flat keys), ``images/`` (PNG) and
 ``config.yaml`` (the resolved config).
@@ -23,7 +25,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import catlab  # noqa: F401  (registers the built-in components)
-from catlab.builders import ConfigError, build_model, build_selector, plain, run_app, set_threads
+from catlab.builders import (ConfigError, build_model, build_selector, build_step_cache, plain, run_app,
+                             set_threads)
 from catlab.config import register_schema
 from catlab.evaluation.reference import config_hash
 from catlab.loggers.base import to_pil
@@ -45,19 +48,20 @@ def prepare(cfg: DictConfig):
         prompts = prompt_sets.build(plain(cfg.prompts)).load()
         logger = loggers.build(plain(cfg.logger))
         reuse = reuses.build(plain(cfg.reuse)) if cfg.reuse is not None else None
+        step_cache = build_step_cache(cfg.stepcache, policy, sampler_cfg)
         model_cfg = plain(cfg.model)
         models.get(model_cfg.get("name", ""))
         if int(cfg.batch_size) < 1:
             raise ConfigError(f"batch_size must be >= 1; got {cfg.batch_size}")
     except (ComponentError, TypeError, ValueError) as err:
         raise ConfigError(str(err)) from err
-    return sampler_cfg, policy, prompts, logger, model_cfg, reuse
+    return sampler_cfg, policy, prompts, logger, model_cfg, reuse, step_cache
 
 
 def run_hash(cfg: DictConfig) -> str:
     """Hash of what determines a run's images: model, selector, its parts, sampler, prompts, seeds."""
-    keys = ("model", "selector", "scorer", "staleness", "clusterer", "pooling", "reuse", "sampler", "prompts", "seed",
-            "num_images")
+    keys = ("model", "selector", "scorer", "staleness", "clusterer", "pooling", "reuse", "stepcache", "sampler",
+            "prompts", "seed", "num_images")
     return config_hash({k: plain(cfg.get(k)) for k in keys})
 
 
@@ -72,7 +76,7 @@ def sweep_group(cfg: DictConfig) -> str:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
-    sampler_cfg, policy, prompts, logger, model_cfg, reuse = prepare(cfg)
+    sampler_cfg, policy, prompts, logger, model_cfg, reuse, step_cache = prepare(cfg)
     set_threads(cfg.threads)
     adapter = build_model(model_cfg)
     num = int(cfg.num_images) if cfg.num_images is not None else len(prompts)
@@ -82,14 +86,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     image_dir = run_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
-    logger.start(run_dir, resolved, name=f"{policy.name}-a{policy.alpha}", group=sweep_group(cfg),
-                 tags=[policy.name, model_cfg["name"], f"cfg-{run_hash(cfg)}"])
+    cache_name = step_cache.name if step_cache is not None else None
+    logger.start(run_dir, resolved, name=f"{policy.name}-a{policy.alpha:.3g}" + (f"+{cache_name}" if cache_name else ""),
+                 group=sweep_group(cfg), tags=[policy.name, model_cfg["name"], f"cfg-{run_hash(cfg)}"]
+                 + ([cache_name] if cache_name else []))
 
     traces, all_images = [], []
     start = time.perf_counter()
     for b in range(0, num, int(cfg.batch_size)):
         batch = jobs[b:b + int(cfg.batch_size)]
-        result = sample(adapter, policy, [p for p, _ in batch], [s for _, s in batch], sampler_cfg, reuse)
+        result = sample(adapter, policy, [p for p, _ in batch], [s for _, s in batch], sampler_cfg, reuse, step_cache)
         traces.append(result.trace)
         all_images.append(result.images)
         if cfg.save_images:
@@ -97,7 +103,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                 to_pil(img).save(image_dir / f"{b + j:05d}_seed{batch[j][1]}.png")
     wall = time.perf_counter() - start
 
-    metrics = {"config_hash": run_hash(cfg), "selector": policy.name, "alpha": float(policy.alpha),
+    metrics = {"config_hash": run_hash(cfg), "selector": policy.name, "stepcache": cache_name,
+               "alpha": float(policy.alpha),
                "start_step": int(policy.start_step), "num_steps": sampler_cfg.num_steps, "model": model_cfg["name"],
                **cost_metrics(traces, wall)}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

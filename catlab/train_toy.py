@@ -5,7 +5,11 @@ rectified flow on the procedural world (catlab.embedded.world). Captions are
 dropped to "" at a fixed rate so the model supports classifier-free guidance.
 The bundle (EMA weights) is written to `${out_dir}/bundle`, sample grids of
 held-out prompts to `${out_dir}/samples/`, and a loss log to `${out_dir}/train_log.jsonl`.
-Config: conf/train_toy.yaml; the shipped bundle is that config unchanged.
+Config: conf/train_toy.yaml. `init_from=<bundle dir>` starts from a trained
+bundle's weights instead of from scratch (a continuation stage, see
+conf/train_toy_continue.yaml); the shipped bundle is stage 1 (train_toy.yaml)
+followed by stage 2 (train_toy_continue.yaml). Every `sample_every` steps the
+EMA bundle is also written, so an interrupted run leaves usable weights.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from catlab.embedded.bundle import EmbeddedBundle, save_bundle, save_grid
+from catlab.embedded.bundle import EmbeddedBundle, load_bundle, save_bundle, save_grid
 from catlab.embedded.denoiser import (
     DenoiserConfig,
     build_transformer,
@@ -75,6 +79,8 @@ def train(cfg: DictConfig) -> dict:
     text_encoder = build_text_encoder(tcfg, tokenizer)
     proj_dim = text_encoder.config.projection_dim
     transformer = build_transformer(dcfg, tcfg.hidden_size, proj_dim)
+    if cfg.get("init_from"):
+        load_weights(pathlib.Path(cfg.init_from), transformer, text_encoder)
     modules = [transformer, text_encoder]
     params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -114,9 +120,22 @@ def train(cfg: DictConfig) -> dict:
             log.flush()
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
             sample_grid(ema_bundle, cfg, out / "samples" / f"step_{step + 1:06d}.png")
+            save_bundle(ema_bundle, out / "bundle", extra=run_info(cfg, step + 1, recent, start, modules))
 
+    info = run_info(cfg, cfg.steps, recent, start, modules)
+    bundle_dir = save_bundle(ema_bundle, out / "bundle", extra=info)
+    sample_grid(ema_bundle, cfg, out / "samples" / "final.png")
+    if cfg.export_to:
+        export(bundle_dir, pathlib.Path(cfg.export_to))
+    print(json.dumps({k: v for k, v in info.items() if k != "config"}))
+    return info
+
+
+def run_info(cfg: DictConfig, steps_done: int, recent: list[float], start: float, modules) -> dict:
+    """What `train_info.json` records: steps, loss, wall time, sizes, the config (and its parent stage)."""
+    transformer, text_encoder = modules
     info = {
-        "steps": cfg.steps,
+        "steps": steps_done,
         "final_loss_last100": sum(recent) / len(recent),
         "wall_seconds": round(time.time() - start, 1),
         "threads": cfg.threads,
@@ -124,12 +143,27 @@ def train(cfg: DictConfig) -> dict:
         "text_encoder_params": param_count(text_encoder),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    bundle_dir = save_bundle(ema_bundle, out / "bundle", extra=info)
-    sample_grid(ema_bundle, cfg, out / "samples" / "final.png")
-    if cfg.export_to:
-        export(bundle_dir, pathlib.Path(cfg.export_to))
-    print(json.dumps({k: v for k, v in info.items() if k != "config"}))
+    parent = pathlib.Path(cfg.init_from) / "train_info.json" if cfg.get("init_from") else None
+    if parent is not None and parent.exists():
+        info["init_from_info"] = json.loads(parent.read_text())
     return info
+
+
+def load_weights(path: pathlib.Path, transformer: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
+    """Start from a trained bundle's transformer and text encoder; their shapes must match the config."""
+    if not (path / "transformer" / "config.json").exists():
+        raise FileNotFoundError(f"init_from={path}: no bundle there (expected {path}/transformer/config.json)")
+    trained = load_bundle(path)
+    for name, module, src in (
+        ("transformer", transformer, trained.transformer),
+        ("text_encoder", text_encoder, trained.text_encoder),
+    ):
+        try:
+            module.load_state_dict(src.state_dict())
+        except RuntimeError as err:
+            raise ValueError(
+                f"init_from={path}: its {name} does not match this config's `denoiser`/`text` sizes: {err}"
+            ) from None
 
 
 def export(src: pathlib.Path, dst: pathlib.Path) -> None:

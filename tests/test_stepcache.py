@@ -145,8 +145,19 @@ def test_budget_schedule_mixes_full_forecast_and_pruned_steps(model):
     pruned = TokenPruner(model.transformer).macs(2, 6, num_tokens=64, kept=16)
     assert result.step_macs == [result.full_step_macs] * 4 + [pruned, 0, result.full_step_macs, pruned]
     assert torch.isfinite(result.images).all()
-    with pytest.raises(ValueError, match="reuse rule"):
-        generate(model, policy, PROMPTS, SEEDS, num_steps=STEPS)
+
+
+def test_skipped_step_without_a_rule_reuses_the_last_prediction(model):
+    """A 0 budget with no reuse rule repeats the previous prediction: the same images as the copy rule."""
+    from catlab.stepcache import BudgetSchedule
+
+    policy = BudgetSchedule(inner="sequential", pattern=(1.0, 0.0), start_step=3)
+    plain = generate(model, policy, PROMPTS, SEEDS, num_steps=STEPS)
+    copied = generate(model, policy, PROMPTS, SEEDS, num_steps=STEPS, reuse=reuses.build("copy"))
+    taylor = generate(model, policy, PROMPTS, SEEDS, num_steps=STEPS, reuse=reuses.build("taylor"))
+    assert plain.computed_tokens == [64, 64, 64, 64, 0, 64, 0, 64]
+    assert torch.equal(plain.images, copied.images)
+    assert not torch.allclose(plain.images, taylor.images)
 
 
 def test_forecast_only_schedule_is_taylorseer_at_token_granularity(model):
@@ -158,3 +169,30 @@ def test_forecast_only_schedule_is_taylorseer_at_token_granularity(model):
     ours = generate(model, BudgetSchedule(inner="sequential", pattern=(1.0, 0.0), start_step=3), PROMPTS, SEEDS,
                     num_steps=STEPS, reuse=reuses.build("taylor")).images
     assert psnr(ours, full).min() > 35
+
+
+def test_skipped_steps_cost_nothing_counted_or_analytic(model):
+    """A 0-budget step records 0 MACs whether MACs are counted as they run or computed analytically."""
+    from catlab.stepcache import BudgetSchedule
+
+    policy = BudgetSchedule(inner="sequential", pattern=(1.0, 0.25, 0.0), start_step=3)
+    runs = [sample(model, policy, PROMPTS, SEEDS, SamplerConfig(num_steps=STEPS, progress=False, count_macs=c),
+                   reuses.build("taylor")) for c in (False, True)]
+    analytic, counted = ([s.macs for s in r.trace.steps] for r in runs)
+    assert analytic == counted and analytic[5] == 0 and analytic[4] < analytic[3]
+    assert [s.kept for s in runs[0].trace.steps] == [64, 64, 64, 64, 16, 0, 64, 16]
+    assert torch.equal(runs[0].images, runs[1].images)
+
+
+def test_sampler_calibrates_mag_cache_once_then_skips(model):
+    cache = stepcaches.build({"name": "mag_cache", "threshold": 0.5, "num_steps": STEPS})
+    full = selectors.build("full")
+    cfg = SamplerConfig(num_steps=STEPS, progress=False)
+    first = sample(model, full, PROMPTS, SEEDS, cfg, step_cache=cache)
+    assert cache.calibrated and len(cache.mag_ratios) == STEPS
+    ratios = list(cache.mag_ratios)
+    again = sample(model, full, PROMPTS, SEEDS, cfg, step_cache=cache)
+    assert cache.mag_ratios == ratios  # calibrated once, kept for later batches
+    assert torch.equal(first.images, again.images)
+    assert first.trace.macs < first.trace.full_macs
+    assert not _hooks(model.transformer) & set(cache.hook_names)

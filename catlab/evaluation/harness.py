@@ -53,6 +53,13 @@ class Strategy:
     spec: dict
     #: the reuse rule for unselected tokens (None: stale copies)
     reuse: Any = None
+    #: a diffusers step cache (catlab.stepcache) applied around the strategy's steps
+    step_cache: Any = None
+
+    @property
+    def exact(self) -> bool:
+        """Whether its images are the full model's (then they serve as the references)."""
+        return not self.policy.prunes and self.step_cache is None
 
 
 def make_jobs(prompts: list[str], meta: list[Any] | None, seeds: list[int], num_prompts: int | None,
@@ -70,12 +77,12 @@ def _chunks(items: list, size: int):
 
 
 def timed_sample(adapter, policy, jobs: list[Job], sampler: SamplerConfig, repeats: int,
-                 reuse=None) -> tuple[SampleResult, float]:
+                 reuse=None, step_cache=None) -> tuple[SampleResult, float]:
     """One batch, timed; with ``repeats`` > 1 the best of several identical passes."""
     best, kept = float("inf"), None
     for _ in range(max(1, repeats)):
         start = time.perf_counter()
-        result = sample(adapter, policy, [j.prompt for j in jobs], [j.seed for j in jobs], sampler, reuse)
+        result = sample(adapter, policy, [j.prompt for j in jobs], [j.seed for j in jobs], sampler, reuse, step_cache)
         wall = time.perf_counter() - start
         if wall < best:
             best, kept = wall, result
@@ -123,10 +130,11 @@ def _record_batch(adapter: ModelAdapter, strategy: Strategy, chunk: list[Job], s
                   metrics: list[Metric], store: ResultStore, references: References, repeats: int,
                   image_dir: Path | None, budget: _Budget | None) -> None:
     """Generate one batch with ``strategy``, score it, and write one record per image."""
-    result, wall = timed_sample(adapter, strategy.policy, chunk, sampler, repeats, strategy.reuse)
+    result, wall = timed_sample(adapter, strategy.policy, chunk, sampler, repeats, strategy.reuse,
+                                strategy.step_cache)
     images = result.images
     reference = None
-    if not strategy.policy.prunes:
+    if strategy.exact:
         references.put(chunk, images)
     elif any(m.needs_reference for m in metrics):
         reference = references.get(chunk)
@@ -169,8 +177,8 @@ def evaluate_strategies(adapter: ModelAdapter, strategies: list[Strategy], jobs:
         if len(pending[s.key]) < len(jobs):
             log.info("%s: %d of %d records already in the store", s.label, len(jobs) - len(pending[s.key]), len(jobs))
         first = pending[s.key][:batch_size]
-        warm[s.label] = (sample(adapter, s.policy, [j.prompt for j in first], [j.seed for j in first], sampler, s.reuse)
-                         if warmup and first else None)
+        warm[s.label] = (sample(adapter, s.policy, [j.prompt for j in first], [j.seed for j in first], sampler, s.reuse,
+                                s.step_cache) if warmup and first else None)
     for chunk in _chunks(jobs, batch_size):
         for s in strategies:
             todo = [j for j in chunk if not store.has(s.key, j.prompt_id, j.seed)]

@@ -94,6 +94,11 @@ class StepCache:
         """Measure what the cache needs first; ``generate()`` runs one full generation with this cache."""
         return None
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether :meth:`calibrate` has what it measures (always, for caches that need none)."""
+        return True
+
     def computes(self, step_index: int) -> bool | None:
         """Whether the step is computed, when known ahead (a fixed schedule); ``None``: decided at run time."""
         return None

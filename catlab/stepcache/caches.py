@@ -127,6 +127,10 @@ class MagCache(StepCache):
     hook_names: ClassVar[tuple[str, ...]] = (_MAG_CACHE_LEADER_BLOCK_HOOK, _MAG_CACHE_BLOCK_HOOK)
     needs_calibration: ClassVar[bool] = True
 
+    @property
+    def calibrated(self) -> bool:
+        return self.mag_ratios is not None
+
     def _apply(self, transformer):
         if self.mag_ratios is None:
             raise StepCacheError("mag_cache needs magnitude ratios: call calibrate(generate) first, "

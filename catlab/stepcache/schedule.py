@@ -9,9 +9,13 @@ With ``taylor`` reuse, ``pattern=(1, 0, 0)`` is TaylorSeer's schedule at token
 granularity; ``(1, 0.2, 0)`` spends a small budget on the tokens the selector
 thinks the forecast gets most wrong.
 
-A ``0`` budget needs a loop that skips the forward and asks the reuse rule
-(:func:`catlab.stepcache.loop.generate`); :func:`catlab.sampler.sample` does not
-yet, so the class is not in the selector registry until it does.
+At a ``0`` budget :func:`catlab.sampler.sample` does not call the transformer:
+the reuse rule forecasts every token (``reuse=taylor``), or without a rule the
+previous step's prediction is used again. Registered as the selector
+``budget_schedule``::
+
+    python -m catlab.run selector=budget_schedule reuse=taylor \
+        selector.inner=forecast_error 'selector.pattern=[1,0.3,0,0]'
 """
 from __future__ import annotations
 
@@ -25,9 +29,14 @@ from catlab.registry import selectors
 from catlab.selection.base import Policy, StepState, build_part, kept_tokens
 
 
+@selectors.register("budget_schedule")
 @dataclass
 class BudgetSchedule(Policy):
-    """``inner`` (a selector spec) picks the tokens of the pruned steps; ``pattern`` repeats after ``start_step``."""
+    """``inner`` (a selector spec) picks the tokens of the pruned steps; ``pattern`` repeats after ``start_step``.
+
+    ``alpha`` is not a setting here: it is set to the pattern's mean budget (what logs
+    and tables show as the kept share).
+    """
 
     inner: Mapping[str, Any] | str | Policy = "sequential"
     pattern: tuple[float, ...] = (1.0, 0.0, 0.0)
@@ -38,6 +47,7 @@ class BudgetSchedule(Policy):
         self.pattern = tuple(float(p) for p in self.pattern)
         if not self.pattern or any(not 0.0 <= p <= 1.0 for p in self.pattern):
             raise ValueError(f"budget_schedule: pattern must be fractions in [0, 1]; got {self.pattern}")
+        self.alpha = max(sum(self.pattern) / len(self.pattern), 1e-6)
         spec = self.inner
         if isinstance(spec, (str, Mapping)):
             spec = {"name": spec} if isinstance(spec, str) else dict(spec)
