@@ -74,6 +74,8 @@ def label(spec: dict) -> str:
         if isinstance(v, dict):
             inner = ",".join(f"{k}={show(x)}" for k, x in v.items() if k != "name")
             return f"{v.get('name', '')}({inner})" if inner else str(v.get("name", ""))
+        if isinstance(v, (list, tuple)):
+            return "/".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
         return str(v)
 
     extras = [f"{k}={show(v)}" for k, v in spec.items() if k not in ("name", "alpha", "start_step")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -109,11 +110,12 @@ def test_probe_reads_rendered_scenes():
 
 def test_training_command_runs(tmp_path):
     out = tmp_path / "run"
-    cmd = [
-        sys.executable, "-m", "catlab.train_toy", "steps=3", "batch_size=4", f"out_dir={out}",
+    small_cfg = [
+        sys.executable, "-m", "catlab.train_toy", "steps=3", "batch_size=4",
         "denoiser.num_layers=1", "denoiser.num_heads=2", "denoiser.head_dim=16",
         "text.num_layers=1", "text.hidden_size=32", "log_every=1", "sample_every=2", "sample_steps=2",
     ]  # fmt: skip
+    cmd = [*small_cfg, f"out_dir={out}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -122,3 +124,16 @@ def test_training_command_runs(tmp_path):
     small = load_bundle(out / "bundle")
     embeds, pooled = small.encode(["a small red circle in the top left"])
     assert embeds.shape == (1, 24, 32)
+
+    # a continuation stage starts from that bundle's weights and records its parent
+    more = tmp_path / "stage2"
+    proc = subprocess.run([*small_cfg, f"out_dir={more}", f"init_from={out / 'bundle'}", "seed=1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = json.loads((more / "bundle" / "train_info.json").read_text())
+    assert info["config"]["init_from"] == str(out / "bundle") and info["init_from_info"]["steps"] == 3
+    # a bundle that does not fit the config is refused with the reason
+    proc = subprocess.run([*small_cfg, f"out_dir={tmp_path / 'bad'}", "denoiser.num_layers=2",
+                           f"init_from={out / 'bundle'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "does not match this config" in proc.stderr
