@@ -28,8 +28,10 @@ def test_run_with_a_diffusers_step_cache_and_with_a_budget_schedule(tmp_path):
     (("selector=full", "stepcache=mag_cache", "stepcache.num_steps=28"),
      "stepcache.num_steps=28 must equal sampler.num_steps=10"),
     (("selector=full", "stepcache=taylorseer", "+stepcache.interval=3"), "has no config key(s) ['interval']"),
+    (("model=tiny_sd3", "model.num_layers=2", "selector=full", "stepcache=first_block_cache"),
+     "step cache error: first_block_cache needs at least 2 cacheable blocks"),
 ])
-def test_bad_step_cache_configs_fail_before_compute(tmp_path, overrides, message):
+def test_bad_step_cache_configs_end_with_a_message(tmp_path, overrides, message):
     proc, run_dir = run_cli(*overrides, *FAST, tmp_path=tmp_path, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr + proc.stdout
