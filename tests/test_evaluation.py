@@ -71,3 +71,15 @@ def test_reference_images_are_cached_and_reused(tmp_path):
     stamps = [p.stat().st_mtime_ns for p in cached]
     _evaluate(tmp_path / "b", tmp_path / "cache")
     assert [p.stat().st_mtime_ns for p in cached] == stamps  # reused, not rewritten
+
+
+def test_pareto_front_and_method_families():
+    from catlab.evaluation.report import family, pareto_front
+
+    pts = [(1.5, 40.0), (1.9, 38.0), (1.9, 36.0), (2.0, 39.0), (2.5, 30.0), (1.2, 39.5)]
+    assert pareto_front(pts) == [(1.5, 40.0), (2.0, 39.0), (2.5, 30.0)]
+    assert family({"name": "full"}) == "full"
+    assert family({"name": "full", "stepcache": {"name": "mag_cache"}}) == "mag_cache"
+    assert family({"name": "cat", "stepcache": "taylorseer"}) == "token pruning + taylorseer"
+    assert family({"name": "budget_schedule", "reuse": "taylor"}) == "budget schedule"
+    assert family({"name": "cat", "reuse": "taylor"}) == "token pruning, every step"

@@ -1,7 +1,7 @@
 """Rebuild the tables of an evaluation from its results store alone.
 
 ``python -m catlab.evaluation.merge <run dir or store dir>`` rewrites
-``results.csv``, ``results.md`` and ``cost_quality.png`` beside the store.
+``results.csv``, ``results.md``, ``cost_quality.png`` and ``pareto.png`` beside the store.
 """
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ def rows_from_store(store: ResultStore, keys: list[str] | None = None,
         if not records:
             continue
         info = infos[key]
-        row = {"method": info["label"], "alpha": info["alpha"], "start_step": info["start_step"],
+        row = {"method": info["label"], "family": report.family(info.get("spec") or {"name": info["label"]}),
+               "alpha": info["alpha"], "start_step": info["start_step"],
                "steps": info["steps"], "key": key, **aggregate(records)}
         if expected and len(records) != expected.get(key, len(records)):
             row["incomplete"] = f"{len(records)}/{expected[key]}"
@@ -62,6 +63,7 @@ def write_tables(rows: list[dict[str, Any]], out: Path, title: str = "", notes: 
     (out / "results.md").write_text(report.markdown_table(rows, title, notes))
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     report.cost_quality_plot(rows, out / "cost_quality.png", title)
+    report.pareto_plot(rows, out / "pareto.png", title)
 
 
 def main(argv: list[str] | None = None) -> None:

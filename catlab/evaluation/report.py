@@ -5,7 +5,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ["method", "alpha", "steps", "macs_per_image", "macs_ratio", "seconds_per_image", "speedup",
+COLUMNS = ["method", "family", "alpha", "steps", "macs_per_image", "macs_ratio", "seconds_per_image", "speedup",
            "images_per_second", "selection_share", "clip_score", "attribute_accuracy", "psnr", "ssim", "lpips"]
 
 
@@ -78,5 +78,69 @@ def cost_quality_plot(rows: list[dict[str, Any]], path: Path, title: str = "") -
     fig.legend(seen.values(), seen.keys(), fontsize=7, loc="lower center", ncol=4, bbox_to_anchor=(0.5, -0.02))
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def family(spec: dict[str, Any]) -> str:
+    """The kind of method a strategy spec is, for grouping: full, a step cache, token pruning, a budget schedule."""
+    cache = spec.get("stepcache")
+    cache = cache.get("name") if isinstance(cache, dict) else cache
+    name = spec.get("name", "")
+    if cache:
+        return cache if name == "full" else f"token pruning + {cache}"
+    if name == "full":
+        return "full"
+    if name == "budget_schedule":
+        return "budget schedule"
+    return "token pruning, every step"
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both axes (higher x and higher y are better), by increasing x."""
+    front, best = [], float("-inf")
+    for x, y in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if y > best:
+            front.append((x, y))
+            best = y
+    return front[::-1]
+
+
+def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str = "", quality: str = "psnr") -> None:
+    """``quality`` against MACs ratio, one colour per method family, each family's Pareto front as a line.
+
+    Points are numbered; the key beside the plot names them. Readable with dozens of rows,
+    where :func:`cost_quality_plot` is not.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [r for r in rows if quality in r and r["method"] != "full"]
+    if not pts:
+        return
+    families = list(dict.fromkeys(r.get("family", "other") for r in pts))
+    pts.sort(key=lambda r: (families.index(r.get("family", "other")), r["macs_ratio"]))
+    colors = {f: plt.cm.tab10(i % 10) for i, f in enumerate(families)}
+    fig, (ax, key) = plt.subplots(1, 2, figsize=(13, 6), gridspec_kw={"width_ratios": [1.25, 1]})
+    for f in families:
+        mine = [r for r in pts if r.get("family", "other") == f]
+        ax.scatter([r["macs_ratio"] for r in mine], [r[quality] for r in mine], color=colors[f], label=f, zorder=3)
+        front = pareto_front([(r["macs_ratio"], r[quality]) for r in mine])
+        if len(front) > 1:
+            ax.plot(*zip(*front), color=colors[f], alpha=0.6, zorder=2)
+    lines = []
+    for i, r in enumerate(pts, 1):
+        ax.annotate(str(i), (r["macs_ratio"], r[quality]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        lines.append(f"{i:>2}  {r['method']}  ({r['macs_ratio']:.2f}×, {r[quality]:.2f})")
+    ax.set_xlabel("MACs ratio vs full (higher = cheaper)")
+    ax.set_ylabel({"psnr": "PSNR to full model (dB)", "ssim": "SSIM to full model"}.get(quality, quality))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    key.axis("off")
+    key.text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=6.5 if len(lines) > 24 else 7.5)
+    fig.suptitle(title)
+    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
