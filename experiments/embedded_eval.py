@@ -7,7 +7,7 @@ Prints two figures:
   probe accuracy   the probe's attribute accuracy on the *rendered* held-out scenes
   model accuracy   the probe's attribute accuracy on images the model *generates* from
                    the held-out captions (diffusers FlowMatchEulerDiscreteScheduler + CFG)
-plus a per-attribute breakdown. With --grid it also writes a PNG: rows of generated
+plus a per-attribute breakdown, and both by the number of objects a prompt states. With --grid it also writes a PNG: rows of generated
 images, each above the rendered scenes of the same captions.
 """
 
@@ -59,13 +59,18 @@ def main() -> None:
         "steps": args.steps,
         "guidance": args.guidance,
         "probe_on_rendered": summarise(attribute_hits(real, scenes, probe)),
-        "model": summarise(attribute_hits(fake, scenes, probe)),
+        "model": summarise(hits := attribute_hits(fake, scenes, probe)),
+        # one-object prompts test drawing; two-object prompts also test binding attributes to objects
+        "model_by_objects": {n: summarise([h for h in hits if len(h) == n]) | {"prompts": sum(len(h) == n for h in hits)}
+                             for n in sorted({len(h) for h in hits})},
         "sampling_seconds": round(seconds, 1),
     }
     print(json.dumps(result, indent=2))
     print(f"probe accuracy (rendered held-out scenes): {result['probe_on_rendered']['accuracy']:.3f}")
     print(f"model attribute accuracy ({args.n} held-out prompts, {args.steps} steps, CFG {args.guidance}): "
           f"{result['model']['accuracy']:.3f}")
+    for n, r in result["model_by_objects"].items():
+        print(f"  prompts with {n} object(s): {r['prompts']}, accuracy {r['accuracy']:.3f}")
 
     if args.grid:
         k, half = args.grid_n, args.grid_n // 2
