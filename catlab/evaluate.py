@@ -159,11 +159,13 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
         model_cfg = {**model_cfg, "device": f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"}
     adapter = build_model(model_cfg)
     store = ResultStore(Path(cfg.store_dir) if cfg.store_dir else out / "store")
-    references = References(ReferenceCache(cfg.cache_dir or cache_dir(), plain(cfg.model), plain(cfg.sampler)),
+    weights = adapter.fingerprint()  # a retrained checkpoint must not meet the old one's references or records
+    model_key = {**plain(cfg.model), "weights": weights} if weights else plain(cfg.model)
+    references = References(ReferenceCache(cfg.cache_dir or cache_dir(), model_key, plain(cfg.sampler)),
                             adapter, policies[0][1], sampler_cfg)
     strategies = []
     for (name, policy, cache), spec in zip(policies, strategy_specs(cfg)):
-        key = strategy_key(spec, cfg, plain(cfg.model), sampler_cfg)
+        key = strategy_key(spec, cfg, model_key, sampler_cfg)
         if cfg.diagnostics:
             policy = RecordingPolicy(policy, keep_outputs=not policy.prunes)
         reuse_cfg = spec.get("reuse", plain(cfg.reuse))

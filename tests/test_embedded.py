@@ -137,3 +137,19 @@ def test_training_command_runs(tmp_path):
                            f"init_from={out / 'bundle'}"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "does not match this config" in proc.stderr
+
+
+def test_weights_fingerprint_follows_the_weight_files(tmp_path):
+    """Cached references and results are keyed by it: a retrained bundle must not meet the old ones."""
+    import shutil
+
+    from catlab.embedded.bundle import default_bundle_path, weights_fingerprint
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(default_bundle_path(), copy, ignore=shutil.ignore_patterns("probe"))
+    assert weights_fingerprint(copy) == weights_fingerprint()
+    weights = next((copy / "transformer").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert weights_fingerprint(copy) != weights_fingerprint()

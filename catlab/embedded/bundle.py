@@ -78,6 +78,19 @@ def save_bundle(bundle: EmbeddedBundle, path, extra: dict | None = None) -> path
     return path
 
 
+def weights_fingerprint(path=None, length: int = 12) -> str:
+    """sha256 over the bundle's transformer and text-encoder weight files (a short hex id)."""
+    import hashlib
+
+    path = pathlib.Path(path) if path is not None else default_bundle_path()
+    digest = hashlib.sha256()
+    for part in ("transformer", "text_encoder"):
+        for f in sorted((path / part).glob("*.safetensors")):
+            digest.update(f.name.encode())
+            digest.update(f.read_bytes())
+    return digest.hexdigest()[:length]
+
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] float images (B, 3, S, S) -> uint8 (B, S, S, 3), ready for PIL."""
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -63,6 +63,11 @@ class ModelAdapter:
     def vae_scale(self) -> int:
         return 1
 
+    def fingerprint(self) -> str | None:
+        """An id of the weights where the config alone does not pin them (a local checkpoint that can be
+        retrained); it keys cached reference images and results. ``None``: the config identifies them."""
+        return None
+
     @property
     def grid(self) -> tuple[int, int]:
         h, w = self.latent_size

@@ -34,6 +34,12 @@ class Embedded(ModelAdapter):
             raise ValueError(f"the embedded model generates {size}x{size} images; got height={self.height}, width={self.width}")
         self.height = self.width = size
 
+    def fingerprint(self) -> str:
+        """A hash of the bundle's weight files: retraining the bundle invalidates cached references."""
+        from catlab.embedded.bundle import weights_fingerprint
+
+        return weights_fingerprint(self.path)
+
     def make_scheduler(self):
         return FlowMatchEulerDiscreteScheduler.from_config(self.bundle.scheduler_config)
 
