@@ -164,13 +164,13 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
     references = References(ReferenceCache(cfg.cache_dir or cache_dir(), model_key, plain(cfg.sampler)),
                             adapter, policies[0][1], sampler_cfg)
     strategies = []
-    for (name, policy, cache), spec in zip(policies, strategy_specs(cfg)):
+    for order, ((name, policy, cache), spec) in enumerate(zip(policies, strategy_specs(cfg))):
         key = strategy_key(spec, cfg, model_key, sampler_cfg)
         if cfg.diagnostics:
             policy = RecordingPolicy(policy, keep_outputs=not policy.prunes)
         reuse_cfg = spec.get("reuse", plain(cfg.reuse))
         strategies.append(Strategy(name, policy, key, spec, reuses.build(reuse_cfg) if reuse_cfg else None, cache))
-        store.register_strategy(key, {"label": name, "spec": spec, "alpha": float(policy.alpha) if policy.prunes else 1.0,
+        store.register_strategy(key, {"label": name, "order": order, "spec": spec, "alpha": float(policy.alpha) if policy.prunes else 1.0,
                                       "start_step": int(policy.start_step), "steps": sampler_cfg.num_steps,
                                       "model": plain(cfg.model)})
     if rank == 0:

@@ -133,7 +133,8 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str = "", quality
     lines = []
     for i, r in enumerate(pts, 1):
         ax.annotate(str(i), (r["macs_ratio"], r[quality]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        lines.append(f"{i:>2}  {r['method']}  ({r['macs_ratio']:.2f}×, {r[quality]:.2f})")
+        alpha = f" α={r['alpha']:.2g}" if str(r.get("family", "")).startswith("token pruning") else ""
+        lines.append(f"{i:>2}  {r['method']}{alpha}  ({r['macs_ratio']:.2f}×, {r[quality]:.2f})")
     ax.set_xlabel("MACs ratio vs full (higher = cheaper)")
     ax.set_ylabel({"psnr": "PSNR to full model (dB)", "ssim": "SSIM to full model"}.get(quality, quality))
     ax.grid(alpha=0.3)

@@ -30,7 +30,9 @@ class ResultStore:
             _atomic_write(path, info)
 
     def strategies(self) -> dict[str, dict[str, Any]]:
-        return {p.parent.name: json.loads(p.read_text()) for p in sorted(self.root.glob("*/strategy.json"))}
+        """Every registered strategy by key, in the order the evaluation listed them (``order``), then by key."""
+        infos = {p.parent.name: json.loads(p.read_text()) for p in sorted(self.root.glob("*/strategy.json"))}
+        return dict(sorted(infos.items(), key=lambda kv: (kv[1].get("order", float("inf")), kv[0])))
 
     # -- records -------------------------------------------------------------------
     def path(self, key: str, prompt_id: int, seed: int) -> Path:
