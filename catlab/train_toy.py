@@ -37,7 +37,7 @@ from catlab.embedded.denoiser import (
     scheduler_config,
     shift_sigmas,
 )
-from catlab.embedded.text import TextConfig, build_text_encoder, build_tokenizer, encode_ids, tokenize
+from catlab.embedded.text import TextConfig, build_text_encoder, build_tokenizer, encode_ids, pooled_dim, tokenize
 from catlab.embedded.world import heldout_scenes, render, scene_stream
 
 BUNDLE_PARTS = ("transformer", "text_encoder", "tokenizer", "scheduler", "train_info.json")
@@ -77,7 +77,7 @@ def train(cfg: DictConfig) -> dict:
     tcfg, dcfg = TextConfig(**cfg.text), DenoiserConfig(**cfg.denoiser)
     tokenizer = build_tokenizer(tcfg.max_length)
     text_encoder = build_text_encoder(tcfg, tokenizer)
-    proj_dim = text_encoder.config.projection_dim
+    proj_dim = pooled_dim(text_encoder)
     transformer = build_transformer(dcfg, tcfg.hidden_size, proj_dim)
     if cfg.get("init_from"):
         load_weights(pathlib.Path(cfg.init_from), transformer, text_encoder)

@@ -153,3 +153,21 @@ def test_weights_fingerprint_follows_the_weight_files(tmp_path):
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     assert weights_fingerprint(copy) != weights_fingerprint()
+
+
+def test_text_encoders_causal_and_bidirectional():
+    """clip: a word's state ignores the words after it; bert: it sees them. Both give (B, L, H) and (B, H)."""
+    from catlab.embedded.text import TextConfig, build_text_encoder, encode_ids
+
+    tokenizer = build_tokenizer(24)
+    ids = tokenize(tokenizer, ["a small red circle in the top left", "a small red circle in the bottom right"])
+    for kind, sees_later_words in (("clip", False), ("bert", True)):
+        torch.manual_seed(0)
+        encoder = build_text_encoder(TextConfig(hidden_size=32, num_layers=1, num_heads=2, encoder=kind), tokenizer).eval()
+        with torch.no_grad():
+            states, pooled = encode_ids(encoder, ids)
+        assert states.shape == (2, 24, 32) and pooled.shape == (2, 32)
+        colour_word = 3  # <bos> a small red ...
+        assert (not torch.allclose(states[0, colour_word], states[1, colour_word])) == sees_later_words
+    with pytest.raises(ValueError, match="text.encoder must be one of"):
+        TextConfig(encoder="t5")

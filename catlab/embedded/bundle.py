@@ -2,7 +2,7 @@
 
     bundle/
       transformer/   SD3Transformer2DModel (config.json + safetensors)
-      text_encoder/  CLIPTextModelWithProjection (config.json + safetensors)
+      text_encoder/  CLIPTextModelWithProjection or BertModel (config.json + safetensors)
       tokenizer/     tokenizer.json (PreTrainedTokenizerFast)
       scheduler/     scheduler_config.json (FlowMatchEulerDiscreteScheduler)
       probe/         attribute probe (see catlab.embedded.probe)
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-from transformers import CLIPTextModelWithProjection, PreTrainedTokenizerFast
+import transformers
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from catlab.embedded.text import encode_ids, tokenize
 
@@ -26,7 +27,7 @@ from catlab.embedded.text import encode_ids, tokenize
 @dataclass
 class EmbeddedBundle:
     transformer: SD3Transformer2DModel
-    text_encoder: CLIPTextModelWithProjection
+    text_encoder: PreTrainedModel
     tokenizer: PreTrainedTokenizerFast
     scheduler_config: dict  # for FlowMatchEulerDiscreteScheduler.from_config
     image_size: int
@@ -52,7 +53,7 @@ def load_bundle(path=None, device="cpu", dtype=torch.float32) -> EmbeddedBundle:
             f"no embedded bundle at {path}; train one with `python -m catlab.train_toy`"
         )
     transformer = SD3Transformer2DModel.from_pretrained(path / "transformer", torch_dtype=dtype)
-    text_encoder = CLIPTextModelWithProjection.from_pretrained(path / "text_encoder", dtype=dtype)
+    text_encoder = _text_encoder_class(path / "text_encoder").from_pretrained(path / "text_encoder", dtype=dtype)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path / "tokenizer")
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler")
     transformer.to(device).eval()
@@ -64,6 +65,17 @@ def load_bundle(path=None, device="cpu", dtype=torch.float32) -> EmbeddedBundle:
         scheduler_config=dict(scheduler.config),
         image_size=int(transformer.config.sample_size),
     )
+
+
+def _text_encoder_class(folder: pathlib.Path):
+    """The transformers class named in the text encoder's config (one of catlab.embedded.text.ENCODERS)."""
+    from catlab.embedded.text import ENCODERS
+
+    arch = (json.loads((folder / "config.json").read_text()).get("architectures") or ["CLIPTextModelWithProjection"])[0]
+    allowed = {cls.__name__ for cls in ENCODERS.values()}
+    if arch not in allowed:
+        raise ValueError(f"{folder}: text encoder {arch!r} is not one catlab builds ({sorted(allowed)})")
+    return getattr(transformers, arch)
 
 
 def save_bundle(bundle: EmbeddedBundle, path, extra: dict | None = None) -> pathlib.Path:

@@ -2,9 +2,12 @@
 
 The tokenizer is a `tokenizers` WordLevel model over the world's vocabulary,
 saved as `tokenizer.json` and loaded with `transformers.PreTrainedTokenizerFast`.
-The encoder is a `CLIPTextModelWithProjection` built from a config and trained
-jointly with the denoiser; it gives per-token states (the transformer's
-`encoder_hidden_states`) and a pooled, projected vector (`pooled_projections`).
+The encoder is built from a config and trained jointly with the denoiser; it
+gives per-token states (the transformer's `encoder_hidden_states`) and a pooled
+vector (`pooled_projections`). `encoder="clip"` (the shipped bundle) is a causal
+`CLIPTextModelWithProjection` (pooled = projected EOS state); `encoder="bert"` is
+a bidirectional `BertModel` (pooled = its pooler over the first token), in which
+an object's colour and shape words also see the position words after them.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast
+from transformers import (BertConfig, BertModel, CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedModel,
+                          PreTrainedTokenizerFast)
 
 from catlab.embedded.world import vocabulary
 
@@ -30,6 +34,11 @@ class TextConfig:
     num_layers: int = 2
     num_heads: int = 4
     max_length: int = 24  # every prompt is padded / truncated to this many tokens
+    encoder: str = "clip"  # clip: causal, as SD3's CLIP encoders; bert: bidirectional
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"text.encoder must be one of {sorted(ENCODERS)}; got {self.encoder!r}")
 
 
 def build_tokenizer(max_length: int = 24) -> PreTrainedTokenizerFast:
@@ -83,24 +92,32 @@ def tokenize(tokenizer: PreTrainedTokenizerFast, prompts: list[str], warn: bool 
     return out["input_ids"]
 
 
-def build_text_encoder(cfg: TextConfig, tokenizer: PreTrainedTokenizerFast) -> CLIPTextModelWithProjection:
-    """A fresh CLIP-style causal text transformer with a pooled projection."""
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer.get_vocab()),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=2 * cfg.hidden_size,
-        projection_dim=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        max_position_embeddings=cfg.max_length,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+def build_text_encoder(cfg: TextConfig, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+    """A fresh text transformer of kind ``cfg.encoder`` (see the module docstring)."""
+    common = dict(vocab_size=len(tokenizer.get_vocab()), hidden_size=cfg.hidden_size,
+                  intermediate_size=2 * cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                  num_attention_heads=cfg.num_heads, max_position_embeddings=cfg.max_length,
+                  pad_token_id=tokenizer.pad_token_id)
+    if cfg.encoder == "bert":
+        return BertModel(BertConfig(**common, type_vocab_size=1), add_pooling_layer=True)
+    config = CLIPTextConfig(**common, projection_dim=cfg.hidden_size, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id)
     return CLIPTextModelWithProjection(config)
 
 
-def encode_ids(text_encoder: CLIPTextModelWithProjection, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-token states (B, L, hidden), pooled projection (B, projection_dim))."""
-    out = text_encoder(input_ids=ids.to(text_encoder.device))
+def pooled_dim(text_encoder: PreTrainedModel) -> int:
+    """Width of the pooled vector :func:`encode_ids` returns."""
+    return getattr(text_encoder.config, "projection_dim", None) or text_encoder.config.hidden_size
+
+
+def encode_ids(text_encoder: PreTrainedModel, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token states (B, L, hidden), pooled vector (B, pooled_dim))."""
+    ids = ids.to(text_encoder.device)
+    if isinstance(text_encoder, BertModel):  # bidirectional: padding must not be attended to
+        out = text_encoder(input_ids=ids, attention_mask=(ids != text_encoder.config.pad_token_id).long())
+        return out.last_hidden_state, out.pooler_output
+    out = text_encoder(input_ids=ids)
     return out.last_hidden_state, out.text_embeds
+
+
+ENCODERS = {"clip": CLIPTextModelWithProjection, "bert": BertModel}
