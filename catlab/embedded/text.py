@@ -4,10 +4,11 @@ The tokenizer is a `tokenizers` WordLevel model over the world's vocabulary,
 saved as `tokenizer.json` and loaded with `transformers.PreTrainedTokenizerFast`.
 The encoder is built from a config and trained jointly with the denoiser; it
 gives per-token states (the transformer's `encoder_hidden_states`) and a pooled
-vector (`pooled_projections`). `encoder="clip"` (the shipped bundle) is a causal
-`CLIPTextModelWithProjection` (pooled = projected EOS state); `encoder="bert"` is
-a bidirectional `BertModel` (pooled = its pooler over the first token), in which
-an object's colour and shape words also see the position words after them.
+vector (`pooled_projections`). `encoder="clip"` is a causal
+`CLIPTextModelWithProjection` (pooled = projected EOS state); `encoder="bert"`
+(the shipped bundle, see docs/model_card.md) is a bidirectional `BertModel`
+(pooled = its pooler over the first token), in which an object's colour and
+shape words also see the position words after them.
 """
 
 from __future__ import annotations
