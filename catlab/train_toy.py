@@ -31,6 +31,7 @@ from catlab.embedded.denoiser import (
     build_transformer,
     flow_loss,
     generate,
+    load_grown,
     lr_at,
     param_count,
     sample_sigmas,
@@ -150,20 +151,23 @@ def run_info(cfg: DictConfig, steps_done: int, recent: list[float], start: float
 
 
 def load_weights(path: pathlib.Path, transformer: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
-    """Start from a trained bundle's transformer and text encoder; their shapes must match the config."""
+    """Start from a trained bundle's transformer and text encoder; their shapes must match the config,
+    except the image size: a bundle trained at a smaller size has its positional table grown
+    to this config's grid (catlab.embedded.denoiser.grow_pos_embed)."""
     if not (path / "transformer" / "config.json").exists():
         raise FileNotFoundError(f"init_from={path}: no bundle there (expected {path}/transformer/config.json)")
     trained = load_bundle(path)
-    for name, module, src in (
-        ("transformer", transformer, trained.transformer),
-        ("text_encoder", text_encoder, trained.text_encoder),
-    ):
-        try:
-            module.load_state_dict(src.state_dict())
-        except RuntimeError as err:
-            raise ValueError(
-                f"init_from={path}: its {name} does not match this config's `denoiser`/`text` sizes: {err}"
-            ) from None
+    try:
+        grown = load_grown(transformer, trained.transformer.state_dict())
+    except ValueError as err:
+        raise ValueError(f"init_from={path}: its transformer does not match this config's `denoiser` sizes: {err}") from None
+    if grown:
+        src, dst = int(trained.transformer.config.sample_size), int(transformer.config.sample_size)
+        print(f"init_from={path}: {src}x{src} bundle, positional table grown to {dst}x{dst} images ({', '.join(grown)})")
+    try:
+        text_encoder.load_state_dict(trained.text_encoder.state_dict())
+    except RuntimeError as err:
+        raise ValueError(f"init_from={path}: its text_encoder does not match this config's `text` sizes: {err}") from None
 
 
 def export(src: pathlib.Path, dst: pathlib.Path) -> None:

@@ -44,6 +44,75 @@ def build_transformer(cfg: DenoiserConfig, text_dim: int, pooled_dim: int) -> SD
     )
 
 
+POS_EMBED_KEY = "pos_embed.pos_embed"
+
+
+def sincos_table(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """SD3's 2D sin-cos table (1, n*n, D) evaluated at 1D `positions` (n,) along each axis."""
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed_from_grid
+
+    grid = torch.stack(torch.meshgrid(positions, positions, indexing="xy"))  # (2, n, n), w first as diffusers
+    table = get_2d_sincos_pos_embed_from_grid(embed_dim, grid.reshape(2, 1, len(positions), len(positions)))
+    return table.float().unsqueeze(0)
+
+
+def grow_pos_embed(table: torch.Tensor, new_grid: int) -> torch.Tensor:
+    """Resize a (1, g*g, D) positional table to (1, new_grid**2, D) covering the same image extent.
+
+    Patch i of the new grid has its centre at old-grid coordinate (i + 0.5) * g / new_grid - 0.5,
+    so every new token gets the position its pixels had in the old model. SD3's table is a fixed
+    sin-cos function of position; when `table` is exactly that (the trained bundles' case) it is
+    evaluated at those fractional coordinates, otherwise the table is resampled bicubically.
+    """
+    n, dim = table.shape[1], table.shape[2]
+    g = math.isqrt(n)
+    if g * g != n:
+        raise ValueError(f"positional table of {n} tokens is not a square grid")
+    if g == new_grid:
+        return table.clone()
+    old = sincos_table(dim, torch.arange(g, dtype=torch.float32))
+    if torch.allclose(table.float(), old, atol=1e-5):
+        pos = (torch.arange(new_grid, dtype=torch.float32) + 0.5) * g / new_grid - 0.5
+        return sincos_table(dim, pos).to(table.dtype)
+    img = table.reshape(1, g, g, dim).permute(0, 3, 1, 2)
+    img = torch.nn.functional.interpolate(img.float(), size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    return img.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, dim).to(table.dtype)
+
+
+def load_grown(transformer: SD3Transformer2DModel, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load a trained transformer's `state` into `transformer`, growing the positional table if the grids differ.
+
+    Every other tensor must match in name and shape (same patch size, widths, depth);
+    returns the keys that were resized (empty when the grids already match).
+    """
+    own = transformer.state_dict()
+    state = dict(state)
+    grown = []
+    if POS_EMBED_KEY in state and POS_EMBED_KEY in own and state[POS_EMBED_KEY].shape != own[POS_EMBED_KEY].shape:
+        new_grid = math.isqrt(own[POS_EMBED_KEY].shape[1])
+        if state[POS_EMBED_KEY].shape[2] != own[POS_EMBED_KEY].shape[2]:
+            raise ValueError(
+                f"{POS_EMBED_KEY}: width {state[POS_EMBED_KEY].shape[2]} vs {own[POS_EMBED_KEY].shape[2]}; "
+                "only the grid can grow, not the model width"
+            )
+        state[POS_EMBED_KEY] = grow_pos_embed(state[POS_EMBED_KEY], new_grid)
+        grown.append(POS_EMBED_KEY)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append("shape mismatch: " + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:6]))
+        if missing:
+            parts.append(f"missing: {missing[:6]}")
+        if unexpected:
+            parts.append(f"unexpected: {unexpected[:6]}")
+        raise ValueError("; ".join(parts))
+    transformer.load_state_dict(state)
+    return grown
+
+
 def scheduler_config(shift: float = 1.0) -> dict:
     """The sampling scheduler's config, saved in the bundle."""
     return dict(FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift).config)
