@@ -2,6 +2,7 @@
 
     python experiments/embedded_eval.py                      # 200 prompts, 28 steps, CFG 7.0
     python experiments/embedded_eval.py --grid docs/img/embedded_grid.png
+    python experiments/embedded_eval.py --model embedded_64  # the 64x64 model (1024 tokens)
 
 Prints two figures:
   probe accuracy   the probe's attribute accuracy on the *rendered* held-out scenes
@@ -21,8 +22,11 @@ import torch
 
 from catlab.embedded.bundle import load_bundle, save_grid
 from catlab.embedded.denoiser import generate
-from catlab.embedded.probe import ATTRIBUTES, attribute_hits, load_probe
+from catlab.embedded.probe import ATTRIBUTES, attribute_hits, load_probe, probe_path_for
 from catlab.embedded.world import heldout_scenes, render
+
+
+MODELS = {"embedded": None, "embedded_64": "bundle_64"}  # as conf/model/<name>.yaml's `path`
 
 
 def summarise(hits: list[torch.Tensor]) -> dict:
@@ -34,8 +38,10 @@ def summarise(hits: list[torch.Tensor]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", default=None, help="bundle directory (default: the shipped one)")
-    ap.add_argument("--probe", default=None, help="probe directory (default: the shipped one)")
+    ap.add_argument("--model", choices=sorted(MODELS), default="embedded",
+                    help="which shipped bundle: embedded (32x32, 256 tokens) or embedded_64 (64x64, 1024 tokens)")
+    ap.add_argument("--bundle", default=None, help="bundle directory (overrides --model)")
+    ap.add_argument("--probe", default=None, help="probe directory (default: the bundle's own, else the shipped one)")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--steps", type=int, default=28)
     ap.add_argument("--guidance", type=float, default=7.0)
@@ -46,7 +52,8 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    bundle, probe = load_bundle(args.bundle), load_probe(args.probe)
+    bundle_path = args.bundle if args.bundle is not None else MODELS[args.model]
+    bundle, probe = load_bundle(bundle_path), load_probe(args.probe or probe_path_for(bundle_path))
     scenes, captions = heldout_scenes(args.n, seed=args.seed)
     real = render(scenes, bundle.image_size) * 2 - 1
 
@@ -55,6 +62,8 @@ def main() -> None:
     seconds = time.time() - start
 
     result = {
+        "bundle": str(bundle_path or "bundle"),
+        "image_size": bundle.image_size,
         "n_prompts": args.n,
         "steps": args.steps,
         "guidance": args.guidance,

@@ -46,12 +46,26 @@ def default_bundle_path() -> pathlib.Path:
     return pathlib.Path(__file__).resolve().parent / "bundle"
 
 
+SHIPPED = {"bundle": "32x32 images, 256 tokens", "bundle_64": "64x64 images, 1024 tokens"}
+
+
+def resolve_bundle_path(path=None) -> pathlib.Path:
+    """None -> the shipped 32x32 bundle; the name of a bundle shipped beside it (e.g. "bundle_64")
+    -> that one inside the package, unless a directory of that name exists here; else a path."""
+    if path is None:
+        return default_bundle_path()
+    path = pathlib.Path(path)
+    if not path.is_dir() and str(path) in SHIPPED:
+        return default_bundle_path().parent / str(path)
+    return path
+
+
 def load_bundle(path=None, device="cpu", dtype=torch.float32) -> EmbeddedBundle:
-    path = pathlib.Path(path) if path is not None else default_bundle_path()
+    path = resolve_bundle_path(path)
     if not (path / "transformer" / "config.json").exists():
-        raise FileNotFoundError(
-            f"no embedded bundle at {path}; train one with `python -m catlab.train_toy`"
-        )
+        hint = ("python -m catlab.train_toy --config-name train_toy_64 export_to=catlab/embedded/bundle_64"
+                if path.name == "bundle_64" else "python -m catlab.train_toy")
+        raise FileNotFoundError(f"no embedded bundle at {path}; train one with `{hint}`")
     transformer = SD3Transformer2DModel.from_pretrained(path / "transformer", torch_dtype=dtype)
     text_encoder = _text_encoder_class(path / "text_encoder").from_pretrained(path / "text_encoder", dtype=dtype)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path / "tokenizer")
@@ -94,7 +108,7 @@ def weights_fingerprint(path=None, length: int = 12) -> str:
     """sha256 over the bundle's transformer and text-encoder weight files (a short hex id)."""
     import hashlib
 
-    path = pathlib.Path(path) if path is not None else default_bundle_path()
+    path = resolve_bundle_path(path)
     digest = hashlib.sha256()
     for part in ("transformer", "text_encoder"):
         for f in sorted((path / part).glob("*.safetensors")):

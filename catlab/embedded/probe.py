@@ -11,6 +11,10 @@ It is trained by its own command and shipped in `catlab/embedded/bundle/probe/`:
 
     python -m catlab.embedded.probe            # writes catlab/embedded/bundle/probe
     python -m catlab.embedded.probe --out DIR --steps 200
+
+A probe reads images of any size: they are resampled to the size it was trained
+at. The 64x64 model (bundle_64) is read by the shipped 32x32 probe after a 2x
+area downsample unless its bundle holds its own `probe/` (`--image-size 64`).
 """
 
 from __future__ import annotations
@@ -60,7 +64,16 @@ class AttributeProbe(nn.Module):
         self.heads = nn.Conv2d(4 * w, len(SHAPES) + 1 + len(COLOURS) + len(SIZES), 1)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """images in [-1, 1], (B, 3, S, S) -> logits (B, 9, classes) per attribute."""
+        """images in [-1, 1], (B, 3, S, S) -> logits (B, 9, classes) per attribute.
+
+        Images of another size are first resampled to the size the probe was trained at
+        (area averaging when shrinking), so the 32x32 probe also reads the 64x64 model's images.
+        """
+        size = self.cfg.image_size
+        if images.shape[-2:] != (size, size):
+            shrink = images.shape[-1] > size
+            images = F.interpolate(images, size=(size, size), mode="area" if shrink else "bilinear",
+                                   **({} if shrink else {"align_corners": False}))
         f = self.features(images)
         cells = torch.cat([F.adaptive_avg_pool2d(f, 3), F.adaptive_max_pool2d(f, 3)], dim=1)
         logits = self.heads(cells).flatten(2).transpose(1, 2)  # (B, 9, C)
@@ -79,6 +92,14 @@ class AttributeProbe(nn.Module):
 
 def default_probe_path() -> pathlib.Path:
     return pathlib.Path(__file__).resolve().parent / "bundle" / "probe"
+
+
+def probe_path_for(bundle_path=None) -> pathlib.Path:
+    """The probe that goes with a bundle: its own `probe/` folder, else the shipped probe."""
+    from catlab.embedded.bundle import resolve_bundle_path
+
+    own = resolve_bundle_path(bundle_path) / "probe"
+    return own if (own / "config.json").exists() else default_probe_path()
 
 
 def load_probe(path=None) -> AttributeProbe:
@@ -172,9 +193,11 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=ProbeConfig.steps)
     ap.add_argument("--seed", type=int, default=ProbeConfig.seed)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--image-size", type=int, default=ProbeConfig.image_size,
+                    help="size the probe is trained at (other sizes are resampled to it when read)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = ProbeConfig(steps=args.steps, seed=args.seed)
+    cfg = ProbeConfig(steps=args.steps, seed=args.seed, image_size=args.image_size)
     start = time.time()
     probe = train_probe(cfg)
     scenes, _ = heldout_scenes(200, seed=0)

@@ -17,7 +17,8 @@ from catlab.registry import models
 @models.register("embedded")
 @dataclass
 class Embedded(ModelAdapter):
-    """``path`` null = the bundle shipped with catlab; images are pixel-space samples in [-1, 1]."""
+    """``path`` null = the 32x32 bundle shipped with catlab, ``bundle_64`` = the shipped 64x64 one
+    (``model=embedded_64``), else a bundle directory; images are pixel-space samples in [-1, 1]."""
 
     path: str | None = None
     height: int | None = None
