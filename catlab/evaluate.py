@@ -27,7 +27,7 @@ import catlab  # noqa: F401  (registers the built-in components)
 from catlab.builders import ConfigError, build_model, build_selector, build_step_cache, plain, run_app, set_threads
 from catlab.config import SELECTOR_PARTS, register_evaluate_schema
 from catlab.evaluation import diagnostics
-from catlab.evaluation.harness import References, Strategy, _Budget, evaluate_strategies, make_jobs
+from catlab.evaluation.harness import References, Strategy, evaluate_strategies, make_jobs
 from catlab.evaluation.merge import rows_from_store, write_tables
 from catlab.evaluation.recorder import RecordingPolicy
 from catlab.evaluation.reference import ReferenceCache, config_hash
@@ -182,7 +182,7 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
              rank, world)
     warm = evaluate_strategies(adapter, strategies, my_jobs, sampler_cfg, int(cfg.batch_size), usable, store,
                                references, bool(cfg.warmup), int(cfg.repeats),
-                               out / "images" if cfg.save_images else None, _Budget())
+                               out / "images" if cfg.save_images else None)
     if world > 1:
         dist.barrier()
     if rank != 0:

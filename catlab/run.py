@@ -33,7 +33,7 @@ from catlab.loggers.base import to_pil
 from catlab.metrics.cost import cost_metrics
 from catlab.registry import ComponentError, loggers, models, prompt_sets
 from catlab.reuse import reuses
-from catlab.sampler import SamplerConfig, sample
+from catlab.sampler import SamplerConfig, StepReuse, calibrate, sample
 
 log = logging.getLogger("catlab")
 register_schema()
@@ -95,7 +95,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     start = time.perf_counter()
     for b in range(0, num, int(cfg.batch_size)):
         batch = jobs[b:b + int(cfg.batch_size)]
-        result = sample(adapter, policy, [p for p, _ in batch], [s for _, s in batch], sampler_cfg, reuse, step_cache)
+        prompts_b, seeds_b = [p for p, _ in batch], [s for _, s in batch]
+        if step_cache is not None:
+            calibrate(step_cache, adapter, prompts_b, seeds_b, sampler_cfg)  # once, on the first batch
+        result = sample(adapter, policy, prompts_b, seeds_b, sampler_cfg, StepReuse(reuse, step_cache=step_cache))
         traces.append(result.trace)
         all_images.append(result.images)
         if cfg.save_images:

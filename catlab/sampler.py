@@ -1,8 +1,11 @@
-"""The generic denoising loop: policy → pruned forward → guidance → scheduler.
+"""The generic denoising loop: step plan → selection → pruned forward → guidance → scheduler.
 
 It knows no model family and no strategy: the adapter hides the first, the
-policy the second, and the :class:`~catlab.pruning.engine.TokenPruner` turns
-indices into pruned execution.
+:class:`~catlab.planner.StepPlanner` the second, and the
+:class:`~catlab.pruning.engine.TokenPruner` turns indices into pruned execution.
+Everything that depends on the run's parts (where a reuse rule applies, where
+MACs come from, whether steps are timed exactly) is decided once, in
+:class:`_Run`, before the loop starts.
 """
 from __future__ import annotations
 
@@ -14,14 +17,14 @@ import torch
 from tqdm.auto import tqdm
 
 from catlab.models.base import ModelAdapter
+from catlab.planner import StepKind, StepPlan, StepPlanner
 from catlab.pruning.engine import TokenPruner
 from catlab.pruning.families import patchify
 from catlab.pruning.sync_check import no_host_sync
-from catlab.registry import selectors
 from catlab.reuse.base import Reuse, unpatchify
 from catlab.reuse.hook import ReuseHook
 from catlab.reuse.kv import KVReuse
-from catlab.selection.base import Policy, StepState
+from catlab.selection.base import Policy
 from catlab.stepcache.base import StepCache, StepCacheError
 from catlab.stepcache.macs import MacCounter
 
@@ -31,7 +34,7 @@ class SamplerConfig:
     """How to denoise. ``guidance_scale <= 1`` disables classifier-free guidance."""
 
     num_steps: int = 28
-    guidance_scale: float = 4.0
+    guidance_scale: float = 7.0
     progress: bool = True
     #: check every index tensor (shape, range, uniqueness); costs a host sync per step
     check_indices: bool = False
@@ -47,6 +50,27 @@ class SamplerConfig:
     def __post_init__(self) -> None:
         if int(self.num_steps) < 1:
             raise ValueError(f"sampler.num_steps must be >= 1; got {self.num_steps}")
+
+
+@dataclass
+class StepReuse:
+    """What stands in for the work a step does not do, besides the selector's choice.
+
+    ``rule`` (a :mod:`catlab.reuse` rule) decides what the unselected tokens' outputs
+    become (``None``: their last computed values, as the paper does); ``kv`` applies a
+    rule to their stale keys and values too; ``step_cache`` is a :mod:`catlab.stepcache`
+    wrapper of a diffusers cache. ``time`` is the variable forecasts run in:
+    ``"step"`` (the 1-based step) or ``"sigma"`` (the scheduler's).
+    """
+
+    rule: Reuse | None = None
+    kv: Reuse | None = None
+    step_cache: StepCache | None = None
+    time: str = "step"
+
+    def __post_init__(self) -> None:
+        if self.time not in ("step", "sigma"):
+            raise ValueError(f"StepReuse.time must be 'step' or 'sigma'; got {self.time!r}")
 
 
 @dataclass
@@ -92,62 +116,205 @@ class SampleResult:
     trace: Trace
 
 
-def _check(idx: torch.Tensor, batch: int, k: int, n: int, name: str) -> None:
-    if idx.shape != (batch, k) or idx.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"selector '{name}' returned {tuple(idx.shape)} {idx.dtype}; expected ({batch}, {k}) integer indices")
-    if int(idx.min()) < 0 or int(idx.max()) >= n:
-        raise ValueError(f"selector '{name}' returned indices outside [0, {n})")
-    if (idx.sort(dim=1).values.diff(dim=1) == 0).any():
-        raise ValueError(f"selector '{name}' returned repeated indices")
-
-
-def _guard(cfg: SamplerConfig, k: int | None, what: str):
-    """The host-sync guard for a pruned step when ``cfg.check_sync`` asks for it."""
-    return no_host_sync(what) if cfg.check_sync and k is not None else contextlib.nullcontext()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.inference_mode()
 def sample(adapter: ModelAdapter, policy: Policy, prompts: list[str], seeds: list[int],
-           config: SamplerConfig | None = None, reuse: Reuse | None = None, step_cache: StepCache | None = None,
-           *, kv_reuse: Reuse | None = None, reuse_time: str = "step") -> SampleResult:
+           config: SamplerConfig | None = None, reuse: StepReuse | Reuse | None = None) -> SampleResult:
     """Generate one image per (prompt, seed) with ``policy`` choosing the recomputed tokens.
 
-    ``reuse`` (a :mod:`catlab.reuse` rule) decides what the unselected tokens'
-    outputs become at a pruned step; ``None`` keeps their last computed values, as
-    the paper does. The policy always observes the output as computed.
-
-    A step whose budget is 0 tokens (``policy.num_kept(...) == 0``, e.g. a
-    ``budget_schedule`` pattern) does not call the transformer: every token's
-    output comes from the reuse rule (a forecast), or without one is the previous
-    step's output.
-
-    ``step_cache`` (a :mod:`catlab.stepcache` wrapper of diffusers' TaylorSeer,
-    FirstBlockCache or MagCache) skips work inside the steps. With one, executed
-    MACs are counted by :class:`~catlab.stepcache.macs.MacCounter` (what really ran),
-    steps the cache forecasts ask the policy nothing, a reuse rule acts inside the
-    transformer (so the cache records forecasts, not stale copies), and a cache that
-    needs calibration is calibrated first on one full generation of this batch.
-    ``kv_reuse`` also applies a rule to the stale K/V; ``reuse_time`` is the
-    forecast's variable: ``"step"`` (1-based index) or ``"sigma"`` (the scheduler's).
+    ``reuse`` is a reuse rule for the unselected tokens or a :class:`StepReuse` (rule,
+    K/V rule, step cache); the policy always observes the output as computed. A step
+    whose budget is 0 tokens (a ``budget_schedule`` pattern) calls no transformer:
+    every token's output is the reuse rule's forecast, or the previous step's.
+    With a step cache, the MACs that really ran are counted, the steps it forecasts
+    ask the policy nothing, and the reuse rule acts inside the transformer (so the
+    cache records forecasts, not stale copies). A cache that needs calibration
+    (``mag_cache``) must have it first: :func:`calibrate`.
     """
     cfg = config or SamplerConfig()
+    parts = reuse if isinstance(reuse, StepReuse) else StepReuse(rule=reuse)
     policy.check(cfg.num_steps)
-    check_composition(policy, step_cache)
-    if reuse_time not in ("step", "sigma"):
-        raise ValueError(f"reuse_time must be 'step' or 'sigma'; got {reuse_time!r}")
-    if step_cache is not None and step_cache.needs_calibration and not step_cache.calibrated \
-            and getattr(step_cache, "_transformer", None) is None:
-        full = replace(cfg, progress=False, check_sync=False)
-        step_cache.calibrate(adapter.transformer,
-                             lambda: sample(adapter, selectors.build("full"), prompts, seeds, full, step_cache=step_cache))
+    check_composition(policy, parts.step_cache)
     with contextlib.ExitStack() as stack:
-        pruner, hooks, counter = _attach(stack, adapter.transformer, policy, cfg, reuse, step_cache, kv_reuse)
-        return _loop(adapter, policy, prompts, seeds, cfg, reuse, step_cache, pruner, hooks, counter, reuse_time)
+        return _loop(_Run(adapter, policy, cfg, parts, stack), prompts, seeds)
+
+
+def _loop(run: "_Run", prompts: list[str], seeds: list[int]) -> SampleResult:
+    adapter, cfg, planner = run.adapter, run.cfg, run.planner
+    scheduler = adapter.make_scheduler()
+    scheduler.set_timesteps(cfg.num_steps, device=adapter.torch_device)
+    cond = adapter.encode(prompts, run.guided)
+    latents = adapter.initial_latents(seeds)
+    trace = run.begin(len(prompts), cond)
+    pred = None
+    for i, t in enumerate(tqdm(scheduler.timesteps, disable=not cfg.progress, desc=run.policy.name, leave=False)):
+        plan, sigma = planner.plan(i + 1), run.time(scheduler, i)
+        t0 = run.clock()
+        with run.guard(plan, "the selection"):
+            idx = planner.select(plan, run.attention())
+            selection_macs = run.selection_macs(plan)
+        t1, mark = run.clock(), run.cost.mark()
+        with run.guard(plan, "the pruned step"):
+            if plan.kind is StepKind.SKIP:
+                pred = run.reuse.forecast(plan.step, pred, planner.output, sigma)
+            else:
+                pred = run.forward(plan, idx, torch.cat([latents] * cond.groups), t, cond, sigma)
+            output = patchify(pred, adapter.patch_size)
+            observe_seconds = planner.observe(plan, output, idx)
+            pred = run.reuse.compose(plan, output, idx, pred, sigma)
+            latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+        t2 = run.clock()
+        trace.steps.append(StepRecord(plan.step, plan.kept, run.cost.macs(plan, mark), selection_macs, t2 - t0,
+                                      (t1 - t0) + observe_seconds))
+        trace.indices.append(None if idx is None else idx.detach())  # stays on the device until the end
+    return run.finish(trace, latents)
+
+
+class _Run:
+    """One generation's fixed decisions and attached hooks, made before the loop starts."""
+
+    def __init__(self, adapter: ModelAdapter, policy: Policy, cfg: SamplerConfig, parts: StepReuse, stack):
+        self.adapter, self.policy, self.cfg, self.parts = adapter, policy, cfg, parts
+        self.guided = cfg.guidance_scale > 1.0
+        self.planner = StepPlanner(policy, parts.step_cache, check_indices=cfg.check_indices)
+        self.pruner = TokenPruner(adapter.transformer).attach()
+        stack.callback(self.pruner.detach)
+        self.pruner.probe_layers = set(getattr(policy, "attention_layers", ()))
+        inside = parts.rule is not None and (parts.step_cache is not None or parts.kv is not None)
+        self.hooks = []  # told the step and time before each forward
+        if inside:
+            self.hooks.append(ReuseHook(self.pruner, parts.rule))
+        if parts.kv is not None:
+            self.hooks.append(KVReuse(self.pruner, parts.kv))
+        for h in self.hooks:
+            h.attach()
+            stack.callback(h.detach)
+        self.reuse = _ReusePlacement(parts.rule, inside, self)
+        cache = parts.step_cache
+        if cache is not None:
+            if not cache.is_applied:  # applied already while it calibrates
+                cache.apply(adapter.transformer)
+                stack.callback(cache.remove, adapter.transformer)
+            cache.reset()
+        counter = None
+        if cfg.count_macs or cache is not None:
+            counter = MacCounter(adapter.transformer).attach()
+            stack.callback(counter.detach)
+        self.cost = _Cost(self.pruner, counter)
+
+    def begin(self, batch: int, cond) -> "Trace":
+        grid, device = self.adapter.grid, self.adapter.torch_device
+        self.batch, self.rows, self.cond = batch, batch * cond.groups, cond
+        self.planner.reset(batch, grid, self.cfg.num_steps, device)
+        self.cost.rows, self.cost.text, self.cost.n = self.rows, cond.num_text_tokens, grid[0] * grid[1]
+        self.reuse.reset(batch, device)
+        self.start = time.perf_counter()
+        return Trace(num_tokens=self.cost.n, grid=grid, batch_size=batch, full_step_macs=self.cost.full())
+
+    def finish(self, trace: Trace, latents: torch.Tensor) -> SampleResult:
+        _sync(self.adapter.torch_device)
+        trace.seconds = time.perf_counter() - self.start
+        trace.indices = [None if idx is None else idx.cpu() for idx in trace.indices]
+        return SampleResult(images=self.adapter.decode(latents), latents=latents, trace=trace)
+
+    def forward(self, plan: StepPlan, idx, latents: torch.Tensor, t, cond, sigma) -> torch.Tensor:
+        """The transformer on the stacked guidance rows (pruned to ``idx``), guidance combined."""
+        self.pruner.set_indices(idx, self.rows)
+        for h in self.hooks:
+            h.step, h.time = plan.step, sigma
+        cache = self.parts.step_cache
+        with cache.context(plan.step, self.cfg.num_steps) if cache is not None else contextlib.nullcontext():
+            pred = self.adapter.predict(latents, t, cond)
+        return self.guide(pred)
+
+    def guide(self, pred: torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance over the stacked (unconditional, conditional) rows."""
+        if not self.guided:
+            return pred
+        uncond, text = pred.chunk(2)
+        return uncond + self.cfg.guidance_scale * (text - uncond)
+
+    def selection_macs(self, plan: StepPlan) -> int:
+        if plan.kind is not StepKind.PRUNED:
+            return 0
+        return self.planner.selection_macs() + self.pruner.probe_macs(self.rows, self.cond.num_text_tokens, plan.kept)
+
+    def attention(self) -> dict[int, torch.Tensor] | None:
+        """Probe maps per sample: the conditional rows (the last ``batch`` rows)."""
+        if not self.pruner.probe_layers or not self.pruner.attention:
+            return None
+        return {layer: probs[-self.batch:] for layer, probs in self.pruner.attention.items()}
+
+    def time(self, scheduler, i: int) -> float | None:
+        return float(scheduler.sigmas[i]) if self.parts.time == "sigma" else None
+
+    def clock(self) -> float:
+        if self.cfg.sync_timing:
+            _sync(self.adapter.torch_device)
+        return time.perf_counter()
+
+    def guard(self, plan: StepPlan, what: str):
+        """The host-sync guard around a pruned step when ``check_sync`` asks for it."""
+        if self.cfg.check_sync and plan.kind in (StepKind.PRUNED, StepKind.SKIP):
+            return no_host_sync(f"{what} of step {plan.step} ({self.policy.name})")
+        return contextlib.nullcontext()
+
+
+class _ReusePlacement:
+    """Where the reuse rule acts, decided once: nowhere (stale copies), inside the transformer
+    (a hook on the scattered output, needed with a step cache or K/V rule), or after guidance."""
+
+    def __init__(self, rule: Reuse | None, inside: bool, run: _Run):
+        self.rule, self.inside, self.run = rule, inside, run
+
+    def reset(self, batch: int, device) -> None:
+        if self.rule is not None and not self.inside:
+            adapter = self.run.adapter
+            self.rule.reset(batch, adapter.grid[0] * adapter.grid[1], adapter.patch_size ** 2 * adapter.latent_channels,
+                            device, adapter.torch_dtype)
+
+    def compose(self, plan: StepPlan, output, idx, pred: torch.Tensor, sigma) -> torch.Tensor:
+        """After a computed step: the rule outside the transformer sees the guided output."""
+        if self.rule is None or self.inside or plan.kind is StepKind.SKIP:
+            return pred
+        composed = self.rule.compose(plan.step, output, idx, sigma)
+        if idx is None:
+            return pred
+        return unpatchify(composed, self.run.adapter.patch_size, pred.shape[-2], pred.shape[-1])
+
+    def forecast(self, step: int, pred, output, sigma) -> torch.Tensor:
+        """A step that computes no token: the rule's forecast of every token, or the last prediction."""
+        if output is None:
+            raise ValueError(f"step {step} computes no token but no step has been computed yet")
+        patch, (height, width) = self.run.adapter.patch_size, pred.shape[-2:]
+        if self.rule is None:
+            return pred
+        if self.inside:  # forecast the stacked guidance rows, as the transformer would have returned them
+            cache = self.run.pruner.output_cache
+            none = torch.zeros(cache.shape[0], 0, dtype=torch.long, device=cache.device)
+            return self.run.guide(unpatchify(self.rule.compose(step, cache, none, sigma), patch, height, width))
+        none = torch.zeros(output.shape[0], 0, dtype=torch.long, device=output.device)
+        return unpatchify(self.rule.compose(step, output, none, sigma), patch, height, width)
+
+
+class _Cost:
+    """MACs of a step, from one source decided once: the counter of what ran, or the analytic formula."""
+
+    def __init__(self, pruner: TokenPruner, counter: MacCounter | None):
+        self.pruner, self.counter = pruner, counter
+        self.rows = self.text = self.n = 0
+
+    def full(self) -> int:
+        return self.pruner.macs(self.rows, self.text, num_tokens=self.n)
+
+    def mark(self) -> int:
+        return len(self.counter.calls) if self.counter is not None else 0
+
+    def macs(self, plan: StepPlan, mark: int) -> int:
+        if plan.kind is StepKind.SKIP:
+            return 0
+        if self.counter is not None:
+            return sum(self.counter.calls[mark:])
+        return self.pruner.macs(self.rows, self.text, num_tokens=self.n, kept=plan.kept)
 
 
 def check_composition(policy: Policy, step_cache: StepCache | None) -> None:
@@ -159,138 +326,18 @@ def check_composition(policy: Policy, step_cache: StepCache | None) -> None:
             f"'taylorseer', or run '{step_cache.name}' with selector=full.")
 
 
-def _attach(stack, transformer, policy, cfg, reuse, step_cache, kv_reuse):
-    """Hooks, innermost first: pruner gather/scatter, reuse rule, K/V rule, step cache; plus the MAC counter."""
-    pruner = TokenPruner(transformer).attach()
-    stack.callback(pruner.detach)
-    pruner.probe_layers = set(getattr(policy, "attention_layers", ()))
-    hook = kv = None
-    if reuse is not None and (step_cache is not None or kv_reuse is not None):
-        hook = ReuseHook(pruner, reuse).attach()
-        stack.callback(hook.detach)
-    if kv_reuse is not None:
-        kv = KVReuse(pruner, kv_reuse).attach()
-        stack.callback(kv.detach)
-    if step_cache is not None:
-        if getattr(step_cache, "_transformer", None) is None:  # else: applied by the caller (calibration)
-            step_cache.apply(transformer)
-            stack.callback(step_cache.remove, transformer)
-        step_cache.reset()
-    counter = None
-    if cfg.count_macs or step_cache is not None:
-        counter = MacCounter(transformer).attach()
-        stack.callback(counter.detach)
-    return pruner, (hook, kv), counter
+def calibrate(step_cache: StepCache, adapter: ModelAdapter, prompts: list[str], seeds: list[int],
+              config: SamplerConfig | None = None) -> None:
+    """Give a cache that needs it (``mag_cache``) its calibration: one full generation of this batch."""
+    if not step_cache.needs_calibration or step_cache.calibrated:
+        return
+    from catlab.registry import selectors
+
+    full = replace(config or SamplerConfig(), progress=False, check_sync=False)
+    step_cache.calibrate(adapter.transformer, lambda: sample(adapter, selectors.build("full"), prompts, seeds, full,
+                                                             StepReuse(step_cache=step_cache)))
 
 
-def _loop(adapter, policy, prompts, seeds, cfg, reuse, step_cache, pruner, hooks, counter, reuse_time):
-    hook, kv = hooks
-    device = adapter.torch_device
-    guidance = cfg.guidance_scale > 1.0
-    batch = len(prompts)
-    scheduler = adapter.make_scheduler()
-    scheduler.set_timesteps(cfg.num_steps, device=device)
-    cond = adapter.encode(prompts, guidance)
-    latents = adapter.initial_latents(seeds)
-    grid = adapter.grid
-    n = grid[0] * grid[1]
-    rows = batch * cond.groups
-    policy.reset(batch, grid, cfg.num_steps, device)
-    outside = reuse if hook is None else None  # the rule after guidance, in token space (one row per sample)
-    if outside is not None:
-        outside.reset(batch, n, adapter.patch_size ** 2 * adapter.latent_channels, device, adapter.torch_dtype)
-    trace = Trace(num_tokens=n, grid=grid, batch_size=batch,
-                  full_step_macs=pruner.macs(rows, cond.num_text_tokens, num_tokens=n))
-    output = pred = None
-    start = time.perf_counter()
-    for i, t in enumerate(tqdm(scheduler.timesteps, disable=not cfg.progress, desc=policy.name, leave=False)):
-        step = i + 1
-        if cfg.sync_timing:
-            _sync(device)
-        t0 = time.perf_counter()
-        # a step the cache forecasts computes no token: the policy is asked only on computed steps
-        forecast = step_cache is not None and step_cache.computes(i) is False
-        k = None if forecast else policy.num_kept(step, n)
-        idx, sel_macs = None, 0
-        if k is not None and k > 0:
-            state = StepState(step=step, num_steps=cfg.num_steps, grid=grid, batch_size=batch, k=k,
-                              output=output, attention=_sample_attention(pruner, batch), device=device)
-            with _guard(cfg, k, f"the selection of step {step} ({policy.name})"):
-                idx = policy.select(state)
-                sel_macs = policy.selection_macs(state) + pruner.probe_macs(rows, cond.num_text_tokens, k)
-            if cfg.check_indices:
-                _check(idx, batch, k, n, policy.name)
-        if cfg.sync_timing:
-            _sync(device)
-        t1 = time.perf_counter()
-        sigma = float(scheduler.sigmas[i]) if reuse_time == "sigma" else None
-        observe_seconds, calls = 0.0, len(counter.calls) if counter is not None else 0
-        with _guard(cfg, k, f"the pruned step {step}"):
-            if k == 0:  # no token computed: the transformer is not called
-                pred = _skipped(step, output, pred, hook, outside, pruner, rows, sigma, adapter, guidance, cfg)
-            else:
-                pruner.set_indices(idx, rows)
-                for h in hooks:
-                    if h is not None:
-                        h.step, h.time = step, sigma
-                ctx = step_cache.context(i, cfg.num_steps) if step_cache is not None else contextlib.nullcontext()
-                with ctx:
-                    pred = adapter.predict(torch.cat([latents] * cond.groups), t, cond)
-                pred = _guide(pred, guidance, cfg.guidance_scale)
-            output = patchify(pred, adapter.patch_size)
-            if k != 0 and not forecast:
-                t_obs = time.perf_counter()
-                policy.observe(step, output, idx)  # a policy's bookkeeping counts as selection time
-                observe_seconds = time.perf_counter() - t_obs
-            if outside is not None and k != 0:
-                composed = outside.compose(step, output, idx, sigma)
-                if idx is not None:
-                    pred = unpatchify(composed, adapter.patch_size, pred.shape[-2], pred.shape[-1])
-            latents = scheduler.step(pred, t, latents, return_dict=False)[0]
-        if cfg.sync_timing:
-            _sync(device)
-        t2 = time.perf_counter()
-        kept = 0 if forecast else n if k is None else k
-        if k == 0:  # nothing ran
-            macs = 0
-        elif counter is not None:
-            macs = sum(counter.calls[calls:])
-        else:
-            macs = pruner.macs(rows, cond.num_text_tokens, num_tokens=n, kept=kept)
-        trace.steps.append(StepRecord(step, kept, macs, sel_macs, t2 - t0, (t1 - t0) + observe_seconds))
-        trace.indices.append(None if idx is None else idx.detach())  # stays on the device until the end
-    _sync(device)
-    trace.seconds = time.perf_counter() - start
-    trace.indices = [None if idx is None else idx.cpu() for idx in trace.indices]
-    images = adapter.decode(latents)
-    return SampleResult(images=images, latents=latents, trace=trace)
-
-
-def _skipped(step, output, pred, hook, outside, pruner, rows, sigma, adapter, guidance, cfg) -> torch.Tensor:
-    """The prediction of a step that computes no token: the reuse rule's forecast, or the last prediction."""
-    if output is None:
-        raise ValueError(f"step {step} computes no token but no step has been computed yet")
-    none = torch.zeros(rows, 0, dtype=torch.long, device=output.device)
-    height, width = pred.shape[-2:]  # the previous step's prediction has this step's shape
-    if hook is not None:  # the rule lives inside the transformer: forecast the stacked guidance rows
-        stacked = hook.reuse.compose(step, pruner.output_cache, none, sigma)
-        return _guide(unpatchify(stacked, adapter.patch_size, height, width), guidance, cfg.guidance_scale)
-    if outside is not None:
-        return unpatchify(outside.compose(step, output, none[: output.shape[0]], sigma), adapter.patch_size, height,
-                          width)
-    return pred
-
-
-def _guide(pred: torch.Tensor, guidance: bool, scale: float) -> torch.Tensor:
-    """Classifier-free guidance over the stacked (unconditional, conditional) rows."""
-    if not guidance:
-        return pred
-    uncond, text = pred.chunk(2)
-    return uncond + scale * (text - uncond)
-
-
-def _sample_attention(pruner: TokenPruner, batch: int) -> dict[int, torch.Tensor] | None:
-    """Probe maps per sample: the conditional rows (the last ``batch`` rows)."""
-    if not pruner.probe_layers or not pruner.attention:
-        return None
-    return {layer: probs[-batch:] for layer, probs in pruner.attention.items()}
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

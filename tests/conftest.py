@@ -56,3 +56,34 @@ def run_cli(*overrides: str, tmp_path: Path, module: str = "catlab.run", check: 
 
 
 FAST = ("sampler.num_steps=10", "sampler.progress=false", "logger=local")
+
+
+class Generation:
+    """A sampler result with executed MACs per step (transformer + selection), as the step-cache tests read it."""
+
+    def __init__(self, result):
+        trace = result.trace
+        self.images, self.latents = result.images, result.latents
+        self.step_macs = [s.macs + s.selection_macs for s in trace.steps]
+        self.full_step_macs = trace.full_step_macs
+        self.computed_tokens = [s.kept for s in trace.steps]
+
+    @property
+    def macs(self) -> int:
+        return sum(self.step_macs)
+
+    @property
+    def macs_ratio(self) -> float:
+        """Full model's MACs / this generation's MACs (> 1: cheaper)."""
+        return self.full_step_macs * len(self.step_macs) / max(self.macs, 1)
+
+
+def generate(adapter, policy, prompts, seeds, *, num_steps=28, guidance_scale=7.0, reuse=None, step_cache=None,
+             kv_reuse=None) -> Generation:
+    """:func:`catlab.sampler.sample` with every MAC counted as it runs."""
+    from catlab.sampler import SamplerConfig, StepReuse, calibrate, sample
+
+    cfg = SamplerConfig(num_steps=num_steps, guidance_scale=guidance_scale, progress=False, count_macs=True)
+    if step_cache is not None and not step_cache.is_applied:
+        calibrate(step_cache, adapter, prompts, seeds, cfg)
+    return Generation(sample(adapter, policy, prompts, seeds, cfg, StepReuse(reuse, kv_reuse, step_cache)))

@@ -68,3 +68,22 @@ def test_sd3_pipeline():
 
 def test_pixart_pipeline():
     _check_family(_pixart, guidance_scale=4.5)
+
+
+def test_zero_token_step_skips_the_transformer_on_a_stock_pipeline():
+    """budget_schedule [1, 0.5, 0] under enable_pruning: the 0-token step calls no transformer and costs 0 MACs."""
+    from catlab.stepcache import BudgetSchedule
+
+    pipe, call = _sd3()
+    stock = call()
+    calls = []
+    handle = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(lambda module, args: calls.append(1))
+    enable_pruning(pipe, BudgetSchedule(inner="sequential", pattern=(1.0, 0.5, 0.0), start_step=2))
+    images = call()
+    macs = pruning_macs(pipe)
+    handle.remove()
+    disable_pruning(pipe)
+    # steps 1-2 full, then the pattern: 3 full, 4 half the tokens, 5 none
+    assert macs[4] == 0 and macs[0] == macs[1] == macs[2] > macs[3] > 0
+    assert len(calls) == 4  # the transformer's blocks ran at steps 1-4 only
+    assert torch.isfinite(images).all() and not torch.equal(images, stock)

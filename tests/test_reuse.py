@@ -100,8 +100,7 @@ def test_registry_and_unpatchify_roundtrip():
 
 def test_kv_reuse_with_copy_is_the_engine_and_detaches():
     from catlab.registry import selectors
-    from catlab.stepcache.loop import generate
-    from tests.conftest import tiny_sd3
+    from tests.conftest import generate, tiny_sd3
 
     model = tiny_sd3()
     policy = selectors.build({"name": "random", "alpha": 0.4, "start_step": 2})

@@ -37,11 +37,28 @@ def test_sweep_with_submitit_local(tmp_path):
     assert [m["selector"] for m in metrics] == ["full", "random"]
 
 
-def _evaluate(out: Path, *extra: str, torchrun: int = 0, env: dict | None = None, check: bool = True):
+#: runs catlab.evaluate in a process that dies (as a killed job would) once it has written N records
+KILLED_AFTER = """
+import os, runpy, sys
+from catlab.evaluation.store import ResultStore
+left, put = int(sys.argv.pop(1)), ResultStore.put
+def put_then_die(self, *args, **kwargs):
+    global left
+    put(self, *args, **kwargs)
+    left -= 1
+    if left == 0:
+        os._exit(17)
+ResultStore.put = put_then_die
+runpy.run_module("catlab.evaluate", run_name="__main__", alter_sys=True)
+"""
+
+
+def _evaluate(out: Path, *extra: str, torchrun: int = 0, killed_after: int = 0, check: bool = True):
     launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_port=29611"]
                 if torchrun else [sys.executable])
-    cmd = [*launcher, "-m", "catlab.evaluate", f"hydra.run.dir={out}", *EVAL, *extra]
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "CATLAB_CACHE": str(out.parent / "cache"), **(env or {})}
+    app = ["-c", KILLED_AFTER, str(killed_after)] if killed_after else ["-m", "catlab.evaluate"]
+    cmd = [*launcher, *app, f"hydra.run.dir={out}", *EVAL, *extra]
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "CATLAB_CACHE": str(out.parent / "cache")}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=full_env)
     if check and proc.returncode != 0:
         raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -74,7 +91,7 @@ def test_torchrun_two_processes_match_one(tmp_path, clean_run):
 
 def test_killed_evaluation_resumes_without_recomputing(tmp_path, clean_run):
     out = tmp_path / "killed"
-    proc = _evaluate(out, env={"CATLAB_EVAL_STOP_AFTER": "4"}, check=False)
+    proc = _evaluate(out, killed_after=4, check=False)
     assert proc.returncode == 17
     before = _records(out)
     assert len(before) == 4 and not (out / "results.json").exists()

@@ -8,34 +8,10 @@ from hypothesis import strategies as st
 
 from catlab.registry import selectors
 from catlab.selection import StepState, kept_tokens
+from catlab.testing import simulate
 
 CPU = torch.device("cpu")
 SELECTORS = ["cat", "cat_reference", "noise", "noise_staleness", "sequential", "random", "atedm"]
-
-
-def simulate(policy, grid, num_steps, batch=2, channels=4, seed=0, outputs=None, on_select=None):
-    """Run the reset/num_kept/select/observe protocol with random outputs; return the indices per step."""
-    n = grid[0] * grid[1]
-    gen = torch.Generator().manual_seed(seed)
-    policy.reset(batch, grid, num_steps, CPU)
-    output, chosen = None, []
-    for step in range(1, num_steps + 1):
-        k = policy.num_kept(step, n)
-        idx = None
-        if k is not None:
-            attention = {
-                layer: torch.softmax(torch.randn(batch, n, n, generator=gen), -1)
-                for layer in getattr(policy, "attention_layers", ())
-            }
-            state = StepState(step=step, num_steps=num_steps, grid=grid, batch_size=batch, k=k,
-                              output=output, attention=attention, device=CPU)
-            idx = policy.select(state)
-            if on_select:
-                on_select(step, state, idx)
-        output = outputs(step) if outputs else torch.randn(batch, n, channels, generator=gen)
-        policy.observe(step, output, idx)
-        chosen.append(idx)
-    return chosen
 
 
 def _assert_exact(idx, batch, k, n):

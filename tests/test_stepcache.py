@@ -10,10 +10,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from catlab.pruning.engine import TokenPruner
 from catlab.registry import selectors
 from catlab.reuse import reuses
-from catlab.sampler import SamplerConfig, sample
+from catlab.sampler import SamplerConfig, StepReuse, calibrate, sample
 from catlab.stepcache import MacCounter, StepCacheError, stepcaches
-from catlab.stepcache.loop import generate
-from tests.conftest import tiny_sd3
+from tests.conftest import generate, tiny_sd3
 
 STEPS = 8
 PROMPTS, SEEDS = ["a red square"], [0]
@@ -82,7 +81,7 @@ def test_taylorseer_schedule_matches_its_step_costs(model):
     cache = stepcaches.build({"name": "taylorseer", "cache_interval": 2, "disable_cache_before_step": 3})
     result = generate(model, selectors.build("full"), PROMPTS, SEEDS, num_steps=STEPS, step_cache=cache)
     for i, macs in enumerate(result.step_macs):
-        assert (macs == result.full_step_macs) == cache.computes(i)
+        assert (macs == result.full_step_macs) == cache.computes(i + 1)
 
 
 def test_first_block_cache_runs_on_sd3_and_refuses_too_few_blocks():
@@ -114,7 +113,7 @@ def test_pruning_composes_with_taylorseer_and_macs_add_up(model):
         step = i + 1
         if step <= 3:
             assert macs == result.full_step_macs
-        elif cache.computes(i):
+        elif cache.computes(i + 1):
             assert macs == pruned_step
         else:
             assert macs < pruned_step / 4
@@ -184,14 +183,18 @@ def test_skipped_steps_cost_nothing_counted_or_analytic(model):
     assert torch.equal(runs[0].images, runs[1].images)
 
 
-def test_sampler_calibrates_mag_cache_once_then_skips(model):
+def test_mag_cache_calibrates_once_then_skips(model):
     cache = stepcaches.build({"name": "mag_cache", "threshold": 0.5, "num_steps": STEPS})
     full = selectors.build("full")
     cfg = SamplerConfig(num_steps=STEPS, progress=False)
-    first = sample(model, full, PROMPTS, SEEDS, cfg, step_cache=cache)
+    with pytest.raises(StepCacheError, match="calibrate"):
+        sample(model, full, PROMPTS, SEEDS, cfg, StepReuse(step_cache=cache))
+    calibrate(cache, model, PROMPTS, SEEDS, cfg)
     assert cache.calibrated and len(cache.mag_ratios) == STEPS
     ratios = list(cache.mag_ratios)
-    again = sample(model, full, PROMPTS, SEEDS, cfg, step_cache=cache)
+    calibrate(cache, model, PROMPTS, SEEDS, cfg)
+    first = sample(model, full, PROMPTS, SEEDS, cfg, StepReuse(step_cache=cache))
+    again = sample(model, full, PROMPTS, SEEDS, cfg, StepReuse(step_cache=cache))
     assert cache.mag_ratios == ratios  # calibrated once, kept for later batches
     assert torch.equal(first.images, again.images)
     assert first.trace.macs < first.trace.full_macs

@@ -10,7 +10,7 @@ import torch
 
 import catlab.selection  # noqa: F401  (registers the built-in selectors)
 from catlab.pruning import HostSyncError, TokenPruner, no_host_sync
-from catlab.pruning.sync_check import check_policy
+from catlab.testing import check_policy
 from catlab.registry import selectors
 from catlab.sampler import SamplerConfig, sample
 from catlab.selection.simple import Random
@@ -100,7 +100,7 @@ STEADY_NOT_YET_CLEAN = {"cat_reference": NOT_YET_CLEAN["cat_reference"]}
 
 
 def _cases(known: dict[str, str]):
-    return [pytest.param(n, marks=pytest.mark.xfail(reason=known[n], raises=HostSyncError, strict=False))
+    return [pytest.param(n, marks=pytest.mark.xfail(reason=known[n], raises=HostSyncError, strict=True))
             if n in known else n for n in selectors.names()]
 
 
@@ -143,7 +143,7 @@ RANDOM_UPLOAD = "random draws on a CPU generator and uploads with a blocking .to
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for torch.cuda.set_sync_debug_mode")
 @pytest.mark.parametrize("name", ["sequential", pytest.param("random", marks=pytest.mark.xfail(reason=RANDOM_UPLOAD,
-                                                                                             strict=False))])
+                                                                                             strict=True))])
 def test_cuda_sampler_steps_do_not_sync(name):
     from catlab.models.sd3 import TinySD3
 

@@ -24,13 +24,10 @@ from catlab.evaluation.store import ResultStore
 from catlab.loggers.base import to_pil
 from catlab.metrics.base import Metric
 from catlab.models.base import ModelAdapter
-from catlab.sampler import SampleResult, SamplerConfig, sample
+from catlab.sampler import SampleResult, SamplerConfig, StepReuse, calibrate, sample
 from catlab.selection.base import Policy
 
 log = logging.getLogger("catlab.evaluate")
-
-#: testing hook: stop the process (as a crash would) after this many records were written
-STOP_AFTER_ENV = "CATLAB_EVAL_STOP_AFTER"
 
 
 @dataclass
@@ -57,6 +54,11 @@ class Strategy:
     step_cache: Any = None
 
     @property
+    def reuse_parts(self) -> StepReuse:
+        """What the sampler needs besides the policy: the reuse rule and the step cache."""
+        return StepReuse(self.reuse, step_cache=self.step_cache)
+
+    @property
     def exact(self) -> bool:
         """Whether its images are the full model's (then they serve as the references)."""
         return not self.policy.prunes and self.step_cache is None
@@ -76,13 +78,14 @@ def _chunks(items: list, size: int):
         yield items[b:b + size]
 
 
-def timed_sample(adapter, policy, jobs: list[Job], sampler: SamplerConfig, repeats: int,
-                 reuse=None, step_cache=None) -> tuple[SampleResult, float]:
+def timed_sample(adapter, strategy: "Strategy", jobs: list[Job], sampler: SamplerConfig,
+                 repeats: int) -> tuple[SampleResult, float]:
     """One batch, timed; with ``repeats`` > 1 the best of several identical passes."""
     best, kept = float("inf"), None
     for _ in range(max(1, repeats)):
         start = time.perf_counter()
-        result = sample(adapter, policy, [j.prompt for j in jobs], [j.seed for j in jobs], sampler, reuse, step_cache)
+        result = sample(adapter, strategy.policy, [j.prompt for j in jobs], [j.seed for j in jobs], sampler,
+                        strategy.reuse_parts)
         wall = time.perf_counter() - start
         if wall < best:
             best, kept = wall, result
@@ -111,27 +114,11 @@ class References:
                 self.cache.put(j.prompt, j.seed, img)
 
 
-class _Budget:
-    """Counts records written, for the crash-injection testing hook."""
-
-    def __init__(self):
-        limit = os.environ.get(STOP_AFTER_ENV)
-        self.left = int(limit) if limit else None
-
-    def spend(self) -> None:
-        if self.left is not None:
-            self.left -= 1
-            if self.left <= 0:
-                log.error("%s reached: stopping as if killed", STOP_AFTER_ENV)
-                os._exit(17)
-
-
 def _record_batch(adapter: ModelAdapter, strategy: Strategy, chunk: list[Job], sampler: SamplerConfig,
                   metrics: list[Metric], store: ResultStore, references: References, repeats: int,
-                  image_dir: Path | None, budget: _Budget | None) -> None:
+                  image_dir: Path | None) -> None:
     """Generate one batch with ``strategy``, score it, and write one record per image."""
-    result, wall = timed_sample(adapter, strategy.policy, chunk, sampler, repeats, strategy.reuse,
-                                strategy.step_cache)
+    result, wall = timed_sample(adapter, strategy, chunk, sampler, repeats)
     images = result.images
     reference = None
     if strategy.exact:
@@ -157,14 +144,12 @@ def _record_batch(adapter: ModelAdapter, strategy: Strategy, chunk: list[Job], s
             d = image_dir / strategy.label
             d.mkdir(parents=True, exist_ok=True)
             to_pil(images[i]).save(d / f"p{job.prompt_id:06d}_s{job.seed}.png")
-        if budget is not None:
-            budget.spend()
 
 
 def evaluate_strategies(adapter: ModelAdapter, strategies: list[Strategy], jobs: list[Job], sampler: SamplerConfig,
                         batch_size: int, metrics: list[Metric], store: ResultStore, references: References,
-                        warmup: bool = True, repeats: int = 1, image_dir: Path | None = None,
-                        budget: _Budget | None = None) -> dict[str, SampleResult | None]:
+                        warmup: bool = True, repeats: int = 1,
+                        image_dir: Path | None = None) -> dict[str, SampleResult | None]:
     """Write every record the store lacks; return each strategy's warm-up result (``None`` if nothing to do).
 
     The strategies take turns on each batch (the full model first, so its images
@@ -177,11 +162,13 @@ def evaluate_strategies(adapter: ModelAdapter, strategies: list[Strategy], jobs:
         if len(pending[s.key]) < len(jobs):
             log.info("%s: %d of %d records already in the store", s.label, len(jobs) - len(pending[s.key]), len(jobs))
         first = pending[s.key][:batch_size]
-        warm[s.label] = (sample(adapter, s.policy, [j.prompt for j in first], [j.seed for j in first], sampler, s.reuse,
-                                s.step_cache) if warmup and first else None)
+        prompts, seeds = [j.prompt for j in first], [j.seed for j in first]
+        if s.step_cache is not None and first:
+            calibrate(s.step_cache, adapter, prompts, seeds, sampler)  # a cache that needs it, on the first batch
+        warm[s.label] = sample(adapter, s.policy, prompts, seeds, sampler, s.reuse_parts) if warmup and first else None
     for chunk in _chunks(jobs, batch_size):
         for s in strategies:
             todo = [j for j in chunk if not store.has(s.key, j.prompt_id, j.seed)]
             if todo:
-                _record_batch(adapter, s, todo, sampler, metrics, store, references, repeats, image_dir, budget)
+                _record_batch(adapter, s, todo, sampler, metrics, store, references, repeats, image_dir)
     return warm

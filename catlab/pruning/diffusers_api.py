@@ -7,8 +7,11 @@
     image = pipe("a teddy bear").images[0]      # runs pruned
     catlab.disable_pruning(pipe)                 # the stock pipeline again
 
-A stateful hook on the transformer counts the denoising steps, asks the policy
-for indices before each call and shows it the guided output after. A new
+A stateful hook on the transformer counts the denoising steps and follows the
+same :class:`~catlab.planner.StepPlanner` as catlab's sampler: before each call
+it plans the step and asks the policy for indices, after it shows the policy the
+guided output. A step whose budget is 0 tokens (``budget_schedule``) calls no
+transformer: the hook returns the previous call's output again (the copy rule). A new
 generation is detected when the pipeline's scheduler gets new timesteps (every
 pipeline call runs ``scheduler.set_timesteps``) or the batch changes, and
 everything is reset then; ``reset_pruning(pipe)`` does it by hand. Neither test
@@ -26,7 +29,8 @@ from torch import nn
 
 from catlab.pruning.engine import TokenPruner
 from catlab.pruning.families import patchify
-from catlab.selection.base import Policy, StepState
+from catlab.planner import StepKind, StepPlan, StepPlanner
+from catlab.selection.base import Policy
 
 POLICY_HOOK = "catlab_token_pruning"
 
@@ -48,17 +52,20 @@ class TokenPruningHook(ModelHook):
     def __init__(self, pruner: TokenPruner, policy: Policy, pipeline=None, guidance_scale: float | None = None):
         super().__init__()
         self.pruner, self.policy, self.pipeline, self.guidance_scale = pruner, policy, pipeline, guidance_scale
+        self.planner = StepPlanner(policy)
         self.step = 0
+        self.plan: StepPlan | None = None
+        #: the latest computed call's output, returned again at a step that computes no token
+        self.last = None
         #: the scheduler's timesteps (or the last timestep value) of the current generation
         self.marker: torch.Tensor | float | None = None
         self.rows: int | None = None
         self.indices: torch.Tensor | None = None
-        self.output: torch.Tensor | None = None
         self.macs: list[int] = []
         self._warned = False
 
     def reset_state(self, module: nn.Module) -> nn.Module:
-        self.step, self.marker, self.rows, self.indices, self.output = 0, None, None, None, None
+        self.step, self.marker, self.rows, self.indices, self.plan, self.last = 0, None, None, None, None, None
         self.macs = []
         self.pruner.reset()
         return module
@@ -91,45 +98,57 @@ class TokenPruningHook(ModelHook):
         self.marker, self.rows = marker, rows
         self.step += 1
 
+        self.groups = self._groups(rows)
+        patch = module.config.patch_size
+        grid = (latents.shape[-2] // patch, latents.shape[-1] // patch)
+        if self.step == 1:
+            self.planner.reset(rows // self.groups, grid, self._num_steps(), latents.device)
+            self.pruner.probe_layers = set(getattr(self.policy, "attention_layers", ()))
+        self.plan = self.planner.plan(self.step)
+        batch = rows // self.groups
+        attention = {l: a[-batch:] for l, a in self.pruner.attention.items()} or None
+        self.indices = self.planner.select(self.plan, attention)
+        if self.plan.calls_transformer:
+            self.pruner.set_indices(self.indices, rows)
+        text = kwargs.get("encoder_hidden_states")
+        n_text = text.shape[1] if text is not None else 0
+        self.macs.append(self.pruner.macs(rows, n_text, num_tokens=grid[0] * grid[1], kept=self.plan.kept)
+                         if self.plan.calls_transformer else 0)
+        return args, kwargs
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        """The transformer, except at a step that computes no token: then the previous call's output again
+        (the copy rule's forecast of every token), and no forward at all."""
+        if self.plan.kind is StepKind.SKIP:
+            if self.last is None:
+                raise RuntimeError(f"catlab: step {self.step} computes no token but no step has been computed yet")
+            return self.last
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+    def _groups(self, rows: int) -> int:
+        """How many guidance branches are stacked in the batch (2 with classifier-free guidance)."""
         scale = self._guidance()
-        self.groups = 2 if (scale is not None and scale > 1.0 and rows % 2 == 0) else 1
-        if self.groups == 1 and rows % 2 == 0 and scale is None and not self._warned:
+        if scale is None and rows % 2 == 0 and not self._warned:
             warnings.warn("catlab: guidance scale unknown; treating every batch row as its own sample. "
                           "Pass enable_pruning(..., guidance_scale=...) so CFG branches share indices.")
             self._warned = True
-        batch = rows // self.groups
-        patch = module.config.patch_size
-        grid = (latents.shape[-2] // patch, latents.shape[-1] // patch)
-        n = grid[0] * grid[1]
-        if self.step == 1:
-            self.policy.reset(batch, grid, self._num_steps(), latents.device)
-            self.pruner.probe_layers = set(getattr(self.policy, "attention_layers", ()))
-        k = self.policy.num_kept(self.step, n)
-        self.indices = None
-        if k is not None:
-            attention = {l: a[-batch:] for l, a in self.pruner.attention.items()} or None
-            state = StepState(step=self.step, num_steps=self._num_steps(), grid=grid, batch_size=batch, k=k,
-                              output=self.output, attention=attention, device=latents.device)
-            self.indices = self.policy.select(state)
-        self.pruner.set_indices(self.indices, rows)
-        text = kwargs.get("encoder_hidden_states")
-        n_text = text.shape[1] if text is not None else 0
-        self.macs.append(self.pruner.macs(rows, n_text, num_tokens=n, kept=n if k is None else k))
-        return args, kwargs
+        return 2 if (scale is not None and scale > 1.0 and rows % 2 == 0) else 1
 
     def _num_steps(self) -> int:
         timesteps = getattr(getattr(self.pipeline, "scheduler", None), "timesteps", None)
         return len(timesteps) if timesteps is not None else 0
 
     def post_forward(self, module: nn.Module, output):
+        if self.plan.kind is StepKind.SKIP:
+            return output
+        self.last = output
         sample = output[0] if isinstance(output, tuple) else output.sample
         channels = module.config.in_channels
         pred = sample[:, :channels].float()
         if self.groups == 2:
             uncond, text = pred.chunk(2)
             pred = uncond + self._guidance() * (text - uncond)
-        self.output = patchify(pred, module.config.patch_size)
-        self.policy.observe(self.step, self.output, self.indices)
+        self.planner.observe(self.plan, patchify(pred, module.config.patch_size), self.indices)
         return output
 
 

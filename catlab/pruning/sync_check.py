@@ -28,7 +28,7 @@ On a CPU-only machine uploads cannot happen, so only the CUDA mode finds them.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -126,42 +126,3 @@ def no_host_sync(what: str = "the per-step path", cuda: bool | None = None) -> I
     finally:
         if use_cuda:
             torch.cuda.set_sync_debug_mode(previous)
-
-
-def check_policy(policy, grid: tuple[int, int] = (8, 8), batch_size: int = 2, num_steps: int = 8, channels: int = 8,
-                 device: str | torch.device = "cpu", skip_first_pruned: bool = False) -> int:
-    """Drive ``policy`` through one generation of synthetic outputs, each pruned step under :func:`no_host_sync`.
-
-    Each step the policy selects (when it prunes) and observes a random ``(B, N, C)``
-    output; probe attention maps are random too. ``skip_first_pruned`` leaves the
-    first pruned step unguarded (for a policy that sizes something once, e.g. its
-    clusters). Returns the number of guarded steps; raises :class:`HostSyncError`.
-    """
-    # imported here: the selection package imports the pruning package
-    from catlab.selection.base import StepState
-
-    device = torch.device(device)
-    n = grid[0] * grid[1]
-    g = torch.Generator().manual_seed(0)
-    policy.check(num_steps)
-    policy.reset(batch_size, grid, num_steps, device)
-    output, guarded, first = None, 0, True
-    for step in range(1, num_steps + 1):
-        k = policy.num_kept(step, n)
-        new_output = torch.randn(batch_size, n, channels, generator=g).to(device)
-        attention = {layer: torch.rand(batch_size, n, n, generator=g).softmax(-1).to(device)
-                     for layer in getattr(policy, "attention_layers", ())} or None
-        guard = k is not None and not (skip_first_pruned and first)
-        with no_host_sync(f"{policy.name} at step {step}") if guard else nullcontext():
-            indices = None
-            if k is not None:
-                state = StepState(step=step, num_steps=num_steps, grid=grid, batch_size=batch_size, k=k,
-                                  output=output, attention=attention, device=device)
-                indices = policy.select(state)
-                policy.selection_macs(state)
-            policy.observe(step, new_output, indices)
-        first = first and k is None
-        guarded += guard
-        output = new_output
-    return guarded
-

@@ -6,7 +6,7 @@ wrapper) and drives the state per generation. The loop calls::
 
     cache.apply(transformer)                   # once; after TokenPruner.attach() when composing
     cache.reset()                              # at the start of each generation
-    with cache.context(step_index, num_steps): # around each transformer call (0-based index)
+    with cache.context(step, num_steps):       # around each transformer call (1-based step)
         pred = adapter.predict(...)
     cache.remove(transformer)                  # the transformer is the stock model again
 """
@@ -44,8 +44,13 @@ class StepCache:
     def name(self) -> str:
         return getattr(type(self), "registered_name", type(self).__name__)
 
+    @property
+    def is_applied(self) -> bool:
+        """Whether the cache's hooks are on a transformer now (by :meth:`apply` or during :meth:`calibrate`)."""
+        return getattr(self, "_transformer", None) is not None
+
     def apply(self, transformer: nn.Module) -> "StepCache":
-        if getattr(self, "_transformer", None) is not None:
+        if self.is_applied:
             raise StepCacheError(f"step cache '{self.name}' is already applied; remove() it first")
         self._transformer = transformer
         try:
@@ -81,10 +86,10 @@ class StepCache:
             _set_cache_context(t, None)
 
     @contextlib.contextmanager
-    def context(self, step_index: int, num_steps: int, **info):
-        """The diffusers cache context around one transformer call (one call per step: CFG rows are stacked)."""
+    def context(self, step: int, num_steps: int, **info):
+        """The diffusers cache context around one transformer call of ``step`` (1-based; CFG rows are stacked)."""
         t = self._transformer
-        _set_cache_context(t, CacheContext("catlab", step_index=step_index, num_inference_steps=num_steps, **info))
+        _set_cache_context(t, CacheContext("catlab", step_index=step - 1, num_inference_steps=num_steps, **info))
         try:
             yield
         finally:
@@ -99,6 +104,6 @@ class StepCache:
         """Whether :meth:`calibrate` has what it measures (always, for caches that need none)."""
         return True
 
-    def computes(self, step_index: int) -> bool | None:
-        """Whether the step is computed, when known ahead (a fixed schedule); ``None``: decided at run time."""
+    def computes(self, step: int) -> bool | None:
+        """Whether ``step`` (1-based) is computed, when known ahead (a fixed schedule); ``None``: decided at run time."""
         return None

@@ -70,10 +70,10 @@ class TaylorSeer(StepCache):
     def _apply(self, transformer):
         apply_taylorseer_cache(transformer, self.config(transformer))
 
-    def computes(self, step_index: int) -> bool:
-        """diffusers' schedule: steps ``< disable_cache_before_step``, then every ``cache_interval``-th."""
-        before = self.disable_cache_before_step
-        return step_index < before or (step_index - before - 1) % self.cache_interval == 0
+    def computes(self, step: int) -> bool:
+        """diffusers' schedule (0-based ``disable_cache_before_step``): the first steps, then every ``cache_interval``-th."""
+        index, before = step - 1, self.disable_cache_before_step
+        return index < before or (index - before - 1) % self.cache_interval == 0
 
 
 class _BlockView(nn.Module):

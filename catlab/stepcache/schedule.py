@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from catlab.planner import select_indices
 from catlab.registry import selectors
 from catlab.selection.base import Policy, StepState, build_part, kept_tokens
 
@@ -72,7 +73,7 @@ class BudgetSchedule(Policy):
         self.policy.reset(batch_size, grid, num_steps, device)
 
     def select(self, state: StepState) -> torch.Tensor:
-        return self.policy.select(state)
+        return select_indices(self.policy, state)
 
     def observe(self, step, output, indices) -> None:
         self.policy.observe(step, output, indices)

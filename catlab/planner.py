@@ -1,0 +1,132 @@
+"""The step plan: what happens at denoising step t, decided in one place for every loop.
+
+Every loop that runs a policy — :func:`catlab.sampler.sample`, the hook that
+prunes a stock diffusers pipeline (:func:`catlab.enable_pruning`), the host-sync
+checker and the test drivers in :mod:`catlab.testing` — drives it the same way::
+
+    planner = StepPlanner(policy, step_cache)
+    planner.reset(batch, grid, num_steps, device)
+    for step in range(1, num_steps + 1):          # steps count from 1
+        plan = planner.plan(step)                  # FULL | PRUNED(k) | SKIP | CACHED
+        indices = planner.select(plan)             # (B, k) at a PRUNED step, else None
+        ... the forward (none at a SKIP step) ...
+        planner.observe(plan, output, indices)     # output: (B, N, C), guidance combined
+
+This module is the only caller of a policy's ``select`` and ``observe``, so the
+rule "a 0-token step calls no transformer" or "a step the cache forecasts asks
+the policy nothing" cannot differ between loops.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass
+
+import torch
+
+from catlab.selection.base import Policy, StepState
+
+
+class StepKind(enum.Enum):
+    FULL = "full"  #: every token is computed
+    PRUNED = "pruned"  #: k tokens are computed, the others reused
+    SKIP = "skip"  #: no token is computed: no transformer call, the reuse rule forecasts every token
+    CACHED = "cached"  #: the transformer is called but a step cache forecasts inside it; the policy is not asked
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One step's plan: ``step`` (1-based), its kind and the number of image tokens it computes."""
+
+    step: int
+    kind: StepKind
+    kept: int
+
+    @property
+    def computes(self) -> bool:
+        """Whether the model computes tokens itself at this step (the policy observes its output)."""
+        return self.kind in (StepKind.FULL, StepKind.PRUNED)
+
+    @property
+    def calls_transformer(self) -> bool:
+        return self.kind is not StepKind.SKIP
+
+
+class StepPlanner:
+    """Turns a policy (and optionally a step cache's fixed schedule) into a plan per step.
+
+    It also keeps the latest output in token space, the state a policy selects from.
+    ``check_indices`` validates every index tensor (shape, range, uniqueness), at the
+    cost of a host read per pruned step.
+    """
+
+    def __init__(self, policy: Policy, step_cache=None, check_indices: bool = False):
+        self.policy, self.step_cache, self.check_indices = policy, step_cache, check_indices
+        self.batch_size, self.grid, self.num_steps = 0, (0, 0), 0
+        self.device = torch.device("cpu")
+        self.output: torch.Tensor | None = None
+        self.state: StepState | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def reset(self, batch_size: int, grid: tuple[int, int], num_steps: int, device: torch.device | str) -> None:
+        """A new generation starts: the policy forgets everything."""
+        self.batch_size, self.grid, self.num_steps = batch_size, tuple(grid), num_steps
+        self.device = torch.device(device)
+        self.output, self.state = None, None
+        self.policy.reset(batch_size, self.grid, num_steps, self.device)
+
+    def plan(self, step: int) -> StepPlan:
+        """The plan of ``step`` (1-based)."""
+        n = self.num_tokens
+        if self.step_cache is not None and self.step_cache.computes(step) is False:
+            return StepPlan(step, StepKind.CACHED, 0)
+        k = self.policy.num_kept(step, n)
+        if k is None:
+            return StepPlan(step, StepKind.FULL, n)
+        if k == 0:
+            return StepPlan(step, StepKind.SKIP, 0)
+        return StepPlan(step, StepKind.PRUNED, k)
+
+    def select(self, plan: StepPlan, attention: dict[int, torch.Tensor] | None = None) -> torch.Tensor | None:
+        """The ``(B, k)`` tokens to compute at a PRUNED step (``None`` at any other)."""
+        self.state = None
+        if plan.kind is not StepKind.PRUNED:
+            return None
+        self.state = StepState(step=plan.step, num_steps=self.num_steps, grid=self.grid, batch_size=self.batch_size,
+                               k=plan.kept, output=self.output, attention=attention, device=self.device)
+        indices = select_indices(self.policy, self.state)
+        if self.check_indices:
+            check_indices(indices, self.batch_size, plan.kept, self.num_tokens, self.policy.name)
+        return indices
+
+    def selection_macs(self) -> int:
+        """Multiply-accumulates the latest selection spent (0 when the step selected nothing)."""
+        return self.policy.selection_macs(self.state) if self.state is not None else 0
+
+    def observe(self, plan: StepPlan, output: torch.Tensor, indices: torch.Tensor | None) -> float:
+        """Show the policy a computed step's output; every step's output becomes the next selection's state.
+
+        Returns the seconds the policy spent (its bookkeeping counts as selection time)."""
+        start = time.perf_counter()
+        if plan.computes:
+            self.policy.observe(plan.step, output, indices)
+        self.output = output
+        return time.perf_counter() - start
+
+
+def select_indices(policy: Policy, state: StepState) -> torch.Tensor:
+    """The one call of ``policy.select``; a selector that wraps another (``budget_schedule``) delegates through it."""
+    return policy.select(state)
+
+
+def check_indices(idx: torch.Tensor, batch: int, k: int, n: int, name: str) -> None:
+    """Fail unless ``idx`` is ``(batch, k)`` integer indices in ``[0, n)``, unique per row."""
+    if idx.shape != (batch, k) or idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"selector '{name}' returned {tuple(idx.shape)} {idx.dtype}; expected ({batch}, {k}) integer indices")
+    if int(idx.min()) < 0 or int(idx.max()) >= n:
+        raise ValueError(f"selector '{name}' returned indices outside [0, {n})")
+    if (idx.sort(dim=1).values.diff(dim=1) == 0).any():
+        raise ValueError(f"selector '{name}' returned repeated indices")

@@ -1,0 +1,88 @@
+"""Drivers for checking a selector without a model: the sampler's protocol on synthetic outputs.
+
+They run the same :class:`~catlab.planner.StepPlanner` as the sampler and the
+stock-pipeline hook, so a policy tested here meets exactly the calls it meets
+in a real generation. Useful in a plugin's own tests::
+
+    from catlab.testing import simulate
+    for indices in simulate(my_policy, grid=(8, 8), num_steps=12):
+        ...                                   # (B, k) at pruned steps, None elsewhere
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+
+from catlab.planner import StepKind, StepPlanner
+from catlab.pruning.sync_check import no_host_sync
+from catlab.selection.base import Policy, StepState
+
+CPU = torch.device("cpu")
+
+
+def simulate(policy: Policy, grid: tuple[int, int], num_steps: int, batch: int = 2, channels: int = 4,
+             seed: int = 0, outputs: Callable[[int], torch.Tensor] | None = None,
+             on_select: Callable[[int, StepState, torch.Tensor], None] | None = None,
+             device: torch.device | str = CPU, guard: Callable[[int, StepKind], bool] | None = None
+             ) -> list[torch.Tensor | None]:
+    """One generation of ``num_steps`` with random ``(B, N, C)`` outputs (or ``outputs(step)``).
+
+    Probe attention maps, when the policy asks for them, are random softmax rows.
+    ``on_select(step, state, indices)`` sees each selection. ``guard(step, kind)``
+    returning True runs that step's selection and observation under
+    :func:`~catlab.pruning.sync_check.no_host_sync`. Returns the indices per step.
+    """
+    device = torch.device(device)
+    n = grid[0] * grid[1]
+    gen = torch.Generator().manual_seed(seed)
+    planner = StepPlanner(policy)
+    policy.check(num_steps)
+    planner.reset(batch, grid, num_steps, device)
+    chosen = []
+    for step in range(1, num_steps + 1):
+        plan = planner.plan(step)
+        checked = guard is not None and guard(step, plan.kind)
+        attention = None
+        if plan.kind is StepKind.PRUNED:
+            attention = {layer: torch.softmax(torch.randn(batch, n, n, generator=gen), -1).to(device)
+                         for layer in getattr(policy, "attention_layers", ())} or None
+        with _guarded(checked, policy, step):
+            idx = planner.select(plan, attention)
+            if idx is not None:
+                policy.selection_macs(planner.state)
+        if on_select is not None and idx is not None:
+            on_select(step, planner.state, idx)
+        if plan.kind is StepKind.SKIP:
+            output = planner.output  # nothing computed: the previous output stands
+        else:
+            output = (outputs(step) if outputs else torch.randn(batch, n, channels, generator=gen)).to(device)
+        with _guarded(checked, policy, step):
+            planner.observe(plan, output, idx)
+        chosen.append(idx)
+    return chosen
+
+
+def _guarded(checked: bool, policy: Policy, step: int):
+    return no_host_sync(f"{policy.name} at step {step}") if checked else nullcontext()
+
+
+def check_policy(policy: Policy, grid: tuple[int, int] = (8, 8), batch_size: int = 2, num_steps: int = 8,
+                 device: torch.device | str = CPU, skip_first_pruned: bool = False) -> int:
+    """Drive ``policy`` through one synthetic generation, each pruned step under ``no_host_sync``.
+
+    ``skip_first_pruned`` leaves the first pruned step unguarded (for a policy that
+    sizes something once, e.g. its clusters). Returns the number of guarded steps;
+    raises :class:`~catlab.pruning.sync_check.HostSyncError`.
+    """
+    pruned: list[int] = []
+
+    def guard(step: int, kind: StepKind) -> bool:
+        if kind is not StepKind.PRUNED:
+            return False
+        pruned.append(step)
+        return not (skip_first_pruned and len(pruned) == 1)
+
+    simulate(policy, grid, num_steps, batch=batch_size, channels=8, device=device, guard=guard)
+    return len(pruned) - (1 if skip_first_pruned and pruned else 0)
