@@ -7,14 +7,17 @@ The pieces a user reaches for first::
     catlab.enable_pruning(pipe, policy)           # a stock diffusers pipeline, pruned
     result = catlab.sample(adapter, policy, prompts, seeds)   # catlab's own loop
 """
-from catlab.registry import (  # noqa: F401  (the model, metric and logger registries live in catlab.registry)
-    REGISTRIES, ComponentError, Registry, clusterers, poolings, prompt_sets, scorers, selectors, stalenesses,
+from catlab.registry import (  # noqa: F401  (every registry lives in catlab.registry)
+    REGISTRIES, ComponentError, Registry, clusterers, loggers, metrics, models, poolings, prompt_sets, reuses, scorers,
+    selectors, stalenesses, stepcaches,
 )
 import catlab.models  # noqa: F401,E402  (register the built-in adapters)
 import catlab.selection  # noqa: F401,E402  (register the built-in selectors)
 import catlab.prompts  # noqa: F401,E402
 import catlab.loggers  # noqa: F401,E402
 import catlab.metrics  # noqa: F401,E402
+import catlab.reuse  # noqa: F401,E402  (reuse rules and the forecast_error selector)
+import catlab.stepcache  # noqa: F401,E402  (diffusers' step caches and the budget_schedule selector)
 from catlab.pruning import TokenPruner, disable_pruning, enable_pruning, reset_pruning  # noqa: F401
 from catlab.sampler import SamplerConfig, sample  # noqa: F401
 

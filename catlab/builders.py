@@ -5,8 +5,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from catlab.config import SELECTOR_PARTS
-from catlab.registry import ComponentError, config_fields, models, selectors
+from catlab.registry import ComponentError, models
 from catlab.selection.base import Policy
 
 
@@ -17,21 +16,6 @@ class ConfigError(ValueError):
 def plain(node: Any) -> Any:
     """A DictConfig/ListConfig as plain Python containers (resolved); anything else unchanged."""
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-
-
-def build_selector(selector: Any, cfg: DictConfig | dict) -> Policy:
-    """Build a selector, passing the top-level parts (scorer, clusterer, ...) its dataclass asks for.
-
-    ``selector`` is a name or a mapping with a ``name``; keys it sets itself win
-    over the top-level groups.
-    """
-    sel = {"name": selector} if isinstance(selector, str) else dict(plain(selector) or {})
-    if "name" not in sel:
-        raise ConfigError(f"a selector needs a 'name'; registered selectors: {', '.join(selectors.names())}")
-    fields = config_fields(selectors.get(sel["name"]))
-    parts = {kind: plain(cfg[kind]) for kind in SELECTOR_PARTS
-             if kind in fields and kind not in sel and cfg.get(kind) is not None}
-    return selectors.build(sel, **parts)
 
 
 def build_step_cache(spec: Any, policy: Policy, sampler_cfg):
@@ -49,7 +33,9 @@ def build_step_cache(spec: Any, policy: Policy, sampler_cfg):
 
     cache = stepcaches.build(spec)
     steps = getattr(cache, "num_steps", None)
-    if steps is not None and int(steps) != int(sampler_cfg.num_steps):
+    if hasattr(cache, "num_steps") and steps is None:
+        cache.num_steps = int(sampler_cfg.num_steps)  # null: the run's
+    elif steps is not None and int(steps) != int(sampler_cfg.num_steps):
         raise ConfigError(f"stepcache.num_steps={steps} must equal sampler.num_steps={sampler_cfg.num_steps}")
     try:
         check_composition(policy, cache)

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import importlib
 import importlib.metadata
+import pkgutil
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -35,6 +37,16 @@ _plugins_loaded = False
 
 class ComponentError(ValueError):
     """A component name or config that cannot be built; the message says what is allowed."""
+
+
+def import_submodules(package: str, path) -> None:
+    """Import every module of a package, so that each registers its components.
+
+    Called from the ``__init__`` of each built-in component package (``catlab.selection``,
+    ``catlab.models``, ...): a new file there is registered without editing any import list.
+    """
+    for info in pkgutil.iter_modules(path):
+        importlib.import_module(f"{package}.{info.name}")
 
 
 def load_plugins() -> list[str]:
@@ -121,5 +133,11 @@ models = Registry("model")
 metrics = Registry("metric")
 prompt_sets = Registry("prompts")
 loggers = Registry("logger")
+reuses = Registry("reuse")
+stepcaches = Registry("stepcache")
 
-REGISTRIES = {r.kind: r for r in (scorers, stalenesses, clusterers, poolings, selectors, models, metrics, prompt_sets, loggers)}
+#: every registry by the config group that picks its components (conf/<group>/<name>.yaml); metrics
+#: have no group: ``catlab.evaluate`` names them in its ``metrics`` list
+REGISTRIES = {"scorer": scorers, "staleness": stalenesses, "clusterer": clusterers, "pooling": poolings,
+              "selector": selectors, "model": models, "prompts": prompt_sets, "logger": loggers, "reuse": reuses,
+              "stepcache": stepcaches, "metric": metrics}

@@ -334,6 +334,8 @@ def calibrate(step_cache: StepCache, adapter: ModelAdapter, prompts: list[str], 
     from catlab.registry import selectors
 
     full = replace(config or SamplerConfig(), progress=False, check_sync=False)
+    if getattr(step_cache, "num_steps", 0) is None:
+        step_cache.num_steps = full.num_steps  # a cache built outside a run takes this one's
     step_cache.calibrate(adapter.transformer, lambda: sample(adapter, selectors.build("full"), prompts, seeds, full,
                                                              StepReuse(step_cache=step_cache)))
 

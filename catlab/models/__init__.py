@@ -1,5 +1,7 @@
-"""Model adapters, one per transformer family (and the embedded default model)."""
+"""Model adapters, one per transformer family (and the embedded default model); every module is imported."""
 from catlab.models.base import Conditioning, ModelAdapter
-from catlab.models import embedded, pixart, sd3  # noqa: F401  (register the adapters)
+from catlab.registry import import_submodules
+
+import_submodules(__name__, __path__)
 
 __all__ = ["Conditioning", "ModelAdapter"]

@@ -22,9 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from catlab.registry import Registry
-
-reuses = Registry("reuse")
+from catlab.registry import reuses  # noqa: F401  (re-exported: catlab.reuse.reuses)
 
 
 @dataclass

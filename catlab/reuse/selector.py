@@ -24,6 +24,11 @@ from catlab.selection.ranking import top_k
 class ForecastError(Policy):
     """Top-k tokens by the estimated error of their order-1 forecast at this step."""
 
+    def check(self, num_steps: int) -> None:
+        super().check(num_steps)
+        if self.start_step < 1:
+            raise ValueError("forecast_error needs start_step >= 1: it ranks tokens by their history of computed steps")
+
     def reset(self, batch_size, grid, num_steps, device) -> None:
         super().reset(batch_size, grid, num_steps, device)
         self.history: Taylor | None = None

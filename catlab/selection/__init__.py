@@ -1,7 +1,11 @@
-"""Selection strategies: which tokens to recompute at each pruned step."""
+"""Selection strategies: which tokens to recompute at each pruned step.
+
+Every module here is imported when the package is, so a new file that registers a
+selector (``@selectors.register("name")``) needs no import line anywhere.
+"""
+from catlab.registry import import_submodules
 from catlab.selection.base import Policy, StepState, kept_tokens
-from catlab.selection import simple  # noqa: F401  (registers full, random)
-from catlab.selection import scorers, staleness, clustering, pooling  # noqa: F401  (register the parts)
-from catlab.selection import cat, cat_reference, baselines, atedm  # noqa: F401  (register the selectors)
+
+import_submodules(__name__, __path__)
 
 __all__ = ["Policy", "StepState", "kept_tokens"]

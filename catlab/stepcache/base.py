@@ -17,12 +17,10 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 from diffusers.hooks import HookRegistry
-from diffusers.hooks.hooks import CacheContext, _set_cache_context
 from torch import nn
 
-from catlab.registry import Registry
-
-stepcaches = Registry("stepcache")
+from catlab.registry import stepcaches  # noqa: F401  (re-exported: catlab.stepcache.stepcaches)
+from catlab.stepcache.diffusers_private import CacheContext, _set_cache_context
 
 
 class StepCacheError(RuntimeError):

@@ -7,12 +7,11 @@ from typing import ClassVar
 import torch
 from diffusers.hooks import (FirstBlockCacheConfig, HookRegistry, MagCacheConfig, TaylorSeerCacheConfig,
                              apply_first_block_cache, apply_mag_cache, apply_taylorseer_cache)
-from diffusers.hooks.first_block_cache import _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK
-from diffusers.hooks.mag_cache import _MAG_CACHE_BLOCK_HOOK, _MAG_CACHE_LEADER_BLOCK_HOOK
-from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
 from torch import nn
 
 from catlab.stepcache.base import StepCache, StepCacheError, stepcaches
+from catlab.stepcache.diffusers_private import (_FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK, _MAG_CACHE_BLOCK_HOOK,
+                                                _MAG_CACHE_LEADER_BLOCK_HOOK, _TAYLORSEER_CACHE_HOOK)
 
 
 def _blocks(transformer: nn.Module) -> nn.ModuleList:
@@ -115,13 +114,14 @@ class MagCache(StepCache):
 
     The magnitude ratios are model dependent: :meth:`calibrate` runs one full
     generation with diffusers' calibration mode and keeps them (``mag_ratios``
-    may also be given).
+    may also be given). ``num_steps`` null takes the run's (set when the cache is built
+    for a run); a number must equal it.
     """
 
     threshold: float = 0.06
     max_skip_steps: int = 3
     retention_ratio: float = 0.2
-    num_steps: int = 28
+    num_steps: int | None = None
     mag_ratios: list[float] | None = field(default=None)
 
     hook_names: ClassVar[tuple[str, ...]] = (_MAG_CACHE_LEADER_BLOCK_HOOK, _MAG_CACHE_BLOCK_HOOK)
@@ -132,6 +132,9 @@ class MagCache(StepCache):
         return self.mag_ratios is not None
 
     def _apply(self, transformer):
+        if self.num_steps is None:
+            raise StepCacheError("mag_cache needs num_steps: build it for a run (catlab.builders.build_step_cache) "
+                                 "or give num_steps")
         if self.mag_ratios is None:
             raise StepCacheError("mag_cache needs magnitude ratios: call calibrate(generate) first, "
                                  "or give mag_ratios (one per step)")

@@ -39,8 +39,8 @@ class BudgetSchedule(Policy):
     and tables show as the kept share).
     """
 
-    inner: Mapping[str, Any] | str | Policy = "sequential"
-    pattern: tuple[float, ...] = (1.0, 0.0, 0.0)
+    inner: Mapping[str, Any] | str | Policy = "forecast_error"
+    pattern: tuple[float, ...] = (1.0, 0.3, 0.0, 0.0)
     policy: Policy = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
