@@ -15,9 +15,6 @@ from hydra.core.config_store import ConfigStore
 
 from catlab.sampler import SamplerConfig
 
-#: component kinds a selector may take as parts, passed when its dataclass has the field
-SELECTOR_PARTS = ("scorer", "staleness", "clusterer", "pooling")
-
 
 @dataclass
 class _Setup:
@@ -50,8 +47,9 @@ class RunConfig(_Setup):
     num_images: int | None = None
     batch_size: int = 2
     save_images: bool = True
-    #: free-form name of the experiment, used as the W&B group
-    experiment: str = "default"
+    #: free-form name of the experiment, used as the W&B group (``experiment=`` picks a whole setup
+    #: from conf/experiment/, which sets this name too)
+    experiment_name: str = "default"
 
 
 def register_schema() -> None:
@@ -82,7 +80,8 @@ class EvaluateConfig(_Setup):
     store_dir: str | None = None
     diagnostics: bool = True
     save_images: bool = True
-    experiment: str = "evaluate"
+    #: the W&B run and group name; each file in conf/experiment/ sets its own
+    experiment_name: str = "evaluate"
     title: str = ""
 
 

@@ -24,8 +24,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 import catlab  # noqa: F401  (registers the built-in components)
-from catlab.builders import ConfigError, build_model, build_selector, build_step_cache, plain, run_app, set_threads
-from catlab.config import SELECTOR_PARTS, register_evaluate_schema
+from catlab.builders import ConfigError, build_model, plain, run_app, set_threads
+from catlab.config import register_evaluate_schema
 from catlab.evaluation import diagnostics
 from catlab.evaluation.harness import References, Strategy, evaluate_strategies, make_jobs
 from catlab.evaluation.merge import rows_from_store, write_tables
@@ -34,9 +34,9 @@ from catlab.evaluation.reference import ReferenceCache, config_hash
 from catlab.evaluation.store import ResultStore
 from catlab.loggers.base import image_grid
 from catlab.prompts import cache_dir
-from catlab.registry import ComponentError, config_fields, loggers, metrics, models, prompt_sets, selectors
-from catlab.reuse import reuses
+from catlab.registry import ComponentError, loggers, metrics, models, prompt_sets
 from catlab.sampler import SamplerConfig
+from catlab.strategy import resolve_strategy
 
 log = logging.getLogger("catlab.evaluate")
 register_evaluate_schema()
@@ -68,31 +68,12 @@ def strategy_specs(cfg: DictConfig) -> list[dict]:
     return specs
 
 
-def label(spec: dict) -> str:
-    """A table label: the selector's name plus every setting but alpha and start_step (mappings as name(k=v))."""
-    def show(v):
-        if isinstance(v, dict):
-            inner = ",".join(f"{k}={show(x)}" for k, x in v.items() if k != "name")
-            return f"{v.get('name', '')}({inner})" if inner else str(v.get("name", ""))
-        if isinstance(v, (list, tuple)):
-            return "/".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
-        return str(v)
-
-    extras = [f"{k}={show(v)}" for k, v in spec.items() if k not in ("name", "alpha", "start_step")]
-    return spec["name"] + (f"[{','.join(extras)}]" if extras else "")
-
-
 def prepare(cfg: DictConfig):
     """Check and build everything cheap, before the model loads."""
     try:
         sampler_cfg = SamplerConfig(**plain(cfg.sampler))
-        specs = strategy_specs(cfg)
-        policies = []
-        for spec in specs:
-            policy = build_selector(selector_spec(spec), cfg)
-            policy.check(sampler_cfg.num_steps)
-            cache = build_step_cache(spec.get("stepcache"), policy, sampler_cfg)
-            policies.append((label(spec), policy, cache))
+        strategies = [resolve_strategy(spec, cfg) for spec in strategy_specs(cfg)]
+        built = [strategy.build(sampler_cfg) for strategy in strategies]
         prompts, meta = prompt_sets.build(plain(cfg.prompts)).load_with_meta()
         metric_objs = [metrics.build(m) for m in plain(cfg.metrics)]
         logger = loggers.build(plain(cfg.logger))
@@ -102,12 +83,7 @@ def prepare(cfg: DictConfig):
             raise ConfigError(f"batch_size must be >= 1; got {cfg.batch_size}")
     except (ComponentError, TypeError, ValueError) as err:
         raise ConfigError(str(err)) from err
-    return sampler_cfg, policies, prompts, meta, metric_objs, logger, model_cfg
-
-
-def selector_spec(spec: dict) -> dict:
-    """A strategy spec without the keys that are not the selector's (reuse rule, step cache)."""
-    return {k: v for k, v in spec.items() if k not in ("reuse", "stepcache")}
+    return sampler_cfg, list(zip(strategies, built)), prompts, meta, metric_objs, logger, model_cfg
 
 
 def _distributed() -> tuple[int, int]:
@@ -127,21 +103,8 @@ def _shared_dir(out: Path, world: int) -> Path:
     return Path(box[0])
 
 
-def strategy_key(spec: dict, cfg: DictConfig, model_cfg: dict, sampler_cfg: SamplerConfig) -> str:
-    """The hash that keys a strategy's records: selector config, its parts, model and sampler settings."""
-    fields = config_fields(selectors.get(spec["name"]))
-    parts = {k: plain(cfg[k]) for k in SELECTOR_PARTS if k in fields and k not in spec and cfg.get(k) is not None}
-    reuse = spec.get("reuse", plain(cfg.reuse))
-    if reuse in (None, "copy", {"name": "copy"}):
-        reuse = None  # copying is what the engine does anyway: same records with or without it
-    extra = {"stepcache": spec["stepcache"]} if spec.get("stepcache") else {}  # absent: old keys stay valid
-    return config_hash({"selector": selector_spec(spec), "parts": parts, "reuse": reuse, **extra,
-                        "model": model_cfg,
-                        "sampler": [sampler_cfg.num_steps, sampler_cfg.guidance_scale]})
-
-
 def run(cfg: DictConfig, out: Path) -> list[dict]:
-    sampler_cfg, policies, prompts, meta, metric_objs, logger, model_cfg = prepare(cfg)
+    sampler_cfg, resolved, prompts, meta, metric_objs, logger, model_cfg = prepare(cfg)
     set_threads(cfg.threads)
     rank, world = _distributed()
     out = _shared_dir(out, world)
@@ -162,20 +125,19 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
     weights = adapter.fingerprint()  # a retrained checkpoint must not meet the old one's references or records
     model_key = {**plain(cfg.model), "weights": weights} if weights else plain(cfg.model)
     references = References(ReferenceCache(cfg.cache_dir or cache_dir(), model_key, plain(cfg.sampler)),
-                            adapter, policies[0][1], sampler_cfg)
+                            adapter, resolved[0][1][0], sampler_cfg)
     strategies = []
-    for order, ((name, policy, cache), spec) in enumerate(zip(policies, strategy_specs(cfg))):
-        key = strategy_key(spec, cfg, model_key, sampler_cfg)
+    for order, ((strategy, (policy, rule, cache)), spec) in enumerate(zip(resolved, strategy_specs(cfg))):
+        key = strategy.key({"model": model_key, "sampler": [sampler_cfg.num_steps, sampler_cfg.guidance_scale]})
         if cfg.diagnostics:
             policy = RecordingPolicy(policy, keep_outputs=not policy.prunes)
-        reuse_cfg = spec.get("reuse", plain(cfg.reuse))
-        strategies.append(Strategy(name, policy, key, spec, reuses.build(reuse_cfg) if reuse_cfg else None, cache))
-        store.register_strategy(key, {"label": name, "order": order, "spec": spec, "alpha": float(policy.alpha) if policy.prunes else 1.0,
+        strategies.append(Strategy(strategy.label, policy, key, spec, rule, cache))
+        store.register_strategy(key, {"label": strategy.label, "order": order, "spec": spec, "alpha": float(policy.alpha) if policy.prunes else 1.0,
                                       "start_step": int(policy.start_step), "steps": sampler_cfg.num_steps,
                                       "model": plain(cfg.model)})
     if rank == 0:
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        logger.start(out, OmegaConf.to_container(cfg, resolve=True), name=cfg.experiment, group=cfg.experiment,
+        logger.start(out, OmegaConf.to_container(cfg, resolve=True), name=cfg.experiment_name, group=cfg.experiment_name,
                      tags=[model_cfg["name"]])
 
     log.info("evaluating %s on %d images (rank %d of %d)", ", ".join(s.label for s in strategies), len(my_jobs),

@@ -25,15 +25,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import catlab  # noqa: F401  (registers the built-in components)
-from catlab.builders import (ConfigError, build_model, build_selector, build_step_cache, plain, run_app,
-                             set_threads)
+from catlab.builders import ConfigError, build_model, plain, run_app, set_threads
 from catlab.config import register_schema
-from catlab.evaluation.reference import config_hash
 from catlab.loggers.base import to_pil
 from catlab.metrics.cost import cost_metrics
 from catlab.registry import ComponentError, loggers, models, prompt_sets
-from catlab.reuse import reuses
 from catlab.sampler import SamplerConfig, StepReuse, calibrate, sample
+from catlab.strategy import resolve_strategy
 
 log = logging.getLogger("catlab")
 register_schema()
@@ -43,12 +41,10 @@ def prepare(cfg: DictConfig):
     """Check and build everything cheap, so a bad config fails before the model loads."""
     try:
         sampler_cfg = SamplerConfig(**plain(cfg.sampler))
-        policy = build_selector(cfg.selector, cfg)
-        policy.check(sampler_cfg.num_steps)
+        strategy = resolve_strategy(cfg.selector, cfg)
+        policy, reuse, step_cache = strategy.build(sampler_cfg)
         prompts = prompt_sets.build(plain(cfg.prompts)).load()
         logger = loggers.build(plain(cfg.logger))
-        reuse = reuses.build(plain(cfg.reuse)) if cfg.reuse is not None else None
-        step_cache = build_step_cache(cfg.stepcache, policy, sampler_cfg)
         model_cfg = plain(cfg.model)
         models.get(model_cfg.get("name", ""))
         if int(cfg.batch_size) < 1:
@@ -59,16 +55,15 @@ def prepare(cfg: DictConfig):
 
 
 def run_hash(cfg: DictConfig) -> str:
-    """Hash of what determines a run's images: model, selector, its parts, sampler, prompts, seeds."""
-    keys = ("model", "selector", "scorer", "staleness", "clusterer", "pooling", "reuse", "stepcache", "sampler",
-            "prompts", "seed", "num_images")
-    return config_hash({k: plain(cfg.get(k)) for k in keys})
+    """Hash of what determines a run's images: the resolved strategy, model, sampler, prompts, seeds."""
+    context = {k: plain(cfg.get(k)) for k in ("model", "sampler", "prompts", "seed", "num_images")}
+    return resolve_strategy(cfg.selector, cfg).key(context)
 
 
 def sweep_group(cfg: DictConfig) -> str:
     """The W&B group: the experiment name, or in a multirun the sweep's directory name."""
-    if cfg.experiment != "default":
-        return str(cfg.experiment)
+    if cfg.experiment_name != "default":
+        return str(cfg.experiment_name)
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN:
         return Path(hc.sweep.dir).name

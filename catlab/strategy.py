@@ -1,0 +1,86 @@
+"""A strategy: a selector with the parts it takes, a reuse rule and a step cache — resolved once.
+
+``python -m catlab.run`` runs one strategy, ``python -m catlab.evaluate`` a list of
+them. Both resolve each strategy here, so that what is built, what is hashed (the
+key that names a run's or a record's identity) and what a table calls it all come
+from the same resolved spec::
+
+    strategy = resolve_strategy({"name": "cat", "alpha": 0.5, "reuse": "taylor"}, cfg)
+    policy, rule, cache = strategy.build(sampler_cfg)
+    strategy.key({"model": ..., "sampler": ...}), strategy.label
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from catlab.evaluation.reference import config_hash
+
+#: component kinds a selector may take as parts: the top-level group reaches the selector when its
+#: dataclass has a field of that name and its own spec does not set it
+SELECTOR_PARTS = ("scorer", "staleness", "clusterer", "pooling")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """``selector`` (with ``name``), the top-level ``parts`` it takes, ``reuse`` (``None``: the
+    engine's stale copies, also for ``copy``), ``stepcache`` (``None``: none) and its table ``label``."""
+
+    selector: dict
+    parts: dict
+    reuse: Any = None
+    stepcache: Any = None
+    label: str = ""
+
+    def key(self, context: dict) -> str:
+        """The hash of everything that decides this strategy's images, plus ``context`` (model, sampler, ...)."""
+        extra = {"stepcache": self.stepcache} if self.stepcache else {}  # absent: keys from before step caches hold
+        return config_hash({"selector": self.selector, "parts": self.parts, "reuse": self.reuse, **extra, **context})
+
+    def build(self, sampler_cfg):
+        """``(policy, reuse rule or None, step cache or None)``, checked against the sampler settings."""
+        from catlab.builders import build_step_cache
+        from catlab.registry import reuses, selectors
+
+        policy = selectors.build(self.selector, **self.parts)
+        policy.check(sampler_cfg.num_steps)
+        cache = build_step_cache(self.stepcache, policy, sampler_cfg)
+        return policy, reuses.build(self.reuse) if self.reuse else None, cache
+
+
+def resolve_strategy(spec: Any, groups: Any) -> Strategy:
+    """Resolve a strategy spec (a selector name or mapping, optionally with ``reuse`` and ``stepcache``
+    keys) against the top-level config ``groups`` (scorer, clusterer, ..., reuse, stepcache).
+
+    Keys the spec sets itself win over the top-level groups.
+    """
+    from catlab.builders import ConfigError, plain
+    from catlab.registry import config_fields, selectors
+
+    spec = {"name": spec} if isinstance(spec, str) else dict(plain(spec) or {})
+    given = dict(spec)
+    if "name" not in spec:
+        raise ConfigError(f"a selector needs a 'name'; registered selectors: {', '.join(selectors.names())}")
+    reuse = plain(spec.pop("reuse", groups.get("reuse")))
+    stepcache = plain(spec.pop("stepcache", groups.get("stepcache")))
+    fields = config_fields(selectors.get(spec["name"]))
+    parts = {kind: plain(groups[kind]) for kind in SELECTOR_PARTS
+             if kind in fields and kind not in spec and groups.get(kind) is not None}
+    if reuse in ("copy", {"name": "copy"}):
+        reuse = None  # copying is what the engine does anyway: the same images with or without it
+    return Strategy(selector=spec, parts=parts, reuse=reuse, stepcache=stepcache or None, label=label(given))
+
+
+def label(spec: dict) -> str:
+    """A table label: the selector's name plus every setting but alpha and start_step (mappings as name(k=v))."""
+    extras = [f"{k}={_show(v)}" for k, v in spec.items() if k not in ("name", "alpha", "start_step")]
+    return spec["name"] + (f"[{','.join(extras)}]" if extras else "")
+
+
+def _show(value) -> str:
+    if isinstance(value, dict):
+        inner = ",".join(f"{k}={_show(x)}" for k, x in value.items() if k != "name")
+        return f"{value.get('name', '')}({inner})" if inner else str(value.get("name", ""))
+    if isinstance(value, (list, tuple)):
+        return "/".join(f"{x:g}" if isinstance(x, float) else str(x) for x in value)
+    return str(value)
