@@ -11,10 +11,22 @@ import pytest
 import torch
 
 from catlab.pruning import TokenPruner, compile_pruned, uncompile
-from catlab.pruning.compile import count_graphs
 from catlab.sampler import SamplerConfig, sample
 from catlab.selection.simple import Random
 from tests.conftest import tiny_pixart, tiny_sd3
+
+
+def count_graphs(backend: str = "aot_eager"):
+    """A ``torch.compile`` backend that records every graph it compiles (one per compilation), and that record."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    inner, graphs = lookup_backend(backend), []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return inner(gm, example_inputs)
+
+    return counting, graphs
 
 
 @pytest.fixture(autouse=True)
@@ -97,8 +109,9 @@ def test_compiled_blocks_under_a_stock_pipeline():
     uncompile(pipe)
 
 
+@pytest.mark.inductor
 @pytest.mark.skipif(os.environ.get("CATLAB_TEST_INDUCTOR") != "1",
-                    reason="a cold inductor compile of even the tiny model took ~65 s on a 2-core CI machine; "
+                    reason="inductor test: a cold inductor compile of even the tiny model took ~65 s on a 2-core CI machine; "
                            "set CATLAB_TEST_INDUCTOR=1 to run it")
 def test_inductor_matches_eager():
     adapter = tiny_pixart()

@@ -41,8 +41,6 @@ def test_plugin_registers_its_selector(plugin_env):
 
 
 def test_plugin_selector_runs_through_the_cli(plugin_env, tmp_path):
-    if not (ROOT / "catlab" / "run.py").exists():
-        pytest.skip("the run app (catlab/run.py) is not there yet")
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "catlab.run", "selector=example_center", "selector.start_step=3",
            "sampler.num_steps=6", "sampler.progress=false", "num_images=1", "batch_size=1",

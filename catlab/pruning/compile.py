@@ -42,21 +42,3 @@ def uncompile(target) -> None:
     transformer = getattr(target, "transformer", target)
     for block in transformer.transformer_blocks:
         block._compiled_call_impl = None
-
-
-def count_graphs(backend: str = "aot_eager") -> tuple[Any, list[torch.fx.GraphModule]]:
-    """A ``torch.compile`` backend that records every graph it compiles, and that record.
-
-    For tests and benchmarks: the number of graphs is the number of compilations,
-    so it shows whether a loop recompiles.
-    """
-    from torch._dynamo.backends.registry import lookup_backend
-
-    inner = lookup_backend(backend)
-    graphs: list[torch.fx.GraphModule] = []
-
-    def counting(gm: torch.fx.GraphModule, example_inputs):
-        graphs.append(gm)
-        return inner(gm, example_inputs)
-
-    return counting, graphs

@@ -21,7 +21,6 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
-from catlab.pruning.compile import compile_pruned
 from catlab.pruning.families import FamilySpec, family_of
 from catlab.pruning.processors import PrunedJointAttnProcessor, PrunedSelfAttnProcessor
 
@@ -161,11 +160,6 @@ class TokenPruner:
         if key not in self._macs:  # walking the modules every step would cost host time per step
             self._macs[key] = self.spec.macs(self.transformer, rows, n, n_total, num_text_tokens)
         return self._macs[key]
-
-    def compile(self, **compile_kwargs) -> "TokenPruner":
-        """``torch.compile`` the transformer's blocks for pruned execution; see :func:`catlab.pruning.compile.compile_pruned`."""
-        compile_pruned(self.transformer, **compile_kwargs)
-        return self
 
     def probe_macs(self, rows: int, num_text_tokens: int, kept: int) -> int:
         """Extra MACs of materialising the probe layers' attention logits (part of the selection's cost)."""

@@ -81,8 +81,6 @@ class FamilySpec:
     macs: Callable[[nn.Module, int, int, int, int], int]
     patch_embed: str = "pos_embed"
     output_proj: str = "proj_out"
-    #: output channels beyond ``in_channels`` are a learned variance, not the prediction
-    learned_sigma_split: bool = False
 
     def check_block(self, index: int, block: nn.Module) -> None:
         if type(block).__name__ != self.block_type:
@@ -118,7 +116,6 @@ PIXART = FamilySpec(
     block_type="BasicTransformerBlock",
     attentions=(("attn1", "self"),),
     macs=pixart_macs,
-    learned_sigma_split=True,
 )
 FAMILIES = (SD3, PIXART)
 
