@@ -53,8 +53,8 @@ def test_mac_counter_matches_the_analytic_count_and_flop_counter(model):
 
 
 CACHES = [
-    {"name": "taylorseer", "cache_interval": 2, "disable_cache_before_step": 3},
-    {"name": "taylorseer", "cache_interval": 2, "disable_cache_before_step": 3, "mode": "attention"},
+    {"name": "taylorseer", "cache_interval": 2, "start_step": 3},
+    {"name": "taylorseer", "cache_interval": 2, "start_step": 3, "mode": "attention"},
     {"name": "first_block_cache", "threshold": 10.0},
     {"name": "mag_cache", "threshold": 10.0, "num_steps": STEPS, "mag_ratios": [1.0] * STEPS},
 ]
@@ -78,7 +78,7 @@ def test_step_caches_skip_counted_work_and_remove_cleanly(model, spec):
 
 
 def test_taylorseer_schedule_matches_its_step_costs(model):
-    cache = stepcaches.build({"name": "taylorseer", "cache_interval": 2, "disable_cache_before_step": 3})
+    cache = stepcaches.build({"name": "taylorseer", "cache_interval": 2, "start_step": 3})
     result = generate(model, selectors.build("full"), PROMPTS, SEEDS, num_steps=STEPS, step_cache=cache)
     for i, macs in enumerate(result.step_macs):
         assert (macs == result.full_step_macs) == cache.computes(i + 1)
@@ -105,7 +105,7 @@ def test_mag_cache_calibrates_from_a_full_generation(model):
 
 def test_pruning_composes_with_taylorseer_and_macs_add_up(model):
     t = model.transformer
-    cache = stepcaches.build({"name": "taylorseer", "cache_interval": 2, "disable_cache_before_step": 3})
+    cache = stepcaches.build({"name": "taylorseer", "cache_interval": 2, "start_step": 3})
     policy = selectors.build({"name": "random", "alpha": 0.25, "start_step": 3})
     result = generate(model, policy, PROMPTS, SEEDS, num_steps=STEPS, reuse=reuses.build("taylor"), step_cache=cache)
     pruned_step = TokenPruner(t).macs(2, 6, num_tokens=64, kept=16)
@@ -199,3 +199,9 @@ def test_mag_cache_calibrates_once_then_skips(model):
     assert torch.equal(first.images, again.images)
     assert first.trace.macs < first.trace.full_macs
     assert not _hooks(model.transformer) & set(cache.hook_names)
+
+
+def test_taylorseer_takes_diffusers_old_name_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="use start_step"):
+        cache = stepcaches.build({"name": "taylorseer", "disable_cache_before_step": 3})
+    assert cache.start_step == 3 and [cache.computes(s) for s in range(1, 8)] == [True] * 3 + [False, True, False, False]

@@ -13,7 +13,7 @@ def _metrics(run_dir):
 
 
 def test_run_with_a_diffusers_step_cache_and_with_a_budget_schedule(tmp_path):
-    _, cached = run_cli("selector=full", "stepcache=taylorseer", "stepcache.disable_cache_before_step=3",
+    _, cached = run_cli("selector=full", "stepcache=taylorseer", "stepcache.start_step=3",
                         "stepcache.cache_interval=2", *FAST, tmp_path=tmp_path / "cache")
     _, budget = run_cli("selector=budget_schedule", "reuse=taylor", "selector.start_step=3",
                         "selector.pattern=[1,0.5,0]", *FAST, tmp_path=tmp_path / "budget")
@@ -46,7 +46,7 @@ def test_evaluate_compares_step_caches_with_token_strategies(tmp_path):
     from catlab.evaluate import run
 
     overrides = ["model=tiny_sd3", "model.num_layers=3", "model.height=16", "model.width=16", "sampler.num_steps=6",
-                 "strategies=[{name:full,stepcache:{name:taylorseer,cache_interval:2,disable_cache_before_step:2}},"
+                 "strategies=[{name:full,stepcache:{name:taylorseer,cache_interval:2,start_step:2}},"
                  "{name:budget_schedule,start_step:2,pattern:[1,0.5,0],reuse:taylor}]",
                  "batch_size=2", "prompts.prompts=[a red circle,a blue square]", "metrics=[psnr]",
                  f"cache_dir={tmp_path / 'cache'}", "diagnostics=false", "save_images=false"]
@@ -55,7 +55,7 @@ def test_evaluate_compares_step_caches_with_token_strategies(tmp_path):
     (tmp_path / "out").mkdir()
     rows = {r["method"]: r for r in run(cfg, tmp_path / "out")}
     assert list(rows)[0] == "full" and rows["full"]["macs_ratio"] == pytest.approx(1.0)
-    cached = rows["full[stepcache=taylorseer(cache_interval=2,disable_cache_before_step=2)]"]
+    cached = rows["full[stepcache=taylorseer(cache_interval=2,start_step=2)]"]
     budget = next(r for m, r in rows.items() if m.startswith("budget_schedule"))
     assert cached["macs_ratio"] > 1.3 and budget["macs_ratio"] > 1.3
     assert 10 < cached["psnr"] < 100 and 10 < budget["psnr"] < 100  # scored against the plain full model

@@ -1,6 +1,7 @@
 """The three wrappers: ``taylorseer``, ``first_block_cache``, ``mag_cache``."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -30,7 +31,11 @@ def _pre_only(block: nn.Module) -> bool:
 @stepcaches.register("taylorseer")
 @dataclass
 class TaylorSeer(StepCache):
-    """diffusers' TaylorSeer: full steps every ``cache_interval`` after ``disable_cache_before_step``, Taylor forecasts between.
+    """diffusers' TaylorSeer: steps ``1..start_step`` in full, then a full step every ``cache_interval``, Taylor forecasts between.
+
+    ``start_step`` is 1-based like a selector's t0 (diffusers' 0-based
+    ``disable_cache_before_step`` has the same value; that name is still accepted,
+    with a deprecation warning).
 
     ``mode="output"`` forecasts the output projection and skips the blocks (diffusers'
     lite layout): a forecast step costs almost nothing. diffusers' lite patterns
@@ -41,16 +46,25 @@ class TaylorSeer(StepCache):
     """
 
     cache_interval: int = 3
-    disable_cache_before_step: int = 8
+    start_step: int = 8
     max_order: int = 1
     mode: str = "output"
     factors_dtype: str = "float32"
+    #: deprecated: diffusers' name of ``start_step``
+    disable_cache_before_step: int | None = None
 
     hook_names: ClassVar[tuple[str, ...]] = (_TAYLORSEER_CACHE_HOOK,)
     composes_with_pruning: ClassVar[bool] = True
 
+    def __post_init__(self) -> None:
+        if self.disable_cache_before_step is not None:
+            warnings.warn("taylorseer: disable_cache_before_step is deprecated; use start_step (steps 1..start_step "
+                          "run in full, the same number)", DeprecationWarning, stacklevel=3)
+            self.start_step, self.disable_cache_before_step = int(self.disable_cache_before_step), None
+
     def config(self, transformer: nn.Module) -> TaylorSeerCacheConfig:
-        common = dict(cache_interval=self.cache_interval, disable_cache_before_step=self.disable_cache_before_step,
+        # diffusers computes the steps whose 0-based index is below disable_cache_before_step: 1..start_step
+        common = dict(cache_interval=self.cache_interval, disable_cache_before_step=self.start_step,
                       max_order=self.max_order, taylor_factors_dtype=getattr(torch, self.factors_dtype))
         if self.mode == "attention":
             return TaylorSeerCacheConfig(**common)
@@ -70,8 +84,8 @@ class TaylorSeer(StepCache):
         apply_taylorseer_cache(transformer, self.config(transformer))
 
     def computes(self, step: int) -> bool:
-        """diffusers' schedule (0-based ``disable_cache_before_step``): the first steps, then every ``cache_interval``-th."""
-        index, before = step - 1, self.disable_cache_before_step
+        """diffusers' schedule: steps ``1..start_step``, then every ``cache_interval``-th."""
+        index, before = step - 1, self.start_step
         return index < before or (index - before - 1) % self.cache_interval == 0
 
 
