@@ -87,3 +87,62 @@ def test_zero_token_step_skips_the_transformer_on_a_stock_pipeline():
     assert macs[4] == 0 and macs[0] == macs[1] == macs[2] > macs[3] > 0
     assert len(calls) == 4  # the transformer's blocks ran at steps 1-4 only
     assert torch.isfinite(images).all() and not torch.equal(images, stock)
+
+
+def test_skip_layer_guidance_is_one_step_not_a_new_generation():
+    """SD3.5's skip-layer guidance calls the transformer twice in a step: 5 steps of MACs, pruned images."""
+    from catlab.selection.baselines import Sequential
+
+    pipe, _ = _sd3()
+    a = tiny_sd3()
+    c = a.encode(PROMPTS, True).kwargs
+    e, p = c["encoder_hidden_states"], c["pooled_projections"]
+
+    def call(**slg):
+        return pipe(prompt_embeds=e[2:], pooled_prompt_embeds=p[2:], negative_prompt_embeds=e[:2],
+                    negative_pooled_prompt_embeds=p[:2], num_inference_steps=5, height=128, width=128,
+                    guidance_scale=4.0, output_type="latent", generator=torch.Generator().manual_seed(0), **slg).images
+
+    slg = dict(skip_guidance_layers=[0], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)
+    stock = call(**slg)
+    enable_pruning(pipe, Sequential(alpha=0.5, start_step=2))
+    pruned = call(**slg)
+    macs = pruning_macs(pipe)
+    call()
+    plain_macs = pruning_macs(pipe)
+    disable_pruning(pipe)
+    assert len(macs) == 5 and len(plain_macs) == 5
+    assert all(m > q for m, q in zip(macs[1:], plain_macs[1:]))  # the extra call's MACs are in its step
+    assert macs[1] > macs[2]  # step 2 (full, + its extra call) costs more than step 3 (pruned, + its extra call)
+    assert not torch.allclose(pruned, stock, atol=1e-3)  # the pruned steps really ran pruned
+    assert torch.equal(call(**slg), stock)  # disable_pruning restored the stock model
+
+
+def test_skip_layer_guidance_keeps_the_policy_state():
+    from catlab.selection.baselines import Sequential
+
+    class Counting(Sequential):
+        resets = 0
+
+        def reset(self, *args):
+            super().reset(*args)
+            type(self).resets += 1
+            self.observed = []
+
+        def observe(self, step, output, indices):
+            super().observe(step, output, indices)
+            self.observed.append((step, indices is not None))
+
+    pipe, _ = _sd3()
+    a = tiny_sd3()
+    c = a.encode(PROMPTS, True).kwargs
+    e, p = c["encoder_hidden_states"], c["pooled_projections"]
+    policy = Counting(alpha=0.5, start_step=2)
+    enable_pruning(pipe, policy)
+    pipe(prompt_embeds=e[2:], pooled_prompt_embeds=p[2:], negative_prompt_embeds=e[:2],
+         negative_pooled_prompt_embeds=p[:2], num_inference_steps=5, height=128, width=128, guidance_scale=4.0,
+         output_type="latent", generator=torch.Generator().manual_seed(0), skip_guidance_layers=[0],
+         skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)
+    disable_pruning(pipe)
+    assert Counting.resets == 1  # no reset mid-generation
+    assert policy.observed == [(1, False), (2, False), (3, True), (4, True), (5, True)]

@@ -11,13 +11,22 @@ A stateful hook on the transformer counts the denoising steps and follows the
 same :class:`~catlab.planner.StepPlanner` as catlab's sampler: before each call
 it plans the step and asks the policy for indices, after it shows the policy the
 guided output. A step whose budget is 0 tokens (``budget_schedule``) calls no
-transformer: the hook returns the previous call's output again (the copy rule). A new
-generation is detected when the pipeline's scheduler gets new timesteps (every
-pipeline call runs ``scheduler.set_timesteps``) or the batch changes, and
+transformer: the hook returns the previous call's output again (the copy rule).
+
+Steps are the pipeline's, not its transformer calls: the step is read from the
+scheduler's own counter, so a second call within a step (SD3's skip-layer
+guidance, on the conditional rows with some layers skipped) is recognised as
+such. Such a call runs the stock forward on all tokens, leaving the pruning
+caches and the policy untouched (its rows and skipped layers do not match the
+step's caches); its MACs are added to its step's, as a full forward of its rows.
+
+A new generation is detected when the pipeline's scheduler holds a new
+timestep tensor (every pipeline call runs ``scheduler.set_timesteps``), and
 everything is reset then; ``reset_pruning(pipe)`` does it by hand. Neither test
 reads a tensor on the host, so the hook adds no device synchronisation to a step.
-Without a pipeline (a bare transformer) the hook falls back to watching the
-timestep value stop decreasing, which reads it on the host once per call.
+Without a pipeline (a bare transformer) the hook counts a call at a higher
+timestep value than the last as a new generation and one at the same value as a
+second call within the step, which reads the timestep on the host once per call.
 """
 from __future__ import annotations
 
@@ -61,12 +70,17 @@ class TokenPruningHook(ModelHook):
         self.marker: torch.Tensor | float | None = None
         self.rows: int | None = None
         self.indices: torch.Tensor | None = None
+        #: whether the current call is a second call within its step (skip-layer guidance)
+        self.extra, self.fresh = False, True
+        #: analytic MACs per step (every call of the step)
         self.macs: list[int] = []
         self._warned = False
 
     def reset_state(self, module: nn.Module) -> nn.Module:
         self.step, self.marker, self.rows, self.indices, self.plan, self.last = 0, None, None, None, None, None
+        self.extra, self.fresh = False, True
         self.macs = []
+        self.pruner.set_bypass(False)
         self.pruner.reset()
         return module
 
@@ -84,24 +98,45 @@ class TokenPruningHook(ModelHook):
             return timesteps
         return float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
 
-    def _starts_generation(self, marker, rows: int) -> bool:
-        if self.marker is None or rows != self.rows or torch.is_tensor(marker) != torch.is_tensor(self.marker):
+    def _step_of_call(self, marker) -> int:
+        """The 1-based denoising step this call belongs to.
+
+        With a pipeline it is the scheduler's own step counter, so a second call within a
+        step (skip-layer guidance) belongs to the same step; on a bare transformer a call
+        at the same timestep value as the previous one does.
+        """
+        scheduler = getattr(self.pipeline, "scheduler", None)
+        if scheduler is not None and hasattr(scheduler, "step_index"):
+            return (scheduler.step_index or 0) + 1
+        return self.step if marker == self.marker else self.step + 1
+
+    def _starts_generation(self, marker, step: int) -> bool:
+        if self.marker is None or torch.is_tensor(marker) != torch.is_tensor(self.marker):
             return True
-        return marker is not self.marker if torch.is_tensor(marker) else marker >= self.marker
+        if torch.is_tensor(marker):  # every pipeline call runs set_timesteps: a new tensor
+            return marker is not self.marker or step < self.step
+        return marker > self.marker  # a bare transformer: the timestep went up again
 
     def pre_forward(self, module: nn.Module, *args, **kwargs):
         latents = kwargs.get("hidden_states", args[0] if args else None)
         rows = latents.shape[0]
         marker = self._generation_marker(kwargs.get("timestep"))
-        if self._starts_generation(marker, rows):
+        if self._starts_generation(marker, self._step_of_call(marker)):
             self.reset_state(module)
-        self.marker, self.rows = marker, rows
-        self.step += 1
-
-        self.groups = self._groups(rows)
+        step = self._step_of_call(marker)
+        self.marker, self.extra = marker, step == self.step
         patch = module.config.patch_size
         grid = (latents.shape[-2] // patch, latents.shape[-1] // patch)
-        if self.step == 1:
+        text = kwargs.get("encoder_hidden_states")
+        n_text = text.shape[1] if text is not None else 0
+        if self.extra:  # another call within the step: the stock forward, caches untouched
+            self.pruner.set_bypass(True)
+            self.macs[-1] += self.pruner.macs(rows, n_text, num_tokens=grid[0] * grid[1])
+            return args, kwargs
+        self.step, self.rows = step, rows
+        self.groups = self._groups(rows)
+        if self.fresh:  # the first call of a generation
+            self.fresh = False
             self.planner.reset(rows // self.groups, grid, self._num_steps(), latents.device)
             self.pruner.probe_layers = set(getattr(self.policy, "attention_layers", ()))
         self.plan = self.planner.plan(self.step)
@@ -110,8 +145,6 @@ class TokenPruningHook(ModelHook):
         self.indices = self.planner.select(self.plan, attention)
         if self.plan.calls_transformer:
             self.pruner.set_indices(self.indices, rows)
-        text = kwargs.get("encoder_hidden_states")
-        n_text = text.shape[1] if text is not None else 0
         self.macs.append(self.pruner.macs(rows, n_text, num_tokens=grid[0] * grid[1], kept=self.plan.kept)
                          if self.plan.calls_transformer else 0)
         return args, kwargs
@@ -119,7 +152,7 @@ class TokenPruningHook(ModelHook):
     def new_forward(self, module: nn.Module, *args, **kwargs):
         """The transformer, except at a step that computes no token: then the previous call's output again
         (the copy rule's forecast of every token), and no forward at all."""
-        if self.plan.kind is StepKind.SKIP:
+        if self.plan.kind is StepKind.SKIP and not self.extra:
             if self.last is None:
                 raise RuntimeError(f"catlab: step {self.step} computes no token but no step has been computed yet")
             return self.last
@@ -139,6 +172,9 @@ class TokenPruningHook(ModelHook):
         return len(timesteps) if timesteps is not None else 0
 
     def post_forward(self, module: nn.Module, output):
+        if self.extra:
+            self.pruner.set_bypass(False)
+            return output
         if self.plan.kind is StepKind.SKIP:
             return output
         self.last = output

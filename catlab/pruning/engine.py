@@ -36,6 +36,8 @@ class _GatherHook(ModelHook):
         self.pruner = pruner
 
     def post_forward(self, module: nn.Module, output: torch.Tensor) -> torch.Tensor:
+        if self.pruner.bypass:
+            return output
         self.pruner.num_tokens = output.shape[1]
         idx = self.pruner.row_indices
         if idx is None:
@@ -52,6 +54,8 @@ class _ScatterHook(ModelHook):
 
     def post_forward(self, module: nn.Module, output: torch.Tensor) -> torch.Tensor:
         p = self.pruner
+        if p.bypass:
+            return output
         idx = p.row_indices
         if idx is None:
             p.output_cache = output
@@ -83,6 +87,8 @@ class TokenPruner:
         self._original_processors: dict[nn.Module, object] = {}
         self._macs: dict[tuple[int, int, int, int], int] = {}
         self.attached = False
+        #: the stock forward runs and no cache is read or written (see :meth:`set_bypass`)
+        self.bypass = False
 
     # -- lifecycle -------------------------------------------------------------
     def attach(self) -> "TokenPruner":
@@ -98,6 +104,7 @@ class TokenPruner:
                 if attn is None:
                     continue
                 proc = kinds[kind](self, layer, f"transformer_blocks.{layer}.{attr}")
+                proc.attn, proc.original = attn, attn.processor
                 self._original_processors[attn] = attn.processor
                 attn.processor = proc
                 self.processors.append(proc)
@@ -107,6 +114,7 @@ class TokenPruner:
     def detach(self) -> None:
         if not self.attached:
             return
+        self.set_bypass(False)
         t = self.transformer
         getattr(t, self.spec.patch_embed)._diffusers_hook.remove_hook(GATHER_HOOK, recurse=False)
         getattr(t, self.spec.output_proj)._diffusers_hook.remove_hook(SCATTER_HOOK, recurse=False)
@@ -124,6 +132,18 @@ class TokenPruner:
         self.attention = {}
         for proc in self.processors:
             proc.reset()
+
+    def set_bypass(self, on: bool) -> None:
+        """Run the next forwards as the stock model, leaving every cache as it is (``on=False`` ends it).
+
+        For a pipeline's extra transformer call within a step (SD3's skip-layer guidance):
+        its rows and skipped layers do not match the step's caches, so it is not pruned.
+        """
+        if on == self.bypass:
+            return
+        for proc in self.processors:
+            proc.attn.processor = proc.original if on else proc
+        self.bypass = on
 
     # -- per step ----------------------------------------------------------------
     def set_indices(self, indices: torch.Tensor | None, rows: int | None = None) -> None:
