@@ -30,6 +30,8 @@ second call within the step, which reads the timestep on the host once per call.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import warnings
 
 import torch
@@ -72,6 +74,8 @@ class TokenPruningHook(ModelHook):
         self.indices: torch.Tensor | None = None
         #: whether the current call is a second call within its step (skip-layer guidance)
         self.extra, self.fresh = False, True
+        #: ``do_classifier_free_guidance`` as the pipeline's latest ``encode_prompt`` call passed it (PixArt)
+        self.cfg_seen: bool | None = None
         #: analytic MACs per step (every call of the step)
         self.macs: list[int] = []
         self._warned = False
@@ -159,13 +163,20 @@ class TokenPruningHook(ModelHook):
         return self.fn_ref.original_forward(*args, **kwargs)
 
     def _groups(self, rows: int) -> int:
-        """How many guidance branches are stacked in the batch (2 with classifier-free guidance)."""
-        scale = self._guidance()
-        if scale is None and rows % 2 == 0 and not self._warned:
-            warnings.warn("catlab: guidance scale unknown; treating every batch row as its own sample. "
-                          "Pass enable_pruning(..., guidance_scale=...) so CFG branches share indices.")
-            self._warned = True
-        return 2 if (scale is not None and scale > 1.0 and rows % 2 == 0) else 1
+        """How many guidance branches are stacked in the batch (2 with classifier-free guidance).
+
+        Known from the pipeline's own ``do_classifier_free_guidance`` (SD3 stores it; for
+        PixArt it is what the call passed to ``encode_prompt``), else from the guidance scale."""
+        cfg = getattr(self.pipeline, "do_classifier_free_guidance", None)
+        cfg = self.cfg_seen if not isinstance(cfg, bool) else cfg
+        if cfg is None:
+            scale = self._guidance()
+            if scale is None and rows % 2 == 0 and not self._warned:
+                warnings.warn("catlab: guidance scale unknown; treating every batch row as its own sample. "
+                              "Pass enable_pruning(..., guidance_scale=...) so CFG branches share indices.")
+                self._warned = True
+            cfg = scale is not None and scale > 1.0
+        return 2 if cfg and rows % 2 == 0 else 1
 
     def _num_steps(self) -> int:
         timesteps = getattr(getattr(self.pipeline, "scheduler", None), "timesteps", None)
@@ -181,9 +192,10 @@ class TokenPruningHook(ModelHook):
         sample = output[0] if isinstance(output, tuple) else output.sample
         channels = module.config.in_channels
         pred = sample[:, :channels].float()
-        if self.groups == 2:
+        if self.groups == 2:  # the policy sees the guided output (the conditional rows when the scale is unknown)
             uncond, text = pred.chunk(2)
-            pred = uncond + self._guidance() * (text - uncond)
+            scale = self._guidance()
+            pred = text if scale is None else uncond + scale * (text - uncond)
         self.planner.observe(self.plan, patchify(pred, module.config.patch_size), self.indices)
         return output
 
@@ -204,7 +216,28 @@ def enable_pruning(target, policy: Policy, guidance_scale: float | None = None) 
     hook = TokenPruningHook(pruner, policy, pipeline, guidance_scale)
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, POLICY_HOOK)
     transformer._catlab_pruner = pruner
+    if pipeline is not None:
+        _watch_guidance(pipeline, hook)
     return pruner
+
+
+def _watch_guidance(pipeline, hook: TokenPruningHook) -> None:
+    """Record whether a call uses classifier-free guidance, for pipelines that do not store it (PixArt):
+    their ``encode_prompt`` receives ``do_classifier_free_guidance``. The instance attribute is removed
+    by :func:`disable_pruning`."""
+    original = getattr(type(pipeline), "encode_prompt", None)
+    if original is None or "do_classifier_free_guidance" not in inspect.signature(original).parameters:
+        return
+
+    @functools.wraps(original)
+    def encode_prompt(*args, **kwargs):
+        bound = inspect.signature(original).bind(pipeline, *args, **kwargs)
+        bound.apply_defaults()
+        hook.cfg_seen = bool(bound.arguments["do_classifier_free_guidance"])
+        return original(pipeline, *args, **kwargs)
+
+    pipeline.encode_prompt = encode_prompt
+    pipeline._catlab_watch = True
 
 
 def reset_pruning(target) -> None:
@@ -225,6 +258,8 @@ def disable_pruning(target) -> None:
     transformer._diffusers_hook.remove_hook(POLICY_HOOK, recurse=False)
     pruner.detach()
     transformer._catlab_pruner = None
+    if target is not transformer and getattr(target, "_catlab_watch", False):
+        del target.encode_prompt, target._catlab_watch
 
 
 def pruning_macs(target) -> list[int]:
