@@ -4,10 +4,50 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from catlab.metrics.base import Metric
 from catlab.registry import metrics
+
+
+class _Truncating:
+    """A CLIP processor that cuts prompts to the text encoder's length, keeping the end-of-text token.
+
+    torchmetrics pads without truncating and then cuts the token ids itself, which drops the end-of-text
+    token (where CLIP reads the text embedding) from prompts longer than the encoder's context.
+    """
+
+    def __init__(self, processor, max_length: int):
+        self.processor, self.max_length = processor, max_length
+
+    def __call__(self, *args, **kwargs):
+        if kwargs.get("text") is not None:
+            kwargs.update(truncation=True, max_length=self.max_length)
+        return self.processor(*args, **kwargs)
+
+
+class _Embeddings:
+    """A CLIP model whose ``get_*_features`` return the projected embedding as a tensor.
+
+    transformers 5 returns a model output there (the embedding is its ``pooler_output``), which
+    torchmetrics 1.9.0 cannot normalise; with transformers 4 this passes the tensor through.
+    """
+
+    def __init__(self, model):
+        self.model, self.config = model, model.config
+
+    def to(self, device):
+        self.model.to(device)
+        return self
+
+    @staticmethod
+    def _tensor(out):
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def get_image_features(self, *args, **kwargs):
+        return self._tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs):
+        return self._tensor(self.model.get_text_features(*args, **kwargs))
 
 
 @metrics.register("clip_score")
@@ -15,8 +55,13 @@ from catlab.registry import metrics
 class CLIPScore(Metric):
     """100 · max(cos(image, text), 0) with a pinned CLIP backbone (Hessel et al. 2021, w = 1 scaled to 0–100).
 
-    Loaded from the local Hugging Face cache only; without its weights the metric
-    is skipped with a notice. The backbone is named in every table.
+    Computed per image by torchmetrics' ``clip_score``. ``backbone`` is a Hugging Face model id, looked up
+    in the local cache only, or the path of a folder written by ``save_pretrained`` (a ``CLIPModel`` and
+    its ``CLIPProcessor``); nothing is downloaded. Without the weights the metric is skipped with a notice.
+    The backbone is named in every table.
+
+    The model reaches torchmetrics as a loader (a callable ``model_name_or_path``, torchmetrics >= 1.7):
+    given a name, torchmetrics accepts only the hub ids it lists and may download them.
     """
 
     backbone: str = "openai/clip-vit-base-patch16"
@@ -33,19 +78,22 @@ class CLIPScore(Metric):
         if not hasattr(self, "_model"):
             from transformers import CLIPModel, CLIPProcessor
 
-            self._model = CLIPModel.from_pretrained(self.backbone, local_files_only=True).eval().to(self.device)
-            self._processor = CLIPProcessor.from_pretrained(self.backbone, local_files_only=True)
+            model = CLIPModel.from_pretrained(self.backbone, local_files_only=True).eval().to(self.device)
+            processor = CLIPProcessor.from_pretrained(self.backbone, local_files_only=True)
+            self._model = _Embeddings(model)
+            self._processor = _Truncating(processor, model.config.text_config.max_position_embeddings)
         return self._model, self._processor
 
     @torch.no_grad()
     def __call__(self, images, reference, prompts, meta):
-        model, processor = self._load()
-        pixels = [(img.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy() for img in images]
-        inputs = processor(text=prompts, images=pixels, return_tensors="pt", padding=True, truncation=True)
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        img = F.normalize(model.get_image_features(pixel_values=inputs["pixel_values"]), dim=-1)
-        txt = F.normalize(model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]), dim=-1)
-        return 100 * (img * txt).sum(-1).clamp(min=0).cpu()
+        from torchmetrics.functional.multimodal import clip_score
+
+        self._load()
+        # uint8 pixels, channels first: the processor rescales them to [0, 1] and normalises them itself
+        pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).to(self.device)
+        # torchmetrics' clip_score averages a batch before clamping at 0: one call per image keeps the per-image score
+        return torch.stack([clip_score(img, prompt, model_name_or_path=self._load).cpu().float()
+                            for img, prompt in zip(pixels, prompts)])
 
 
 @metrics.register("attribute_accuracy")

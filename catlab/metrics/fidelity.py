@@ -1,46 +1,49 @@
-"""Fidelity to the full model's image with the same prompt and seed: PSNR, SSIM, LPIPS."""
+"""Fidelity to the full model's image with the same prompt and seed: PSNR, SSIM (torchmetrics), LPIPS."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from catlab.metrics.base import Metric
 from catlab.registry import metrics
 
 
 def psnr(images: torch.Tensor, reference: torch.Tensor, max_value: float = 1.0) -> torch.Tensor:
-    """Peak signal-to-noise ratio in dB per image; images in [0, max_value]. Identical images give inf."""
-    mse = (images.float() - reference.float()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(max_value ** 2 / mse)
+    """Peak signal-to-noise ratio in dB per image; images in [0, max_value]. Identical images give inf.
 
+    torchmetrics' ``peak_signal_noise_ratio`` with the mean squared error taken over each image
+    (``dim=(1, 2, 3)``, ``reduction="none"``) and a fixed ``data_range`` (a number, so nothing is clamped).
+    """
+    from torchmetrics.functional.image import peak_signal_noise_ratio
 
-def _gaussian(size: int, sigma: float) -> torch.Tensor:
-    x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
-    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    return g / g.sum()
+    return peak_signal_noise_ratio(images.float(), reference.float(), data_range=float(max_value),
+                                   reduction="none", dim=tuple(range(1, images.dim())))
 
 
 def ssim(images: torch.Tensor, reference: torch.Tensor, window: int = 11, sigma: float = 1.5,
          max_value: float = 1.0) -> torch.Tensor:
-    """Structural similarity per image (Wang et al. 2004: Gaussian window, K1 = 0.01, K2 = 0.03), mean over channels."""
-    x, y = images.float(), reference.float()
-    c = x.shape[1]
-    window = min(window, x.shape[-1], x.shape[-2])
-    g = _gaussian(window, sigma)
-    kernel = (g[:, None] * g[None, :]).expand(c, 1, window, window).contiguous()
+    """Structural similarity per image (Wang et al. 2004: Gaussian window, K1 = 0.01, K2 = 0.03), mean over channels
+    and over the positions where the whole window lies inside the image.
 
-    def blur(t):
-        return F.conv2d(t, kernel, groups=c)
+    The SSIM map is torchmetrics' ``structural_similarity_index_measure`` (``return_full_image=True``). Its own
+    per-image mean is not used: torchmetrics pads the images by reflection, and its mean leaves that border out
+    in 1.4 but takes it in from 1.6 on; the border is cut off here, so only whole windows count in any release.
+    torchmetrics' Gaussian window is ``2 * int(3.5 * sigma + 0.5) + 1`` wide (11 for sigma = 1.5); ``window``
+    must agree with that, and the images must be at least that wide and high.
+    """
+    from torchmetrics.functional.image import structural_similarity_index_measure
 
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x ** 2
-    var_y = blur(y * y) - mu_y ** 2
-    cov = blur(x * y) - mu_x * mu_y
-    c1, c2 = (0.01 * max_value) ** 2, (0.03 * max_value) ** 2
-    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
-    return s.flatten(1).mean(1)
+    size = 2 * int(3.5 * sigma + 0.5) + 1
+    if window != size:
+        raise ValueError(f"ssim: a Gaussian window of sigma {sigma} is {size} pixels wide; got window={window}")
+    if min(images.shape[-2:]) < size:
+        raise ValueError(f"ssim: images of {tuple(images.shape[-2:])} pixels are smaller than the {size}-pixel window")
+    _, full = structural_similarity_index_measure(images.float(), reference.float(), gaussian_kernel=True, sigma=sigma,
+                                                  kernel_size=size, reduction="none", data_range=float(max_value),
+                                                  k1=0.01, k2=0.03, return_full_image=True)
+    pad = (size - 1) // 2
+    return full[..., pad:-pad, pad:-pad].flatten(1).mean(1)
 
 
 @metrics.register("psnr")
@@ -67,7 +70,11 @@ class SSIM(Metric):
 @metrics.register("lpips")
 @dataclass
 class LPIPS(Metric):
-    """LPIPS (AlexNet) when the ``lpips`` package and its weights are installed; skipped otherwise."""
+    """LPIPS (AlexNet) when the ``lpips`` package and its weights are installed; skipped otherwise.
+
+    Not torchmetrics' LPIPS: that one builds its backbone with torchvision and fetches the backbone's
+    weights from the network, and catlab installs neither.
+    """
 
     needs_reference = True
     higher_is_better = False
