@@ -63,16 +63,37 @@ def build_model(model_cfg: dict):
 
 
 def run_app(run, cfg) -> None:
-    """Run a Hydra app's ``run(cfg, output_dir)``; a config or step-cache error ends it with its message, not a traceback."""
+    """Run a Hydra app's ``run(cfg, output_dir)``; a config or step-cache error ends it with one line, not a traceback.
+
+    The error also goes to the run's log and to ``failed.json`` in its directory, so a
+    sweep summary lists the job as failed; a single run that produced nothing removes
+    its directory instead of leaving an empty one behind.
+    """
+    import json
+    import logging
+    import shutil
     from pathlib import Path
 
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from catlab.stepcache import StepCacheError
 
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
     try:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except ConfigError as err:
-        raise SystemExit(f"catlab: config error: {err}") from None
-    except StepCacheError as err:
-        raise SystemExit(f"catlab: step cache error: {err}") from None
+        run(cfg, out)
+    except (ConfigError, StepCacheError) as err:
+        kind = "config error" if isinstance(err, ConfigError) else "step cache error"
+        message = f"catlab: {kind}: {err}"
+        produced = any(p.name != ".hydra" and p.name != f"{hc.job.name}.log" for p in out.iterdir()) if out.exists() else False
+        if hc.mode == RunMode.RUN and not produced:
+            logging.shutdown()
+            shutil.rmtree(out, ignore_errors=True)
+            for parent in (out.parent, out.parent.parent):  # the date folder and outputs/, when this run made them
+                if parent.exists() and parent != Path.cwd() and not any(parent.iterdir()):
+                    parent.rmdir()
+        else:
+            logging.getLogger("catlab").error(message)
+            (out / "failed.json").write_text(json.dumps({"error": message}) + "\n")
+        raise SystemExit(message) from None

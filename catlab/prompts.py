@@ -46,7 +46,10 @@ def _read_lines(path: str) -> list[str]:
     if not p.is_file():
         raise ValueError(f"prompts.path: no such file {path!r}")
     lines = [line.strip() for line in p.read_text().splitlines()]
-    return [line for line in lines if line and not line.startswith("#")]
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompts.path: {path!r} holds no prompts (one per line; blank lines and # comments are skipped)")
+    return prompts
 
 
 @prompt_sets.register("file")
@@ -101,6 +104,8 @@ class _HubPrompts(PromptSet):
     def _from_file(self, p: Path):
         if not p.is_file():
             raise ValueError(f"prompts.path: no such file {str(p)!r}")
+        if p.suffix in (".jsonl", ".tsv") and not p.read_text().strip():
+            raise ValueError(f"prompts.path: {str(p)!r} holds no prompts")
         if p.suffix == ".jsonl":
             rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
             meta = [r.get("meta") for r in rows]

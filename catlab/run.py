@@ -47,6 +47,8 @@ def prepare(cfg: DictConfig):
         logger = loggers.build(plain(cfg.logger))
         model_cfg = plain(cfg.model)
         models.get(model_cfg.get("name", ""))
+        if cfg.num_images is not None and int(cfg.num_images) < 1:
+            raise ConfigError(f"num_images must be >= 1 or null (one per prompt); got {cfg.num_images}")
         if int(cfg.batch_size) < 1:
             raise ConfigError(f"batch_size must be >= 1; got {cfg.batch_size}")
     except (ComponentError, TypeError, ValueError) as err:
@@ -109,7 +111,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     logger.log_images("samples", torch.cat(all_images)[:16], [p for p, _ in jobs[:16]])
     logger.finish()
-    log.info("%s: %.3g MACs/image (%.2fx fewer than full), %.2f s/image -> %s", policy.name,
+    log.info("%s: %.3g MACs/image (%.2fx fewer than the full model), %.2f s/image -> %s",
+             policy.name + (f"+{cache_name}" if cache_name else ""),
              metrics["macs_per_image"], metrics["macs_ratio"], metrics["seconds_per_image"], run_dir)
     return metrics
 

@@ -70,7 +70,7 @@ def load_bundle(path=None, device="cpu", dtype=torch.float32) -> EmbeddedBundle:
     text_encoder = _text_encoder_class(path / "text_encoder").from_pretrained(path / "text_encoder", dtype=dtype)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path / "tokenizer")
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler")
-    transformer.to(device).eval()
+    transformer.to(device=device, dtype=dtype).eval()  # from_pretrained leaves a local folder in float32
     text_encoder.to(device).eval()
     return EmbeddedBundle(
         transformer=transformer,

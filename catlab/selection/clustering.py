@@ -8,6 +8,7 @@ never fewer than ``min_clusters``.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from catlab.registry import clusterers
 from catlab.selection.ranking import random_keys
 
 Generator = torch.Generator | None
+log = logging.getLogger("catlab")
 
 
 def positional_encoding(grid: tuple[int, int], dim: int, device: torch.device | None = None) -> torch.Tensor:
@@ -44,16 +46,36 @@ def cluster_features(noise: torch.Tensor, grid: tuple[int, int], noise_weight: f
 
 @dataclass
 class _Clusterer:
-    """Common config: how many clusters for how many tokens."""
+    """Common config: how many clusters for how many tokens.
+
+    ``num_clusters`` per ``per_tokens`` tokens (the paper's 20 per 4096), at least
+    ``min_clusters``; ``per_tokens=0`` makes ``num_clusters`` the exact count on any grid.
+    """
 
     num_clusters: int = 20
     per_tokens: int = 4096
     min_clusters: int = 2
 
+    def __post_init__(self) -> None:
+        name = getattr(type(self), "registered_name", "clusterer")
+        if int(self.num_clusters) < 1:
+            raise ValueError(f"{name}: num_clusters must be >= 1; got {self.num_clusters}")
+        if int(self.per_tokens) < 0:
+            raise ValueError(f"{name}: per_tokens must be >= 0 (0: num_clusters is the exact count); got {self.per_tokens}")
+        if int(self.min_clusters) < 1:
+            raise ValueError(f"{name}: min_clusters must be >= 1; got {self.min_clusters}")
+        self._told: set[int] = set()
+
     def count(self, num_tokens: int) -> int:
         """Clusters for ``num_tokens`` tokens: ``num_clusters`` per ``per_tokens``, at least ``min_clusters``."""
         c = round(self.num_clusters * num_tokens / self.per_tokens) if self.per_tokens else self.num_clusters
-        return max(1, min(num_tokens, max(self.min_clusters, c)))
+        count = max(1, min(num_tokens, max(self.min_clusters, c)))
+        if self.per_tokens and count != self.num_clusters and num_tokens not in self._told:
+            self._told.add(num_tokens)  # said once per grid size: the count is not the number the config names
+            log.info("%s: %d clusters for %d tokens (num_clusters=%d per %d tokens, at least min_clusters=%d); "
+                     "set per_tokens=0 for exactly num_clusters", getattr(type(self), "registered_name", "clusterer"),
+                     count, num_tokens, self.num_clusters, self.per_tokens, self.min_clusters)
+        return count
 
     def macs(self, batch: int, num_tokens: int, dim: int) -> int:
         return 0

@@ -1,0 +1,59 @@
+"""Bad input through the command line: one line naming what is wrong, before compute, and no empty run left behind."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import FAST, run_cli
+
+CASES = [
+    ("empty prompts file", ["prompts=file", "prompts.path={blank}"], "holds no prompts"),
+    ("no clusters", ["clusterer.num_clusters=0"], "num_clusters must be >= 1; got 0"),
+    ("negative clusters", ["clusterer.num_clusters=-5"], "num_clusters must be >= 1; got -5"),
+    ("no images", ["num_images=0"], "num_images must be >= 1 or null"),
+]
+
+
+@pytest.mark.parametrize("what, overrides, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_leaves_no_run_directory(tmp_path, what, overrides, message):
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n# only a comment\n")
+    proc, run_dir = run_cli(*FAST, *[o.format(blank=blank) for o in overrides], tmp_path=tmp_path, check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("catlab: config error:") and message in last
+    assert "Traceback" not in proc.stderr
+    assert not run_dir.exists()
+
+
+def test_a_failed_sweep_job_is_marked_failed(tmp_path):
+    proc, _ = run_cli("-m", *FAST, "clusterer.num_clusters=0", tmp_path=tmp_path, check=False)
+    assert proc.returncode != 0
+    failed = json.loads((tmp_path / "sweep" / "0" / "failed.json").read_text())
+    assert "num_clusters must be >= 1" in failed["error"]
+
+
+def test_half_precision_embedded_model_runs_on_a_cpu():
+    """model.dtype=float16 / bfloat16 used to fail inside diffusers' patch embedding: the whole bundle is cast now."""
+    from catlab.models.embedded import Embedded
+    from catlab.registry import selectors
+    from catlab.sampler import SamplerConfig, sample
+
+    cfg = SamplerConfig(num_steps=4, progress=False)
+    full = sample(Embedded(), selectors.build({"name": "cat", "start_step": 2}), ["a red circle"], [0], cfg).images
+    for dtype in ("float16", "bfloat16"):
+        adapter = Embedded(dtype=dtype)
+        assert {p.dtype for p in adapter.transformer.parameters()} == {getattr(torch, dtype)}
+        half = sample(adapter, selectors.build({"name": "cat", "start_step": 2}), ["a red circle"], [0], cfg).images
+        assert torch.isfinite(half.float()).all() and (half.float() - full).abs().mean() < 0.1
+
+
+def test_clusters_say_when_the_count_is_not_the_configured_one(caplog):
+    from catlab.registry import clusterers
+
+    with caplog.at_level("INFO", logger="catlab"):
+        assert clusterers.build({"name": "kmeans", "num_clusters": 5}).count(256) == 2
+        assert clusterers.build({"name": "kmeans", "num_clusters": 5, "per_tokens": 0}).count(256) == 5
+    assert "2 clusters for 256 tokens" in caplog.text and "per_tokens=0" in caplog.text
