@@ -65,9 +65,10 @@ def build_model(model_cfg: dict):
 def run_app(run, cfg) -> None:
     """Run a Hydra app's ``run(cfg, output_dir)``; a config or step-cache error ends it with one line, not a traceback.
 
-    The error also goes to the run's log and to ``failed.json`` in its directory, so a
-    sweep summary lists the job as failed; a single run that produced nothing removes
-    its directory instead of leaving an empty one behind.
+    A single run that produced nothing removes its directory instead of leaving an
+    empty one behind. A sweep job writes the error to its log and to ``failed.json``
+    and lets the sweep go on: the sweep's summary (:mod:`catlab.sweep`) lists it as
+    failed and the sweep exits non-zero.
     """
     import json
     import logging
@@ -93,7 +94,9 @@ def run_app(run, cfg) -> None:
             for parent in (out.parent, out.parent.parent):  # the date folder and outputs/, when this run made them
                 if parent.exists() and parent != Path.cwd() and not any(parent.iterdir()):
                     parent.rmdir()
-        else:
+        else:  # a sweep job: marked failed, and the sweep goes on (its summary lists it; the exit code says so)
             logging.getLogger("catlab").error(message)
             (out / "failed.json").write_text(json.dumps({"error": message}) + "\n")
+            if hc.mode == RunMode.MULTIRUN:
+                return
         raise SystemExit(message) from None

@@ -30,7 +30,7 @@ def test_bad_input_is_one_line_and_leaves_no_run_directory(tmp_path, what, overr
 
 def test_a_failed_sweep_job_is_marked_failed(tmp_path):
     proc, _ = run_cli("-m", *FAST, "clusterer.num_clusters=0", tmp_path=tmp_path, check=False)
-    assert proc.returncode != 0
+    assert proc.returncode != 0 and "1 of 1 sweep jobs failed" in proc.stderr
     failed = json.loads((tmp_path / "sweep" / "0" / "failed.json").read_text())
     assert "num_clusters must be >= 1" in failed["error"]
 
@@ -57,3 +57,13 @@ def test_clusters_say_when_the_count_is_not_the_configured_one(caplog):
         assert clusterers.build({"name": "kmeans", "num_clusters": 5}).count(256) == 2
         assert clusterers.build({"name": "kmeans", "num_clusters": 5, "per_tokens": 0}).count(256) == 5
     assert "2 clusters for 256 tokens" in caplog.text and "per_tokens=0" in caplog.text
+
+
+def test_a_sweep_goes_on_past_a_failed_job_and_summarises_every_job(tmp_path):
+    proc, _ = run_cli("-m", *FAST, "sampler.num_steps=3", "selector.start_step=1", "num_images=1",
+                      "clusterer.num_clusters=0,20", tmp_path=tmp_path, check=False)
+    assert proc.returncode != 0 and "1 of 2 sweep jobs failed" in proc.stderr
+    rows = (tmp_path / "sweep" / "summary.md").read_text().splitlines()[4:]
+    assert "clusterer.num_clusters=0" in rows[0] and "failed: catlab: config error" in rows[0]
+    assert "clusterer.num_clusters=20" in rows[1] and "| done |" in rows[1]
+    assert (tmp_path / "sweep" / "1" / "metrics.json").exists()
