@@ -59,7 +59,33 @@ def build_model(model_cfg: dict):
     try:
         return models.build(model_cfg)
     except (ComponentError, TypeError, ValueError, OSError) as err:
-        raise ConfigError(f"model {model_cfg.get('name')!r} could not be built: {err}") from err
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = ""
+        if isinstance(err, OSError) and "path" in model_cfg:
+            reason = reason.split(" (")[0]  # diffusers' long explanation points at a stack trace we do not print
+            hint = (f". Set model.path= to a local folder with the diffusers weights (now {model_cfg['path']!r}; a hub "
+                    "id works when it is in the Hugging Face cache or can be downloaded); full-size models also want "
+                    "a GPU (model.device=cuda)")
+        raise ConfigError(f"model {model_cfg.get('name')!r} could not be built: {reason}{hint}") from err
+
+
+def quiet_libraries() -> None:
+    """Keep a run's console and log to catlab's own lines: the libraries' known-harmless notices are errors-only.
+
+    (diffusers' "install accelerate" advice, transformers' torchvision notices, weight-loading
+    progress bars, deprecation warnings of arguments catlab does not pass.)
+    """
+    import warnings
+
+    import diffusers
+    import transformers
+
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+    for module in ("diffusers", "transformers", "torch", "huggingface_hub"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
 
 
 def run_app(run, cfg) -> None:
@@ -80,6 +106,7 @@ def run_app(run, cfg) -> None:
 
     from catlab.stepcache import StepCacheError
 
+    quiet_libraries()
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
     try:

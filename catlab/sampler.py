@@ -10,6 +10,7 @@ MACs come from, whether steps are timed exactly) is decided once, in
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import dataclass, field, replace
 
@@ -35,6 +36,7 @@ class SamplerConfig:
 
     num_steps: int = 28
     guidance_scale: float = 7.0
+    #: a progress bar per generation, when stderr is a terminal (never in a log file)
     progress: bool = True
     #: check every index tensor (shape, range, uniqueness); costs a host sync per step
     check_indices: bool = False
@@ -146,7 +148,8 @@ def _loop(run: "_Run", prompts: list[str], seeds: list[int]) -> SampleResult:
     latents = adapter.initial_latents(seeds)
     trace = run.begin(len(prompts), cond)
     pred = None
-    for i, t in enumerate(tqdm(scheduler.timesteps, disable=not cfg.progress, desc=run.policy.name, leave=False)):
+    bar = tqdm(scheduler.timesteps, disable=not (cfg.progress and sys.stderr.isatty()), desc=run.policy.name, leave=False)
+    for i, t in enumerate(bar):
         plan, sigma = planner.plan(i + 1), run.time(scheduler, i)
         t0 = run.clock()
         with run.guard(plan, "the selection"):

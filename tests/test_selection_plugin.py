@@ -49,3 +49,53 @@ def test_plugin_selector_runs_through_the_cli(plugin_env, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["selector"] == "example_center" and metrics["pruned_steps"] == 3
+
+
+# -- the recipe of docs/plugins.md, built from the doc's own text ------------------------------
+DOC = ROOT / "docs" / "plugins.md"
+
+
+def doc_files(text: str) -> dict[str, str]:
+    """The fenced blocks of docs/plugins.md whose first line is a comment naming their file."""
+    files, block, lang = {}, None, None
+    for line in text.splitlines():
+        if line.startswith("```"):
+            if block is None:
+                block, lang = [], line[3:].strip()
+            else:
+                first = block[0].strip() if block else ""
+                if lang in ("python", "yaml", "toml") and first.startswith("# ") and "." in first:
+                    files[first[2:].strip()] = "\n".join(block) + "\n"
+                block = None
+            continue
+        if block is not None:
+            block.append(line)
+    return files
+
+
+@pytest.fixture(scope="module")
+def doc_plugin_env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("doc_plugin")
+    source, target = tmp / "my-strategy", tmp / "site"
+    files = doc_files(DOC.read_text())
+    assert {"pyproject.toml", "src/my_strategy/selector.py", "src/my_strategy/conf/selector/example_center.yaml"} <= set(files)
+    for name, text in files.items():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_text(text)
+    for package in ("src/my_strategy", "src/my_strategy/conf"):  # the doc: both need an __init__.py
+        (source / package / "__init__.py").touch()
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+           "--target", str(target), str(source)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"the recipe of docs/plugins.md does not install:\n{proc.stdout}\n{proc.stderr}"
+    return {**os.environ, "PYTHONPATH": f"{target}{os.pathsep}{ROOT}", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+
+
+def test_the_documented_recipe_installs_and_runs(doc_plugin_env, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "catlab.run", "selector=example_center", "selector.alpha=0.5", "selector.start_step=3",
+           "sampler.num_steps=5", "sampler.progress=false", "num_images=1", "logger=local", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=doc_plugin_env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["selector"] == "example_center" and metrics["alpha"] == 0.5

@@ -70,7 +70,9 @@ def load_bundle(path=None, device="cpu", dtype=torch.float32) -> EmbeddedBundle:
     text_encoder = _text_encoder_class(path / "text_encoder").from_pretrained(path / "text_encoder", dtype=dtype)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path / "tokenizer")
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler")
-    transformer.to(device=device, dtype=dtype).eval()  # from_pretrained leaves a local folder in float32
+    transformer.to(device).eval()
+    if next(transformer.parameters()).dtype != dtype:  # from_pretrained left this local folder in float32
+        transformer.to(dtype=dtype)
     text_encoder.to(device).eval()
     return EmbeddedBundle(
         transformer=transformer,

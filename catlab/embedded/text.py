@@ -74,7 +74,8 @@ def unknown_words(tokenizer: PreTrainedTokenizerFast, prompt: str) -> list[str]:
 
 
 def tokenize(tokenizer: PreTrainedTokenizerFast, prompts: list[str], warn: bool = True) -> torch.Tensor:
-    """Token ids (B, max_length); warns once, naming them, when prompts hold unknown words."""
+    """Token ids (B, max_length); warns, naming them, when prompts hold unknown words or are cut to
+    ``max_length`` tokens (Python shows each distinct warning once)."""
     if warn:
         unknown = sorted({w for p in prompts for w in unknown_words(tokenizer, p)})
         if unknown:
@@ -83,6 +84,11 @@ def tokenize(tokenizer: PreTrainedTokenizerFast, prompts: list[str], warn: bool 
                 f"its vocabulary is {vocabulary()}",
                 stacklevel=3,
             )
+        limit = tokenizer.model_max_length
+        long = [p for p in prompts if len(tokenizer(p)["input_ids"]) > limit]
+        if long:
+            warnings.warn(f"embedded model: {len(long)} prompt(s) longer than its {limit} text tokens are cut, "
+                          f"e.g. {long[0][:80]!r}", stacklevel=3)
     out = tokenizer(
         prompts,
         padding="max_length",
