@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from catlab.planner import select_indices
 from catlab.selection.base import Policy, StepState
 
 
@@ -28,7 +29,7 @@ class RecordingPolicy:
         return self.policy.num_kept(step, num_tokens)
 
     def select(self, state: StepState) -> torch.Tensor:
-        return self.policy.select(state)
+        return select_indices(self.policy, state)
 
     def selection_macs(self, state: StepState) -> int:
         return self.policy.selection_macs(state)
