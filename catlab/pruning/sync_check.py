@@ -7,10 +7,11 @@ data-dependent shape such as ``x[mask]`` or ``nonzero``) stalls that pipeline.
 
 ::
 
+    from catlab.planner import select_indices
     from catlab.pruning.sync_check import no_host_sync
 
     with no_host_sync():
-        indices = policy.select(state)      # raises HostSyncError on a host read
+        indices = select_indices(policy, state)   # raises HostSyncError on a host read
 
 Two layers of checking, so the guard is useful on any machine:
 
