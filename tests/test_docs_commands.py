@@ -92,7 +92,15 @@ def _shrunk(cmd: str, work: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("docs_commands")
+    """The scratch working directory, with copies of the shipped bundles at their repository paths: a command
+    that reads ``catlab/embedded/bundle`` finds it, and one that exports there writes into the copy."""
+    import shutil
+
+    work = tmp_path_factory.mktemp("docs_commands")
+    for bundle in sorted((ROOT / "catlab" / "embedded").glob("bundle*")):
+        if bundle.is_dir():
+            shutil.copytree(bundle, work / "catlab" / "embedded" / bundle.name)
+    return work
 
 
 def test_the_docs_have_commands():
