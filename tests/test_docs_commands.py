@@ -31,7 +31,7 @@ NOT_ON_A_CPU = [
     (r"gpu_bench\.py(?!.*--device cpu)", "the GPU benchmark (tests/test_gpu_bench.py runs it on a CPU)"),
     (r"catlab\.evaluation\.merge outputs/sd3", "merges a GPU evaluation's run directory"),
     (r"example_center", "needs the example plugin installed (tests/test_selection_plugin.py installs and runs it)"),
-    (r"^pip install|-m pytest", "the CI script runs the install and the test suite itself"),
+    (r"^pip install|-m pytest|-m venv", "the CI script makes the environment, installs and runs the test suite itself"),
 ]
 
 #: appended to each kind of command: the same code path, a fraction of the work
