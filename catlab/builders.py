@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from catlab.registry import ComponentError, models
 from catlab.selection.base import Policy

@@ -30,7 +30,7 @@ from catlab.evaluation import diagnostics
 from catlab.evaluation.harness import References, Strategy, evaluate_strategies, make_jobs
 from catlab.evaluation.merge import rows_from_store, write_tables
 from catlab.evaluation.recorder import RecordingPolicy
-from catlab.evaluation.reference import ReferenceCache, config_hash
+from catlab.evaluation.reference import ReferenceCache
 from catlab.evaluation.store import ResultStore
 from catlab.loggers.base import image_grid
 from catlab.prompts import cache_dir

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers.hooks import HookRegistry
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 

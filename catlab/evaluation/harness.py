@@ -10,7 +10,6 @@ what is already there is skipped, so an interrupted evaluation resumes.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass
