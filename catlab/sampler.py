@@ -158,11 +158,12 @@ def _loop(run: "_Run", prompts: list[str], seeds: list[int]) -> SampleResult:
         t1, mark = run.clock(), run.cost.mark()
         with run.guard(plan, "the pruned step"):
             if plan.kind is StepKind.SKIP:
-                pred = run.reuse.forecast(plan.step, pred, planner.output, sigma)
+                stacked, pred = None, run.reuse.forecast(plan.step, pred, planner.output, sigma)
             else:
-                pred = run.forward(plan, idx, torch.cat([latents] * cond.groups), t, cond, sigma)
+                stacked = run.forward(plan, idx, torch.cat([latents] * cond.groups), t, cond, sigma)
+                pred = run.guide(stacked)
             output = patchify(pred, adapter.patch_size)
-            observe_seconds = planner.observe(plan, output, idx)
+            observe_seconds = planner.observe(plan, run.shown(plan, output, stacked), idx)
             pred = run.reuse.compose(plan, output, idx, pred, sigma)
             latents = scheduler.step(pred, t, latents, return_dict=False)[0]
         t2 = run.clock()
@@ -220,14 +221,22 @@ class _Run:
         return SampleResult(images=self.adapter.decode(latents), latents=latents, trace=trace)
 
     def forward(self, plan: StepPlan, idx, latents: torch.Tensor, t, cond, sigma) -> torch.Tensor:
-        """The transformer on the stacked guidance rows (pruned to ``idx``), guidance combined."""
+        """The transformer on the stacked guidance rows (pruned to ``idx``); the rows as it returns them."""
         self.pruner.set_indices(idx, self.rows)
         for h in self.hooks:
             h.step, h.time = plan.step, sigma
         cache = self.parts.step_cache
         with cache.context(plan.step, self.cfg.num_steps) if cache is not None else contextlib.nullcontext():
-            pred = self.adapter.predict(latents, t, cond)
-        return self.guide(pred)
+            return self.adapter.predict(latents, t, cond)
+
+    def shown(self, plan: StepPlan, output: torch.Tensor, stacked: torch.Tensor | None) -> torch.Tensor:
+        """What the policy sees of a step: the guided output, or for a policy that asks for them
+        (``Policy.observes = "branches"``) the stacked guidance branches, unconditional rows first."""
+        if self.policy.observes != "branches" or not self.guided:
+            return output
+        if stacked is None:  # a step that computed nothing: the branches last computed stand
+            return self.planner.output
+        return patchify(stacked, self.adapter.patch_size)
 
     def guide(self, pred: torch.Tensor) -> torch.Tensor:
         """Classifier-free guidance over the stacked (unconditional, conditional) rows."""

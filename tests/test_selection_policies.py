@@ -171,3 +171,28 @@ def test_parts_come_from_configs_or_objects():
 def test_selection_is_reproducible():
     runs = [simulate(selectors.build({"name": "cat", "start_step": 3, "seed": 7}), (8, 8), 8, seed=1) for _ in range(2)]
     assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_a_policy_that_observes_branches_is_shown_the_stacked_rows():
+    """cat_reference scores each sample's conditional row: the sampler shows it both guidance branches."""
+    from catlab.sampler import SamplerConfig, sample
+    from catlab.selection.baselines import Sequential
+    from tests.conftest import tiny_sd3
+
+    class Branches(Sequential):
+        observes = "branches"
+
+        def observe(self, step, output, indices):
+            super().observe(step, output, indices)
+            self.rows = getattr(self, "rows", []) + [output.shape[0]]
+
+    class Guided(Branches):
+        observes = "guided"
+
+    shown = {}
+    for cls in (Branches, Guided):
+        policy = cls(alpha=0.5, start_step=2)
+        sample(tiny_sd3(), policy, ["a red circle", "a blue square"], [0, 1], SamplerConfig(num_steps=4, progress=False))
+        shown[cls.observes] = policy.rows
+    assert shown == {"branches": [4, 4, 4, 4], "guided": [2, 2, 2, 2]}
+    assert selectors.get("cat_reference").observes == "branches"

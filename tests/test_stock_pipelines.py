@@ -182,3 +182,16 @@ def test_pixart_sigma_resolution_binning():
     out = _call(pipe, use_resolution_binning=True, output_type="pil")
     disable_pruning(pipe)
     assert out[0].size == (64, 64) and policy.seen["grid"] == (16, 16) and len(policy.observed) == STEPS
+
+
+def test_cat_reference_on_a_pipeline_scores_each_prompt_on_its_conditional_rows():
+    from catlab.registry import selectors
+
+    pipe = sd3_pipeline()
+    policy = selectors.build({"name": "cat_reference", "start_step": 2})
+    _enable(pipe, policy)
+    out = _call(pipe, prompt=["a red circle", "a blue square"], generator=[torch.Generator().manual_seed(s) for s in (0, 1)])
+    macs = pruning_macs(pipe)
+    disable_pruning(pipe)
+    assert np.isfinite(out).all() and macs[2] < macs[0]
+    assert policy.labels.shape == (2, 256)  # one clustering per prompt, from its own conditional rows

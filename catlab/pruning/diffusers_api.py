@@ -192,7 +192,8 @@ class TokenPruningHook(ModelHook):
         sample = output[0] if isinstance(output, tuple) else output.sample
         channels = module.config.in_channels
         pred = sample[:, :channels].float()
-        if self.groups == 2:  # the policy sees the guided output (the conditional rows when the scale is unknown)
+        if self.groups == 2 and self.policy.observes != "branches":
+            # the policy sees the guided output (the conditional rows when the scale is unknown)
             uncond, text = pred.chunk(2)
             scale = self._guidance()
             pred = text if scale is None else uncond + scale * (text - uncond)

@@ -22,7 +22,8 @@ class StepState:
 
     ``output`` is the latest model output in token space, ``(B, N, C)`` with the
     classifier-free-guidance branches combined (the "predicted noise" n_t of the
-    paper); ``None`` before the first step. ``attention`` maps each probe layer the
+    paper), or the ``(2B, N, C)`` stacked branches for a policy whose
+    :attr:`Policy.observes` is ``"branches"``; ``None`` before the first step. ``attention`` maps each probe layer the
     policy asked for (:attr:`Policy.attention_layers`) to ``(B, N, N)`` image-to-image
     attention probabilities averaged over heads, each row as last computed.
     """
@@ -62,6 +63,10 @@ class Policy:
 
     #: probe layers whose attention probabilities :attr:`StepState.attention` must carry
     attention_layers: ClassVar[tuple[int, ...]] = ()
+    #: what :attr:`StepState.output` and :meth:`observe` show: ``"guided"`` (B rows, the
+    #: classifier-free-guidance combination) or ``"branches"`` (the 2·B rows as the
+    #: transformer computed them, unconditional first; B rows when a run has no guidance)
+    observes: ClassVar[str] = "guided"
 
     def __post_init__(self) -> None:
         if not (0.0 < float(self.alpha) <= 1.0):

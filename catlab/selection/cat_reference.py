@@ -19,8 +19,9 @@ Rules (steps count from 1; ``start_step`` is t0; pruning starts at t0 + 1):
   guidance branches unconditional-first, ``[u_0 … u_{B−1}, c_0 … c_{B−1}]``, so that
   row is the conditional branch only for one prompt (for B ≥ 2 it is prompt 1's
   unconditional branch). Here sample s is scored on its own conditional row
-  ``B + s`` when the output shown has 2·B rows; catlab's sampler shows the
-  guided output (B rows), and then sample s is scored on row s.
+  ``B + s``: the selector asks to be shown the stacked branches
+  (``observes = "branches"``), which the sampler and ``enable_pruning`` pass; without
+  guidance (B rows) sample s is scored on row s.
 * **Clusters**: ``num_clusters`` (20) clusters on every grid, so each holds about 5 %
   of the image at any size, as the authors' 20 of 4096 do; ``per_tokens > 0`` scales
   the count with the grid instead. Quotas are fractions of k, so they keep their
@@ -56,6 +57,7 @@ for: for comparisons with the authors' eager path, not for runs whose MACs count
 """
 from __future__ import annotations
 
+from typing import ClassVar
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +79,9 @@ def stable_top(values: torch.Tensor, q: int, largest: bool = True) -> torch.Tens
 @dataclass
 class CatReference(Policy):
     """The authors' selection rules (see the module docstring)."""
+
+    #: the authors score the conditional branch, not the guided output
+    observes: ClassVar[str] = "branches"
 
     num_clusters: int = 20
     per_tokens: int = 0
