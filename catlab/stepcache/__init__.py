@@ -1,7 +1,10 @@
-"""diffusers' step-level caches (TaylorSeer, FirstBlockCache, MagCache) as catlab components, and a MAC counter."""
+"""Step-level caches as catlab components: diffusers' (TaylorSeer, FirstBlockCache, MagCache), cache-dit's
+(DBCache, DBPrune; optional, ``pip install "catlab[peers]"``), and a MAC counter."""
 from catlab.stepcache.base import StepCache, StepCacheError, stepcaches
 from catlab.stepcache.caches import FirstBlockCache, MagCache, TaylorSeer
+from catlab.stepcache.cachedit import CacheDitDBCache, CacheDitDBPrune  # registers; imports cache-dit only when built
 from catlab.stepcache.macs import MacCounter
 from catlab.stepcache.schedule import BudgetSchedule
 
-__all__ = ["StepCache", "StepCacheError", "stepcaches", "TaylorSeer", "FirstBlockCache", "MagCache", "MacCounter", "BudgetSchedule"]
+__all__ = ["StepCache", "StepCacheError", "stepcaches", "TaylorSeer", "FirstBlockCache", "MagCache", "MacCounter", "BudgetSchedule",
+           "CacheDitDBCache", "CacheDitDBPrune"]
