@@ -61,7 +61,10 @@ def available() -> bool:
     """Whether cache-dit can be imported (without importing it)."""
     import importlib.util
 
-    return importlib.util.find_spec("cache_dit") is not None
+    try:
+        return importlib.util.find_spec("cache_dit") is not None
+    except ValueError:  # sys.modules["cache_dit"] is None: hidden on purpose
+        return False
 
 
 @contextlib.contextmanager
