@@ -8,10 +8,17 @@ registered) at each step count, batch 1 with classifier-free guidance. Each pair
 runs in the same process, interleaved, after a warm-up; the time of a generation
 is the fastest of ``--repeats`` (device-synchronised at the end of the loop).
 ``--compile`` adds the same pairs with the blocks compiled by ``compile_pruned``.
+``--peers`` adds, per model and step count, cache-dit's DBCache (``cachedit_dbcache``:
+F1B0, ``--peer-threshold``, the same warm-up t0) against the full model, eager, timed
+the same way (skipped, with the reason printed, when cache-dit is not installed:
+``pip install "catlab[peers]"``). With random weights the steps DBCache reuses are
+not those of a trained model: read its row as speed-up per MACs saved (its MACs are
+counted as they run), not as the MACs a real model would save.
 
     python experiments/gpu_bench.py                          # SD3-medium and PixArt-Σ shapes, fp16, CUDA
     python experiments/gpu_bench.py --compile                # ... also compiled
     python experiments/gpu_bench.py --device cpu --tiny      # small shapes: a smoke test on any CPU
+    python experiments/gpu_bench.py --peers                  # ... and cache-dit's DBCache beside them
     python experiments/gpu_bench.py --device cpu --hidden 384 --tokens 1024 --models sd3 --steps 28
 
 The last line is a compute-bound configuration for a CPU: an SD3-architecture
@@ -32,7 +39,8 @@ from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteSchedu
 from catlab.models.base import Conditioning, ModelAdapter
 from catlab.pruning import compile_pruned, uncompile
 from catlab.registry import selectors
-from catlab.sampler import SamplerConfig, Trace, sample
+from catlab.sampler import SamplerConfig, StepReuse, Trace, sample
+from catlab.stepcache import stepcaches
 
 #: (transformer class, config, text tokens, text embedding width, pooled width)
 FULL_SIZE = {
@@ -120,19 +128,21 @@ def pruning_policy(args):
     return name, lambda: selectors.build({"name": name, "alpha": args.alpha, "start_step": args.start_step})
 
 
-def timed(adapter, make_policies, steps: int, repeats: int) -> list[tuple[float, Trace]]:
+def timed(adapter, make_policies, steps: int, repeats: int, reuses: list | None = None) -> list[tuple[float, Trace]]:
     """For each policy: (seconds of one generation, a trace); policies interleaved so drift hits all alike.
 
     On an accelerator the seconds are the fastest generation (synchronised at the end
     of the loop). On a CPU, which other processes may share, they are the sum over
     steps of each step's fastest time: a burst of contention then spoils one step of
-    one repeat, not a whole generation.
+    one repeat, not a whole generation. ``reuses[i]`` (a :class:`StepReuse`, e.g. a step
+    cache) goes with policy ``i``.
     """
     cfg = SamplerConfig(num_steps=steps, guidance_scale=4.5, progress=False)
+    reuses = reuses or [None] * len(make_policies)
     traces: list[list[Trace]] = [[] for _ in make_policies]
     for _ in range(repeats):
         for i, make in enumerate(make_policies):
-            traces[i].append(sample(adapter, make(), ["a prompt"], [0], cfg).trace)
+            traces[i].append(sample(adapter, make(), ["a prompt"], [0], cfg, reuses[i]).trace)
     if adapter.torch_device.type != "cpu":
         return [min(((t.seconds, t) for t in ts), key=lambda x: x[0]) for ts in traces]
     return [(sum(min(t.steps[j].seconds for t in ts) for j in range(steps)), ts[0]) for ts in traces]
@@ -164,7 +174,27 @@ def bench(name: str, args, policy_name: str, make_policy) -> list[dict]:
                              pruned_s=pruned_s, speedup=speedup, macs_ratio=macs, of_macs=speedup / macs,
                              selection=share))
             print(_format(rows[-1], policy_name), flush=True)
+        if mode == "eager" and args.peers:
+            rows += bench_peer(name, args, adapter, make_full)
         uncompile(adapter.transformer)
+    return rows
+
+
+def bench_peer(name: str, args, adapter, make_full) -> list[dict]:
+    """cache-dit's DBCache against the full model, eager, in the same process and the same way."""
+    cache = stepcaches.build({"name": "cachedit_dbcache", "threshold": args.peer_threshold, "start_step": args.start_step})
+    reuse = StepReuse(step_cache=cache)
+    label = f"dbcache({args.peer_threshold:g})"
+    sample(adapter, make_full(), ["a prompt"], [0], SamplerConfig(num_steps=args.start_step + 2, guidance_scale=4.5,
+                                                                 progress=False), reuse)  # warm-up
+    rows = []
+    for steps in args.steps:
+        (full_s, full), (cached_s, cached) = timed(adapter, [make_full, make_full], steps, args.repeats, [None, reuse])
+        speedup, macs = full_s / cached_s, full.macs / cached.macs
+        rows.append(dict(model=name, mode="cache-dit", steps=steps, tokens=full.num_tokens, full_s=full_s,
+                         pruned_s=cached_s, speedup=speedup, macs_ratio=macs, of_macs=speedup / macs, selection=0.0,
+                         policy=label))
+        print(_format(rows[-1], label), flush=True)
     return rows
 
 
@@ -193,6 +223,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--layers", type=int, default=4, help="blocks of a scaled model")
     parser.add_argument("--text-tokens", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--peers", action="store_true",
+                        help='also time cache-dit\'s DBCache against the full model (pip install "catlab[peers]")')
+    parser.add_argument("--peer-threshold", type=float, default=0.24, help="cache-dit DBCache residual_diff_threshold")
     args = parser.parse_args(argv)
     diffusers_logging.set_verbosity_error()  # casting random weights to fp16 is intended here
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
@@ -200,11 +233,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     policy_name, make_policy = pruning_policy(args)
+    if args.peers:
+        from catlab.stepcache.cachedit import INSTALL, available
+
+        if not available():
+            print(f"cache-dit row skipped: cache-dit is not installed ({INSTALL})")
+            args.peers = False
 
     print(f"device {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}), "
           f"{args.dtype}, {torch.get_num_threads()} CPU threads, batch 1 with CFG; pruning policy: {policy_name} (alpha={args.alpha}, t0={args.start_step})"
           + ("" if policy_name == "cat" else "  [cat is not registered: random instead]"))
     print(HEADER.format(policy_name + " s"))
+    if args.peers:
+        print(f"(mode cache-dit: the {policy_name} s column is cache-dit DBCache F1B0, threshold {args.peer_threshold:g}, "
+              f"t0={args.start_step}, against the full model)")
     rows = []
     for name in args.models.split(","):
         rows += bench(name, args, policy_name, make_policy)
