@@ -54,8 +54,8 @@ def test_clusters_say_when_the_count_is_not_the_configured_one(caplog):
     from catlab.registry import clusterers
 
     with caplog.at_level("INFO", logger="catlab"):
-        assert clusterers.build({"name": "kmeans", "num_clusters": 5}).count(256) == 2
-        assert clusterers.build({"name": "kmeans", "num_clusters": 5, "per_tokens": 0}).count(256) == 5
+        assert clusterers.build({"name": "kmeans", "num_clusters": 5, "per_tokens": 4096}).count(256) == 2
+        assert clusterers.build({"name": "kmeans", "num_clusters": 5}).count(256) == 5  # per_tokens=0: exact
     assert "2 clusters for 256 tokens" in caplog.text and "per_tokens=0" in caplog.text
 
 

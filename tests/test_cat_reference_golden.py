@@ -1,4 +1,4 @@
-"""``cat_reference`` against index sets recorded from the authors' CAT Pruning code.
+"""``cat`` and ``cat_reference`` against index sets recorded from the authors' CAT Pruning code.
 
 The golden files (``tests/golden/cat_reference_<path>_<h>x<w>.npz``) hold, per seed and
 per pruned step (9…28, t0 = 8, α = 0.3), the token sets the authors' selection code
@@ -29,6 +29,7 @@ from tests.golden.cat_inputs import NUM_STEPS, make_outputs
 GOLDEN = Path(__file__).resolve().parent / "golden"
 SEEDS = (0, 1, 2)
 COMPILED = {"name": "cat_reference"}  # the defaults are the compiled path
+CAT = {"name": "cat"}  # its default parts and quotas are the authors' compiled path, batched
 EAGER = {"name": "cat_reference", "pad": "none", "cluster_stale_from": 2, "best_cluster_stale": False}
 
 
@@ -81,11 +82,17 @@ def _jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a & b).sum() / (a | b).sum())
 
 
+@pytest.mark.parametrize("cfg", [COMPILED, CAT], ids=["cat_reference", "cat"])
 @pytest.mark.parametrize("seed", SEEDS)
-def test_compiled_path_64x64(seed):
-    """Defaults = the compiled path: every counted set exact; exactly k computed, the authors' computed set included."""
+def test_compiled_path_64x64(seed, cfg):
+    """Defaults = the compiled path: every counted set exact; exactly k computed, the authors' computed set included.
+
+    For ``cat`` this checks every row of docs/selection.md's table at once (k, scored row, clustering
+    features and clusterer, pooling and graph step, quotas, walk and cut, staleness, ties, padding):
+    a change to any of them moves some step's set on these inputs.
+    """
     gold = _golden("compiled", (64, 64))[seed]
-    got = _run(COMPILED, (64, 64), (seed,))
+    got = _run(cfg, (64, 64), (seed,))
     assert sorted(got) == gold["steps"]
     for r, step in enumerate(gold["steps"]):
         counted, selected, width = got[step]
@@ -111,20 +118,22 @@ def test_eager_path(grid):
             assert torch.equal(counted[0], selected[0]) and width == int(selected[0].sum())
 
 
-def test_each_sample_is_scored_on_its_conditional_row():
+@pytest.mark.parametrize("cfg", [COMPILED, CAT], ids=["cat_reference", "cat"])
+def test_each_sample_is_scored_on_its_conditional_row(cfg):
     """Two prompts stacked [u0, u1, c0, c1]: each sample's selection is its own golden run's.
 
     (The authors' ``hidden_states[1]`` would be u1 here: prompt 1's unconditional branch.)
     """
     gold = _golden("compiled", (64, 64))
-    got = _run(COMPILED, (64, 64), (0, 2))
+    got = _run(cfg, (64, 64), (0, 2))
     for r, step in enumerate(gold[0]["steps"]):
         counted = got[step][0]
         assert torch.equal(counted[0], gold[0]["counted"][r]), f"sample 0, step {step}"
         assert torch.equal(counted[1], gold[2]["counted"][r]), f"sample 1, step {step}"
 
 
-def test_k_is_the_authors_floor():
-    policy = selectors.build(COMPILED)
+@pytest.mark.parametrize("cfg", [COMPILED, CAT], ids=["cat_reference", "cat"])
+def test_k_is_the_authors_floor(cfg):
+    policy = selectors.build(cfg)
     assert [policy.num_kept(9, n) for n in (4096, 1024, 256)] == [1228, 307, 76]
     assert policy.num_kept(8, 4096) is None

@@ -9,6 +9,8 @@ import re
 import subprocess
 import sys
 
+import warnings
+
 import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
@@ -69,6 +71,16 @@ def test_tokenizer_round_trip_and_unknown_word_warning(tmp_path):
     assert tok.unk_token_id not in ids[0].tolist()
     with pytest.warns(UserWarning, match="giraffe"):
         tokenize(tok, ["a small red giraffe in the center"])
+
+
+def test_dropped_characters_are_named_once_and_punctuation_is_not():
+    tok = build_tokenizer()
+    with pytest.warns(UserWarning, match=r"characters \['★', '🙂'\] are dropped"):
+        tokenize(tok, ["a red circle 🙂", "a blue square ★"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ASCII punctuation only separates words: no warning
+        ids = tokenize(tok, ["a red circle, a blue square."])
+    assert torch.equal(ids, tokenize(tok, ["a red circle a blue square"], warn=False))
 
 
 def test_shipped_bundle_runs_a_denoising_step(bundle):

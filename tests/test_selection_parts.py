@@ -10,8 +10,8 @@ from catlab.selection.ranking import first_k_unchosen, order_by
 from catlab.selection.scorers import RelativeNoise
 
 
-def _ewma(decay, selections, n=4):
-    tracker = stalenesses.build({"name": "ewma", "decay": decay})
+def _ewma(decay, selections, n=4, ties="index"):
+    tracker = stalenesses.build({"name": "ewma", "decay": decay, "ties": ties})
     tracker.reset(1, n, torch.device("cpu"), torch.Generator().manual_seed(0))
     for sel in selections:
         tracker.update(torch.tensor([sel]))
@@ -26,8 +26,19 @@ def test_ewma_after_a_selection_sequence():
     assert tracker.age.tolist() == [[0, 1, 1, 0]]
 
 
-def test_ewma_ties_fall_to_the_oldest_then_at_random():
-    tracker = _ewma(0.0, [[0], [1]])  # f = [0, 1, 0, 0]; ages [1, 0, 2, 2]
+def test_ewma_ties_fall_to_the_lowest_index_by_default():
+    tracker = _ewma(0.0, [[0], [1]])  # f = [0, 1, 0, 0]
+    assert tracker.order().tolist() == [[0, 2, 3, 1]]
+
+
+def test_ewma_counts_a_mask_of_computed_tokens():
+    tracker = _ewma(0.5, [])
+    tracker.update(torch.tensor([[True, False, True, False]]))
+    assert tracker.frequency.tolist() == [[1.0, 0.0, 1.0, 0.0]] and tracker.age.tolist() == [[0, 1, 0, 1]]
+
+
+def test_ewma_random_ties_fall_to_the_oldest_then_at_random():
+    tracker = _ewma(0.0, [[0], [1]], ties="random")  # f = [0, 1, 0, 0]; ages [1, 0, 2, 2]
     firsts = set()
     for _ in range(20):
         order = tracker.order()[0].tolist()
@@ -101,7 +112,7 @@ def _two_blobs(grid=(16, 16), channels=8):
 def test_clusterer_on_two_blobs_gives_contiguous_clusters(name):
     grid = (16, 16)
     features = cluster_features(_two_blobs(grid), grid, noise_weight=0.1)
-    clusterer = clusterers.build({"name": name, "num_clusters": 20})
+    clusterer = clusterers.build({"name": name, "num_clusters": 20, "per_tokens": 4096})
     labels = clusterer(features, grid, torch.Generator().manual_seed(0))
     assert labels.shape == (1, 256) and clusterer.count(256) == 2  # 20 per 4096 → 1.25, at least min_clusters
     clusterer = clusterers.build({"name": name, "num_clusters": 6, "per_tokens": 256})
@@ -114,8 +125,9 @@ def test_clusterer_on_two_blobs_gives_contiguous_clusters(name):
         assert all(r[0] >= 0.95 * sum(r) for r in regions.values()), regions
 
 
-def test_cluster_count_scales_with_tokens():
-    km = clusterers.build("kmeans")
+def test_cluster_count_is_exact_by_default_and_scales_with_per_tokens():
+    assert [clusterers.build("kmeans").count(n) for n in (4096, 1024, 256, 16384, 5)] == [20, 20, 20, 20, 5]
+    km = clusterers.build({"name": "kmeans", "per_tokens": 4096})
     assert [km.count(n) for n in (4096, 1024, 256, 16384, 1)] == [20, 5, 2, 80, 1]
 
 
@@ -189,3 +201,22 @@ def test_order_by_and_first_k_unchosen():
     assert order.tolist() == [[3, 1, 0, 2]]
     chosen = torch.tensor([[False, False, True, False]])
     assert first_k_unchosen(order, chosen, 3).tolist() == [[3, 1, 2]]
+
+
+def test_channel_max_pooling_known_answer():
+    """docs/selection.md rows "cluster score": signed per-channel max, L2 norm; the first step adds mean + sum + max
+    over the cluster and its grid neighbours (what the authors' SimpleConv computes, checked against it too)."""
+    from torch_geometric.nn import MultiAggregation, SimpleConv
+
+    labels = torch.tensor([[0, 0, 1, 1, 2, 2]])
+    x = torch.tensor([[[1.0, -2.0], [-1.0, 3.0], [2.0, 0.0], [0.0, -1.0], [-3.0, -3.0], [-1.0, -4.0]]])
+    pool = poolings.build("channel_max")
+    pool.setup(labels, (1, 6), 3)
+    assert pool.pooled(x)[0].tolist() == [[1.0, 3.0], [2.0, 0.0], [-1.0, -3.0]]
+    assert torch.allclose(pool(x)[0], torch.tensor([10.0, 4.0, 10.0]).sqrt())
+    # c0 sees {c0, c1}: mean [1.5, 1.5] + sum [3, 3] + max [2, 3]; c1 sees all three; c2 sees {c1, c2}
+    expected = torch.tensor([[6.5, 7.5], [2 / 3 + 2 + 2, 0 + 0 + 3], [0.5 + 1 + 2, -1.5 - 3 + 0]]).norm(dim=-1)
+    assert torch.allclose(pool(x, first=True)[0], expected)
+    conv = SimpleConv(aggr=MultiAggregation(["mean", "mean", "max"], mode="sum"), combine_root="self_loop")
+    authors = conv(pool.pooled(x)[0], cluster_graph(labels, (1, 6), 3)).norm(dim=-1)
+    assert torch.allclose(pool(x, first=True)[0], authors)

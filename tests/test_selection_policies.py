@@ -101,25 +101,36 @@ def test_noise_alone_starves_tokens():
     assert seen.sum(1).tolist() == [kept_tokens(0.3, n)] * 2
 
 
-def test_cat_first_pruned_step_takes_top_noise_inside_top_clusters():
+def test_cat_first_pruned_step_takes_each_best_clusters_noisiest_tenth_of_k():
+    """First pruned step (docs/selection.md, rows "first-step quota" and "walk"): the clusters, best first,
+    each give their ⌊k/10⌋ noisiest tokens until more than k are taken; the cut keeps k; one token changes
+    most inside the best cluster."""
     grid = (16, 16)
-    n = 256
     i = torch.arange(16).repeat_interleave(16).float()
     j = torch.arange(16).repeat(16).float()
     blob = torch.exp(-((i - 3) ** 2 + (j - 12) ** 2) / 6)  # changes only around (3, 12)
+    gen = torch.Generator().manual_seed(0)
+    ramp = torch.rand(256, generator=gen)  # a distinct small change everywhere: no ties in the noise
 
     def outputs(step):
-        return (blob * (step >= 8))[None, :, None].expand(1, -1, 4).clone()
+        return ((blob + 0.01 * ramp) * (step >= 8))[None, :, None].expand(1, -1, 4).clone()
 
     picked = {}
-    policy = selectors.build({"name": "cat", "alpha": 0.1, "start_step": 8,
-                              "clusterer": {"name": "kmeans", "num_clusters": 8, "per_tokens": 256}})
-    simulate(policy, grid, 10, batch=1, outputs=outputs, on_select=lambda s, st_, idx: picked.setdefault(s, idx))
-    first = picked[9][0]
-    assert int(blob.argmax()) in first.tolist()
-    # every pick sits where the noise changed the most: inside the blob's cluster(s)
-    assert blob[first].min() > 0.01
-    assert len(policy.labels[0].unique()) >= 4
+    policy = selectors.build({"name": "cat", "alpha": 0.3, "start_step": 8, "clusterer": {"name": "kmeans"}})
+    simulate(policy, grid, 9, batch=1, outputs=outputs, on_select=lambda s, st_, idx: picked.setdefault(s, idx))
+    k, q = 76, 7  # ⌊0.3·256⌋, ⌊k/10⌋
+    counted, labels = policy.counted[0], policy.labels[0]
+    assert picked[9].shape == (1, k) and int(counted.sum()) == k  # 11 clusters × 7 = 77 > 76, cut to 76
+    assert int(blob.argmax()) in picked[9][0].tolist()
+    givers = labels[counted].unique()
+    assert len(givers) == 11
+    score = (blob + 0.01 * ramp)
+    full = [c for c in givers.tolist() if int((counted & (labels == c)).sum()) == q]
+    assert len(full) == 10  # the last cluster walked gave 6 after the cut
+    for c in full:  # each gives exactly its q noisiest tokens
+        members = (labels == c).nonzero().squeeze(1)
+        top = set(members[score[members].topk(q).indices].tolist())
+        assert top == set(counted.nonzero().squeeze(1).tolist()) & set(members.tolist())
 
 
 def test_cat_reference_first_step_quota_is_a_tenth_of_k():

@@ -93,7 +93,9 @@ def test_check_sync_catches_a_syncing_selector():
 # -- every registered selector -----------------------------------------------------------
 #: selectors known to read the host; reported, not failed (the check passes once they are fixed)
 NOT_YET_CLEAN = {
-    "cat": "reads the cluster count (int(labels.max())) once, when it makes the clusters at the first pruned step",
+    "cat": "clusters once at the first pruned step: scikit-learn's KMeans on the host (the authors' choice; "
+           "clusterer=kmeans stays on the device) and one read of the cluster count",
+    "cat_rankmix": "reads the cluster count (int(labels.max())) once, when it makes the clusters at the first pruned step",
     "cat_reference": "a readable reference implementation: per-sample, per-cluster Python loops over host values",
 }
 STEADY_NOT_YET_CLEAN = {"cat_reference": NOT_YET_CLEAN["cat_reference"]}

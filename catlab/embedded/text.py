@@ -13,6 +13,8 @@ shape words also see the position words after them.
 
 from __future__ import annotations
 
+import re
+import string
 import warnings
 from dataclasses import dataclass
 
@@ -73,10 +75,20 @@ def unknown_words(tokenizer: PreTrainedTokenizerFast, prompt: str) -> list[str]:
     return [w for w in words if w not in vocab]
 
 
+def dropped_characters(prompt: str) -> list[str]:
+    """Characters the tokenizer's normaliser removes without a trace: neither word characters, spaces
+    nor ASCII punctuation (emoji, symbols, other scripts' punctuation)."""
+    return sorted({c for c in prompt if re.fullmatch(r"[^\w\s]", c) and c not in string.punctuation})
+
+
 def tokenize(tokenizer: PreTrainedTokenizerFast, prompts: list[str], warn: bool = True) -> torch.Tensor:
-    """Token ids (B, max_length); warns, naming them, when prompts hold unknown words or are cut to
-    ``max_length`` tokens (Python shows each distinct warning once)."""
+    """Token ids (B, max_length); warns, naming them, when prompts hold unknown words, lose characters
+    (emoji, symbols) or are cut to ``max_length`` tokens (Python shows each distinct warning once)."""
     if warn:
+        dropped = sorted({c for p in prompts for c in dropped_characters(p)})
+        if dropped:
+            warnings.warn(f"embedded model: characters {dropped} are dropped from the prompts (its tokenizer "
+                          "keeps letters, digits and spaces; ASCII punctuation separates words)", stacklevel=3)
         unknown = sorted({w for p in prompts for w in unknown_words(tokenizer, p)})
         if unknown:
             warnings.warn(

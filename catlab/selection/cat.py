@@ -1,32 +1,59 @@
-"""CAT Pruning (cluster-aware token pruning) composed from pluggable parts.
+"""CAT Pruning (cluster-aware token pruning) as its authors run it, from pluggable parts.
 
-At each pruned step (paper Algorithm 2, Sec. 2.2–2.4):
+Paper Algorithm 2 and Sections 2.2–2.4; where the paper is silent or differs from
+the authors' code, the code's choice (``docs/selection.md`` lists each one). Steps
+count from 1, ``start_step`` is t0, k = ⌊α·N⌋. Each sample is scored on its
+conditional branch (``observes = "branches"``), as the authors score it.
 
-1. score every token by its relative noise (``scorer``);
-2. at the first pruned step only, cluster the tokens on relative noise plus a
-   positional encoding (``clusterer``) and build the cluster graph (``pooling``);
-3. rank the clusters by their pooled score; walk them best first, taking from
-   each at most ``cluster_fraction`` of its tokens, ordered by relative noise
-   balanced with staleness, until ``cluster_share`` of the budget is used;
-4. fill the rest of the budget with the stalest tokens not yet chosen
-   (``staleness``), so every token is recomputed within a bounded number of steps.
+First pruned step (t0 + 1):
 
-At the first pruned step every token was just computed, so staleness carries no
-information: the whole budget goes through the clusters, by relative noise alone,
-as in Algorithm 2. Everything is batched tensor work without host
-synchronisation, except one read of the cluster count when the clusters are made.
+1. cluster ``feature_weight``·(output of step t0) + positional encoding (``clusterer``);
+2. score each cluster (``pooling``; by default the signed per-channel maximum of the
+   relative noise, one graph convolution over touching clusters, L2 norm);
+3. walk the clusters best first, taking from each its ``first_quota``·k tokens of
+   largest relative noise (``scorer``), until more than k are taken; cut to k.
+
+Later steps, with q = ⌊⌊``cluster_quota``·k⌋·``cluster_share``⌋:
+
+1. score the clusters (by default without the graph step);
+2. walk them best first; the cluster of rank r gives its top q·``boost[r]`` tokens
+   by relative noise (q for ranks past ``boost``) and, from the ``stale_from``-th
+   pruned step on, also its ⌊``stale_quota``·that⌋ stalest tokens; stop once more than
+   ``cluster_share``·k are gathered and cut to ⌊``cluster_share``·k⌋;
+3. add the ⌊(1 − ``cluster_share``)·k⌋ stalest tokens overall (``staleness``).
+
+The union (at most k tokens) is what counts as computed in the staleness state;
+each row is then padded to exactly k with the next stalest tokens, which are
+computed but not counted (the authors' compiled path). Ties fall to the lowest
+token index and the lowest cluster id (stable sorts). Everything per step is
+batched tensor work (sorts, gathers, cumulative sums) with no host sync; the
+clusters are made once, with one read of their count.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from catlab.registry import clusterers, poolings, scorers, selectors, stalenesses
 from catlab.selection.base import Policy, StepState, build_part
-from catlab.selection.clustering import cluster_features
-from catlab.selection.ranking import device_generator, first_k_unchosen, order_by, random_keys, ranks_from_order
+from catlab.selection.clustering import positional_encoding
+from catlab.selection.ranking import device_generator, first_k_unchosen, order_by
+
+
+def conditional_rows(x: torch.Tensor, batch: int, who: str = "selector") -> torch.Tensor:
+    """Each sample's scored rows: the conditional branches ``B..2B`` of stacked ``[uncond, cond]``, else ``x``."""
+    if x.shape[0] == 2 * batch and batch > 0:
+        return x[batch:]
+    if x.shape[0] == batch:
+        return x
+    raise ValueError(f"{who}: output has {x.shape[0]} rows for {batch} samples (expected {batch} or {2 * batch})")
+
+
+def floor_k(alpha: float, num_tokens: int) -> int:
+    """k = ⌊α·N⌋ (the authors' ``int``), at least one token."""
+    return max(1, min(num_tokens, int(float(alpha) * num_tokens)))
 
 
 @selectors.register("cat")
@@ -35,28 +62,42 @@ class Cat(Policy):
     """CAT Pruning; see the module docstring and ``docs/selection.md``.
 
     ``scorer``, ``staleness``, ``clusterer`` and ``pooling`` are component configs
-    (``{"name": ...}``) or built components. ``noise_weight`` weighs the relative
-    noise against the positional encoding in the clustering features.
+    (``{"name": ...}``) or built components.
     """
+
+    #: the authors score the conditional branch, not the guided output
+    observes: ClassVar[str] = "branches"
 
     scorer: Any = field(default_factory=lambda: {"name": "relative_noise"})
     staleness: Any = field(default_factory=lambda: {"name": "ewma"})
-    clusterer: Any = field(default_factory=lambda: {"name": "kmeans"})
-    pooling: Any = field(default_factory=lambda: {"name": "graph"})
+    clusterer: Any = field(default_factory=lambda: {"name": "kmeans_sklearn"})
+    pooling: Any = field(default_factory=lambda: {"name": "channel_max"})
+    feature_weight: float = 0.05
     cluster_share: float = 0.25
-    cluster_fraction: float = 0.5
-    staleness_weight: float = 0.5
-    noise_weight: float = 0.1
+    first_quota: float = 0.1
+    cluster_quota: float = 0.2
+    boost: list = field(default_factory=lambda: [3, 2])
+    stale_quota: float = 0.5
+    stale_from: int = 3
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("cluster_share", "cluster_fraction", "staleness_weight"):
+        for key in ("cluster_share", "first_quota", "cluster_quota", "stale_quota"):
             if not 0.0 <= float(getattr(self, key)) <= 1.0:
-                raise ValueError(f"{key} must be in [0, 1]; got {getattr(self, key)}")
+                raise ValueError(f"cat: {key} must be in [0, 1]; got {getattr(self, key)}")
+        if int(self.stale_from) < 2:
+            raise ValueError(f"cat: stale_from counts pruned steps from 2; got {self.stale_from}")
+        if any(int(b) < 1 for b in self.boost):
+            raise ValueError(f"cat: boost holds quota multipliers >= 1; got {list(self.boost)}")
         self.scorer = build_part(scorers, self.scorer)
         self.staleness = build_part(stalenesses, self.staleness)
         self.clusterer = build_part(clusterers, self.clusterer)
         self.pooling = build_part(poolings, self.pooling)
+
+    def num_kept(self, step: int, num_tokens: int) -> int | None:
+        if not self.prunes or step <= self.start_step:
+            return None
+        return floor_k(self.alpha, num_tokens)
 
     def reset(self, batch_size: int, grid: tuple[int, int], num_steps: int, device: torch.device) -> None:
         super().reset(batch_size, grid, num_steps, device)
@@ -64,59 +105,99 @@ class Cat(Policy):
         self.scorer.reset(self.start_step)
         self.staleness.reset(batch_size, grid[0] * grid[1], device, self.generator)
         self.labels: torch.Tensor | None = None
+        self.counted: torch.Tensor | None = None  # (B, N) bool: the last selection without its padding
+        self.pruned_steps = 0
+        self._selected_step = None
         self._macs = 0
 
     def observe(self, step: int, output: torch.Tensor, indices: torch.Tensor | None) -> None:
         self.scorer.observe(step, output)
-        self.staleness.update(indices)
-
-    def select(self, state: StepState) -> torch.Tensor:
-        shape = (state.batch_size, state.num_tokens)
-        noise = self.scorer.features(state.output, shape, state.device)
-        score = noise.norm(dim=-1)
-        self._macs = score.numel() * noise.shape[-1]
-        first = self.labels is None
-        if first:
-            self._make_clusters(noise, state.grid)
-        share, weight = (1.0, 0.0) if first else (self.cluster_share, self.staleness_weight)
-        stale = self.staleness.order()
-        chosen = self._cluster_part(score, stale, round(share * state.k), weight)
-        return first_k_unchosen(stale, chosen, state.k)
+        counted = self.counted if indices is not None and step == self._selected_step else indices
+        self.staleness.update(counted)
 
     def selection_macs(self, state: StepState) -> int:
         return self._macs
 
-    def _make_clusters(self, noise: torch.Tensor, grid: tuple[int, int]) -> None:
-        features = cluster_features(noise, grid, self.noise_weight)
-        labels = self.clusterer(features, grid, self.generator)
+    def select(self, state: StepState) -> torch.Tensor:
+        b, n, k = state.batch_size, state.num_tokens, state.k
+        noise = conditional_rows(self.scorer.features(state.output, (b, n), state.device), b, "cat")
+        norms = noise.norm(dim=-1)
+        self._macs = 2 * noise.numel()  # norms and the pooling
+        self.pruned_steps += 1
+        first = self.labels is None
+        if first:
+            self._make_clusters(state)
+        stale = self.staleness.order()
+        if first:
+            counted = self._cluster_part(noise, norms, stale, k, first=True)
+        else:
+            part = self._cluster_part(noise, norms, stale, k, first=False)
+            stalest = torch.zeros_like(part).scatter_(1, stale[:, : int(k * (1 - self.cluster_share))], True)
+            counted = part | stalest
+        self.counted = counted
+        self._selected_step = state.step
+        return first_k_unchosen(stale, counted, k)
+
+    def _make_clusters(self, state: StepState) -> None:
+        b = state.batch_size
+        if state.output is None:
+            out = torch.zeros(b, state.num_tokens, 2, device=state.device)
+        else:
+            out = conditional_rows(state.output.float(), b, "cat")
+        features = self.feature_weight * out + positional_encoding(state.grid, out.shape[-1], out.device)
+        labels = self.clusterer(features, state.grid, self.generator)
         self.num_clusters = int(labels.max()) + 1
-        self.pooling.setup(labels, grid, self.num_clusters)
-        self.sizes = torch.zeros(labels.shape[0], self.num_clusters, dtype=torch.long, device=labels.device)
+        self.pooling.setup(labels, state.grid, self.num_clusters)
+        self.sizes = torch.zeros(b, self.num_clusters, dtype=torch.long, device=labels.device)
         self.sizes.scatter_add_(1, labels, torch.ones_like(labels))
         self.labels = labels
+        boost = [int(x) for x in self.boost][: self.num_clusters]
+        boost += [1] * (self.num_clusters - len(boost))
+        self._boost = torch.tensor(boost, device=labels.device)  # by cluster rank; made once, no copy per step
         self._macs += self.clusterer.macs(*features.shape)
 
-    def _cluster_part(self, score: torch.Tensor, stale: torch.Tensor, budget: int, weight: float) -> torch.Tensor:
-        """``(B, N)`` bool: up to ``budget`` tokens from the best clusters, by noise and staleness."""
-        b, n = score.shape
+    def _quotas(self, sizes: torch.Tensor, k: int, first: bool) -> torch.Tensor:
+        """Noise quota of the cluster at each rank, ``(B, C)``: capped by its size, boosted for the best."""
+        if first:
+            return sizes.clamp(max=max(1, int(k * self.first_quota)))
+        q = sizes.clamp(max=max(1, int(int(k * self.cluster_quota) * self.cluster_share)))
+        return torch.minimum(q * self._boost, sizes)
+
+    def _cluster_part(self, noise: torch.Tensor, norms: torch.Tensor, stale: torch.Tensor, k: int, first: bool
+                      ) -> torch.Tensor:
+        """``(B, N)`` bool: the tokens the clusters give, walked best first and cut to the budget."""
+        b, n = norms.shape
         c = self.num_clusters
-        cluster_score = self.pooling(score)
-        ties = random_keys((b, c), self.generator, score.device)
-        cluster_order = order_by(cluster_score, ties, descending=(True, False))
-        position = torch.arange(c, device=score.device).expand(b, -1)
-        cluster_rank = torch.empty_like(cluster_order).scatter_(1, cluster_order, position)
-        token_rank = cluster_rank.gather(1, self.labels)
-
-        noise_order = order_by(score, random_keys((b, n), self.generator, score.device), descending=(True, False))
-        priority = (1 - weight) * ranks_from_order(noise_order) + weight * ranks_from_order(stale)
-        order = order_by(token_rank, priority)  # best cluster first, best token first inside it
-
-        sizes = self.sizes.gather(1, cluster_order)
+        arange = torch.arange(n, device=norms.device).expand(b, -1)
+        cluster_order = order_by(self.pooling(noise, first), descending=(True,))  # ties: lowest cluster id
+        cluster_rank = torch.empty_like(cluster_order).scatter_(
+            1, cluster_order, torch.arange(c, device=norms.device).expand(b, -1))
+        rank = cluster_rank.gather(1, self.labels)  # (B, N): the rank of each token's cluster
+        sizes = self.sizes.gather(1, cluster_order)  # by rank
         starts = sizes.cumsum(1) - sizes
-        quota = torch.ceil(self.cluster_fraction * sizes.float()).long()
-        rank_in_order = token_rank.gather(1, order)
-        within = torch.arange(n, device=score.device) - starts.gather(1, rank_in_order)
-        eligible = within < quota.gather(1, rank_in_order)
-        take = eligible & (eligible.cumsum(1) <= budget)
-        return torch.zeros(b, n, dtype=torch.bool, device=score.device).scatter_(1, order, take)
 
+        def position_in_cluster(key: torch.Tensor, descending: bool) -> torch.Tensor:
+            order = order_by(rank, key, descending=(False, descending))  # ties: lowest index
+            pos = arange - starts.gather(1, rank.gather(1, order))
+            return torch.empty_like(pos).scatter_(1, order, pos)
+
+        by_noise = position_in_cluster(norms, descending=True)
+        quota = self._quotas(sizes, k, first)
+        picked = by_noise < quota.gather(1, rank)
+        unioned = not first and self.pruned_steps >= int(self.stale_from)
+        if unioned:
+            stale_rank = torch.empty_like(stale).scatter_(1, stale, arange)
+            by_stale = position_in_cluster(stale_rank, descending=False)
+            stale_quota = (quota.float() * self.stale_quota).long()
+            picked |= by_stale < stale_quota.gather(1, rank)
+
+        budget = float(k) if first else k * self.cluster_share
+        given = torch.zeros(b, c, dtype=torch.long, device=norms.device).scatter_add_(1, rank, picked.long())
+        walked = (given.cumsum(1) - given) <= budget  # a cluster is taken while the total has not passed the budget
+        candidates = picked & walked.gather(1, rank)
+        # the walk's order: best cluster first; inside one, unioned picks by index, noise picks by noise
+        within = arange if unioned else by_noise
+        order = order_by(rank, within)
+        taken = candidates.gather(1, order)
+        keep = taken & (taken.cumsum(1) <= int(budget))
+        return torch.zeros_like(candidates).scatter_(1, order, keep)

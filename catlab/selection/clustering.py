@@ -2,9 +2,9 @@
 
 Every clusterer takes per-token features ``(B, N, D)`` (relative noise plus a
 positional encoding, see :func:`cluster_features`) and the token grid ``(h, w)``,
-and returns labels ``(B, N)`` in ``[0, num_clusters(N))``. The number of clusters
-scales with the token count: 20 for 4096 tokens (the paper's 1024² SD3 images),
-never fewer than ``min_clusters``.
+and returns labels ``(B, N)`` in ``[0, num_clusters(N))``. By default there are
+``num_clusters`` (20) clusters on every grid, each about 5 % of the image, as the
+authors' 20 of 4096 tokens are; ``per_tokens > 0`` scales the count with the grid.
 """
 from __future__ import annotations
 
@@ -48,12 +48,12 @@ def cluster_features(noise: torch.Tensor, grid: tuple[int, int], noise_weight: f
 class _Clusterer:
     """Common config: how many clusters for how many tokens.
 
-    ``num_clusters`` per ``per_tokens`` tokens (the paper's 20 per 4096), at least
-    ``min_clusters``; ``per_tokens=0`` makes ``num_clusters`` the exact count on any grid.
+    ``per_tokens=0`` (default): exactly ``num_clusters`` on any grid; ``per_tokens > 0``:
+    ``num_clusters`` per ``per_tokens`` tokens (e.g. 20 per 4096), at least ``min_clusters``.
     """
 
     num_clusters: int = 20
-    per_tokens: int = 4096
+    per_tokens: int = 0
     min_clusters: int = 2
 
     def __post_init__(self) -> None:
