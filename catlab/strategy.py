@@ -17,7 +17,8 @@ from typing import Any
 from catlab.evaluation.reference import config_hash
 
 #: component kinds a selector may take as parts: the top-level group reaches the selector when its
-#: dataclass has a field of that name and its own spec does not set it
+#: dataclass has a field of that name, its class lists the kind in ``group_parts`` (all, unless it
+#: says otherwise) and its own spec does not set it
 SELECTOR_PARTS = ("scorer", "staleness", "clusterer", "pooling")
 
 
@@ -63,9 +64,10 @@ def resolve_strategy(spec: Any, groups: Any) -> Strategy:
         raise ConfigError(f"a selector needs a 'name'; registered selectors: {', '.join(selectors.names())}")
     reuse = plain(spec.pop("reuse", groups.get("reuse")))
     stepcache = plain(spec.pop("stepcache", groups.get("stepcache")))
-    fields = config_fields(selectors.get(spec["name"]))
+    cls = selectors.get(spec["name"])
+    fields, takes = config_fields(cls), getattr(cls, "group_parts", SELECTOR_PARTS)
     parts = {kind: plain(groups[kind]) for kind in SELECTOR_PARTS
-             if kind in fields and kind not in spec and groups.get(kind) is not None}
+             if kind in fields and kind in takes and kind not in spec and groups.get(kind) is not None}
     if reuse in ("copy", {"name": "copy"}):
         reuse = None  # copying is what the engine does anyway: the same images with or without it
     return Strategy(selector=spec, parts=parts, reuse=reuse, stepcache=stepcache or None, label=label(given))

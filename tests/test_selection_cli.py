@@ -10,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 import catlab  # noqa: F401  (registers the built-in components)
 from catlab.registry import REGISTRIES, selectors
+from catlab.sampler import SamplerConfig
 
 PARTS = {kind: REGISTRIES[kind].names() for kind in ("clusterer", "pooling", "staleness", "scorer")}
 
@@ -46,3 +47,15 @@ def test_cat_runs_from_the_command_line(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["selector"] == "cat" and metrics["pruned_steps"] == 3 and metrics["macs_ratio"] > 1.0
+
+
+def test_cat_rankmix_keeps_its_own_parts_against_the_top_level_groups():
+    from catlab.strategy import resolve_strategy
+
+    groups = {"clusterer": {"name": "kmeans_sklearn"}, "pooling": {"name": "channel_max"},
+              "staleness": {"name": "ewma"}, "scorer": {"name": "relative_noise"}}
+    assert resolve_strategy("cat_rankmix", groups).parts == {}
+    assert resolve_strategy("cat", groups).parts == groups
+    policy, _, _ = resolve_strategy({"name": "cat_rankmix", "alpha": 0.3}, groups).build(SamplerConfig(num_steps=10))
+    assert policy.pooling.registered_name == "graph" and policy.staleness.ties == "random"
+    assert policy.clusterer.registered_name == "kmeans" and policy.clusterer.per_tokens == 4096

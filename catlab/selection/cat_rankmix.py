@@ -22,7 +22,7 @@ synchronisation, except one read of the cluster count when the clusters are made
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -37,10 +37,17 @@ from catlab.selection.ranking import device_generator, first_k_unchosen, order_b
 class CatRankMix(Policy):
     """See the module docstring and ``docs/selection.md``.
 
+    Its parts are its own: the top-level part groups (which hold ``cat``'s defaults) do
+    not reach it; set them in its spec (``selector.clusterer.iters=10``, or
+    ``{name: cat_rankmix, pooling: mean}`` in an experiment).
+
     ``scorer``, ``staleness``, ``clusterer`` and ``pooling`` are component configs
     (``{"name": ...}``) or built components. ``noise_weight`` weighs the relative
     noise against the positional encoding in the clustering features.
     """
+
+    #: top-level part groups this selector takes (none: see the class docstring)
+    group_parts: ClassVar[tuple[str, ...]] = ()
 
     scorer: Any = field(default_factory=lambda: {"name": "relative_noise"})
     staleness: Any = field(default_factory=lambda: {"name": "ewma", "ties": "random"})

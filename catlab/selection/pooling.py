@@ -127,7 +127,11 @@ class ChannelMaxPooling(_Pooling):
             self.adjacency = adjacency.view(b, c, c) | torch.eye(c, dtype=torch.bool, device=labels.device)
 
     def pooled(self, features: torch.Tensor) -> torch.Tensor:
-        """``(B, C, D)``: each channel's signed maximum over the cluster's tokens (0 for an empty cluster)."""
+        """``(B, C, D)``: each channel's signed maximum over the cluster's tokens (0 for an empty cluster).
+
+        ``(B, N)`` scores pool as one channel."""
+        if features.dim() == 2:
+            features = features[..., None]
         b, n, d = features.shape
         out = torch.zeros(b, self.num_clusters, d, device=features.device, dtype=torch.float32)
         index = self.labels[..., None].expand(-1, -1, d)
