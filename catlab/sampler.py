@@ -135,6 +135,7 @@ def sample(adapter: ModelAdapter, policy: Policy, prompts: list[str], seeds: lis
     cfg = config or SamplerConfig()
     parts = reuse if isinstance(reuse, StepReuse) else StepReuse(rule=reuse)
     policy.check(cfg.num_steps)
+    parts = in_step_parts(policy, parts)
     check_composition(policy, parts.step_cache)
     with contextlib.ExitStack() as stack:
         return _loop(_Run(adapter, policy, cfg, parts, stack), prompts, seeds)
@@ -180,8 +181,10 @@ class _Run:
         self.adapter, self.policy, self.cfg, self.parts = adapter, policy, cfg, parts
         self.guided = cfg.guidance_scale > 1.0
         self.planner = StepPlanner(policy, parts.step_cache, check_indices=cfg.check_indices)
-        self.pruner = TokenPruner(adapter.transformer).attach()
-        stack.callback(self.pruner.detach)
+        self.pruner = TokenPruner(adapter.transformer)  # its MAC formula always; its hooks unless pruning in-step
+        if not getattr(policy, "in_step_engine", False):
+            self.pruner.attach()
+            stack.callback(self.pruner.detach)
         self.pruner.probe_layers = set(getattr(policy, "attention_layers", ()))
         inside = parts.rule is not None and (parts.step_cache is not None or parts.kv is not None)
         self.hooks = []  # told the step and time before each forward
@@ -248,7 +251,9 @@ class _Run:
     def selection_macs(self, plan: StepPlan) -> int:
         if plan.kind is not StepKind.PRUNED:
             return 0
-        return self.planner.selection_macs() + self.pruner.probe_macs(self.rows, self.cond.num_text_tokens, plan.kept)
+        probes = 0 if self.cost.counter is not None else self.pruner.probe_macs(self.rows, self.cond.num_text_tokens,
+                                                                                  plan.kept)
+        return self.planner.selection_macs() + probes  # a MAC counter already counts the probes' maps
 
     def attention(self) -> dict[int, torch.Tensor] | None:
         """Probe maps per sample: the conditional rows (the last ``batch`` rows)."""
@@ -329,8 +334,23 @@ class _Cost:
         return self.pruner.macs(self.rows, self.text, num_tokens=self.n, kept=plan.kept)
 
 
+def in_step_parts(policy: Policy, parts: StepReuse) -> StepReuse:
+    """For a policy that prunes inside each forward (``atedm``): its engine takes the step cache's place.
+
+    Such a policy selects nothing between steps and reuses nothing, so it combines with
+    neither a step cache nor a reuse rule."""
+    if not getattr(policy, "in_step_engine", False):
+        return parts
+    if parts.step_cache is not None or parts.rule is not None or parts.kv is not None:
+        raise StepCacheError(f"selector '{policy.name}' prunes inside each step and reuses nothing between steps: "
+                             "run it without a step cache or a reuse rule")
+    return replace(parts, step_cache=policy.in_step())
+
+
 def check_composition(policy: Policy, step_cache: StepCache | None) -> None:
     """Token pruning inside a step cache's computed steps only where the cache allows it."""
+    if getattr(policy, "in_step_engine", False):
+        return  # its own engine (in_step_parts)
     if step_cache is not None and policy.prunes and not step_cache.composes_with_pruning:
         raise StepCacheError(
             f"step cache '{step_cache.name}' compares block residuals between steps; with token pruning "

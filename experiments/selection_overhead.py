@@ -38,7 +38,7 @@ SD3_MEDIUM_LAYERS = 24
 def measure(adapter, name: str, steps: int, batch: int, repeats: int) -> dict[str, float]:
     """Per step, the fastest of ``repeats`` timed generations (robust to other processes on the machine)."""
     cfg = {"name": name}
-    if name == "atedm":  # probe the middle block of this model
+    if name == "atedm_reuse":  # probe the middle block of this model
         cfg["attention_layers"] = [len(adapter.transformer.transformer_blocks) // 2]
     policy = selectors.build(cfg)
     cfg = SamplerConfig(num_steps=steps, progress=False, sync_timing=True)
@@ -60,7 +60,7 @@ def measure(adapter, name: str, steps: int, batch: int, repeats: int) -> dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--selectors", default="cat,cat_reference,noise_staleness,atedm,random")
+    parser.add_argument("--selectors", default="cat,cat_reference,noise_staleness,atedm_reuse,random")
     parser.add_argument("--sizes", default="tiny,sd3_width")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--batch", type=int, default=1)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from catlab.registry import clusterers, poolings, stalenesses
-from catlab.selection.atedm import gwpr
+from catlab.pruning.instep import gwpr
 from catlab.selection.clustering import cluster_features, positional_encoding
 from catlab.selection.pooling import cluster_graph
 from catlab.selection.ranking import first_k_unchosen, order_by

@@ -53,7 +53,7 @@ def test_exactly_k_unique_indices(name, alpha, h, w, batch, start, clusterer):
     {"name": "cat", "clusterer": {"name": "grid"}, "pooling": {"name": "mean"}},
     {"name": "cat", "clusterer": {"name": "none"}, "staleness": {"name": "age"}},
     {"name": "cat", "clusterer": {"name": "kmeans_sklearn"}},
-    {"name": "atedm", "schedule": "step_aware"},
+    {"name": "atedm_reuse", "schedule": "step_aware"},
 ])
 def test_variants_keep_exactly_k(cfg):
     policy = selectors.build({**cfg, "start_step": 3})
@@ -160,7 +160,7 @@ def test_atedm_keeps_the_most_attended_tokens():
     n = 16
     attention = torch.full((1, n, n), 0.01)
     attention[:, :, [5, 9]] = 1.0
-    policy = selectors.build({"name": "atedm", "alpha": 2 / 16, "attention_layers": [0, 1]})
+    policy = selectors.build({"name": "atedm_reuse", "alpha": 2 / 16, "attention_layers": [0, 1]})
     policy.reset(1, (4, 4), 28, CPU)
     state = StepState(step=9, num_steps=28, grid=(4, 4), batch_size=1, k=2, attention={0: attention, 1: attention})
     assert sorted(policy.select(state)[0].tolist()) == [5, 9]

@@ -209,6 +209,9 @@ def enable_pruning(target, policy: Policy, guidance_scale: float | None = None) 
     sees the guided output. For pipelines that store it (SD3) it is read at call
     time; give it explicitly for the others (PixArt).
     """
+    if getattr(policy, "in_step_engine", False):
+        raise ValueError(f"selector '{policy.name}' prunes inside each forward and runs in catlab's sampler "
+                         "(python -m catlab.run, catlab.sample); on a stock pipeline use selector atedm_reuse")
     transformer = _transformer_of(target)
     if getattr(transformer, "_catlab_pruner", None) is not None:
         disable_pruning(transformer)

@@ -1,92 +1,87 @@
-"""AT-EDM's token selection (Wang et al., CVPR 2024) on catlab's cache-and-reuse.
+"""AT-EDM (Wang et al., CVPR 2024) as its paper describes it: token pruning inside each denoising step.
 
-AT-EDM ranks tokens by Generalized Weighted PageRank over an attention map: a
-token is important when important tokens attend to it. It prunes the least
-important tokens; catlab recomputes the most important ``k`` and reuses the
-cached values of the rest (the paper's AT-EDM baseline: pruning from step 9,
-30% kept). Its denoising-steps-aware schedule, which prunes less in early steps,
-is available as ``schedule: step_aware``.
+Read from the AT-EDM paper and carried over from SD-XL's U-Net to an SD3-family DiT
+(``catlab/pruning/instep.py`` runs it):
+
+* **single-step pruning.** At each pruning layer the attention map of the current
+  step (image→image, averaged over heads) ranks the active tokens by Generalized
+  Weighted PageRank; after that block's feed-forward the least important are
+  dropped, and later blocks run on fewer tokens. With several ``prune_layers`` the
+  pruning is progressive: after the j-th of m layers ⌊α^(j/m)·N⌉ tokens remain, α·N
+  after the last.
+* **similarity-based recovery.** Dropped tokens get the output of the kept token
+  they attend to most (the attention map as the similarity), after the output
+  projection: a DiT has no convolution to restore them for, only the unpatchify.
+  ``recovery: hold`` is the DiT-natural alternative: a dropped token keeps its own
+  hidden state from the block where it was dropped.
+* **DSAP** (denoising-steps-aware pruning). In the first ``dsap_steps`` pruned steps
+  only the last pruning layer prunes, so the earlier ones run unpruned and those
+  steps cost more, as AT-EDM leaves blocks unpruned in early steps.
+
+Where the reading was uncertain (the stand-in's similarity measure, where recovery
+happens in a DiT, DSAP's exact form, the layers to prune at) the choice is a field,
+and ``docs/selection.md`` says so. Nothing is cached between steps, so the sampler
+sees every step as a full one; MACs are counted as the forward runs them. The CAT
+paper's adaptation (AT-EDM's ranking with CAT's cache-and-reuse) is ``atedm_reuse``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from catlab.registry import selectors
-from catlab.selection.base import Policy, StepState, kept_tokens
-from catlab.selection.ranking import device_generator, top_k
-
-
-def gwpr(attention: torch.Tensor, iterations: int = 20) -> torch.Tensor:
-    """Generalized Weighted PageRank importance, ``(B, N, N)`` → ``(B, N)`` summing to 1.
-
-    ``attention[b, i, j]`` is how much query token i attends to key token j (rows
-    renormalised to sum to 1). Power iteration from the uniform vector:
-    ``s_j ← Σ_i attention[i, j] · s_i``, renormalised each step.
-    """
-    a = attention.float()
-    row_sums = a.sum(-1).clamp_min(1e-12)  # renormalise rows through s, without copying the N×N map
-    s = torch.full(a.shape[:2], 1.0 / a.shape[1], device=a.device)
-    for _ in range(iterations):
-        s = torch.bmm((s / row_sums)[:, None, :], a)[:, 0]
-        s = s / s.sum(-1, keepdim=True).clamp_min(1e-12)
-    return s
+from catlab.selection.base import Policy, StepState
 
 
 @selectors.register("atedm")
 @dataclass
-class ATEDM(Policy):
-    """Keep the k tokens of highest G-WPR importance, from the probe layers' attention maps.
+class AtEdm(Policy):
+    """In-step AT-EDM: prune after ``prune_layers`` by G-WPR, restore by copy, DSAP in early steps.
 
-    ``attention_layers`` are transformer block indices whose image→image attention
-    the sampler records (their maps are averaged); the default 3 is the middle of
-    the embedded 6-block model (use 12 for SD3-medium's 24 blocks). With
-    ``schedule: step_aware`` the kept fraction falls linearly over the pruned steps
-    from ``alpha·(1 + spread)`` to ``alpha·(1 − spread)``, the same budget on average.
+    ``alpha`` is the share of image tokens left after the last pruning layer; steps
+    ``1..start_step`` run unpruned (the CAT paper prunes its AT-EDM baseline from step 9).
     """
 
-    attention_layers: tuple[int, ...] = (3,)
+    #: prunes inside the forward: the sampler runs :meth:`in_step`'s engine instead of selecting tokens
+    in_step_engine: ClassVar[bool] = True
+
+    prune_layers: list = field(default_factory=lambda: [0, 1])
     iterations: int = 20
-    schedule: str = "constant"
-    spread: float = 0.5
+    dsap_steps: int = 5
+    recovery: str = "copy"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.attention_layers = tuple(int(i) for i in self.attention_layers)
-        if not self.attention_layers:
-            raise ValueError("atedm needs at least one attention layer to probe")
-        if self.schedule not in ("constant", "step_aware"):
-            raise ValueError(f"schedule must be 'constant' or 'step_aware'; got {self.schedule!r}")
-
-    def check(self, num_steps: int) -> None:
-        super().check(num_steps)
-        if self.start_step < 1:
-            raise ValueError("atedm needs start_step >= 1: its first selection reads the attention of a full step")
-
-    def reset(self, batch_size: int, grid: tuple[int, int], num_steps: int, device: torch.device) -> None:
-        super().reset(batch_size, grid, num_steps, device)
-        self.generator = device_generator(self.seed, device)
-        self.num_steps = num_steps
+        layers = [int(x) for x in self.prune_layers]
+        if not layers or layers != sorted(set(layers)) or layers[0] < 0:
+            raise ValueError(f"atedm: prune_layers must be increasing block indices >= 0; got {list(self.prune_layers)}")
+        if int(self.iterations) < 1 or int(self.dsap_steps) < 0:
+            raise ValueError(f"atedm: iterations >= 1 and dsap_steps >= 0; got {self.iterations}, {self.dsap_steps}")
+        self.prune_layers = layers
+        if self.recovery not in ("copy", "hold"):
+            raise ValueError(f"atedm: recovery must be 'copy' (AT-EDM's) or 'hold'; got {self.recovery!r}")
 
     def num_kept(self, step: int, num_tokens: int) -> int | None:
-        k = super().num_kept(step, num_tokens)
-        if k is None or self.schedule == "constant":
-            return k
-        pruned = max(getattr(self, "num_steps", step) - self.start_step, 1)
-        progress = (step - self.start_step - 1) / max(pruned - 1, 1)  # 0 at the first pruned step, 1 at the last
-        alpha = self.alpha * (1 + self.spread * (1 - 2 * progress))
-        return kept_tokens(min(alpha, 1.0), num_tokens)
+        return None  # nothing is selected between steps: every step runs the whole (internally pruned) forward
+
+    def in_step(self):
+        """The engine that prunes inside each forward (``catlab.pruning.instep.InStepPruning``)."""
+        from catlab.pruning.instep import InStepPruning
+
+        return InStepPruning(self)
+
+    def plan(self, step: int, num_tokens: int) -> dict[int, int]:
+        """Tokens left after each pruning layer at ``step`` (1-based); ``{}`` for an unpruned step."""
+        if step <= self.start_step:
+            return {}
+        layers = self.prune_layers
+        if step - self.start_step <= int(self.dsap_steps):
+            layers = layers[-1:]
+        m = len(layers)
+        return {layer: max(1, min(num_tokens, round(float(self.alpha) ** ((j + 1) / m) * num_tokens)))
+                for j, layer in enumerate(layers)}
 
     def select(self, state: StepState) -> torch.Tensor:
-        maps = [state.attention[i] for i in self.attention_layers if state.attention and i in state.attention]
-        if not maps:
-            raise RuntimeError(
-                f"atedm needs the attention probabilities of layers {self.attention_layers}; "
-                "the sampler did not provide them"
-            )
-        importance = gwpr(maps[0] if len(maps) == 1 else torch.stack(maps).mean(0), self.iterations)
-        return top_k(importance, state.k, self.generator)
-
-    def selection_macs(self, state: StepState) -> int:
-        return self.iterations * state.batch_size * state.num_tokens**2
+        raise RuntimeError("atedm prunes inside each forward; it selects no tokens between steps")

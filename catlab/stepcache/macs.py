@@ -4,8 +4,9 @@ Step-level caches skip whole blocks, attention modules or the whole network at
 some steps, decided inside diffusers' hooks; the token pruner shrinks what the
 blocks see. Instead of predicting either, :class:`MacCounter` counts what ran:
 every ``nn.Linear`` and ``nn.Conv2d`` call (tokens × weights, read from the
-tensors they got) and every ``scaled_dot_product_attention`` call (queries ×
-keys × (head_dim + value_dim) per head). That is the same quantity as the
+tensors they got), every ``scaled_dot_product_attention`` call (queries ×
+keys × (head_dim + value_dim) per head) and every explicit ``matmul``/``bmm``
+(an attention written out, a probe map, AT-EDM's G-WPR). That is the same quantity as the
 family's analytic counter (:attr:`catlab.pruning.families.FamilySpec.macs`), so
 the two agree exactly on full and pruned steps, and it is half of what
 ``torch.utils.flop_counter.FlopCounterMode`` reports.
@@ -18,8 +19,11 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 
+_MATMULS = (torch.matmul, torch.Tensor.__matmul__, torch.bmm)
+
+
 class _AttentionCounter(TorchFunctionMode):
-    """Adds the MACs of each SDPA call made while active."""
+    """Adds the MACs of each SDPA call, and of each explicit matmul (an attention written out), made while active."""
 
     def __init__(self, counter: "MacCounter"):
         super().__init__()
@@ -31,7 +35,10 @@ class _AttentionCounter(TorchFunctionMode):
             q, k, v = args[:3]
             lq, lk = q.shape[-2], k.shape[-2]
             self.counter._add(q.shape[:-2].numel() * lq * lk * (q.shape[-1] + v.shape[-1]))
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if func in _MATMULS and isinstance(out, torch.Tensor) and args[0].dim() >= 1:
+            self.counter._add(out.numel() * args[0].shape[-1])  # each output element: one dot product
+        return out
 
 
 class MacCounter:
