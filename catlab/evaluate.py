@@ -27,7 +27,7 @@ import catlab  # noqa: F401  (registers the built-in components)
 from catlab.builders import ConfigError, build_model, plain, run_app, set_threads
 from catlab.config import register_evaluate_schema
 from catlab.evaluation import diagnostics
-from catlab.evaluation.harness import References, Strategy, evaluate_strategies, make_jobs
+from catlab.evaluation.harness import References, Strategy, evaluate_strategies, make_jobs, set_metrics
 from catlab.evaluation.merge import rows_from_store, write_tables
 from catlab.evaluation.recorder import RecordingPolicy
 from catlab.evaluation.reference import ReferenceCache
@@ -151,6 +151,7 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
         return []
 
     rows = rows_from_store(store, [s.key for s in strategies], {s.key: len(jobs) for s in strategies})
+    set_metrics(rows, usable, out / "images" if cfg.save_images else None)
     notes = [f"Model `{model_cfg['name']}`, {len(jobs)} images ({len({j.prompt_id for j in jobs})} prompts × "
              f"{len(cfg.seeds)} seeds), {sampler_cfg.num_steps} steps, guidance {sampler_cfg.guidance_scale}. "
              "Speed-up: wall clock against the full model, same process and batches (strategies take turns on each batch), after a warm-up batch; "

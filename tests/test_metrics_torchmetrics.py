@@ -191,3 +191,45 @@ def test_flat_images_give_the_closed_form():
     assert ssim(a + 0.5, a + 0.6).item() == pytest.approx(expected, abs=1e-6)
     assert ssim_reference(a + 0.5, a + 0.6).item() == pytest.approx(expected, abs=1e-3)
     assert not math.isnan(ssim(a, a + 0.1).item())
+
+
+def test_fid_on_a_tiny_local_clip(tiny_clip):
+    """The FID loading path on a randomly initialised CLIP saved to a folder: 0 for a set against itself,
+    more for a set that differs, more still for one that differs more."""
+    m = metrics.build({"name": "fid", "feature": "clip", "backbone": str(tiny_clip)})
+    assert m.set_level and not m.higher_is_better and m.unavailable({}) is None
+    g = torch.Generator().manual_seed(2)
+    reference = torch.rand(12, 3, 32, 32, generator=g)
+    near = (reference + 0.05 * torch.randn(12, 3, 32, 32, generator=g)).clamp(0, 1)
+    far = torch.rand(12, 3, 32, 32, generator=g) * 0.3
+    same = m.compute(reference, reference)
+    assert abs(same) < 1e-3
+    assert same < m.compute(near, reference) < m.compute(far, reference)
+
+
+def test_fid_without_weights_is_skipped_with_a_one_line_notice(tmp_path):
+    for spec in ({"name": "fid", "weights": str(tmp_path / "no_inception.pth")},
+                 {"name": "fid", "feature": "clip", "backbone": str(tmp_path / "no_clip")}):
+        reason = metrics.build(spec).unavailable({})
+        assert reason.startswith("fid: ") and "\n" not in reason
+    with pytest.raises(ValueError, match="feature must be"):
+        metrics.build({"name": "fid", "feature": "dino"})
+
+
+def test_fid_column_end_to_end_in_an_evaluation(tiny_clip, tmp_path):
+    """``metrics=[psnr, {name: fid, ...}]``: the evaluation computes FID per strategy from its saved images."""
+    from hydra import compose, initialize_config_dir
+
+    from catlab.evaluate import run
+    from tests.conftest import ROOT
+
+    overrides = ["model.num_layers=1", "model.height=16", "model.width=16", "sampler.num_steps=4",
+                 "+strategy_defaults.start_step=2", "strategies=[full,random]", "batch_size=3",
+                 "prompts.prompts=[a red circle,a blue square,a green star]",
+                 f"metrics=[psnr,{{name:fid,feature:clip,backbone:'{tiny_clip}'}}]", f"cache_dir={tmp_path / 'cache'}"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=overrides)
+    (tmp_path / "out").mkdir()
+    rows = run(cfg, tmp_path / "out")
+    assert "fid" not in rows[0] and rows[1]["fid"] > 0
+    assert (tmp_path / "out" / "results.md").read_text().splitlines()[0].endswith("| SSIM | FID |")

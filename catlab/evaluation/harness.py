@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from catlab.evaluation.reference import ReferenceCache
 from catlab.evaluation.store import ResultStore
-from catlab.loggers.base import to_pil
+from catlab.loggers.base import from_pil, to_pil
 from catlab.metrics.base import Metric
 from catlab.models.base import ModelAdapter
 from catlab.sampler import SampleResult, SamplerConfig, StepReuse, calibrate, sample
@@ -122,12 +123,12 @@ def _record_batch(adapter: ModelAdapter, strategy: Strategy, chunk: list[Job], s
     reference = None
     if strategy.exact:
         references.put(chunk, images)
-    elif any(m.needs_reference for m in metrics):
+    elif any(m.needs_reference and not getattr(m, "set_level", False) for m in metrics):
         reference = references.get(chunk)
     values = {}
     for m in metrics:
-        if m.needs_reference and reference is None:
-            continue
+        if getattr(m, "set_level", False) or (m.needs_reference and reference is None):
+            continue  # set-level metrics are computed once per strategy, after every record
         values[m.name] = m(images, reference, [j.prompt for j in chunk], [j.meta for j in chunk]).float()
     trace, n = result.trace, len(chunk)
     for i, job in enumerate(chunk):
@@ -171,3 +172,29 @@ def evaluate_strategies(adapter: ModelAdapter, strategies: list[Strategy], jobs:
             if todo:
                 _record_batch(adapter, s, todo, sampler, metrics, store, references, repeats, image_dir)
     return warm
+
+
+def set_metrics(rows: list[dict], metrics: list[Metric], image_dir: Path | None) -> None:
+    """Add each set-level metric (FID) to every row but the full model's, from the saved images.
+
+    A strategy's image pairs with the full model's image of the same prompt and seed
+    (the same file name); only pairs present for both enter. Without saved images the
+    metric is skipped with a notice.
+    """
+    metrics = [m for m in metrics if getattr(m, "set_level", False)]
+    if not metrics:
+        return
+    if image_dir is None:
+        log.warning("skipped metric — %s: needs the saved images (save_images=true)", ", ".join(m.name for m in metrics))
+        return
+    reference_dir = image_dir / "full"
+    for row in rows:
+        if row["method"] == "full" or not (image_dir / row["method"]).is_dir():
+            continue
+        names = sorted(p.name for p in (image_dir / row["method"]).glob("*.png") if (reference_dir / p.name).exists())
+        if not names:
+            continue
+        images = torch.stack([from_pil(Image.open(image_dir / row["method"] / n)) for n in names])
+        reference = torch.stack([from_pil(Image.open(reference_dir / n)) for n in names])
+        for m in metrics:
+            row[m.name] = m.compute(images, reference)

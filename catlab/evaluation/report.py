@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = ["method", "family", "alpha", "steps", "macs_per_image", "macs_ratio", "seconds_per_image", "speedup",
-           "images_per_second", "selection_share", "clip_score", "attribute_accuracy", "psnr", "ssim", "lpips"]
+           "images_per_second", "selection_share", "clip_score", "attribute_accuracy", "psnr", "ssim", "lpips", "fid"]
 
 
 def _macs(v: float) -> str:
@@ -29,10 +29,10 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 def markdown_table(rows: list[dict[str, Any]], title: str = "", notes: list[str] | None = None) -> str:
     """Method, α, steps, MACs, MACs ratio, s/image, speed-up, alignment, PSNR, SSIM (+ LPIPS when measured)."""
     align = [c for c in ("clip_score", "attribute_accuracy") if any(c in r for r in rows)]
-    extra = [c for c in ("lpips",) if any(c in r for r in rows)]
+    extra = [c for c in ("lpips", "fid") if any(c in r for r in rows)]
     head = ["Method", "α", "Steps", "MACs", "MACs ratio", "s / image", "Speed-up", "Selection share",
             *[{"clip_score": "CLIP score", "attribute_accuracy": "Attribute acc."}[c] for c in align],
-            "PSNR (dB)", "SSIM", *[c.upper() for c in extra]]
+            "PSNR (dB)", "SSIM", *[{"lpips": "LPIPS", "fid": "FID"}[c] for c in extra]]
     lines = ([f"### {title}", ""] if title else []) + ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         def num(key, fmt):
@@ -40,7 +40,7 @@ def markdown_table(rows: list[dict[str, Any]], title: str = "", notes: list[str]
         cells = [r["method"], num("alpha", "{:.2f}"), str(r.get("steps", "")), _macs(r["macs_per_image"]),
                  num("macs_ratio", "{:.2f}×"), num("seconds_per_image", "{:.3f}"), num("speedup", "{:.2f}×"),
                  num("selection_share", "{:.1%}"), *[num(c, "{:.3f}") for c in align],
-                 num("psnr", "{:.2f}"), num("ssim", "{:.4f}"), *[num(c, "{:.4f}") for c in extra]]
+                 num("psnr", "{:.2f}"), num("ssim", "{:.4f}"), *[num(c, "{:.4f}" if c == "lpips" else "{:.2f}") for c in extra]]
         lines.append("| " + " | ".join(cells) + " |")
     for note in notes or []:
         lines += ["", note]

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -25,6 +26,12 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     """``(3, H, W)`` in [0, 1] → PIL image."""
     array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(array)
+
+
+def from_pil(image: Image.Image) -> torch.Tensor:
+    """PIL image → ``(3, H, W)`` float in [0, 1] (the inverse of :func:`to_pil`, up to its rounding)."""
+    array = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
+    return array.permute(2, 0, 1).float() / 255
 
 
 class Logger:

@@ -1,4 +1,4 @@
-"""The metric interface: one value per image, or a notice saying why it was skipped."""
+"""The metric interfaces: one value per image (or per set of images), or a notice saying why it was skipped."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,4 +28,20 @@ class Metric:
 
     def __call__(self, images: torch.Tensor, reference: torch.Tensor | None, prompts: list[str],
                  meta: list[Any] | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class SetMetric(Metric):
+    """A metric of a whole set of images against the full model's set (FID): one value per strategy.
+
+    The evaluation computes it after every record is written, from the images it saved
+    (``save_images``), pairing each strategy's image with the full model's of the same
+    prompt and seed.
+    """
+
+    set_level = True
+    needs_reference = True
+
+    def compute(self, images: torch.Tensor, reference: torch.Tensor) -> float:
         raise NotImplementedError
