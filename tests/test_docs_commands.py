@@ -116,3 +116,13 @@ def test_doc_command_runs(source, cmd, work):
            "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(_shrunk(cmd, work), cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{source}: `{cmd}` failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+
+
+def test_ci_runs_the_readme_set_up_and_test_commands_in_order():
+    """.ci/run is the README's first command block (set-up and main job) and its test command, in order."""
+    readme = doc_commands(ROOT / "README.md")
+    setup = readme[: readme.index("python -m catlab.run selector=cat clusterer=kmeans") + 1]
+    test = next(c for c in readme if c.startswith("python -m pytest"))
+    ci = [re.sub(r"\s+#.*$", "", line).strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    ci = [c for c in ci if c and not c.startswith(("#", "set ", "cd ", "export "))]
+    assert ci == [*setup, test]
