@@ -44,6 +44,7 @@ SHRINK = {
     "catlab.train_toy": ["steps=2", "batch_size=4", "sample_every=0", "sample_steps=2", "log_every=1"],
     "catlab.embedded.probe": ["--steps", "2", "--out", "outputs/probe"],
     "embedded_eval.py": ["--n", "2", "--steps", "2", "--grid-n", "2"],
+    "selection_stats.py": ["--n", "1", "--steps", "10", "--selectors", "cat,sequential"],
     "gpu_bench.py": ["--hidden", "64", "--tokens", "64", "--steps", "3", "--start-step", "1", "--repeats", "1", "--layers", "1"],
 }
 
