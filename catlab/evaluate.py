@@ -172,7 +172,9 @@ def write_diagnostics(strategies, warm, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     first = warm[strategies[0].label]
     grid, steps = first.trace.grid, len(first.trace.steps)
-    pruned = {s.label: warm[s.label].trace.indices for s in strategies if s.policy.prunes}
+    # strategies that chose tokens between steps (an in-step pruner such as atedm chooses none)
+    pruned = {s.label: warm[s.label].trace.indices for s in strategies
+              if s.policy.prunes and any(i is not None for i in warm[s.label].trace.indices)}
     if pruned:
         start = next((i + 1 for i, idx in enumerate(next(iter(pruned.values()))) if idx is not None), steps)
         picks = sorted({start, min(start + 1, steps), min(start + 2, steps), steps})
