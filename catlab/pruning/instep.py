@@ -167,6 +167,7 @@ class InStepPruning(StepCache):
         try:
             yield
         finally:
+            self._step = 0  # a forward outside a step's context runs unpruned
             self._clear()
             for proc in self._procs.values():
                 proc.recording, proc.probs = False, None
