@@ -152,7 +152,8 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
 
     rows = rows_from_store(store, [s.key for s in strategies], {s.key: len(jobs) for s in strategies})
     set_metrics(rows, usable, out / "images" if cfg.save_images else None)
-    notes = [f"Model `{model_cfg['name']}`, {len(jobs)} images ({len({j.prompt_id for j in jobs})} prompts × "
+    model_label = model_cfg["name"] + (f" ({model_cfg['path']})" if model_cfg.get("path") else "")
+    notes = [f"Model `{model_label}`, {len(jobs)} images ({len({j.prompt_id for j in jobs})} prompts × "
              f"{len(cfg.seeds)} seeds), {sampler_cfg.num_steps} steps, guidance {sampler_cfg.guidance_scale}. "
              "Speed-up: wall clock against the full model, same process and batches (strategies take turns on each batch), after a warm-up batch; "
              "MACs include the selection's own work."]
