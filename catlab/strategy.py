@@ -45,6 +45,11 @@ class Strategy:
 
         policy = selectors.build(self.selector, **self.parts)
         policy.check(sampler_cfg.num_steps)
+        if getattr(policy, "in_step_engine", False) and (self.reuse or self.stepcache):
+            from catlab.builders import ConfigError
+
+            raise ConfigError(f"selector '{policy.name}' prunes inside each step and reuses nothing between steps: "
+                              "run it without reuse= or stepcache=")
         cache = build_step_cache(self.stepcache, policy, sampler_cfg)
         return policy, reuses.build(self.reuse) if self.reuse else None, cache
 

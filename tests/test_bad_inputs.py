@@ -13,6 +13,7 @@ CASES = [
     ("no clusters", ["clusterer.num_clusters=0"], "num_clusters must be >= 1; got 0"),
     ("negative clusters", ["clusterer.num_clusters=-5"], "num_clusters must be >= 1; got -5"),
     ("no images", ["num_images=0"], "num_images must be >= 1 or null"),
+    ("in-step atedm with a reuse rule", ["selector=atedm", "reuse=taylor"], "prunes inside each step"),
 ]
 
 
