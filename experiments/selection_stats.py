@@ -10,7 +10,8 @@ token indices of every pruned step, prints per selector:
   averaged over images (``max``: the worst image);
 * ``never``: share of tokens never recomputed after t0;
 * ``clumped``: share of recomputed tokens whose four grid neighbours were all
-  recomputed at the same step (how spatially grouped one step's choice is);
+  recomputed at the same step (how spatially grouped one step's choice is; a
+  neighbour beyond the image border counts as recomputed);
 * ``clusters``: for selectors with clusters, the number made and their mean size.
 
     python experiments/selection_stats.py                      # the 32×32 model (256 tokens)
