@@ -21,11 +21,26 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
+from catlab.pruning.buffers import BufferPool
 from catlab.pruning.families import FamilySpec, family_of
 from catlab.pruning.processors import PrunedJointAttnProcessor, PrunedSelfAttnProcessor
 
 GATHER_HOOK = "catlab_token_gather"
 SCATTER_HOOK = "catlab_token_scatter"
+TEXT_HOOK = "catlab_token_text"
+
+
+class _TextHook(ModelHook):
+    """After the text embedding: bind the joint attentions' caches, which hold the text tokens too."""
+
+    def __init__(self, pruner: "TokenPruner"):
+        super().__init__()
+        self.pruner = pruner
+
+    def post_forward(self, module: nn.Module, output: torch.Tensor) -> torch.Tensor:
+        if not self.pruner.bypass:
+            self.pruner.prepare(output.shape[0], output.shape[1], output.device, text=True)
+        return output
 
 
 class _GatherHook(ModelHook):
@@ -39,6 +54,7 @@ class _GatherHook(ModelHook):
         if self.pruner.bypass:
             return output
         self.pruner.num_tokens = output.shape[1]
+        self.pruner.prepare(output.shape[0], 0, output.device, text=False)
         idx = self.pruner.row_indices
         if idx is None:
             return output
@@ -57,27 +73,33 @@ class _ScatterHook(ModelHook):
         if p.bypass:
             return output
         idx = p.row_indices
-        if idx is None:
-            p.output_cache = output
+        if idx is None:  # a full step: remember every token's output, in the pool's buffer
+            p.output_cache = p.pool.get("output", output.shape, output.dtype, output.device)
+            p.output_cache.copy_(output)
             return output
         if p.output_cache is None or p.output_cache.shape[0] != output.shape[0]:
             raise RuntimeError("a pruned step needs the output of a previous full step for the same batch")
         index = idx[..., None].expand(-1, -1, output.shape[-1])
-        p.output_cache = p.output_cache.scatter(1, index, output.to(p.output_cache.dtype))
-        return p.output_cache
+        p.output_cache.scatter_(1, index, output.to(p.output_cache.dtype))
+        # another hook on the projection (a step cache, a reuse rule) may keep what it is given: a copy,
+        # so the next step's in-place write does not change its history
+        return p.output_cache.clone() if len(module._diffusers_hook.hooks) > 1 else p.output_cache
 
 
 class TokenPruner:
     """The pruning state of one transformer: indices of the step, caches, probes, cost.
 
     Drive it with :meth:`set_indices` before each forward (``None`` = a full step);
-    :meth:`reset` at the start of each generation. ``last_macs`` holds the MACs of the
-    latest forward, from the family's analytic counter.
+    :meth:`reset` at the start of each generation. Its state tensors (K/V caches,
+    output cache, index rows) come from ``pool`` and are written in place, so they
+    are allocated once per shape; pass a shared :class:`BufferPool` to keep them
+    across pruners (what captured CUDA graphs need).
     """
 
-    def __init__(self, transformer: nn.Module):
+    def __init__(self, transformer: nn.Module, pool: BufferPool | None = None):
         self.transformer = transformer
         self.spec: FamilySpec = family_of(transformer)
+        self.pool = pool if pool is not None else BufferPool()
         self.row_indices: torch.Tensor | None = None
         self.output_cache: torch.Tensor | None = None
         self.num_tokens: int = 0
@@ -95,6 +117,8 @@ class TokenPruner:
         if self.attached:
             return self
         t = self.transformer
+        if self.spec.text_embed is not None:
+            HookRegistry.check_if_exists_or_initialize(getattr(t, self.spec.text_embed)).register_hook(_TextHook(self), TEXT_HOOK)
         HookRegistry.check_if_exists_or_initialize(getattr(t, self.spec.patch_embed)).register_hook(_GatherHook(self), GATHER_HOOK)
         HookRegistry.check_if_exists_or_initialize(getattr(t, self.spec.output_proj)).register_hook(_ScatterHook(self), SCATTER_HOOK)
         kinds = {"joint": PrunedJointAttnProcessor, "self": PrunedSelfAttnProcessor}
@@ -103,7 +127,8 @@ class TokenPruner:
                 attn = getattr(block, attr, None)
                 if attn is None:
                     continue
-                proc = kinds[kind](self, layer, f"transformer_blocks.{layer}.{attr}")
+                text = kind == "joint" and getattr(attn, "add_k_proj", None) is not None
+                proc = kinds[kind](self, layer, f"transformer_blocks.{layer}.{attr}", text)
                 proc.attn, proc.original = attn, attn.processor
                 self._original_processors[attn] = attn.processor
                 attn.processor = proc
@@ -116,6 +141,8 @@ class TokenPruner:
             return
         self.set_bypass(False)
         t = self.transformer
+        if self.spec.text_embed is not None:
+            getattr(t, self.spec.text_embed)._diffusers_hook.remove_hook(TEXT_HOOK, recurse=False)
         getattr(t, self.spec.patch_embed)._diffusers_hook.remove_hook(GATHER_HOOK, recurse=False)
         getattr(t, self.spec.output_proj)._diffusers_hook.remove_hook(SCATTER_HOOK, recurse=False)
         for attn, proc in self._original_processors.items():
@@ -156,12 +183,37 @@ class TokenPruner:
         if indices is None:
             self.row_indices = None
             return
-        indices = indices.long()
-        if rows is not None and rows != indices.shape[0]:
-            if rows % indices.shape[0]:
-                raise ValueError(f"{rows} batch rows are not a multiple of {indices.shape[0]} samples")
-            indices = indices.repeat(rows // indices.shape[0], 1)
-        self.row_indices = indices
+        batch, k = indices.shape
+        rows = batch if rows is None else rows
+        if rows % batch:
+            raise ValueError(f"{rows} batch rows are not a multiple of {batch} samples")
+        buf = self.pool.get("indices", (rows, k), torch.long, indices.device)
+        buf.view(rows // batch, batch, k).copy_(indices[None].expand(rows // batch, batch, k))
+        self.row_indices = buf
+
+    def prepare(self, rows: int, num_text: int, device, text: bool) -> None:
+        """Before the blocks, for the attentions with (``text=True``) or without text tokens in their K/V:
+        at a full step bind their cache buffers; at a pruned step compute their flat write positions.
+
+        The gather hook and the text-embedding hook call it, in eager code ahead of the blocks:
+        compiled blocks neither allocate nor look up buffers, and a captured CUDA graph
+        records the index arithmetic with the step.
+        """
+        procs = [p for p in self.processors if p.text == text]
+        idx, n = self.row_indices, self.num_tokens
+        if idx is None:
+            for proc in procs:
+                proc.bind(rows, n, num_text, device)
+            return
+        if not text and (self.output_cache is None or self.output_cache.shape[0] != rows):
+            raise RuntimeError("a pruned step needs the output of a previous full step for the same batch; "
+                               "run at least one full step first (start_step >= 1)")
+        if procs:
+            total = n + num_text  # every layer of the forward shares the positions
+            offsets = torch.arange(rows, device=idx.device)[:, None] * total
+            flat = (idx + offsets).reshape(-1)
+            for proc in procs:
+                proc.flat = flat
 
     def record_attention(self, layer: int, probs: torch.Tensor) -> None:
         """Keep each row of a probe layer's attention map as last computed."""

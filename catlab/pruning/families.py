@@ -81,6 +81,8 @@ class FamilySpec:
     macs: Callable[[nn.Module, int, int, int, int], int]
     patch_embed: str = "pos_embed"
     output_proj: str = "proj_out"
+    #: the module that embeds the text tokens the "joint" attentions append to their K/V (``None``: none do)
+    text_embed: str | None = None
 
     def check_block(self, index: int, block: nn.Module) -> None:
         if type(block).__name__ != self.block_type:
@@ -109,6 +111,7 @@ SD3 = FamilySpec(
     block_type="JointTransformerBlock",
     attentions=(("attn", "joint"), ("attn2", "joint")),
     macs=sd3_macs,
+    text_embed="context_embedder",
 )
 PIXART = FamilySpec(
     name="pixart",

@@ -2,10 +2,12 @@
 
 Each processor owns one layer's K/V cache, token-major: ``(rows, N + L, inner)``
 with the N image tokens first and the layer's L text tokens (joint attention)
-after them. At a full step it is filled from every token; at a pruned step the k
-fresh image keys and values are copied into their rows with one ``index_copy_``
-per tensor (contiguous rows of ``inner`` values, cheap on any device), the text
-tail is overwritten, and the k queries (plus text) attend over the whole cache.
+after them. At a full step it is filled from every token, into buffers of the
+pruner's :class:`~catlab.pruning.buffers.BufferPool` (kept across steps and
+generations); at a pruned step the k fresh image keys and values are copied into
+their rows with one ``index_copy_`` per tensor (contiguous rows of ``inner``
+values, cheap on any device), the text tail is overwritten, and the k queries
+(plus text) attend over the whole cache.
 The cache *is* the attention's key/value tensor, so no per-step concatenation
 of N + L keys is needed. The unselected tokens' K/V are those written the last
 time each token was computed.
@@ -34,19 +36,36 @@ def _project(linear, norm, x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 class _CachedAttention:
-    """Shared cache handling for both processor kinds."""
+    """Shared cache handling for both processor kinds.
 
-    def __init__(self, pruner: "TokenPruner", layer: int, name: str):
+    The pruner binds this layer's cache buffers (:meth:`bind`) before a full step and
+    its flat write positions (:attr:`flat`) before a pruned step, in eager code ahead
+    of the blocks, so a compiled block never allocates or looks anything up.
+    """
+
+    def __init__(self, pruner: "TokenPruner", layer: int, name: str, text: bool):
         self.pruner = pruner
         self.layer = layer
         self.name = name
+        #: whether the layer's K/V carry the text tokens after the image tokens (joint attention)
+        self.text = text
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
+        #: the selected tokens' row-major positions in ``keys`` viewed as ``(rows · total, inner)``
+        self.flat: torch.Tensor | None = None
         self.heads = 1
 
     def reset(self) -> None:
         self.keys = None
         self.values = None
+
+    def bind(self, rows: int, num_tokens: int, num_text: int, device) -> None:
+        """Take this layer's ``(rows, N + L, inner)`` K/V buffers from the pool (before a full step)."""
+        total = num_tokens + (num_text if self.text else 0)
+        to_k = self.attn.to_k
+        shape, dtype = (rows, total, to_k.out_features), to_k.weight.dtype
+        self.keys = self.pruner.pool.get(f"{self.name}.keys", shape, dtype, device)
+        self.values = self.pruner.pool.get(f"{self.name}.values", shape, dtype, device)
 
     def _image(self, cache: torch.Tensor | None) -> torch.Tensor | None:
         if cache is None:
@@ -71,37 +90,30 @@ class _CachedAttention:
         rows, n, heads, d = key.shape
         self.heads = heads
         key, value = key.reshape(rows, n, heads * d), value.reshape(rows, n, heads * d)
+        n_text = 0
         if text_key is not None:
             text_key, text_value = text_key.reshape(rows, -1, heads * d), text_value.reshape(rows, -1, heads * d)
-        idx = self.pruner.row_indices
-        if idx is None:
-            if n != self.pruner.num_tokens:
-                raise RuntimeError(f"{self.name}: a full step got {n} tokens, expected {self.pruner.num_tokens}")
-            if text_key is None:
-                self.keys, self.values = key.contiguous(), value.contiguous()
-            else:
-                self.keys, self.values = torch.cat([key, text_key], 1), torch.cat([value, text_value], 1)
-        else:
-            self._write(key, value, idx, text_key, text_value)
-        total = self.keys.shape[1]
-        return (self.keys.view(rows, total, heads, d).transpose(1, 2),
-                self.values.view(rows, total, heads, d).transpose(1, 2))
-
-    def _write(self, key, value, idx, text_key, text_value) -> None:
-        rows, n, inner = key.shape
-        n_text = 0 if text_key is None else text_key.shape[1]
-        if self.keys is None or self.keys.shape[0] != rows or self.keys.shape[1] != self.pruner.num_tokens + n_text:
+            n_text = text_key.shape[1]
+        expected = (rows, self.pruner.num_tokens + n_text, heads * d)
+        if self.keys is None or tuple(self.keys.shape) != expected:
             raise RuntimeError(
-                f"{self.name}: a pruned step needs the K/V of a previous full step for the same batch; "
-                "run at least one full step first (start_step >= 1)"
-            )
-        total = self.keys.shape[1]
-        flat = (idx + torch.arange(rows, device=idx.device)[:, None] * total).reshape(-1)
-        self.keys.view(-1, inner).index_copy_(0, flat, key.reshape(-1, inner).to(self.keys.dtype))
-        self.values.view(-1, inner).index_copy_(0, flat, value.reshape(-1, inner).to(self.values.dtype))
-        if text_key is not None:
-            self.keys[:, total - n_text:].copy_(text_key)
-            self.values[:, total - n_text:].copy_(text_value)
+                f"{self.name}: no K/V cache of shape {expected} for this step (got "
+                f"{None if self.keys is None else tuple(self.keys.shape)}); a pruned step needs a full step of the "
+                "same batch before it (start_step >= 1)")
+        keys, values = self.keys, self.values
+        if self.pruner.row_indices is None:  # a full step: every token's K/V, then the text's
+            keys[:, :n].copy_(key)
+            values[:, :n].copy_(value)
+        else:  # k fresh rows, one index_copy_ per tensor
+            inner = heads * d
+            keys.view(-1, inner).index_copy_(0, self.flat, key.reshape(-1, inner).to(keys.dtype))
+            values.view(-1, inner).index_copy_(0, self.flat, value.reshape(-1, inner).to(values.dtype))
+        total = keys.shape[1]
+        if text_key is not None:  # the text tail is recomputed at every step
+            keys[:, total - n_text:].copy_(text_key)
+            values[:, total - n_text:].copy_(text_value)
+        return (keys.view(rows, total, heads, d).transpose(1, 2),
+                values.view(rows, total, heads, d).transpose(1, 2))
 
     def attend(self, attn, query, key, value, n_image: int, mask=None) -> torch.Tensor:
         """SDPA, plus the image→image attention probabilities when this layer is a probe."""
