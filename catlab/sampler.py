@@ -21,6 +21,7 @@ from catlab.models.base import ModelAdapter
 from catlab.planner import StepKind, StepPlan, StepPlanner
 from catlab.pruning.engine import TokenPruner
 from catlab.pruning.families import patchify
+from catlab.pruning.graphs import graph_refusal, graphs_of, log_refusal
 from catlab.pruning.sync_check import no_host_sync
 from catlab.reuse.base import Reuse, unpatchify
 from catlab.reuse.hook import ReuseHook
@@ -48,6 +49,10 @@ class SamplerConfig:
     #: count the MACs that really ran (:class:`~catlab.stepcache.macs.MacCounter`) instead of the
     #: analytic formula; always on with a step cache. Equal on full and pruned steps; slower.
     count_macs: bool = False
+    #: replay the transformer's full and pruned forwards from captured CUDA graphs, one per shape,
+    #: kept across generations (:mod:`catlab.pruning.graphs`); where a run cannot be captured (a CPU,
+    #: a probe layer, a step cache, ...) it runs eagerly and says why in one line
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if int(self.num_steps) < 1:
@@ -181,12 +186,21 @@ class _Run:
         self.adapter, self.policy, self.cfg, self.parts = adapter, policy, cfg, parts
         self.guided = cfg.guidance_scale > 1.0
         self.planner = StepPlanner(policy, parts.step_cache, check_indices=cfg.check_indices)
-        self.pruner = TokenPruner(adapter.transformer)  # its MAC formula always; its hooks unless pruning in-step
+        inside = parts.rule is not None and (parts.step_cache is not None or parts.kv is not None)
+        self.graphs = None
+        if cfg.cuda_graphs:
+            reason = graph_refusal(adapter.transformer, policy, inside_hooks=inside or parts.kv is not None,
+                                   step_cache=parts.step_cache, count_macs=cfg.count_macs)
+            if reason is None:
+                self.graphs = graphs_of(adapter.transformer)
+            else:
+                log_refusal(reason)
+        # the pruner: its MAC formula always; its hooks unless pruning in-step; with graphs, their buffers
+        self.pruner = TokenPruner(adapter.transformer, pool=self.graphs.pool if self.graphs is not None else None)
         if not getattr(policy, "in_step_engine", False):
             self.pruner.attach()
             stack.callback(self.pruner.detach)
         self.pruner.probe_layers = set(getattr(policy, "attention_layers", ()))
-        inside = parts.rule is not None and (parts.step_cache is not None or parts.kv is not None)
         self.hooks = []  # told the step and time before each forward
         if inside:
             self.hooks.append(ReuseHook(self.pruner, parts.rule))
@@ -214,6 +228,8 @@ class _Run:
         self.planner.reset(batch, grid, self.cfg.num_steps, device)
         self.cost.rows, self.cost.text, self.cost.n = self.rows, cond.num_text_tokens, grid[0] * grid[1]
         self.reuse.reset(batch, device)
+        if self.graphs is not None:
+            self.graphs.new_generation()
         self.start = time.perf_counter()
         return Trace(num_tokens=self.cost.n, grid=grid, batch_size=batch, full_step_macs=self.cost.full())
 
@@ -228,6 +244,9 @@ class _Run:
         self.pruner.set_indices(idx, self.rows)
         for h in self.hooks:
             h.step, h.time = plan.step, sigma
+        if self.graphs is not None:  # the same forward, replayed from the graph of its shape
+            predict = lambda lat, tt, kwargs: self.adapter.predict(lat, tt, replace(cond, kwargs=kwargs))  # noqa: E731
+            return self.graphs.call(self.pruner, predict, (latents, t, cond.kwargs), tag=type(self.adapter).__qualname__)
         cache = self.parts.step_cache
         with cache.context(plan.step, self.cfg.num_steps) if cache is not None else contextlib.nullcontext():
             return self.adapter.predict(latents, t, cond)

@@ -40,6 +40,7 @@ from torch import nn
 
 from catlab.pruning.engine import TokenPruner
 from catlab.pruning.families import patchify
+from catlab.pruning.graphs import ForwardGraphs, graph_refusal, graphs_of, log_refusal, release_graphs
 from catlab.planner import StepKind, StepPlan, StepPlanner
 from catlab.selection.base import Policy
 
@@ -60,9 +61,12 @@ class TokenPruningHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, pruner: TokenPruner, policy: Policy, pipeline=None, guidance_scale: float | None = None):
+    def __init__(self, pruner: TokenPruner, policy: Policy, pipeline=None, guidance_scale: float | None = None,
+                 graphs: ForwardGraphs | None = None):
         super().__init__()
         self.pruner, self.policy, self.pipeline, self.guidance_scale = pruner, policy, pipeline, guidance_scale
+        #: where the computed calls replay from (``None``: eager)
+        self.graphs = graphs
         self.planner = StepPlanner(policy)
         self.step = 0
         self.plan: StepPlan | None = None
@@ -86,7 +90,18 @@ class TokenPruningHook(ModelHook):
         self.macs = []
         self.pruner.set_bypass(False)
         self.pruner.reset()
+        if self.graphs is not None:
+            self._check_graphs(module)
         return module
+
+    def _check_graphs(self, module: nn.Module) -> None:
+        """At each generation: still capturable (hooks added since?), else eager from now on, said once."""
+        reason = graph_refusal(module, self.policy)
+        if reason is not None:
+            log_refusal(reason)
+            self.graphs = None
+            return
+        self.graphs.new_generation()
 
     def _guidance(self) -> float | None:
         if self.guidance_scale is not None:
@@ -160,6 +175,8 @@ class TokenPruningHook(ModelHook):
             if self.last is None:
                 raise RuntimeError(f"catlab: step {self.step} computes no token but no step has been computed yet")
             return self.last
+        if self.graphs is not None and not self.extra:
+            return self.graphs.call(self.pruner, self.fn_ref.original_forward, args, kwargs, tag="pipeline")
         return self.fn_ref.original_forward(*args, **kwargs)
 
     def _groups(self, rows: int) -> int:
@@ -201,13 +218,20 @@ class TokenPruningHook(ModelHook):
         return output
 
 
-def enable_pruning(target, policy: Policy, guidance_scale: float | None = None) -> TokenPruner:
+def enable_pruning(target, policy: Policy, guidance_scale: float | None = None,
+                   cuda_graphs: bool = False) -> TokenPruner:
     """Make every call of ``target`` (a pipeline or its transformer) run token-pruned by ``policy``.
 
     ``guidance_scale`` tells the hook how the pipeline combines its classifier-free
     guidance branches, so both branches of a sample share indices and the policy
     sees the guided output. For pipelines that store it (SD3) it is read at call
     time; give it explicitly for the others (PixArt).
+
+    ``cuda_graphs=True`` replays each computed call from a CUDA graph captured once per
+    shape (:mod:`catlab.pruning.graphs`) and kept across pipeline calls; the policy's
+    selection stays eager, between the calls. Where capture is not possible (a CPU, a
+    probe layer, another library's hook on the transformer) the calls run eagerly and
+    one line says why. :func:`disable_pruning` frees the graphs.
     """
     if getattr(policy, "in_step_engine", False):
         raise ValueError(f"selector '{policy.name}' prunes inside each forward and runs in catlab's sampler "
@@ -215,9 +239,16 @@ def enable_pruning(target, policy: Policy, guidance_scale: float | None = None) 
     transformer = _transformer_of(target)
     if getattr(transformer, "_catlab_pruner", None) is not None:
         disable_pruning(transformer)
-    pruner = TokenPruner(transformer).attach()
+    graphs = None
+    if cuda_graphs:
+        reason = graph_refusal(transformer, policy)
+        if reason is None:
+            graphs = graphs_of(transformer)
+        else:
+            log_refusal(reason)
+    pruner = TokenPruner(transformer, pool=graphs.pool if graphs is not None else None).attach()
     pipeline = None if target is transformer else target
-    hook = TokenPruningHook(pruner, policy, pipeline, guidance_scale)
+    hook = TokenPruningHook(pruner, policy, pipeline, guidance_scale, graphs)
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, POLICY_HOOK)
     transformer._catlab_pruner = pruner
     if pipeline is not None:
@@ -261,6 +292,7 @@ def disable_pruning(target) -> None:
         return
     transformer._diffusers_hook.remove_hook(POLICY_HOOK, recurse=False)
     pruner.detach()
+    release_graphs(transformer)
     transformer._catlab_pruner = None
     if target is not transformer and getattr(target, "_catlab_watch", False):
         del target.encode_prompt, target._catlab_watch

@@ -215,6 +215,19 @@ class TokenPruner:
             for proc in procs:
                 proc.flat = flat
 
+    def state(self) -> dict:
+        """The Python side of the state a forward leaves (which buffers hold the caches, the token count).
+
+        A replayed CUDA graph rewrites the buffers but runs no Python: :meth:`restore` puts back what the
+        forward's hooks would have set, so eager code after a replay (or a new pruner) finds the caches."""
+        return {"num_tokens": self.num_tokens, "output_cache": self.output_cache,
+                "caches": [(p.keys, p.values, p.heads) for p in self.processors]}
+
+    def restore(self, state: dict) -> None:
+        self.num_tokens, self.output_cache = state["num_tokens"], state["output_cache"]
+        for proc, (keys, values, heads) in zip(self.processors, state["caches"]):
+            proc.keys, proc.values, proc.heads = keys, values, heads
+
     def record_attention(self, layer: int, probs: torch.Tensor) -> None:
         """Keep each row of a probe layer's attention map as last computed."""
         idx = self.row_indices

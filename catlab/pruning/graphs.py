@@ -1,0 +1,309 @@
+"""Graphed execution: the transformer's full and pruned forwards replayed from captured CUDA graphs.
+
+At batch 1 a pruned step of SD3 or PixArt-Σ on a current GPU launches thousands
+of small kernels; the host, not the GPU, sets the pace. Capturing the whole
+forward (gather, blocks, cache writes, scatter) once per *shape key* and
+replaying it makes a step one launch::
+
+    graphs = graphs_of(transformer)                      # one store per transformer
+    pruner = TokenPruner(transformer, pool=graphs.pool).attach()
+    graphs.new_generation()
+    out = graphs.call(pruner, transformer.forward, args, kwargs)   # captures once, then replays
+
+A shape key is (rows, k or full, compiled blocks, the call's argument structure,
+and every tensor argument's shape/dtype/device). Every tensor the forward keeps
+between steps comes from the store's :class:`~catlab.pruning.buffers.BufferPool`
+(K/V caches, output cache, index rows) and so do the static copies of the
+arguments; all of them are allocated once, before their first capture, and
+written in place. A new generation therefore replays the graphs it finds: no
+re-capture, only new values in the same buffers. A changed batch, resolution or
+k is another key: another capture. :meth:`ForwardGraphs.release` frees graphs
+(and their buffers) a generation did not use.
+
+The first call of a key runs eagerly (the warm-up CUDA capture needs, and the
+step's real result), then captures; that run and the capture write the same
+values to the caches, so the step's result is the eager one. A capture that
+fails — a host read inside the forward, a buffer first requested during the
+capture — leaves that key eager, with one line saying why.
+
+Where a GPU is absent, :func:`emulate_on_cpu` runs the same bookkeeping with a
+stand-in for capture and replay that executes the forward on the static
+buffers (and rejects host reads during "capture", as a real capture would): the
+CPU tests of the graphed path use it.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from catlab.pruning.buffers import BufferKey, BufferPool
+from catlab.pruning.sync_check import no_host_sync
+
+log = logging.getLogger("catlab.graphs")
+
+#: the diffusers hooks of catlab's own pruning (replayed as part of the graph)
+PRUNING_HOOKS = {"catlab_token_gather", "catlab_token_scatter", "catlab_token_text", "catlab_token_pruning"}
+
+_EMULATE = False
+
+
+@contextlib.contextmanager
+def emulate_on_cpu() -> Iterator[None]:
+    """Within the block, graphed execution on a CPU uses the stand-in instead of falling back to eager."""
+    global _EMULATE
+    previous, _EMULATE = _EMULATE, True
+    try:
+        yield
+    finally:
+        _EMULATE = previous
+
+
+class _CudaBackend:
+    """A real ``torch.cuda.CUDAGraph``; every graph of a store shares one memory pool."""
+
+    def __init__(self, mempool):
+        self.graph = torch.cuda.CUDAGraph()
+        self.mempool = mempool
+
+    def warm_up(self, fn: Callable[[], Any]) -> Any:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            out = fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        return out
+
+    def capture(self, fn: Callable[[], Any]) -> Any:
+        with torch.cuda.graph(self.graph, pool=self.mempool):
+            return fn()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class _EmulatedBackend:
+    """The CPU stand-in: "capture" runs the forward once with host reads rejected and keeps it;
+    "replay" runs it again on the same static buffers and copies the result into the static outputs."""
+
+    def __init__(self, mempool=None):
+        self.fn: Callable[[], Any] | None = None
+        self.outputs: Any = None
+
+    def warm_up(self, fn: Callable[[], Any]) -> Any:
+        return fn()
+
+    def capture(self, fn: Callable[[], Any]) -> Any:
+        with no_host_sync("a forward being captured in a CUDA graph", cuda=False):
+            self.outputs = fn()
+        self.fn = fn
+        return self.outputs
+
+    def replay(self) -> None:
+        fresh = pytree.tree_leaves(self.fn())
+        for static, new in zip(pytree.tree_leaves(self.outputs), fresh):
+            if isinstance(static, torch.Tensor):
+                static.copy_(new)
+
+
+@dataclass
+class _Graph:
+    """One captured forward: its backend, static argument buffers, static outputs and the buffers it uses."""
+
+    backend: Any
+    inputs: list[torch.Tensor | None]
+    outputs: Any
+    buffers: set[BufferKey]
+    state: dict
+    generation: int
+    replays: int = 0
+
+
+@dataclass
+class ForwardGraphs:
+    """The captured forwards of one transformer, and the buffer pool their state lives in."""
+
+    device: torch.device
+    pool: BufferPool = field(default_factory=BufferPool)
+    graphs: dict[tuple, _Graph] = field(default_factory=dict)
+    #: keys whose capture failed, with the reason: they run eagerly
+    refused: dict[tuple, str] = field(default_factory=dict)
+    generation: int = 0
+    captures: int = 0
+
+    def __post_init__(self) -> None:
+        self.device = torch.device(self.device)
+        self.emulated = self.device.type != "cuda"
+        self._mempool = None if self.emulated else torch.cuda.graph_pool_handle()
+
+    def new_generation(self) -> None:
+        """A generation starts: graphs replay on with new values (the pruner's reset forgets the old ones)."""
+        self.generation += 1
+
+    # -- the call -----------------------------------------------------------------
+    def call(self, pruner, fn: Callable, args: tuple = (), kwargs: dict | None = None, tag: Any = None) -> Any:
+        """``fn(*args, **kwargs)`` (the transformer's forward, hooks attached), replayed from its graph.
+
+        ``tag`` names what ``fn`` is (two callers with different code must not share a graph).
+        Returns fresh tensors (copies of the static outputs), safe to keep across steps.
+        """
+        kwargs = kwargs or {}
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        key = self._key(pruner, leaves, spec, tag)
+        if key in self.refused:
+            return fn(*args, **kwargs)
+        graph = self.graphs.get(key)
+        if graph is None:
+            return self._capture(key, pruner, fn, leaves, spec)
+        self._write(graph.inputs, leaves)
+        pruner.restore(graph.state)
+        graph.backend.replay()
+        graph.generation, graph.replays = self.generation, graph.replays + 1
+        return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, graph.outputs)
+
+    def _key(self, pruner, leaves: list, spec, tag) -> tuple:
+        idx = pruner.row_indices
+        compiled = any(getattr(b, "_compiled_call_impl", None) is not None for b in pruner.transformer.transformer_blocks)
+        sig = []
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                sig.append(("tensor", tuple(leaf.shape), leaf.dtype, leaf.device))
+            else:
+                sig.append(("value", leaf if _hashable(leaf) else repr(leaf)))
+        return (tag, None if idx is None else tuple(idx.shape), compiled, str(spec), tuple(sig))
+
+    def _statics(self, leaves: list) -> list[torch.Tensor | None]:
+        """The static copies of the tensor arguments, from the pool (shared by every graph of the same shapes)."""
+        return [self.pool.get(f"argument.{i}", leaf.shape, leaf.dtype, leaf.device) if isinstance(leaf, torch.Tensor)
+                else None for i, leaf in enumerate(leaves)]
+
+    @staticmethod
+    def _write(statics: list, leaves: list) -> None:
+        for static, leaf in zip(statics, leaves):
+            if static is not None:
+                static.copy_(leaf)
+
+    def _capture(self, key: tuple, pruner, fn: Callable, leaves: list, spec) -> Any:
+        touched: set[BufferKey] = set()
+        self.pool.touched = touched
+        try:
+            statics = self._statics(leaves)
+            self._write(statics, leaves)
+            call_leaves = [s if s is not None else leaf for s, leaf in zip(statics, leaves)]
+            args, kwargs = pytree.tree_unflatten(call_leaves, spec)
+            run = lambda: fn(*args, **kwargs)  # noqa: E731
+            backend = (_EmulatedBackend if self.emulated else _CudaBackend)(self._mempool)
+            result = backend.warm_up(run)  # the step's real result; allocates every buffer the forward needs
+            result = pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, result)
+            state = pruner.state()
+            self.pool.frozen = "while a CUDA graph was being captured"
+            try:
+                outputs = backend.capture(run)
+            except Exception as err:  # noqa: BLE001 - any capture failure leaves this key eager
+                reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                self.refused[key] = reason
+                log.warning("catlab: CUDA graph capture failed for %s (%s); this shape runs eagerly", _describe(key), reason)
+                pruner.restore(state)
+                return result
+        finally:
+            self.pool.frozen, self.pool.touched = None, None
+        pruner.restore(state)
+        self.graphs[key] = _Graph(backend, statics, outputs, touched, state, self.generation)
+        self.captures += 1
+        return result
+
+    # -- memory ---------------------------------------------------------------------
+    def release(self, unused_only: bool = False) -> int:
+        """Drop every graph (``unused_only``: those the current generation did not replay or capture) and the
+        buffers no remaining graph uses; returns the bytes of buffers released. On CUDA,
+        ``torch.cuda.empty_cache()`` then hands the memory back to the driver."""
+        for key in [k for k, g in self.graphs.items() if not unused_only or g.generation < self.generation]:
+            del self.graphs[key]
+        keep = set().union(*(g.buffers for g in self.graphs.values())) if self.graphs else set()
+        return self.pool.release(keep)
+
+
+def _hashable(value) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _describe(key: tuple) -> str:
+    shape = key[1]
+    return f"a full step" if shape is None else f"a pruned step of k={shape[1]} ({shape[0]} rows)"
+
+
+def graphs_of(transformer: nn.Module) -> ForwardGraphs:
+    """The transformer's graph store, created on first use on the transformer's device."""
+    store = getattr(transformer, "_catlab_graphs", None)
+    device = next(transformer.parameters()).device
+    if store is None or store.device != device:
+        store = ForwardGraphs(device)
+        transformer._catlab_graphs = store
+    return store
+
+
+def release_graphs(target, unused_only: bool = False) -> int:
+    """Free the captured graphs of ``target`` (a pipeline or a transformer) and their buffers; bytes released."""
+    transformer = getattr(target, "transformer", target)
+    store = getattr(transformer, "_catlab_graphs", None)
+    if store is None:
+        return 0
+    freed = store.release(unused_only)
+    if not unused_only:
+        transformer._catlab_graphs = None
+    return freed
+
+
+def graph_refusal(transformer: nn.Module, policy=None, *, inside_hooks: bool = False, step_cache=None,
+                  count_macs: bool = False) -> str | None:
+    """Why the forward of ``transformer`` under ``policy`` cannot be captured (``None``: it can).
+
+    Captured graphs replay kernels only: anything that must run Python during the forward
+    (a probe layer recording attention, a step cache deciding per call, a reuse rule inside
+    the transformer, a MAC counter, another library's hook) rules them out.
+    """
+    device = next(transformer.parameters()).device
+    if device.type != "cuda" and not _EMULATE:
+        return f"the transformer is on {device.type}; CUDA graphs need a CUDA device"
+    name = getattr(policy, "name", "?")
+    if getattr(policy, "in_step_engine", False):
+        return f"selector '{name}' prunes inside each forward with its own engine"
+    if getattr(policy, "attention_layers", ()):
+        return f"selector '{name}' records attention maps of probe layers inside the forward"
+    if step_cache is not None:
+        return f"step cache '{getattr(step_cache, 'name', type(step_cache).__name__)}' decides per call, in Python"
+    if inside_hooks:
+        return "the reuse rule runs inside the transformer (with a step cache or a K/V rule)"
+    if count_macs:
+        return "sampler.count_macs counts MACs in Python at every module call"
+    foreign = _foreign_hooks(transformer)
+    if foreign:
+        return f"other hooks run Python inside the forward: {', '.join(foreign[:3])}" + (" ..." if len(foreign) > 3 else "")
+    return None
+
+
+def _foreign_hooks(transformer: nn.Module) -> list[str]:
+    found = []
+    for name, module in transformer.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        hooks = set(getattr(registry, "hooks", {}) or {}) - PRUNING_HOOKS
+        if hooks:
+            found.append(f"{name or 'transformer'}: {', '.join(sorted(hooks))}")
+        if module._forward_hooks or module._forward_pre_hooks:
+            found.append(f"{name or 'transformer'}: torch module hooks")
+    return found
+
+
+def log_refusal(reason: str) -> None:
+    """The one line a run prints when it asked for CUDA graphs and runs eagerly."""
+    log.warning("catlab: cuda_graphs=true but running eagerly: %s", reason)
