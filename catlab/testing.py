@@ -14,6 +14,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from catlab.planner import StepKind, StepPlanner
 from catlab.pruning.sync_check import no_host_sync
@@ -86,3 +87,48 @@ def check_policy(policy: Policy, grid: tuple[int, int] = (8, 8), batch_size: int
 
     simulate(policy, grid, num_steps, batch=batch_size, channels=8, device=device, guard=guard)
     return len(pruned) - (1 if skip_first_pruned and pruned else 0)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen operators dispatched while active (each is one or more kernels on a device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        name = str(func.overloadpacket)
+        self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def selection_ops(policy: Policy, grid: tuple[int, int] = (16, 16), num_steps: int = 12, batch: int = 1,
+                  channels: int = 16, seed: int = 0) -> dict[int, dict[str, int]]:
+    """ATen operators each pruned step of ``policy`` dispatches in its selection and observation.
+
+    One synthetic generation as in :func:`simulate`; returns ``{step: {op name: count}}`` for the
+    pruned steps. A selector's per-step work is launch-bound on a GPU at batch 1, so this
+    count, not its FLOPs, is what its wall-clock share follows.
+    """
+    n = grid[0] * grid[1]
+    gen = torch.Generator().manual_seed(seed)
+    planner = StepPlanner(policy)
+    policy.check(num_steps)
+    planner.reset(batch, grid, num_steps, CPU)
+    counts: dict[int, dict[str, int]] = {}
+    for step in range(1, num_steps + 1):
+        plan = planner.plan(step)
+        attention = None
+        if plan.kind is StepKind.PRUNED:
+            attention = {layer: torch.softmax(torch.randn(batch, n, n, generator=gen), -1)
+                         for layer in getattr(policy, "attention_layers", ())} or None
+        output = torch.randn(batch, n, channels, generator=gen)
+        counter = _OpCounter()
+        with counter if plan.kind is StepKind.PRUNED else nullcontext():
+            idx = planner.select(plan, attention)
+            planner.observe(plan, output if plan.kind is not StepKind.SKIP else planner.output, idx)
+        if plan.kind is StepKind.PRUNED:
+            counts[step] = counter.ops
+    return counts

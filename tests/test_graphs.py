@@ -1,0 +1,207 @@
+"""Graphed execution (catlab.pruning.graphs): bookkeeping on a CPU stand-in, and on CUDA where present.
+
+The stand-in (``emulate_on_cpu``) runs the same code as a real capture/replay on the
+same static buffers, so everything but the GPU's own replay is checked here: shape
+keys, buffers kept across generations, reset, re-capture, release, fallbacks, and
+bit-identical images against eager execution.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from catlab import disable_pruning, enable_pruning
+from catlab.pruning import compile_pruned, graphs_of, release_graphs, uncompile
+from catlab.pruning.buffers import BufferAllocationError, BufferPool
+from catlab.pruning.graphs import emulate_on_cpu
+from catlab.registry import selectors
+from catlab.sampler import SamplerConfig, StepReuse, sample
+from catlab.stepcache import stepcaches
+from tests.conftest import tiny_pixart, tiny_sd3
+
+PROMPTS, SEEDS = ["a red circle", "a blue square"], [0, 1]
+SELECTORS = ["full", "cat", "sequential", "random", "budget_schedule"]
+
+
+def _policy(name: str, alpha: float = 0.3):
+    if name == "full":
+        return selectors.build(name)
+    if name == "budget_schedule":  # pattern [1, 0.3, 0, 0]: full, pruned and skipped steps
+        return selectors.build({"name": name, "start_step": 2})
+    return selectors.build({"name": name, "alpha": alpha, "start_step": 2})
+
+
+def _run(adapter, name, graphs: bool, prompts=PROMPTS, seeds=SEEDS, alpha=0.3, **cfg):
+    config = SamplerConfig(num_steps=6, progress=False, cuda_graphs=graphs, **cfg)
+    return sample(adapter, _policy(name, alpha), prompts, seeds, config)
+
+
+@pytest.mark.parametrize("make", [tiny_sd3, tiny_pixart], ids=["sd3", "pixart"])
+@pytest.mark.parametrize("name", SELECTORS)
+def test_graphed_images_equal_eager_bit_for_bit(make, name):
+    adapter = make()
+    eager = _run(adapter, name, graphs=False)
+    with emulate_on_cpu():
+        first, second = _run(adapter, name, graphs=True), _run(adapter, name, graphs=True)
+    assert torch.equal(first.images, eager.images) and torch.equal(second.images, eager.images)
+    assert first.trace.macs == eager.trace.macs
+    store = graphs_of(adapter.transformer)
+    pruned = any(0 < s.kept < first.trace.num_tokens for s in first.trace.steps)
+    assert pruned == (name != "full")
+    assert store.captures == (2 if pruned else 1) == len(store.graphs)  # the second generation captured nothing
+    assert all(g.replays > 0 for g in store.graphs.values()) and not store.refused
+
+
+def test_buffers_are_allocated_once_and_kept_across_generations():
+    adapter = tiny_sd3()
+    with emulate_on_cpu():
+        _run(adapter, "cat", graphs=True)
+        store = graphs_of(adapter.transformer)
+        before = {k: v.data_ptr() for k, v in store.pool._buffers.items()}
+        generation = store.generation
+        _run(adapter, "cat", graphs=True)
+    assert {k: v.data_ptr() for k, v in store.pool._buffers.items()} == before
+    assert store.generation == generation + 1
+    names = {key[0] for key in before}
+    assert "output" in names and "indices" in names and "transformer_blocks.0.attn.keys" in names
+    assert any(name.startswith("argument.") for name in names)  # the static copies of latents, timestep, text
+
+
+def test_a_changed_batch_or_k_captures_another_graph_and_release_frees_the_unused():
+    adapter = tiny_sd3()
+    with emulate_on_cpu():
+        _run(adapter, "random", graphs=True)
+        store = graphs_of(adapter.transformer)
+        assert store.captures == 2
+        one = _run(adapter, "random", graphs=True, prompts=PROMPTS[:1], seeds=SEEDS[:1])  # 2 rows, not 4
+        assert store.captures == 4
+        other_k = _run(adapter, "random", graphs=True, alpha=0.5)  # same rows, another k: only the pruned graph
+        assert store.captures == 5
+        keys = {key[1] for key in store.graphs}
+        assert keys == {None, (4, 19), (2, 19), (4, 32)}  # full steps share a key; (rows, k) for pruned ones
+        assert torch.equal(one.images, _run(adapter, "random", graphs=False, prompts=PROMPTS[:1], seeds=SEEDS[:1]).images)
+        assert torch.equal(other_k.images, _run(adapter, "random", graphs=False, alpha=0.5).images)
+        freed = store.release(unused_only=True)  # the last generation used the 4-row full graph and k = 32
+        assert {key[1] for key in store.graphs} == {None, (4, 32)} and freed > 0
+        assert all(key[1][0] != 2 for key in store.pool.keys() if key[0].endswith(".keys"))
+        assert release_graphs(adapter.transformer) > 0 and getattr(adapter.transformer, "_catlab_graphs") is None
+
+
+def test_reset_between_generations_forgets_the_previous_images_state():
+    """A generation after another prompt's gives what it gives alone: the replayed caches were reset by the full steps."""
+    adapter = tiny_pixart()
+    alone = _run(adapter, "cat", graphs=False, prompts=["a green triangle", "a cat"])
+    with emulate_on_cpu():
+        _run(adapter, "cat", graphs=True)
+        after = _run(adapter, "cat", graphs=True, prompts=["a green triangle", "a cat"])
+    assert torch.equal(after.images, alone.images)
+
+
+def test_fallbacks_say_why_in_one_line_and_run_eagerly(caplog):
+    adapter = tiny_sd3()
+    eager = _run(adapter, "random", graphs=False)
+    with caplog.at_level(logging.WARNING, logger="catlab.graphs"):
+        cpu = _run(adapter, "random", graphs=True)  # no emulation: a CPU cannot capture
+    assert torch.equal(cpu.images, eager.images)
+    assert "cuda_graphs=true but running eagerly: the transformer is on cpu" in caplog.text
+    assert getattr(adapter.transformer, "_catlab_graphs", None) is None
+    cases = [
+        (dict(count_macs=True), "random", None, "count_macs"),
+        ({}, {"name": "atedm_reuse", "alpha": 0.3, "start_step": 2, "attention_layers": [1]}, None, "probe layers"),
+        ({}, {"name": "atedm", "alpha": 0.3, "start_step": 2}, None, "prunes inside each forward"),
+        ({}, "full", StepReuse(step_cache=stepcaches.build({"name": "taylorseer", "start_step": 2})), "step cache"),
+    ]
+    for cfg, name, reuse, words in cases:
+        caplog.clear()
+        policy = selectors.build(name) if isinstance(name, dict) else _policy(name)
+        with emulate_on_cpu(), caplog.at_level(logging.WARNING, logger="catlab.graphs"):
+            sample(adapter, policy, PROMPTS, SEEDS, SamplerConfig(num_steps=6, progress=False, cuda_graphs=True, **cfg), reuse)
+        lines = [r.getMessage() for r in caplog.records if "running eagerly" in r.getMessage()]
+        assert len(lines) == 1 and words in lines[0], caplog.text
+
+
+def test_a_host_read_inside_the_forward_fails_the_capture_and_leaves_that_shape_eager(caplog, monkeypatch):
+    adapter = tiny_sd3()
+    eager = _run(adapter, "sequential", graphs=False)
+    block = adapter.transformer.transformer_blocks[1]
+    original = block.forward
+
+    def reads_a_value(*args, **kwargs):
+        out = original(*args, **kwargs)
+        if out[1].shape[1] < 64:  # pruned steps only; shapes are fine, values are not
+            float(out[1].abs().max())
+        return out
+
+    monkeypatch.setattr(block, "forward", reads_a_value)
+    with emulate_on_cpu(), caplog.at_level(logging.WARNING, logger="catlab.graphs"):
+        got = _run(adapter, "sequential", graphs=True)
+    store = graphs_of(adapter.transformer)
+    assert torch.equal(got.images, eager.images)
+    assert len(store.graphs) == 1 and len(store.refused) == 1  # the full step captured, the pruned one eager
+    assert "capture failed for a pruned step of k=19" in caplog.text and "float(tensor)" in caplog.text
+
+
+def test_a_frozen_pool_refuses_new_buffers_but_hands_out_existing_ones():
+    pool = BufferPool()
+    a = pool.get("x", (2, 3), torch.float32, "cpu")
+    pool.frozen = "while testing"
+    assert pool.get("x", (2, 3), torch.float32, "cpu") is a
+    with pytest.raises(BufferAllocationError, match="'x' \\(3, 3\\) first requested while testing"):
+        pool.get("x", (3, 3), torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("name", SELECTORS)
+def test_stock_pipeline_graphed_equals_eager(name):
+    from tests.test_diffusers_hooks import _sd3
+
+    pipe, call = _sd3()
+    enable_pruning(pipe, _policy(name))
+    eager = call()
+    disable_pruning(pipe)
+    with emulate_on_cpu():
+        enable_pruning(pipe, _policy(name), cuda_graphs=True)
+        first, second = call(), call()
+        store = pipe.transformer._catlab_graphs
+        assert store.captures == len(store.graphs) >= 1 and store.generation == 2
+        disable_pruning(pipe)
+    assert torch.equal(first, eager) and torch.equal(second, eager)
+    assert getattr(pipe.transformer, "_catlab_graphs", None) is None  # disable_pruning frees them
+
+
+def test_compiled_blocks_are_another_key_and_replay_equal():
+    from tests.test_compile import count_graphs
+
+    adapter = tiny_sd3()
+    eager = _run(adapter, "cat", graphs=False)
+    with emulate_on_cpu():
+        _run(adapter, "cat", graphs=True)
+        backend, _ = count_graphs("aot_eager")
+        compile_pruned(adapter, backend=backend)
+        try:
+            first, second = _run(adapter, "cat", graphs=True), _run(adapter, "cat", graphs=True)
+        finally:
+            uncompile(adapter)
+    store = graphs_of(adapter.transformer)
+    assert store.captures == 4 and {key[2] for key in store.graphs} == {False, True}
+    torch.testing.assert_close(first.images, eager.images, atol=1e-5, rtol=0)
+    torch.testing.assert_close(second.images, eager.images, atol=1e-5, rtol=0)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("name", sorted(set(selectors.names()) - {"cat_reference"}))
+def test_cuda_capture_and_replay_equal_eager_for_every_selector(name, caplog):
+    adapter = tiny_sd3(device="cuda", dtype="float16")
+    spec = {"name": name, "alpha": 0.3, "start_step": 2, **({"attention_layers": [1]} if name == "atedm_reuse" else {})}
+    policy = lambda: _policy(name) if name in SELECTORS else selectors.build(spec)  # noqa: E731
+    config = lambda graphs: SamplerConfig(num_steps=6, progress=False, cuda_graphs=graphs)  # noqa: E731
+    eager = sample(adapter, policy(), PROMPTS, SEEDS, config(False)).images
+    with caplog.at_level(logging.WARNING, logger="catlab.graphs"):
+        graphed = [sample(adapter, policy(), PROMPTS, SEEDS, config(True)).images for _ in range(2)]
+    assert "capture failed" not in caplog.text
+    for images in graphed:
+        torch.testing.assert_close(images, eager, atol=2e-3, rtol=0)
