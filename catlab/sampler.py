@@ -194,7 +194,7 @@ class _Run:
             if reason is None:
                 self.graphs = graphs_of(adapter.transformer)
             else:
-                log_refusal(reason)
+                log_refusal(reason, adapter.transformer)
         # the pruner: its MAC formula always; its hooks unless pruning in-step; with graphs, their buffers
         self.pruner = TokenPruner(adapter.transformer, pool=self.graphs.pool if self.graphs is not None else None)
         if not getattr(policy, "in_step_engine", False):

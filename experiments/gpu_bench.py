@@ -1,34 +1,45 @@
-"""Wall-clock speed-up of CAT Pruning at SD3-medium and PixArt-Σ scale, against the MACs ratio.
+"""Wall-clock speed-ups of token pruning and step caching at SD3-medium and PixArt-Σ scale, against their MACs ratios.
 
 Builds each transformer from its published config with random weights (cost does
 not depend on the weights; nothing is downloaded), feeds random prompt embeddings
-of the right shapes, and times ``catlab.sampler.sample`` for the full model and
-for the pruning policy (CAT at α = 0.3, t0 = 8; ``random`` if ``cat`` is not
-registered) at each step count, batch 1 with classifier-free guidance. Each pair
-runs in the same process, interleaved, after a warm-up; the time of a generation
-is the fastest of ``--repeats`` (device-synchronised at the end of the loop).
-``--compile`` adds the same pairs with the blocks compiled by ``compile_pruned``.
-``--peers`` adds, per model and step count, cache-dit's DBCache (``cachedit_dbcache``:
-F1B0, ``--peer-threshold``, the same warm-up t0) against the full model, eager, timed
-the same way (skipped, with the reason printed, when cache-dit is not installed:
-``pip install "catlab[peers]"``). With random weights the steps DBCache reuses are
-not those of a trained model: read its row as speed-up per MACs saved (its MACs are
-counted as they run), not as the MACs a real model would save.
+of the right shapes, and times ``catlab.sampler.sample`` for the full model and,
+interleaved with it in the same process, for each strategy:
 
-    python experiments/gpu_bench.py                          # SD3-medium and PixArt-Σ shapes, fp16, CUDA
-    python experiments/gpu_bench.py --compile                # ... also compiled
+* ``cat`` — CAT Pruning, α = ``--alpha``, t0 = ``--start-step``;
+* ``sequential`` — the rolling window at the same α;
+* ``taylorseer`` — diffusers' TaylorSeer (full steps every 3rd step, forecasts between);
+* ``schedule`` — catlab's ``budget_schedule`` pattern [1, 0, 0] with ``reuse=taylor``
+  (the same MACs as TaylorSeer: steps that skip the transformer).
+
+in each mode: ``eager``; ``compiled`` (``--compile``: the blocks compiled by
+``compile_pruned``); ``graphed`` (``--graphs``: ``sampler.cuda_graphs=true``, each
+forward replayed from a CUDA graph); ``compiled+graphed`` (both flags: inductor
+kernels captured in the graphs). A strategy that cannot be graphed (TaylorSeer's
+hooks run Python in the forward) is left out of the graphed modes, said once.
+Batch 1 with classifier-free guidance; ``--batch 1,4`` adds 4 prompts per batch
+(full against ``cat`` only, at the first of ``--steps``). The time of a generation
+is the fastest of ``--repeats`` (device-synchronised at the end of the loop); the
+selection share comes from one extra run with ``sync_timing=True``.
+``--peers`` adds cache-dit's DBCache (``cachedit_dbcache``, F1B0, ``--peer-threshold``)
+against the full model, eager (skipped, with the reason printed, when cache-dit is not
+installed: ``pip install "catlab[peers]"``). With random weights the steps DBCache
+reuses are not those of a trained model: read its row as speed-up per MACs saved.
+
+    python experiments/gpu_bench.py --graphs                 # SD3-medium and PixArt-Σ, fp16, CUDA: eager and graphed
+    python experiments/gpu_bench.py --graphs --compile       # ... and compiled, and compiled inside the graphs
     python experiments/gpu_bench.py --device cpu --tiny      # small shapes: a smoke test on any CPU
     python experiments/gpu_bench.py --peers                  # ... and cache-dit's DBCache beside them
-    python experiments/gpu_bench.py --device cpu --hidden 384 --tokens 1024 --models sd3 --steps 28
+    python experiments/gpu_bench.py --device cpu --hidden 384 --tokens 1024 --models sd3 --steps 28 --strategies cat
 
 The last line is a compute-bound configuration for a CPU: an SD3-architecture
 transformer (``--layers`` blocks, 64-dim heads) with ``--hidden`` width and
-``--tokens`` image tokens.
+``--tokens`` image tokens. ``--json PATH`` also writes the rows.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +48,9 @@ from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteSchedu
                        SD3Transformer2DModel)
 
 from catlab.models.base import Conditioning, ModelAdapter
-from catlab.pruning import compile_pruned, uncompile
+from catlab.pruning import compile_pruned, release_graphs, uncompile
 from catlab.registry import selectors
+from catlab.reuse import reuses
 from catlab.sampler import SamplerConfig, StepReuse, Trace, sample
 from catlab.stepcache import stepcaches
 
@@ -123,60 +135,106 @@ def build(name: str, args) -> RandomPromptAdapter:
     return adapter
 
 
-def pruning_policy(args):
-    name = "cat" if "cat" in selectors.names() else "random"
-    return name, lambda: selectors.build({"name": name, "alpha": args.alpha, "start_step": args.start_step})
+#: strategy → (policy spec, what stands in for skipped work); ``args`` fills α and t0
+STRATEGIES = {
+    "cat": lambda a: ({"name": "cat", "alpha": a.alpha, "start_step": a.start_step}, None),
+    "sequential": lambda a: ({"name": "sequential", "alpha": a.alpha, "start_step": a.start_step}, None),
+    "taylorseer": lambda a: ("full", {"step_cache": {"name": "taylorseer", "cache_interval": 3, "start_step": a.start_step}}),
+    "schedule": lambda a: ({"name": "budget_schedule", "pattern": [1, 0, 0], "start_step": a.start_step},
+                           {"rule": {"name": "taylor"}}),
+}
+#: strategies whose forward runs Python per call: no graphed rows
+NOT_GRAPHED = {"taylorseer": "diffusers' TaylorSeer hooks decide per call, in Python"}
 
 
-def timed(adapter, make_policies, steps: int, repeats: int, reuses: list | None = None) -> list[tuple[float, Trace]]:
-    """For each policy: (seconds of one generation, a trace); policies interleaved so drift hits all alike.
+def strategy(name: str, args):
+    """A factory of fresh (policy, StepReuse | None) pairs for one strategy (or ``full``)."""
+    if name == "full":
+        return lambda: (selectors.build("full"), None)
+    spec, reuse = STRATEGIES[name](args)
+
+    def make():
+        parts = None
+        if reuse is not None:
+            parts = StepReuse(rule=reuses.build(reuse["rule"]) if "rule" in reuse else None,
+                              step_cache=stepcaches.build(reuse["step_cache"]) if "step_cache" in reuse else None)
+        return selectors.build(spec), parts
+    return make
+
+
+def timed(adapter, makes, steps: int, repeats: int, batch: int = 1, graphs: bool = False) -> list[tuple[float, Trace]]:
+    """For each factory: (seconds of one generation, a trace); interleaved so drift hits all alike.
 
     On an accelerator the seconds are the fastest generation (synchronised at the end
     of the loop). On a CPU, which other processes may share, they are the sum over
     steps of each step's fastest time: a burst of contention then spoils one step of
-    one repeat, not a whole generation. ``reuses[i]`` (a :class:`StepReuse`, e.g. a step
-    cache) goes with policy ``i``.
+    one repeat, not a whole generation.
     """
-    cfg = SamplerConfig(num_steps=steps, guidance_scale=4.5, progress=False)
-    reuses = reuses or [None] * len(make_policies)
-    traces: list[list[Trace]] = [[] for _ in make_policies]
+    cfg = SamplerConfig(num_steps=steps, guidance_scale=4.5, progress=False, cuda_graphs=graphs)
+    prompts, seeds = ["a prompt"] * batch, list(range(batch))
+    traces: list[list[Trace]] = [[] for _ in makes]
     for _ in range(repeats):
-        for i, make in enumerate(make_policies):
-            traces[i].append(sample(adapter, make(), ["a prompt"], [0], cfg, reuses[i]).trace)
+        for i, make in enumerate(makes):
+            policy, parts = make()
+            traces[i].append(sample(adapter, policy, prompts, seeds, cfg, parts).trace)
     if adapter.torch_device.type != "cpu":
         return [min(((t.seconds, t) for t in ts), key=lambda x: x[0]) for ts in traces]
     return [(sum(min(t.steps[j].seconds for t in ts) for j in range(steps)), ts[0]) for ts in traces]
 
 
-def selection_share(adapter, make_policy, steps: int, trace: Trace) -> float:
+def selection_share(adapter, make, steps: int, trace: Trace, batch: int = 1, graphs: bool = False) -> float:
     """Share of a generation's time spent selecting; on an accelerator from one extra synchronised run."""
     if adapter.torch_device.type != "cpu":
-        trace = sample(adapter, make_policy(), ["a prompt"], [0],
-                       SamplerConfig(num_steps=steps, guidance_scale=4.5, progress=False, sync_timing=True)).trace
+        policy, parts = make()
+        cfg = SamplerConfig(num_steps=steps, guidance_scale=4.5, progress=False, sync_timing=True, cuda_graphs=graphs)
+        trace = sample(adapter, policy, ["a prompt"] * batch, list(range(batch)), cfg, parts).trace
     return trace.selection_seconds / sum(s.seconds for s in trace.steps)
 
 
-def bench(name: str, args, policy_name: str, make_policy) -> list[dict]:
+def modes(args) -> list[str]:
+    out = ["eager"] + (["compiled"] if args.compile else [])
+    if args.graphs:
+        out += ["graphed"] + (["compiled+graphed"] if args.compile else [])
+    return out
+
+
+def bench(name: str, args) -> list[dict]:
     adapter = build(name, args)
-    make_full = lambda: selectors.build("full")  # noqa: E731
     rows = []
-    for mode in ["eager", "compiled"] if args.compile else ["eager"]:
-        if mode == "compiled":
+    for mode in modes(args):
+        graphs = "graphed" in mode
+        if "compiled" in mode:
             compile_pruned(adapter.transformer, mode=args.compile_mode)
-        warm = SamplerConfig(num_steps=args.start_step + 2, guidance_scale=4.5, progress=False)
-        for make in (make_full, make_policy):  # warm-up: allocator, kernels, both compiled graphs, clustering
-            sample(adapter, make(), ["a prompt"], [0], warm)
-        for steps in args.steps:
-            (full_s, full), (pruned_s, pruned) = timed(adapter, [make_full, make_policy], steps, args.repeats)
-            share = selection_share(adapter, make_policy, steps, pruned)
-            speedup, macs = full_s / pruned_s, full.macs / pruned.macs
-            rows.append(dict(model=name, mode=mode, steps=steps, tokens=full.num_tokens, full_s=full_s,
-                             pruned_s=pruned_s, speedup=speedup, macs_ratio=macs, of_macs=speedup / macs,
-                             selection=share))
-            print(_format(rows[-1], policy_name), flush=True)
+        else:
+            uncompile(adapter.transformer)
+        for batch in args.batch:
+            names = [s for s in args.strategies if not (graphs and s in NOT_GRAPHED)]
+            steps_list = args.steps
+            if batch > 1:  # the wide batch: full against cat, at the first step count
+                names, steps_list = [s for s in names if s == "cat"], args.steps[:1]
+            if not names:
+                continue
+            makes = [strategy("full", args)] + [strategy(s, args) for s in names]
+            warm = SamplerConfig(num_steps=args.start_step + 4, guidance_scale=4.5, progress=False, cuda_graphs=graphs)
+            for make in makes:  # warm-up: allocator, kernels, compiled code, graphs of every shape, clustering
+                policy, parts = make()
+                sample(adapter, policy, ["a prompt"] * batch, list(range(batch)), warm, parts)
+            store = getattr(adapter.transformer, "_catlab_graphs", None)
+            label = mode if not graphs or (store is not None and store.graphs) else mode + " (ran eager)"
+            for steps in steps_list:
+                (full_s, full), *timings = timed(adapter, makes, steps, args.repeats, batch, graphs)
+                for s, make, (pruned_s, trace) in zip(names, makes[1:], timings):
+                    share = selection_share(adapter, make, steps, trace, batch, graphs) if s != "taylorseer" else 0.0
+                    row = dict(model=name, mode=label, batch=batch, steps=steps, strategy=s, tokens=full.num_tokens,
+                               full_s=full_s, pruned_s=pruned_s, speedup=full_s / pruned_s,
+                               macs_ratio=full.macs / trace.macs, selection=share)
+                    row["of_macs"] = row["speedup"] / row["macs_ratio"]
+                    rows.append(row)
+                    print(_format(row), flush=True)
         if mode == "eager" and args.peers:
-            rows += bench_peer(name, args, adapter, make_full)
-        uncompile(adapter.transformer)
+            rows += bench_peer(name, args, adapter, strategy("full", args))
+    uncompile(adapter.transformer)
+    release_graphs(adapter.transformer)
     return rows
 
 
@@ -185,25 +243,40 @@ def bench_peer(name: str, args, adapter, make_full) -> list[dict]:
     cache = stepcaches.build({"name": "cachedit_dbcache", "threshold": args.peer_threshold, "start_step": args.start_step})
     reuse = StepReuse(step_cache=cache)
     label = f"dbcache({args.peer_threshold:g})"
-    sample(adapter, make_full(), ["a prompt"], [0], SamplerConfig(num_steps=args.start_step + 2, guidance_scale=4.5,
-                                                                 progress=False), reuse)  # warm-up
+    make_cached = lambda: (selectors.build("full"), reuse)  # noqa: E731
+    sample(adapter, selectors.build("full"), ["a prompt"], [0],
+           SamplerConfig(num_steps=args.start_step + 2, guidance_scale=4.5, progress=False), reuse)  # warm-up
     rows = []
     for steps in args.steps:
-        (full_s, full), (cached_s, cached) = timed(adapter, [make_full, make_full], steps, args.repeats, [None, reuse])
+        (full_s, full), (cached_s, cached) = timed(adapter, [make_full, make_cached], steps, args.repeats)
         speedup, macs = full_s / cached_s, full.macs / cached.macs
-        rows.append(dict(model=name, mode="cache-dit", steps=steps, tokens=full.num_tokens, full_s=full_s,
-                         pruned_s=cached_s, speedup=speedup, macs_ratio=macs, of_macs=speedup / macs, selection=0.0,
-                         policy=label))
-        print(_format(rows[-1], label), flush=True)
+        rows.append(dict(model=name, mode="eager", batch=1, steps=steps, strategy=label, tokens=full.num_tokens,
+                         full_s=full_s, pruned_s=cached_s, speedup=speedup, macs_ratio=macs, of_macs=speedup / macs,
+                         selection=0.0))
+        print(_format(rows[-1]), flush=True)
     return rows
 
 
-HEADER = "model   mode      steps tokens  full s   {:<8} speed-up  MACs ratio  speed-up/MACs  selection share"
+HEADER = ("model   mode              batch steps tokens strategy          full s  strat. s  speed-up  MACs ratio"
+          "  speed-up/MACs  selection share")
 
 
-def _format(r: dict, policy_name: str) -> str:
-    return (f"{r['model']:<7} {r['mode']:<9} {r['steps']:>5} {r['tokens']:>6} {r['full_s']:>7.3f}  {r['pruned_s']:>7.3f}  "
-            f"{r['speedup']:>7.2f}x  {r['macs_ratio']:>9.2f}x  {100 * r['of_macs']:>12.0f}%  {100 * r['selection']:>14.1f}%")
+def _format(r: dict) -> str:
+    return (f"{r['model']:<7} {r['mode']:<17} {r['batch']:>5} {r['steps']:>5} {r['tokens']:>6} {r['strategy']:<16} "
+            f"{r['full_s']:>7.3f}  {r['pruned_s']:>8.3f}  {r['speedup']:>7.2f}x  {r['macs_ratio']:>9.2f}x  "
+            f"{100 * r['of_macs']:>12.0f}%  {100 * r['selection']:>14.1f}%")
+
+
+def markdown(rows: list[dict]) -> str:
+    """The rows as the table of docs/performance.md."""
+    names = {"sd3": "SD3-medium", "pixart": "PixArt-Σ"}
+    lines = ["| model | mode | batch | steps | strategy | full (s) | strategy (s) | speed-up | MACs ratio | "
+             "speed-up / MACs | selection share |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {names.get(r['model'], r['model'])} | {r['mode']} | {r['batch']} | {r['steps']} | "
+                     f"{r['strategy']} | {r['full_s']:.3f} | {r['pruned_s']:.3f} | {r['speedup']:.2f}× | "
+                     f"{r['macs_ratio']:.2f}× | {100 * r['of_macs']:.0f}% | {100 * r['selection']:.1f}% |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -212,11 +285,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dtype", default=None, help="default: float16 on CUDA, float32 on a CPU")
     parser.add_argument("--models", default="sd3,pixart")
     parser.add_argument("--steps", default="28,50")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), help=f"any of {', '.join(STRATEGIES)}")
+    parser.add_argument("--batch", default="1", help="prompts per batch, e.g. 1,4 (beyond 1: full against cat only)")
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--start-step", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time the blocks compiled by compile_pruned")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    parser.add_argument("--graphs", action="store_true", help="also time each forward replayed from CUDA graphs")
     parser.add_argument("--tiny", action="store_true", help="small shapes (1 block, 64 tokens): a smoke test")
     parser.add_argument("--hidden", type=int, default=0, help="width of a scaled model (multiple of 64)")
     parser.add_argument("--tokens", type=int, default=0, help="image tokens of a scaled model (a square)")
@@ -226,13 +302,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--peers", action="store_true",
                         help='also time cache-dit\'s DBCache against the full model (pip install "catlab[peers]")')
     parser.add_argument("--peer-threshold", type=float, default=0.24, help="cache-dit DBCache residual_diff_threshold")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     diffusers_logging.set_verbosity_error()  # casting random weights to fp16 is intended here
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     args.steps = [int(s) for s in args.steps.split(",")]
+    args.batch = [int(b) for b in args.batch.split(",")]
+    args.strategies = [s for s in args.strategies.split(",") if s]
+    unknown = sorted(set(args.strategies) - set(STRATEGIES))
+    if unknown:
+        parser.error(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    policy_name, make_policy = pruning_policy(args)
     if args.peers:
         from catlab.stepcache.cachedit import INSTALL, available
 
@@ -240,16 +321,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"cache-dit row skipped: cache-dit is not installed ({INSTALL})")
             args.peers = False
 
-    print(f"device {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}), "
-          f"{args.dtype}, {torch.get_num_threads()} CPU threads, batch 1 with CFG; pruning policy: {policy_name} (alpha={args.alpha}, t0={args.start_step})"
-          + ("" if policy_name == "cat" else "  [cat is not registered: random instead]"))
-    print(HEADER.format(policy_name + " s"))
-    if args.peers:
-        print(f"(mode cache-dit: the {policy_name} s column is cache-dit DBCache F1B0, threshold {args.peer_threshold:g}, "
-              f"t0={args.start_step}, against the full model)")
+    gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"device {args.device} ({gpu}), torch {torch.__version__}, {args.dtype}, {torch.get_num_threads()} CPU threads, "
+          f"classifier-free guidance; alpha={args.alpha}, t0={args.start_step}; modes: {', '.join(modes(args))}")
+    skipped = [f"{s} ({why})" for s, why in NOT_GRAPHED.items() if s in args.strategies]
+    if args.graphs and skipped:
+        print(f"not in the graphed modes: {'; '.join(skipped)}")
+    print(HEADER)
     rows = []
     for name in args.models.split(","):
-        rows += bench(name, args, policy_name, make_policy)
+        rows += bench(name, args)
+    print()
+    print(markdown(rows))
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(dict(device=gpu, torch=torch.__version__, argv=argv or sys.argv[1:], rows=rows), f, indent=1)
     return rows
 
 

@@ -1,21 +1,45 @@
-"""The wall-clock benchmark runs end to end at tiny shapes on a CPU."""
+"""The wall-clock benchmark runs end to end at tiny shapes on a CPU, graphed mode on the CPU stand-in."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 
+from catlab.pruning.graphs import emulate_on_cpu
 from tests.conftest import ROOT
 
 
-def test_gpu_bench_tiny_on_cpu(capsys, monkeypatch):
+def _bench(monkeypatch):
     spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "experiments" / "gpu_bench.py")
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "gpu_bench", bench)  # its dataclass looks itself up there
     spec.loader.exec_module(bench)
-    rows = bench.main(["--device", "cpu", "--tiny", "--steps", "12", "--start-step", "8", "--repeats", "1"])
+    return bench
+
+
+def test_gpu_bench_tiny_on_cpu(capsys, monkeypatch, tmp_path):
+    bench = _bench(monkeypatch)
+    out_file = tmp_path / "rows.json"
+    with emulate_on_cpu():
+        rows = bench.main(["--device", "cpu", "--tiny", "--steps", "12", "--start-step", "8", "--repeats", "1",
+                           "--graphs", "--batch", "1,2", "--json", str(out_file)])
     out = capsys.readouterr().out
-    assert "pruning policy:" in out and "speed-up" in out
-    assert [(r["model"], r["steps"]) for r in rows] == [("sd3", 12), ("pixart", 12)]
+    assert "speed-up" in out and "| SD3-medium | graphed | 1 | 12 | cat |" in out
+    assert "not in the graphed modes: taylorseer" in out
+    seen = {(r["model"], r["mode"], r["batch"], r["strategy"]) for r in rows}
+    for model in ("sd3", "pixart"):
+        assert {(model, "eager", 1, s) for s in ("cat", "sequential", "taylorseer", "schedule")} <= seen
+        assert {(model, "graphed", 1, s) for s in ("cat", "sequential", "schedule")} <= seen
+        assert (model, "graphed", 1, "taylorseer") not in seen
+        assert {(model, "eager", 2, "cat"), (model, "graphed", 2, "cat")} <= seen
     for r in rows:
         assert r["full_s"] > 0 and r["pruned_s"] > 0 and 0 <= r["selection"] < 1
-        assert 1.1 < r["macs_ratio"] < 2.5  # 4 of 12 steps prune; fixed costs are large at tiny shapes
+        assert 1.1 < r["macs_ratio"] < 2.5  # 4 of 12 steps prune or skip; fixed costs are large at tiny shapes
+    assert json.loads(out_file.read_text())["rows"] == json.loads(json.dumps(rows))
+
+
+def test_gpu_bench_graphed_mode_on_a_cpu_says_it_ran_eager(capsys, monkeypatch):
+    bench = _bench(monkeypatch)
+    rows = bench.main(["--device", "cpu", "--tiny", "--models", "sd3", "--steps", "10", "--start-step", "8",
+                       "--repeats", "1", "--graphs", "--strategies", "cat"])
+    assert [r["mode"] for r in rows] == ["eager", "graphed (ran eager)"]

@@ -98,7 +98,7 @@ class TokenPruningHook(ModelHook):
         """At each generation: still capturable (hooks added since?), else eager from now on, said once."""
         reason = graph_refusal(module, self.policy)
         if reason is not None:
-            log_refusal(reason)
+            log_refusal(reason, module)
             self.graphs = None
             return
         self.graphs.new_generation()
@@ -245,7 +245,7 @@ def enable_pruning(target, policy: Policy, guidance_scale: float | None = None,
         if reason is None:
             graphs = graphs_of(transformer)
         else:
-            log_refusal(reason)
+            log_refusal(reason, transformer)
     pruner = TokenPruner(transformer, pool=graphs.pool if graphs is not None else None).attach()
     pipeline = None if target is transformer else target
     hook = TokenPruningHook(pruner, policy, pipeline, guidance_scale, graphs)

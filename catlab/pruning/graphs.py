@@ -304,6 +304,12 @@ def _foreign_hooks(transformer: nn.Module) -> list[str]:
     return found
 
 
-def log_refusal(reason: str) -> None:
-    """The one line a run prints when it asked for CUDA graphs and runs eagerly."""
+def log_refusal(reason: str, transformer: nn.Module | None = None) -> None:
+    """The one line a run prints when it asked for CUDA graphs and runs eagerly; once per reason and
+    transformer, so a sweep of many generations says it once."""
+    said = getattr(transformer, "_catlab_graph_refusals", None) if transformer is not None else None
+    if said is not None and reason in said:
+        return
+    if transformer is not None:
+        transformer._catlab_graph_refusals = (said or set()) | {reason}
     log.warning("catlab: cuda_graphs=true but running eagerly: %s", reason)
