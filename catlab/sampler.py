@@ -102,6 +102,8 @@ class Trace:
     steps: list[StepRecord] = field(default_factory=list)
     indices: list[torch.Tensor | None] = field(default_factory=list)
     seconds: float = 0.0
+    #: whether the forwards replayed captured CUDA graphs (``sampler.cuda_graphs`` and capturable)
+    graphed: bool = False
 
     @property
     def macs(self) -> int:
@@ -231,7 +233,8 @@ class _Run:
         if self.graphs is not None:
             self.graphs.new_generation()
         self.start = time.perf_counter()
-        return Trace(num_tokens=self.cost.n, grid=grid, batch_size=batch, full_step_macs=self.cost.full())
+        return Trace(num_tokens=self.cost.n, grid=grid, batch_size=batch, full_step_macs=self.cost.full(),
+                     graphed=self.graphs is not None)
 
     def finish(self, trace: Trace, latents: torch.Tensor) -> SampleResult:
         _sync(self.adapter.torch_device)

@@ -16,8 +16,8 @@ in each mode: ``eager``; ``compiled`` (``--compile``: the blocks compiled by
 forward replayed from a CUDA graph); ``compiled+graphed`` (both flags: inductor
 kernels captured in the graphs). A strategy that cannot be graphed (TaylorSeer's
 hooks run Python in the forward) is left out of the graphed modes, said once.
-Batch 1 with classifier-free guidance; ``--batch 1,4`` adds 4 prompts per batch
-(full against ``cat`` only, at the first of ``--steps``). The time of a generation
+Batch 1 with classifier-free guidance, and on CUDA 4 prompts per batch too
+(``--batch``; beyond 1 prompt only full against ``cat``, at the first of ``--steps``). The time of a generation
 is the fastest of ``--repeats`` (device-synchronised at the end of the loop); the
 selection share comes from one extra run with ``sync_timing=True``.
 ``--peers`` adds cache-dit's DBCache (``cachedit_dbcache``, F1B0, ``--peer-threshold``)
@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--models", default="sd3,pixart")
     parser.add_argument("--steps", default="28,50")
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help=f"any of {', '.join(STRATEGIES)}")
-    parser.add_argument("--batch", default="1", help="prompts per batch, e.g. 1,4 (beyond 1: full against cat only)")
+    parser.add_argument("--batch", default=None,
+                        help="prompts per batch, e.g. 1,4 (beyond 1: full against cat only); default 1,4 on CUDA, 1 on a CPU")
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--start-step", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
@@ -307,7 +308,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     diffusers_logging.set_verbosity_error()  # casting random weights to fp16 is intended here
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     args.steps = [int(s) for s in args.steps.split(",")]
-    args.batch = [int(b) for b in args.batch.split(",")]
+    args.batch = [int(b) for b in (args.batch or ("1,4" if args.device.startswith("cuda") else "1")).split(",")]
     args.strategies = [s for s in args.strategies.split(",") if s]
     unknown = sorted(set(args.strategies) - set(STRATEGIES))
     if unknown:

@@ -46,7 +46,7 @@ def test_graphed_images_equal_eager_bit_for_bit(make, name):
     with emulate_on_cpu():
         first, second = _run(adapter, name, graphs=True), _run(adapter, name, graphs=True)
     assert torch.equal(first.images, eager.images) and torch.equal(second.images, eager.images)
-    assert first.trace.macs == eager.trace.macs
+    assert first.trace.macs == eager.trace.macs and first.trace.graphed and not eager.trace.graphed
     store = graphs_of(adapter.transformer)
     pruned = any(0 < s.kept < first.trace.num_tokens for s in first.trace.steps)
     assert pruned == (name != "full")
@@ -187,6 +187,11 @@ def test_compiled_blocks_are_another_key_and_replay_equal():
     assert store.captures == 4 and {key[2] for key in store.graphs} == {False, True}
     torch.testing.assert_close(first.images, eager.images, atol=1e-5, rtol=0)
     torch.testing.assert_close(second.images, eager.images, atol=1e-5, rtol=0)
+
+
+def test_reduce_overhead_compilation_is_refused_with_the_way_that_works():
+    with pytest.raises(ValueError, match="cuda_graphs=true"):
+        compile_pruned(tiny_sd3(), mode="reduce-overhead")
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

@@ -15,6 +15,12 @@ transformer block, in place, as diffusers' regional compilation does:
 A full step (every token) and a pruned step (k tokens) differ in shape and
 branch, so each block kind compiles two graphs, both by the first pruned step of
 the first generation; later steps and generations with the same k reuse them.
+
+Compiled blocks and captured CUDA graphs compose: compile (default mode), then
+run with ``cuda_graphs`` (:mod:`catlab.pruning.graphs`), and the inductor kernels
+are what the graphs replay. ``mode="reduce-overhead"`` (a CUDA graph per compiled
+block) is refused: one compiled graph serves every block of a kind, so each
+block's replay would overwrite the previous block's output.
 """
 from __future__ import annotations
 
@@ -30,6 +36,12 @@ def compile_pruned(target, *, fullgraph: bool = True, dynamic: bool = False, **c
     for pruned steps. Other keyword arguments (``backend``, ``mode``, ``options``)
     go to :func:`torch.compile`. Undo with :func:`uncompile`.
     """
+    if compile_kwargs.get("mode") == "reduce-overhead":
+        raise ValueError(
+            "compile_pruned(mode='reduce-overhead') would capture each block's own CUDA graph, whose outputs the "
+            "next block's replay of the same graph overwrites (one graph serves every block). Compile with the "
+            "default mode and capture the whole forward instead: sampler.cuda_graphs=true, or "
+            "enable_pruning(..., cuda_graphs=True)")
     transformer = getattr(target, "transformer", target)
     for block in transformer.transformer_blocks:
         block.compile(fullgraph=fullgraph, dynamic=dynamic, **compile_kwargs)
