@@ -16,6 +16,12 @@ weights (cost does not depend on the weights):
 
     python experiments/selection_overhead.py
     python experiments/selection_overhead.py --selectors cat,random --sizes tiny --steps 28
+    python experiments/selection_overhead.py --ops          # operators per pruned step, every selector
+
+``--ops`` prints, instead of times, the ATen operators each selector dispatches in a
+pruned step's selection and observation (:func:`catlab.testing.selection_ops`):
+on a GPU at batch 1 each is a kernel launch, and their number, not their FLOPs,
+sets the selection's wall-clock share. ``tests/test_selection_ops.py`` bounds them.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import torch
 from catlab.models.sd3 import TinySD3
 from catlab.registry import selectors
 from catlab.sampler import SamplerConfig, sample
+from catlab.testing import selection_ops
 
 SIZES = {
     "tiny": dict(height=32, width=32, patch=2, num_layers=4, num_heads=4, head_dim=32, text_dim=64, text_tokens=16),
@@ -58,6 +65,23 @@ def measure(adapter, name: str, steps: int, batch: int, repeats: int) -> dict[st
     }
 
 
+def print_ops(names: list[str]) -> None:
+    """Operators per pruned step at 16x16 and 64x64 tokens (the latter SD3-medium's 4096)."""
+    print(f"{'selector':<16}{'first pruned step':>18}{'later steps':>13}{'later, 4096 tokens':>20}   most frequent")
+    for name in names:
+        spec = name if name == "full" else {"name": name, "start_step": 3}
+        if name not in ("full", "budget_schedule"):
+            spec["alpha"] = 0.3
+        rows = []
+        for grid in ((16, 16), (64, 64)):
+            counts = selection_ops(selectors.build(spec), grid=grid, num_steps=12)
+            rows.append([sum(c.values()) for _, c in sorted(counts.items())] or [0, 0])
+        later = selection_ops(selectors.build(spec), grid=(16, 16), num_steps=12)
+        common = sorted(later[max(later)].items(), key=lambda kv: -kv[1])[:3] if later else []
+        print(f"{name:<16}{rows[0][0]:>18}{max(rows[0][1:] or [0]):>13}{max(rows[1][1:] or [0]):>20}   "
+              + ", ".join(f"{op.removeprefix('aten.')} {n}" for op, n in common))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--selectors", default="cat,cat_reference,noise_staleness,atedm_reuse,random")
@@ -67,9 +91,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=1, help="blocks of the sd3_width model")
     parser.add_argument("--repeats", type=int, default=3, help="timed generations; each step keeps its fastest")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    parser.add_argument("--ops", action="store_true", help="count operators per pruned step instead of timing")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.ops:
+        print_ops(sorted(selectors.names()) if args.selectors == parser.get_default("selectors")
+                  else args.selectors.split(","))
+        return
 
     for size in args.sizes.split(","):
         kw = dict(SIZES[size])
