@@ -210,3 +210,18 @@ def test_cuda_capture_and_replay_equal_eager_for_every_selector(name, caplog):
     assert "capture failed" not in caplog.text
     for images in graphed:
         torch.testing.assert_close(images, eager, atol=2e-3, rtol=0)
+
+
+def test_a_table_that_mixes_graphed_and_eager_rows_says_so():
+    from catlab.evaluation.merge import aggregate
+    from catlab.evaluation.report import markdown_table
+
+    record = dict(macs=1.0, selection_macs=0.0, full_macs=2.0, seconds=1.0, denoise_seconds=1.0,
+                  selection_seconds=0.0, metrics={})
+    assert aggregate([dict(record, graphed=True)] * 2)["graphed"]
+    assert not aggregate([dict(record, graphed=True), record])["graphed"]  # records written before the flag: eager
+    rows = [{"method": "full", "macs_per_image": 2e9, "graphed": True},
+            {"method": "taylorseer", "macs_per_image": 1e9, "graphed": False}]
+    table = markdown_table(rows)
+    assert "| taylorseer (eager) |" in table and "| full |" in table and "not like for like" in table
+    assert "(eager)" not in markdown_table([dict(r, graphed=False) for r in rows])

@@ -26,6 +26,7 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, float]:
         "selection_macs_per_image": sum(r["selection_macs"] for r in records) / n,
         "seconds_per_image": seconds / n, "images_per_second": n / seconds,
         "selection_share": sum(r["selection_seconds"] for r in records) / denoise if denoise else 0.0,
+        "graphed": all(r.get("graphed", False) for r in records),
     }
     names = sorted({k for r in records for k in r["metrics"]})
     for name in names:

@@ -34,14 +34,20 @@ def markdown_table(rows: list[dict[str, Any]], title: str = "", notes: list[str]
             *[{"clip_score": "CLIP score", "attribute_accuracy": "Attribute acc."}[c] for c in align],
             "PSNR (dB)", "SSIM", *[{"lpips": "LPIPS", "fid": "FID"}[c] for c in extra]]
     lines = ([f"### {title}", ""] if title else []) + ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    mixed = any(r.get("graphed") for r in rows) and not all(r.get("graphed") for r in rows)
     for r in rows:
         def num(key, fmt):
             return fmt.format(r[key]) if key in r and r[key] is not None else "–"
-        cells = [r["method"], num("alpha", "{:.2f}"), str(r.get("steps", "")), _macs(r["macs_per_image"]),
+        method = r["method"] + (" (eager)" if mixed and not r.get("graphed") else "")
+        cells = [method, num("alpha", "{:.2f}"), str(r.get("steps", "")), _macs(r["macs_per_image"]),
                  num("macs_ratio", "{:.2f}×"), num("seconds_per_image", "{:.3f}"), num("speedup", "{:.2f}×"),
                  num("selection_share", "{:.1%}"), *[num(c, "{:.3f}") for c in align],
                  num("psnr", "{:.2f}"), num("ssim", "{:.4f}"), *[num(c, "{:.4f}" if c == "lpips" else "{:.2f}") for c in extra]]
         lines.append("| " + " | ".join(cells) + " |")
+    if mixed:
+        notes = [*(notes or []), "Rows marked (eager) could not replay CUDA graphs (sampler.cuda_graphs=true; "
+                                  "docs/performance.md says why) while the others did: their speed-ups are not "
+                                  "like for like."]
     for note in notes or []:
         lines += ["", note]
     return "\n".join(lines) + "\n"
