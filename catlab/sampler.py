@@ -231,7 +231,7 @@ class _Run:
         self.cost.rows, self.cost.text, self.cost.n = self.rows, cond.num_text_tokens, grid[0] * grid[1]
         self.reuse.reset(batch, device)
         if self.graphs is not None:
-            self.graphs.new_generation()
+            self.graphs.new_generation(self.adapter.transformer)
         self.start = time.perf_counter()
         return Trace(num_tokens=self.cost.n, grid=grid, batch_size=batch, full_step_macs=self.cost.full(),
                      graphed=self.graphs is not None)

@@ -225,3 +225,17 @@ def test_a_table_that_mixes_graphed_and_eager_rows_says_so():
     table = markdown_table(rows)
     assert "| taylorseer (eager) |" in table and "| full |" in table and "not like for like" in table
     assert "(eager)" not in markdown_table([dict(r, graphed=False) for r in rows])
+
+
+def test_replaced_weights_drop_the_graphs_so_replays_never_run_stale_ones(caplog):
+    adapter = tiny_sd3()
+    with emulate_on_cpu():
+        _run(adapter, "random", graphs=True)
+        store = graphs_of(adapter.transformer)
+        assert store.captures == 2
+        proj = adapter.transformer.proj_out
+        proj.weight = torch.nn.Parameter(proj.weight.detach() * 2)  # a new tensor, as loading other weights does
+        with caplog.at_level(logging.WARNING, logger="catlab.graphs"):
+            got = _run(adapter, "random", graphs=True)
+    assert "re-captured" in caplog.text and store.captures == 4
+    assert torch.equal(got.images, _run(adapter, "random", graphs=False).images)

@@ -101,7 +101,7 @@ class TokenPruningHook(ModelHook):
             log_refusal(reason, module)
             self.graphs = None
             return
-        self.graphs.new_generation()
+        self.graphs.new_generation(module)
 
     def _guidance(self) -> float | None:
         if self.guidance_scale is not None:

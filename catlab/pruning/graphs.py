@@ -136,15 +136,27 @@ class ForwardGraphs:
     refused: dict[tuple, str] = field(default_factory=dict)
     generation: int = 0
     captures: int = 0
+    #: the parameters' identities and addresses when the graphs were captured
+    fingerprint: tuple = ()
 
     def __post_init__(self) -> None:
         self.device = torch.device(self.device)
         self.emulated = self.device.type != "cuda"
         self._mempool = None if self.emulated else torch.cuda.graph_pool_handle()
 
-    def new_generation(self) -> None:
-        """A generation starts: graphs replay on with new values (the pruner's reset forgets the old ones)."""
+    def new_generation(self, transformer: nn.Module | None = None) -> None:
+        """A generation starts: graphs replay on with new values (the pruner's reset forgets the old ones).
+
+        With ``transformer``, its parameters and modules are compared with those the graphs were
+        captured over; if any was replaced (new weights loaded, LoRA layers injected, the model
+        moved) every graph is dropped, since a replay would still run the old ones."""
         self.generation += 1
+        if transformer is not None:
+            fingerprint = _fingerprint(transformer)
+            if self.graphs and fingerprint != self.fingerprint:
+                log.warning("catlab: the transformer's modules or parameters changed; its CUDA graphs are re-captured")
+                self.release()
+            self.fingerprint = fingerprint
 
     # -- the call -----------------------------------------------------------------
     def call(self, pruner, fn: Callable, args: tuple = (), kwargs: dict | None = None, tag: Any = None) -> Any:
@@ -229,6 +241,11 @@ class ForwardGraphs:
         return self.pool.release(keep)
 
 
+def _fingerprint(transformer: nn.Module) -> tuple:
+    params = tuple((id(p), p.data_ptr()) for p in transformer.parameters())
+    return params, sum(1 for _ in transformer.modules())
+
+
 def _hashable(value) -> bool:
     try:
         hash(value)
@@ -301,6 +318,8 @@ def _foreign_hooks(transformer: nn.Module) -> list[str]:
             found.append(f"{name or 'transformer'}: {', '.join(sorted(hooks))}")
         if module._forward_hooks or module._forward_pre_hooks:
             found.append(f"{name or 'transformer'}: torch module hooks")
+        if getattr(module, "_hf_hook", None) is not None:
+            found.append(f"{name or 'transformer'}: accelerate hooks (offloading moves weights between calls)")
     return found
 
 
