@@ -66,23 +66,29 @@ def emulate_on_cpu() -> Iterator[None]:
 
 
 class _CudaBackend:
-    """A real ``torch.cuda.CUDAGraph``; every graph of a store shares one memory pool."""
+    """A real ``torch.cuda.CUDAGraph``; every graph of a store shares one memory pool and one warm-up stream."""
 
-    def __init__(self, mempool):
+    def __init__(self, mempool, stream):
         self.graph = torch.cuda.CUDAGraph()
-        self.mempool = mempool
+        self.mempool, self.stream = mempool, stream
 
     def warm_up(self, fn: Callable[[], Any]) -> Any:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
             out = fn()
-        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.current_stream().wait_stream(self.stream)
         return out
 
     def capture(self, fn: Callable[[], Any]) -> Any:
-        with torch.cuda.graph(self.graph, pool=self.mempool):
-            return fn()
+        # a one-time set-up, not a step: the device synchronisation a capture starts with is expected
+        # even where a caller guards the step against host syncs (sampler.check_sync)
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            with torch.cuda.graph(self.graph, pool=self.mempool):
+                return fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
 
     def replay(self) -> None:
         self.graph.replay()
@@ -92,7 +98,7 @@ class _EmulatedBackend:
     """The CPU stand-in: "capture" runs the forward once with host reads rejected and keeps it;
     "replay" runs it again on the same static buffers and copies the result into the static outputs."""
 
-    def __init__(self, mempool=None):
+    def __init__(self, mempool=None, stream=None):
         self.fn: Callable[[], Any] | None = None
         self.outputs: Any = None
 
@@ -143,6 +149,7 @@ class ForwardGraphs:
         self.device = torch.device(self.device)
         self.emulated = self.device.type != "cuda"
         self._mempool = None if self.emulated else torch.cuda.graph_pool_handle()
+        self._stream = None if self.emulated else torch.cuda.Stream(self.device)
 
     def new_generation(self, transformer: nn.Module | None = None) -> None:
         """A generation starts: graphs replay on with new values (the pruner's reset forgets the old ones).
@@ -210,7 +217,7 @@ class ForwardGraphs:
             call_leaves = [s if s is not None else leaf for s, leaf in zip(statics, leaves)]
             args, kwargs = pytree.tree_unflatten(call_leaves, spec)
             run = lambda: fn(*args, **kwargs)  # noqa: E731
-            backend = (_EmulatedBackend if self.emulated else _CudaBackend)(self._mempool)
+            backend = (_EmulatedBackend if self.emulated else _CudaBackend)(self._mempool, self._stream)
             result = backend.warm_up(run)  # the step's real result; allocates every buffer the forward needs
             result = pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, result)
             state = pruner.state()
