@@ -14,8 +14,9 @@ interleaved with it in the same process, for each strategy:
 in each mode: ``eager``; ``compiled`` (``--compile``: the blocks compiled by
 ``compile_pruned``); ``graphed`` (``--graphs``: ``sampler.cuda_graphs=true``, each
 forward replayed from a CUDA graph); ``compiled+graphed`` (both flags: inductor
-kernels captured in the graphs). A strategy that cannot be graphed (TaylorSeer's
-hooks run Python in the forward) is left out of the graphed modes, said once.
+kernels captured in the graphs). TaylorSeer is left out of the graphed modes (its
+hooks run Python in the forward) and the compiled ones (its hooks inside the blocks
+are excluded from compilation, so the blocks cannot compile whole), said once.
 Batch 1 with classifier-free guidance, and on CUDA 4 prompts per batch too
 (``--batch``; beyond 1 prompt only full against ``cat``, at the first of ``--steps``). The time of a generation
 is the fastest of ``--repeats`` (device-synchronised at the end of the loop); the
@@ -143,8 +144,15 @@ STRATEGIES = {
     "schedule": lambda a: ({"name": "budget_schedule", "pattern": [1, 0, 0], "start_step": a.start_step},
                            {"rule": {"name": "taylor"}}),
 }
-#: strategies whose forward runs Python per call: no graphed rows
-NOT_GRAPHED = {"taylorseer": "diffusers' TaylorSeer hooks decide per call, in Python"}
+#: (strategy, what it cannot run under, why): those rows are left out, said once
+EXCLUDED = [
+    ("taylorseer", "graphed", "its hooks decide per call, in Python: nothing to capture"),
+    ("taylorseer", "compiled", "its hooks inside the blocks are torch.compiler.disable'd: no full-graph blocks"),
+]
+
+
+def excluded(name: str, mode: str) -> bool:
+    return any(s == name and m in mode for s, m, _ in EXCLUDED)
 
 
 def strategy(name: str, args):
@@ -208,7 +216,7 @@ def bench(name: str, args) -> list[dict]:
         else:
             uncompile(adapter.transformer)
         for batch in args.batch:
-            names = [s for s in args.strategies if not (graphs and s in NOT_GRAPHED)]
+            names = [s for s in args.strategies if not excluded(s, mode)]
             steps_list = args.steps
             if batch > 1:  # the wide batch: full against cat, at the first step count
                 names, steps_list = [s for s in names if s == "cat"], args.steps[:1]
@@ -325,9 +333,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"device {args.device} ({gpu}), torch {torch.__version__}, {args.dtype}, {torch.get_num_threads()} CPU threads, "
           f"classifier-free guidance; alpha={args.alpha}, t0={args.start_step}; modes: {', '.join(modes(args))}")
-    skipped = [f"{s} ({why})" for s, why in NOT_GRAPHED.items() if s in args.strategies]
-    if args.graphs and skipped:
-        print(f"not in the graphed modes: {'; '.join(skipped)}")
+    for s, m, why in EXCLUDED:
+        if s in args.strategies and any(m in mode for mode in modes(args)):
+            print(f"not in the {m} modes: {s} ({why})")
     print(HEADER)
     rows = []
     for name in args.models.split(","):
