@@ -57,11 +57,14 @@ class StepPlanner:
 
     It also keeps the latest output in token space, the state a policy selects from.
     ``check_indices`` validates every index tensor (shape, range, uniqueness), at the
-    cost of a host read per pruned step.
+    cost of a host read per pruned step. With ``selection_graphs`` (a
+    :class:`~catlab.pruning.graphs.SelectionGraphs`), a policy that splits its selection
+    (``prepare_step`` / ``select_tensors``) has the tensor part replayed from CUDA graphs.
     """
 
-    def __init__(self, policy: Policy, step_cache=None, check_indices: bool = False):
+    def __init__(self, policy: Policy, step_cache=None, check_indices: bool = False, selection_graphs=None):
         self.policy, self.step_cache, self.check_indices = policy, step_cache, check_indices
+        self.selection_graphs = selection_graphs
         self.batch_size, self.grid, self.num_steps = 0, (0, 0), 0
         self.device = torch.device("cpu")
         self.output: torch.Tensor | None = None
@@ -77,6 +80,8 @@ class StepPlanner:
         self.device = torch.device(device)
         self.output, self.state = None, None
         self.policy.reset(batch_size, self.grid, num_steps, self.device)
+        if self.selection_graphs is not None:  # the policy's state tensors are new: so must the graphs be
+            self.selection_graphs.reset()
 
     def plan(self, step: int) -> StepPlan:
         """The plan of ``step`` (1-based)."""
@@ -97,7 +102,10 @@ class StepPlanner:
             return None
         self.state = StepState(step=plan.step, num_steps=self.num_steps, grid=self.grid, batch_size=self.batch_size,
                                k=plan.kept, output=self.output, attention=attention, device=self.device)
-        indices = select_indices(self.policy, self.state)
+        if self.selection_graphs is not None and hasattr(self.policy, "prepare_step"):
+            indices = self.selection_graphs.select(self.policy, self.state)
+        else:
+            indices = select_indices(self.policy, self.state)
         if self.check_indices:
             check_indices(indices, self.batch_size, plan.kept, self.num_tokens, self.policy.name)
         return indices

@@ -21,7 +21,7 @@ from catlab.models.base import ModelAdapter
 from catlab.planner import StepKind, StepPlan, StepPlanner
 from catlab.pruning.engine import TokenPruner
 from catlab.pruning.families import patchify
-from catlab.pruning.graphs import graph_refusal, graphs_of, log_refusal
+from catlab.pruning.graphs import SelectionGraphs, graph_refusal, graphs_of, log_refusal
 from catlab.pruning.sync_check import no_host_sync
 from catlab.reuse.base import Reuse, unpatchify
 from catlab.reuse.hook import ReuseHook
@@ -187,7 +187,6 @@ class _Run:
     def __init__(self, adapter: ModelAdapter, policy: Policy, cfg: SamplerConfig, parts: StepReuse, stack):
         self.adapter, self.policy, self.cfg, self.parts = adapter, policy, cfg, parts
         self.guided = cfg.guidance_scale > 1.0
-        self.planner = StepPlanner(policy, parts.step_cache, check_indices=cfg.check_indices)
         inside = parts.rule is not None and (parts.step_cache is not None or parts.kv is not None)
         self.graphs = None
         if cfg.cuda_graphs:
@@ -197,6 +196,8 @@ class _Run:
                 self.graphs = graphs_of(adapter.transformer)
             else:
                 log_refusal(reason, adapter.transformer)
+        selection = SelectionGraphs(adapter.torch_device) if self.graphs is not None else None
+        self.planner = StepPlanner(policy, parts.step_cache, check_indices=cfg.check_indices, selection_graphs=selection)
         # the pruner: its MAC formula always; its hooks unless pruning in-step; with graphs, their buffers
         self.pruner = TokenPruner(adapter.transformer, pool=self.graphs.pool if self.graphs is not None else None)
         if not getattr(policy, "in_step_engine", False):

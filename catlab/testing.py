@@ -17,6 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from catlab.planner import StepKind, StepPlanner
+from catlab.pruning.graphs import SelectionGraphs, replaying
 from catlab.pruning.sync_check import no_host_sync
 from catlab.selection.base import Policy, StepState
 
@@ -98,6 +99,8 @@ class _OpCounter(TorchDispatchMode):
         self.ops: dict[str, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if replaying():  # the CPU stand-in re-running a captured graph: on a GPU, one launch and no operator
+            return func(*args, **(kwargs or {}))
         self.count += 1
         name = str(func.overloadpacket)
         self.ops[name] = self.ops.get(name, 0) + 1
@@ -105,16 +108,17 @@ class _OpCounter(TorchDispatchMode):
 
 
 def selection_ops(policy: Policy, grid: tuple[int, int] = (16, 16), num_steps: int = 12, batch: int = 1,
-                  channels: int = 16, seed: int = 0) -> dict[int, dict[str, int]]:
-    """ATen operators each pruned step of ``policy`` dispatches in its selection and observation.
+                  channels: int = 16, seed: int = 0, graphed: bool = False) -> dict[int, dict[str, int]]:
+    """ATen operators each pruned step of ``policy`` dispatches from the host in its selection and observation.
 
     One synthetic generation as in :func:`simulate`; returns ``{step: {op name: count}}`` for the
     pruned steps. A selector's per-step work is launch-bound on a GPU at batch 1, so this
-    count, not its FLOPs, is what its wall-clock share follows.
+    count, not its FLOPs, is what its wall-clock share follows. ``graphed``: with the selection
+    replayed from graphs where the policy allows it (the CPU stand-in; a replay counts nothing).
     """
     n = grid[0] * grid[1]
     gen = torch.Generator().manual_seed(seed)
-    planner = StepPlanner(policy)
+    planner = StepPlanner(policy, selection_graphs=SelectionGraphs(CPU) if graphed else None)
     policy.check(num_steps)
     planner.reset(batch, grid, num_steps, CPU)
     counts: dict[int, dict[str, int]] = {}

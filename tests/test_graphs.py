@@ -239,3 +239,76 @@ def test_replaced_weights_drop_the_graphs_so_replays_never_run_stale_ones(caplog
             got = _run(adapter, "random", graphs=True)
     assert "re-captured" in caplog.text and store.captures == 4
     assert torch.equal(got.images, _run(adapter, "random", graphs=False).images)
+
+
+def _drive(policy, selection_graphs, steps=14, batch=2, grid=(16, 16)):
+    """One synthetic generation through the planner (cat sees the stacked guidance branches)."""
+    from catlab.planner import StepPlanner
+
+    planner = StepPlanner(policy, selection_graphs=selection_graphs)
+    planner.reset(batch, grid, steps, "cpu")
+    gen, chosen = torch.Generator().manual_seed(0), []
+    for step in range(1, steps + 1):
+        plan = planner.plan(step)
+        idx = planner.select(plan)
+        planner.observe(plan, torch.randn(2 * batch, grid[0] * grid[1], 8, generator=gen), idx)
+        chosen.append(idx)
+    return chosen
+
+
+def test_cat_selection_replayed_from_a_graph_chooses_what_eager_chooses():
+    from catlab.pruning.graphs import SelectionGraphs
+
+    eager = _drive(_policy("cat"), None)
+    graphs = SelectionGraphs("cpu")
+    for generation in range(2):  # a new generation re-captures: cat's state tensors are made anew
+        got = _drive(_policy("cat"), graphs)
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(got, eager))
+        # pruned steps 3..14: the 1st clusters (host), the 2nd and 3rd take a path once each and run
+        # eagerly, the 4th captures the steady path, the 5th to 12th replay it
+        assert graphs.captures == 1 and graphs.replays == 8  # counted per generation
+
+
+def test_a_graphed_cat_step_dispatches_a_handful_of_operators():
+    from catlab.testing import selection_ops
+
+    counts = selection_ops(_policy("cat"), grid=(16, 16), num_steps=14, graphed=True)
+    steady = [sum(ops.values()) for step, ops in counts.items() if step >= 8]
+    assert steady and max(steady) <= 8, counts  # copy the output in, clone the indices out, observe's update
+
+
+def test_a_select_tensors_that_rebinds_state_is_not_captured(caplog):
+    from catlab.pruning.graphs import SelectionGraphs
+    from catlab.selection.base import Policy
+
+    class Rebinding(Policy):
+        def reset(self, batch_size, grid, num_steps, device):
+            self.total = torch.zeros(batch_size, grid[0] * grid[1])
+
+        def prepare_step(self, state):
+            return "always"
+
+        def select_tensors(self, state):
+            self.total = self.total + state.output[-state.batch_size:].norm(dim=-1)  # a new tensor: not replayable
+            return self.total.topk(state.k, dim=1).indices
+
+        def select(self, state):
+            self.prepare_step(state)
+            return self.select_tensors(state)
+
+    graphs = SelectionGraphs("cpu")
+    with caplog.at_level(logging.WARNING, logger="catlab.graphs"):
+        got = _drive(Rebinding(alpha=0.3, start_step=2), graphs)
+    eager = _drive(Rebinding(alpha=0.3, start_step=2), None)
+    assert all(torch.equal(a, b) for a, b in zip(got[2:], eager[2:]))  # eager, and right
+    assert graphs.captures == 0 and "select_tensors rebinds total" in caplog.text
+
+
+def test_graphed_cat_over_more_steps_replays_the_selection_and_equals_eager():
+    adapter = tiny_sd3()
+    cfg = dict(num_steps=12, progress=False)
+    eager = sample(adapter, _policy("cat"), PROMPTS, SEEDS, SamplerConfig(**cfg))
+    with emulate_on_cpu():
+        graphed = sample(adapter, _policy("cat"), PROMPTS, SEEDS, SamplerConfig(cuda_graphs=True, **cfg))
+    assert torch.equal(graphed.images, eager.images)
+    assert all(torch.equal(a, b) for a, b in zip(graphed.trace.indices[2:], eager.trace.indices[2:]))

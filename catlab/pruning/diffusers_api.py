@@ -40,7 +40,7 @@ from torch import nn
 
 from catlab.pruning.engine import TokenPruner
 from catlab.pruning.families import patchify
-from catlab.pruning.graphs import ForwardGraphs, graph_refusal, graphs_of, log_refusal, release_graphs
+from catlab.pruning.graphs import ForwardGraphs, SelectionGraphs, graph_refusal, graphs_of, log_refusal, release_graphs
 from catlab.planner import StepKind, StepPlan, StepPlanner
 from catlab.selection.base import Policy
 
@@ -67,7 +67,8 @@ class TokenPruningHook(ModelHook):
         self.pruner, self.policy, self.pipeline, self.guidance_scale = pruner, policy, pipeline, guidance_scale
         #: where the computed calls replay from (``None``: eager)
         self.graphs = graphs
-        self.planner = StepPlanner(policy)
+        selection = SelectionGraphs(graphs.device) if graphs is not None else None
+        self.planner = StepPlanner(policy, selection_graphs=selection)
         self.step = 0
         self.plan: StepPlan | None = None
         #: the latest computed call's output, returned again at a step that computes no token
@@ -99,7 +100,7 @@ class TokenPruningHook(ModelHook):
         reason = graph_refusal(module, self.policy)
         if reason is not None:
             log_refusal(reason, module)
-            self.graphs = None
+            self.graphs = self.planner.selection_graphs = None
             return
         self.graphs.new_generation(module)
 

@@ -103,6 +103,19 @@ class Policy:
     def select(self, state: StepState) -> torch.Tensor:
         raise NotImplementedError
 
+    # A selector may also split :meth:`select` in two, so that with ``cuda_graphs`` its per-step
+    # tensor work is captured once and replayed (catlab.pruning.graphs.SelectionGraphs):
+    #
+    #   prepare_step(state) -> Hashable | None   host-side bookkeeping (counters, once-per-generation
+    #                                            set-up); returns a key naming the code path
+    #                                            select_tensors will take, None when it cannot be
+    #                                            replayed this step
+    #   select_tensors(state) -> Tensor           tensor operations only: reads state, rebinds no tensor
+    #                                            attribute (writes outputs for observe in place), and
+    #                                            changes nothing the next call reads
+    #
+    # with select(state) = prepare_step(state), then select_tensors(state). ``cat`` does.
+
     def observe(self, step: int, output: torch.Tensor, indices: torch.Tensor | None) -> None:
         """See the model output ``(B, N, C)`` of ``step`` and the indices used (``None``: all)."""
 

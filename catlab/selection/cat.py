@@ -31,6 +31,7 @@ clusters are made once, with one read of their count.
 """
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -119,23 +120,42 @@ class Cat(Policy):
         return self._macs
 
     def select(self, state: StepState) -> torch.Tensor:
+        self.prepare_step(state)
+        return self.select_tensors(state)
+
+    def prepare_step(self, state: StepState) -> Hashable | None:
+        """The step's host-side part: counters, the clusters at the first pruned step (on the host, once),
+        the output buffer. Returns which code path :meth:`select_tensors` takes, for a captured graph of it;
+        ``None`` at the first pruned step and with random ties (a seeded draw per step cannot be replayed)."""
+        b, n = state.batch_size, state.num_tokens
+        channels = state.output.shape[-1] if state.output is not None else 1
+        self._macs = 2 * b * n * channels  # norms and the pooling
+        self.pruned_steps += 1
+        self._selected_step = state.step
+        self._first = self.labels is None
+        if self._first:
+            self._make_clusters(state)
+        self._unioned = not self._first and self.pruned_steps >= int(self.stale_from)
+        if self.counted is None or tuple(self.counted.shape) != (b, n) or self.counted.device != state.device:
+            self.counted = torch.zeros(b, n, dtype=torch.bool, device=state.device)
+        if self._first or self.staleness.ties != "index":
+            return None
+        return ("cat", self._unioned)
+
+    def select_tensors(self, state: StepState) -> torch.Tensor:
+        """The step's device part: tensor operations only, state read but not rebound (:attr:`counted` is
+        written in place), so a CUDA graph of it replays correctly."""
         b, n, k = state.batch_size, state.num_tokens, state.k
         noise = conditional_rows(self.scorer.features(state.output, (b, n), state.device), b, "cat")
         norms = noise.norm(dim=-1)
-        self._macs = 2 * noise.numel()  # norms and the pooling
-        self.pruned_steps += 1
-        first = self.labels is None
-        if first:
-            self._make_clusters(state)
         stale = self.staleness.order()
-        if first:
+        if self._first:
             counted = self._cluster_part(noise, norms, stale, k, first=True)
         else:
             part = self._cluster_part(noise, norms, stale, k, first=False)
             stalest = torch.zeros_like(part).scatter_(1, stale[:, : int(k * (1 - self.cluster_share))], True)
             counted = part | stalest
-        self.counted = counted
-        self._selected_step = state.step
+        self.counted.copy_(counted)
         return first_k_unchosen(stale, counted, k)
 
     def _make_clusters(self, state: StepState) -> None:
@@ -184,7 +204,7 @@ class Cat(Policy):
         by_noise = position_in_cluster(norms, descending=True)
         quota = self._quotas(sizes, k, first)
         picked = by_noise < quota.gather(1, rank)
-        unioned = not first and self.pruned_steps >= int(self.stale_from)
+        unioned = not first and self._unioned
         if unioned:
             stale_rank = torch.empty_like(stale).scatter_(1, stale, arange)
             by_stale = position_in_cluster(stale_rank, descending=False)
