@@ -19,7 +19,8 @@ weights (cost does not depend on the weights):
     python experiments/selection_overhead.py --ops          # operators per pruned step, every selector
 
 ``--ops`` prints, instead of times, the ATen operators each selector dispatches in a
-pruned step's selection and observation (:func:`catlab.testing.selection_ops`):
+pruned step's selection and observation (:func:`catlab.testing.selection_ops`), also
+with the selection replayed from graphs where the selector allows it (the last step):
 on a GPU at batch 1 each is a kernel launch, and their number, not their FLOPs,
 sets the selection's wall-clock share. ``tests/test_selection_ops.py`` bounds them.
 """
@@ -66,20 +67,21 @@ def measure(adapter, name: str, steps: int, batch: int, repeats: int) -> dict[st
 
 
 def print_ops(names: list[str]) -> None:
-    """Operators per pruned step at 16x16 and 64x64 tokens (the latter SD3-medium's 4096)."""
-    print(f"{'selector':<16}{'first pruned step':>18}{'later steps':>13}{'later, 4096 tokens':>20}   most frequent")
+    """Operators per pruned step at 256 and 4096 tokens (SD3-medium's), eager and with graphed selection."""
+    print(f"{'selector':<16}{'first pruned step':>18}{'later steps':>13}{'later, 4096 tokens':>20}"
+          f"{'later, graphed':>16}   most frequent")
     for name in names:
         spec = name if name == "full" else {"name": name, "start_step": 3}
         if name not in ("full", "budget_schedule"):
             spec["alpha"] = 0.3
         rows = []
-        for grid in ((16, 16), (64, 64)):
-            counts = selection_ops(selectors.build(spec), grid=grid, num_steps=12)
+        for grid, graphed in (((16, 16), False), ((64, 64), False), ((16, 16), True)):
+            counts = selection_ops(selectors.build(spec), grid=grid, num_steps=14, graphed=graphed)
             rows.append([sum(c.values()) for _, c in sorted(counts.items())] or [0, 0])
-        later = selection_ops(selectors.build(spec), grid=(16, 16), num_steps=12)
+        later = selection_ops(selectors.build(spec), grid=(16, 16), num_steps=14)
         common = sorted(later[max(later)].items(), key=lambda kv: -kv[1])[:3] if later else []
-        print(f"{name:<16}{rows[0][0]:>18}{max(rows[0][1:] or [0]):>13}{max(rows[1][1:] or [0]):>20}   "
-              + ", ".join(f"{op.removeprefix('aten.')} {n}" for op, n in common))
+        print(f"{name:<16}{rows[0][0]:>18}{max(rows[0][1:] or [0]):>13}{max(rows[1][1:] or [0]):>20}"
+              f"{rows[2][-1]:>16}   " + ", ".join(f"{op.removeprefix('aten.')} {n}" for op, n in common))
 
 
 def main() -> None:

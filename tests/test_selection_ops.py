@@ -19,7 +19,7 @@ BOUNDS = {
     "sequential": (5, 5),
     "noise": (10, 10),
     "noise_staleness": (38, 38),
-    "cat": (235, 105),          # the first pruned step also sizes the clusters (scikit-learn, on the host)
+    "cat": (235, 106),          # the first pruned step also sizes the clusters (scikit-learn, on the host)
     "cat_rankmix": (700, 120),  # the first pruned step also clusters (torch k-means, iterations)
     "forecast_error": (145, 145),
     "budget_schedule": (145, 145),
