@@ -87,13 +87,22 @@ class _CudaBackend:
         return out
 
     def capture(self, fn: Callable[[], Any]) -> Any:
-        # a one-time set-up, not a step: the device synchronisation a capture starts with is expected
-        # even where a caller guards the step against host syncs (sampler.check_sync)
+        # torch.cuda.graph() would synchronise the device and empty the allocator's cache first; a
+        # selection graph is captured once per generation, so capture on the store's stream without
+        # either (the same capture_begin / capture_end the context manager calls). The sync-debug mode
+        # is lifted: a capture is set-up, even where a caller guards the step (sampler.check_sync).
         previous = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode(0)
+        self.stream.wait_stream(torch.cuda.current_stream())
         try:
-            with torch.cuda.graph(self.graph, pool=self.mempool):
-                return fn()
+            with torch.cuda.stream(self.stream):
+                self.graph.capture_begin(*(() if self.mempool is None else (self.mempool,)))
+                try:
+                    out = fn()
+                finally:
+                    self.graph.capture_end()
+            torch.cuda.current_stream().wait_stream(self.stream)
+            return out
         finally:
             torch.cuda.set_sync_debug_mode(previous)
 
