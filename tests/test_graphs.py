@@ -86,6 +86,12 @@ def test_a_changed_batch_or_k_captures_another_graph_and_release_frees_the_unuse
         freed = store.release(unused_only=True)  # the last generation used the 4-row full graph and k = 32
         assert {key[1] for key in store.graphs} == {None, (4, 32)} and freed > 0
         assert all(key[1][0] != 2 for key in store.pool.keys() if key[0].endswith(".keys"))
+        assert ("indices", (4, 32), torch.long, torch.device("cpu")) in store.pool.keys()  # set outside the forward
+        again = _run(adapter, "random", graphs=True, alpha=0.5)  # the kept graphs replay: nothing re-captured
+        assert store.captures == 5 and torch.equal(again.images, other_k.images)
+        store.pool.release()  # behind the graphs' back: they notice and capture again rather than replay stale memory
+        assert torch.equal(_run(adapter, "random", graphs=True, alpha=0.5).images, other_k.images)
+        assert store.captures == 7
         assert release_graphs(adapter.transformer) > 0 and getattr(adapter.transformer, "_catlab_graphs") is None
 
 

@@ -49,6 +49,15 @@ class BufferPool:
     def keys(self) -> set[BufferKey]:
         return set(self._buffers)
 
+    def peek(self, key: BufferKey) -> torch.Tensor | None:
+        """The buffer held under ``key``, without allocating or recording it."""
+        return self._buffers.get(key)
+
+    def holding(self, tensors) -> set[BufferKey]:
+        """The keys of the buffers that are (by identity) among ``tensors``."""
+        ids = {id(t) for t in tensors if isinstance(t, torch.Tensor)}
+        return {key for key, buf in self._buffers.items() if id(buf) in ids}
+
     def release(self, keep: set[BufferKey] | None = None) -> int:
         """Drop every buffer not in ``keep``; returns the bytes released."""
         keep = keep or set()

@@ -146,7 +146,8 @@ class _Graph:
     backend: Any
     inputs: list[torch.Tensor | None]
     outputs: Any
-    buffers: set[BufferKey]
+    #: every pool buffer the graph reads or writes, as it was at capture
+    buffers: dict[BufferKey, torch.Tensor]
     state: dict
     generation: int
     replays: int = 0
@@ -199,6 +200,10 @@ class ForwardGraphs:
         if key in self.refused:
             return fn(*args, **kwargs)
         graph = self.graphs.get(key)
+        if graph is not None and any(self.pool.peek(k) is not buf for k, buf in graph.buffers.items()):
+            log.warning("catlab: a buffer of the CUDA graph for %s was released; capturing it again", _describe(key))
+            del self.graphs[key]  # it would replay on memory the pool no longer hands out
+            graph = None
         if graph is None:
             return self._capture(key, pruner, fn, leaves, spec)
         self._write(graph.inputs, leaves)
@@ -254,7 +259,11 @@ class ForwardGraphs:
         finally:
             self.pool.frozen, self.pool.touched = None, None
         pruner.restore(state)
-        self.graphs[key] = _Graph(backend, statics, outputs, touched, state, self.generation)
+        # the buffers set before the forward (index rows) or only read in it (the output cache at a
+        # pruned step) are not requested during it: add what the pruner's state holds
+        touched |= self.pool.holding([pruner.row_indices, *pytree.tree_leaves(state)])
+        buffers = {k: self.pool.peek(k) for k in touched}
+        self.graphs[key] = _Graph(backend, statics, outputs, buffers, state, self.generation)
         self.captures += 1
         return result
 
