@@ -90,20 +90,25 @@ def check_policy(policy: Policy, grid: tuple[int, int] = (8, 8), batch_size: int
     return len(pruned) - (1 if skip_first_pruned and pruned else 0)
 
 
-class _OpCounter(TorchDispatchMode):
-    """Counts the ATen operators dispatched while active (each is one or more kernels on a device)."""
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operators dispatched from the host while active (``with OpCounter() as c: ...``).
 
-    def __init__(self):
+    On a GPU each is one kernel launch or more, except views (``views=False`` leaves them out).
+    Operators the CPU stand-in re-runs while replaying a captured graph are not counted: a real
+    replay dispatches none.
+    """
+
+    def __init__(self, views: bool = True):
         super().__init__()
+        self.views = views
         self.count = 0
         self.ops: dict[str, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if replaying():  # the CPU stand-in re-running a captured graph: on a GPU, one launch and no operator
-            return func(*args, **(kwargs or {}))
-        self.count += 1
-        name = str(func.overloadpacket)
-        self.ops[name] = self.ops.get(name, 0) + 1
+        if not replaying() and (self.views or not func.is_view):
+            self.count += 1
+            name = str(func.overloadpacket)
+            self.ops[name] = self.ops.get(name, 0) + 1
         return func(*args, **(kwargs or {}))
 
 
@@ -129,7 +134,7 @@ def selection_ops(policy: Policy, grid: tuple[int, int] = (16, 16), num_steps: i
             attention = {layer: torch.softmax(torch.randn(batch, n, n, generator=gen), -1)
                          for layer in getattr(policy, "attention_layers", ())} or None
         output = torch.randn(batch, n, channels, generator=gen)
-        counter = _OpCounter()
+        counter = OpCounter()
         with counter if plan.kind is StepKind.PRUNED else nullcontext():
             idx = planner.select(plan, attention)
             planner.observe(plan, output if plan.kind is not StepKind.SKIP else planner.output, idx)

@@ -31,10 +31,16 @@ reuses are not those of a trained model: read its row as speed-up per MACs saved
     python experiments/gpu_bench.py --device cpu --tiny      # small shapes: a smoke test on any CPU
     python experiments/gpu_bench.py --peers                  # ... and cache-dit's DBCache beside them
     python experiments/gpu_bench.py --device cpu --hidden 384 --tokens 1024 --models sd3 --steps 28 --strategies cat
+    python experiments/gpu_bench.py --device cpu --count-ops --steps 28   # host operators per generation
 
 The last line is a compute-bound configuration for a CPU: an SD3-architecture
 transformer (``--layers`` blocks, 64-dim heads) with ``--hidden`` width and
 ``--tokens`` image tokens. ``--json PATH`` also writes the rows.
+
+``--count-ops`` times nothing: it counts the operators the host dispatches in one
+generation, eager and graphed, for the full model and ``cat``, at each family's full
+depth (small width and token count: the same operators), on any device — what a
+launch-bound step costs, measurable without a GPU.
 """
 from __future__ import annotations
 
@@ -199,6 +205,43 @@ def selection_share(adapter, make, steps: int, trace: Trace, batch: int = 1, gra
     return trace.selection_seconds / sum(s.seconds for s in trace.steps)
 
 
+def count_ops(name: str, args) -> list[dict]:
+    """Operators the host dispatches per generation, eager and graphed, views left out.
+
+    The model has the family's full depth (the operator graph of a step is that of the full
+    model) at a small width and token count, so this runs anywhere; on a CPU the graphed run
+    uses the stand-in for capture and replay, whose replays dispatch nothing, as on a GPU.
+    A warm-up generation first captures the graphs: what is counted is the steady state.
+    """
+    from catlab.pruning.graphs import emulate_on_cpu
+    from catlab.testing import OpCounter
+
+    depth = FULL_SIZE[name][1]["num_layers"]
+    cls, cfg, text, text_dim, pooled = scaled_config(name, 64, 64, depth, 8)
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        transformer = cls(**cfg)
+    adapter = RandomPromptAdapter(device=args.device, dtype=args.dtype, height=cfg["sample_size"],
+                                  width=cfg["sample_size"], family=name, text_tokens=text, text_dim=text_dim,
+                                  pooled_dim=pooled)
+    adapter.transformer = transformer.to(dtype=getattr(torch, args.dtype)).eval().requires_grad_(False)
+    rows, steps = [], args.steps[0]
+    for strategy_name in ("full", "cat"):
+        make = strategy(strategy_name, args)
+        for graphs in (False, True):
+            cfg_s = SamplerConfig(num_steps=steps, guidance_scale=4.5, progress=False, cuda_graphs=graphs)
+            with emulate_on_cpu():
+                sample(adapter, make()[0], ["a prompt"], [0], cfg_s)  # warm-up: captures
+                with OpCounter(views=False) as counter:
+                    sample(adapter, make()[0], ["a prompt"], [0], cfg_s)
+            rows.append(dict(model=name, strategy=strategy_name, mode="graphed" if graphs else "eager", steps=steps,
+                             layers=depth, ops=counter.count))
+            print(f"{name:<7} {depth:>6} {strategy_name:<9} {rows[-1]['mode']:<8} {steps:>5} {counter.count:>10} "
+                  f"{counter.count / steps:>10.0f}", flush=True)
+    release_graphs(adapter.transformer)
+    return rows
+
+
 def modes(args) -> list[str]:
     out = ["eager"] + (["compiled"] if args.compile else [])
     if args.graphs:
@@ -312,6 +355,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help='also time cache-dit\'s DBCache against the full model (pip install "catlab[peers]")')
     parser.add_argument("--peer-threshold", type=float, default=0.24, help="cache-dit DBCache residual_diff_threshold")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="instead of timing: operators the host dispatches per generation, eager and graphed")
     args = parser.parse_args(argv)
     diffusers_logging.set_verbosity_error()  # casting random weights to fp16 is intended here
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
@@ -331,6 +376,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
             args.peers = False
 
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    if args.count_ops:
+        print(f"host-dispatched operators (views left out), {args.steps[0]} steps, batch 1 with CFG, "
+              f"cat alpha={args.alpha} t0={args.start_step}; full depth, small width")
+        print("model   layers strategy  mode     steps  per gen.   per step")
+        rows = [r for name in args.models.split(",") for r in count_ops(name, args)]
+        if args.json:
+            import json
+
+            with open(args.json, "w") as f:
+                json.dump(dict(device=gpu, torch=torch.__version__, argv=argv or sys.argv[1:], rows=rows), f, indent=1)
+        return rows
     print(f"device {args.device} ({gpu}), torch {torch.__version__}, {args.dtype}, {torch.get_num_threads()} CPU threads, "
           f"classifier-free guidance; alpha={args.alpha}, t0={args.start_step}; modes: {', '.join(modes(args))}")
     for s, m, why in EXCLUDED:

@@ -43,3 +43,13 @@ def test_gpu_bench_graphed_mode_on_a_cpu_says_it_ran_eager(capsys, monkeypatch):
     rows = bench.main(["--device", "cpu", "--tiny", "--models", "sd3", "--steps", "10", "--start-step", "8",
                        "--repeats", "1", "--graphs", "--strategies", "cat"])
     assert [r["mode"] for r in rows] == ["eager", "graphed (ran eager)"]
+
+
+def test_gpu_bench_counts_host_operators_and_graphs_cut_them(capsys, monkeypatch):
+    bench = _bench(monkeypatch)
+    rows = bench.main(["--device", "cpu", "--count-ops", "--models", "sd3", "--steps", "12", "--start-step", "8"])
+    ops = {(r["strategy"], r["mode"]): r["ops"] for r in rows}
+    assert rows[0]["layers"] == 24  # SD3-medium's depth: the operator graph of the full model
+    for name in ("full", "cat"):
+        assert ops[(name, "graphed")] * 10 < ops[(name, "eager")], ops  # one replay instead of ~1,300 per step
+    assert ops[("cat", "eager")] > ops[("full", "eager")]  # gather, scatter, cache writes and the selection
