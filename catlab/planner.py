@@ -58,7 +58,7 @@ class StepPlanner:
     It also keeps the latest output in token space, the state a policy selects from.
     ``check_indices`` validates every index tensor (shape, range, uniqueness), at the
     cost of a host read per pruned step. With ``selection_graphs`` (a
-    :class:`~catlab.pruning.graphs.SelectionGraphs`), a policy that splits its selection
+    :class:`~catlab.pruning.selection_graphs.SelectionGraphs`), a policy that splits its selection
     (``prepare_step`` / ``select_tensors``) has the tensor part replayed from CUDA graphs.
     """
 

@@ -21,7 +21,8 @@ from catlab.models.base import ModelAdapter
 from catlab.planner import StepKind, StepPlan, StepPlanner
 from catlab.pruning.engine import TokenPruner
 from catlab.pruning.families import patchify
-from catlab.pruning.graphs import SelectionGraphs, graph_refusal, graphs_of, log_refusal
+from catlab.pruning.graphs import graph_refusal, graphs_of, log_refusal
+from catlab.pruning.selection_graphs import SelectionGraphs
 from catlab.pruning.sync_check import no_host_sync
 from catlab.reuse.base import Reuse, unpatchify
 from catlab.reuse.hook import ReuseHook

@@ -17,7 +17,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from catlab.planner import StepKind, StepPlanner
-from catlab.pruning.graphs import SelectionGraphs, replaying
+from catlab.pruning.capture import replaying
+from catlab.pruning.selection_graphs import SelectionGraphs
 from catlab.pruning.sync_check import no_host_sync
 from catlab.selection.base import Policy, StepState
 

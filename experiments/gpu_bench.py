@@ -213,7 +213,7 @@ def count_ops(name: str, args) -> list[dict]:
     uses the stand-in for capture and replay, whose replays dispatch nothing, as on a GPU.
     A warm-up generation first captures the graphs: what is counted is the steady state.
     """
-    from catlab.pruning.graphs import emulate_on_cpu
+    from catlab.pruning.capture import emulate_on_cpu
     from catlab.testing import OpCounter
 
     depth = FULL_SIZE[name][1]["num_layers"]

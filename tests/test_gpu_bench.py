@@ -5,7 +5,7 @@ import importlib.util
 import json
 import sys
 
-from catlab.pruning.graphs import emulate_on_cpu
+from catlab.pruning.capture import emulate_on_cpu
 from tests.conftest import ROOT
 
 

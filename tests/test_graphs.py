@@ -15,7 +15,7 @@ import torch
 from catlab import disable_pruning, enable_pruning
 from catlab.pruning import compile_pruned, graphs_of, release_graphs, uncompile
 from catlab.pruning.buffers import BufferAllocationError, BufferPool
-from catlab.pruning.graphs import emulate_on_cpu
+from catlab.pruning.capture import emulate_on_cpu
 from catlab.registry import selectors
 from catlab.sampler import SamplerConfig, StepReuse, sample
 from catlab.stepcache import stepcaches
@@ -263,7 +263,7 @@ def _drive(policy, selection_graphs, steps=14, batch=2, grid=(16, 16)):
 
 
 def test_cat_selection_replayed_from_a_graph_chooses_what_eager_chooses():
-    from catlab.pruning.graphs import SelectionGraphs
+    from catlab.pruning.selection_graphs import SelectionGraphs
 
     eager = _drive(_policy("cat"), None)
     graphs = SelectionGraphs("cpu")
@@ -284,7 +284,7 @@ def test_a_graphed_cat_step_dispatches_a_handful_of_operators():
 
 
 def test_a_select_tensors_that_rebinds_state_is_not_captured(caplog):
-    from catlab.pruning.graphs import SelectionGraphs
+    from catlab.pruning.selection_graphs import SelectionGraphs
     from catlab.selection.base import Policy
 
     class Rebinding(Policy):

@@ -40,7 +40,8 @@ from torch import nn
 
 from catlab.pruning.engine import TokenPruner
 from catlab.pruning.families import patchify
-from catlab.pruning.graphs import ForwardGraphs, SelectionGraphs, graph_refusal, graphs_of, log_refusal, release_graphs
+from catlab.pruning.graphs import ForwardGraphs, graph_refusal, graphs_of, log_refusal, release_graphs
+from catlab.pruning.selection_graphs import SelectionGraphs
 from catlab.planner import StepKind, StepPlan, StepPlanner
 from catlab.selection.base import Policy
 

@@ -26,17 +26,17 @@ values to the caches, so the step's result is the eager one. A capture that
 fails — a host read inside the forward, a buffer first requested during the
 capture — leaves that key eager, with one line saying why.
 
-Where a GPU is absent, :func:`emulate_on_cpu` runs the same bookkeeping with a
-stand-in for capture and replay that executes the forward on the static
-buffers (and rejects host reads during "capture", as a real capture would): the
-CPU tests of the graphed path use it.
+Where a GPU is absent, :func:`~catlab.pruning.capture.emulate_on_cpu` runs the
+same bookkeeping with a stand-in for capture and replay that executes the forward
+on the static buffers (and rejects host reads during "capture", as a real capture
+would): the CPU tests of the graphed path use it. A selector's own step can be
+replayed too: :mod:`catlab.pruning.selection_graphs`.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,99 +44,12 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from catlab.pruning.buffers import BufferKey, BufferPool
-from catlab.pruning.sync_check import no_host_sync
+from catlab.pruning.capture import emulating, make_backend
 
 log = logging.getLogger("catlab.graphs")
 
 #: the diffusers hooks of catlab's own pruning (replayed as part of the graph)
 PRUNING_HOOKS = {"catlab_token_gather", "catlab_token_scatter", "catlab_token_text", "catlab_token_pruning"}
-
-_EMULATE = False
-#: true while the CPU stand-in replays a graph (a real replay dispatches no operator from the host)
-_REPLAYING = False
-
-
-def replaying() -> bool:
-    """Whether the CPU stand-in is replaying a graph now (operator counters skip what it re-runs)."""
-    return _REPLAYING
-
-
-@contextlib.contextmanager
-def emulate_on_cpu() -> Iterator[None]:
-    """Within the block, graphed execution on a CPU uses the stand-in instead of falling back to eager."""
-    global _EMULATE
-    previous, _EMULATE = _EMULATE, True
-    try:
-        yield
-    finally:
-        _EMULATE = previous
-
-
-class _CudaBackend:
-    """A real ``torch.cuda.CUDAGraph``; every graph of a store shares one memory pool and one warm-up stream."""
-
-    def __init__(self, mempool, stream):
-        self.graph = torch.cuda.CUDAGraph()
-        self.mempool, self.stream = mempool, stream
-
-    def warm_up(self, fn: Callable[[], Any]) -> Any:
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            out = fn()
-        torch.cuda.current_stream().wait_stream(self.stream)
-        return out
-
-    def capture(self, fn: Callable[[], Any]) -> Any:
-        # torch.cuda.graph() would synchronise the device and empty the allocator's cache first; a
-        # selection graph is captured once per generation, so capture on the store's stream without
-        # either (the same capture_begin / capture_end the context manager calls). The sync-debug mode
-        # is lifted: a capture is set-up, even where a caller guards the step (sampler.check_sync).
-        previous = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode(0)
-        self.stream.wait_stream(torch.cuda.current_stream())
-        try:
-            with torch.cuda.stream(self.stream):
-                self.graph.capture_begin(*(() if self.mempool is None else (self.mempool,)))
-                try:
-                    out = fn()
-                finally:
-                    self.graph.capture_end()
-            torch.cuda.current_stream().wait_stream(self.stream)
-            return out
-        finally:
-            torch.cuda.set_sync_debug_mode(previous)
-
-    def replay(self) -> None:
-        self.graph.replay()
-
-
-class _EmulatedBackend:
-    """The CPU stand-in: "capture" runs the forward once with host reads rejected and keeps it;
-    "replay" runs it again on the same static buffers and copies the result into the static outputs."""
-
-    def __init__(self, mempool=None, stream=None):
-        self.fn: Callable[[], Any] | None = None
-        self.outputs: Any = None
-
-    def warm_up(self, fn: Callable[[], Any]) -> Any:
-        return fn()
-
-    def capture(self, fn: Callable[[], Any]) -> Any:
-        with no_host_sync("a forward being captured in a CUDA graph", cuda=False):
-            self.outputs = fn()
-        self.fn = fn
-        return self.outputs
-
-    def replay(self) -> None:
-        global _REPLAYING
-        _REPLAYING = True
-        try:
-            fresh = pytree.tree_leaves(self.fn())
-            for static, new in zip(pytree.tree_leaves(self.outputs), fresh):
-                if isinstance(static, torch.Tensor):
-                    static.copy_(new)
-        finally:
-            _REPLAYING = False
 
 
 @dataclass
@@ -243,7 +156,7 @@ class ForwardGraphs:
             call_leaves = [s if s is not None else leaf for s, leaf in zip(statics, leaves)]
             args, kwargs = pytree.tree_unflatten(call_leaves, spec)
             run = lambda: fn(*args, **kwargs)  # noqa: E731
-            backend = (_EmulatedBackend if self.emulated else _CudaBackend)(self._mempool, self._stream)
+            backend = make_backend(self.device, self._mempool, self._stream)
             result = backend.warm_up(run)  # the step's real result; allocates every buffer the forward needs
             result = pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, result)
             state = pruner.state()
@@ -277,91 +190,6 @@ class ForwardGraphs:
         keep = set().union(*(g.buffers for g in self.graphs.values())) if self.graphs else set()
         return self.pool.release(keep)
 
-
-class SelectionGraphs:
-    """Captured graphs of a selector's per-step tensor work, for one generation.
-
-    For a policy that splits its selection (``prepare_step`` / ``select_tensors``, see
-    :class:`~catlab.selection.base.Policy`): the host part runs every step; the tensor part
-    runs eagerly the first time a key is seen, is captured the second time (after an eager
-    warm-up that is the step's result) and replayed from then on, with the step's output
-    copied into a static buffer. The policy's state tensors are re-made each generation, so
-    :meth:`reset` drops the graphs. A ``select_tensors`` that rebinds a tensor attribute of
-    the policy or its parts (a replay would keep reading the old tensor) is not captured:
-    that key runs eagerly, said once.
-    """
-
-    def __init__(self, device: torch.device | str):
-        self.device = torch.device(device)
-        self.emulated = self.device.type != "cuda"
-        self._stream = None if self.emulated else torch.cuda.Stream(self.device)
-        self.reset()
-
-    def reset(self) -> None:
-        self.graphs: dict[tuple, tuple] = {}
-        self.seen: set[tuple] = set()
-        self.refused: set[tuple] = set()
-        self.captures = self.replays = 0
-
-    def select(self, policy, state) -> torch.Tensor:
-        key = policy.prepare_step(state)
-        if key is None or state.output is None or state.attention:
-            return policy.select_tensors(state)
-        key = (key, state.k, state.batch_size, tuple(state.output.shape), state.output.dtype)
-        graph = self.graphs.get(key)
-        if graph is not None:
-            backend, static, indices = graph
-            static.copy_(state.output)
-            backend.replay()
-            self.replays += 1
-            return indices.clone()
-        if key in self.refused or key not in self.seen:
-            self.seen.add(key)
-            return policy.select_tensors(state)
-        return self._capture(key, policy, state)
-
-    def _capture(self, key: tuple, policy, state) -> torch.Tensor:
-        static = state.output.clone()
-        fixed = replace(state, output=static)
-        run = lambda: policy.select_tensors(fixed)  # noqa: E731
-        backend = (_EmulatedBackend if self.emulated else _CudaBackend)(None, self._stream)
-        before = _tensor_slots(policy)
-        result = backend.warm_up(run).clone()
-        changed = _rebound(before, _tensor_slots(policy))
-        if changed:
-            self._refuse(key, policy, f"select_tensors rebinds {', '.join(changed[:3])}")
-            return result
-        try:
-            indices = backend.capture(run)
-        except Exception as err:  # noqa: BLE001 - any capture failure leaves this key eager
-            self._refuse(key, policy, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-            return result
-        self.graphs[key] = (backend, static, indices)
-        self.captures += 1
-        return result
-
-    def _refuse(self, key: tuple, policy, reason: str) -> None:
-        self.refused.add(key)
-        log.warning("catlab: selector '%s' step not captured in a CUDA graph (%s); it runs eagerly",
-                    getattr(policy, "name", "?"), reason)
-
-
-def _tensor_slots(obj, prefix: str = "", depth: int = 2) -> dict[str, int]:
-    """``{attribute path: id}`` of the tensors held by ``obj`` and its parts (objects it holds), two levels deep."""
-    slots = {}
-    for name, value in vars(obj).items():
-        if isinstance(value, torch.Tensor):
-            slots[prefix + name] = id(value)
-        elif depth > 0 and hasattr(value, "__dict__") and not isinstance(value, (type, nn.Module, torch.Generator)):
-            slots.update(_tensor_slots(value, f"{prefix}{name}.", depth - 1))
-    return slots
-
-
-def _rebound(before: dict[str, int], after: dict[str, int]) -> list[str]:
-    return [name for name in after if name in before and before[name] != after[name]] + \
-        [name for name in after if name not in before]
-
-
 def _fingerprint(transformer: nn.Module) -> tuple:
     params = tuple((id(p), p.data_ptr()) for p in transformer.parameters())
     return params, sum(1 for _ in transformer.modules())
@@ -377,7 +205,7 @@ def _hashable(value) -> bool:
 
 def _describe(key: tuple) -> str:
     shape = key[1]
-    return f"a full step" if shape is None else f"a pruned step of k={shape[1]} ({shape[0]} rows)"
+    return "a full step" if shape is None else f"a pruned step of k={shape[1]} ({shape[0]} rows)"
 
 
 def graphs_of(transformer: nn.Module) -> ForwardGraphs:
@@ -411,7 +239,7 @@ def graph_refusal(transformer: nn.Module, policy=None, *, inside_hooks: bool = F
     the transformer, a MAC counter, another library's hook) rules them out.
     """
     device = next(transformer.parameters()).device
-    if device.type != "cuda" and not _EMULATE:
+    if device.type != "cuda" and not emulating():
         return f"the transformer is on {device.type}; CUDA graphs need a CUDA device"
     name = getattr(policy, "name", "?")
     if getattr(policy, "in_step_engine", False):

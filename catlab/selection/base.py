@@ -104,7 +104,7 @@ class Policy:
         raise NotImplementedError
 
     # A selector may also split :meth:`select` in two, so that with ``cuda_graphs`` its per-step
-    # tensor work is captured once and replayed (catlab.pruning.graphs.SelectionGraphs):
+    # tensor work is captured once and replayed (catlab.pruning.selection_graphs.SelectionGraphs):
     #
     #   prepare_step(state) -> Hashable | None   host-side bookkeeping (counters, once-per-generation
     #                                            set-up); returns a key naming the code path
