@@ -120,3 +120,28 @@ def test_inductor_matches_eager():
     compile_pruned(adapter)
     compiled = sample(adapter, Random(alpha=0.3, start_step=2), ["a red circle"], [0], cfg).latents
     torch.testing.assert_close(compiled, eager, atol=1e-3, rtol=1e-3)
+    uncompile(adapter)
+
+
+@pytest.mark.inductor
+@pytest.mark.skipif(os.environ.get("CATLAB_TEST_INDUCTOR") != "1",
+                    reason="inductor test: a cold inductor compile of even the tiny model took ~65 s on a 2-core CI machine; "
+                           "set CATLAB_TEST_INDUCTOR=1 to run it")
+def test_inductor_kernels_inside_graphed_execution_match_eager():
+    """compile_pruned (inductor), then cuda_graphs: the compiled kernels are what the graphs replay."""
+    from catlab.pruning.capture import emulate_on_cpu
+    from catlab.pruning.graphs import graphs_of
+
+    adapter = tiny_pixart()
+    cfg = dict(num_steps=4, progress=False)
+    eager = sample(adapter, Random(alpha=0.3, start_step=2), ["a red circle"], [0], SamplerConfig(**cfg)).latents
+    compile_pruned(adapter)
+    with emulate_on_cpu():
+        graphed = [sample(adapter, Random(alpha=0.3, start_step=2), ["a red circle"], [0],
+                          SamplerConfig(cuda_graphs=True, **cfg)).latents for _ in range(2)]
+    uncompile(adapter)
+    store = graphs_of(adapter.transformer)
+    assert store.captures == 2 and not store.refused and all(key[2] for key in store.graphs)  # compiled keys
+    for latents in graphed:
+        torch.testing.assert_close(latents, eager, atol=1e-3, rtol=1e-3)
+
