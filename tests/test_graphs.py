@@ -318,3 +318,23 @@ def test_graphed_cat_over_more_steps_replays_the_selection_and_equals_eager():
         graphed = sample(adapter, _policy("cat"), PROMPTS, SEEDS, SamplerConfig(cuda_graphs=True, **cfg))
     assert torch.equal(graphed.images, eager.images)
     assert all(torch.equal(a, b) for a, b in zip(graphed.trace.indices[2:], eager.trace.indices[2:]))
+
+
+def test_a_pruners_own_pool_keeps_one_set_of_caches_whatever_the_batch():
+    """Eager, a pipeline called at several batch sizes or resolutions does not accumulate caches."""
+    from catlab.pruning import TokenPruner
+
+    adapter = tiny_sd3()
+    pruner = TokenPruner(adapter.transformer).attach()
+    cond = {n: adapter.encode(PROMPTS[:n], True) for n in (1, 2)}
+    try:
+        for n in (2, 1, 2):
+            latents = torch.cat([adapter.initial_latents(SEEDS[:n])] * 2)
+            pruner.set_indices(None)
+            adapter.predict(latents, torch.tensor(900.0), cond[n])
+        names = [key[0] for key in pruner.pool.keys()]
+        assert len(names) == len(set(names)) and "output" in names
+        assert all(key[1][0] == 4 for key in pruner.pool.keys() if key[0] == "output")
+    finally:
+        pruner.detach()
+    assert not graphs_of(adapter.transformer).pool.one_shape_per_name  # graphs keep every shape they replay

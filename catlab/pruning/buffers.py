@@ -25,9 +25,16 @@ class BufferAllocationError(RuntimeError):
 
 
 class BufferPool:
-    """Named tensors that keep their storage; ``get`` returns the same tensor for the same key."""
+    """Named tensors that keep their storage; ``get`` returns the same tensor for the same key.
 
-    def __init__(self) -> None:
+    ``one_shape_per_name`` (a pruner's own pool): asking for a name in a new shape drops the
+    buffer of the old one, so a pipeline called at many resolutions or batch sizes holds one
+    set of caches. A pool that captured graphs share keeps every shape (each graph replays
+    its own) until :meth:`release`.
+    """
+
+    def __init__(self, one_shape_per_name: bool = False) -> None:
+        self.one_shape_per_name = one_shape_per_name
         self._buffers: dict[BufferKey, torch.Tensor] = {}
         #: why new buffers may not be allocated now (``None``: they may)
         self.frozen: str | None = None
@@ -41,6 +48,9 @@ class BufferPool:
         if buf is None:
             if self.frozen is not None:
                 raise BufferAllocationError(f"buffer '{name}' {tuple(shape)} first requested {self.frozen}")
+            if self.one_shape_per_name:
+                for old in [k for k in self._buffers if k[0] == name]:
+                    del self._buffers[old]
             buf = self._buffers[key] = torch.empty(key[1], dtype=dtype, device=key[3])
         if self.touched is not None:
             self.touched.add(key)

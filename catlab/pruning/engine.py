@@ -99,7 +99,7 @@ class TokenPruner:
     def __init__(self, transformer: nn.Module, pool: BufferPool | None = None):
         self.transformer = transformer
         self.spec: FamilySpec = family_of(transformer)
-        self.pool = pool if pool is not None else BufferPool()
+        self.pool = pool if pool is not None else BufferPool(one_shape_per_name=True)
         self.row_indices: torch.Tensor | None = None
         self.output_cache: torch.Tensor | None = None
         self.num_tokens: int = 0
