@@ -10,6 +10,11 @@ narrow interventions make it pruned:
 3. a hook on the output projection scatters the k fresh outputs into the previous
    step's token-space output, so the stock unpatchify sees all N tokens.
 
+The caches live in a :class:`~catlab.pruning.buffers.BufferPool` and are written in
+place; the patch-embedding hook and one on the text embedding (SD3's joint attention
+keeps the text's K/V after the image's) bind them and compute the step's write
+positions ahead of the blocks (:meth:`TokenPruner.prepare`).
+
 With every token selected this is the stock model, by construction. A step reads
 no tensor value on the host (indices are fixed-size ``(rows, k)`` tensors), so on
 a GPU the host queues the next step while the device computes this one; and the

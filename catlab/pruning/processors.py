@@ -112,8 +112,10 @@ class _CachedAttention:
         if text_key is not None:  # the text tail is recomputed at every step
             keys[:, total - n_text:].copy_(text_key)
             values[:, total - n_text:].copy_(text_value)
-        return (keys.view(rows, total, heads, d).transpose(1, 2),
-                values.view(rows, total, heads, d).transpose(1, 2))
+        keys, values = keys.view(rows, total, heads, d).transpose(1, 2), values.view(rows, total, heads, d).transpose(1, 2)
+        if keys.dtype != key.dtype:  # under autocast the projections' outputs differ from the weights' dtype
+            keys, values = keys.to(key.dtype), values.to(value.dtype)
+        return keys, values
 
     def attend(self, attn, query, key, value, n_image: int, mask=None) -> torch.Tensor:
         """SDPA, plus the image→image attention probabilities when this layer is a probe."""
