@@ -8,6 +8,8 @@
 # Needs torch with CUDA and the project's dependencies (pip install -e .); nothing is downloaded.
 set -uo pipefail
 out=${1:-outputs/gpu_check}
+python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+  || { echo "gpu_check.sh: no CUDA device here; the CPU checks are python -m pytest -q" >&2; exit 2; }
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 python -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)" \

@@ -109,10 +109,14 @@ def test_compiled_blocks_under_a_stock_pipeline():
     uncompile(pipe)
 
 
-@pytest.mark.inductor
-@pytest.mark.skipif(os.environ.get("CATLAB_TEST_INDUCTOR") != "1",
-                    reason="inductor test: a cold inductor compile of even the tiny model took ~65 s on a 2-core CI machine; "
-                           "set CATLAB_TEST_INDUCTOR=1 to run it")
+def inductor(test):
+    """Opt-in: a cold inductor compile is slow on a small CPU."""
+    reason = ("inductor test: a cold inductor compile of even the tiny model took ~65 s on a 2-core CI machine; "
+              "set CATLAB_TEST_INDUCTOR=1 to run it")
+    return pytest.mark.inductor(pytest.mark.skipif(os.environ.get("CATLAB_TEST_INDUCTOR") != "1", reason=reason)(test))
+
+
+@inductor
 def test_inductor_matches_eager():
     adapter = tiny_pixart()
     cfg = SamplerConfig(num_steps=4, progress=False)
@@ -123,10 +127,7 @@ def test_inductor_matches_eager():
     uncompile(adapter)
 
 
-@pytest.mark.inductor
-@pytest.mark.skipif(os.environ.get("CATLAB_TEST_INDUCTOR") != "1",
-                    reason="inductor test: a cold inductor compile of even the tiny model took ~65 s on a 2-core CI machine; "
-                           "set CATLAB_TEST_INDUCTOR=1 to run it")
+@inductor
 def test_inductor_kernels_inside_graphed_execution_match_eager():
     """compile_pruned (inductor), then cuda_graphs: the compiled kernels are what the graphs replay."""
     from catlab.pruning.capture import emulate_on_cpu
