@@ -154,6 +154,7 @@ def test_bad_options_fail_at_build():
         stepcaches.build({"name": "cachedit_dbprune", "max_skip_steps": -1})
 
 
+@pytest.mark.slow
 def test_without_cache_dit_catlab_imports_and_the_config_fails_in_one_line():
     """cache-dit hidden: catlab imports, the components are registered, building one names the install line."""
     code = (

@@ -108,6 +108,7 @@ def test_the_docs_have_commands():
     assert len(COMMANDS) > 20 and any("catlab.run" in c for _, c in COMMANDS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source, cmd", COMMANDS, ids=[f"{s}:{c[:60]}" for s, c in COMMANDS])
 def test_doc_command_runs(source, cmd, work):
     reason = next((why for pattern, why in NOT_ON_A_CPU if re.search(pattern, cmd)), None)

@@ -31,6 +31,7 @@ def plugin_env(tmp_path_factory):
     return {**os.environ, "PYTHONPATH": f"{target}{os.pathsep}{ROOT}", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
 
+@pytest.mark.slow
 def test_plugin_registers_its_selector(plugin_env):
     code = ("from catlab.registry import selectors; "
             "p = selectors.build({'name': 'example_center', 'alpha': 0.25}); print(type(p).__module__)")
@@ -91,6 +92,7 @@ def doc_plugin_env(tmp_path_factory):
     return {**os.environ, "PYTHONPATH": f"{target}{os.pathsep}{ROOT}", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
 
+@pytest.mark.slow
 def test_the_documented_recipe_installs_and_runs(doc_plugin_env, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "catlab.run", "selector=example_center", "selector.alpha=0.5", "selector.start_step=3",

@@ -12,6 +12,7 @@ def _metrics(run_dir):
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_run_with_a_diffusers_step_cache_and_with_a_budget_schedule(tmp_path):
     _, cached = run_cli("selector=full", "stepcache=taylorseer", "stepcache.start_step=3",
                         "stepcache.cache_interval=2", *FAST, tmp_path=tmp_path / "cache")
