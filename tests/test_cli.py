@@ -38,7 +38,15 @@ def test_multirun_writes_one_directory_per_job(tmp_path):
 def test_wandb_logger_runs_offline(tmp_path):
     _, run_dir = run_cli("selector=random", "selector.start_step=2", "sampler.num_steps=4", "sampler.progress=false",
                          "logger=wandb", tmp_path=tmp_path)
-    assert list((run_dir / "wandb").glob("offline-run-*"))
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    # the offline run (what `wandb sync` uploads) holds the run's config, its metrics and its sample grid
+    records = b"".join(f.read_bytes() for f in runs[0].glob("run-*.wandb"))
+    for key in (b"selector=random", b"macs_ratio", b"seconds_per_image"):
+        assert key in records, key
+    metrics = _metrics(run_dir)
+    assert metrics["selector"] == "random" and f"{metrics['macs_ratio']!r}".encode()[:6] in records
+    assert list((runs[0] / "files" / "media" / "images").glob("samples_*.png"))
 
 
 BAD_CONFIGS = [
