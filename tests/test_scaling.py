@@ -107,6 +107,7 @@ def test_killed_evaluation_resumes_without_recomputing(tmp_path, clean_run):
     assert _quality(out) == _quality(clean_run)
 
 
+@pytest.mark.slow
 def test_merge_rebuilds_the_table_from_the_store(tmp_path, clean_run):
     import shutil
 

@@ -41,6 +41,7 @@ def test_plugin_registers_its_selector(plugin_env):
     assert proc.stdout.strip() == "catlab_example_plugin.selector"
 
 
+@pytest.mark.slow
 def test_plugin_selector_runs_through_the_cli(plugin_env, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "catlab.run", "selector=example_center", "selector.start_step=3",
