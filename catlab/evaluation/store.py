@@ -139,13 +139,13 @@ class ResultStore:
         """The valid record at ``<key>/<name>``, or ``None``: absent, or invalid (then set aside with one warning)."""
         path = self.path(key, name)
         try:
-            text = path.read_text()
+            data = path.read_bytes()
         except FileNotFoundError:
             return None
         try:
-            record = json.loads(text)
+            record = json.loads(data.decode())
             check_record(path, record)
-        except (ValueError, BadRecord) as err:
+        except ValueError as err:  # BadRecord, JSON and UTF-8 decoding errors
             reason = str(err) if isinstance(err, BadRecord) else f"not valid JSON ({err.__class__.__name__}: {err})"
             self.reject(path, reason, then)
             return None
