@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from catlab.pruning.families import UnsupportedModelError
+from catlab.pruning.instep import InStepPruning
 from catlab.registry import selectors, stepcaches
 from catlab.sampler import SamplerConfig, StepReuse, sample
 from catlab.stepcache.base import StepCacheError
@@ -116,7 +117,7 @@ def test_pruned_forward_macs_are_counted_as_they_run():
 
     a = tiny_sd3()
     policy = _atedm(alpha=0.25, prune_layers=[0, 1], dsap_steps=0)
-    engine = policy.in_step().apply(a.transformer)
+    engine = InStepPruning(policy).apply(a.transformer)
     cond = a.encode(PROMPTS, True)
     latents = torch.cat([a.initial_latents(SEEDS)] * cond.groups)
     try:

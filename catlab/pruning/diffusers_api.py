@@ -38,6 +38,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
+from catlab.capabilities import Capability
 from catlab.pruning.engine import TokenPruner
 from catlab.pruning.families import patchify
 from catlab.pruning.graphs import ForwardGraphs, graph_refusal, graphs_of, log_refusal, release_graphs
@@ -159,7 +160,7 @@ class TokenPruningHook(ModelHook):
         if self.fresh:  # the first call of a generation
             self.fresh = False
             self.planner.reset(rows // self.groups, grid, self._num_steps(), latents.device)
-            self.pruner.probe_layers = set(getattr(self.policy, "attention_layers", ()))
+            self.pruner.probe_layers = set(self.policy.attention_layers)
         self.plan = self.planner.plan(self.step)
         batch = rows // self.groups
         attention = {l: a[-batch:] for l, a in self.pruner.attention.items()} or None
@@ -235,7 +236,7 @@ def enable_pruning(target, policy: Policy, guidance_scale: float | None = None,
     probe layer, another library's hook on the transformer) the calls run eagerly and
     one line says why. :func:`disable_pruning` frees the graphs.
     """
-    if getattr(policy, "in_step_engine", False):
+    if Capability.IN_STEP_ENGINE in policy.capabilities:
         raise ValueError(f"selector '{policy.name}' prunes inside each forward and runs in catlab's sampler "
                          "(python -m catlab.run, catlab.sample); on a stock pipeline use selector atedm_reuse")
     transformer = _transformer_of(target)

@@ -29,6 +29,9 @@ from torch import nn
 from catlab.pruning.buffers import BufferPool
 from catlab.pruning.families import FamilySpec, family_of
 from catlab.pruning.processors import PrunedJointAttnProcessor, PrunedSelfAttnProcessor
+from catlab.pruning.state import hook_names
+
+_registry = HookRegistry.check_if_exists_or_initialize
 
 GATHER_HOOK = "catlab_token_gather"
 SCATTER_HOOK = "catlab_token_scatter"
@@ -88,7 +91,7 @@ class _ScatterHook(ModelHook):
         p.output_cache.scatter_(1, index, output.to(p.output_cache.dtype))
         # another hook on the projection (a step cache, a reuse rule) may keep what it is given: a copy,
         # so the next step's in-place write does not change its history
-        return p.output_cache.clone() if len(module._diffusers_hook.hooks) > 1 else p.output_cache
+        return p.output_cache.clone() if len(hook_names(module)) > 1 else p.output_cache
 
 
 class TokenPruner:
@@ -123,9 +126,9 @@ class TokenPruner:
             return self
         t = self.transformer
         if self.spec.text_embed is not None:
-            HookRegistry.check_if_exists_or_initialize(getattr(t, self.spec.text_embed)).register_hook(_TextHook(self), TEXT_HOOK)
-        HookRegistry.check_if_exists_or_initialize(getattr(t, self.spec.patch_embed)).register_hook(_GatherHook(self), GATHER_HOOK)
-        HookRegistry.check_if_exists_or_initialize(getattr(t, self.spec.output_proj)).register_hook(_ScatterHook(self), SCATTER_HOOK)
+            _registry(getattr(t, self.spec.text_embed)).register_hook(_TextHook(self), TEXT_HOOK)
+        _registry(getattr(t, self.spec.patch_embed)).register_hook(_GatherHook(self), GATHER_HOOK)
+        _registry(getattr(t, self.spec.output_proj)).register_hook(_ScatterHook(self), SCATTER_HOOK)
         kinds = {"joint": PrunedJointAttnProcessor, "self": PrunedSelfAttnProcessor}
         for layer, block in enumerate(t.transformer_blocks):
             for attr, kind in self.spec.attentions:
@@ -147,9 +150,9 @@ class TokenPruner:
         self.set_bypass(False)
         t = self.transformer
         if self.spec.text_embed is not None:
-            getattr(t, self.spec.text_embed)._diffusers_hook.remove_hook(TEXT_HOOK, recurse=False)
-        getattr(t, self.spec.patch_embed)._diffusers_hook.remove_hook(GATHER_HOOK, recurse=False)
-        getattr(t, self.spec.output_proj)._diffusers_hook.remove_hook(SCATTER_HOOK, recurse=False)
+            _registry(getattr(t, self.spec.text_embed)).remove_hook(TEXT_HOOK, recurse=False)
+        _registry(getattr(t, self.spec.patch_embed)).remove_hook(GATHER_HOOK, recurse=False)
+        _registry(getattr(t, self.spec.output_proj)).remove_hook(SCATTER_HOOK, recurse=False)
         for attn, proc in self._original_processors.items():
             attn.processor = proc
         self._original_processors.clear()

@@ -30,6 +30,7 @@ class KVReuse:
         self.step: int = 0
         self.time: float | None = None
         self._wrapped: list = []
+        self._shapes: dict[int, torch.Size] = {}  # per wrapped layer: the shape its rule was reset for
 
     def attach(self) -> "KVReuse":
         if not self.pruner.attached:
@@ -40,16 +41,16 @@ class KVReuse:
 
     def _wrap(self, proc, rule: Reuse) -> None:
         original = proc.update_cache
-        shape: list = [None]
+        slot = len(self._wrapped)
 
         def update_cache(*args, **kwargs):
             key, value = original(*args, **kwargs)
             rows, heads, total, d = key.shape
             n = self.pruner.num_tokens
             kv = torch.cat([key[:, :, :n], value[:, :, :n]], dim=-1).transpose(1, 2).reshape(rows, n, heads * 2 * d)
-            if shape[0] != kv.shape:
+            if self._shapes.get(slot) != kv.shape:
                 rule.reset(rows, n, kv.shape[-1], kv.device, kv.dtype)
-                shape[0] = kv.shape
+                self._shapes[slot] = kv.shape
             kv = rule.compose(self.step, kv, self.pruner.row_indices, self.time)
             kv = kv.view(rows, n, heads, 2 * d).transpose(1, 2)
             key = torch.cat([kv[..., :d], key[:, :, n:]], dim=2)
@@ -59,7 +60,12 @@ class KVReuse:
         proc.update_cache = update_cache
         self._wrapped.append(proc)
 
+    def reset(self) -> None:
+        """A new generation: every layer's rule forgets its history at its next call."""
+        self._shapes.clear()
+
     def detach(self) -> None:
         for proc in self._wrapped:
             proc.__dict__.pop("update_cache", None)
         self._wrapped.clear()
+        self._shapes.clear()

@@ -15,6 +15,8 @@ from typing import ClassVar
 
 import torch
 
+from catlab.capabilities import Capability
+
 
 @dataclass
 class StepState:
@@ -61,7 +63,11 @@ class Policy:
     start_step: int = 8
     seed: int = 0
 
-    #: probe layers whose attention probabilities :attr:`StepState.attention` must carry
+    #: what this selector needs from the run (:class:`~catlab.capabilities.Capability`); read through
+    #: :attr:`capabilities`, never by looking for marker attributes
+    declares: ClassVar[Capability] = Capability.NONE
+    #: probe layers whose attention probabilities :attr:`StepState.attention` must carry (any: the
+    #: selector has :attr:`Capability.ATTENTION_PROBES <catlab.capabilities.Capability>`)
     attention_layers: ClassVar[tuple[int, ...]] = ()
     #: what :attr:`StepState.output` and :meth:`observe` show: ``"guided"`` (B rows, the
     #: classifier-free-guidance combination) or ``"branches"`` (the 2·B rows as the
@@ -85,6 +91,12 @@ class Policy:
                 f"start_step={self.start_step} must be < num_steps={num_steps}: "
                 f"pruning starts at step start_step + 1"
             )
+
+    @property
+    def capabilities(self) -> Capability:
+        """What the run must provide: the declared set, plus attention probes when probe layers are named."""
+        caps = type(self).declares
+        return caps | Capability.ATTENTION_PROBES if self.attention_layers else caps
 
     @property
     def prunes(self) -> bool:
@@ -114,7 +126,8 @@ class Policy:
     #                                            attribute (writes outputs for observe in place), and
     #                                            changes nothing the next call reads
     #
-    # with select(state) = prepare_step(state), then select_tensors(state). ``cat`` does.
+    # with select(state) = prepare_step(state), then select_tensors(state), and declares
+    # Capability.REPLAYS_SELECTION. ``cat`` does.
 
     def observe(self, step: int, output: torch.Tensor, indices: torch.Tensor | None) -> None:
         """See the model output ``(B, N, C)`` of ``step`` and the indices used (``None``: all)."""
