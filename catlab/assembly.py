@@ -298,6 +298,18 @@ class PruningSession:
             return sum(self.counter.calls[mark:])
         return self.pruner.macs(self.rows, self.num_text, num_tokens=self.num_tokens, kept=plan.kept)
 
+    def call_macs(self, plan: StepPlan | None, rows: int = 0, num_text: int = 0) -> int:
+        """MACs of the transformer call now ending, asked from inside it (a hook's ``post_forward``): counted
+        where a counter runs, else the formula. ``plan=None``: an extra call within a step (skip-layer
+        guidance) of ``rows`` rows over every token."""
+        if plan is not None and plan.kind is StepKind.SKIP:
+            return 0
+        if self.counter is not None:
+            return self.counter.calls[-1] if self.counter.calls else 0
+        if plan is None:
+            return self.pruner.macs(rows, num_text, num_tokens=self.num_tokens)
+        return self.pruner.macs(self.rows, self.num_text, num_tokens=self.num_tokens, kept=plan.kept)
+
     def selection_macs(self, plan: StepPlan) -> int:
         """MACs of the step's selection, probes included (a counter already counts the probes' maps)."""
         if plan.kind is not StepKind.PRUNED:

@@ -6,7 +6,7 @@ from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteSchedu
                        StableDiffusion3Pipeline)
 
 from catlab import disable_pruning, enable_pruning
-from catlab.pruning import pruning_macs
+from catlab.stock_pipelines import pruning_macs
 from catlab.selection.simple import Random
 from tests.conftest import tiny_pixart, tiny_sd3
 

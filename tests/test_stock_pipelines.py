@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from catlab import disable_pruning, enable_pruning
-from catlab.pruning import pruning_macs
+from catlab.stock_pipelines import pruning_macs
 from catlab.selection.baselines import Sequential
 from catlab.stepcache import BudgetSchedule
 from tests.tiny_pipelines import pixart_alpha_pipeline, pixart_sigma_pipeline, sd3_pipeline, sd35_pipeline

@@ -19,10 +19,12 @@ ATTRIBUTE = "_catlab_state"
 @dataclass
 class ModuleState:
     """Per-transformer state: ``graphs`` (a :class:`~catlab.pruning.graphs.ForwardGraphs` or ``None``),
-    ``session`` (the stock-pipeline assembly, or ``None``), ``refusals`` (graph refusals already logged)."""
+    ``session`` (the stock-pipeline assembly, or ``None``), ``watched`` (the pipeline whose
+    ``encode_prompt`` that assembly's hook watches), ``refusals`` (graph refusals already logged)."""
 
     graphs: Any = None
     session: Any = None
+    watched: Any = None
     refusals: set[str] = field(default_factory=set)
 
 
