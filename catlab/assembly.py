@@ -202,8 +202,6 @@ class PruningSession:
             self.parts.step_cache.reset()
         if self.engine is not None:
             self.engine.reset()
-        if self.counter is not None:
-            self.counter.reset()
         if self.graphs is not None:
             self._renew_graphs()
 

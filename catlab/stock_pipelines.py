@@ -66,7 +66,9 @@ def _transformer_of(target) -> nn.Module:
 class TokenPruningHook(ModelHook):
     """Drives a :class:`~catlab.assembly.PruningSession` from inside a stock pipeline call."""
 
-    _is_stateful = True
+    #: not reset by diffusers' ``reset_stateful_hooks`` (a step cache calls it at each generation's start,
+    #: from inside this hook's first call): the hook detects generations itself (``reset_pruning`` by hand)
+    _is_stateful = False
 
     def __init__(self, session: PruningSession, pipeline=None, guidance_scale: float | None = None):
         super().__init__()
@@ -315,7 +317,11 @@ def disable_pruning(target) -> None:
     state = peek_state(transformer)
     if state is None or state.session is None:
         return
-    HookRegistry.check_if_exists_or_initialize(transformer).remove_hook(POLICY_HOOK, recurse=False)
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    hook = registry.get_hook(POLICY_HOOK)
+    registry.remove_hook(POLICY_HOOK, recurse=False)
+    if hook is not None:
+        hook.session = None  # the hook and diffusers' reference to it form a cycle: hold nothing
     state.session.detach()
     release_graphs(transformer)
     state.session = None

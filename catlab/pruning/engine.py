@@ -114,6 +114,7 @@ class TokenPruner:
         self.probe_layers: set[int] = set()
         self.attention: dict[int, torch.Tensor] = {}
         self.processors: list = []
+        self._hooks: list = []
         self._original_processors: dict[nn.Module, object] = {}
         self._macs: dict[tuple[int, int, int, int], int] = {}
         self.attached = False
@@ -126,9 +127,9 @@ class TokenPruner:
             return self
         t = self.transformer
         if self.spec.text_embed is not None:
-            _registry(getattr(t, self.spec.text_embed)).register_hook(_TextHook(self), TEXT_HOOK)
-        _registry(getattr(t, self.spec.patch_embed)).register_hook(_GatherHook(self), GATHER_HOOK)
-        _registry(getattr(t, self.spec.output_proj)).register_hook(_ScatterHook(self), SCATTER_HOOK)
+            _registry(getattr(t, self.spec.text_embed)).register_hook(self._hook(_TextHook), TEXT_HOOK)
+        _registry(getattr(t, self.spec.patch_embed)).register_hook(self._hook(_GatherHook), GATHER_HOOK)
+        _registry(getattr(t, self.spec.output_proj)).register_hook(self._hook(_ScatterHook), SCATTER_HOOK)
         kinds = {"joint": PrunedJointAttnProcessor, "self": PrunedSelfAttnProcessor}
         for layer, block in enumerate(t.transformer_blocks):
             for attr, kind in self.spec.attentions:
@@ -144,9 +145,17 @@ class TokenPruner:
         self.attached = True
         return self
 
+    def _hook(self, kind):
+        hook = kind(self)
+        self._hooks.append(hook)
+        return hook
+
     def detach(self) -> None:
         if not self.attached:
             return
+        for hook in self._hooks:  # a diffusers hook and its function reference point at each other: a cycle
+            hook.pruner = None    # that must not keep this pruner's buffers alive until the next GC
+        self._hooks.clear()
         self.set_bypass(False)
         t = self.transformer
         if self.spec.text_embed is not None:

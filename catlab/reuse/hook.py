@@ -53,3 +53,4 @@ class ReuseHook(ModelHook):
     def detach(self) -> None:
         proj = getattr(self.pruner.transformer, self.pruner.spec.output_proj)
         HookRegistry.check_if_exists_or_initialize(proj).remove_hook(REUSE_HOOK, recurse=False)
+        self.pruner = self.reuse = None  # the hook and diffusers' reference to it form a cycle: hold nothing
