@@ -34,10 +34,9 @@ from catlab.planner import StepKind, StepPlan, StepPlanner
 from catlab.pruning.engine import TokenPruner
 from catlab.pruning.graphs import graph_refusal, graphs_of, log_refusal
 from catlab.pruning.instep import InStepPruning
+from catlab.pruning.reuse_hooks import KVReuse, ReuseHook
 from catlab.pruning.selection_graphs import SelectionGraphs
 from catlab.reuse.base import Reuse
-from catlab.reuse.hook import ReuseHook
-from catlab.reuse.kv import KVReuse
 from catlab.selection.base import Policy
 from catlab.stepcache.base import StepCache, StepCacheError
 from catlab.stepcache.macs import MacCounter

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from catlab.capabilities import Capability
-from catlab.selection.base import Policy, StepState
+from catlab.selection.base import Policy, StepState, select_indices  # noqa: F401  (re-exported)
 
 
 class StepKind(enum.Enum):
@@ -125,11 +125,6 @@ class StepPlanner:
             self.policy.observe(plan.step, output, indices)
         self.output = output
         return time.perf_counter() - start
-
-
-def select_indices(policy: Policy, state: StepState) -> torch.Tensor:
-    """The one call of ``policy.select``; a selector that wraps another (``budget_schedule``) delegates through it."""
-    return policy.select(state)
 
 
 def check_indices(idx: torch.Tensor, batch: int, k: int, n: int, name: str) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from catlab.evaluation.reference import config_hash
+from catlab.hashing import config_hash
 
 #: component kinds a selector may take as parts: the top-level group reaches the selector when its
 #: dataclass has a field of that name, its class lists the kind in ``group_parts`` (all, unless it

@@ -72,7 +72,7 @@ def test_pixart_pipeline():
 
 def test_zero_token_step_skips_the_transformer_on_a_stock_pipeline():
     """budget_schedule [1, 0.5, 0] under enable_pruning: the 0-token step calls no transformer and costs 0 MACs."""
-    from catlab.stepcache import BudgetSchedule
+    from catlab.selection.budget_schedule import BudgetSchedule
 
     pipe, call = _sd3()
     stock = call()

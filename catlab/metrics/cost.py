@@ -1,7 +1,10 @@
 """Cost figures from sampler traces: MACs, MAC ratio, time, selection share."""
 from __future__ import annotations
 
-from catlab.sampler import Trace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: metrics sit below the sampler
+    from catlab.sampler import Trace
 
 
 def cost_metrics(traces: list[Trace], wall_seconds: float) -> dict[str, float]:

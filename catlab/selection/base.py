@@ -137,6 +137,11 @@ class Policy:
         return 0
 
 
+def select_indices(policy: Policy, state: StepState) -> torch.Tensor:
+    """The one call of ``policy.select``; a selector that wraps another (``budget_schedule``) delegates through it."""
+    return policy.select(state)
+
+
 def build_part(registry, spec):
     """A selector's part (scorer, staleness, ...) from ``{"name": ..., **params}`` or a bare name.
 
