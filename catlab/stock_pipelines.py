@@ -44,7 +44,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from catlab.assembly import PruningSession, StepReuse
-from catlab.planner import StepKind, StepPlan
+from catlab.planner import StepKind
 from catlab.pruning.families import patchify
 from catlab.pruning.graphs import release_graphs
 from catlab.pruning.state import peek_state, state_of
