@@ -121,7 +121,8 @@ class PruningSession:
         self.counting = count_macs or parts.step_cache is not None or self.engine is not None
         self.counter: MacCounter | None = None
         self.hooks: list = []  # told the step and time before each forward
-        self._undo: list = []
+        self._undo: list = []  # what detach() runs, last installed first
+        self.attached = False
         self.batch = self.rows = self.num_text = self.num_tokens = self.num_steps = 0
 
     def _graphs(self, cuda_graphs: bool, count_macs: bool):
@@ -138,8 +139,9 @@ class PruningSession:
     def attach(self) -> "PruningSession":
         """Install the parts on the transformer, innermost first: pruner, reuse hook, K/V reuse, step cache
         or in-step engine, MAC counter."""
-        if self._undo:
+        if self.attached:
             return self
+        self.attached = True
         try:
             self._attach()
         except BaseException:
@@ -149,7 +151,6 @@ class PruningSession:
 
     def _attach(self) -> None:
         t, parts = self.transformer, self.parts
-        self._undo.append(lambda: None)  # attached, even if nothing below is
         if self.engine is None:
             self._undo.append(self.pruner.attach().detach)
         if self.rule_inside:
@@ -173,7 +174,7 @@ class PruningSession:
         """Remove every part; the transformer is the stock model again."""
         while self._undo:
             self._undo.pop()()
-        self.hooks = []
+        self.hooks, self.attached = [], False
 
     def __enter__(self) -> "PruningSession":
         return self.attach()

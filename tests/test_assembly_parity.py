@@ -26,6 +26,7 @@ from diffusers import PixArtSigmaPipeline, StableDiffusion3Pipeline
 from catlab import disable_pruning, enable_pruning, pruning_macs
 from catlab.assembly import StepReuse
 from catlab.pruning import BufferPool, emulate_on_cpu, release_graphs
+from catlab.pruning.state import hook_names
 from catlab.registry import reuses, selectors, stepcaches
 from catlab.sampler import SamplerConfig, sample
 from tests.conftest import tiny_pixart, tiny_sd3
@@ -139,3 +140,36 @@ def test_no_reference_cycle_keeps_a_generations_buffers():
         if was:
             gc.enable()
     assert live == 0, f"{live} buffer pools outlive their generation"
+
+
+def test_the_composition_is_checked_once_from_declared_capabilities():
+    """The same refusals in both loops, from what the parts declare (no marker attributes)."""
+    from dataclasses import dataclass
+
+    from catlab.assembly import CompositionError, PruningSession
+    from catlab.capabilities import Capability
+    from catlab.reuse.base import Reuse
+
+    @dataclass
+    class Squared(Reuse):  # not linear in the output: may run after guidance only
+        capabilities = Capability.NONE
+
+    adapter = tiny_sd3()
+    atedm = {"name": "atedm", "alpha": 0.5, "start_step": 2, "prune_layers": [0]}
+    cache = lambda: stepcaches.build("first_block_cache")  # noqa: E731  (does not compose with pruning)
+    refused = [
+        (atedm, StepReuse(rule=reuses.build("taylor")), "prunes inside each step"),
+        ({"name": "random", **PRUNED}, StepReuse(step_cache=cache()), "residuals"),
+        ({"name": "random", **PRUNED}, StepReuse(rule=Squared(), kv=reuses.build("taylor")), "row by row"),
+    ]
+    cfg = SamplerConfig(num_steps=STEPS, progress=False)
+    for spec, parts, why in refused:
+        with pytest.raises(CompositionError, match=why):
+            sample(adapter, selectors.build(spec), PROMPTS, SEEDS, cfg, parts)
+        with pytest.raises(CompositionError, match=why):
+            enable_pruning(_sd3(adapter)[0], selectors.build(spec), reuse=parts)
+    sample(adapter, selectors.build({"name": "random", **PRUNED}), PROMPTS, SEEDS, cfg, Squared())  # after guidance
+    with pytest.raises(CompositionError, match="row by row"):  # a stock pipeline shows it the stacked rows
+        PruningSession(adapter.transformer, selectors.build({"name": "random", **PRUNED}), StepReuse(rule=Squared()),
+                       rows_stacked=True)
+    assert not any(hook_names(m) for m in adapter.transformer.modules())  # a refusal leaves nothing installed
