@@ -113,6 +113,8 @@ class PruningSession:
         self.engine = InStepPruning(policy) if Capability.IN_STEP_ENGINE in caps else None
         #: where the reuse rule acts: inside the transformer (needed with a step cache or K/V rule) or after it
         self.rule_inside = parts.rule is not None and (parts.step_cache is not None or parts.kv is not None)
+        #: why a run that asked for CUDA graphs runs eagerly (``None``: it did not ask, or it is graphed)
+        self.refusal: str | None = None
         self.graphs = self._graphs(cuda_graphs, count_macs)
         selection = SelectionGraphs(self.graphs.device) if self.graphs is not None else None
         self.planner = StepPlanner(policy, parts.step_cache, check_indices=check_indices, selection_graphs=selection)
@@ -131,6 +133,7 @@ class PruningSession:
         reason = graph_refusal(self.transformer, self.policy, inside_hooks=self.rule_inside or self.parts.kv is not None,
                                step_cache=self.parts.step_cache, count_macs=count_macs)
         if reason is not None:
+            self.refusal = reason
             log_refusal(reason, self.transformer)
             return None
         return graphs_of(self.transformer)
@@ -210,6 +213,7 @@ class PruningSession:
         reason = graph_refusal(self.transformer, self.policy, inside_hooks=self.rule_inside or self.parts.kv is not None,
                                step_cache=self.parts.step_cache, count_macs=self.counter is not None)
         if reason is not None:
+            self.refusal = reason
             log_refusal(reason, self.transformer)
             self.graphs = self.planner.selection_graphs = None
             return

@@ -261,6 +261,10 @@ def enable_pruning(target, policy: Policy, guidance_scale: float | None = None, 
 
     Returns the run's assembly (:class:`~catlab.assembly.PruningSession`).
     """
+    if not isinstance(policy, Policy):
+        hint = f": catlab.selectors.build({policy!r})" if isinstance(policy, str) else ""
+        raise TypeError(f"enable_pruning takes a selector (a catlab Policy{hint}); got {type(policy).__name__} "
+                        f"{policy!r:.60}")
     transformer = _transformer_of(target)
     if peek_state(transformer) is not None and state_of(transformer).session is not None:
         disable_pruning(transformer)
