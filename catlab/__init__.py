@@ -16,9 +16,10 @@ import catlab.selection  # noqa: F401,E402  (register the built-in selectors)
 import catlab.prompts  # noqa: F401,E402
 import catlab.loggers  # noqa: F401,E402
 import catlab.metrics  # noqa: F401,E402
-import catlab.reuse  # noqa: F401,E402  (reuse rules and the forecast_error selector)
-import catlab.stepcache  # noqa: F401,E402  (diffusers' step caches and the budget_schedule selector)
-from catlab.pruning import TokenPruner, disable_pruning, enable_pruning, reset_pruning  # noqa: F401
+import catlab.reuse  # noqa: F401,E402  (reuse rules)
+import catlab.stepcache  # noqa: F401,E402  (diffusers' step caches)
+from catlab.pruning import TokenPruner  # noqa: F401
+from catlab.stock_pipelines import disable_pruning, enable_pruning, pruning_macs, reset_pruning  # noqa: F401
 from catlab.sampler import SamplerConfig, sample  # noqa: F401
 
 __version__ = "0.1.0"

@@ -28,8 +28,8 @@ def build_step_cache(spec: Any, policy: Policy, sampler_cfg):
     spec = plain(spec)
     if spec is None:
         return None
-    from catlab.sampler import check_composition
-    from catlab.stepcache import StepCacheError, stepcaches
+    from catlab.assembly import CompositionError, StepReuse, check_composition
+    from catlab.stepcache import stepcaches
 
     cache = stepcaches.build(spec)
     steps = getattr(cache, "num_steps", None)
@@ -38,8 +38,8 @@ def build_step_cache(spec: Any, policy: Policy, sampler_cfg):
     elif steps is not None and int(steps) != int(sampler_cfg.num_steps):
         raise ConfigError(f"stepcache.num_steps={steps} must equal sampler.num_steps={sampler_cfg.num_steps}")
     try:
-        check_composition(policy, cache)
-    except StepCacheError as err:
+        check_composition(policy, StepReuse(step_cache=cache))
+    except CompositionError as err:
         raise ConfigError(str(err)) from None
     return cache
 

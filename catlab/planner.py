@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from catlab.selection.base import Policy, StepState
+from catlab.capabilities import Capability
+from catlab.selection.base import Policy, StepState, select_indices  # noqa: F401  (re-exported)
 
 
 class StepKind(enum.Enum):
@@ -59,7 +60,8 @@ class StepPlanner:
     ``check_indices`` validates every index tensor (shape, range, uniqueness), at the
     cost of a host read per pruned step. With ``selection_graphs`` (a
     :class:`~catlab.pruning.selection_graphs.SelectionGraphs`), a policy that splits its selection
-    (``prepare_step`` / ``select_tensors``) has the tensor part replayed from CUDA graphs.
+    (``prepare_step`` / ``select_tensors``, declaring ``Capability.REPLAYS_SELECTION``) has the tensor
+    part replayed from CUDA graphs.
     """
 
     def __init__(self, policy: Policy, step_cache=None, check_indices: bool = False, selection_graphs=None):
@@ -102,7 +104,7 @@ class StepPlanner:
             return None
         self.state = StepState(step=plan.step, num_steps=self.num_steps, grid=self.grid, batch_size=self.batch_size,
                                k=plan.kept, output=self.output, attention=attention, device=self.device)
-        if self.selection_graphs is not None and hasattr(self.policy, "prepare_step"):
+        if self.selection_graphs is not None and Capability.REPLAYS_SELECTION in self.policy.capabilities:
             indices = self.selection_graphs.select(self.policy, self.state)
         else:
             indices = select_indices(self.policy, self.state)
@@ -123,11 +125,6 @@ class StepPlanner:
             self.policy.observe(plan.step, output, indices)
         self.output = output
         return time.perf_counter() - start
-
-
-def select_indices(policy: Policy, state: StepState) -> torch.Tensor:
-    """The one call of ``policy.select``; a selector that wraps another (``budget_schedule``) delegates through it."""
-    return policy.select(state)
 
 
 def check_indices(idx: torch.Tensor, batch: int, k: int, n: int, name: str) -> None:

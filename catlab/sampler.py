@@ -1,11 +1,10 @@
 """The generic denoising loop: step plan → selection → pruned forward → guidance → scheduler.
 
-It knows no model family and no strategy: the adapter hides the first, the
-:class:`~catlab.planner.StepPlanner` the second, and the
-:class:`~catlab.pruning.engine.TokenPruner` turns indices into pruned execution.
-Everything that depends on the run's parts (where a reuse rule applies, where
-MACs come from, whether steps are timed exactly) is decided once, in
-:class:`_Run`, before the loop starts.
+It knows no model family and no strategy: the adapter hides the first, and the
+run's assembly (:class:`~catlab.assembly.PruningSession`, the same one the
+stock-pipeline hook drives) the second: it checks the composition, wires the
+pruner, graphs, reuse rule, step cache and MAC counter, and offers the per-step
+entry points this loop calls (plan → select → forward → observe → compose).
 """
 from __future__ import annotations
 
@@ -17,19 +16,14 @@ from dataclasses import dataclass, field, replace
 import torch
 from tqdm.auto import tqdm
 
+from catlab.assembly import PruningSession, StepReuse
 from catlab.models.base import ModelAdapter
-from catlab.planner import StepKind, StepPlan, StepPlanner
-from catlab.pruning.engine import TokenPruner
+from catlab.planner import StepKind, StepPlan
 from catlab.pruning.families import patchify
-from catlab.pruning.graphs import graph_refusal, graphs_of, log_refusal
-from catlab.pruning.selection_graphs import SelectionGraphs
 from catlab.pruning.sync_check import no_host_sync
 from catlab.reuse.base import Reuse, unpatchify
-from catlab.reuse.hook import ReuseHook
-from catlab.reuse.kv import KVReuse
 from catlab.selection.base import Policy
-from catlab.stepcache.base import StepCache, StepCacheError
-from catlab.stepcache.macs import MacCounter
+from catlab.stepcache.base import StepCache
 
 
 @dataclass
@@ -58,27 +52,6 @@ class SamplerConfig:
     def __post_init__(self) -> None:
         if int(self.num_steps) < 1:
             raise ValueError(f"sampler.num_steps must be >= 1; got {self.num_steps}")
-
-
-@dataclass
-class StepReuse:
-    """What stands in for the work a step does not do, besides the selector's choice.
-
-    ``rule`` (a :mod:`catlab.reuse` rule) decides what the unselected tokens' outputs
-    become (``None``: their last computed values, as the paper does); ``kv`` applies a
-    rule to their stale keys and values too; ``step_cache`` is a :mod:`catlab.stepcache`
-    wrapper of a diffusers cache. ``time`` is the variable forecasts run in:
-    ``"step"`` (the 1-based step) or ``"sigma"`` (the scheduler's).
-    """
-
-    rule: Reuse | None = None
-    kv: Reuse | None = None
-    step_cache: StepCache | None = None
-    time: str = "step"
-
-    def __post_init__(self) -> None:
-        if self.time not in ("step", "sigma"):
-            raise ValueError(f"StepReuse.time must be 'step' or 'sigma'; got {self.time!r}")
 
 
 @dataclass
@@ -143,14 +116,14 @@ def sample(adapter: ModelAdapter, policy: Policy, prompts: list[str], seeds: lis
     cfg = config or SamplerConfig()
     parts = reuse if isinstance(reuse, StepReuse) else StepReuse(rule=reuse)
     policy.check(cfg.num_steps)
-    parts = in_step_parts(policy, parts)
-    check_composition(policy, parts.step_cache)
-    with contextlib.ExitStack() as stack:
-        return _loop(_Run(adapter, policy, cfg, parts, stack), prompts, seeds)
+    session = PruningSession(adapter.transformer, policy, parts, cuda_graphs=cfg.cuda_graphs, count_macs=cfg.count_macs,
+                             check_indices=cfg.check_indices)
+    with session:
+        return _loop(_Run(adapter, cfg, session), prompts, seeds)
 
 
 def _loop(run: "_Run", prompts: list[str], seeds: list[int]) -> SampleResult:
-    adapter, cfg, planner = run.adapter, run.cfg, run.planner
+    adapter, cfg, session = run.adapter, run.cfg, run.session
     scheduler = adapter.make_scheduler()
     scheduler.set_timesteps(cfg.num_steps, device=adapter.torch_device)
     cond = adapter.encode(prompts, run.guided)
@@ -159,84 +132,44 @@ def _loop(run: "_Run", prompts: list[str], seeds: list[int]) -> SampleResult:
     pred = None
     bar = tqdm(scheduler.timesteps, disable=not (cfg.progress and sys.stderr.isatty()), desc=run.policy.name, leave=False)
     for i, t in enumerate(bar):
-        plan, sigma = planner.plan(i + 1), run.time(scheduler, i)
+        plan, sigma = session.plan(i + 1), run.time(scheduler, i)
         t0 = run.clock()
         with run.guard(plan, "the selection"):
-            idx = planner.select(plan, run.attention())
-            selection_macs = run.selection_macs(plan)
-        t1, mark = run.clock(), run.cost.mark()
+            idx = session.select(plan)
+            selection_macs = session.selection_macs(plan)
+        t1, mark = run.clock(), session.mark()
         with run.guard(plan, "the pruned step"):
             if plan.kind is StepKind.SKIP:
-                stacked, pred = None, run.reuse.forecast(plan.step, pred, planner.output, sigma)
+                stacked, pred = None, run.forecast(plan.step, pred, sigma)
             else:
                 stacked = run.forward(plan, idx, torch.cat([latents] * cond.groups), t, cond, sigma)
                 pred = run.guide(stacked)
             output = patchify(pred, adapter.patch_size)
-            observe_seconds = planner.observe(plan, run.shown(plan, output, stacked), idx)
-            pred = run.reuse.compose(plan, output, idx, pred, sigma)
+            observe_seconds = session.observe(plan, run.shown(plan, output, stacked), idx)
+            pred = run.compose(plan, output, idx, pred, sigma)
             latents = scheduler.step(pred, t, latents, return_dict=False)[0]
         t2 = run.clock()
-        trace.steps.append(StepRecord(plan.step, plan.kept, run.cost.macs(plan, mark), selection_macs, t2 - t0,
+        trace.steps.append(StepRecord(plan.step, plan.kept, session.step_macs(plan, mark), selection_macs, t2 - t0,
                                       (t1 - t0) + observe_seconds))
         trace.indices.append(None if idx is None else idx.detach())  # stays on the device until the end
     return run.finish(trace, latents)
 
 
 class _Run:
-    """One generation's fixed decisions and attached hooks, made before the loop starts."""
+    """One generation of :func:`sample`: the loop's side of the assembly (guidance, timing, images)."""
 
-    def __init__(self, adapter: ModelAdapter, policy: Policy, cfg: SamplerConfig, parts: StepReuse, stack):
-        self.adapter, self.policy, self.cfg, self.parts = adapter, policy, cfg, parts
+    def __init__(self, adapter: ModelAdapter, cfg: SamplerConfig, session: PruningSession):
+        self.adapter, self.cfg, self.session, self.policy = adapter, cfg, session, session.policy
         self.guided = cfg.guidance_scale > 1.0
-        inside = parts.rule is not None and (parts.step_cache is not None or parts.kv is not None)
-        self.graphs = None
-        if cfg.cuda_graphs:
-            reason = graph_refusal(adapter.transformer, policy, inside_hooks=inside or parts.kv is not None,
-                                   step_cache=parts.step_cache, count_macs=cfg.count_macs)
-            if reason is None:
-                self.graphs = graphs_of(adapter.transformer)
-            else:
-                log_refusal(reason, adapter.transformer)
-        selection = SelectionGraphs(adapter.torch_device) if self.graphs is not None else None
-        self.planner = StepPlanner(policy, parts.step_cache, check_indices=cfg.check_indices, selection_graphs=selection)
-        # the pruner: its MAC formula always; its hooks unless pruning in-step; with graphs, their buffers
-        self.pruner = TokenPruner(adapter.transformer, pool=self.graphs.pool if self.graphs is not None else None)
-        if not getattr(policy, "in_step_engine", False):
-            self.pruner.attach()
-            stack.callback(self.pruner.detach)
-        self.pruner.probe_layers = set(getattr(policy, "attention_layers", ()))
-        self.hooks = []  # told the step and time before each forward
-        if inside:
-            self.hooks.append(ReuseHook(self.pruner, parts.rule))
-        if parts.kv is not None:
-            self.hooks.append(KVReuse(self.pruner, parts.kv))
-        for h in self.hooks:
-            h.attach()
-            stack.callback(h.detach)
-        self.reuse = _ReusePlacement(parts.rule, inside, self)
-        cache = parts.step_cache
-        if cache is not None:
-            if not cache.is_applied:  # applied already while it calibrates
-                cache.apply(adapter.transformer)
-                stack.callback(cache.remove, adapter.transformer)
-            cache.reset()
-        counter = None
-        if cfg.count_macs or cache is not None:
-            counter = MacCounter(adapter.transformer).attach()
-            stack.callback(counter.detach)
-        self.cost = _Cost(self.pruner, counter)
 
     def begin(self, batch: int, cond) -> "Trace":
-        grid, device = self.adapter.grid, self.adapter.torch_device
-        self.batch, self.rows, self.cond = batch, batch * cond.groups, cond
-        self.planner.reset(batch, grid, self.cfg.num_steps, device)
-        self.cost.rows, self.cost.text, self.cost.n = self.rows, cond.num_text_tokens, grid[0] * grid[1]
-        self.reuse.reset(batch, device)
-        if self.graphs is not None:
-            self.graphs.new_generation(self.adapter.transformer)
+        adapter, grid = self.adapter, self.adapter.grid
+        self.batch = batch
+        self.session.begin(batch, cond.groups, grid, self.cfg.num_steps, cond.num_text_tokens,
+                           adapter.patch_size ** 2 * adapter.latent_channels, adapter.torch_device)
         self.start = time.perf_counter()
-        return Trace(num_tokens=self.cost.n, grid=grid, batch_size=batch, full_step_macs=self.cost.full(),
-                     graphed=self.graphs is not None)
+        return Trace(num_tokens=grid[0] * grid[1], grid=grid, batch_size=batch, full_step_macs=self.session.full_macs(),
+                     graphed=self.session.graphs is not None)
 
     def finish(self, trace: Trace, latents: torch.Tensor) -> SampleResult:
         _sync(self.adapter.torch_device)
@@ -246,15 +179,11 @@ class _Run:
 
     def forward(self, plan: StepPlan, idx, latents: torch.Tensor, t, cond, sigma) -> torch.Tensor:
         """The transformer on the stacked guidance rows (pruned to ``idx``); the rows as it returns them."""
-        self.pruner.set_indices(idx, self.rows)
-        for h in self.hooks:
-            h.step, h.time = plan.step, sigma
-        if self.graphs is not None:  # the same forward, replayed from the graph of its shape
+        self.session.prepare(plan, idx, sigma)
+        if self.session.graphs is not None:  # the same forward, replayed from the graph of its shape
             predict = lambda lat, tt, kwargs: self.adapter.predict(lat, tt, replace(cond, kwargs=kwargs))  # noqa: E731
-            return self.graphs.call(self.pruner, predict, (latents, t, cond.kwargs), tag=type(self.adapter).__qualname__)
-        cache = self.parts.step_cache
-        with cache.context(plan.step, self.cfg.num_steps) if cache is not None else contextlib.nullcontext():
-            return self.adapter.predict(latents, t, cond)
+            return self.session.forward(plan, predict, (latents, t, cond.kwargs), tag=type(self.adapter).__qualname__)
+        return self.session.forward(plan, self.adapter.predict, (latents, t, cond))
 
     def shown(self, plan: StepPlan, output: torch.Tensor, stacked: torch.Tensor | None) -> torch.Tensor:
         """What the policy sees of a step: the guided output, or for a policy that asks for them
@@ -262,31 +191,33 @@ class _Run:
         if self.policy.observes != "branches" or not self.guided:
             return output
         if stacked is None:  # a step that computed nothing: the branches last computed stand
-            return self.planner.output
+            return self.session.planner.output
         return patchify(stacked, self.adapter.patch_size)
 
     def guide(self, pred: torch.Tensor) -> torch.Tensor:
         """Classifier-free guidance over the stacked (unconditional, conditional) rows."""
-        if not self.guided:
+        return guide(pred, self.cfg.guidance_scale) if self.guided else pred
+
+    def compose(self, plan: StepPlan, output: torch.Tensor, idx, pred: torch.Tensor, sigma) -> torch.Tensor:
+        """After a computed step: the reuse rule, where it acts outside the transformer, on the guided output."""
+        composed = self.session.compose(plan, output, idx, sigma)
+        if composed is output or idx is None:
             return pred
-        uncond, text = pred.chunk(2)
-        return uncond + self.cfg.guidance_scale * (text - uncond)
+        return unpatchify(composed, self.adapter.patch_size, pred.shape[-2], pred.shape[-1])
 
-    def selection_macs(self, plan: StepPlan) -> int:
-        if plan.kind is not StepKind.PRUNED:
-            return 0
-        probes = 0 if self.cost.counter is not None else self.pruner.probe_macs(self.rows, self.cond.num_text_tokens,
-                                                                                  plan.kept)
-        return self.planner.selection_macs() + probes  # a MAC counter already counts the probes' maps
-
-    def attention(self) -> dict[int, torch.Tensor] | None:
-        """Probe maps per sample: the conditional rows (the last ``batch`` rows)."""
-        if not self.pruner.probe_layers or not self.pruner.attention:
-            return None
-        return {layer: probs[-self.batch:] for layer, probs in self.pruner.attention.items()}
+    def forecast(self, step: int, pred, sigma) -> torch.Tensor:
+        """A step that computes no token: the rule's forecast of every token, or the last prediction."""
+        if self.session.planner.output is None:
+            raise ValueError(f"step {step} computes no token but no step has been computed yet")
+        patch, (height, width) = self.adapter.patch_size, pred.shape[-2:]
+        tokens = self.session.forecast(step, self.session.planner.output, sigma)
+        if tokens is None:
+            return pred
+        pred = unpatchify(tokens, patch, height, width)
+        return self.guide(pred) if self.session.rule_inside else pred  # inside: the stacked rows, as returned
 
     def time(self, scheduler, i: int) -> float | None:
-        return float(scheduler.sigmas[i]) if self.parts.time == "sigma" else None
+        return float(scheduler.sigmas[i]) if self.session.parts.time == "sigma" else None
 
     def clock(self) -> float:
         if self.cfg.sync_timing:
@@ -300,86 +231,10 @@ class _Run:
         return contextlib.nullcontext()
 
 
-class _ReusePlacement:
-    """Where the reuse rule acts, decided once: nowhere (stale copies), inside the transformer
-    (a hook on the scattered output, needed with a step cache or K/V rule), or after guidance."""
-
-    def __init__(self, rule: Reuse | None, inside: bool, run: _Run):
-        self.rule, self.inside, self.run = rule, inside, run
-
-    def reset(self, batch: int, device) -> None:
-        if self.rule is not None and not self.inside:
-            adapter = self.run.adapter
-            self.rule.reset(batch, adapter.grid[0] * adapter.grid[1], adapter.patch_size ** 2 * adapter.latent_channels,
-                            device, adapter.torch_dtype)
-
-    def compose(self, plan: StepPlan, output, idx, pred: torch.Tensor, sigma) -> torch.Tensor:
-        """After a computed step: the rule outside the transformer sees the guided output."""
-        if self.rule is None or self.inside or plan.kind is StepKind.SKIP:
-            return pred
-        composed = self.rule.compose(plan.step, output, idx, sigma)
-        if idx is None:
-            return pred
-        return unpatchify(composed, self.run.adapter.patch_size, pred.shape[-2], pred.shape[-1])
-
-    def forecast(self, step: int, pred, output, sigma) -> torch.Tensor:
-        """A step that computes no token: the rule's forecast of every token, or the last prediction."""
-        if output is None:
-            raise ValueError(f"step {step} computes no token but no step has been computed yet")
-        patch, (height, width) = self.run.adapter.patch_size, pred.shape[-2:]
-        if self.rule is None:
-            return pred
-        if self.inside:  # forecast the stacked guidance rows, as the transformer would have returned them
-            cache = self.run.pruner.output_cache
-            none = torch.zeros(cache.shape[0], 0, dtype=torch.long, device=cache.device)
-            return self.run.guide(unpatchify(self.rule.compose(step, cache, none, sigma), patch, height, width))
-        none = torch.zeros(output.shape[0], 0, dtype=torch.long, device=output.device)
-        return unpatchify(self.rule.compose(step, output, none, sigma), patch, height, width)
-
-
-class _Cost:
-    """MACs of a step, from one source decided once: the counter of what ran, or the analytic formula."""
-
-    def __init__(self, pruner: TokenPruner, counter: MacCounter | None):
-        self.pruner, self.counter = pruner, counter
-        self.rows = self.text = self.n = 0
-
-    def full(self) -> int:
-        return self.pruner.macs(self.rows, self.text, num_tokens=self.n)
-
-    def mark(self) -> int:
-        return len(self.counter.calls) if self.counter is not None else 0
-
-    def macs(self, plan: StepPlan, mark: int) -> int:
-        if plan.kind is StepKind.SKIP:
-            return 0
-        if self.counter is not None:
-            return sum(self.counter.calls[mark:])
-        return self.pruner.macs(self.rows, self.text, num_tokens=self.n, kept=plan.kept)
-
-
-def in_step_parts(policy: Policy, parts: StepReuse) -> StepReuse:
-    """For a policy that prunes inside each forward (``atedm``): its engine takes the step cache's place.
-
-    Such a policy selects nothing between steps and reuses nothing, so it combines with
-    neither a step cache nor a reuse rule."""
-    if not getattr(policy, "in_step_engine", False):
-        return parts
-    if parts.step_cache is not None or parts.rule is not None or parts.kv is not None:
-        raise StepCacheError(f"selector '{policy.name}' prunes inside each step and reuses nothing between steps: "
-                             "run it without a step cache or a reuse rule")
-    return replace(parts, step_cache=policy.in_step())
-
-
-def check_composition(policy: Policy, step_cache: StepCache | None) -> None:
-    """Token pruning inside a step cache's computed steps only where the cache allows it."""
-    if getattr(policy, "in_step_engine", False):
-        return  # its own engine (in_step_parts)
-    if step_cache is not None and policy.prunes and not step_cache.composes_with_pruning:
-        raise StepCacheError(
-            f"step cache '{step_cache.name}' compares block residuals between steps; with token pruning "
-            f"(selector '{policy.name}') those residuals belong to different tokens. Compose pruning with "
-            f"'taylorseer', or run '{step_cache.name}' with selector=full.")
+def guide(stacked: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance over stacked (unconditional, conditional) rows."""
+    uncond, text = stacked.chunk(2)
+    return uncond + scale * (text - uncond)
 
 
 def calibrate(step_cache: StepCache, adapter: ModelAdapter, prompts: list[str], seeds: list[int],

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from catlab.evaluation.reference import config_hash
+from catlab.hashing import config_hash
 
 #: component kinds a selector may take as parts: the top-level group reaches the selector when its
 #: dataclass has a field of that name, its class lists the kind in ``group_parts`` (all, unless it
@@ -40,18 +40,19 @@ class Strategy:
 
     def build(self, sampler_cfg):
         """``(policy, reuse rule or None, step cache or None)``, checked against the sampler settings."""
-        from catlab.builders import build_step_cache
+        from catlab.assembly import CompositionError, StepReuse, check_composition
+        from catlab.builders import ConfigError, build_step_cache
         from catlab.registry import reuses, selectors
 
         policy = selectors.build(self.selector, **self.parts)
         policy.check(sampler_cfg.num_steps)
-        if getattr(policy, "in_step_engine", False) and (self.reuse or self.stepcache):
-            from catlab.builders import ConfigError
-
-            raise ConfigError(f"selector '{policy.name}' prunes inside each step and reuses nothing between steps: "
-                              "run it without reuse= or stepcache=")
         cache = build_step_cache(self.stepcache, policy, sampler_cfg)
-        return policy, reuses.build(self.reuse) if self.reuse else None, cache
+        rule = reuses.build(self.reuse) if self.reuse else None
+        try:  # the assembly's one check of the composition, before any compute
+            check_composition(policy, StepReuse(rule=rule, step_cache=cache))
+        except CompositionError as err:
+            raise ConfigError(str(err)) from None
+        return policy, rule, cache
 
 
 def resolve_strategy(spec: Any, groups: Any) -> Strategy:

@@ -16,11 +16,10 @@ from contextlib import nullcontext
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from catlab.capabilities import Capability
 from catlab.planner import StepKind, StepPlanner
-from catlab.pruning.capture import replaying
-from catlab.pruning.selection_graphs import SelectionGraphs
-from catlab.pruning.sync_check import no_host_sync
-from catlab.selection.base import Policy, StepState
+from catlab.pruning import SelectionGraphs, no_host_sync, replaying
+from catlab.selection import Policy, StepState
 
 CPU = torch.device("cpu")
 
@@ -50,7 +49,7 @@ def simulate(policy: Policy, grid: tuple[int, int], num_steps: int, batch: int =
         attention = None
         if plan.kind is StepKind.PRUNED:
             attention = {layer: torch.softmax(torch.randn(batch, n, n, generator=gen), -1).to(device)
-                         for layer in getattr(policy, "attention_layers", ())} or None
+                         for layer in _probes(policy)} or None
         with _guarded(checked, policy, step):
             idx = planner.select(plan, attention)
             if idx is not None:
@@ -65,6 +64,11 @@ def simulate(policy: Policy, grid: tuple[int, int], num_steps: int, batch: int =
             planner.observe(plan, output, idx)
         chosen.append(idx)
     return chosen
+
+
+def _probes(policy: Policy) -> tuple[int, ...]:
+    """The probe layers whose (random) attention maps a policy with attention probes is shown."""
+    return tuple(policy.attention_layers) if Capability.ATTENTION_PROBES in policy.capabilities else ()
 
 
 def _guarded(checked: bool, policy: Policy, step: int):
@@ -133,7 +137,7 @@ def selection_ops(policy: Policy, grid: tuple[int, int] = (16, 16), num_steps: i
         attention = None
         if plan.kind is StepKind.PRUNED:
             attention = {layer: torch.softmax(torch.randn(batch, n, n, generator=gen), -1)
-                         for layer in getattr(policy, "attention_layers", ())} or None
+                         for layer in _probes(policy)} or None
         output = torch.randn(batch, n, channels, generator=gen)
         counter = OpCounter()
         with counter if plan.kind is StepKind.PRUNED else nullcontext():

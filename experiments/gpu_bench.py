@@ -56,6 +56,7 @@ from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteSchedu
 
 from catlab.models.base import Conditioning, ModelAdapter
 from catlab.pruning import compile_pruned, release_graphs, uncompile
+from catlab.pruning.state import peek_state
 from catlab.registry import selectors
 from catlab.reuse import reuses
 from catlab.sampler import SamplerConfig, StepReuse, Trace, sample
@@ -270,7 +271,7 @@ def bench(name: str, args) -> list[dict]:
             for make in makes:  # warm-up: allocator, kernels, compiled code, graphs of every shape, clustering
                 policy, parts = make()
                 sample(adapter, policy, ["a prompt"] * batch, list(range(batch)), warm, parts)
-            store = getattr(adapter.transformer, "_catlab_graphs", None)
+            store = getattr(peek_state(adapter.transformer), "graphs", None)
             label = mode if not graphs or (store is not None and store.graphs) else mode + " (ran eager)"
             for steps in steps_list:
                 (full_s, full), *timings = timed(adapter, makes, steps, args.repeats, batch, graphs)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from catlab.pruning.families import UnsupportedModelError
+from catlab.pruning.instep import InStepPruning
 from catlab.registry import selectors, stepcaches
 from catlab.sampler import SamplerConfig, StepReuse, sample
 from catlab.stepcache.base import StepCacheError
@@ -98,13 +99,6 @@ def test_refuses_step_caches_reuse_rules_and_other_families():
     assert not any(type(b.attn.processor).__name__ == "_RecordingJointAttn" for b in a.transformer.transformer_blocks)
 
 
-def test_stock_pipeline_hook_refuses_it():
-    from catlab import enable_pruning
-
-    with pytest.raises(ValueError, match="atedm_reuse"):
-        enable_pruning(tiny_sd3().transformer, _atedm())
-
-
 def test_pruned_forward_macs_are_counted_as_they_run():
     """One pruned forward under both counters: catlab's MacCounter (Linear, SDPA, explicit matmuls: the
     written-out attention of the pruning layers and G-WPR's power iteration) equals half of torch's FLOP
@@ -116,7 +110,7 @@ def test_pruned_forward_macs_are_counted_as_they_run():
 
     a = tiny_sd3()
     policy = _atedm(alpha=0.25, prune_layers=[0, 1], dsap_steps=0)
-    engine = policy.in_step().apply(a.transformer)
+    engine = InStepPruning(policy).apply(a.transformer)
     cond = a.encode(PROMPTS, True)
     latents = torch.cat([a.initial_latents(SEEDS)] * cond.groups)
     try:

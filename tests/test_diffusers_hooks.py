@@ -6,7 +6,7 @@ from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteSchedu
                        StableDiffusion3Pipeline)
 
 from catlab import disable_pruning, enable_pruning
-from catlab.pruning import pruning_macs
+from catlab.stock_pipelines import pruning_macs
 from catlab.selection.simple import Random
 from tests.conftest import tiny_pixart, tiny_sd3
 
@@ -72,7 +72,7 @@ def test_pixart_pipeline():
 
 def test_zero_token_step_skips_the_transformer_on_a_stock_pipeline():
     """budget_schedule [1, 0.5, 0] under enable_pruning: the 0-token step calls no transformer and costs 0 MACs."""
-    from catlab.stepcache import BudgetSchedule
+    from catlab.selection.budget_schedule import BudgetSchedule
 
     pipe, call = _sd3()
     stock = call()

@@ -16,6 +16,7 @@ from catlab import disable_pruning, enable_pruning
 from catlab.pruning import compile_pruned, graphs_of, release_graphs, uncompile
 from catlab.pruning.buffers import BufferAllocationError, BufferPool
 from catlab.pruning.capture import emulate_on_cpu
+from catlab.pruning.state import peek_state
 from catlab.registry import selectors
 from catlab.sampler import SamplerConfig, StepReuse, sample
 from catlab.stepcache import stepcaches
@@ -23,6 +24,12 @@ from tests.conftest import tiny_pixart, tiny_sd3
 
 PROMPTS, SEEDS = ["a red circle", "a blue square"], [0, 1]
 SELECTORS = ["full", "cat", "sequential", "random", "budget_schedule"]
+
+
+def _graphs(transformer):
+    """The transformer's graph store as catlab's per-module state holds it (None: none)."""
+    state = peek_state(transformer)
+    return None if state is None else state.graphs
 
 
 def _policy(name: str, alpha: float = 0.3):
@@ -92,7 +99,7 @@ def test_a_changed_batch_or_k_captures_another_graph_and_release_frees_the_unuse
         store.pool.release()  # behind the graphs' back: they notice and capture again rather than replay stale memory
         assert torch.equal(_run(adapter, "random", graphs=True, alpha=0.5).images, other_k.images)
         assert store.captures == 7
-        assert release_graphs(adapter.transformer) > 0 and getattr(adapter.transformer, "_catlab_graphs") is None
+        assert release_graphs(adapter.transformer) > 0 and _graphs(adapter.transformer) is None
 
 
 def test_reset_between_generations_forgets_the_previous_images_state():
@@ -112,7 +119,7 @@ def test_fallbacks_say_why_in_one_line_and_run_eagerly(caplog):
         cpu = _run(adapter, "random", graphs=True)  # no emulation: a CPU cannot capture
     assert torch.equal(cpu.images, eager.images)
     assert "cuda_graphs=true but running eagerly: the transformer is on cpu" in caplog.text
-    assert getattr(adapter.transformer, "_catlab_graphs", None) is None
+    assert _graphs(adapter.transformer) is None
     cases = [
         (dict(count_macs=True), "random", None, "count_macs"),
         ({}, {"name": "atedm_reuse", "alpha": 0.3, "start_step": 2, "attention_layers": [1]}, None, "probe layers"),
@@ -169,11 +176,11 @@ def test_stock_pipeline_graphed_equals_eager(name):
     with emulate_on_cpu():
         enable_pruning(pipe, _policy(name), cuda_graphs=True)
         first, second = call(), call()
-        store = pipe.transformer._catlab_graphs
+        store = _graphs(pipe.transformer)
         assert store.captures == len(store.graphs) >= 1 and store.generation == 2
         disable_pruning(pipe)
     assert torch.equal(first, eager) and torch.equal(second, eager)
-    assert getattr(pipe.transformer, "_catlab_graphs", None) is None  # disable_pruning frees them
+    assert _graphs(pipe.transformer) is None  # disable_pruning frees them
 
 
 @pytest.mark.slow
@@ -285,10 +292,13 @@ def test_a_graphed_cat_step_dispatches_a_handful_of_operators():
 
 
 def test_a_select_tensors_that_rebinds_state_is_not_captured(caplog):
+    from catlab.capabilities import Capability
     from catlab.pruning.selection_graphs import SelectionGraphs
     from catlab.selection.base import Policy
 
     class Rebinding(Policy):
+        declares = Capability.REPLAYS_SELECTION
+
         def reset(self, batch_size, grid, num_steps, device):
             self.total = torch.zeros(batch_size, grid[0] * grid[1])
 

@@ -135,7 +135,7 @@ def test_loop_with_copy_reuse_is_the_sampler(model):
 
 
 def test_budget_schedule_mixes_full_forecast_and_pruned_steps(model):
-    from catlab.stepcache import BudgetSchedule
+    from catlab.selection.budget_schedule import BudgetSchedule
 
     policy = BudgetSchedule(inner="sequential", pattern=(1.0, 0.25, 0.0), start_step=3)
     result = generate(model, policy, PROMPTS, SEEDS, num_steps=STEPS, reuse=reuses.build("taylor"))
@@ -147,7 +147,7 @@ def test_budget_schedule_mixes_full_forecast_and_pruned_steps(model):
 
 def test_skipped_step_without_a_rule_reuses_the_last_prediction(model):
     """A 0 budget with no reuse rule repeats the previous prediction: the same images as the copy rule."""
-    from catlab.stepcache import BudgetSchedule
+    from catlab.selection.budget_schedule import BudgetSchedule
 
     policy = BudgetSchedule(inner="sequential", pattern=(1.0, 0.0), start_step=3)
     plain = generate(model, policy, PROMPTS, SEEDS, num_steps=STEPS)
@@ -161,7 +161,7 @@ def test_skipped_step_without_a_rule_reuses_the_last_prediction(model):
 def test_forecast_only_schedule_is_taylorseer_at_token_granularity(model):
     """Pattern (1, 0) with order-1 taylor reuse forecasts like TaylorSeer on the output: close images."""
     from catlab.metrics.fidelity import psnr
-    from catlab.stepcache import BudgetSchedule
+    from catlab.selection.budget_schedule import BudgetSchedule
 
     full = generate(model, selectors.build("full"), PROMPTS, SEEDS, num_steps=STEPS).images
     ours = generate(model, BudgetSchedule(inner="sequential", pattern=(1.0, 0.0), start_step=3), PROMPTS, SEEDS,
@@ -171,7 +171,7 @@ def test_forecast_only_schedule_is_taylorseer_at_token_granularity(model):
 
 def test_skipped_steps_cost_nothing_counted_or_analytic(model):
     """A 0-budget step records 0 MACs whether MACs are counted as they run or computed analytically."""
-    from catlab.stepcache import BudgetSchedule
+    from catlab.selection.budget_schedule import BudgetSchedule
 
     policy = BudgetSchedule(inner="sequential", pattern=(1.0, 0.25, 0.0), start_step=3)
     runs = [sample(model, policy, PROMPTS, SEEDS, SamplerConfig(num_steps=STEPS, progress=False, count_macs=c),

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from catlab import disable_pruning, enable_pruning
-from catlab.pruning import pruning_macs
+from catlab.stock_pipelines import pruning_macs
 from catlab.selection.baselines import Sequential
-from catlab.stepcache import BudgetSchedule
+from catlab.selection.budget_schedule import BudgetSchedule
 from tests.tiny_pipelines import pixart_alpha_pipeline, pixart_sigma_pipeline, sd3_pipeline, sd35_pipeline
 
 BUILDERS = {"sd3": sd3_pipeline, "sd35": sd35_pipeline, "pixart_sigma": pixart_sigma_pipeline,

@@ -8,18 +8,13 @@ a killed job never leaves a half-written entry behind.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
-
-def config_hash(obj: Any, length: int = 12) -> str:
-    """A short stable hash of a JSON-able config."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+from catlab.hashing import config_hash  # noqa: F401  (re-exported: evaluation code imports it from here)
 
 
 class ReferenceCache:

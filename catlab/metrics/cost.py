@@ -1,7 +1,10 @@
 """Cost figures from sampler traces: MACs, MAC ratio, time, selection share."""
 from __future__ import annotations
 
-from catlab.sampler import Trace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: metrics sit below the sampler
+    from catlab.sampler import Trace
 
 #: the version of the MAC-counting rule (catlab/pruning/families.py's formulas, the selection's MACs, what a
 #: record's ``macs`` include); evaluation records are keyed by it, so raise it whenever a change to that rule

@@ -29,6 +29,9 @@ from torch import nn
 from catlab.pruning.buffers import BufferPool
 from catlab.pruning.families import FamilySpec, family_of
 from catlab.pruning.processors import PrunedJointAttnProcessor, PrunedSelfAttnProcessor
+from catlab.pruning.state import hook_names
+
+_registry = HookRegistry.check_if_exists_or_initialize
 
 GATHER_HOOK = "catlab_token_gather"
 SCATTER_HOOK = "catlab_token_scatter"
@@ -88,7 +91,7 @@ class _ScatterHook(ModelHook):
         p.output_cache.scatter_(1, index, output.to(p.output_cache.dtype))
         # another hook on the projection (a step cache, a reuse rule) may keep what it is given: a copy,
         # so the next step's in-place write does not change its history
-        return p.output_cache.clone() if len(module._diffusers_hook.hooks) > 1 else p.output_cache
+        return p.output_cache.clone() if len(hook_names(module)) > 1 else p.output_cache
 
 
 class TokenPruner:
@@ -111,6 +114,7 @@ class TokenPruner:
         self.probe_layers: set[int] = set()
         self.attention: dict[int, torch.Tensor] = {}
         self.processors: list = []
+        self._hooks: list = []
         self._original_processors: dict[nn.Module, object] = {}
         self._macs: dict[tuple[int, int, int, int], int] = {}
         self.attached = False
@@ -123,9 +127,9 @@ class TokenPruner:
             return self
         t = self.transformer
         if self.spec.text_embed is not None:
-            HookRegistry.check_if_exists_or_initialize(getattr(t, self.spec.text_embed)).register_hook(_TextHook(self), TEXT_HOOK)
-        HookRegistry.check_if_exists_or_initialize(getattr(t, self.spec.patch_embed)).register_hook(_GatherHook(self), GATHER_HOOK)
-        HookRegistry.check_if_exists_or_initialize(getattr(t, self.spec.output_proj)).register_hook(_ScatterHook(self), SCATTER_HOOK)
+            _registry(getattr(t, self.spec.text_embed)).register_hook(self._hook(_TextHook), TEXT_HOOK)
+        _registry(getattr(t, self.spec.patch_embed)).register_hook(self._hook(_GatherHook), GATHER_HOOK)
+        _registry(getattr(t, self.spec.output_proj)).register_hook(self._hook(_ScatterHook), SCATTER_HOOK)
         kinds = {"joint": PrunedJointAttnProcessor, "self": PrunedSelfAttnProcessor}
         for layer, block in enumerate(t.transformer_blocks):
             for attr, kind in self.spec.attentions:
@@ -141,15 +145,23 @@ class TokenPruner:
         self.attached = True
         return self
 
+    def _hook(self, kind):
+        hook = kind(self)
+        self._hooks.append(hook)
+        return hook
+
     def detach(self) -> None:
         if not self.attached:
             return
+        for hook in self._hooks:  # a diffusers hook and its function reference point at each other: a cycle
+            hook.pruner = None    # that must not keep this pruner's buffers alive until the next GC
+        self._hooks.clear()
         self.set_bypass(False)
         t = self.transformer
         if self.spec.text_embed is not None:
-            getattr(t, self.spec.text_embed)._diffusers_hook.remove_hook(TEXT_HOOK, recurse=False)
-        getattr(t, self.spec.patch_embed)._diffusers_hook.remove_hook(GATHER_HOOK, recurse=False)
-        getattr(t, self.spec.output_proj)._diffusers_hook.remove_hook(SCATTER_HOOK, recurse=False)
+            _registry(getattr(t, self.spec.text_embed)).remove_hook(TEXT_HOOK, recurse=False)
+        _registry(getattr(t, self.spec.patch_embed)).remove_hook(GATHER_HOOK, recurse=False)
+        _registry(getattr(t, self.spec.output_proj)).remove_hook(SCATTER_HOOK, recurse=False)
         for attn, proc in self._original_processors.items():
             attn.processor = proc
         self._original_processors.clear()

@@ -44,7 +44,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from catlab.pruning.buffers import BufferKey, BufferPool
+from catlab.capabilities import Capability
 from catlab.pruning.capture import emulating, make_backend
+from catlab.pruning.state import hook_names, peek_state, state_of
 
 log = logging.getLogger("catlab.graphs")
 
@@ -210,23 +212,22 @@ def _describe(key: tuple) -> str:
 
 def graphs_of(transformer: nn.Module) -> ForwardGraphs:
     """The transformer's graph store, created on first use on the transformer's device."""
-    store = getattr(transformer, "_catlab_graphs", None)
+    state = state_of(transformer)
     device = next(transformer.parameters()).device
-    if store is None or store.device != device:
-        store = ForwardGraphs(device)
-        transformer._catlab_graphs = store
-    return store
+    if state.graphs is None or state.graphs.device != device:
+        state.graphs = ForwardGraphs(device)
+    return state.graphs
 
 
 def release_graphs(target, unused_only: bool = False) -> int:
     """Free the captured graphs of ``target`` (a pipeline or a transformer) and their buffers; bytes released."""
     transformer = getattr(target, "transformer", target)
-    store = getattr(transformer, "_catlab_graphs", None)
-    if store is None:
+    state = peek_state(transformer)
+    if state is None or state.graphs is None:
         return 0
-    freed = store.release(unused_only)
+    freed = state.graphs.release(unused_only)
     if not unused_only:
-        transformer._catlab_graphs = None
+        state.graphs = None
     return freed
 
 
@@ -242,9 +243,10 @@ def graph_refusal(transformer: nn.Module, policy=None, *, inside_hooks: bool = F
     if device.type != "cuda" and not emulating():
         return f"the transformer is on {device.type}; CUDA graphs need a CUDA device"
     name = getattr(policy, "name", "?")
-    if getattr(policy, "in_step_engine", False):
+    caps = policy.capabilities if policy is not None else Capability.NONE
+    if Capability.IN_STEP_ENGINE in caps:
         return f"selector '{name}' prunes inside each forward with its own engine"
-    if getattr(policy, "attention_layers", ()):
+    if Capability.ATTENTION_PROBES in caps:
         return f"selector '{name}' records attention maps of probe layers inside the forward"
     if step_cache is not None:
         return f"step cache '{getattr(step_cache, 'name', type(step_cache).__name__)}' decides per call, in Python"
@@ -261,8 +263,7 @@ def graph_refusal(transformer: nn.Module, policy=None, *, inside_hooks: bool = F
 def _foreign_hooks(transformer: nn.Module) -> list[str]:
     found = []
     for name, module in transformer.named_modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        hooks = set(getattr(registry, "hooks", {}) or {}) - PRUNING_HOOKS
+        hooks = set(hook_names(module)) - PRUNING_HOOKS
         if hooks:
             found.append(f"{name or 'transformer'}: {', '.join(sorted(hooks))}")
         if module._forward_hooks or module._forward_pre_hooks:
@@ -275,9 +276,9 @@ def _foreign_hooks(transformer: nn.Module) -> list[str]:
 def log_refusal(reason: str, transformer: nn.Module | None = None) -> None:
     """The one line a run prints when it asked for CUDA graphs and runs eagerly; once per reason and
     transformer, so a sweep of many generations says it once."""
-    said = getattr(transformer, "_catlab_graph_refusals", None) if transformer is not None else None
-    if said is not None and reason in said:
-        return
     if transformer is not None:
-        transformer._catlab_graph_refusals = (said or set()) | {reason}
+        said = state_of(transformer).refusals
+        if reason in said:
+            return
+        said.add(reason)
     log.warning("catlab: cuda_graphs=true but running eagerly: %s", reason)

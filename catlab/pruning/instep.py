@@ -18,9 +18,9 @@ keeps no cache between steps:
    projection with the others.
 
 The text stream runs unpruned. Rows (the stacked guidance branches) are pruned
-independently, each by its own attention map. Drive it as a step cache: the sampler
-calls :meth:`reset` per generation and :meth:`context` around each forward; a step
-that the schedule does not prune runs the stock forward. MACs are counted as they
+independently, each by its own attention map. The run's assembly calls :meth:`reset`
+per generation and :meth:`context` around each forward; a step that the schedule does
+not prune runs the stock forward. MACs are counted as they
 run (``catlab.stepcache.macs.MacCounter``), G-WPR's power iteration included.
 """
 from __future__ import annotations
@@ -34,26 +34,10 @@ from torch import nn
 
 from catlab.pruning.families import UnsupportedModelError
 from catlab.pruning.processors import _project, _split
-from catlab.stepcache.base import StepCache
+from catlab.selection.gwpr import gwpr
 
 if TYPE_CHECKING:
     from catlab.selection.atedm import AtEdm
-
-
-def gwpr(attention: torch.Tensor, iterations: int = 20) -> torch.Tensor:
-    """Generalized Weighted PageRank importance, ``(B, N, N)`` → ``(B, N)`` summing to 1.
-
-    ``attention[b, i, j]`` is how much query token i attends to key token j (rows
-    renormalised to sum to 1). Power iteration from the uniform vector:
-    ``s_j ← Σ_i attention[i, j] · s_i``, renormalised each step.
-    """
-    a = attention.float()
-    row_sums = a.sum(-1).clamp_min(1e-12)  # renormalise rows through s, without copying the N×N map
-    s = torch.full(a.shape[:2], 1.0 / a.shape[1], device=a.device)
-    for _ in range(iterations):
-        s = torch.bmm((s / row_sums)[:, None, :], a)[:, 0]
-        s = s / s.sum(-1, keepdim=True).clamp_min(1e-12)
-    return s
 
 
 class _RecordingJointAttn:
@@ -92,10 +76,13 @@ class _RecordingJointAttn:
         return image_out, text_out
 
 
-class InStepPruning(StepCache):
-    """The in-step engine of ``selector=atedm`` (see the module docstring); built by the selector."""
+class InStepPruning:
+    """The in-step engine of ``selector=atedm`` (see the module docstring).
 
-    composes_with_pruning = False
+    The run's assembly (:class:`catlab.assembly.PruningSession`) builds it for a selector that
+    declares ``Capability.IN_STEP_ENGINE`` and holds it in its own slot: :meth:`apply` once,
+    :meth:`reset` per generation, :meth:`context` around each forward, :meth:`remove` at the end.
+    """
 
     def __init__(self, policy: "AtEdm"):
         self.policy = policy
@@ -109,7 +96,7 @@ class InStepPruning(StepCache):
     def name(self) -> str:
         return "atedm (in-step)"
 
-    # -- StepCache protocol --------------------------------------------------------------------
+    # -- lifecycle -------------------------------------------------------------------------------
     def apply(self, transformer: nn.Module) -> "InStepPruning":
         """Install the hooks; a model or setting it cannot run raises its own error, nothing left installed."""
         self._transformer = transformer

@@ -7,7 +7,7 @@ data-dependent shape such as ``x[mask]`` or ``nonzero``) stalls that pipeline.
 
 ::
 
-    from catlab.planner import select_indices
+    from catlab.selection.base import select_indices
     from catlab.pruning.sync_check import no_host_sync
 
     with no_host_sync():

@@ -19,15 +19,25 @@ the forecast runs in (default: the step index; the scheduler's sigma also works)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from catlab.capabilities import Capability
 from catlab.registry import reuses  # noqa: F401  (re-exported: catlab.reuse.reuses)
 
 
 @dataclass
 class Reuse:
-    """Base of every reuse rule: holds nothing, returns the engine's output unchanged."""
+    """Base of every reuse rule: holds nothing, returns the engine's output unchanged.
+
+    ``capabilities``: ``ROW_WISE`` when each batch row is composed alone (linear in the
+    output), so the rule may act on the stacked guidance rows (inside the transformer, or
+    on a stock pipeline) as well as on their combination. A rule without it runs only
+    after guidance, in catlab's sampler.
+    """
+
+    capabilities: ClassVar[Capability] = Capability.ROW_WISE
 
     def reset(self, batch: int, num_tokens: int, channels: int, device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float32) -> None:

@@ -31,6 +31,7 @@ from typing import ClassVar
 
 import torch
 
+from catlab.capabilities import Capability
 from catlab.registry import selectors
 from catlab.selection.base import Policy, StepState, kept_tokens
 
@@ -44,8 +45,8 @@ class AtEdm(Policy):
     ``1..start_step`` run unpruned (the CAT paper prunes its AT-EDM baseline from step 9).
     """
 
-    #: prunes inside the forward: the sampler runs :meth:`in_step`'s engine instead of selecting tokens
-    in_step_engine: ClassVar[bool] = True
+    #: prunes inside the forward: the run's assembly installs the in-step engine instead of selecting tokens
+    declares: ClassVar[Capability] = Capability.IN_STEP_ENGINE
 
     prune_layers: list = field(default_factory=lambda: [0, 1])
     iterations: int = 20
@@ -65,12 +66,6 @@ class AtEdm(Policy):
 
     def num_kept(self, step: int, num_tokens: int) -> int | None:
         return None  # nothing is selected between steps: every step runs the whole (internally pruned) forward
-
-    def in_step(self):
-        """The engine that prunes inside each forward (``catlab.pruning.instep.InStepPruning``)."""
-        from catlab.pruning.instep import InStepPruning
-
-        return InStepPruning(self)
 
     def plan(self, step: int, num_tokens: int) -> dict[int, int]:
         """Tokens left after each pruning layer at ``step`` (1-based); ``{}`` for an unpruned step."""

@@ -12,12 +12,14 @@ kept share over the pruned steps, a stand-in for AT-EDM's DSAP.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from catlab.pruning.instep import gwpr
+from catlab.capabilities import Capability
 from catlab.registry import selectors
 from catlab.selection.base import Policy, StepState, kept_tokens
+from catlab.selection.gwpr import gwpr
 from catlab.selection.ranking import device_generator, top_k
 
 __all__ = ["ATEDMReuse", "gwpr"]
@@ -34,6 +36,8 @@ class ATEDMReuse(Policy):
     ``schedule: step_aware`` the kept fraction falls linearly over the pruned steps
     from ``alpha·(1 + spread)`` to ``alpha·(1 − spread)``, the same budget on average.
     """
+
+    declares: ClassVar[Capability] = Capability.ATTENTION_PROBES
 
     attention_layers: tuple[int, ...] = (3,)
     iterations: int = 20

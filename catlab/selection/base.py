@@ -15,6 +15,8 @@ from typing import ClassVar
 
 import torch
 
+from catlab.capabilities import Capability
+
 
 @dataclass
 class StepState:
@@ -67,7 +69,11 @@ class Policy:
     start_step: int = 8
     seed: int = 0
 
-    #: probe layers whose attention probabilities :attr:`StepState.attention` must carry
+    #: what this selector needs from the run (:class:`~catlab.capabilities.Capability`); read through
+    #: :attr:`capabilities`, never by looking for marker attributes
+    declares: ClassVar[Capability] = Capability.NONE
+    #: probe layers whose attention probabilities :attr:`StepState.attention` must carry (any: the
+    #: selector has :attr:`Capability.ATTENTION_PROBES <catlab.capabilities.Capability>`)
     attention_layers: ClassVar[tuple[int, ...]] = ()
     #: what :attr:`StepState.output` and :meth:`observe` show: ``"guided"`` (B rows, the
     #: classifier-free-guidance combination) or ``"branches"`` (the 2·B rows as the
@@ -91,6 +97,12 @@ class Policy:
                 f"start_step={self.start_step} must be < num_steps={num_steps}: "
                 f"pruning starts at step start_step + 1"
             )
+
+    @property
+    def capabilities(self) -> Capability:
+        """What the run must provide: the declared set, plus attention probes when probe layers are named."""
+        caps = type(self).declares
+        return caps | Capability.ATTENTION_PROBES if self.attention_layers else caps
 
     @property
     def prunes(self) -> bool:
@@ -120,7 +132,8 @@ class Policy:
     #                                            attribute (writes outputs for observe in place), and
     #                                            changes nothing the next call reads
     #
-    # with select(state) = prepare_step(state), then select_tensors(state). ``cat`` does.
+    # with select(state) = prepare_step(state), then select_tensors(state), and declares
+    # Capability.REPLAYS_SELECTION. ``cat`` does.
 
     def observe(self, step: int, output: torch.Tensor, indices: torch.Tensor | None) -> None:
         """See the model output ``(B, N, C)`` of ``step`` and the indices used (``None``: all)."""
@@ -128,6 +141,11 @@ class Policy:
     def selection_macs(self, state: StepState) -> int:
         """Multiply-accumulates the selection itself spent at this step (for cost accounting)."""
         return 0
+
+
+def select_indices(policy: Policy, state: StepState) -> torch.Tensor:
+    """The one call of ``policy.select``; a selector that wraps another (``budget_schedule``) delegates through it."""
+    return policy.select(state)
 
 
 def build_part(registry, spec):

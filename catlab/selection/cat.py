@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from catlab.capabilities import Capability
 from catlab.registry import clusterers, poolings, scorers, selectors, stalenesses
 from catlab.selection.base import Policy, StepState, build_part
 from catlab.selection.clustering import positional_encoding
@@ -63,6 +64,8 @@ class Cat(Policy):
 
     #: the authors score the conditional branch, not the guided output
     observes: ClassVar[str] = "branches"
+    #: its selection splits into prepare_step + select_tensors (replayable from captured graphs)
+    declares: ClassVar[Capability] = Capability.REPLAYS_SELECTION
 
     scorer: Any = field(default_factory=lambda: {"name": "relative_noise"})
     staleness: Any = field(default_factory=lambda: {"name": "ewma"})

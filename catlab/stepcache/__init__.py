@@ -4,7 +4,6 @@ from catlab.stepcache.base import StepCache, StepCacheError, stepcaches
 from catlab.stepcache.caches import FirstBlockCache, MagCache, TaylorSeer
 from catlab.stepcache.cachedit import CacheDitDBCache, CacheDitDBPrune  # registers; imports cache-dit only when built
 from catlab.stepcache.macs import MacCounter
-from catlab.stepcache.schedule import BudgetSchedule
 
-__all__ = ["StepCache", "StepCacheError", "stepcaches", "TaylorSeer", "FirstBlockCache", "MagCache", "MacCounter", "BudgetSchedule",
+__all__ = ["StepCache", "StepCacheError", "stepcaches", "TaylorSeer", "FirstBlockCache", "MagCache", "MacCounter",
            "CacheDitDBCache", "CacheDitDBPrune"]

@@ -19,6 +19,7 @@ from typing import Callable, ClassVar
 from diffusers.hooks import HookRegistry
 from torch import nn
 
+from catlab.capabilities import Capability
 from catlab.registry import stepcaches  # noqa: F401  (re-exported: catlab.stepcache.stepcaches)
 from catlab.stepcache.diffusers_private import CacheContext, _set_cache_context
 
@@ -33,10 +34,18 @@ class StepCache:
 
     #: names of the diffusers hooks this cache registers (removed by :meth:`remove`)
     hook_names: ClassVar[tuple[str, ...]] = ()
-    #: whether token pruning may run inside the steps this cache computes (see docs/beyond_copy.md)
-    composes_with_pruning: ClassVar[bool] = False
-    #: whether :meth:`calibrate` must run before generating
-    needs_calibration: ClassVar[bool] = False
+    #: what this cache allows or needs (:class:`~catlab.capabilities.Capability`): ``COMPOSES_WITH_PRUNING``
+    #: (token pruning may run inside the steps it computes, see docs/beyond_copy.md), ``NEEDS_CALIBRATION``
+    #: (:meth:`calibrate` must run before generating)
+    capabilities: ClassVar[Capability] = Capability.NONE
+
+    @property
+    def composes_with_pruning(self) -> bool:
+        return Capability.COMPOSES_WITH_PRUNING in self.capabilities
+
+    @property
+    def needs_calibration(self) -> bool:
+        return Capability.NEEDS_CALIBRATION in self.capabilities
 
     @property
     def name(self) -> str:

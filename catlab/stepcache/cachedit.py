@@ -27,7 +27,7 @@ puts back the transformer's own ``forward``: the transformer is the stock model 
 catlab's sampler stacks the CFG rows into one transformer call, so cache-dit sees
 one call per step (``enable_separate_cfg=False``) and decides for both rows at once.
 These caches compare block residuals between steps, as diffusers' FirstBlockCache
-does: token pruning inside them is refused (``composes_with_pruning = False``).
+does: token pruning inside them is refused (it does not declare ``COMPOSES_WITH_PRUNING``).
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from typing import ClassVar
 
 from torch import nn
 
+from catlab.capabilities import Capability
 from catlab.stepcache.base import StepCache, StepCacheError, stepcaches
 
 INSTALL = 'pip install "catlab[peers]"'
@@ -107,7 +108,7 @@ class _CacheDit(StepCache):
     #: cache-dit ``max_continuous_cached_steps``: at most this many cached steps in a row (null: no limit)
     max_skip_steps: int | None = None
 
-    composes_with_pruning: ClassVar[bool] = False
+    capabilities: ClassVar[Capability] = Capability.NONE  # token pruning inside its steps is refused
 
     def __post_init__(self) -> None:
         cache_dit_module(self.name)  # fail at build time, before compute, when cache-dit is missing

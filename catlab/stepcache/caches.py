@@ -10,6 +10,7 @@ from diffusers.hooks import (FirstBlockCacheConfig, HookRegistry, MagCacheConfig
                              apply_first_block_cache, apply_mag_cache, apply_taylorseer_cache)
 from torch import nn
 
+from catlab.capabilities import Capability
 from catlab.stepcache.base import StepCache, StepCacheError, stepcaches
 from catlab.stepcache.diffusers_private import (_FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK, _MAG_CACHE_BLOCK_HOOK,
                                                 _MAG_CACHE_LEADER_BLOCK_HOOK, _TAYLORSEER_CACHE_HOOK)
@@ -54,7 +55,7 @@ class TaylorSeer(StepCache):
     disable_cache_before_step: int | None = None
 
     hook_names: ClassVar[tuple[str, ...]] = (_TAYLORSEER_CACHE_HOOK,)
-    composes_with_pruning: ClassVar[bool] = True
+    capabilities: ClassVar[Capability] = Capability.COMPOSES_WITH_PRUNING
 
     def __post_init__(self) -> None:
         if self.disable_cache_before_step is not None:
@@ -139,7 +140,7 @@ class MagCache(StepCache):
     mag_ratios: list[float] | None = field(default=None)
 
     hook_names: ClassVar[tuple[str, ...]] = (_MAG_CACHE_LEADER_BLOCK_HOOK, _MAG_CACHE_BLOCK_HOOK)
-    needs_calibration: ClassVar[bool] = True
+    capabilities: ClassVar[Capability] = Capability.NEEDS_CALIBRATION
 
     @property
     def calibrated(self) -> bool:

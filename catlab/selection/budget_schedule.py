@@ -25,9 +25,8 @@ from typing import Any
 
 import torch
 
-from catlab.planner import select_indices
 from catlab.registry import selectors
-from catlab.selection.base import Policy, StepState, build_part, kept_tokens
+from catlab.selection.base import Policy, StepState, build_part, kept_tokens, select_indices
 
 
 @selectors.register("budget_schedule")
@@ -54,7 +53,7 @@ class BudgetSchedule(Policy):
             spec = {"name": spec} if isinstance(spec, str) else dict(spec)
             spec.setdefault("start_step", self.start_step)
         self.policy = build_part(selectors, spec)
-        self.attention_layers = tuple(getattr(self.policy, "attention_layers", ()))
+        self.attention_layers = tuple(self.policy.attention_layers)
 
     def phase(self, step: int) -> float | None:
         """The budget of ``step``: ``None`` during the warm-up, else the pattern's fraction."""

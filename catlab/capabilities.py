@@ -1,0 +1,36 @@
+"""What a run's parts need from the assembly that runs them, declared as a small typed set.
+
+A selector, a reuse rule or a step cache states what it needs or allows through its
+``capabilities`` (a :class:`Capability` flag set); :mod:`catlab.assembly` reads them
+once, checks the composition and wires the run accordingly. Nothing else looks for
+marker attributes on a part.
+
+====================  ==========  ============================================================
+flag                  declared by  meaning
+====================  ==========  ============================================================
+ATTENTION_PROBES      selector     reads probe layers' attention maps (its ``attention_layers``)
+IN_STEP_ENGINE        selector     prunes inside each forward with its own engine; selects nothing
+REPLAYS_SELECTION     selector     splits ``select`` into ``prepare_step`` + ``select_tensors``, so
+                                   its tensor part may be replayed from captured graphs
+COMPOSES_WITH_PRUNING step cache   token pruning may run inside the steps it computes
+NEEDS_CALIBRATION     step cache   must be calibrated by one full generation first
+ROW_WISE              reuse rule   acts on each batch row alone (linear in the output), so it may
+                                   run on the stacked guidance rows as well as on their combination
+====================  ==========  ============================================================
+"""
+from __future__ import annotations
+
+import enum
+
+
+class Capability(enum.Flag):
+    NONE = 0
+    ATTENTION_PROBES = enum.auto()
+    IN_STEP_ENGINE = enum.auto()
+    REPLAYS_SELECTION = enum.auto()
+    COMPOSES_WITH_PRUNING = enum.auto()
+    NEEDS_CALIBRATION = enum.auto()
+    ROW_WISE = enum.auto()
+
+
+__all__ = ["Capability"]
