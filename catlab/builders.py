@@ -89,41 +89,107 @@ def quiet_libraries() -> None:
 
 
 def run_app(run, cfg) -> None:
-    """Run a Hydra app's ``run(cfg, output_dir)``; a config or step-cache error ends it with one line, not a traceback.
+    """Run a Hydra app's ``run(cfg, output_dir)``; whatever a user can cause ends in one line, not a traceback.
 
-    A single run that produced nothing removes its directory instead of leaving an
-    empty one behind. A sweep job writes the error to its log and to ``failed.json``
-    and lets the sweep go on: the sweep's summary (:mod:`catlab.sweep`) lists it as
-    failed and the sweep exits non-zero.
+    A config error, a refused step cache or a folder that cannot be written
+    (``catlab: cannot write <path>: <reason>``) ends a single run with that line
+    (:class:`~catlab.cli.CatlabExit`, exit status 1) and removes what the run
+    made: the whole run directory when Hydra made it for this run, else the new
+    entries in it. A sweep job that fails for any reason writes its first error
+    line to its log and to ``failed.json`` (the traceback too, for the
+    developer) and lets the sweep go on: the sweep's summary
+    (:mod:`catlab.sweep`) lists it as failed and the sweep exits non-zero.
     """
     import json
     import logging
-    import shutil
+    import traceback
     from pathlib import Path
 
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from catlab.cli import CatlabExit, io_message, os_error
     from catlab.stepcache import StepCacheError
 
     quiet_libraries()
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
+    hydra_files = {".hydra", f"{hc.job.name}.log"}
+    before = {p.name for p in out.iterdir()} if out.exists() else set()
+    fresh = before <= hydra_files  # Hydra made this directory for this run
     try:
+        check_choices(cfg, hc)
         run(cfg, out)
-    except (ConfigError, StepCacheError) as err:
-        kind = "config error" if isinstance(err, ConfigError) else "step cache error"
-        message = f"catlab: {kind}: {err}"
-        produced = any(p.name != ".hydra" and p.name != f"{hc.job.name}.log" for p in out.iterdir()) if out.exists() else False
-        if hc.mode == RunMode.RUN and not produced:
-            logging.shutdown()
-            shutil.rmtree(out, ignore_errors=True)
-            for parent in (out.parent, out.parent.parent):  # the date folder and outputs/, when this run made them
-                if parent.exists() and parent != Path.cwd() and not any(parent.iterdir()):
-                    parent.rmdir()
-        else:  # a sweep job: marked failed, and the sweep goes on (its summary lists it; the exit code says so)
-            logging.getLogger("catlab").error(message)
-            (out / "failed.json").write_text(json.dumps({"error": message}) + "\n")
-            if hc.mode == RunMode.MULTIRUN:
-                return
-        raise SystemExit(message) from None
+    except Exception as err:  # noqa: BLE001 (sorted below: an input, a write, or a bug)
+        single = hc.mode == RunMode.RUN
+        io = os_error(err)
+        if isinstance(err, (ConfigError, StepCacheError)):
+            kind = "config error" if isinstance(err, ConfigError) else "step cache error"
+            message = str(err) if str(err).startswith("catlab:") else f"catlab: {kind}: {err}"
+        elif io is not None:
+            message = io_message(io)
+        elif single:
+            raise  # a bug, not an input: its traceback is what the developer needs
+        else:
+            first = (str(err).strip().splitlines() or [""])[0]
+            message = f"catlab: {type(err).__name__}: {first}" if first else f"catlab: {type(err).__name__}"
+        if single:
+            logging.shutdown()  # closes the run's log file before its folder goes
+            _remove_created(out, before if not fresh else None)
+            raise CatlabExit(message) from None
+        # a sweep job: marked failed, and the sweep goes on (its summary lists it; the exit code says so)
+        logging.getLogger("catlab").error(message)
+        record = {"error": message}
+        if not isinstance(err, (ConfigError, StepCacheError)):
+            record["traceback"] = "".join(traceback.format_exception(err))
+        try:
+            (out / "failed.json").write_text(json.dumps(record) + "\n")
+        except OSError:
+            pass  # the folder cannot be written: the summary calls the job unfinished, the log says why
+
+
+def check_choices(cfg, hc) -> None:
+    """Refuse what Hydra lets through quietly: an option of an optional group (``experiment=nope``) that does
+    not exist, and a top-level key the schema does not have (``+foo=1``)."""
+    import dataclasses
+
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from catlab.cli import key_line, unknown_option
+
+    if GlobalHydra.instance().is_initialized():
+        loader = GlobalHydra.instance().config_loader()
+        for group, choice in hc.runtime.choices.items():
+            if choice is None or group.startswith("hydra") or "/" in group:
+                continue
+            options = loader.get_group_options(group)
+            if options and choice not in options:
+                raise ConfigError(unknown_option(group, str(choice), options))
+    schema = OmegaConf.get_type(cfg)
+    if dataclasses.is_dataclass(schema):
+        fields = [f.name for f in dataclasses.fields(schema)]
+        for key in cfg.keys():
+            if key not in fields:
+                raise ConfigError(key_line(str(key), fields, "the config"))
+
+
+def _remove_created(out, before: set[str] | None) -> None:
+    """Remove what a failed run made: ``out`` itself (``before`` None: Hydra made it for this run) and the
+    empty folders above it inside the working directory, or else the entries of ``out`` not in ``before``."""
+    import shutil
+    from pathlib import Path
+
+    if not out.exists():
+        return
+    if before is not None:
+        for p in out.iterdir():
+            if p.name not in before:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    cwd = Path.cwd().resolve()
+    for parent in out.resolve().parents:  # the date folder and outputs/, when this run made them
+        if parent == cwd or cwd not in parent.parents or any(parent.iterdir()):
+            break
+        parent.rmdir()

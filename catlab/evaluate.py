@@ -24,6 +24,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 import catlab  # noqa: F401  (registers the built-in components)
+from catlab import cli
 from catlab.builders import ConfigError, build_model, plain, run_app, set_threads
 from catlab.config import register_evaluate_schema
 from catlab.evaluation import diagnostics
@@ -193,8 +194,13 @@ def write_diagnostics(strategies, warm, folder: Path) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
+def app(cfg: DictConfig) -> None:
     run_app(run, cfg)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The command line (``argv``: its arguments, default ``sys.argv[1:]``); any error is one ``catlab:`` line."""
+    cli.main(app, argv, config_name="evaluate")
 
 
 if __name__ == "__main__":

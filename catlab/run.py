@@ -25,6 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import catlab  # noqa: F401  (registers the built-in components)
+from catlab import cli
 from catlab.builders import ConfigError, build_model, plain, run_app, set_threads
 from catlab.config import register_schema
 from catlab.loggers.base import to_pil
@@ -118,8 +119,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def app(cfg: DictConfig) -> None:
     run_app(run, cfg)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The command line (``argv``: its arguments, default ``sys.argv[1:]``); any error is one ``catlab:`` line."""
+    cli.main(app, argv, config_name="config")
 
 
 if __name__ == "__main__":
