@@ -57,7 +57,7 @@ def set_threads(threads: int | None) -> None:
 def build_model(model_cfg: dict):
     """The model adapter; a checkpoint that cannot load is a config error naming the model."""
     try:
-        return models.build(model_cfg)
+        adapter = models.build(model_cfg)
     except (ComponentError, TypeError, ValueError, OSError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         hint = ""
@@ -67,6 +67,52 @@ def build_model(model_cfg: dict):
                     "id works when it is in the Hugging Face cache or can be downloaded); full-size models also want "
                     "a GPU (model.device=cuda)")
         raise ConfigError(f"model {model_cfg.get('name')!r} could not be built: {reason}{hint}") from err
+    check_size(adapter, model_cfg.get("name"))
+    return adapter
+
+
+def check_size(adapter, name) -> None:
+    """Refuse a height or width the model cannot take: both must be positive multiples of the VAE's
+    downscaling times the transformer's patch size (else the latent grid does not tile into patches)."""
+    multiple = int(adapter.vae_scale) * int(adapter.patch_size)
+    h, w = int(adapter.height), int(adapter.width)
+    if h < multiple or w < multiple or h % multiple or w % multiple:
+        raise ConfigError(f"model {name!r} takes sizes that are multiples of {multiple} (VAE scale "
+                          f"{adapter.vae_scale} x patch {adapter.patch_size}); got model.height={h}, model.width={w}")
+
+
+#: seeds a torch generator takes: non-negative 63-bit integers (-1 and 2**64 - 1 would give the same noise)
+SEED_LIMIT = 2 ** 63
+
+
+def check_seeds(seeds, key: str) -> None:
+    """Refuse a seed outside ``[0, 2^63)``, naming the key."""
+    for s in seeds:
+        if not 0 <= int(s) < SEED_LIMIT:
+            raise ConfigError(f"{key}: seed {s} is outside [0, 2^63) (seeds are non-negative 63-bit integers)")
+
+
+def sampler_config(node):
+    """The :class:`~catlab.sampler.SamplerConfig` of a run, saying once when guidance is off."""
+    import logging
+
+    from catlab.sampler import SamplerConfig
+
+    sampler_cfg = SamplerConfig(**plain(node))
+    if float(sampler_cfg.guidance_scale) <= 1.0:
+        logging.getLogger("catlab").info("sampler.guidance_scale=%g <= 1: unguided (no classifier-free guidance)",
+                                         sampler_cfg.guidance_scale)
+    return sampler_cfg
+
+
+def check_clusters(policy, num_tokens: int) -> None:
+    """Refuse an exact cluster count (``per_tokens=0``) above the image tokens, instead of a quiet clamp."""
+    for part in (policy, getattr(policy, "inner", None), getattr(policy, "policy", None)):
+        clusterer = getattr(part, "clusterer", None)
+        count = getattr(clusterer, "num_clusters", None)
+        if count is not None and not getattr(clusterer, "per_tokens", 0) and int(count) > num_tokens:
+            raise ConfigError(f"clusterer.num_clusters={count} is more than the {num_tokens} image tokens of this "
+                              f"model and size; at most {num_tokens} (or per_tokens > 0 to scale with the grid)")
 
 
 def quiet_libraries() -> None:

@@ -235,6 +235,10 @@ def enable_pruning(target, policy: Policy, guidance_scale: float | None = None,
     probe layer, another library's hook on the transformer) the calls run eagerly and
     one line says why. :func:`disable_pruning` frees the graphs.
     """
+    if not all(callable(getattr(policy, m, None)) for m in ("reset", "num_kept", "select", "observe", "check")):
+        hint = f": catlab.selectors.build({policy!r})" if isinstance(policy, str) else ""
+        raise TypeError(f"enable_pruning takes a selector (a catlab Policy{hint}); got {type(policy).__name__} "
+                        f"{policy!r:.60}")
     if getattr(policy, "in_step_engine", False):
         raise ValueError(f"selector '{policy.name}' prunes inside each forward and runs in catlab's sampler "
                          "(python -m catlab.run, catlab.sample); on a stock pipeline use selector atedm_reuse")
