@@ -155,6 +155,7 @@ def run_app(run, cfg) -> None:
     from hydra.types import RunMode
 
     from catlab.cli import CatlabExit, io_message, os_error
+    from catlab.planner import IndexContractError
     from catlab.stepcache import StepCacheError
 
     quiet_libraries()
@@ -174,13 +175,15 @@ def run_app(run, cfg) -> None:
             message = str(err) if str(err).startswith("catlab:") else f"catlab: {kind}: {err}"
         elif io is not None:
             message = io_message(io)
+        elif isinstance(err, IndexContractError):  # a selector (often a plugin) that breaks the contract
+            message = f"catlab: {err}"
         elif single:
             raise  # a bug, not an input: its traceback is what the developer needs
         else:
             first = (str(err).strip().splitlines() or [""])[0]
             message = f"catlab: {type(err).__name__}: {first}" if first else f"catlab: {type(err).__name__}"
         if single:
-            logging.shutdown()  # closes the run's log file before its folder goes
+            _close_logs(out)  # the run's log file, before its folder goes
             _remove_created(out, before if not fresh else None)
             raise CatlabExit(message) from None
         # a sweep job: marked failed, and the sweep goes on (its summary lists it; the exit code says so)
@@ -192,6 +195,17 @@ def run_app(run, cfg) -> None:
             (out / "failed.json").write_text(json.dumps(record) + "\n")
         except OSError:
             pass  # the folder cannot be written: the summary calls the job unfinished, the log says why
+
+
+def _close_logs(out) -> None:
+    import logging
+    from pathlib import Path
+
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(out).resolve() in Path(handler.baseFilename).parents:
+            handler.close()
+            root.removeHandler(handler)
 
 
 def check_choices(cfg, hc) -> None:

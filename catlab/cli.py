@@ -86,6 +86,8 @@ def check_writable(folder: Path | str) -> None:
         finally:
             os.close(fd)
             os.unlink(probe)
+    except OSError as err:  # named by the folder the run asked for, not by the probe
+        raise type(err)(err.errno, err.strerror, str(folder)) from None
     finally:
         for d in reversed(made):
             d.rmdir()

@@ -124,7 +124,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(cli.CONF), config_name="config")  # absolute: imported or run
 def app(cfg: DictConfig) -> None:
     run_app(run, cfg)
 
