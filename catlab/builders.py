@@ -58,7 +58,8 @@ def build_model(model_cfg: dict):
     """The model adapter; a checkpoint that cannot load is a config error naming the model."""
     try:
         adapter = models.build(model_cfg)
-    except (ComponentError, TypeError, ValueError, OSError) as err:
+    except (ComponentError, TypeError, ValueError, OSError, ArithmeticError, RuntimeError, AssertionError,
+            AttributeError) as err:  # a size, a device or a dtype the model cannot take, or missing weights
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         hint = ""
         if isinstance(err, OSError) and "path" in model_cfg:

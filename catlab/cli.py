@@ -111,6 +111,7 @@ def main(hydra_main: Callable[[], None], argv: Sequence[str] | None = None, conf
     (:class:`CatlabExit`); so do the one-line errors of the run itself.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    made = _missing_roots(argv)
     keep_full = os.environ.get("HYDRA_FULL_ERROR") == "1"
     saved_argv, saved_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     sys.argv = [saved_argv[0] if saved_argv else "catlab", *argv]
@@ -118,7 +119,7 @@ def main(hydra_main: Callable[[], None], argv: Sequence[str] | None = None, conf
     try:
         hydra_main()
     except CatlabExit as err:
-        _fail(err.message)
+        _fail(err.message, made)
     except SystemExit:
         raise
     except Exception as err:  # noqa: BLE001 (what Hydra raised before or around the run)
@@ -127,7 +128,7 @@ def main(hydra_main: Callable[[], None], argv: Sequence[str] | None = None, conf
         message = hydra_message(err, argv, config_name)
         if message is None:
             raise
-        _fail(message)
+        _fail(message, made)
     finally:
         sys.argv = saved_argv
         if saved_env is None:
@@ -137,7 +138,31 @@ def main(hydra_main: Callable[[], None], argv: Sequence[str] | None = None, conf
         _clear_hydra()
 
 
-def _fail(message: str) -> None:
+def _missing_roots(argv: Sequence[str]) -> list[Path]:
+    """The first folder of each output directory named on the command line that does not exist yet."""
+    roots = []
+    for a in argv:
+        key, _, value = a.lstrip("+").partition("=")
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and value and "$" not in value:
+            p = Path(value).expanduser().absolute()
+            while not p.parent.exists() and p.parent != p:
+                p = p.parent
+            if not p.exists():
+                roots.append(p)
+    return roots
+
+
+def _remove_empty(roots: list[Path]) -> None:
+    """Remove the folders the failed command made on its way to its output directory, where nothing is in them."""
+    import shutil
+
+    for root in roots:
+        if root.is_dir() and not any(p.is_file() or p.is_symlink() for p in root.rglob("*")):
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _fail(message: str, made: list[Path] = ()) -> None:
+    _remove_empty(list(made))
     print(message, file=sys.stderr, flush=True)
     raise SystemExit(1)
 
@@ -183,8 +208,13 @@ def unknown_key(key: str, argv: Sequence[str], config_name: str) -> str:
     """``unknown key 'a.b' (did you mean 'a.c'?); keys of a=<option>: ...`` from the config composed without it."""
     from omegaconf import OmegaConf
 
-    parent, _, leaf = key.rpartition(".")
     cfg, choices = _compose_without(key, argv, config_name)
+    parts = key.split(".")
+    for i in range(1, len(parts)):  # the first part that is not there is the unknown key
+        if cfg is not None and OmegaConf.select(cfg, ".".join(parts[:i]), default=None) is None:
+            key = ".".join(parts[:i])
+            break
+    parent, _, leaf = key.rpartition(".")
     node = (OmegaConf.select(cfg, parent, default=None) if parent else cfg) if cfg is not None else None
     keys = _keys_of(node, parent)
     where = (f"{parent}={choices[parent]}" if parent in choices and choices[parent] else parent) if parent \
