@@ -2,7 +2,7 @@
 
 Examples::
 
-    python -m catlab.evaluate                                   # full vs random on the default model
+    python -m catlab.evaluate                                   # full vs random on the embedded model
     python -m catlab.evaluate experiment=embedded_table2        # the committed table in docs/
     python -m catlab.evaluate 'strategies=[full,cat,random]' 'alphas=[0.2,0.3,0.5]'
 
@@ -25,7 +25,9 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 import catlab  # noqa: F401  (registers the built-in components)
-from catlab.builders import ConfigError, build_model, plain, run_app, set_threads
+from catlab import cli
+from catlab.builders import (ConfigError, build_model, check_clusters, check_seeds, plain, run_app, sampler_config,
+                             set_threads)
 from catlab.config import register_evaluate_schema
 from catlab.evaluation import diagnostics
 from catlab.evaluation.harness import References, Strategy, evaluate_strategies, layout, make_jobs, set_metrics
@@ -37,7 +39,6 @@ from catlab.loggers.base import image_grid
 from catlab.metrics.cost import MACS_RULE
 from catlab.prompts import cache_dir
 from catlab.registry import ComponentError, loggers, metrics, models, prompt_sets
-from catlab.sampler import SamplerConfig
 from catlab.strategy import resolve_strategy
 
 log = logging.getLogger("catlab.evaluate")
@@ -73,7 +74,8 @@ def strategy_specs(cfg: DictConfig) -> list[dict]:
 def prepare(cfg: DictConfig):
     """Check and build everything cheap, before the model loads."""
     try:
-        sampler_cfg = SamplerConfig(**plain(cfg.sampler))
+        sampler_cfg = sampler_config(cfg.sampler)
+        check_seeds(list(cfg.seeds), "seeds")
         strategies = [resolve_strategy(spec, cfg) for spec in strategy_specs(cfg)]
         built = [strategy.build(sampler_cfg) for strategy in strategies]
         prompts, meta = prompt_sets.build(plain(cfg.prompts)).load_with_meta()
@@ -109,6 +111,8 @@ def _shared_dir(out: Path, world: int) -> Path:
 
 def run(cfg: DictConfig, out: Path) -> list[dict]:
     sampler_cfg, resolved, prompts, meta, metric_objs, logger, model_cfg = prepare(cfg)
+    for folder in (out, Path(cfg.store_dir) if cfg.store_dir else out / "store", Path(cfg.cache_dir or cache_dir())):
+        cli.check_writable(folder)  # read-only or full: one line now, not after the first batch
     set_threads(cfg.threads)
     rank, world = _distributed()
     out = _shared_dir(out, world)
@@ -124,7 +128,9 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
             usable.append(m)
     if world > 1 and str(model_cfg.get("device", "cpu")).startswith("cuda"):
         model_cfg = {**model_cfg, "device": f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"}
-    adapter = build_model(model_cfg)
+    adapter = build_model(model_cfg)  # refuses a size the model cannot take
+    for _, (policy, _, _) in resolved:
+        check_clusters(policy, adapter.grid[0] * adapter.grid[1])
     store = ResultStore(Path(cfg.store_dir) if cfg.store_dir else out / "store")
     weights = adapter.fingerprint()  # a retrained checkpoint must not meet the old one's references or records
     model_key = {**plain(cfg.model), "weights": weights} if weights else plain(cfg.model)
@@ -144,7 +150,8 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
                       "alpha": float(policy.alpha) if policy.prunes else 1.0, "start_step": int(policy.start_step),
                       "steps": sampler_cfg.num_steps, "model": plain(cfg.model)})
         store.register_strategy(key, infos[-1])
-    model_label = model_cfg["name"] + (f" ({model_cfg['path']})" if model_cfg.get("path") else "")
+    model_label = model_cfg["name"] + (f" ({model_cfg['path']})" if model_cfg.get("path") else "") + \
+        (" (random weights)" if getattr(adapter, "random_weights", False) else "")
     notes = [f"Model `{model_label}`, {len(jobs)} images ({len({j.prompt_id for j in jobs})} prompts × "
              f"{len(cfg.seeds)} seeds), {sampler_cfg.num_steps} steps, guidance {sampler_cfg.guidance_scale}. "
              "Speed-up: wall clock against the full model timed in the same process on the same batches "
@@ -206,9 +213,14 @@ def write_diagnostics(strategies, warm, folder: Path) -> None:
     image_grid(first.images[:16]).save(folder / "full_samples.png")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
+@hydra.main(version_base="1.3", config_path=str(cli.CONF), config_name="evaluate")  # absolute: imported or run
+def app(cfg: DictConfig) -> None:
     run_app(run, cfg)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The command line (``argv``: its arguments, default ``sys.argv[1:]``); any error is one ``catlab:`` line."""
+    cli.main(app, argv, config_name="evaluate")
 
 
 if __name__ == "__main__":

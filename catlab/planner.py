@@ -18,6 +18,7 @@ the policy nothing" cannot differ between loops.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import time
 from dataclasses import dataclass
@@ -57,8 +58,11 @@ class StepPlanner:
     """Turns a policy (and optionally a step cache's fixed schedule) into a plan per step.
 
     It also keeps the latest output in token space, the state a policy selects from.
-    ``check_indices`` validates every index tensor (shape, range, uniqueness), at the
-    cost of a host read per pruned step. With ``selection_graphs`` (a
+    Every selector's indices are checked against the contract (shape ``(B, k)``, an
+    integer dtype, in ``[0, N)``, unique per row) at the first pruned step of each
+    generation, one host read per generation; ``check_indices`` checks every pruned
+    step. A selector that breaks it stops the run with :class:`IndexContractError`
+    naming the selector, the step and what was wrong. With ``selection_graphs`` (a
     :class:`~catlab.pruning.selection_graphs.SelectionGraphs`), a policy that splits its selection
     (``prepare_step`` / ``select_tensors``, declaring ``Capability.REPLAYS_SELECTION``) has the tensor
     part replayed from CUDA graphs.
@@ -71,6 +75,7 @@ class StepPlanner:
         self.device = torch.device("cpu")
         self.output: torch.Tensor | None = None
         self.state: StepState | None = None
+        self.checked = False  # whether this generation's indices have met the contract once
 
     @property
     def num_tokens(self) -> int:
@@ -80,7 +85,7 @@ class StepPlanner:
         """A new generation starts: the policy forgets everything."""
         self.batch_size, self.grid, self.num_steps = batch_size, tuple(grid), num_steps
         self.device = torch.device(device)
-        self.output, self.state = None, None
+        self.output, self.state, self.checked = None, None, False
         self.policy.reset(batch_size, self.grid, num_steps, self.device)
         if self.selection_graphs is not None:  # the policy's state tensors are new: so must the graphs be
             self.selection_graphs.reset()
@@ -108,8 +113,10 @@ class StepPlanner:
             indices = self.selection_graphs.select(self.policy, self.state)
         else:
             indices = select_indices(self.policy, self.state)
-        if self.check_indices:
-            check_indices(indices, self.batch_size, plan.kept, self.num_tokens, self.policy.name)
+        if self.check_indices or not self.checked:
+            with _unguarded():  # the one host read this check costs, allowed under a host-sync guard
+                check_indices(indices, self.batch_size, plan.kept, self.num_tokens, self.policy.name, plan.step)
+            self.checked = True
         return indices
 
     def selection_macs(self) -> int:
@@ -127,11 +134,43 @@ class StepPlanner:
         return time.perf_counter() - start
 
 
-def check_indices(idx: torch.Tensor, batch: int, k: int, n: int, name: str) -> None:
-    """Fail unless ``idx`` is ``(batch, k)`` integer indices in ``[0, n)``, unique per row."""
-    if idx.shape != (batch, k) or idx.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"selector '{name}' returned {tuple(idx.shape)} {idx.dtype}; expected ({batch}, {k}) integer indices")
-    if int(idx.min()) < 0 or int(idx.max()) >= n:
-        raise ValueError(f"selector '{name}' returned indices outside [0, {n})")
-    if (idx.sort(dim=1).values.diff(dim=1) == 0).any():
-        raise ValueError(f"selector '{name}' returned repeated indices")
+class IndexContractError(ValueError):
+    """A selector returned indices that are not ``(B, k)`` unique integers in ``[0, N)``."""
+
+
+def check_indices(idx, batch: int, k: int, n: int, name: str, step: int | None = None) -> None:
+    """Fail unless ``idx`` is ``(batch, k)`` integer indices in ``[0, n)``, unique per row.
+
+    Raises :class:`IndexContractError` naming the selector (``name``), the step and what was wrong.
+    """
+    where = f"selector '{name}'" + (f" at step {step}" if step is not None else "")
+    if not torch.is_tensor(idx):
+        raise IndexContractError(f"{where} returned {type(idx).__name__}, not a tensor of ({batch}, {k}) token indices")
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise IndexContractError(f"{where} returned {idx.dtype} indices; token indices must be torch.int64 (or int32)")
+    if tuple(idx.shape) != (batch, k):
+        raise IndexContractError(f"{where} returned shape {tuple(idx.shape)}; expected ({batch}, {k}) = "
+                                 f"(batch, k tokens this step)")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise IndexContractError(f"{where} returned indices in [{int(idx.min())}, {int(idx.max())}]; "
+                                 f"tokens are [0, {n})")
+    if k > 1 and bool((idx.sort(dim=1).values.diff(dim=1) == 0).any()):
+        raise IndexContractError(f"{where} returned a token twice in one sample; indices must be unique per row")
+
+
+@contextlib.contextmanager
+def _unguarded():
+    """Suspend :func:`~catlab.pruning.sync_check.no_host_sync`, CUDA's sync debug mode and operator counters
+    (:class:`catlab.testing.OpCounter`) for one check: it is the loop's, not the selector's, work."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    mode = torch.cuda.get_sync_debug_mode() if cuda else 0
+    if mode:
+        torch.cuda.set_sync_debug_mode(0)
+    try:
+        with torch._C.DisableTorchFunction(), _disable_current_modes():
+            yield
+    finally:
+        if mode:
+            torch.cuda.set_sync_debug_mode(mode)

@@ -7,12 +7,17 @@ embedded-world caption, a PartiPrompts category) or is ``None``.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from catlab.cli import write_text
 from catlab.registry import prompt_sets
+
+log = logging.getLogger("catlab")
 
 
 def cache_dir() -> Path:
@@ -41,11 +46,31 @@ class PromptList(PromptSet):
         return [str(p) for p in self.prompts]
 
 
+def text_lines(text: str, path: str, keep: str = "") -> list[str]:
+    """``text`` split on newlines only (``\\n``, with ``\\r\\n`` too), each line stripped of control characters
+    (a tab becomes a space unless ``keep`` holds it).
+
+    ``str.splitlines`` would also split on vertical tabs, form feeds and the like,
+    turning one prompt into two; those characters are dropped instead, with a
+    warning naming the file and how many lines held one.
+    """
+    lines, touched = [], 0
+    for line in text.split("\n"):
+        line = line.removesuffix("\r")
+        clean = "".join(ch if ch in keep else " " if ch == "\t" else ch for ch in line
+                        if ch in keep or ch == "\t" or unicodedata.category(ch) != "Cc")
+        touched += len(clean) != len(line)
+        lines.append(clean)
+    if touched:
+        log.warning("prompts.path: %s: dropped control characters from %d line(s)", path, touched)
+    return lines
+
+
 def _read_lines(path: str) -> list[str]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise ValueError(f"prompts.path: no such file {path!r}")
-    lines = [line.strip() for line in p.read_text().splitlines()]
+    lines = [line.strip() for line in text_lines(p.read_text(), path)]
     prompts = [line for line in lines if line and not line.startswith("#")]
     if not prompts:
         raise ValueError(f"prompts.path: {path!r} holds no prompts (one per line; blank lines and # comments are skipped)")
@@ -92,9 +117,8 @@ class _HubPrompts(PromptSet):
         prompts = [self._text(r[self.column]) for r in rows]
         meta = [r[self.meta_column] for r in rows] if self.meta_column else None
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps({"prompt": p, "meta": m}) + "\n" for p, m in zip(prompts, meta or [None] * len(prompts))))
-        os.replace(tmp, cached)
+        write_text(cached, "".join(json.dumps({"prompt": p, "meta": m}) + "\n"
+                                   for p, m in zip(prompts, meta or [None] * len(prompts))))
         return prompts, meta
 
     @staticmethod
@@ -107,11 +131,11 @@ class _HubPrompts(PromptSet):
         if p.suffix in (".jsonl", ".tsv") and not p.read_text().strip():
             raise ValueError(f"prompts.path: {str(p)!r} holds no prompts")
         if p.suffix == ".jsonl":
-            rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+            rows = [json.loads(line) for line in p.read_text().split("\n") if line.strip()]
             meta = [r.get("meta") for r in rows]
             return [r["prompt"] for r in rows], (meta if any(m is not None for m in meta) else None)
         if p.suffix == ".tsv":
-            rows = [line.split("\t") for line in p.read_text().splitlines()[1:] if line.strip()]
+            rows = [line.rstrip("\r").split("\t") for line in text_lines(p.read_text(), str(p), keep="\t")[1:] if line.strip()]
             return [r[0] for r in rows], [r[1] if len(r) > 1 else None for r in rows]
         return _read_lines(str(p)), None
 

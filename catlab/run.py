@@ -25,12 +25,15 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import catlab  # noqa: F401  (registers the built-in components)
-from catlab.builders import ConfigError, build_model, plain, run_app, set_threads
+from catlab import cli
+from catlab.cli import check_writable, write_text
+from catlab.builders import (ConfigError, build_model, check_clusters, check_seeds, plain, run_app, sampler_config,
+                             set_threads)
 from catlab.config import register_schema
 from catlab.loggers.base import to_pil
 from catlab.metrics.cost import cost_metrics
 from catlab.registry import ComponentError, loggers, models, prompt_sets
-from catlab.sampler import SamplerConfig, StepReuse, calibrate, sample
+from catlab.sampler import StepReuse, calibrate, sample
 from catlab.strategy import resolve_strategy
 
 log = logging.getLogger("catlab")
@@ -40,7 +43,7 @@ register_schema()
 def prepare(cfg: DictConfig):
     """Check and build everything cheap, so a bad config fails before the model loads."""
     try:
-        sampler_cfg = SamplerConfig(**plain(cfg.sampler))
+        sampler_cfg = sampler_config(cfg.sampler)
         strategy = resolve_strategy(cfg.selector, cfg)
         policy, reuse, step_cache = strategy.build(sampler_cfg)
         prompts = prompt_sets.build(plain(cfg.prompts)).load()
@@ -51,6 +54,8 @@ def prepare(cfg: DictConfig):
             raise ConfigError(f"num_images must be >= 1 or null (one per prompt); got {cfg.num_images}")
         if int(cfg.batch_size) < 1:
             raise ConfigError(f"batch_size must be >= 1; got {cfg.batch_size}")
+        num = int(cfg.num_images) if cfg.num_images is not None else len(prompts)
+        check_seeds([int(cfg.seed), int(cfg.seed) + num - 1], "seed (image i uses seed + i)")
     except (ComponentError, TypeError, ValueError) as err:
         raise ConfigError(str(err)) from err
     return sampler_cfg, policy, prompts, logger, model_cfg, reuse, step_cache
@@ -74,13 +79,15 @@ def sweep_group(cfg: DictConfig) -> str:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     sampler_cfg, policy, prompts, logger, model_cfg, reuse, step_cache = prepare(cfg)
+    check_writable(run_dir)  # a read-only or full folder fails here, before the model loads
     set_threads(cfg.threads)
-    adapter = build_model(model_cfg)
+    adapter = build_model(model_cfg)  # refuses a size the model cannot take
+    check_clusters(policy, adapter.grid[0] * adapter.grid[1])
     num = int(cfg.num_images) if cfg.num_images is not None else len(prompts)
     jobs = [(prompts[i % len(prompts)], int(cfg.seed) + i) for i in range(num)]
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     image_dir = run_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     cache_name = step_cache.name if step_cache is not None else None
@@ -107,7 +114,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                "alpha": float(policy.alpha),
                "start_step": int(policy.start_step), "num_steps": sampler_cfg.num_steps, "model": model_cfg["name"],
                **cost_metrics(traces, wall)}
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")  # whole or absent: a sweep reads it
     logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     logger.log_images("samples", torch.cat(all_images)[:16], [p for p, _ in jobs[:16]])
     logger.finish()
@@ -117,9 +124,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+@hydra.main(version_base="1.3", config_path=str(cli.CONF), config_name="config")  # absolute: imported or run
+def app(cfg: DictConfig) -> None:
     run_app(run, cfg)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The command line (``argv``: its arguments, default ``sys.argv[1:]``); any error is one ``catlab:`` line."""
+    cli.main(app, argv, config_name="config")
 
 
 if __name__ == "__main__":

@@ -12,12 +12,15 @@ that says so, never a missing one. The same summary can be rebuilt at any time
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+
+from catlab.cli import write_text
 
 #: metrics shown in the markdown table, in this order, when any job has them
 SHOWN = ("macs_ratio", "seconds_per_image", "selection_share", "psnr", "ssim", "attribute_accuracy", "clip_score")
@@ -33,10 +36,16 @@ def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"job": int(job.name), "overrides": " ".join(overrides)}
         if (job / "metrics.json").exists():
             row["status"] = "done"
-            row.update(json.loads((job / "metrics.json").read_text()))
+            try:
+                row.update(json.loads((job / "metrics.json").read_text()))
+            except ValueError as err:
+                row.update(status="failed", error=f"unreadable metrics.json: {err}")
         elif (job / "failed.json").exists():
             row["status"] = "failed"
-            row["error"] = json.loads((job / "failed.json").read_text()).get("error", "")
+            try:
+                row["error"] = json.loads((job / "failed.json").read_text()).get("error", "")
+            except ValueError:
+                row["error"] = "unreadable failed.json"
         else:
             row["status"] = "unfinished"
         rows.append(row)
@@ -53,10 +62,11 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     """Write ``summary.csv`` (every key of every job) and ``summary.md`` (the main columns) into ``sweep_dir``."""
     rows = job_rows(sweep_dir)
     keys = list(dict.fromkeys(k for row in rows for k in row))
-    with (sweep_dir / "summary.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(sweep_dir / "summary.csv", table.getvalue())
     shown = [k for k in SHOWN if any(k in row for row in rows)]
     split = [row["overrides"].split() for row in rows]
     shared = [o for o in split[0] if all(o in other for other in split)] if split else []
@@ -64,11 +74,15 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
              "| job | overrides | status | " + " | ".join(shown) + " |", "|---" * (3 + len(shown)) + "|"]
     for row, overrides in zip(rows, split):
         cells = [_cell(row.get(k)) for k in shown]
-        status = row["status"] if row["status"] != "failed" else f"failed: {row.get('error', '')}"
+        status = row["status"] if row["status"] != "failed" else f"failed: {_first_line(row.get('error', ''))}"
         own = " ".join(o for o in overrides if o not in shared)
         lines.append(f"| {row['job']} | `{own}` | {status} | " + " | ".join(cells) + " |")
-    (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    write_text(sweep_dir / "summary.md", "\n".join(lines) + "\n")
     return rows
+
+
+def _first_line(text: str) -> str:
+    return (str(text).strip().splitlines() or [""])[0].replace("|", "\\|")
 
 
 def _cell(value) -> str:
@@ -86,14 +100,40 @@ class SweepSummary(Callback):
             return
         rows = write_summary(sweep_dir)
         failed = [r for r in rows if r["status"] == "failed"]
-        print(f"catlab: sweep summary of {len(rows)} jobs -> {sweep_dir / 'summary.md'}", file=sys.stderr)
         if failed:
-            raise SystemExit(f"catlab: {len(failed)} of {len(rows)} sweep jobs failed (jobs "
+            from catlab.cli import CatlabExit
+
+            raise CatlabExit(f"catlab: {len(failed)} of {len(rows)} sweep jobs failed (jobs "
                              f"{', '.join(str(r['job']) for r in failed)}); see {sweep_dir / 'summary.md'}")
+        print(f"catlab: sweep summary of {len(rows)} jobs -> {sweep_dir / 'summary.md'}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m catlab.sweep DIR``: rebuild and print the summary; exit status 1 when a job failed."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("catlab: usage: python -m catlab.sweep <sweep directory>", file=sys.stderr)
+        return 2
+    sweep_dir = Path(argv[0])
+    if not sweep_dir.is_dir():
+        print(f"catlab: no sweep directory {str(sweep_dir)!r}", file=sys.stderr)
+        return 2
+    try:
+        rows = write_summary(sweep_dir)
+    except OSError as err:
+        from catlab.cli import io_message
+
+        print(io_message(err), file=sys.stderr)
+        return 1
+    print((sweep_dir / "summary.md").read_text())
+    failed = [r for r in rows if r["status"] == "failed"]
+    unfinished = [r for r in rows if r["status"] == "unfinished"]
+    if failed:
+        print(f"catlab: {len(failed)} of {len(rows)} sweep jobs failed (jobs {', '.join(str(r['job']) for r in failed)})"
+              + (f", {len(unfinished)} unfinished" if unfinished else ""), file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m catlab.sweep <sweep directory>")
-    write_summary(Path(sys.argv[1]))
-    print((Path(sys.argv[1]) / "summary.md").read_text())
+    raise SystemExit(main())

@@ -27,19 +27,20 @@ CPU = torch.device("cpu")
 def simulate(policy: Policy, grid: tuple[int, int], num_steps: int, batch: int = 2, channels: int = 4,
              seed: int = 0, outputs: Callable[[int], torch.Tensor] | None = None,
              on_select: Callable[[int, StepState, torch.Tensor], None] | None = None,
-             device: torch.device | str = CPU, guard: Callable[[int, StepKind], bool] | None = None
-             ) -> list[torch.Tensor | None]:
+             device: torch.device | str = CPU, guard: Callable[[int, StepKind], bool] | None = None,
+             check_indices: bool = False) -> list[torch.Tensor | None]:
     """One generation of ``num_steps`` with random ``(B, N, C)`` outputs (or ``outputs(step)``).
 
     Probe attention maps, when the policy asks for them, are random softmax rows.
     ``on_select(step, state, indices)`` sees each selection. ``guard(step, kind)``
     returning True runs that step's selection and observation under
-    :func:`~catlab.pruning.sync_check.no_host_sync`. Returns the indices per step.
+    :func:`~catlab.pruning.sync_check.no_host_sync`. The planner checks the index contract at the
+    first pruned step, or at every one with ``check_indices``. Returns the indices per step.
     """
     device = torch.device(device)
     n = grid[0] * grid[1]
     gen = torch.Generator().manual_seed(seed)
-    planner = StepPlanner(policy)
+    planner = StepPlanner(policy, check_indices=check_indices)
     policy.check(num_steps)
     planner.reset(batch, grid, num_steps, device)
     chosen = []
@@ -75,14 +76,20 @@ def _guarded(checked: bool, policy: Policy, step: int):
     return no_host_sync(f"{policy.name} at step {step}") if checked else nullcontext()
 
 
-def check_policy(policy: Policy, grid: tuple[int, int] = (8, 8), batch_size: int = 2, num_steps: int = 8,
+def check_policy(policy: Policy, grid: tuple[int, int] = (8, 8), batch_size: int = 2, num_steps: int | None = None,
                  device: torch.device | str = CPU, skip_first_pruned: bool = False) -> int:
-    """Drive ``policy`` through one synthetic generation, each pruned step under ``no_host_sync``.
+    """Drive ``policy`` through one synthetic generation: the index contract at every pruned step, and each
+    pruned step under ``no_host_sync``.
 
-    ``skip_first_pruned`` leaves the first pruned step unguarded (for a policy that
-    sizes something once, e.g. its clusters). Returns the number of guarded steps;
-    raises :class:`~catlab.pruning.sync_check.HostSyncError`.
+    Every pruned step's indices must be ``(batch_size, k)`` integers in ``[0, N)``, unique
+    per row (:class:`~catlab.planner.IndexContractError` otherwise). ``num_steps``
+    (default: the policy's ``start_step`` + 4, at least 8) must leave pruned steps
+    after ``start_step``. ``skip_first_pruned`` leaves the first pruned step unguarded
+    (for a policy that sizes something once, e.g. its clusters). Returns the number
+    of guarded steps; raises :class:`~catlab.pruning.sync_check.HostSyncError`.
     """
+    if num_steps is None:
+        num_steps = max(8, int(getattr(policy, "start_step", 0)) + 4)
     pruned: list[int] = []
 
     def guard(step: int, kind: StepKind) -> bool:
@@ -91,7 +98,7 @@ def check_policy(policy: Policy, grid: tuple[int, int] = (8, 8), batch_size: int
         pruned.append(step)
         return not (skip_first_pruned and len(pruned) == 1)
 
-    simulate(policy, grid, num_steps, batch=batch_size, channels=8, device=device, guard=guard)
+    simulate(policy, grid, num_steps, batch=batch_size, channels=8, device=device, guard=guard, check_indices=True)
     return len(pruned) - (1 if skip_first_pruned and pruned else 0)
 
 

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1] / "catlab"
 
 #: the rooms, bottom first; a room imports only from its own layer or below
 LAYERS: list[set[str]] = [
-    {"registry", "capabilities", "hashing"},
+    {"registry", "capabilities", "hashing", "cli"},
     {"reuse", "metrics", "loggers", "prompts", "embedded"},
     {"selection"},
     {"planner", "models"},

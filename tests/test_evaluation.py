@@ -32,7 +32,7 @@ def _evaluate(out, cache):
 
     from catlab.evaluate import run
 
-    overrides = ["model.num_layers=1", "model.height=16", "model.width=16", "sampler.num_steps=5",
+    overrides = ["model=tiny_sd3", "model.num_layers=1", "model.height=16", "model.width=16", "sampler.num_steps=5",
                  "+strategy_defaults.start_step=2", "strategies=[full,random]", "batch_size=2",
                  "prompts.prompts=[a red circle,a blue square,a green star]", "metrics=[psnr,ssim,clip_score]",
                  f"cache_dir={cache}", "diagnostics=true"]

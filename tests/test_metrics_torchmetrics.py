@@ -223,7 +223,7 @@ def test_fid_column_end_to_end_in_an_evaluation(tiny_clip, tmp_path):
     from catlab.evaluate import run
     from tests.conftest import ROOT
 
-    overrides = ["model.num_layers=1", "model.height=16", "model.width=16", "sampler.num_steps=4",
+    overrides = ["model=tiny_sd3", "model.num_layers=1", "model.height=16", "model.width=16", "sampler.num_steps=4",
                  "+strategy_defaults.start_step=2", "strategies=[full,random]", "batch_size=3",
                  "prompts.prompts=[a red circle,a blue square,a green star]",
                  f"metrics=[psnr,{{name:fid,feature:clip,backbone:'{tiny_clip}'}}]", f"cache_dir={tmp_path / 'cache'}"]

@@ -17,6 +17,13 @@ def cost_metrics(traces: list[Trace], wall_seconds: float) -> dict[str, float]:
 
     ``macs_ratio`` is the full model's MACs over this run's (> 1 means cheaper),
     with the selection's own MACs counted in this run's.
+
+    ``selection_share`` is the share of the denoising time spent choosing tokens
+    (the policy's ``select`` and ``observe``), after the warm-up: the run's first
+    pruned step is left out of both sides, since it carries one-time costs
+    (imports, the first clustering's set-up) that an evaluation's warm-up batch
+    also leaves out. ``selection_warmup_seconds`` is that step's selection time and
+    ``selection_share_with_warmup`` the share over every step.
     """
     images = sum(t.batch_size for t in traces)
     macs = sum(t.macs for t in traces)
@@ -24,6 +31,9 @@ def cost_metrics(traces: list[Trace], wall_seconds: float) -> dict[str, float]:
     selection_macs = sum(s.selection_macs for t in traces for s in t.steps)
     denoise = sum(t.seconds for t in traces)
     selection = sum(t.selection_seconds for t in traces)
+    first = next(((t, s) for t in traces for s in t.steps if s.kept < t.num_tokens and s.kept > 0), None)
+    warmup = first[1].selection_seconds if first else 0.0
+    warm_denoise = denoise - (first[1].seconds if first else 0.0)
     pruned_steps = [s.kept for t in traces for s in t.steps if s.kept < t.num_tokens]
     return {
         "num_images": images,
@@ -34,7 +44,9 @@ def cost_metrics(traces: list[Trace], wall_seconds: float) -> dict[str, float]:
         "seconds_per_image": wall_seconds / images,
         "denoise_seconds_per_image": denoise / images,
         "images_per_second": images / wall_seconds,
-        "selection_share": selection / denoise if denoise else 0.0,
+        "selection_share": (selection - warmup) / warm_denoise if warm_denoise > 0 else 0.0,
+        "selection_share_with_warmup": selection / denoise if denoise else 0.0,
+        "selection_warmup_seconds": warmup,
         "pruned_steps": len(pruned_steps) / max(len(traces), 1),
         "mean_kept_tokens": (sum(pruned_steps) / len(pruned_steps)) if pruned_steps else float(traces[0].num_tokens),
     }

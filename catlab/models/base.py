@@ -36,6 +36,8 @@ class ModelAdapter:
     height: int = 32
     width: int = 32
     transformer: nn.Module | None = field(default=None, init=False, repr=False)
+    #: seeded random weights (cost, not quality): tables say so next to the model's name
+    random_weights = False
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -25,6 +25,8 @@ def _pixart_predict(adapter: ModelAdapter, latents, timestep, cond: Conditioning
 class TinyPixArt(ModelAdapter):
     """A PixArt-architecture transformer (learned sigma, cross-attention) with seeded random weights, pixel space."""
 
+    random_weights = True
+
     height: int = 32
     width: int = 32
     patch: int = 2

@@ -50,6 +50,8 @@ class TinySD3(ModelAdapter):
     ``dual_attention_layers`` and ``qk_norm`` select SD3.5's variants.
     """
 
+    random_weights = True
+
     height: int = 32
     width: int = 32
     patch: int = 2

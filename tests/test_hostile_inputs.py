@@ -1,0 +1,571 @@
+"""Bad inputs and hostile actions through the real command lines and API: one ``catlab:`` line, nothing left behind.
+
+Each case of :data:`CASES` runs ``catlab.run``, ``catlab.evaluate`` or ``catlab.sweep``
+in this process, through the same ``main(argv)`` that ``python -m`` calls (the
+``slow`` subprocess tests at the end check that the two agree), and asserts:
+the exit code; exactly one line starting ``catlab:`` on stderr, holding the
+expected words; no traceback; and no folder or file left that the command
+made (only a success, or a sweep's job records, may leave its outputs).
+
+Folders that cannot be written are simulated by failing every write under them
+with the errno a read-only folder (EACCES) or a full disk (ENOSPC) gives, at the
+level of ``os`` and ``open`` that every writer goes through (the tests may run as
+root, whom permission bits do not stop). A full disk creates the file and fails
+its bytes, as a real one does.
+"""
+from __future__ import annotations
+
+import builtins
+import errno
+import io
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from catlab.selection.simple import Random
+from tests.conftest import ROOT, run_cli
+
+RUN = ("logger=local", "sampler.num_steps=4", "sampler.progress=false", "selector.start_step=2", "num_images=1",
+       "threads=1", "hydra.run.dir={tmp}/run", "hydra.sweep.dir={tmp}/sweep")
+EVAL = ("model=tiny_sd3", "model.num_layers=1", "model.height=16", "model.width=16", "sampler.num_steps=4",
+        "++strategy_defaults.start_step=2", "num_prompts=1", "metrics=[psnr]", "diagnostics=false", "save_images=false",
+        "warmup=false", "logger=local", "threads=1", "cache_dir={tmp}/cache", "hydra.run.dir={tmp}/eval")
+TINY = ("model=tiny_sd3", "model.num_layers=1", "model.height=16", "model.width=16")
+
+
+# -- hostile conditions ---------------------------------------------------------------------------------------------
+
+class FailingWrites:
+    """Every write under ``root`` whose path contains ``match`` fails with ``code`` (EACCES: read-only; ENOSPC: full)."""
+
+    def __init__(self, monkeypatch, root: Path, code: int, match: str = ""):
+        self.root, self.code, self.match = Path(root).resolve(), code, match
+        self.fds: set[int] = set()
+        real_open, real_os_open, real_write = builtins.open, os.open, os.write
+        real_mkdir, real_replace, real_rename = os.mkdir, os.replace, os.rename
+
+        def hit(path) -> bool:
+            try:
+                p = Path(os.fspath(path)).resolve()
+            except TypeError:
+                return False
+            return (p == self.root or self.root in p.parents) and self.match in str(p)
+
+        def error(path):
+            return OSError(self.code, os.strerror(self.code), os.fspath(path))
+
+        def writing(mode: str) -> bool:
+            return any(c in mode for c in "wax+")
+
+        def patched_open(file, mode="r", *args, **kwargs):
+            if not isinstance(file, int) and writing(mode) and hit(file):
+                if self.code != errno.ENOSPC:
+                    raise error(file)
+                return _FullFile(real_open(file, mode, *args, **kwargs), file, self.code)
+            return real_open(file, mode, *args, **kwargs)
+
+        def patched_os_open(path, flags, *args, **kwargs):
+            wants_write = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+            if wants_write and hit(path):
+                if self.code != errno.ENOSPC:
+                    raise error(path)
+                fd = real_os_open(path, flags, *args, **kwargs)
+                self.fds.add(fd)
+                return fd
+            return real_os_open(path, flags, *args, **kwargs)
+
+        def patched_write(fd, data):
+            if fd in self.fds:
+                raise OSError(self.code, os.strerror(self.code))
+            return real_write(fd, data)
+
+        def patched_mkdir(path, *args, **kwargs):
+            if hit(path) and self.code != errno.ENOSPC:
+                raise error(path)
+            return real_mkdir(path, *args, **kwargs)
+
+        def patched_replace(src, dst, *args, **kwargs):
+            if hit(dst) and self.code != errno.ENOSPC:
+                raise error(dst)
+            return real_replace(src, dst, *args, **kwargs)
+
+        for target, name, value in ((builtins, "open", patched_open), (io, "open", patched_open),
+                                    (os, "open", patched_os_open), (os, "write", patched_write),
+                                    (os, "mkdir", patched_mkdir), (os, "replace", patched_replace),
+                                    (os, "rename", patched_replace)):
+            monkeypatch.setattr(target, name, value)
+        del real_rename
+
+
+class _FullFile:
+    """A file opened on a full disk: it exists, and any byte written fails."""
+
+    def __init__(self, f, path, code):
+        self._f, self._path, self._code = f, path, code
+
+    def write(self, data):
+        raise OSError(self._code, os.strerror(self._code), os.fspath(self._path))
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def read_only(sub: str, make: bool = True):
+    def setup(tmp: Path, monkeypatch):
+        if make:
+            (tmp / sub).mkdir(parents=True, exist_ok=True)
+        FailingWrites(monkeypatch, tmp / sub, errno.EACCES)
+    return setup
+
+
+def disk_full(sub: str, match: str = ""):
+    def setup(tmp: Path, monkeypatch):
+        FailingWrites(monkeypatch, tmp / sub, errno.ENOSPC, match)
+    return setup
+
+
+def a_file(sub: str):
+    def setup(tmp: Path, monkeypatch):
+        (tmp / sub).write_text("a file, not a folder\n")
+    return setup
+
+
+def prompts_file(text: str):
+    def setup(tmp: Path, monkeypatch):
+        (tmp / "prompts.txt").write_text(text)
+    return setup
+
+
+# -- selectors that break the index contract -----------------------------------------------------------------------
+
+def _short(idx, n):
+    return idx[:, :-1]
+
+
+def _long(idx, n):
+    return torch.cat([idx, idx[:, :3]], dim=1)
+
+
+def _repeated(idx, n):
+    idx = idx.clone()
+    idx[:, 1] = idx[:, 0]
+    return idx
+
+
+def _floats(idx, n):
+    return idx.float()
+
+
+def _flat(idx, n):
+    return idx[0]
+
+
+def _beyond(idx, n):
+    idx = idx.clone()
+    idx[:, 0] = n
+    return idx
+
+
+def _negative(idx, n):
+    idx = idx.clone()
+    idx[:, 0] = -1
+    return idx
+
+
+def _a_list(idx, n):
+    return idx.tolist()
+
+
+BROKEN = {  # name: (how the indices are broken, words of the error)
+    "short": (_short, "returned shape"), "long": (_long, "returned shape"), "repeated": (_repeated, "twice"),
+    "floats": (_floats, "torch.float32 indices"), "flat": (_flat, "returned shape"), "beyond": (_beyond, "tokens are [0,"),
+    "negative": (_negative, "tokens are [0,"), "a_list": (_a_list, "returned list"),
+}
+
+
+def broken_selector(kind: str):
+    """A Random selector (same config keys) whose indices are broken the way ``kind`` says."""
+    breaks = BROKEN[kind][0]
+
+    class Broken(Random):
+        name = f"broken_{kind}"
+
+        def select(self, state):
+            return breaks(super().select(state), state.grid[0] * state.grid[1])
+
+    Broken.__name__ = f"Broken_{kind}"
+    return Broken
+
+
+@pytest.fixture
+def broken_registered():
+    """``selector.name=broken_<kind>`` works in the command line for the test's duration."""
+    from catlab.registry import selectors
+
+    names = []
+    for kind in BROKEN:
+        cls = broken_selector(kind)
+        selectors._entries[cls.name] = cls
+        cls.registered_name = cls.name
+        names.append(cls.name)
+    yield
+    for name in names:
+        selectors._entries.pop(name, None)
+
+
+# -- the table -------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    id: str
+    argv: tuple[str, ...]
+    #: words of the one ``catlab:`` line (None: the command succeeds and prints none)
+    line: str | None
+    app: str = "run"
+    setup: Callable | None = None
+    code: int = 1
+    #: what the command may leave under the test folder (a success's outputs, a sweep's job records)
+    keeps: tuple[str, ...] = ()
+    check: Callable | None = None
+
+
+def _unguided_once(tmp, err):
+    assert err.count("unguided") == 1
+
+
+def _one_prompt_and_a_warning(tmp, err):
+    assert "dropped control characters from 1 line(s)" in err
+    assert len(list((tmp / "run" / "images").glob("*.png"))) == 1  # "a\x0bb" is one prompt, not two
+
+
+def _failed_row(tmp, err):
+    summary = (tmp / "sweep" / "summary.md").read_text()
+    assert "failed: catlab:" in summary and "| done |" in summary
+    failed = json.loads((tmp / "sweep" / "0" / "failed.json").read_text())
+    assert failed["error"].startswith("catlab: ")
+    code, out, err2 = _call("sweep", [str(tmp / "sweep")])
+    assert code == 1 and "failed" in out and "unfinished" not in out
+    assert [ln for ln in err2.splitlines() if ln.startswith("catlab:")] == [err2.strip()]
+
+
+def _no_tmp_left(tmp, err):
+    assert not list(tmp.rglob("*.tmp"))
+
+
+CASES = [
+    # -- config typos: the key, the nearest valid one, and the keys there are
+    Case("typo in a selector key", ("selector.alpah=0.3",),
+         "catlab: unknown key 'selector.alpah' (did you mean 'selector.alpha'?); keys of selector=cat: name, alpha"),
+    Case("typo in a sampler key", ("sampler.steps=1",),
+         "unknown key 'sampler.steps' (did you mean 'sampler.num_steps'?); keys of sampler: num_steps"),
+    Case("unknown top-level key", ("foo=bar",), "unknown key 'foo'; keys of the config: model, prompts"),
+    Case("misspelt group", ("selektor=random",), "unknown key 'selektor' (did you mean 'selector'?)"),
+    Case("appended unknown top-level key", ("+foo=1",), "unknown key 'foo'; keys of the config"),
+    Case("typo in a clusterer key", ("clusterer.num_cluster=3",),
+         "(did you mean 'clusterer.num_clusters'?); keys of clusterer=kmeans_sklearn"),
+    Case("typo under another selector", ("selector=random", "selector.alpah=0.3"),
+         "keys of selector=random: name, alpha, start_step, seed"),
+    Case("appended key the selector lacks", ("selector=random", "+selector.alpah=0.3"),
+         "selector 'random' has no config key(s) ['alpah']; allowed: ['alpha', 'seed', 'start_step']"),
+    Case("unknown option", ("selector=nope",), "unknown option 'selector=nope' (did you mean 'selector=noise'?)"),
+    Case("unknown clusterer option", ("clusterer=kmeanz",), "unknown option 'clusterer=kmeanz' (did you mean"),
+    Case("unknown experiment", ("experiment=nope",), "unknown option 'experiment=nope'; options of experiment: "),
+    Case("not a number", ("seed=abc",), "could not be converted to Integer"),
+    Case("broken override syntax", ("selector.alpha=[",), "catlab: config error: "),
+    Case("unknown selector name", ("selector.name=nope",), "unknown selector 'nope'; registered: "),
+    Case("unknown model name", ("model.name=unet",), "unknown model 'unet'; registered: "),
+    # -- values out of range
+    Case("alpha above 1", ("selector.alpha=1.5",), "alpha must be in (0, 1]"),
+    Case("alpha 0", ("selector.alpha=0",), "alpha must be in (0, 1]"),
+    Case("start_step past the end", ("selector.start_step=4",), "start_step=4 must be < num_steps=4"),
+    Case("no steps", ("sampler.num_steps=0",), "sampler.num_steps must be >= 1"),
+    Case("batch 0", ("batch_size=0",), "batch_size must be >= 1"),
+    Case("no images", ("num_images=0",), "num_images must be >= 1 or null"),
+    Case("threads 0", ("threads=0",), "threads must be >= 1"),
+    Case("no clusters", ("clusterer.num_clusters=0",), "num_clusters must be >= 1; got 0"),
+    Case("more clusters than tokens", ("clusterer.num_clusters=100000",),
+         "clusterer.num_clusters=100000 is more than the 256 image tokens"),
+    Case("500 clusters on 256 tokens", ("clusterer.num_clusters=500",), "is more than the 256 image tokens"),
+    Case("odd height", (*TINY, "model.height=33"), "takes sizes that are multiples of 2"),
+    Case("odd size 33x31", (*TINY, "model.height=33", "model.width=31"), "got model.height=33, model.width=31"),
+    Case("size 16x15", (*TINY, "model.width=15"), "multiples of 2 (VAE scale 1 x patch 2)"),
+    Case("size below one patch", (*TINY, "model.height=1", "model.width=1"), "model 'tiny_sd3' could not be built"),
+    Case("embedded without its size key", ("model.height=64",),
+         "key 'model.height' is not in the config file of model=embedded (the component takes it)"),
+    Case("embedded at another size", ("+model.height=64",), "the embedded model generates 32x32 images"),
+    Case("negative seed", ("seed=-1",), "seed -1 is outside [0, 2^63)"),
+    Case("seed 2^64", ("seed=18446744073709551616",), "is outside [0, 2^63)"),
+    Case("seed 2^64 - 1", ("seed=18446744073709551615",), "is outside [0, 2^63)"),
+    Case("last image's seed past 2^63", ("seed=9223372036854775807", "num_images=2"), "seed 9223372036854775808 is outside"),
+    Case("in-step selector with a reuse rule", ("selector=atedm", "reuse=taylor"), "prunes inside each step"),
+    Case("step cache of another length", ("selector=full", "stepcache=taylorseer", "+stepcache.num_steps=5"),
+         "stepcache 'taylorseer' has no config key(s) ['num_steps']"),
+    Case("model on a missing GPU", ("model.device=cuda",), "could not be built"),
+    Case("unknown dtype", ("model.dtype=float13",), "could not be built"),
+    # -- prompts files
+    Case("missing prompts file", ("prompts=file", "prompts.path={tmp}/nope.txt"), "prompts.path: no such file"),
+    Case("empty prompts file", ("prompts=file", "prompts.path={tmp}/prompts.txt"), "holds no prompts",
+         setup=prompts_file("\n  \n# only a comment\n")),
+    Case("prompts file not UTF-8", ("prompts=file", "prompts.path={tmp}/prompts.txt"), "catlab: config error: ",
+         setup=lambda tmp, mp: (tmp / "prompts.txt").write_bytes(b"\xff\xfe a red \xff circle\n")),
+    Case("vertical tab in a prompt", ("prompts=file", "prompts.path={tmp}/prompts.txt", "num_images=null"), None,
+         setup=prompts_file("a small red\x0bcircle\n"), code=0, keeps=("run",), check=_one_prompt_and_a_warning),
+    Case("guidance 0 runs unguided, said once", ("sampler.guidance_scale=0",), None, code=0, keeps=("run",),
+         check=_unguided_once),
+    Case("negative guidance runs unguided, said once", ("sampler.guidance_scale=-5",), None, code=0, keeps=("run",),
+         check=_unguided_once),
+    # -- folders that cannot be written
+    Case("run dir under a file", ("hydra.run.dir={tmp}/afile/run",), "catlab: cannot write ", setup=a_file("afile")),
+    Case("read-only run dir", (), "cannot write {tmp}/run/run.log: Permission denied", setup=read_only("run")),
+    Case("run dir in a read-only folder", ("hydra.run.dir={tmp}/ro/run",), "cannot write {tmp}/ro/run: Permission denied",
+         setup=read_only("ro")),
+    Case("disk full before the run", ("hydra.run.dir={tmp}/full/run",), "No space left on device",
+         setup=disk_full("full", match="catlab-probe")),
+    Case("disk full at the end of the run", (), "cannot write {tmp}/run/metrics.json.tmp: No space left on device",
+         setup=disk_full("run", match="metrics.json"), check=_no_tmp_left),
+    Case("sweep dir under a file", ("-m", "hydra.sweep.dir={tmp}/afile/sweep", "selector=full,random"),
+         "catlab: cannot write ", setup=a_file("afile")),
+    # -- broken selectors (a plugin's bug): the selector, the step and what was wrong
+    Case("selector returns k-1 tokens", ("selector=random", "selector.name=broken_short"),
+         "catlab: selector 'broken_short' at step 3 returned shape (1, "),
+    Case("selector returns floats", ("selector=random", "selector.name=broken_floats"), "returned torch.float32 indices"),
+    Case("selector repeats a token", ("selector=random", "selector.name=broken_repeated"), "a token twice"),
+    # -- sweeps: a job failing at run time is a failed row, the sweep exits non-zero
+    Case("sweep job failing at run time", ("-m", "selector=random", "selector.name=broken_short,random"),
+         "catlab: 1 of 2 sweep jobs failed (jobs 0)", keeps=("sweep",), check=_failed_row),
+    Case("sweep job refused", ("-m", *TINY, "selector=random", "model.height=33,16"),
+         "catlab: 1 of 2 sweep jobs failed (jobs 0)", keeps=("sweep",), check=_failed_row),
+    Case("summary of no sweep", ("{tmp}/nowhere",), "catlab: no sweep directory", app="sweep", code=2),
+    # -- catlab.evaluate
+    Case("evaluate: typo", ("strategy_default.alpha=0.5",), "unknown key 'strategy_default' (did you mean "
+         "'strategy_defaults'?); keys of the config: ", app="evaluate"),
+    Case("evaluate: typo in a model key", ("model.num_layer=1",),
+         "unknown key 'model.num_layer' (did you mean 'model.num_layers'?); keys of model=tiny_sd3", app="evaluate"),
+    Case("evaluate: unknown model option", ("model=nope",), "unknown option 'model=nope'", app="evaluate"),
+    Case("evaluate: unknown metric", ("metrics=[psnr,nope]",), "unknown metric 'nope'", app="evaluate"),
+    Case("evaluate: negative seed", ("seeds=[0,-1]",), "seeds: seed -1 is outside [0, 2^63)", app="evaluate"),
+    Case("evaluate: odd size", ("model.height=15",), "multiples of 2", app="evaluate"),
+    Case("evaluate: read-only cache", (), "cannot write {tmp}/cache: Permission denied", app="evaluate",
+         setup=read_only("cache", make=False)),
+    Case("evaluate: store under a file", ("store_dir={tmp}/afile/store",), "cannot write {tmp}/afile: Not a directory",
+         app="evaluate", setup=a_file("afile")),
+]
+
+
+def _call(app: str, argv: list[str]) -> tuple[int, str, str]:
+    """Run an app's ``main(argv)`` here; (exit code, stdout, stderr)."""
+    import contextlib
+
+    from catlab import evaluate, run, sweep
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            if app == "sweep":
+                code = sweep.main(argv)
+            else:
+                (run if app == "run" else evaluate).main(argv)
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
+
+
+def _tree(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_hostile_input(case: Case, tmp_path, monkeypatch, broken_registered):
+    if case.id == "model on a missing GPU" and torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    monkeypatch.chdir(ROOT)
+    tmp = tmp_path
+    (tmp / "marker").write_text("")  # the test folder is not the command's to remove
+    if case.setup is not None:
+        case.setup(tmp, monkeypatch)
+    before = _tree(tmp)
+    base = {"run": RUN, "evaluate": EVAL, "sweep": ()}[case.app]
+    argv = [a.format(tmp=tmp) for a in (*base, *case.argv)]
+    argv = [a for a in argv if a.startswith("-")] + [a for a in argv if not a.startswith("-")]
+    code, out, err = _call(case.app, argv)
+    monkeypatch.undo()  # writes work again, for the checks
+    lines = [ln for ln in err.splitlines() if ln.startswith("catlab:")]
+    assert code == case.code, err[-2000:]
+    assert "Traceback" not in err and "Traceback" not in out
+    if case.line is None:
+        assert lines == [], err[-2000:]
+    else:
+        assert len(lines) == 1, err[-2000:]
+        assert case.line.format(tmp=tmp) in lines[0]
+    left = {p for p in _tree(tmp) - before if not any(p == k or p.startswith(k + "/") for k in case.keeps)}
+    assert not left, f"left behind: {sorted(left)}"
+    if case.check is not None:
+        case.check(tmp, out + err)  # catlab's log lines go to stdout (Hydra's console handler)
+
+
+def test_the_table_holds_forty_cases():
+    assert len(CASES) >= 40
+
+
+# -- the index contract in every loop ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", sorted(BROKEN))
+def test_the_sampler_names_a_selector_that_breaks_the_contract(kind):
+    from catlab.planner import IndexContractError
+    from catlab.sampler import SamplerConfig, sample
+    from tests.conftest import tiny_sd3
+
+    policy = broken_selector(kind)(start_step=1)
+    with pytest.raises(IndexContractError, match=f"selector 'broken_{kind}' at step 2 .*{re.escape(BROKEN[kind][1])}"):
+        sample(tiny_sd3(num_layers=1), policy, ["a red circle", "a blue square"], [0, 1],
+               SamplerConfig(num_steps=3, progress=False))
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN))
+def test_enable_pruning_names_a_selector_that_breaks_the_contract(kind):
+    from catlab import disable_pruning, enable_pruning
+    from catlab.planner import IndexContractError
+    from tests.test_diffusers_hooks import _sd3
+
+    pipe, call = _sd3()
+    enable_pruning(pipe, broken_selector(kind)(start_step=1))
+    try:
+        with pytest.raises(IndexContractError, match=f"selector 'broken_{kind}' at step 2 .*{re.escape(BROKEN[kind][1])}"):
+            call()
+    finally:
+        disable_pruning(pipe)
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN))
+def test_check_policy_fails_a_selector_that_breaks_the_contract(kind):
+    from catlab.planner import IndexContractError
+    from catlab.testing import check_policy
+
+    from catlab.pruning.sync_check import HostSyncError
+
+    # a list can only be made by reading the device: the host-sync guard names it first
+    error, words = (HostSyncError, "broken_a_list at step 2") if kind == "a_list" else \
+        (IndexContractError, f"selector 'broken_{kind}'.*{re.escape(BROKEN[kind][1])}")
+    with pytest.raises(error, match=words):
+        check_policy(broken_selector(kind)(start_step=1))
+
+
+def test_the_contract_is_checked_at_each_generations_first_pruned_step_only():
+    """Cheap by default (one check per generation); ``check_indices`` checks every pruned step."""
+    from catlab.planner import IndexContractError
+    from catlab.testing import simulate
+
+    class LateBreak(Random):
+        name = "late_break"
+
+        def select(self, state):
+            idx = super().select(state)
+            return idx[:, :-1] if state.step == 4 else idx
+
+    simulate(LateBreak(start_step=1), grid=(4, 4), num_steps=6)  # broken at its 3rd pruned step: not looked at
+    with pytest.raises(IndexContractError, match="late_break' at step 4"):
+        simulate(LateBreak(start_step=1), grid=(4, 4), num_steps=6, check_indices=True)
+
+
+def test_check_policy_defaults_work_with_every_selectors_default_start_step():
+    from catlab.registry import selectors
+    from catlab.testing import check_policy
+
+    for name in ("cat", "random", "noise", "sequential"):
+        policy = selectors.build(name)
+        assert check_policy(policy, skip_first_pruned=name == "cat") >= 1, name
+
+
+def test_enable_pruning_refuses_a_name_or_anything_not_a_selector():
+    from catlab import enable_pruning
+    from tests.test_diffusers_hooks import _sd3
+
+    pipe, _ = _sd3()
+    with pytest.raises(TypeError, match=r"enable_pruning takes a selector .*catlab.selectors.build\('cat'\)"):
+        enable_pruning(pipe, "cat")
+    with pytest.raises(TypeError, match="got dict"):
+        enable_pruning(pipe, {"name": "cat"})
+    assert getattr(pipe.transformer, "_catlab_pruner", None) is None
+
+
+# -- numbers that say what they are --------------------------------------------------------------------------------
+
+def test_selection_share_leaves_the_warm_up_out():
+    """The first pruned step carries one-time costs; ``selection_share`` leaves it out, the rest says it apart."""
+    from catlab.metrics.cost import cost_metrics
+    from catlab.sampler import StepRecord, Trace
+
+    steps = [StepRecord(1, 16, 100, 0, 1.0, 0.0), StepRecord(2, 4, 30, 1, 1.5, 0.9), StepRecord(3, 4, 30, 1, 1.0, 0.1)]
+    m = cost_metrics([Trace(num_tokens=16, grid=(4, 4), batch_size=1, full_step_macs=100, steps=steps, seconds=3.5)], 3.5)
+    assert m["selection_share"] == pytest.approx(0.1 / 2.0)
+    assert m["selection_share_with_warmup"] == pytest.approx(1.0 / 3.5)
+    assert m["selection_warmup_seconds"] == pytest.approx(0.9)
+
+
+def test_random_weight_models_say_so():
+    from catlab.models.embedded import Embedded
+    from tests.conftest import tiny_pixart, tiny_sd3
+
+    assert tiny_sd3().random_weights and tiny_pixart().random_weights and not Embedded.random_weights
+
+
+def test_evaluate_defaults_to_the_embedded_model():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        assert compose(config_name="evaluate").model.name == "embedded"
+
+
+# -- the same through real processes -------------------------------------------------------------------------------
+
+def _one_line(proc) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("catlab:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_a_typo_through_python_m(tmp_path):
+    proc, run_dir = run_cli("selector.alpah=0.3", "logger=local", tmp_path=tmp_path, check=False)
+    assert proc.returncode == 1 and not run_dir.exists()
+    assert _one_line(proc).startswith("catlab: unknown key 'selector.alpah' (did you mean 'selector.alpha'?)")
+    assert "+selector" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_run_dir_under_a_file_through_python_m(tmp_path):
+    (tmp_path / "afile").write_text("")
+    proc, _ = run_cli("logger=local", f"hydra.run.dir={tmp_path / 'afile' / 'run'}", tmp_path=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert _one_line(proc) == f"catlab: cannot write {tmp_path / 'afile' / 'run'}: Not a directory"
+
+
+@pytest.mark.slow
+def test_a_sweep_with_a_job_failing_at_run_time_through_python_m(tmp_path):
+    proc, _ = run_cli("-m", *TINY, "selector=random", "selector.start_step=1", "sampler.num_steps=3", "num_images=1",
+                      "logger=local", "sampler.progress=false", "model.height=33,16", tmp_path=tmp_path, check=False)
+    assert proc.returncode == 1 and _one_line(proc).startswith("catlab: 1 of 2 sweep jobs failed (jobs 0)")
+    summary = subprocess_sweep(tmp_path / "sweep")
+    assert summary.returncode == 1 and "failed: catlab: config error: model 'tiny_sd3' takes sizes" in summary.stdout
+
+
+def subprocess_sweep(folder: Path):
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "catlab.sweep", str(folder)], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=120)
