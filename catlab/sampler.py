@@ -21,7 +21,7 @@ from catlab.models.base import ModelAdapter
 from catlab.planner import StepKind, StepPlan, StepPlanner
 from catlab.pruning.engine import TokenPruner
 from catlab.pruning.families import patchify
-from catlab.pruning.graphs import graph_refusal, graphs_of, log_refusal
+from catlab.pruning.graphs import generation_counts, graph_refusal, graphs_of, log_refusal
 from catlab.pruning.selection_graphs import SelectionGraphs
 from catlab.pruning.sync_check import no_host_sync
 from catlab.reuse.base import Reuse, unpatchify
@@ -103,8 +103,11 @@ class Trace:
     steps: list[StepRecord] = field(default_factory=list)
     indices: list[torch.Tensor | None] = field(default_factory=list)
     seconds: float = 0.0
-    #: whether the forwards replayed captured CUDA graphs (``sampler.cuda_graphs`` and capturable)
+    #: whether the forwards replayed captured CUDA graphs (``sampler.cuda_graphs``, the pruned steps
+    #: replayed, nothing refused: :meth:`catlab.pruning.graphs.GraphCounts.replayed`)
     graphed: bool = False
+    #: with ``sampler.cuda_graphs``: captures, replays and refusals (with reasons) of this generation
+    graph_counts: dict = field(default_factory=dict)
 
     @property
     def macs(self) -> int:
@@ -189,13 +192,14 @@ class _Run:
         self.adapter, self.policy, self.cfg, self.parts = adapter, policy, cfg, parts
         self.guided = cfg.guidance_scale > 1.0
         inside = parts.rule is not None and (parts.step_cache is not None or parts.kv is not None)
-        self.graphs = None
+        self.graphs, self.refusal = None, None
         if cfg.cuda_graphs:
             reason = graph_refusal(adapter.transformer, policy, inside_hooks=inside or parts.kv is not None,
                                    step_cache=parts.step_cache, count_macs=cfg.count_macs)
             if reason is None:
                 self.graphs = graphs_of(adapter.transformer)
             else:
+                self.refusal = reason
                 log_refusal(reason, adapter.transformer)
         selection = SelectionGraphs(adapter.torch_device) if self.graphs is not None else None
         self.planner = StepPlanner(policy, parts.step_cache, check_indices=cfg.check_indices, selection_graphs=selection)
@@ -242,6 +246,9 @@ class _Run:
         _sync(self.adapter.torch_device)
         trace.seconds = time.perf_counter() - self.start
         trace.indices = [None if idx is None else idx.cpu() for idx in trace.indices]
+        if self.cfg.cuda_graphs:
+            counts = generation_counts(self.graphs, self.planner.selection_graphs, self.refusal)
+            trace.graph_counts, trace.graphed = counts.as_dict(), counts.replayed()
         return SampleResult(images=self.adapter.decode(latents), latents=latents, trace=trace)
 
     def forward(self, plan: StepPlan, idx, latents: torch.Tensor, t, cond, sigma) -> torch.Tensor:

@@ -46,7 +46,13 @@ def test_graphed_images_equal_eager_bit_for_bit(make, name):
     with emulate_on_cpu():
         first, second = _run(adapter, name, graphs=True), _run(adapter, name, graphs=True)
     assert torch.equal(first.images, eager.images) and torch.equal(second.images, eager.images)
-    assert first.trace.macs == eager.trace.macs and first.trace.graphed and not eager.trace.graphed
+    assert first.trace.macs == eager.trace.macs and second.trace.graphed and not eager.trace.graphed
+    # graphed means replayed: a first generation whose one pruned step was its capture is not graphed
+    counts = first.trace.graph_counts
+    assert first.trace.graphed == (counts["pruned_replays"] > 0 or counts["pruned_forwards"] == 0)
+    again = second.trace.graph_counts
+    assert again["forward_captures"] == 0 and again["forward_replays"] == 6 - sum(s.kept == 0 for s in second.trace.steps)
+    assert again["pruned_replays"] == again["pruned_forwards"] and not again["refusals"]
     store = graphs_of(adapter.transformer)
     pruned = any(0 < s.kept < first.trace.num_tokens for s in first.trace.steps)
     assert pruned == (name != "full")

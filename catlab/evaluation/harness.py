@@ -138,6 +138,7 @@ def _record_batch(adapter: ModelAdapter, strategy: Strategy, chunk: list[Job], s
             "selection_macs": sum(s.selection_macs for s in trace.steps) / n,
             "seconds": wall / n, "denoise_seconds": trace.seconds / n,
             "selection_seconds": trace.selection_seconds / n, "graphed": trace.graphed,
+            **({"graph_counts": trace.graph_counts} if trace.graph_counts else {}),
             "metrics": {k: float(v[i]) for k, v in values.items()},
         })
         if image_dir is not None:
