@@ -35,7 +35,19 @@ reuses are not those of a trained model: read its row as speed-up per MACs saved
 
 The last line is a compute-bound configuration for a CPU: an SD3-architecture
 transformer (``--layers`` blocks, 64-dim heads) with ``--hidden`` width and
-``--tokens`` image tokens. ``--json PATH`` also writes the rows.
+``--tokens`` image tokens. ``--json PATH`` also writes the rows at the end;
+``--jsonl PATH`` appends each row to PATH as one JSON line the moment it is measured
+(a run stopped by a time limit keeps every finished row).
+
+With ``--graphs``, a row is labelled graphed only where both generations it compares
+replayed their forwards, the pruned steps' included, and refused nothing
+(:meth:`catlab.pruning.graphs.GraphCounts.replayed`); otherwise its mode reads
+``graphed (ran eager)``. Every graphed-mode row carries the strategy generation's
+``forward_captures``, ``forward_replays``, ``selection_captures``, ``selection_replays``
+and ``refusals`` (the reasons, the full model's prefixed ``full:``).
+
+Runs from a plain checkout (the repository root is put on ``sys.path``); nothing to install
+but the dependencies (``experiments/gpu_preflight.py`` names any that are missing).
 
 ``--count-ops`` times nothing: it counts the operators the host dispatches in one
 generation, eager and graphed, for the full model and ``cat``, at each family's full
@@ -45,21 +57,28 @@ launch-bound step costs, measurable without a GPU.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-import torch
-from diffusers.utils import logging as diffusers_logging
-from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel,
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's catlab, installed or not
+
+import torch  # noqa: E402
+from diffusers.utils import logging as diffusers_logging  # noqa: E402
+from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel,  # noqa: E402
                        SD3Transformer2DModel)
 
-from catlab.models.base import Conditioning, ModelAdapter
-from catlab.pruning import compile_pruned, release_graphs, uncompile
-from catlab.registry import selectors
-from catlab.reuse import reuses
-from catlab.sampler import SamplerConfig, StepReuse, Trace, sample
-from catlab.stepcache import stepcaches
+from catlab.models.base import Conditioning, ModelAdapter  # noqa: E402
+from catlab.pruning import compile_pruned, release_graphs, uncompile  # noqa: E402
+from catlab.registry import selectors  # noqa: E402
+from catlab.reuse import reuses  # noqa: E402
+from catlab.sampler import SamplerConfig, StepReuse, Trace, sample  # noqa: E402
+from catlab.stepcache import stepcaches  # noqa: E402
+
+#: the graph counters a graphed-mode row carries (GraphCounts, for the strategy's generation)
+COUNTERS = ("forward_captures", "forward_replays", "selection_captures", "selection_replays")
 
 #: (transformer class, config, text tokens, text embedding width, pooled width)
 FULL_SIZE = {
@@ -238,6 +257,9 @@ def count_ops(name: str, args) -> list[dict]:
                              layers=depth, ops=counter.count))
             print(f"{name:<7} {depth:>6} {strategy_name:<9} {rows[-1]['mode']:<8} {steps:>5} {counter.count:>10} "
                   f"{counter.count / steps:>10.0f}", flush=True)
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    f.write(json.dumps(rows[-1]) + "\n")
     release_graphs(adapter.transformer)
     return rows
 
@@ -270,23 +292,39 @@ def bench(name: str, args) -> list[dict]:
             for make in makes:  # warm-up: allocator, kernels, compiled code, graphs of every shape, clustering
                 policy, parts = make()
                 sample(adapter, policy, ["a prompt"] * batch, list(range(batch)), warm, parts)
-            store = getattr(adapter.transformer, "_catlab_graphs", None)
-            label = mode if not graphs or (store is not None and store.graphs) else mode + " (ran eager)"
             for steps in steps_list:
                 (full_s, full), *timings = timed(adapter, makes, steps, args.repeats, batch, graphs)
                 for s, make, (pruned_s, trace) in zip(names, makes[1:], timings):
                     share = selection_share(adapter, make, steps, trace, batch, graphs) if s != "taylorseer" else 0.0
+                    label = mode if not graphs or (full.graphed and trace.graphed) else mode + " (ran eager)"
                     row = dict(model=name, mode=label, batch=batch, steps=steps, strategy=s, tokens=full.num_tokens,
                                full_s=full_s, pruned_s=pruned_s, speedup=full_s / pruned_s,
                                macs_ratio=full.macs / trace.macs, selection=share)
                     row["of_macs"] = row["speedup"] / row["macs_ratio"]
+                    if graphs:
+                        row.update(graph_fields(full, trace))
+                    emit(row, args)
                     rows.append(row)
-                    print(_format(row), flush=True)
         if mode == "eager" and args.peers:
             rows += bench_peer(name, args, adapter, strategy("full", args))
     uncompile(adapter.transformer)
     release_graphs(adapter.transformer)
     return rows
+
+
+def graph_fields(full: Trace, trace: Trace) -> dict:
+    """The strategy generation's graph counters, and every refusal of both generations (the full model's as ``full: ...``)."""
+    counts = trace.graph_counts
+    refusals = list(counts.get("refusals", [])) + [f"full: {r}" for r in full.graph_counts.get("refusals", [])]
+    return {**{k: counts.get(k, 0) for k in COUNTERS}, "refusals": refusals}
+
+
+def emit(row: dict, args) -> None:
+    """Print the row and, with ``--jsonl``, append it to that file at once (a killed run keeps it)."""
+    print(_format(row), flush=True)
+    if args.jsonl:
+        with open(args.jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def bench_peer(name: str, args, adapter, make_full) -> list[dict]:
@@ -304,7 +342,7 @@ def bench_peer(name: str, args, adapter, make_full) -> list[dict]:
         rows.append(dict(model=name, mode="eager", batch=1, steps=steps, strategy=label, tokens=full.num_tokens,
                          full_s=full_s, pruned_s=cached_s, speedup=speedup, macs_ratio=macs, of_macs=speedup / macs,
                          selection=0.0))
-        print(_format(rows[-1]), flush=True)
+        emit(rows[-1], args)
     return rows
 
 
@@ -354,7 +392,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--peers", action="store_true",
                         help='also time cache-dit\'s DBCache against the full model (pip install "catlab[peers]")')
     parser.add_argument("--peer-threshold", type=float, default=0.24, help="cache-dit DBCache residual_diff_threshold")
-    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file, at the end")
+    parser.add_argument("--jsonl", default=None, help="append each row to this file as a JSON line, as it is measured")
     parser.add_argument("--count-ops", action="store_true",
                         help="instead of timing: operators the host dispatches per generation, eager and graphed")
     args = parser.parse_args(argv)
@@ -382,8 +421,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print("model   layers strategy  mode     steps  per gen.   per step")
         rows = [r for name in args.models.split(",") for r in count_ops(name, args)]
         if args.json:
-            import json
-
             with open(args.json, "w") as f:
                 json.dump(dict(device=gpu, torch=torch.__version__, argv=argv or sys.argv[1:], rows=rows), f, indent=1)
         return rows
@@ -399,8 +436,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print()
     print(markdown(rows))
     if args.json:
-        import json
-
         with open(args.json, "w") as f:
             json.dump(dict(device=gpu, torch=torch.__version__, argv=argv or sys.argv[1:], rows=rows), f, indent=1)
     return rows

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
+import time
+
+import pytest
 
 from catlab.pruning.capture import emulate_on_cpu
 from tests.conftest import ROOT
@@ -53,3 +58,57 @@ def test_gpu_bench_counts_host_operators_and_graphs_cut_them(capsys, monkeypatch
     for name in ("full", "cat"):
         assert ops[(name, "graphed")] * 10 < ops[(name, "eager")], ops  # one replay instead of ~1,300 per step
     assert ops[("cat", "eager")] > ops[("full", "eager")]  # gather, scatter, cache writes and the selection
+
+
+def test_a_refused_selection_graph_labels_the_row_eager(capsys, monkeypatch, tmp_path):
+    """cat's forwards replay, but its selection graph is refused (a select_tensors that rebinds its state):
+    the row says it ran eagerly, and why, in the printed table and in the JSON line written for it."""
+    from catlab.selection.cat import Cat
+
+    select_tensors = Cat.select_tensors
+
+    def rebinding(self, state):
+        out = select_tensors(self, state)
+        self.counted = self.counted.clone()  # a new tensor each step: a replay would read the old one
+        return out
+
+    bench = _bench(monkeypatch)
+    args = ["--device", "cpu", "--tiny", "--models", "sd3", "--steps", "14", "--start-step", "8", "--repeats", "1",
+            "--graphs", "--strategies", "cat,sequential", "--jsonl", str(tmp_path / "rows.jsonl")]
+    with emulate_on_cpu():
+        clean = {r["strategy"]: r for r in bench.main(args) if r["mode"].startswith("graphed")}
+        monkeypatch.setattr(Cat, "select_tensors", rebinding)
+        refused = {r["strategy"]: r for r in bench.main(args) if r["mode"].startswith("graphed")}
+    assert clean["cat"]["mode"] == "graphed" and clean["cat"]["selection_replays"] > 0 and not clean["cat"]["refusals"]
+    assert clean["cat"]["forward_replays"] > 0 and clean["cat"]["forward_captures"] == 0  # captured in the warm-up
+    assert refused["cat"]["mode"] == "graphed (ran eager)" and refused["cat"]["selection_replays"] == 0
+    assert "select_tensors rebinds counted" in refused["cat"]["refusals"][0]
+    assert refused["sequential"]["mode"] == "graphed"  # its own row is unaffected
+    lines = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert len(lines) == 8 and lines[-2] == json.loads(json.dumps(refused["cat"]))  # eager + graphed, 2 runs
+
+
+@pytest.mark.slow
+def test_a_bench_killed_mid_way_leaves_its_finished_rows(tmp_path):
+    """Run as a script from the checkout (only PYTHONPATH set, another working directory), killed once two
+    rows are out: those rows are in the JSON-lines file, whole."""
+    out = tmp_path / "rows.jsonl"
+    cmd = [sys.executable, str(ROOT / "experiments" / "gpu_bench.py"), "--device", "cpu", "--tiny", "--steps", "12",
+           "--start-step", "8", "--repeats", "1", "--jsonl", str(out)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists() and len(out.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, f"the bench ended before it was killed: {proc.stderr.read()[-2000:]}"
+        proc.kill()
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) >= 2 and all(r["model"] == "sd3" and r["full_s"] > 0 for r in rows)
+    assert [r["strategy"] for r in rows[:2]] == ["cat", "sequential"]
