@@ -264,7 +264,12 @@ def count_ops(name: str, args) -> list[dict]:
     return rows
 
 
+MODES = ("eager", "compiled", "graphed", "compiled+graphed")
+
+
 def modes(args) -> list[str]:
+    if args.modes:
+        return args.modes
     out = ["eager"] + (["compiled"] if args.compile else [])
     if args.graphs:
         out += ["graphed"] + (["compiled+graphed"] if args.compile else [])
@@ -359,13 +364,30 @@ def _format(r: dict) -> str:
 def markdown(rows: list[dict]) -> str:
     """The rows as the table of docs/performance.md."""
     names = {"sd3": "SD3-medium", "pixart": "PixArt-Σ"}
+    counted = any("forward_replays" in r for r in rows)
     lines = ["| model | mode | batch | steps | strategy | full (s) | strategy (s) | speed-up | MACs ratio | "
-             "speed-up / MACs | selection share |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "speed-up / MACs | selection share |" + (" graphs: forward, selection (captures / replays) |" if counted else ""),
+             "| --- " * (11 + counted) + "|"]
     for r in rows:
+        graphs = ""
+        if counted:
+            graphs = (f" {r['forward_captures']} / {r['forward_replays']}, {r['selection_captures']} / "
+                      f"{r['selection_replays']}{'; ' + '; '.join(r['refusals']) if r['refusals'] else ''} |"
+                      if "forward_replays" in r else " – |")
         lines.append(f"| {names.get(r['model'], r['model'])} | {r['mode']} | {r['batch']} | {r['steps']} | "
                      f"{r['strategy']} | {r['full_s']:.3f} | {r['pruned_s']:.3f} | {r['speedup']:.2f}× | "
-                     f"{r['macs_ratio']:.2f}× | {100 * r['of_macs']:.0f}% | {100 * r['selection']:.1f}% |")
+                     f"{r['macs_ratio']:.2f}× | {100 * r['of_macs']:.0f}% | {100 * r['selection']:.1f}% |" + graphs)
     return "\n".join(lines)
+
+
+def summarize(path: str) -> str:
+    """The table of the rows a run appended to ``path`` (``--jsonl``), however far it got."""
+    try:
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return f"no bench rows: {path} was not written"
+    return markdown(rows) if rows else f"no bench rows in {path}"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -383,6 +405,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--compile", action="store_true", help="also time the blocks compiled by compile_pruned")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     parser.add_argument("--graphs", action="store_true", help="also time each forward replayed from CUDA graphs")
+    parser.add_argument("--modes", default=None,
+                        help=f"exactly these modes, any of {', '.join(MODES)} (instead of --compile / --graphs)")
     parser.add_argument("--tiny", action="store_true", help="small shapes (1 block, 64 tokens): a smoke test")
     parser.add_argument("--hidden", type=int, default=0, help="width of a scaled model (multiple of 64)")
     parser.add_argument("--tokens", type=int, default=0, help="image tokens of a scaled model (a square)")
@@ -394,14 +418,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--peer-threshold", type=float, default=0.24, help="cache-dit DBCache residual_diff_threshold")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file, at the end")
     parser.add_argument("--jsonl", default=None, help="append each row to this file as a JSON line, as it is measured")
+    parser.add_argument("--summarize", default=None, metavar="JSONL",
+                        help="instead of measuring: the table of the rows in this --jsonl file")
     parser.add_argument("--count-ops", action="store_true",
                         help="instead of timing: operators the host dispatches per generation, eager and graphed")
     args = parser.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return []
     diffusers_logging.set_verbosity_error()  # casting random weights to fp16 is intended here
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     args.steps = [int(s) for s in args.steps.split(",")]
     args.batch = [int(b) for b in (args.batch or ("1,4" if args.device.startswith("cuda") else "1")).split(",")]
     args.strategies = [s for s in args.strategies.split(",") if s]
+    if args.modes:
+        args.modes = [m for m in args.modes.split(",") if m]
+        if set(args.modes) - set(MODES):
+            parser.error(f"unknown modes {sorted(set(args.modes) - set(MODES))}; choose from {', '.join(MODES)}")
     unknown = sorted(set(args.strategies) - set(STRATEGIES))
     if unknown:
         parser.error(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
