@@ -201,7 +201,7 @@ def test_compiled_blocks_are_another_key_and_replay_equal():
     torch.testing.assert_close(second.images, eager.images, atol=1e-5, rtol=0)
 
 
-def test_reduce_overhead_compilation_is_refused_with_the_way_that_works():
+def test_reduce_overhead_compilation_is_refused_with_the_way_that_works():  # and test_compile.py: every such mode
     with pytest.raises(ValueError, match="cuda_graphs=true"):
         compile_pruned(tiny_sd3(), mode="reduce-overhead")
 
