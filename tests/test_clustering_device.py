@@ -52,12 +52,12 @@ def test_cats_default_clusters_with_scikit_learn_on_a_cpu_and_on_the_device_else
     cat = selectors.build({"name": "cat", "alpha": 0.3, "start_step": 2})
     auto = cat.clusterer
     assert auto.registered_name == "auto"
+    assert auto.host.registered_name == "kmeans_sklearn" and auto.device.registered_name == "kmeans_matched"
     calls = []
     monkeypatch.setattr(auto, "host", lambda f, grid, g=None: calls.append("host"))
     monkeypatch.setattr(auto, "device", lambda f, grid, g=None: calls.append("device"))
     auto(torch.zeros(1, 4, 2), (2, 2))
     auto(torch.zeros(1, 4, 2, device="meta"), (2, 2))  # any device that is not the CPU
     assert calls == ["host", "device"]
-    assert auto.host.registered_name == "kmeans_sklearn" and auto.device.registered_name == "kmeans_matched"
     explicit = selectors.build({"name": "cat", "clusterer": {"name": "kmeans_sklearn"}})
     assert explicit.clusterer.registered_name == "kmeans_sklearn"  # the authors' exact path, on any device
