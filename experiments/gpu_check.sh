@@ -83,8 +83,10 @@ part cuda_tests $(( quick ? 100 : 150 )) "$py" -m pytest -q -p no:cacheprovider 
 
 read -r -a extra <<< "${GPU_CHECK_BENCH_ARGS:-}"
 bench=("$py" experiments/gpu_bench.py --repeats 2 "${extra[@]}")
-# 3. batch 1, 28 steps, eager and graphed, both families (the rows the quick mode is for)
-part bench_28 150 "${bench[@]}" --modes eager,graphed --steps 28 --batch 1 --jsonl "$out/bench.jsonl"
+# 3. batch 1, 28 steps, eager and graphed, both families (the rows the quick mode is for); cat's selection
+#    share with its clustering on the device (the default) and with scikit-learn on the host
+part bench_28 150 "${bench[@]}" --modes eager,graphed --steps 28 --batch 1 \
+  --strategies cat,cat_sklearn,sequential,taylorseer,schedule --jsonl "$out/bench.jsonl"
 if (( ! quick )); then
   # 4. 50 steps; 5. the wide batch (full against cat); 6. compiled inside the graphs; 7. host operators per generation
   part bench_50 120 "${bench[@]}" --modes eager,graphed --steps 50 --batch 1 --jsonl "$out/bench.jsonl"
