@@ -20,6 +20,7 @@ from catlab.assembly import PruningSession, StepReuse
 from catlab.models.base import ModelAdapter
 from catlab.planner import StepKind, StepPlan
 from catlab.pruning.families import patchify
+from catlab.pruning.graphs import generation_counts
 from catlab.pruning.sync_check import no_host_sync
 from catlab.reuse.base import Reuse, unpatchify
 from catlab.selection.base import Policy
@@ -76,8 +77,11 @@ class Trace:
     steps: list[StepRecord] = field(default_factory=list)
     indices: list[torch.Tensor | None] = field(default_factory=list)
     seconds: float = 0.0
-    #: whether the forwards replayed captured CUDA graphs (``sampler.cuda_graphs`` and capturable)
+    #: whether the forwards replayed captured CUDA graphs (``sampler.cuda_graphs``, the pruned steps
+    #: replayed, nothing refused: :meth:`catlab.pruning.graphs.GraphCounts.replayed`)
     graphed: bool = False
+    #: with ``sampler.cuda_graphs``: captures, replays and refusals (with reasons) of this generation
+    graph_counts: dict = field(default_factory=dict)
 
     @property
     def macs(self) -> int:
@@ -175,6 +179,10 @@ class _Run:
         _sync(self.adapter.torch_device)
         trace.seconds = time.perf_counter() - self.start
         trace.indices = [None if idx is None else idx.cpu() for idx in trace.indices]
+        if self.cfg.cuda_graphs:
+            session = self.session
+            counts = generation_counts(session.graphs, session.planner.selection_graphs, session.refusal)
+            trace.graph_counts, trace.graphed = counts.as_dict(), counts.replayed()
         return SampleResult(images=self.adapter.decode(latents), latents=latents, trace=trace)
 
     def forward(self, plan: StepPlan, idx, latents: torch.Tensor, t, cond, sigma) -> torch.Tensor:

@@ -8,6 +8,7 @@ asserts the exact rows (`cat`, `cat_reference`).
 
     python experiments/golden_overlap.py
     python experiments/golden_overlap.py --seeds 0 --variants cat,random
+    python experiments/golden_overlap.py --variants cat,clusterer=kmeans_matched --digits 4
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from tests.test_cat_reference_golden import _golden, _jaccard, _outputs  # noqa:
 VARIANTS = {
     "cat": {"name": "cat"},
     "clusterer=kmeans": {"name": "cat", "clusterer": {"name": "kmeans"}},
+    "clusterer=kmeans_matched": {"name": "cat", "clusterer": {"name": "kmeans_matched"}},
     "clusterer.n_init=4": {"name": "cat", "clusterer": {"name": "kmeans_sklearn", "n_init": 4}},
     "clusterer=spectral": {"name": "cat", "clusterer": {"name": "spectral"}},
     "pooling=graph": {"name": "cat", "pooling": {"name": "graph"}},
@@ -59,6 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}")
+    parser.add_argument("--digits", type=int, default=3, help="decimals of each Jaccard")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(1)
@@ -66,7 +69,7 @@ def main() -> None:
     with threadpool_limits(1):  # scikit-learn's KMeans on one thread, as the golden files were made
         for name in args.variants.split(","):
             values = [overlap(VARIANTS[name], s) for s in seeds]
-            print(f"| `{name}` | " + " / ".join(f"{v:.3f}" for v in values) + " |")
+            print(f"| `{name}` | " + " / ".join(f"{v:.{args.digits}f}" for v in values) + " |")
 
 
 if __name__ == "__main__":

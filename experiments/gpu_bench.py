@@ -5,7 +5,8 @@ not depend on the weights; nothing is downloaded), feeds random prompt embedding
 of the right shapes, and times ``catlab.sampler.sample`` for the full model and,
 interleaved with it in the same process, for each strategy:
 
-* ``cat`` — CAT Pruning, α = ``--alpha``, t0 = ``--start-step``;
+* ``cat`` — CAT Pruning, α = ``--alpha``, t0 = ``--start-step`` (on CUDA its clustering runs on the device);
+* ``cat_sklearn`` (by name only) — the same with ``clusterer=kmeans_sklearn``, the authors' host clustering;
 * ``sequential`` — the rolling window at the same α;
 * ``taylorseer`` — diffusers' TaylorSeer (full steps every 3rd step, forecasts between);
 * ``schedule`` — catlab's ``budget_schedule`` pattern [1, 0, 0] with ``reuse=taylor``
@@ -35,7 +36,19 @@ reuses are not those of a trained model: read its row as speed-up per MACs saved
 
 The last line is a compute-bound configuration for a CPU: an SD3-architecture
 transformer (``--layers`` blocks, 64-dim heads) with ``--hidden`` width and
-``--tokens`` image tokens. ``--json PATH`` also writes the rows.
+``--tokens`` image tokens. ``--json PATH`` also writes the rows at the end;
+``--jsonl PATH`` appends each row to PATH as one JSON line the moment it is measured
+(a run stopped by a time limit keeps every finished row).
+
+With ``--graphs``, a row is labelled graphed only where both generations it compares
+replayed their forwards, the pruned steps' included, and refused nothing
+(:meth:`catlab.pruning.graphs.GraphCounts.replayed`); otherwise its mode reads
+``graphed (ran eager)``. Every graphed-mode row carries the strategy generation's
+``forward_captures``, ``forward_replays``, ``selection_captures``, ``selection_replays``
+and ``refusals`` (the reasons, the full model's prefixed ``full:``).
+
+Runs from a plain checkout (the repository root is put on ``sys.path``); nothing to install
+but the dependencies (``experiments/gpu_preflight.py`` names any that are missing).
 
 ``--count-ops`` times nothing: it counts the operators the host dispatches in one
 generation, eager and graphed, for the full model and ``cat``, at each family's full
@@ -45,22 +58,28 @@ launch-bound step costs, measurable without a GPU.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-import torch
-from diffusers.utils import logging as diffusers_logging
-from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel,
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's catlab, installed or not
+
+import torch  # noqa: E402
+from diffusers.utils import logging as diffusers_logging  # noqa: E402
+from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel,  # noqa: E402
                        SD3Transformer2DModel)
 
-from catlab.models.base import Conditioning, ModelAdapter
-from catlab.pruning import compile_pruned, release_graphs, uncompile
-from catlab.pruning.state import peek_state
-from catlab.registry import selectors
-from catlab.reuse import reuses
-from catlab.sampler import SamplerConfig, StepReuse, Trace, sample
-from catlab.stepcache import stepcaches
+from catlab.models.base import Conditioning, ModelAdapter  # noqa: E402
+from catlab.pruning import compile_pruned, release_graphs, uncompile  # noqa: E402
+from catlab.registry import selectors  # noqa: E402
+from catlab.reuse import reuses  # noqa: E402
+from catlab.sampler import SamplerConfig, StepReuse, Trace, sample  # noqa: E402
+from catlab.stepcache import stepcaches  # noqa: E402
+
+#: the graph counters a graphed-mode row carries (GraphCounts, for the strategy's generation)
+COUNTERS = ("forward_captures", "forward_replays", "selection_captures", "selection_replays")
 
 #: (transformer class, config, text tokens, text embedding width, pooled width)
 FULL_SIZE = {
@@ -146,11 +165,16 @@ def build(name: str, args) -> RandomPromptAdapter:
 #: strategy → (policy spec, what stands in for skipped work); ``args`` fills α and t0
 STRATEGIES = {
     "cat": lambda a: ({"name": "cat", "alpha": a.alpha, "start_step": a.start_step}, None),
+    "cat_sklearn": lambda a: ({"name": "cat", "alpha": a.alpha, "start_step": a.start_step,
+                               "clusterer": {"name": "kmeans_sklearn"}}, None),
     "sequential": lambda a: ({"name": "sequential", "alpha": a.alpha, "start_step": a.start_step}, None),
     "taylorseer": lambda a: ("full", {"step_cache": {"name": "taylorseer", "cache_interval": 3, "start_step": a.start_step}}),
     "schedule": lambda a: ({"name": "budget_schedule", "pattern": [1, 0, 0], "start_step": a.start_step},
                            {"rule": {"name": "taylor"}}),
 }
+#: the default rows; ``cat_sklearn`` (cat clustering with scikit-learn on the host, the authors' exact path)
+#: is asked for by name, to compare its selection share with the default's on-device clustering
+DEFAULT_STRATEGIES = ("cat", "sequential", "taylorseer", "schedule")
 #: (strategy, what it cannot run under, why): those rows are left out, said once
 EXCLUDED = [
     ("taylorseer", "graphed", "its hooks decide per call, in Python: nothing to capture"),
@@ -239,11 +263,19 @@ def count_ops(name: str, args) -> list[dict]:
                              layers=depth, ops=counter.count))
             print(f"{name:<7} {depth:>6} {strategy_name:<9} {rows[-1]['mode']:<8} {steps:>5} {counter.count:>10} "
                   f"{counter.count / steps:>10.0f}", flush=True)
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    f.write(json.dumps(rows[-1]) + "\n")
     release_graphs(adapter.transformer)
     return rows
 
 
+MODES = ("eager", "compiled", "graphed", "compiled+graphed")
+
+
 def modes(args) -> list[str]:
+    if args.modes:
+        return args.modes
     out = ["eager"] + (["compiled"] if args.compile else [])
     if args.graphs:
         out += ["graphed"] + (["compiled+graphed"] if args.compile else [])
@@ -271,23 +303,39 @@ def bench(name: str, args) -> list[dict]:
             for make in makes:  # warm-up: allocator, kernels, compiled code, graphs of every shape, clustering
                 policy, parts = make()
                 sample(adapter, policy, ["a prompt"] * batch, list(range(batch)), warm, parts)
-            store = getattr(peek_state(adapter.transformer), "graphs", None)
-            label = mode if not graphs or (store is not None and store.graphs) else mode + " (ran eager)"
             for steps in steps_list:
                 (full_s, full), *timings = timed(adapter, makes, steps, args.repeats, batch, graphs)
                 for s, make, (pruned_s, trace) in zip(names, makes[1:], timings):
                     share = selection_share(adapter, make, steps, trace, batch, graphs) if s != "taylorseer" else 0.0
+                    label = mode if not graphs or (full.graphed and trace.graphed) else mode + " (ran eager)"
                     row = dict(model=name, mode=label, batch=batch, steps=steps, strategy=s, tokens=full.num_tokens,
                                full_s=full_s, pruned_s=pruned_s, speedup=full_s / pruned_s,
                                macs_ratio=full.macs / trace.macs, selection=share)
                     row["of_macs"] = row["speedup"] / row["macs_ratio"]
+                    if graphs:
+                        row.update(graph_fields(full, trace))
+                    emit(row, args)
                     rows.append(row)
-                    print(_format(row), flush=True)
         if mode == "eager" and args.peers:
             rows += bench_peer(name, args, adapter, strategy("full", args))
     uncompile(adapter.transformer)
     release_graphs(adapter.transformer)
     return rows
+
+
+def graph_fields(full: Trace, trace: Trace) -> dict:
+    """The strategy generation's graph counters, and every refusal of both generations (the full model's as ``full: ...``)."""
+    counts = trace.graph_counts
+    refusals = list(counts.get("refusals", [])) + [f"full: {r}" for r in full.graph_counts.get("refusals", [])]
+    return {**{k: counts.get(k, 0) for k in COUNTERS}, "refusals": refusals}
+
+
+def emit(row: dict, args) -> None:
+    """Print the row and, with ``--jsonl``, append it to that file at once (a killed run keeps it)."""
+    print(_format(row), flush=True)
+    if args.jsonl:
+        with open(args.jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def bench_peer(name: str, args, adapter, make_full) -> list[dict]:
@@ -305,7 +353,7 @@ def bench_peer(name: str, args, adapter, make_full) -> list[dict]:
         rows.append(dict(model=name, mode="eager", batch=1, steps=steps, strategy=label, tokens=full.num_tokens,
                          full_s=full_s, pruned_s=cached_s, speedup=speedup, macs_ratio=macs, of_macs=speedup / macs,
                          selection=0.0))
-        print(_format(rows[-1]), flush=True)
+        emit(rows[-1], args)
     return rows
 
 
@@ -322,13 +370,30 @@ def _format(r: dict) -> str:
 def markdown(rows: list[dict]) -> str:
     """The rows as the table of docs/performance.md."""
     names = {"sd3": "SD3-medium", "pixart": "PixArt-Σ"}
+    counted = any("forward_replays" in r for r in rows)
     lines = ["| model | mode | batch | steps | strategy | full (s) | strategy (s) | speed-up | MACs ratio | "
-             "speed-up / MACs | selection share |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "speed-up / MACs | selection share |" + (" graphs: forward, selection (captures / replays) |" if counted else ""),
+             "| --- " * (11 + counted) + "|"]
     for r in rows:
+        graphs = ""
+        if counted:
+            graphs = (f" {r['forward_captures']} / {r['forward_replays']}, {r['selection_captures']} / "
+                      f"{r['selection_replays']}{'; ' + '; '.join(r['refusals']) if r['refusals'] else ''} |"
+                      if "forward_replays" in r else " – |")
         lines.append(f"| {names.get(r['model'], r['model'])} | {r['mode']} | {r['batch']} | {r['steps']} | "
                      f"{r['strategy']} | {r['full_s']:.3f} | {r['pruned_s']:.3f} | {r['speedup']:.2f}× | "
-                     f"{r['macs_ratio']:.2f}× | {100 * r['of_macs']:.0f}% | {100 * r['selection']:.1f}% |")
+                     f"{r['macs_ratio']:.2f}× | {100 * r['of_macs']:.0f}% | {100 * r['selection']:.1f}% |" + graphs)
     return "\n".join(lines)
+
+
+def summarize(path: str) -> str:
+    """The table of the rows a run appended to ``path`` (``--jsonl``), however far it got."""
+    try:
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return f"no bench rows: {path} was not written"
+    return markdown(rows) if rows else f"no bench rows in {path}"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -337,7 +402,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dtype", default=None, help="default: float16 on CUDA, float32 on a CPU")
     parser.add_argument("--models", default="sd3,pixart")
     parser.add_argument("--steps", default="28,50")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES), help=f"any of {', '.join(STRATEGIES)}")
+    parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES), help=f"any of {', '.join(STRATEGIES)}")
     parser.add_argument("--batch", default=None,
                         help="prompts per batch, e.g. 1,4 (beyond 1: full against cat only); default 1,4 on CUDA, 1 on a CPU")
     parser.add_argument("--alpha", type=float, default=0.3)
@@ -346,6 +411,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--compile", action="store_true", help="also time the blocks compiled by compile_pruned")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     parser.add_argument("--graphs", action="store_true", help="also time each forward replayed from CUDA graphs")
+    parser.add_argument("--modes", default=None,
+                        help=f"exactly these modes, any of {', '.join(MODES)} (instead of --compile / --graphs)")
     parser.add_argument("--tiny", action="store_true", help="small shapes (1 block, 64 tokens): a smoke test")
     parser.add_argument("--hidden", type=int, default=0, help="width of a scaled model (multiple of 64)")
     parser.add_argument("--tokens", type=int, default=0, help="image tokens of a scaled model (a square)")
@@ -355,15 +422,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--peers", action="store_true",
                         help='also time cache-dit\'s DBCache against the full model (pip install "catlab[peers]")')
     parser.add_argument("--peer-threshold", type=float, default=0.24, help="cache-dit DBCache residual_diff_threshold")
-    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file, at the end")
+    parser.add_argument("--jsonl", default=None, help="append each row to this file as a JSON line, as it is measured")
+    parser.add_argument("--summarize", default=None, metavar="JSONL",
+                        help="instead of measuring: the table of the rows in this --jsonl file")
     parser.add_argument("--count-ops", action="store_true",
                         help="instead of timing: operators the host dispatches per generation, eager and graphed")
     args = parser.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return []
     diffusers_logging.set_verbosity_error()  # casting random weights to fp16 is intended here
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     args.steps = [int(s) for s in args.steps.split(",")]
     args.batch = [int(b) for b in (args.batch or ("1,4" if args.device.startswith("cuda") else "1")).split(",")]
     args.strategies = [s for s in args.strategies.split(",") if s]
+    if args.modes:
+        args.modes = [m for m in args.modes.split(",") if m]
+        if set(args.modes) - set(MODES):
+            parser.error(f"unknown modes {sorted(set(args.modes) - set(MODES))}; choose from {', '.join(MODES)}")
     unknown = sorted(set(args.strategies) - set(STRATEGIES))
     if unknown:
         parser.error(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
@@ -383,8 +460,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print("model   layers strategy  mode     steps  per gen.   per step")
         rows = [r for name in args.models.split(",") for r in count_ops(name, args)]
         if args.json:
-            import json
-
             with open(args.json, "w") as f:
                 json.dump(dict(device=gpu, torch=torch.__version__, argv=argv or sys.argv[1:], rows=rows), f, indent=1)
         return rows
@@ -400,8 +475,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print()
     print(markdown(rows))
     if args.json:
-        import json
-
         with open(args.json, "w") as f:
             json.dump(dict(device=gpu, torch=torch.__version__, argv=argv or sys.argv[1:], rows=rows), f, indent=1)
     return rows

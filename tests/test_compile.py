@@ -149,3 +149,41 @@ def test_inductor_kernels_inside_graphed_execution_match_eager():
     for latents in graphed:
         torch.testing.assert_close(latents, eager, atol=1e-3, rtol=1e-3)
 
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(mode="reduce-overhead"), "mode='reduce-overhead'"),
+    (dict(mode="max-autotune"), "mode='max-autotune-no-cudagraphs' is the same without them"),
+    (dict(options={"triton.cudagraphs": True}), "triton.cudagraphs"),
+])
+def test_every_mode_that_turns_on_inductors_cuda_graphs_is_refused(kwargs, words):
+    with pytest.raises(ValueError, match="cuda_graphs=true") as err:
+        compile_pruned(tiny_sd3(), **kwargs)
+    assert words in str(err.value)
+
+
+def test_inductor_graphs_are_switched_off_and_the_recompile_limit_covers_the_family(monkeypatch):
+    from catlab.pruning.compile import recompiles_needed
+
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append(kw))
+    config, previous = torch._dynamo.config, torch._dynamo.config.recompile_limit
+    config.recompile_limit = 8
+    try:
+        _compile_and_check(tiny_sd3(), seen)
+    finally:
+        config.recompile_limit = previous
+
+
+def _compile_and_check(adapter, seen):  # tiny_sd3's last block is context_pre_only: two variants
+    from catlab.pruning.compile import recompiles_needed
+
+    compile_pruned(adapter)
+    assert all(kw["options"] == {"triton.cudagraphs": False} for kw in seen) and len(seen) == 3
+    assert recompiles_needed(adapter.transformer, 4) == 24 == torch._dynamo.config.recompile_limit  # (2+1)x2x4
+    assert recompiles_needed(tiny_pixart().transformer, 2) == 8  # one variant
+    seen.clear()
+    compile_pruned(adapter, mode="max-autotune-no-cudagraphs")  # a mode: passed on as it is
+    assert seen[0] == dict(fullgraph=True, dynamic=False, mode="max-autotune-no-cudagraphs")
+    compile_pruned(adapter, backend="aot_eager", row_counts=1)  # another backend: no inductor options; never lowered
+    assert "options" not in seen[-1] and torch._dynamo.config.recompile_limit == 24

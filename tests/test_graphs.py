@@ -53,7 +53,13 @@ def test_graphed_images_equal_eager_bit_for_bit(make, name):
     with emulate_on_cpu():
         first, second = _run(adapter, name, graphs=True), _run(adapter, name, graphs=True)
     assert torch.equal(first.images, eager.images) and torch.equal(second.images, eager.images)
-    assert first.trace.macs == eager.trace.macs and first.trace.graphed and not eager.trace.graphed
+    assert first.trace.macs == eager.trace.macs and second.trace.graphed and not eager.trace.graphed
+    # graphed means replayed: a first generation whose one pruned step was its capture is not graphed
+    counts = first.trace.graph_counts
+    assert first.trace.graphed == (counts["pruned_replays"] > 0 or counts["pruned_forwards"] == 0)
+    again = second.trace.graph_counts
+    assert again["forward_captures"] == 0 and again["forward_replays"] == 6 - sum(s.kept == 0 for s in second.trace.steps)
+    assert again["pruned_replays"] == again["pruned_forwards"] and not again["refusals"]
     store = graphs_of(adapter.transformer)
     pruned = any(0 < s.kept < first.trace.num_tokens for s in first.trace.steps)
     assert pruned == (name != "full")
@@ -203,7 +209,7 @@ def test_compiled_blocks_are_another_key_and_replay_equal():
     torch.testing.assert_close(second.images, eager.images, atol=1e-5, rtol=0)
 
 
-def test_reduce_overhead_compilation_is_refused_with_the_way_that_works():
+def test_reduce_overhead_compilation_is_refused_with_the_way_that_works():  # and test_compile.py: every such mode
     with pytest.raises(ValueError, match="cuda_graphs=true"):
         compile_pruned(tiny_sd3(), mode="reduce-overhead")
 
@@ -214,16 +220,33 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs nee
 @cuda
 @pytest.mark.parametrize("name", sorted(set(selectors.names()) - {"cat_reference"}))
 def test_cuda_capture_and_replay_equal_eager_for_every_selector(name, caplog):
+    """Real CUDA graphs: the images equal eager, and the graphs were replayed, not silently skipped.
+
+    12 steps from t0 = 2: ten pruned steps, enough for `cat`'s selection graph (captured at its
+    4th pruned step) to replay. The graphed generations run under the host-sync guard (the
+    selectors that still read the host once, test_sync.NOT_YET_CLEAN, without it)."""
+    from catlab.pruning.graphs import graph_refusal
+    from tests.test_sync import NOT_YET_CLEAN
+
     adapter = tiny_sd3(device="cuda", dtype="float16")
     spec = {"name": name, "alpha": 0.3, "start_step": 2, **({"attention_layers": [1]} if name == "atedm_reuse" else {})}
     policy = lambda: _policy(name) if name in SELECTORS else selectors.build(spec)  # noqa: E731
-    config = lambda graphs: SamplerConfig(num_steps=6, progress=False, cuda_graphs=graphs)  # noqa: E731
+    config = lambda graphs: SamplerConfig(num_steps=12, progress=False, cuda_graphs=graphs,  # noqa: E731
+                                          check_sync=graphs and name not in NOT_YET_CLEAN)
     eager = sample(adapter, policy(), PROMPTS, SEEDS, config(False)).images
     with caplog.at_level(logging.WARNING, logger="catlab.graphs"):
-        graphed = [sample(adapter, policy(), PROMPTS, SEEDS, config(True)).images for _ in range(2)]
-    assert "capture failed" not in caplog.text
-    for images in graphed:
-        torch.testing.assert_close(images, eager, atol=2e-3, rtol=0)
+        runs = [sample(adapter, policy(), PROMPTS, SEEDS, config(True)) for _ in range(2)]
+    assert "capture failed" not in caplog.text and "not captured" not in caplog.text
+    for run in runs:
+        torch.testing.assert_close(run.images, eager, atol=2e-3, rtol=0)
+    if graph_refusal(adapter.transformer, policy()) is not None:  # refused as a whole, and labelled so
+        assert not any(run.trace.graphed for run in runs) and runs[-1].trace.graph_counts["refusals"]
+        return
+    counts = runs[-1].trace.graph_counts
+    assert runs[-1].trace.graphed and counts["forward_captures"] == 0 and counts["forward_replays"] > 0, counts
+    assert counts["pruned_replays"] == counts["pruned_forwards"] and not counts["refusals"], counts
+    if hasattr(policy(), "prepare_step"):  # a selector with a selection graph replayed it
+        assert counts["selection_captures"] == 1 and counts["selection_replays"] >= 5, counts
 
 
 def test_a_table_that_mixes_graphed_and_eager_rows_says_so():
@@ -349,3 +372,104 @@ def test_a_pruners_own_pool_keeps_one_set_of_caches_whatever_the_batch():
     finally:
         pruner.detach()
     assert not graphs_of(adapter.transformer).pool.one_shape_per_name  # graphs keep every shape they replay
+
+
+def test_a_failed_capture_logs_its_own_reason_and_the_store_captures_nothing_more_that_generation(caplog, monkeypatch):
+    """Every forward reads a value on the host: the first capture (a full step) fails with that reason,
+    not the end-of-capture error that follows it; the pruned shape is then not even tried."""
+    adapter = tiny_sd3()
+    eager = _run(adapter, "sequential", graphs=False)
+    block = adapter.transformer.transformer_blocks[0]
+    original = block.forward
+
+    def reads_a_value(*args, **kwargs):
+        out = original(*args, **kwargs)
+        float(out[1].abs().max())
+        return out
+
+    monkeypatch.setattr(block, "forward", reads_a_value)
+    with emulate_on_cpu(), caplog.at_level(logging.WARNING, logger="catlab.graphs"):
+        got = _run(adapter, "sequential", graphs=True)
+    store = graphs_of(adapter.transformer)
+    assert torch.equal(got.images, eager.images) and not got.trace.graphed
+    failures = [r.getMessage() for r in caplog.records if "capture failed" in r.getMessage()]
+    assert len(failures) == 1 and "a full step" in failures[0] and "float(tensor)" in failures[0], caplog.text
+    assert "previous error during capture" not in caplog.text
+    assert "nothing more is captured until the next generation" in failures[0]
+    assert not store.graphs and len(store.refused) == 1  # the pruned shape was never tried
+    counts = got.trace.graph_counts
+    assert counts["forward_captures"] == counts["forward_replays"] == 0
+    assert any("float(tensor)" in r for r in counts["refusals"])
+    assert any(r.startswith("a pruned step of k=19") and "a capture failed earlier" in r for r in counts["refusals"])
+
+
+def test_a_capture_keeps_the_first_error_and_ends_the_pool_allocation_when_capture_end_throws(monkeypatch):
+    from types import SimpleNamespace
+
+    from catlab.pruning import capture
+
+    ended, calls = [], []
+
+    def failing_end():
+        calls.append("end")
+        raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    def fails():
+        raise ValueError("the real reason")
+
+    with pytest.raises(ValueError, match="the real reason"):
+        capture.record(lambda: calls.append("begin"), fails, failing_end)
+    assert calls == ["begin", "end"]  # the capture was still ended
+    with pytest.raises(RuntimeError, match="previous error"):  # fn fine, the end fails: that is the reason
+        capture.record(lambda: None, lambda: 1, failing_end)
+
+    class Graph:
+        def capture_end(self):
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    backend = object.__new__(capture._CudaBackend)  # no device here: its end-of-capture step alone
+    backend.graph, backend.stream, backend.mempool = Graph(), SimpleNamespace(device="cuda:0"), (0, 7)
+    monkeypatch.setattr(capture, "end_pool_allocation", lambda device, pool: ended.append((device, pool)))
+    with pytest.raises(RuntimeError, match="not permitted"):
+        backend._end()
+    assert ended == [("cuda:0", (0, 7))]
+
+
+def test_a_selection_graph_whose_state_observe_rebinds_is_dropped_before_it_replays(caplog):
+    """cat with a late reference output: observe sets the scorer's reference after the graph was captured."""
+    from catlab.pruning.selection_graphs import SelectionGraphs
+
+    spec = {"name": "cat", "alpha": 0.3, "start_step": 2, "scorer": {"name": "relative_noise", "reference_step": 10}}
+    eager = _drive(selectors.build(spec), None, steps=14)
+    graphs = SelectionGraphs("cpu")
+    with caplog.at_level(logging.WARNING, logger="catlab.graphs"):
+        got = _drive(selectors.build(spec), graphs, steps=14)
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(got, eager))
+    assert graphs.captures == 1 and 0 < graphs.replays < 8  # replayed until the reference appeared, then eager
+    assert "observe or prepare_step rebinds scorer.reference" in caplog.text
+    assert not graphs.graphs and list(graphs.reasons.values())[0].startswith("selector 'cat' step:")
+
+
+def test_run_metrics_carry_the_graph_counters(tmp_path):
+    """catlab.run with sampler.cuda_graphs=true on the CPU stand-in: metrics.json counts captures and replays."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from catlab.run import run
+    from tests.conftest import ROOT
+
+    overrides = ["model=tiny_sd3", "model.num_layers=1", "model.height=16", "model.width=16", "selector=cat",
+                 "selector.start_step=2", "sampler.num_steps=12", "sampler.progress=false", "sampler.cuda_graphs=true",
+                 "logger=local", "num_images=2", "batch_size=1", "save_images=false", "experiment_name=graphs"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    with emulate_on_cpu():
+        metrics = run(cfg, tmp_path)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["forward_captures"] == metrics["forward_captures"] == 2  # full and pruned, in the first generation
+    assert saved["forward_replays"] == 2 * 12 - 2  # every other forward of the two generations
+    assert saved["selection_captures"] == 2 and saved["selection_replays"] > 0  # cat's selection graph, each generation
+    assert saved["graph_refusals"] == [] and saved["graphed"] is True
+    cpu = run(cfg, tmp_path)  # no stand-in: a CPU cannot capture, and the metrics say why
+    assert cpu["forward_replays"] == 0 and not cpu["graphed"] and "on cpu" in cpu["graph_refusals"][0]

@@ -231,6 +231,7 @@ class _Run:
                 "selection_macs": sum(st.selection_macs for st in trace.steps) / n,
                 "seconds": wall / n, "denoise_seconds": trace.seconds / n,
                 "selection_seconds": trace.selection_seconds / n, "graphed": trace.graphed,
+                **({"graph_counts": trace.graph_counts} if trace.graph_counts else {}),
                 "metrics": {k: float(v[i]) for k, v in values.items()},
             })
             if self.image_dir is not None:

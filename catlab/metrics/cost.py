@@ -35,7 +35,7 @@ def cost_metrics(traces: list[Trace], wall_seconds: float) -> dict[str, float]:
     warmup = first[1].selection_seconds if first else 0.0
     warm_denoise = denoise - (first[1].seconds if first else 0.0)
     pruned_steps = [s.kept for t in traces for s in t.steps if s.kept < t.num_tokens]
-    return {
+    return graph_metrics(traces) | {
         "num_images": images,
         "macs_per_image": macs / images,
         "full_macs_per_image": full / images,
@@ -50,3 +50,17 @@ def cost_metrics(traces: list[Trace], wall_seconds: float) -> dict[str, float]:
         "pruned_steps": len(pruned_steps) / max(len(traces), 1),
         "mean_kept_tokens": (sum(pruned_steps) / len(pruned_steps)) if pruned_steps else float(traces[0].num_tokens),
     }
+
+
+GRAPH_COUNTERS = ("forward_captures", "forward_replays", "selection_captures", "selection_replays")
+
+
+def graph_metrics(traces: list[Trace]) -> dict:
+    """With ``sampler.cuda_graphs``: the CUDA-graph counters summed over the run, every refusal's reason once,
+    and ``graphed`` (every generation replayed its pruned forwards and refused nothing); else nothing."""
+    counted = [t.graph_counts for t in traces if t.graph_counts]
+    if not counted:
+        return {}
+    reasons = list(dict.fromkeys(r for c in counted for r in c.get("refusals", ())))
+    return {**{k: sum(c.get(k, 0) for c in counted) for k in GRAPH_COUNTERS}, "graph_refusals": reasons,
+            "graphed": all(t.graphed for t in traces)}

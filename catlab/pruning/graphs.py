@@ -24,7 +24,15 @@ The first call of a key runs eagerly (the warm-up CUDA capture needs, and the
 step's real result), then captures; that run and the capture write the same
 values to the caches, so the step's result is the eager one. A capture that
 fails — a host read inside the forward, a buffer first requested during the
-capture — leaves that key eager, with one line saying why.
+capture — leaves that key eager, with one line saying why (the first error, not
+CUDA's "previous error during capture" that follows it), and the store captures
+nothing more until the next generation: a failed capture can leave the device in
+a state a second one should not build on.
+
+What happened is counted per generation (:class:`GraphCounts`: captures, replays,
+refusals with their reasons); the sampler puts the counts on its trace, and a
+generation counts as graphed only where its forwards were replayed
+(:meth:`GraphCounts.replayed`).
 
 Where a GPU is absent, :func:`~catlab.pruning.capture.emulate_on_cpu` runs the
 same bookkeeping with a stand-in for capture and replay that executes the forward
@@ -55,6 +63,50 @@ PRUNING_HOOKS = {"catlab_token_gather", "catlab_token_scatter", "catlab_token_te
 
 
 @dataclass
+class GraphCounts:
+    """What graphed execution did in one generation: captures, replays, and why anything ran eagerly."""
+
+    forward_captures: int = 0
+    forward_replays: int = 0
+    #: forwards of pruned steps (k tokens), and how many of them were replays
+    pruned_forwards: int = 0
+    pruned_replays: int = 0
+    selection_captures: int = 0
+    selection_replays: int = 0
+    #: why something ran eagerly, each reason once, in the order met
+    refusals: list[str] = field(default_factory=list)
+
+    def refuse(self, reason: str) -> None:
+        if reason not in self.refusals:
+            self.refusals.append(reason)
+
+    def replayed(self) -> bool:
+        """Graphed in fact: forwards were replayed, the pruned ones included, and nothing was refused."""
+        return (not self.refusals and self.forward_replays > 0
+                and (self.pruned_forwards == 0 or self.pruned_replays > 0))
+
+    def as_dict(self) -> dict:
+        return {"forward_captures": self.forward_captures, "forward_replays": self.forward_replays,
+                "pruned_forwards": self.pruned_forwards, "pruned_replays": self.pruned_replays,
+                "selection_captures": self.selection_captures, "selection_replays": self.selection_replays,
+                "refusals": list(self.refusals)}
+
+
+def generation_counts(store: "ForwardGraphs | None", selection=None, refusal: str | None = None) -> GraphCounts:
+    """One generation's counts: the forward store's, the selection graphs', and a refusal of the whole run."""
+    counts = GraphCounts()
+    if store is not None:
+        counts = GraphCounts(**{**store.counts.as_dict(), "refusals": list(store.counts.refusals)})
+    if selection is not None:
+        counts.selection_captures, counts.selection_replays = selection.captures, selection.replays
+        for reason in selection.reasons.values():
+            counts.refuse(reason)
+    if refusal is not None:
+        counts.refuse(refusal)
+    return counts
+
+
+@dataclass
 class _Graph:
     """One captured forward: its backend, static argument buffers, static outputs and the buffers it uses."""
 
@@ -79,6 +131,11 @@ class ForwardGraphs:
     refused: dict[tuple, str] = field(default_factory=dict)
     generation: int = 0
     captures: int = 0
+    replays: int = 0
+    #: this generation's counts (reset by :meth:`new_generation`)
+    counts: GraphCounts = field(default_factory=GraphCounts)
+    #: why this generation captures nothing more (a capture failed), or ``None``
+    stopped: str | None = None
     #: the parameters' identities and addresses when the graphs were captured
     fingerprint: tuple = ()
 
@@ -95,6 +152,7 @@ class ForwardGraphs:
         captured over; if any was replaced (new weights loaded, LoRA layers injected, the model
         moved) every graph is dropped, since a replay would still run the old ones."""
         self.generation += 1
+        self.counts, self.stopped = GraphCounts(), None
         if transformer is not None:
             fingerprint = _fingerprint(transformer)
             if self.graphs and fingerprint != self.fingerprint:
@@ -112,7 +170,10 @@ class ForwardGraphs:
         kwargs = kwargs or {}
         leaves, spec = pytree.tree_flatten((args, kwargs))
         key = self._key(pruner, leaves, spec, tag)
+        pruned = key[1] is not None
+        self.counts.pruned_forwards += pruned
         if key in self.refused:
+            self.counts.refuse(f"{_describe(key)}: {self.refused[key]}")
             return fn(*args, **kwargs)
         graph = self.graphs.get(key)
         if graph is not None and any(self.pool.peek(k) is not buf for k, buf in graph.buffers.items()):
@@ -120,11 +181,17 @@ class ForwardGraphs:
             del self.graphs[key]  # it would replay on memory the pool no longer hands out
             graph = None
         if graph is None:
+            if self.stopped is not None:
+                self.counts.refuse(f"{_describe(key)}: not captured, {self.stopped}")
+                return fn(*args, **kwargs)
             return self._capture(key, pruner, fn, leaves, spec)
         self._write(graph.inputs, leaves)
         pruner.restore(graph.state)
         graph.backend.replay()
         graph.generation, graph.replays = self.generation, graph.replays + 1
+        self.replays += 1
+        self.counts.forward_replays += 1
+        self.counts.pruned_replays += pruned
         return pytree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, graph.outputs)
 
     def _key(self, pruner, leaves: list, spec, tag) -> tuple:
@@ -168,7 +235,10 @@ class ForwardGraphs:
             except Exception as err:  # noqa: BLE001 - any capture failure leaves this key eager
                 reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                 self.refused[key] = reason
-                log.warning("catlab: CUDA graph capture failed for %s (%s); this shape runs eagerly", _describe(key), reason)
+                self.stopped = f"a capture failed earlier in this generation ({reason})"
+                self.counts.refuse(f"{_describe(key)}: {reason}")
+                log.warning("catlab: CUDA graph capture failed for %s (%s); this shape runs eagerly, and nothing more "
+                            "is captured until the next generation", _describe(key), reason)
                 pruner.restore(state)
                 return result
         finally:
@@ -180,17 +250,25 @@ class ForwardGraphs:
         buffers = {k: self.pool.peek(k) for k in touched}
         self.graphs[key] = _Graph(backend, statics, outputs, buffers, state, self.generation)
         self.captures += 1
+        self.counts.forward_captures += 1
         return result
 
     # -- memory ---------------------------------------------------------------------
     def release(self, unused_only: bool = False) -> int:
         """Drop every graph (``unused_only``: those the current generation did not replay or capture) and the
-        buffers no remaining graph uses; returns the bytes of buffers released. On CUDA,
-        ``torch.cuda.empty_cache()`` then hands the memory back to the driver."""
+        buffers no remaining graph uses; returns the bytes of buffers released. On CUDA the device is
+        synchronised first (a replay still running reads those buffers) and ``torch.cuda.empty_cache()``
+        then hands the memory back to the driver."""
+        if not self.emulated:
+            torch.cuda.synchronize(self.device)
         for key in [k for k, g in self.graphs.items() if not unused_only or g.generation < self.generation]:
             del self.graphs[key]
         keep = set().union(*(g.buffers for g in self.graphs.values())) if self.graphs else set()
-        return self.pool.release(keep)
+        freed = self.pool.release(keep)
+        if not self.emulated:
+            torch.cuda.empty_cache()
+        return freed
+
 
 def _fingerprint(transformer: nn.Module) -> tuple:
     params = tuple((id(p), p.data_ptr()) for p in transformer.parameters())

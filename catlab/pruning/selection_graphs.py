@@ -26,8 +26,11 @@ class SelectionGraphs:
     warm-up that is the step's result) and replayed from then on, with the step's output
     copied into a static buffer. The policy's state tensors are re-made each generation, so
     :meth:`reset` drops the graphs. A ``select_tensors`` that rebinds a tensor attribute of
-    the policy or its parts (a replay would keep reading the old tensor) is not captured:
-    that key runs eagerly, said once.
+    the policy or its parts (a replay would keep reading the old tensor) is not captured,
+    and a graph whose policy had a tensor rebound between steps (by ``observe`` or
+    ``prepare_step``: a reference output set late, say) is dropped before it would replay:
+    that key runs eagerly for the rest of the generation, said once. :attr:`reasons` keeps
+    why, per key; :attr:`captures` and :attr:`replays` count this generation's.
     """
 
     def __init__(self, device: torch.device | str):
@@ -39,8 +42,14 @@ class SelectionGraphs:
     def reset(self) -> None:
         self.graphs: dict[tuple, tuple] = {}
         self.seen: set[tuple] = set()
-        self.refused: set[tuple] = set()
+        #: refused keys → why they run eagerly
+        self.reasons: dict[tuple, str] = {}
         self.captures = self.replays = 0
+        self.stopped = False  # a capture failed: nothing more is captured this generation
+
+    @property
+    def refused(self) -> set[tuple]:
+        return set(self.reasons)
 
     def select(self, policy, state) -> torch.Tensor:
         key = policy.prepare_step(state)
@@ -49,12 +58,17 @@ class SelectionGraphs:
         key = (key, state.k, state.batch_size, tuple(state.output.shape), state.output.dtype)
         graph = self.graphs.get(key)
         if graph is not None:
-            backend, static, indices = graph
+            backend, static, indices, slots = graph
+            changed = _rebound(slots, _tensor_slots(policy))
+            if changed:  # observe or prepare_step rebound state the graph reads: its replay would be stale
+                del self.graphs[key]
+                self._refuse(key, policy, f"observe or prepare_step rebinds {', '.join(changed[:3])} between steps")
+                return policy.select_tensors(state)
             static.copy_(state.output)
             backend.replay()
             self.replays += 1
             return indices.clone()
-        if key in self.refused or key not in self.seen:
+        if key in self.reasons or key not in self.seen or self.stopped:
             self.seen.add(key)
             return policy.select_tensors(state)
         return self._capture(key, policy, state)
@@ -73,14 +87,16 @@ class SelectionGraphs:
         try:
             indices = backend.capture(run)
         except Exception as err:  # noqa: BLE001 - any capture failure leaves this key eager
-            self._refuse(key, policy, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            self.stopped = True
+            self._refuse(key, policy, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
+                                      "nothing more is captured this generation")
             return result
-        self.graphs[key] = (backend, static, indices)
+        self.graphs[key] = (backend, static, indices, _tensor_slots(policy))
         self.captures += 1
         return result
 
     def _refuse(self, key: tuple, policy, reason: str) -> None:
-        self.refused.add(key)
+        self.reasons[key] = f"selector '{getattr(policy, 'name', '?')}' step: {reason}"
         log.warning("catlab: selector '%s' step not captured in a CUDA graph (%s); it runs eagerly",
                     getattr(policy, "name", "?"), reason)
 

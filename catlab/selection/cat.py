@@ -69,7 +69,7 @@ class Cat(Policy):
 
     scorer: Any = field(default_factory=lambda: {"name": "relative_noise"})
     staleness: Any = field(default_factory=lambda: {"name": "ewma"})
-    clusterer: Any = field(default_factory=lambda: {"name": "kmeans_sklearn"})
+    clusterer: Any = field(default_factory=lambda: {"name": "auto"})  # scikit-learn on a CPU, its twin on a GPU
     pooling: Any = field(default_factory=lambda: {"name": "channel_max"})
     feature_weight: float = 0.05
     cluster_share: float = 0.25

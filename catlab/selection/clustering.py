@@ -106,12 +106,75 @@ def kmeans(x: torch.Tensor, c: int, iters: int, generator: torch.Generator | Non
         new = x.gather(1, pick[..., None].expand(-1, 1, d))
         centers = torch.cat([centers, new], dim=1)
         d2 = torch.minimum(d2, (x - new).pow(2).sum(-1))
-    ones = torch.ones(b, n, device=x.device, dtype=x.dtype)
     for _ in range(iters):
+        centers = cluster_means(x, nearest(x, centers), centers)
+    return nearest(x, centers)
+
+
+def cluster_means(x: torch.Tensor, labels: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """Mean of each cluster's points ``(B, C, D)``; an empty cluster keeps its ``previous`` centre.
+
+    A one-hot matrix product, not a float ``scatter_add_``: the same sums in the same order on every
+    run (CUDA's atomic adds are not), so eager and graphed runs of a selector agree bit for bit."""
+    onehot = torch.nn.functional.one_hot(labels, previous.shape[1]).to(x.dtype)  # (B, N, C)
+    sums = torch.bmm(onehot.transpose(1, 2), x)
+    counts = onehot.sum(1)
+    return torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], previous)
+
+
+def sklearn_draws(n: int, c: int, seed: int) -> tuple[int, np.ndarray]:
+    """The random numbers scikit-learn's k-means++ seeding draws for ``n`` points and ``c`` clusters with
+    ``random_state=seed``: the first centre's index and ``(c - 1, trials)`` uniforms. They do not depend on
+    the data, so they are drawn on the host once and the seeding itself runs on the device."""
+    rs = np.random.RandomState(seed)
+    weights = np.ones(n, dtype=np.float32)
+    first = int(rs.choice(n, p=weights / weights.sum()))
+    trials = 2 + int(np.log(c))
+    return first, np.stack([rs.uniform(size=trials) for _ in range(c - 1)]) if c > 1 else np.zeros((0, trials))
+
+
+def kmeans_like_sklearn(x: torch.Tensor, c: int, seed: int = 0, max_iter: int = 300, tol: float = 1e-4,
+                        draws: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """scikit-learn's ``KMeans(c, n_init=1, random_state=seed)`` (Lloyd) in batched torch; labels ``(B, N)``.
+
+    The same algorithm with the same random numbers: data centred; greedy k-means++ seeding
+    (``2 + ⌊ln c⌋`` candidates per centre, the one that lowers the potential most, in float64);
+    Lloyd iterations that stop, per sample, when the labels no longer change or the centres' total
+    squared shift falls to ``tol`` × the mean feature variance, then one last assignment. The stop
+    is a per-sample flag on the device (the loop runs ``max_iter`` times without reading it on the
+    host; a stopped sample's centres stay put). What differs: float rounding (another summation
+    order), and an empty cluster keeps its centre where scikit-learn moves it to a far point.
+    """
+    b, n, d = x.shape
+    x = x.float() - x.float().mean(1, keepdim=True)
+    if draws is None:
+        first, uniforms = sklearn_draws(n, c, seed)
+        draws = (torch.tensor(first, device=x.device), torch.as_tensor(uniforms, device=x.device))
+    first, uniforms = draws
+    x64 = x.double()
+    norms = x64.pow(2).sum(-1)  # (B, N)
+    centers = x64[:, first][:, None]  # (B, 1, D)
+    closest = (norms - 2 * (x64 @ centers[:, 0, :, None])[..., 0] + centers.pow(2).sum(-1)).clamp_min(0)
+    for j in range(c - 1):
+        pot = closest.sum(-1, keepdim=True)
+        picks = torch.searchsorted(closest.cumsum(-1), uniforms[j].expand(b, -1) * pot).clamp(max=n - 1)  # (B, T)
+        cand = x64.gather(1, picks[..., None].expand(-1, -1, d))  # (B, T, D)
+        dist = (norms[:, None] - 2 * torch.bmm(cand, x64.transpose(1, 2)) + cand.pow(2).sum(-1)[..., None]).clamp_min(0)
+        dist = torch.minimum(closest[:, None], dist)  # (B, T, N)
+        best = dist.sum(-1).argmin(-1)  # (B,)
+        closest = dist[torch.arange(b, device=x.device), best]
+        centers = torch.cat([centers, cand[torch.arange(b, device=x.device), best][:, None]], dim=1)
+    centers = centers.float()
+    threshold = x.var(1, unbiased=False).mean(-1) * tol  # (B,)
+    labels_old = torch.full((b, n), -1, dtype=torch.long, device=x.device)
+    done = torch.zeros(b, dtype=torch.bool, device=x.device)
+    for _ in range(max_iter):
         labels = nearest(x, centers)
-        sums = torch.zeros_like(centers).scatter_add_(1, labels[..., None].expand(-1, -1, d), x)
-        counts = torch.zeros(b, c, device=x.device, dtype=x.dtype).scatter_add_(1, labels, ones)
-        centers = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], centers)
+        new = cluster_means(x, labels, centers)
+        stop = (labels == labels_old).all(-1) | ((new - centers).pow(2).sum((1, 2)) <= threshold)
+        centers = torch.where(done[:, None, None], centers, new)
+        labels_old = torch.where(done[:, None], labels_old, labels)
+        done = done | stop
     return nearest(x, centers)
 
 
@@ -127,6 +190,58 @@ class KMeans(_Clusterer):
 
     def macs(self, batch: int, num_tokens: int, dim: int) -> int:
         return (self.iters + 2) * batch * num_tokens * self.count(num_tokens) * dim
+
+
+@clusterers.register("kmeans_matched")
+@dataclass
+class KMeansMatched(_Clusterer):
+    """scikit-learn's KMeans re-done in torch on the model's device: the same seeding draws, the same stop.
+
+    ``kmeans_sklearn``'s result without the trip to the host (see :func:`kmeans_like_sklearn` for what
+    still differs); ``max_iter`` bounds the Lloyd loop, which a sample leaves once it has converged."""
+
+    seed: int = 0
+    max_iter: int = 100
+    tol: float = 1e-4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._draws: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, features: torch.Tensor, grid: tuple[int, int], generator: Generator = None) -> torch.Tensor:
+        n, c = features.shape[1], self.count(features.shape[1])
+        key = (n, c, self.seed, features.device)
+        if key not in self._draws:  # once per grid and device: later generations upload nothing
+            first, uniforms = sklearn_draws(n, c, self.seed)
+            self._draws[key] = (torch.tensor(first, device=features.device),
+                                torch.as_tensor(uniforms).to(features.device, non_blocking=True))
+        return kmeans_like_sklearn(features, c, self.seed, self.max_iter, self.tol, self._draws[key])
+
+    def macs(self, batch: int, num_tokens: int, dim: int) -> int:
+        c = self.count(num_tokens)
+        return (self.max_iter + 2 + c * (2 + int(math.log(c)))) * batch * num_tokens * c * dim
+
+
+@clusterers.register("auto")
+@dataclass
+class KMeansAuto(_Clusterer):
+    """`cat`'s default: scikit-learn's KMeans where the features are on the CPU (the authors' exact path),
+    ``kmeans_matched`` (the same algorithm in torch) where they are on an accelerator, so the first pruned
+    step does not wait for a copy to the host and a clustering there."""
+
+    seed: int = 0
+    n_init: int = 1
+    max_iter: int = 100
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        common = dict(num_clusters=self.num_clusters, per_tokens=self.per_tokens, min_clusters=self.min_clusters,
+                      seed=self.seed)
+        self.host = KMeansSklearn(n_init=self.n_init, **common)
+        self.device = KMeansMatched(max_iter=self.max_iter, **common)
+
+    def __call__(self, features: torch.Tensor, grid: tuple[int, int], generator: Generator = None) -> torch.Tensor:
+        return (self.host if features.device.type == "cpu" else self.device)(features, grid, generator)
 
 
 @clusterers.register("kmeans_sklearn")
