@@ -71,9 +71,11 @@ def _guarded(checked: bool, policy: Policy, step: int):
     return no_host_sync(f"{policy.name} at step {step}") if checked else nullcontext()
 
 
-def check_policy(policy: Policy, grid: tuple[int, int] = (8, 8), batch_size: int = 2, num_steps: int = 8,
+def check_policy(policy: Policy, grid: tuple[int, int] = (8, 8), batch_size: int = 2, num_steps: int | None = None,
                  device: torch.device | str = CPU, skip_first_pruned: bool = False) -> int:
     """Drive ``policy`` through one synthetic generation, each pruned step under ``no_host_sync``.
+
+    ``num_steps`` defaults to the policy's ``start_step`` + 8, so any policy's defaults get 8 pruned steps.
 
     ``skip_first_pruned`` leaves the first pruned step unguarded (for a policy that
     sizes something once, e.g. its clusters). Returns the number of guarded steps;
@@ -87,6 +89,7 @@ def check_policy(policy: Policy, grid: tuple[int, int] = (8, 8), batch_size: int
         pruned.append(step)
         return not (skip_first_pruned and len(pruned) == 1)
 
+    num_steps = int(policy.start_step) + 8 if num_steps is None else num_steps
     simulate(policy, grid, num_steps, batch=batch_size, channels=8, device=device, guard=guard)
     return len(pruned) - (1 if skip_first_pruned and pruned else 0)
 
