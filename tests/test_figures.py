@@ -94,3 +94,19 @@ def test_committed_tables_are_what_their_rows_give(folder, tmp_path, monkeypatch
     shutil.copytree(ROOT / "docs" / "results" / folder, copy)
     redraw(copy)
     assert (copy / "results.md").read_text() == (ROOT / "docs" / "results" / folder / "results.md").read_text()
+
+
+def test_every_committed_figure_is_shown_with_a_caption_line_under_it():
+    import re
+
+    shown = {}
+    for page in (ROOT / "docs").rglob("*.md"):
+        lines = page.read_text().splitlines()
+        for i, line in enumerate(lines):
+            for target in re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", line):
+                figure = (page.parent / target).resolve()
+                caption = lines[i + 1].strip() if i + 1 < len(lines) else ""
+                shown[figure] = shown.get(figure) or (caption.startswith("*") and caption.endswith("*"))
+    figures = sorted((ROOT / "docs").rglob("*.png"))
+    missing = [str(f.relative_to(ROOT)) for f in figures if not shown.get(f.resolve())]
+    assert not missing, f"figures without an image line and a caption under it: {missing}"
