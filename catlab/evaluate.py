@@ -37,6 +37,7 @@ from catlab.evaluation.reference import ReferenceCache
 from catlab.evaluation.store import ResultStore
 from catlab.loggers.base import image_grid
 from catlab.metrics.cost import MACS_RULE
+from catlab.loggers.evaluation import log_evaluation
 from catlab.prompts import cache_dir
 from catlab.registry import ComponentError, loggers, metrics, models, prompt_sets
 from catlab.strategy import resolve_strategy
@@ -183,6 +184,7 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
     write_tables(rows, out, cfg.title, [*notes, *store_notes])
     if cfg.diagnostics and all(w is not None for w in warm.values()):
         write_diagnostics(strategies, warm, out / "diagnostics")
+    log_evaluation(logger, rows, out, warm, out / "images" if cfg.save_images else None)
     logger.log_metrics({f"{r['method']}/{k}": v for r in rows for k, v in r.items() if isinstance(v, (int, float))})
     logger.finish()
     log.info("\n%s", (out / "results.md").read_text())

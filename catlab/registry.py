@@ -30,6 +30,29 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 PLUGIN_GROUP = "catlab.plugins"
+
+
+def _check_not_shadowed() -> None:
+    """Fail with one line when ``import catlab`` found a folder that is not this package.
+
+    A directory named ``catlab`` without an ``__init__.py`` in the working directory (or
+    anywhere early on ``sys.path``) is imported as a namespace package in place of an
+    editable install: catlab's submodules still load, but its components are never
+    registered, and every lookup would fail with "registered: (none)".
+    """
+    import sys
+    from pathlib import Path
+
+    package = sys.modules.get("catlab")
+    if package is None or getattr(package, "__file__", None) is not None:
+        return
+    where = ", ".join(str(p) for p in getattr(package, "__path__", [])) or "(unknown)"
+    raise ImportError(
+        f"catlab: `import catlab` found the folder {where}, which is not the catlab package (no __init__.py; "
+        f"the package is {Path(__file__).resolve().parent}). Run from another directory, or rename that folder.")
+
+
+_check_not_shadowed()
 CONF_GROUP = "catlab.conf"
 
 _plugins_loaded = False

@@ -68,13 +68,13 @@ def run_hash(cfg: DictConfig) -> str:
 
 
 def sweep_group(cfg: DictConfig) -> str:
-    """The W&B group: the experiment name, or in a multirun the sweep's directory name."""
-    if cfg.experiment_name != "default":
-        return str(cfg.experiment_name)
+    """The W&B group: in a multirun the sweep itself (its directory, after the experiment name), so each sweep's
+    jobs sit together and apart from another sweep's; else the experiment name."""
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN:
-        return Path(hc.sweep.dir).name
-    return "default"
+        sweep = Path(hc.sweep.dir)
+        return f"{cfg.experiment_name}:{sweep.parent.name}/{sweep.name}"
+    return str(cfg.experiment_name)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:

@@ -83,13 +83,13 @@ def check_policy(policy: Policy, grid: tuple[int, int] = (8, 8), batch_size: int
 
     Every pruned step's indices must be ``(batch_size, k)`` integers in ``[0, N)``, unique
     per row (:class:`~catlab.planner.IndexContractError` otherwise). ``num_steps``
-    (default: the policy's ``start_step`` + 4, at least 8) must leave pruned steps
-    after ``start_step``. ``skip_first_pruned`` leaves the first pruned step unguarded
-    (for a policy that sizes something once, e.g. its clusters). Returns the number
-    of guarded steps; raises :class:`~catlab.pruning.sync_check.HostSyncError`.
+    defaults to the policy's ``start_step`` + 8, so any policy's defaults get 8 pruned
+    steps. ``skip_first_pruned`` leaves the first pruned step unguarded (for a policy
+    that sizes something once, e.g. its clusters). Returns the number of guarded steps;
+    raises :class:`~catlab.pruning.sync_check.HostSyncError`.
     """
     if num_steps is None:
-        num_steps = max(8, int(getattr(policy, "start_step", 0)) + 4)
+        num_steps = int(getattr(policy, "start_step", 0)) + 8
     pruned: list[int] = []
 
     def guard(step: int, kind: StepKind) -> bool:

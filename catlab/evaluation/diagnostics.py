@@ -28,7 +28,7 @@ def selection_maps(results: dict[str, list[torch.Tensor | None]], grid: tuple[in
                    steps: list[int], sample: int = 0) -> None:
     """Rows: strategies; columns: the selected tokens at a few steps, then the count over all steps."""
     plt = _plt()
-    fig, axes = plt.subplots(len(results), len(steps) + 1, figsize=(1.8 * (len(steps) + 1), 1.9 * len(results)),
+    fig, axes = plt.subplots(len(results), len(steps) + 1, figsize=(1.8 * (len(steps) + 1) + 0.5, 1.9 * len(results)),
                              squeeze=False)
     for r, (name, indices) in enumerate(results.items()):
         for c, step in enumerate(steps):
@@ -37,9 +37,13 @@ def selection_maps(results: dict[str, list[torch.Tensor | None]], grid: tuple[in
             if idx is not None:
                 mask[idx[sample].long()] = 1
             axes[r][c].imshow(mask.view(*grid), cmap="gray", vmin=0, vmax=1)
-            axes[r][c].set_title(f"step {step}", fontsize=7)
-        axes[r][-1].imshow(selection_counts(indices, grid, sample), cmap="viridis")
-        axes[r][-1].set_title("times recomputed", fontsize=7)
+            axes[r][c].set_title(f"step {step}: white = recomputed" if c == 0 else f"step {step}", fontsize=7)
+        counts = selection_counts(indices, grid, sample)
+        image = axes[r][-1].imshow(counts, cmap="viridis")
+        bar = fig.colorbar(image, ax=axes[r][-1], fraction=0.046, pad=0.04)  # its own scale: rows differ
+        bar.ax.tick_params(labelsize=6)
+        bar.ax.yaxis.get_major_locator().set_params(integer=True)
+        axes[r][-1].set_title(f"times recomputed (of {sum(i is not None for i in indices)})", fontsize=7)
         axes[r][0].set_ylabel(name, fontsize=8)
         for ax in axes[r]:
             ax.set_xticks([])
@@ -53,9 +57,15 @@ def cluster_map(labels: torch.Tensor, grid: tuple[int, int], path: Path, image: 
     """The token clusters of one sample (paper Fig. 6), beside its image when given."""
     plt = _plt()
     n = 2 if image is not None else 1
-    fig, axes = plt.subplots(1, n, figsize=(3 * n, 3), squeeze=False)
-    axes[0][0].imshow(labels.view(*grid).cpu(), cmap="tab20")
-    axes[0][0].set_title("clusters")
+    fig, axes = plt.subplots(1, n, figsize=(3 * n + 0.6, 3), squeeze=False)
+    count = int(labels.max()) + 1
+    shown = axes[0][0].imshow(labels.view(*grid).cpu(), cmap="tab20" if count <= 20 else "nipy_spectral",
+                              vmin=-0.5, vmax=count - 0.5)
+    bar = fig.colorbar(shown, ax=axes[0][0], fraction=0.046, pad=0.04)
+    bar.set_label("cluster", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+    bar.ax.yaxis.get_major_locator().set_params(integer=True)
+    axes[0][0].set_title(f"{count} clusters")
     if image is not None:
         axes[0][1].imshow(image.permute(1, 2, 0).clamp(0, 1).cpu())
         axes[0][1].set_title("image")

@@ -5,6 +5,8 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from catlab.evaluation.plots import place_labels
+
 COLUMNS = ["method", "family", "alpha", "steps", "macs_per_image", "macs_ratio", "seconds_per_image", "speedup",
            "images_per_second", "selection_share", "clip_score", "attribute_accuracy", "psnr", "ssim", "lpips", "fid"]
 
@@ -42,8 +44,11 @@ def markdown_table(rows: list[dict[str, Any]], title: str = "", notes: list[str]
         cells = [method, num("alpha", "{:.2f}"), str(r.get("steps", "")), _macs(r["macs_per_image"]),
                  num("macs_ratio", "{:.2f}×"), num("seconds_per_image", "{:.3f}"), num("speedup", "{:.2f}×"),
                  num("selection_share", "{:.1%}"), *[num(c, "{:.3f}") for c in align],
-                 num("psnr", "{:.2f}"), num("ssim", "{:.4f}"), *[num(c, "{:.4f}" if c == "lpips" else "{:.2f}") for c in extra]]
+                 psnr_cell(r.get("psnr")), num("ssim", "{:.4f}"), *[num(c, "{:.4f}" if c == "lpips" else "{:.2f}") for c in extra]]
         lines.append("| " + " | ".join(cells) + " |")
+    if any(r.get("psnr") is not None and r["psnr"] < LOW_PSNR for r in rows):
+        notes = [*(notes or []), f"† PSNR below {LOW_PSNR:.0f} dB: the images differ from the full model's in content, "
+                                 "not only in detail; why, strategy by strategy: docs/metrics.md#psnr-below-20-db."]
     if mixed:
         notes = [*(notes or []), "Rows marked (eager) could not replay CUDA graphs (sampler.cuda_graphs=true; "
                                   "docs/performance.md says why) while the others did: their speed-ups are not "
@@ -51,6 +56,22 @@ def markdown_table(rows: list[dict[str, Any]], title: str = "", notes: list[str]
     for note in notes or []:
         lines += ["", note]
     return "\n".join(lines) + "\n"
+
+
+#: PSNR (dB) under which a table row is footnoted: the image no longer shows the full model's content
+LOW_PSNR = 20.0
+
+
+def psnr_cell(value: float | None) -> str:
+    """PSNR for a table: "∞ (identical)" at the metric's cap (every image equal to the full model's),
+    a dagger below :data:`LOW_PSNR`, "–" when not measured."""
+    from catlab.metrics.fidelity import PSNR
+
+    if value is None:
+        return "–"
+    if value >= PSNR.cap:
+        return "∞ (identical)"
+    return f"{value:.2f}" + (" †" if value < LOW_PSNR else "")
 
 
 def cost_quality_plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
@@ -70,9 +91,15 @@ def cost_quality_plot(rows: list[dict[str, Any]], path: Path, title: str = "") -
     fig, axes = plt.subplots(1, len(quality), figsize=(5.5 * len(quality), 4.4), squeeze=False)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     colors = {m: plt.cm.tab10(i % 10) if len(methods) <= 10 else plt.cm.tab20(i % 20) for i, m in enumerate(methods)}
+    from catlab.metrics.fidelity import PSNR
+
     for ax, q in zip(axes[0], quality):
+        identical = [r for r in rows if q == "psnr" and r["method"] != "full" and r.get(q, 0) >= PSNR.cap]
+        if identical:  # infinite PSNR has no place on the axis: said in words instead
+            ax.text(0.99, 0.99, f"not drawn, identical to the full model (PSNR ∞): {len(identical)} row(s)",
+                    transform=ax.transAxes, ha="right", va="top", fontsize=7, color="0.3")
         for r in rows:
-            if q not in r or (q == "psnr" and r["method"] == "full"):
+            if q not in r or (q == "psnr" and r["method"] == "full") or r in identical:
                 continue
             c = colors[r["method"]]
             ax.plot([r["macs_ratio"], r["speedup"]], [r[q], r[q]], color=c, alpha=0.35, lw=0.8)
@@ -140,7 +167,7 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str = "", quality
     families = list(dict.fromkeys(r.get("family", "other") for r in pts))
     pts.sort(key=lambda r: (families.index(r.get("family", "other")), r["macs_ratio"]))
     colors = {f: plt.cm.tab10(i % 10) for i, f in enumerate(families)}
-    fig, (ax, key) = plt.subplots(1, 2, figsize=(12, 6), gridspec_kw={"width_ratios": [1.4, 1]})
+    fig, (ax, key) = plt.subplots(1, 2, figsize=(12, 6), gridspec_kw={"width_ratios": [1.4, 1]}, dpi=120)
     for f in families:
         mine = [r for r in pts if r.get("family", "other") == f]
         ax.scatter([r["macs_ratio"] for r in mine], [r[quality] for r in mine], color=colors[f], label=f, zorder=3)
@@ -149,17 +176,18 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str = "", quality
             ax.plot(*zip(*front), color=colors[f], alpha=0.6, zorder=2)
     lines = []
     for i, r in enumerate(pts, 1):
-        ax.annotate(str(i), (r["macs_ratio"], r[quality]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         alpha = f" α={r['alpha']:.2g}" if str(r.get("family", "")).startswith("token pruning") else ""
         lines.append(f"{i:>2}  {r['method']}{alpha}  ({r['macs_ratio']:.2f}×, {r[quality]:.2f})")
     ax.set_xlabel("MACs ratio vs full (higher = cheaper)")
     ax.set_ylabel({"psnr": "PSNR to full model (dB)", "ssim": "SSIM to full model"}.get(quality, quality))
     ax.margins(x=0.06, y=0.08)  # the axes fit the points, not a range set elsewhere
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    legend = ax.legend(fontsize=8)
     key.axis("off")
     key.text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=6.5 if len(lines) > 24 else 7.5)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout()  # the layout first: labels are placed in the figure as it will be saved
+    place_labels(ax, [r["macs_ratio"] for r in pts], [r[quality] for r in pts],
+                 [str(i) for i in range(1, len(pts) + 1)], avoid=[legend])
     fig.savefig(path, dpi=120)
     plt.close(fig)

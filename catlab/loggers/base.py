@@ -47,5 +47,11 @@ class Logger:
     def log_images(self, key: str, images: torch.Tensor, captions: list[str]) -> None:
         pass
 
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """A table (one list of cells per row, in ``columns`` order); sinks without tables ignore it."""
+
+    def log_figure(self, key: str, path: Path) -> None:
+        """A figure already written to ``path`` (PNG); a sink that keeps the run directory ignores it."""
+
     def finish(self) -> None:
         pass

@@ -1,14 +1,22 @@
 """Weights & Biases, offline by default: no account and no network needed.
 
-Offline runs land in ``<run dir>/wandb`` and can be uploaded later with
-``wandb sync``. Set ``logger.mode=online`` to stream instead.
+Offline runs land in ``<run dir>/wandb/offline-run-*`` and can be uploaded later with
+``wandb sync``. Set ``logger.mode=online`` to stream instead. A run holds, besides
+its config, metrics and images: the console (``output.log``), and, as run files,
+the run directory's ``config.yaml``, ``metrics.json``, Hydra's log (``run.log`` /
+``evaluate.log``) and an evaluation's ``results.md/csv/json``.
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from catlab.loggers.base import Logger, image_grid
 from catlab.registry import loggers
+
+#: files of the run directory saved with the W&B run, when present
+RUN_FILES = ("config.yaml", "metrics.json", "results.md", "results.csv", "results.json", "summary.md", "*.log")
 
 
 @loggers.register("wandb")
@@ -32,7 +40,7 @@ class WandbLogger(Logger):
         self.run = wandb.init(
             project=self.project, entity=self.entity, mode=self.mode, dir=str(run_dir), name=name,
             group=self.group or group, tags=list(self.tags) + list(tags or []), config=config, reinit="finish_previous",
-            settings=wandb.Settings(silent=True, console="off"),
+            settings=wandb.Settings(silent=True, console="wrap"),  # the console is kept as the run's output.log
         )
 
     def log_metrics(self, metrics, step=None):
@@ -43,7 +51,51 @@ class WandbLogger(Logger):
 
         self.run.log({key: wandb.Image(image_grid(images), caption=" | ".join(captions))})
 
+    def log_table(self, key, columns, rows):
+        import wandb
+
+        self.run.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
+
+    def log_figure(self, key, path):
+        import wandb
+
+        self.run.log({key: wandb.Image(str(path), caption=Path(path).name)})
+
     def finish(self):
         if self.run is not None:
+            for pattern in RUN_FILES:  # linked, not copied: a file written after this point is saved as it ends
+                for path in sorted(self.run_dir.glob(pattern)):
+                    self.run.save(str(path.resolve()), base_path=str(self.run_dir.resolve()), policy="end")
             self.run.finish()
             self.run = None
+
+
+def offline_records(path: Path) -> list[tuple[str, object]]:
+    """The records of an offline run's ``.wandb`` file, as ``(kind, protobuf message)`` pairs.
+
+    Reads the file's framing (32 KiB blocks of checksummed chunks after a 7-byte
+    header) without the W&B service: for checking what a run holds before
+    ``wandb sync``, e.g. ``[m for k, m in offline_records(p) if k == "run"][0].config``.
+    """
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block, records, pos, parts = Path(path).read_bytes(), 32768, [], 7, b""
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B run file")
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a chunk header is padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        parts += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            record = pb.Record()
+            record.ParseFromString(parts)
+            records.append((record.WhichOneof("record_type"), getattr(record, record.WhichOneof("record_type"))))
+            parts = b""
+    return records

@@ -10,7 +10,7 @@ history it needs (a reference output, staleness counters, ...).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from typing import ClassVar
 
 import torch
@@ -111,6 +111,12 @@ class Policy:
     def reset(self, batch_size: int, grid: tuple[int, int], num_steps: int, device: torch.device) -> None:
         """Forget everything: a new generation starts."""
         self.generator = torch.Generator(device="cpu").manual_seed(int(self.seed))
+        for part in vars(self).values():  # parts (clusterer, scorer, ...) name their selector in their log lines
+            if is_dataclass(part) and not isinstance(part, type):
+                try:
+                    part.owner = self.name
+                except AttributeError:  # a frozen or slotted part: its lines go without the name
+                    pass
 
     def num_kept(self, step: int, num_tokens: int) -> int | None:
         """Tokens to recompute at ``step`` (1-based); ``None`` means every token, unpruned."""

@@ -72,9 +72,10 @@ class _Clusterer:
         count = max(1, min(num_tokens, max(self.min_clusters, c)))
         if self.per_tokens and count != self.num_clusters and num_tokens not in self._told:
             self._told.add(num_tokens)  # said once per grid size: the count is not the number the config names
-            log.info("%s: %d clusters for %d tokens (num_clusters=%d per %d tokens, at least min_clusters=%d); "
-                     "set per_tokens=0 for exactly num_clusters", getattr(type(self), "registered_name", "clusterer"),
-                     count, num_tokens, self.num_clusters, self.per_tokens, self.min_clusters)
+            owner = getattr(self, "owner", None)  # the selector this clusterer serves, set by Policy.reset
+            log.info("%s%s: %d clusters for %d tokens (num_clusters=%d per %d tokens, at least min_clusters=%d); "
+                     "set per_tokens=0 for exactly num_clusters", f"{owner}'s clusterer " if owner else "",
+                     getattr(type(self), "registered_name", "clusterer"), count, num_tokens, self.num_clusters, self.per_tokens, self.min_clusters)
         return count
 
     def macs(self, batch: int, num_tokens: int, dim: int) -> int:

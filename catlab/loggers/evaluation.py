@@ -1,0 +1,57 @@
+"""An evaluation's results in the logger: the table, image samples per strategy, and the plots.
+
+Called once at the end of ``catlab.evaluate``. With ``logger=wandb`` (offline unless
+``logger.mode=online``) this is a W&B Table with one row per strategy and its cost and
+quality columns (``docs/metrics.md`` defines them), an image grid per strategy under
+``samples/<strategy>``, and every figure of the run directory under ``plots/``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from catlab.loggers.base import Logger, from_pil
+
+#: the table's columns, in this order, when any row has them
+COLUMNS = ("method", "family", "alpha", "steps", "num_images", "incomplete", "macs_per_image", "macs_ratio",
+           "seconds_per_image", "speedup", "images_per_second", "selection_share", "psnr", "ssim", "lpips", "fid",
+           "clip_score", "attribute_accuracy")
+SAMPLES = 8  # images per strategy
+
+
+def samples_per_strategy(rows: list[dict[str, Any]], warm: dict[str, Any], image_dir: Path | None
+                         ) -> dict[str, torch.Tensor]:
+    """Up to ``SAMPLES`` images per strategy: its warm-up batch, else the images the evaluation saved."""
+    from PIL import Image
+
+    out = {}
+    for row in rows:
+        label = row["method"]
+        result = warm.get(label)
+        if result is not None:
+            out[label] = result.images[:SAMPLES].float().cpu()
+        elif image_dir is not None and (image_dir / label).is_dir():
+            files = sorted((image_dir / label).glob("*.png"))[:SAMPLES]
+            if files:
+                out[label] = torch.stack([from_pil(Image.open(f)) for f in files])
+    return out
+
+
+def log_evaluation(logger: Logger, rows: list[dict[str, Any]], out: Path, warm: dict[str, Any],
+                   image_dir: Path | None = None) -> None:
+    """Log the results table, the samples per strategy and the figures of ``out`` (and ``out/diagnostics``)."""
+    columns = [c for c in COLUMNS if any(c in r for r in rows)]
+    logger.log_table("results", columns, [[_cell(r.get(c)) for c in columns] for r in rows])
+    for label, images in samples_per_strategy(rows, warm, image_dir).items():
+        logger.log_images(f"samples/{label}", images, [label] * len(images))
+    for path in sorted(out.glob("*.png")) + sorted((out / "diagnostics").glob("*.png")):
+        logger.log_figure(f"plots/{path.stem}", path)
+
+
+def _cell(value: Any) -> Any:
+    """A table cell W&B can type: numbers stay numbers (∞ for identical images is a float), the rest text."""
+    if value is None or isinstance(value, (int, float, str)):
+        return value
+    return str(value)
