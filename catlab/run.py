@@ -70,6 +70,8 @@ def run_hash(cfg: DictConfig) -> str:
 def sweep_group(cfg: DictConfig) -> str:
     """The W&B group: in a multirun the sweep itself (its directory, after the experiment name), so each sweep's
     jobs sit together and apart from another sweep's; else the experiment name."""
+    if not HydraConfig.initialized():  # run() called from Python, not through Hydra's entry point
+        return str(cfg.experiment_name)
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN:
         sweep = Path(hc.sweep.dir)

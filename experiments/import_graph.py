@@ -34,7 +34,7 @@ LAYERS: list[set[str]] = [
     {"sampler", "stock_pipelines", "testing", "train_toy"},
     {"builders", "strategy", "config"},
     {"catlab"},  # the front door (catlab/__init__.py): the applications below import it to register everything
-    {"evaluation", "run", "sweep", "evaluate"},
+    {"evaluation", "run", "sweep", "evaluate", "redraw"},
 ]
 
 

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from catlab.evaluation import diagnostics, report  # noqa: E402
 from catlab.evaluation.plots import label_boxes, place_labels  # noqa: E402
-from catlab.evaluation.redraw import read_rows, redraw  # noqa: E402
+from catlab.redraw import read_rows, redraw  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 
 

@@ -275,7 +275,7 @@ CASES = [
     Case("misspelt group", ("selektor=random",), "unknown key 'selektor' (did you mean 'selector'?)"),
     Case("appended unknown top-level key", ("+foo=1",), "unknown key 'foo'; keys of the config"),
     Case("typo in a clusterer key", ("clusterer.num_cluster=3",),
-         "(did you mean 'clusterer.num_clusters'?); keys of clusterer=kmeans_sklearn"),
+         "(did you mean 'clusterer.num_clusters'?); keys of clusterer=auto"),
     Case("typo under another selector", ("selector=random", "selector.alpah=0.3"),
          "keys of selector=random: name, alpha, start_step, seed"),
     Case("appended key the selector lacks", ("selector=random", "+selector.alpah=0.3"),

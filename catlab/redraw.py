@@ -1,6 +1,6 @@
 """Redraw an evaluation's table and figures from what it wrote, without evaluating again.
 
-``python -m catlab.evaluation.redraw <folder>`` reads ``results.csv`` (the committed
+``python -m catlab.redraw <folder>`` reads ``results.csv`` (the committed
 result folders under ``docs/results/`` keep it) and rewrites ``results.md`` (its title
 and notes kept) and the cost figures it holds (``cost_quality.png``, ``pareto.png``). With ``--diagnostics <overrides>`` it also regenerates the
 diagnostic figures (selection maps, cluster maps, the relative-noise correlation,
@@ -9,7 +9,7 @@ evaluation's config from the overrides and runs only its warm-up batch (the firs
 ``batch_size`` images, each strategy once), as ``catlab.evaluate`` does before
 timing, so the figures are the ones the evaluation drew::
 
-    python -m catlab.evaluation.redraw docs/results/embedded_table2 --diagnostics experiment=embedded_table2
+    python -m catlab.redraw docs/results/embedded_table2 --diagnostics experiment=embedded_table2
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def _warm_up_diagnostics(folder: Path, overrides: list[str]) -> None:
     from catlab.evaluation.recorder import RecordingPolicy
     from catlab.sampler import calibrate, sample
 
-    conf = Path(__file__).resolve().parents[2] / "conf"
+    conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="evaluate", overrides=overrides)
     quiet_libraries()
