@@ -43,13 +43,19 @@ def compile_pruned(target, *, fullgraph: bool = True, dynamic: bool = False, **c
             "default mode and capture the whole forward instead: sampler.cuda_graphs=true, or "
             "enable_pruning(..., cuda_graphs=True)")
     transformer = getattr(target, "transformer", target)
-    for block in transformer.transformer_blocks:
+    for block in _blocks(transformer):
         block.compile(fullgraph=fullgraph, dynamic=dynamic, **compile_kwargs)
     return transformer
+
+
+def _blocks(transformer: nn.Module) -> list[nn.Module]:
+    """Every block, in each of the transformer's block lists (FLUX: dual-stream, then single-stream)."""
+    lists = ("transformer_blocks", "single_transformer_blocks")
+    return [b for name in lists for b in (getattr(transformer, name, None) or ())]
 
 
 def uncompile(target) -> None:
     """Run ``target``'s transformer blocks eagerly again."""
     transformer = getattr(target, "transformer", target)
-    for block in transformer.transformer_blocks:
+    for block in _blocks(transformer):
         block._compiled_call_impl = None

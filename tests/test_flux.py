@@ -1,0 +1,194 @@
+"""FLUX.1 pruned: dual- and single-stream blocks, rotary rows of the selected positions, MACs as they run."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from catlab.pruning import TokenPruner, family_of
+from catlab.pruning.families import flux_macs_by_kind
+from catlab.pruning.flux import rotate
+from catlab.sampler import SamplerConfig, sample
+from catlab.selection.simple import Full, Random
+
+TOL = 1e-5
+
+
+def tiny_flux(**overrides):
+    from catlab.models.flux import TinyFlux
+
+    kw = dict(height=16, width=16, num_layers=2, num_single_layers=2, num_heads=2, head_dim=16,
+              axes_dims_rope=(4, 6, 6), text_dim=24, pooled_dim=12, text_tokens=6)
+    kw.update(overrides)
+    return TinyFlux(**kw)
+
+
+@pytest.fixture
+def flux():
+    return tiny_flux()
+
+
+def _inputs(adapter, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cond = adapter.embed_guidance(adapter.encode([f"prompt {i} word{i}" for i in range(batch)], False), 3.5)
+    h, w = adapter.latent_size
+    return torch.randn(batch, adapter.latent_channels, h, w, generator=g), cond
+
+
+def _forward(adapter, x, cond, t=500.0):
+    return adapter.predict(x, torch.tensor(t), cond)
+
+
+def _perm(n, rows=2, seed=0):
+    return torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(seed + s)) for s in range(rows)])
+
+
+def test_flux_family_has_both_block_kinds(flux):
+    spec = family_of(flux.transformer)
+    assert spec.name == "flux" and spec.guidance_distilled and spec.packed
+    pruner = TokenPruner(flux.transformer).attach()
+    kinds = [type(p).__name__ for p in pruner.processors]
+    assert kinds == ["PrunedFluxJointProcessor"] * 2 + ["PrunedFluxSingleProcessor"] * 2
+    assert [p.layer for p in pruner.processors] == [0, 1, 2, 3]
+    pruner.detach()
+    assert all(type(b.attn.processor).__name__ == "FluxAttnProcessor"
+               for b in [*flux.transformer.transformer_blocks, *flux.transformer.single_transformer_blocks])
+
+
+@torch.no_grad()
+def test_alpha_one_reproduces_the_stock_flux_transformer(flux):
+    x, cond = _inputs(flux)
+    stock = _forward(flux, x, cond)
+    pruner = TokenPruner(flux.transformer).attach()
+    torch.testing.assert_close(_forward(flux, x, cond), stock, atol=TOL, rtol=0)  # a full step
+    # every token in a shuffled order: right only if each token gets its own rotary row and the
+    # outputs are scattered back to their positions
+    pruner.set_indices(_perm(pruner.num_tokens))
+    torch.testing.assert_close(_forward(flux, x, cond), stock, atol=TOL, rtol=0)
+    pruner.detach()
+    assert torch.equal(_forward(flux, x, cond), stock)
+
+
+@torch.no_grad()
+def test_alpha_one_through_the_sampler_runs_one_branch(flux):
+    cfg = SamplerConfig(num_steps=4, guidance_scale=3.5, progress=False, check_indices=True)
+    full = sample(flux, Full(), ["a red circle", "a blue square"], [0, 1], cfg)
+    pruned = sample(flux, Random(alpha=1.0, start_step=1), ["a red circle", "a blue square"], [0, 1], cfg)
+    torch.testing.assert_close(pruned.latents, full.latents, atol=TOL, rtol=0)
+    assert pruned.trace.full_step_macs == TokenPruner(flux.transformer).macs(2, 6, pruned.trace.num_tokens)  # 2 rows
+
+
+@torch.no_grad()
+def test_guidance_is_a_model_input(flux):
+    x, _ = _inputs(flux)
+    outs = [_forward(flux, x, flux.embed_guidance(flux.encode(["a red circle"] * 2, False), s)) for s in (1.0, 4.0)]
+    assert not torch.allclose(outs[0], outs[1])
+
+
+class _RecordRotary:
+    """Wraps a pruned processor; keeps the rotary tables it was handed."""
+
+    def __init__(self, proc):
+        self.proc, self.seen = proc, []
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        self.seen.append(image_rotary_emb)
+        return self.proc(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("block", ["transformer_blocks", "single_transformer_blocks"])
+def test_pruned_blocks_rotate_by_the_selected_positions(flux, block):
+    x, cond = _inputs(flux)
+    pruner = TokenPruner(flux.transformer).attach()
+    _forward(flux, x, cond)
+    n, n_text = pruner.num_tokens, cond.num_text_tokens
+    idx = _perm(n, seed=3)[:, : n // 3]
+    attn = getattr(flux.transformer, block)[1].attn
+    attn.processor = recorder = _RecordRotary(attn.processor)
+    pruner.set_indices(idx)
+    _forward(flux, x, cond, t=400.0)
+    attn.processor = recorder.proc
+    pruner.detach()
+    cos, sin = recorder.seen[0]
+    assert cos.shape == (2, n_text + idx.shape[1], flux.head_dim)
+    h, w = flux.latent_size
+    from catlab.models.flux import image_ids
+
+    want_cos, want_sin = flux.transformer.pos_embed(torch.cat([cond.kwargs["txt_ids"], image_ids(h, w)]))
+    for row in range(2):
+        positions = torch.cat([torch.arange(n_text), n_text + idx[row]])
+        assert torch.equal(cos[row], want_cos[positions]) and torch.equal(sin[row], want_sin[positions])
+
+
+@torch.no_grad()
+def test_cached_keys_are_rotated_keys_of_their_own_positions(flux):
+    x, cond = _inputs(flux)
+    pruner = TokenPruner(flux.transformer).attach()
+    seen = {}
+
+    def keep_input(module, args, kwargs):
+        seen["x"] = kwargs["hidden_states"]
+
+    single = flux.transformer.single_transformer_blocks[0]
+    handle = single.attn.register_forward_pre_hook(keep_input, with_kwargs=True)
+    _forward(flux, x, cond)
+    idx = _perm(pruner.num_tokens, seed=5)[:, :5]
+    pruner.set_indices(idx)
+    _forward(flux, x + 0.2, cond, t=400.0)
+    handle.remove()
+    proc, n_text = pruner.processors[2], cond.num_text_tokens
+    keys = proc.key_cache.clone()  # (rows, heads, N, d)
+    pruner.detach()
+    a = single.attn
+    h, w = flux.latent_size
+    from catlab.models.flux import image_ids
+
+    cos, sin = flux.transformer.pos_embed(torch.cat([cond.kwargs["txt_ids"], image_ids(h, w)]))
+    fresh = a.norm_k(a.to_k(seen["x"][:, n_text:]).unflatten(-1, (-1, a.head_dim)))  # (rows, k, heads, d)
+    for row in range(2):
+        want = rotate(fresh[row:row + 1], cos[n_text + idx[row]], sin[n_text + idx[row]])[0].transpose(0, 1)
+        torch.testing.assert_close(keys[row][:, idx[row]], want, atol=1e-6, rtol=0)
+
+
+def test_a_wrong_rotary_gather_is_caught(flux, monkeypatch):
+    """The shuffled-selection check above fails when the blocks get rows of other positions."""
+    import catlab.pruning.engine as engine
+
+    def first_rows(table, idx, num_tokens):  # the rows of the first k positions, not the selected ones
+        n_text = table.shape[0] - num_tokens
+        return table[: n_text + idx.shape[1]].expand(idx.shape[0], -1, -1)
+
+    monkeypatch.setattr(engine, "select_rotary_rows", first_rows)
+    x, cond = _inputs(flux)
+    with torch.no_grad():
+        stock = _forward(flux, x, cond)
+        pruner = TokenPruner(flux.transformer).attach()
+        _forward(flux, x, cond)
+        pruner.set_indices(_perm(pruner.num_tokens))
+        assert (_forward(flux, x, cond) - stock).abs().max() > 1e-3
+        pruner.detach()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 0.2])
+def test_macs_per_block_kind_match_the_flop_counter(flux, alpha):
+    x, cond = _inputs(flux)
+    pruner = TokenPruner(flux.transformer).attach()
+    _forward(flux, x, cond)
+    n = pruner.num_tokens
+    k = max(1, int(alpha * n))
+    pruner.set_indices(_perm(n)[:, :k])
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        _forward(flux, x, cond, t=400.0)
+    counts = counter.get_flop_counts()
+    blocks = {"dual": flux.transformer.transformer_blocks, "single": flux.transformer.single_transformer_blocks}
+    attr = {"dual": "transformer_blocks", "single": "single_transformer_blocks"}
+    measured = {kind: sum(sum(counts[f"FluxTransformer2DModel.{attr[kind]}.{i}"].values()) for i in range(len(b))) // 2
+                for kind, b in blocks.items()}
+    assert measured["dual"] > 0 and measured["single"] > 0
+    analytic = flux_macs_by_kind(flux.transformer, 2, k, n, cond.num_text_tokens)
+    assert analytic["dual"] == measured["dual"] and analytic["single"] == measured["single"]
+    assert pruner.macs(2, cond.num_text_tokens, kept=k) == counter.get_total_flops() // 2
+    pruner.detach()
