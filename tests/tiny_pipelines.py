@@ -19,6 +19,11 @@ the default (and the usual test) resolution is 64x64 px: a 32x32 latent, i.e. 25
   resize back, so a 64x64 request is denoised at 256x256 px (128x128 latent, 4096 tokens with the default VAE).
   Pass ``use_resolution_binning=False`` to denoise at the requested size, or build with ``vae_scale_factor=8``
   to make the binned 256-px run a 32x32 latent (256 tokens).
+* ``flux_pipeline``: FLUX.1-dev's layout (guidance input, dual- then single-stream blocks, rotary positions): a
+  CLIP text encoder (hidden 16, its pooled output = ``pooled_projection_dim``) and a T5 encoder with ``d_model``
+  32 (= ``joint_attention_dim``), 4 latent channels packed 2x2 into 16-channel tokens.  A 64x64 request is a
+  32x32 latent, 16x16 = 256 tokens; text tokens per prompt: ``max_sequence_length`` (T5, 512 unless the call
+  says otherwise).
 """
 from __future__ import annotations
 
@@ -26,11 +31,12 @@ import math
 from contextlib import contextmanager
 
 import torch
-from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, PixArtAlphaPipeline,
-                       PixArtSigmaPipeline, PixArtTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline)
+from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                       FluxTransformer2DModel, PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel,
+                       SD3Transformer2DModel, StableDiffusion3Pipeline)
 from tokenizers import pre_tokenizers
-from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel,
-                          T5Tokenizer)
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
+                          T5EncoderModel, T5Tokenizer)
 
 # Whole words get their own token (CLIP: a BPE merge chain, T5: a unigram piece); anything else is spelled out of
 # single characters, so every prompt tokenizes.
@@ -93,7 +99,8 @@ def t5_tokenizer(words=WORDS, model_max_length: int = 512) -> T5Tokenizer:
 
 # -- text encoders -----------------------------------------------------------------------------------------------
 
-def _clip_encoder(tokenizer: CLIPTokenizer, hidden: int, projection: int, seed: int) -> CLIPTextModelWithProjection:
+def _clip_encoder(tokenizer: CLIPTokenizer, hidden: int, projection: int, seed: int,
+                  cls=CLIPTextModelWithProjection) -> CLIPTextModelWithProjection:
     config = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, projection_dim=projection,
         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
@@ -101,7 +108,7 @@ def _clip_encoder(tokenizer: CLIPTokenizer, hidden: int, projection: int, seed: 
         pad_token_id=tokenizer.pad_token_id,
     )
     with _seeded(seed):
-        return CLIPTextModelWithProjection(config).eval()
+        return cls(config).eval()
 
 
 def _t5_encoder(tokenizer: T5Tokenizer, d_model: int, seed: int) -> T5EncoderModel:
@@ -230,3 +237,43 @@ def pixart_alpha_pipeline(seed: int = 0, vae_scale_factor: int = 2, **transforme
     does not (as with the 256/512 checkpoints).
     """
     return _pixart(PixArtAlphaPipeline, transformer_config, seed, vae_scale_factor)
+
+
+# -- FLUX.1 ------------------------------------------------------------------------------------------------------
+
+FLUX_CLIP_DIM = 16
+FLUX_T5_DIM = 32
+FLUX_LATENT_CHANNELS = 4
+
+
+def flux_pipeline(seed: int = 0, vae_scale_factor: int = 2, **transformer_config) -> FluxPipeline:
+    """FLUX.1-dev in miniature: 2 dual-stream and 2 single-stream blocks, 2 heads of 16 (rotary axes 4+6+6),
+    the guidance embedding, a scheduler with FLUX's resolution-dependent shift.
+
+    Keyword arguments override the FluxTransformer2DModel config (``guidance_embeds=False``: schnell's layout).
+    """
+    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
+    config = dict(
+        patch_size=1, in_channels=4 * FLUX_LATENT_CHANNELS, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=FLUX_T5_DIM, pooled_projection_dim=FLUX_CLIP_DIM,
+        guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+    )
+    config.update(transformer_config)
+    with _seeded(seed):
+        transformer = FluxTransformer2DModel(**config).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=tiny_vae(FLUX_LATENT_CHANNELS, vae_scale_factor, seed=seed + 1, use_quant_conv=False,
+                     use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=_clip_encoder(tokenizer, FLUX_CLIP_DIM, FLUX_CLIP_DIM, seed=seed + 2, cls=CLIPTextModel),
+        tokenizer=tokenizer,
+        text_encoder_2=_t5_encoder(tokenizer_2, FLUX_T5_DIM, seed=seed + 4),
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
