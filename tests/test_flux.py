@@ -1,6 +1,8 @@
 """FLUX.1 pruned: dual- and single-stream blocks, rotary rows of the selected positions, MACs as they run."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -192,3 +194,26 @@ def test_macs_per_block_kind_match_the_flop_counter(flux, alpha):
     assert analytic["dual"] == measured["dual"] and analytic["single"] == measured["single"]
     assert pruner.macs(2, cond.num_text_tokens, kept=k) == counter.get_total_flops() // 2
     pruner.detach()
+
+
+@torch.no_grad()
+def test_counted_macs_equal_the_formula_on_full_and_pruned_steps(flux):
+    cfg = SamplerConfig(num_steps=4, guidance_scale=3.5, progress=False)
+    prompts, seeds = ["a red circle", "a blue square"], [0, 1]
+    counted = sample(flux, Random(alpha=0.25, start_step=2), prompts, seeds, replace(cfg, count_macs=True)).trace
+    formula = sample(flux, Random(alpha=0.25, start_step=2), prompts, seeds, cfg).trace
+    assert [s.macs for s in counted.steps] == [s.macs for s in formula.steps]
+    assert counted.steps[0].macs > counted.steps[-1].macs
+
+
+@pytest.mark.slow
+def test_cli_runs_tiny_flux_with_three_selectors(tmp_path):
+    import json
+
+    from tests.conftest import FAST, run_cli
+
+    run_cli("-m", "model=tiny_flux", "selector=cat,sequential,random", *FAST, tmp_path=tmp_path)
+    runs = sorted((tmp_path / "sweep").glob("*/metrics.json"))
+    metrics = [json.loads(p.read_text()) for p in runs]
+    assert [m["selector"] for m in metrics] == ["cat", "sequential", "random"]
+    assert all(m["model"] == "tiny_flux" and m["macs_ratio"] > 1 for m in metrics)
