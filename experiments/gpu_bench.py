@@ -1,4 +1,5 @@
-"""Wall-clock speed-ups of token pruning and step caching at SD3-medium and PixArt-Σ scale, against their MACs ratios.
+"""Wall-clock speed-ups of token pruning and step caching at SD3-medium, PixArt-Σ and FLUX.1-dev scale, against
+their MACs ratios.
 
 Builds each transformer from its published config with random weights (cost does
 not depend on the weights; nothing is downloaded), feeds random prompt embeddings
@@ -17,7 +18,9 @@ forward replayed from a CUDA graph); ``compiled+graphed`` (both flags: inductor
 kernels captured in the graphs). TaylorSeer is left out of the graphed modes (its
 hooks run Python in the forward) and the compiled ones (its hooks inside the blocks
 are excluded from compilation, so the blocks cannot compile whole), said once.
-Batch 1 with classifier-free guidance, and on CUDA 4 prompts per batch too
+FLUX.1-dev (``--family flux``: 19 dual- and 38 single-stream blocks, hidden 3072, 4096 image and
+512 text tokens) is guidance-distilled: one branch per step, the scale a model input.
+Batch 1 with classifier-free guidance (FLUX: its guidance input), and on CUDA 4 prompts per batch too
 (``--batch``; beyond 1 prompt only full against ``cat``, at the first of ``--steps``). The time of a generation
 is the fastest of ``--repeats`` (device-synchronised at the end of the loop); the
 selection share comes from one extra run with ``sync_timing=True``.
@@ -29,6 +32,8 @@ reuses are not those of a trained model: read its row as speed-up per MACs saved
     python experiments/gpu_bench.py --graphs                 # SD3-medium and PixArt-Σ, fp16, CUDA: eager and graphed
     python experiments/gpu_bench.py --graphs --compile       # ... and compiled, and compiled inside the graphs
     python experiments/gpu_bench.py --device cpu --tiny      # small shapes: a smoke test on any CPU
+    python experiments/gpu_bench.py --device cpu --tiny --family flux   # FLUX.1-dev's layout, small shapes
+    python experiments/gpu_bench.py --family flux --graphs --peers --dtype bfloat16   # FLUX.1-dev's shape, CUDA
     python experiments/gpu_bench.py --peers                  # ... and cache-dit's DBCache beside them
     python experiments/gpu_bench.py --device cpu --hidden 384 --tokens 1024 --models sd3 --steps 28 --strategies cat
     python experiments/gpu_bench.py --device cpu --count-ops --steps 28   # host operators per generation
@@ -51,10 +56,11 @@ from dataclasses import dataclass
 
 import torch
 from diffusers.utils import logging as diffusers_logging
-from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel,
-                       SD3Transformer2DModel)
+from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel,
+                       PixArtTransformer2DModel, SD3Transformer2DModel)
 
 from catlab.models.base import Conditioning, ModelAdapter
+from catlab.models.flux import image_ids, pack, unpack
 from catlab.pruning import compile_pruned, release_graphs, uncompile
 from catlab.pruning.state import peek_state
 from catlab.registry import selectors
@@ -72,7 +78,17 @@ FULL_SIZE = {
         sample_size=128, patch_size=2, in_channels=4, out_channels=8, num_layers=28, attention_head_dim=72,
         num_attention_heads=16, cross_attention_dim=1152, caption_channels=4096, norm_type="ada_norm_single",
         num_embeds_ada_norm=1000, use_additional_conditions=False), 300, 4096, 0),
+    # FLUX.1-dev: latent 128x128 (1024 px) packed 2x2 into 4096 tokens of 64 channels; T5 512 tokens, CLIP pooled 768
+    "flux": (FluxTransformer2DModel, dict(
+        sample_size=128, patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56)), 512, 4096, 768),
 }
+
+
+def new_transformer(name: str, cls, cfg: dict):
+    """The transformer of a config; FLUX's ``sample_size`` is the latent side the bench generates, not its own key."""
+    return cls(**{k: v for k, v in cfg.items() if not (name == "flux" and k == "sample_size")})
 
 
 def scaled_config(name: str, hidden: int, tokens: int, layers: int, text_tokens: int):
@@ -82,6 +98,10 @@ def scaled_config(name: str, hidden: int, tokens: int, layers: int, text_tokens:
     if side * side != tokens or hidden % 64:
         raise SystemExit(f"--tokens must be a square number and --hidden a multiple of 64; got {tokens}, {hidden}")
     cfg = dict(cfg, sample_size=2 * side, num_layers=layers, attention_head_dim=64, num_attention_heads=hidden // 64)
+    if name == "flux":  # twice as many single-stream blocks as dual-stream ones, as in FLUX.1-dev
+        cfg.update(num_single_layers=2 * layers, joint_attention_dim=hidden, pooled_projection_dim=hidden,
+                   axes_dims_rope=(16, 24, 24))
+        return cls, cfg, text_tokens, hidden, hidden
     if name == "sd3":
         cfg.update(joint_attention_dim=hidden, caption_projection_dim=hidden, pooled_projection_dim=hidden,
                    pos_embed_max_size=2 * side)
@@ -99,20 +119,45 @@ class RandomPromptAdapter(ModelAdapter):
     text_dim: int = 64
     pooled_dim: int = 0
 
+    @property
+    def guidance_distilled(self) -> bool:  # FLUX: one branch per step, the scale a model input
+        return self.family == "flux"
+
+    @property
+    def patch_size(self) -> int:
+        return 2 if self.family == "flux" else super().patch_size
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels // (4 if self.family == "flux" else 1)
+
     def make_scheduler(self):
-        return FlowMatchEulerDiscreteScheduler(shift=3.0) if self.family == "sd3" else DPMSolverMultistepScheduler()
+        return DPMSolverMultistepScheduler() if self.family == "pixart" else FlowMatchEulerDiscreteScheduler(shift=3.0)
 
     def encode(self, prompts: list[str], guidance: bool) -> Conditioning:
         rows = len(prompts) * (2 if guidance else 1)
         g = torch.Generator().manual_seed(0)
         embeds = torch.randn(rows, self.text_tokens, self.text_dim, generator=g).to(self.torch_device, self.torch_dtype)
         kwargs = {"encoder_hidden_states": embeds}
-        if self.family == "sd3":
+        if self.family in ("sd3", "flux"):
             kwargs["pooled_projections"] = torch.randn(rows, self.pooled_dim, generator=g).to(self.torch_device, self.torch_dtype)
+        if self.family == "flux":
+            kwargs["txt_ids"] = torch.zeros(self.text_tokens, 3, device=self.torch_device)
         return Conditioning(kwargs, 2 if guidance else 1, self.text_tokens)
+
+    def embed_guidance(self, cond: Conditioning, scale: float) -> Conditioning:
+        if self.family == "flux":
+            rows = cond.kwargs["encoder_hidden_states"].shape[0]
+            cond.kwargs["guidance"] = torch.full((rows,), scale, device=self.torch_device, dtype=torch.float32)
+        return cond
 
     def predict(self, latents, timestep, cond):
         t = timestep.expand(latents.shape[0])
+        if self.family == "flux":
+            h, w = latents.shape[-2:]
+            out = self.transformer(hidden_states=pack(latents), timestep=(t / 1000).to(latents.dtype),
+                                   img_ids=image_ids(h, w, latents.device), return_dict=False, **cond.kwargs)[0]
+            return unpack(out, h, w)
         if self.family == "sd3":
             return self.transformer(hidden_states=latents, timestep=t.to(latents.dtype), return_dict=False, **cond.kwargs)[0]
         out = self.transformer(latents, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None},
@@ -134,7 +179,7 @@ def build(name: str, args) -> RandomPromptAdapter:
         text = args.text_tokens or text
     torch.manual_seed(0)
     with torch.device(args.device):  # random init straight on the device: fast, no host copy of 2B weights
-        transformer = cls(**cfg)
+        transformer = new_transformer(name, cls, cfg)
     transformer = transformer.to(dtype=getattr(torch, args.dtype)).eval().requires_grad_(False)
     size = cfg["sample_size"]
     adapter = RandomPromptAdapter(device=args.device, dtype=args.dtype, height=size, width=size, family=name,
@@ -221,7 +266,7 @@ def count_ops(name: str, args) -> list[dict]:
     cls, cfg, text, text_dim, pooled = scaled_config(name, 64, 64, depth, 8)
     torch.manual_seed(0)
     with torch.device(args.device):
-        transformer = cls(**cfg)
+        transformer = new_transformer(name, cls, cfg)
     adapter = RandomPromptAdapter(device=args.device, dtype=args.dtype, height=cfg["sample_size"],
                                   width=cfg["sample_size"], family=name, text_tokens=text, text_dim=text_dim,
                                   pooled_dim=pooled)
@@ -321,7 +366,7 @@ def _format(r: dict) -> str:
 
 def markdown(rows: list[dict]) -> str:
     """The rows as the table of docs/performance.md."""
-    names = {"sd3": "SD3-medium", "pixart": "PixArt-Σ"}
+    names = {"sd3": "SD3-medium", "pixart": "PixArt-Σ", "flux": "FLUX.1-dev"}
     lines = ["| model | mode | batch | steps | strategy | full (s) | strategy (s) | speed-up | MACs ratio | "
              "speed-up / MACs | selection share |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -335,7 +380,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: float16 on CUDA, float32 on a CPU")
-    parser.add_argument("--models", default="sd3,pixart")
+    parser.add_argument("--models", "--family", dest="models", default="sd3,pixart",
+                        help="families, any of sd3, pixart, flux (comma-separated)")
     parser.add_argument("--steps", default="28,50")
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help=f"any of {', '.join(STRATEGIES)}")
     parser.add_argument("--batch", default=None,
@@ -364,6 +410,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.steps = [int(s) for s in args.steps.split(",")]
     args.batch = [int(b) for b in (args.batch or ("1,4" if args.device.startswith("cuda") else "1")).split(",")]
     args.strategies = [s for s in args.strategies.split(",") if s]
+    families = sorted(set(args.models.split(",")) - set(FULL_SIZE))
+    if families:
+        parser.error(f"unknown families {families}; choose from {', '.join(FULL_SIZE)}")
     unknown = sorted(set(args.strategies) - set(STRATEGIES))
     if unknown:
         parser.error(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
@@ -389,7 +438,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 json.dump(dict(device=gpu, torch=torch.__version__, argv=argv or sys.argv[1:], rows=rows), f, indent=1)
         return rows
     print(f"device {args.device} ({gpu}), torch {torch.__version__}, {args.dtype}, {torch.get_num_threads()} CPU threads, "
-          f"classifier-free guidance; alpha={args.alpha}, t0={args.start_step}; modes: {', '.join(modes(args))}")
+          f"classifier-free guidance (FLUX: its guidance input, one branch); alpha={args.alpha}, t0={args.start_step}; modes: {', '.join(modes(args))}")
     for s, m, why in EXCLUDED:
         if s in args.strategies and any(m in mode for mode in modes(args)):
             print(f"not in the {m} modes: {s} ({why})")

@@ -217,3 +217,54 @@ def test_cli_runs_tiny_flux_with_three_selectors(tmp_path):
     metrics = [json.loads(p.read_text()) for p in runs]
     assert [m["selector"] for m in metrics] == ["cat", "sequential", "random"]
     assert all(m["model"] == "tiny_flux" and m["macs_ratio"] > 1 for m in metrics)
+
+
+@pytest.mark.parametrize("name", ["cat", "random"])
+def test_graphed_flux_equals_eager_bit_for_bit(flux, name):
+    from catlab.pruning import graphs_of
+    from catlab.pruning.capture import emulate_on_cpu
+    from catlab.registry import selectors
+
+    def run(graphs):
+        cfg = SamplerConfig(num_steps=5, guidance_scale=3.5, progress=False, cuda_graphs=graphs)
+        return sample(flux, selectors.build({"name": name, "alpha": 0.3, "start_step": 2}), ["a red circle"] * 2,
+                      [0, 1], cfg)
+
+    eager = run(False)
+    with emulate_on_cpu():
+        first, second = run(True), run(True)
+    assert first.trace.graphed and torch.equal(first.images, eager.images) and torch.equal(second.images, eager.images)
+    store = graphs_of(flux.transformer)
+    assert store.captures == 2 == len(store.graphs) and not store.refused  # full and pruned, both generations
+
+
+@pytest.mark.slow
+def test_whole_pruned_flux_forward_is_one_graph(flux):
+    """Rotary hook, both processors and the in-place cache writes trace: fullgraph=True, a full and a pruned graph."""
+    from tests.test_compile import count_graphs
+
+    torch._dynamo.reset()
+    x, cond = _inputs(flux)
+    n = flux.grid[0] * flux.grid[1]
+
+    def steps(forward):
+        pruner, outs = TokenPruner(flux.transformer).attach(), []
+        with torch.inference_mode():
+            for step in range(3):
+                pruner.set_indices(None if step == 0 else _perm(n, seed=step)[:, : n // 3])
+                outs.append(forward(x + 0.1 * step, 600.0 - 100 * step).clone())
+        pruner.detach()
+        return outs
+
+    eager = steps(lambda x, t: _forward(flux, x, cond, t))
+    backend, graphs = count_graphs("aot_eager")
+    stock_forward = flux.transformer.forward
+    flux.transformer.forward = torch.compile(stock_forward, fullgraph=True, dynamic=False, backend=backend)
+    try:
+        got = steps(lambda x, t: _forward(flux, x, cond, t))
+    finally:
+        flux.transformer.forward = stock_forward
+        torch._dynamo.reset()
+    assert len(graphs) == 2
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from argparse import Namespace
 
 from catlab.pruning.capture import emulate_on_cpu
 from tests.conftest import ROOT
@@ -53,3 +54,27 @@ def test_gpu_bench_counts_host_operators_and_graphs_cut_them(capsys, monkeypatch
     for name in ("full", "cat"):
         assert ops[(name, "graphed")] * 10 < ops[(name, "eager")], ops  # one replay instead of ~1,300 per step
     assert ops[("cat", "eager")] > ops[("full", "eager")]  # gather, scatter, cache writes and the selection
+
+
+def test_gpu_bench_flux_rows_on_a_cpu(capsys, monkeypatch):
+    bench = _bench(monkeypatch)
+    with emulate_on_cpu():
+        rows = bench.main(["--device", "cpu", "--tiny", "--family", "flux", "--steps", "12", "--start-step", "8",
+                           "--repeats", "1", "--graphs", "--strategies", "cat,taylorseer"])
+    out = capsys.readouterr().out
+    assert "| FLUX.1-dev | graphed | 1 | 12 | cat |" in out and "(FLUX: its guidance input, one branch)" in out
+    seen = {(r["mode"], r["strategy"]): r for r in rows}
+    assert set(seen) == {("eager", "cat"), ("eager", "taylorseer"), ("graphed", "cat")}
+    assert seen[("eager", "cat")]["macs_ratio"] == seen[("graphed", "cat")]["macs_ratio"] > 1.1
+    assert seen[("eager", "taylorseer")]["macs_ratio"] > 1.0
+    t = bench.build("flux", Namespace(tiny=True, device="cpu", dtype="float32")).transformer
+    assert len(t.transformer_blocks) == 1 and len(t.single_transformer_blocks) == 2  # 1:2, as FLUX.1-dev's 19:38
+
+
+
+def test_gpu_bench_full_flux_shape_is_flux_dev(monkeypatch):
+    bench = _bench(monkeypatch)
+    cls, cfg, text, text_dim, pooled = bench.FULL_SIZE["flux"]
+    assert (cfg["num_layers"], cfg["num_single_layers"], cfg["num_attention_heads"] * cfg["attention_head_dim"]) == (
+        19, 38, 3072)
+    assert (cfg["sample_size"] // 2) ** 2 == 4096 and text == 512 and cfg["guidance_embeds"]

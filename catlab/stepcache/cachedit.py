@@ -45,8 +45,15 @@ from catlab.stepcache.base import StepCache, StepCacheError, stepcaches
 INSTALL = 'pip install "catlab[peers]"'
 
 #: catlab family name -> cache-dit ForwardPattern of its transformer blocks
-PATTERNS = {"sd3": "Pattern_1", "pixart": "Pattern_3"}
+PATTERNS = {"sd3": "Pattern_1", "pixart": "Pattern_3", "flux": "Pattern_1"}
 CALIBRATORS = ("taylorseer", "foca", "dmd")
+
+
+def _block_lists(transformer: nn.Module) -> list[nn.Module]:
+    """The transformer's block lists, in the order its forward runs them (FLUX: dual-, then single-stream)."""
+    from catlab.pruning.families import family_of
+
+    return [getattr(transformer, kind.attr) for kind in family_of(transformer).block_lists()]
 
 
 def cache_dit_module(component: str = "cachedit"):
@@ -152,10 +159,11 @@ class _CacheDit(StepCache):
         family, pattern = self._pattern(transformer)
         self._check_supported(family, pattern)
         self._own_forward = transformer.__dict__.get("forward")  # put back by remove()
-        self._block_attrs = set(transformer.transformer_blocks.__dict__)
-        with _quiet():
-            self._adapter = cache_dit.BlockAdapter(transformer=transformer, blocks=transformer.transformer_blocks,
-                                                   forward_pattern=pattern)
+        lists = _block_lists(transformer)
+        self._block_attrs = [set(blocks.__dict__) for blocks in lists]
+        with _quiet():  # FLUX: its dual- and single-stream lists, each with the same call pattern
+            blocks, patterns = (lists[0], pattern) if len(lists) == 1 else (lists, [pattern] * len(lists))
+            self._adapter = cache_dit.BlockAdapter(transformer=transformer, blocks=blocks, forward_pattern=patterns)
             cache_dit.enable_cache(self._adapter, cache_config=self.cache_config(),
                                    calibrator_config=self.calibrator_config())
 
@@ -185,9 +193,10 @@ class _CacheDit(StepCache):
                 transformer.__dict__.pop("forward", None)
             else:
                 transformer.__dict__["forward"] = own
-            blocks = transformer.transformer_blocks
-            for key in set(blocks.__dict__) - getattr(self, "_block_attrs", set(blocks.__dict__)):
-                del blocks.__dict__[key]
+            lists = _block_lists(transformer)
+            for blocks, before in zip(lists, getattr(self, "_block_attrs", [set(b.__dict__) for b in lists])):
+                for key in set(blocks.__dict__) - before:
+                    del blocks.__dict__[key]
         self._adapter = None
         self._transformer = None
 
