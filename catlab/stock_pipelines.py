@@ -270,7 +270,8 @@ def enable_pruning(target, policy: Policy, guidance_scale: float | None = None, 
     ``guidance_scale`` tells the hook how the pipeline combines its classifier-free
     guidance branches, so both branches of a sample share indices and the policy
     sees the guided output. For pipelines that store it (SD3) it is read at call
-    time; give it explicitly for the others (PixArt).
+    time; give it explicitly for the others (PixArt). A guidance-distilled family
+    (FLUX.1) runs one branch per call, its scale a model input: nothing to give.
 
     ``reuse`` is a reuse rule for the unselected tokens or a :class:`~catlab.assembly.StepReuse`
     (rule, K/V rule, step cache, time variable), as in :func:`catlab.sample`; ``count_macs``

@@ -37,10 +37,15 @@ reuses are not those of a trained model: read its row as speed-up per MACs saved
     python experiments/gpu_bench.py --peers                  # ... and cache-dit's DBCache beside them
     python experiments/gpu_bench.py --device cpu --hidden 384 --tokens 1024 --models sd3 --steps 28 --strategies cat
     python experiments/gpu_bench.py --device cpu --count-ops --steps 28   # host operators per generation
+    python experiments/gpu_bench.py --macs-only --family flux --steps 28,50   # analytic MACs at FLUX.1-dev's shape
 
 The last line is a compute-bound configuration for a CPU: an SD3-architecture
 transformer (``--layers`` blocks, 64-dim heads) with ``--hidden`` width and
 ``--tokens`` image tokens. ``--json PATH`` also writes the rows.
+
+``--macs-only`` times nothing either: it builds each family at its full size on the meta
+device (no memory, no weights) and prints catlab's analytic MACs of a full and a pruned
+step and the transformer's MACs ratio of ``cat``'s schedule (t0 full steps, then α).
 
 ``--count-ops`` times nothing: it counts the operators the host dispatches in one
 generation, eager and graphed, for the full model and ``cat``, at each family's full
@@ -288,6 +293,28 @@ def count_ops(name: str, args) -> list[dict]:
     return rows
 
 
+def macs_only(name: str, args) -> list[dict]:
+    """Analytic MACs at the family's full size, the model built on the meta device (no weights)."""
+    from catlab.pruning import TokenPruner
+
+    cls, cfg, text, _, _ = FULL_SIZE[name]
+    with torch.device("meta"):
+        transformer = new_transformer(name, cls, cfg)
+    pruner = TokenPruner(transformer)
+    tokens, rows = (cfg["sample_size"] // 2) ** 2, 1 if name == "flux" else 2  # FLUX: one branch, no CFG rows
+    k = max(1, int(args.alpha * tokens))
+    full, pruned = pruner.macs(rows, text, tokens), pruner.macs(rows, text, tokens, kept=k)
+    out = []
+    for steps in args.steps:
+        t0 = min(args.start_step, steps)
+        ratio = steps * full / (t0 * full + (steps - t0) * pruned)
+        out.append(dict(model=name, steps=steps, tokens=tokens, text_tokens=text, kept=k, rows=rows,
+                        full_step_macs=full, pruned_step_macs=pruned, macs_ratio=ratio))
+        print(f"{name:<7} {steps:>5} {tokens:>6} {text:>5} {k:>5} {rows:>4} {full / 1e12:>14.2f} {pruned / 1e12:>16.2f} "
+              f"{ratio:>10.2f}x", flush=True)
+    return out
+
+
 def modes(args) -> list[str]:
     out = ["eager"] + (["compiled"] if args.compile else [])
     if args.graphs:
@@ -402,6 +429,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help='also time cache-dit\'s DBCache against the full model (pip install "catlab[peers]")')
     parser.add_argument("--peer-threshold", type=float, default=0.24, help="cache-dit DBCache residual_diff_threshold")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--macs-only", action="store_true",
+                        help="instead of timing: analytic MACs at each family's full size (built on the meta device)")
     parser.add_argument("--count-ops", action="store_true",
                         help="instead of timing: operators the host dispatches per generation, eager and graphed")
     args = parser.parse_args(argv)
@@ -426,6 +455,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             args.peers = False
 
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    if args.macs_only:
+        print(f"analytic MACs of the transformer (selection not included), cat alpha={args.alpha} t0={args.start_step}")
+        print("model   steps tokens  text  kept rows  full step TMAC  pruned step TMAC  MACs ratio")
+        return [r for name in args.models.split(",") for r in macs_only(name, args)]
     if args.count_ops:
         print(f"host-dispatched operators (views left out), {args.steps[0]} steps, batch 1 with CFG, "
               f"cat alpha={args.alpha} t0={args.start_step}; full depth, small width")

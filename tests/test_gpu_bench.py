@@ -78,3 +78,14 @@ def test_gpu_bench_full_flux_shape_is_flux_dev(monkeypatch):
     assert (cfg["num_layers"], cfg["num_single_layers"], cfg["num_attention_heads"] * cfg["attention_head_dim"]) == (
         19, 38, 3072)
     assert (cfg["sample_size"] // 2) ** 2 == 4096 and text == 512 and cfg["guidance_embeds"]
+
+
+def test_gpu_bench_macs_only_at_full_size_builds_nothing_real(capsys, monkeypatch):
+    bench = _bench(monkeypatch)
+    rows = bench.main(["--macs-only", "--family", "flux,sd3", "--steps", "28"])
+    flux, sd3 = rows
+    assert (flux["tokens"], flux["text_tokens"], flux["rows"], flux["kept"]) == (4096, 512, 1, 1228)
+    assert sd3["rows"] == 2  # CFG rows; FLUX runs one branch
+    # FLUX.1-dev: ~12B weights over 4608 tokens plus attention: tens of TMACs per step
+    assert 3e13 < flux["full_step_macs"] < 4.5e13 and flux["pruned_step_macs"] < flux["full_step_macs"] / 2
+    assert flux["macs_ratio"] == 28 * flux["full_step_macs"] / (8 * flux["full_step_macs"] + 20 * flux["pruned_step_macs"])
