@@ -268,3 +268,40 @@ def test_whole_pruned_flux_forward_is_one_graph(flux):
     assert len(graphs) == 2
     for a, b in zip(got, eager):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+COMPOSITIONS = {
+    "probes (atedm_reuse)": lambda: ({"name": "atedm_reuse", "alpha": 0.3, "start_step": 2}, {}),
+    "reuse taylor": lambda: ({"name": "cat", "alpha": 0.3, "start_step": 2}, {"rule": "taylor"}),
+    "K/V taylor": lambda: ({"name": "random", "alpha": 0.3, "start_step": 2}, {"kv": "taylor"}),
+    "cat + taylorseer": lambda: ({"name": "cat", "alpha": 0.3, "start_step": 2},
+                                {"step_cache": {"name": "taylorseer", "cache_interval": 2, "start_step": 2}}),
+    "budget_schedule": lambda: ({"name": "budget_schedule", "start_step": 2}, {"rule": "taylor"}),
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", sorted(COMPOSITIONS))
+def test_the_other_parts_run_on_flux(flux, name):
+    from catlab.registry import reuses, selectors
+    from catlab.sampler import StepReuse
+    from catlab.stepcache import stepcaches
+
+    spec, parts = COMPOSITIONS[name]()
+    reuse = StepReuse(rule=reuses.build(parts["rule"]) if "rule" in parts else None,
+                      kv=reuses.build(parts["kv"]) if "kv" in parts else None,
+                      step_cache=stepcaches.build(parts["step_cache"]) if "step_cache" in parts else None)
+    cfg = SamplerConfig(num_steps=6, guidance_scale=3.5, progress=False, count_macs=True)
+    full = sample(flux, Full(), ["a red circle"], [0], cfg).trace
+    result = sample(flux, selectors.build(spec), ["a red circle"], [0], cfg, reuse)
+    assert torch.isfinite(result.latents).all()
+    assert result.trace.macs < full.macs  # selection included
+
+
+def test_in_step_atedm_refuses_flux_in_one_line(flux):
+    from catlab.pruning import UnsupportedModelError
+    from catlab.registry import selectors
+
+    with pytest.raises(UnsupportedModelError, match="FluxTransformer2DModel is not one: use selector=atedm_reuse"):
+        sample(flux, selectors.build({"name": "atedm", "start_step": 2}), ["a red circle"], [0],
+               SamplerConfig(num_steps=4, progress=False))

@@ -94,3 +94,15 @@ def test_true_cfg_second_call_runs_stock(pipe):
     assert out.shape == (1, 64, 64, 3) and len(policy.observed) == STEPS and len(macs) == STEPS
     pruner = TokenPruner(pipe.transformer)
     assert macs[-1] == pruner.macs(1, 32, 256, kept=128) + pruner.macs(1, 32, 256)
+
+
+def test_schnell_layout_without_guidance_input():
+    """FLUX.1-schnell's transformer has no guidance embedding: the pipeline passes none, pruning runs as for dev."""
+    pipe = flux_pipeline(guidance_embeds=False)
+    stock = _call(pipe)
+    policy = Recording(alpha=0.5, start_step=1)
+    enable_pruning(pipe, policy)
+    pruned = _call(pipe)
+    disable_pruning(pipe)
+    assert policy.observed == [(1, None)] + [(s, (1, 128)) for s in range(2, STEPS + 1)]
+    assert not np.allclose(pruned, stock, atol=1e-3) and np.array_equal(_call(pipe), stock)
