@@ -305,3 +305,33 @@ def test_in_step_atedm_refuses_flux_in_one_line(flux):
     with pytest.raises(UnsupportedModelError, match="FluxTransformer2DModel is not one: use selector=atedm_reuse"):
         sample(flux, selectors.build({"name": "atedm", "start_step": 2}), ["a red circle"], [0],
                SamplerConfig(num_steps=4, progress=False))
+
+
+@pytest.mark.parametrize("name", ["random", "sequential"])
+def test_pruned_flux_steps_read_nothing_on_the_host(flux, name):
+    from catlab.registry import selectors
+
+    cfg = SamplerConfig(num_steps=5, guidance_scale=3.5, progress=False, check_sync=True)  # raises on a host read
+    trace = sample(flux, selectors.build({"name": name, "alpha": 0.3, "start_step": 2}), ["a red circle"], [0], cfg).trace
+    assert [s.kept < trace.num_tokens for s in trace.steps] == [False, False, True, True, True]
+
+
+@pytest.mark.slow
+def test_compile_pruned_compiles_both_block_lists(flux):
+    from catlab.pruning import compile_pruned, uncompile
+    from catlab.registry import selectors
+
+    cfg = SamplerConfig(num_steps=4, guidance_scale=3.5, progress=False)
+    run = lambda: sample(flux, selectors.build({"name": "random", "alpha": 0.3, "start_step": 2}),  # noqa: E731
+                         ["a red circle"], [0], cfg).latents
+    eager = run()
+    torch._dynamo.reset()
+    compile_pruned(flux, backend="aot_eager")
+    try:
+        blocks = [*flux.transformer.transformer_blocks, *flux.transformer.single_transformer_blocks]
+        assert all(b._compiled_call_impl is not None for b in blocks)
+        torch.testing.assert_close(run(), eager, atol=1e-5, rtol=0)
+    finally:
+        uncompile(flux)
+        torch._dynamo.reset()
+    assert all(b._compiled_call_impl is None for b in blocks)

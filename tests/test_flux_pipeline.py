@@ -106,3 +106,19 @@ def test_schnell_layout_without_guidance_input():
     disable_pruning(pipe)
     assert policy.observed == [(1, None)] + [(s, (1, 128)) for s in range(2, STEPS + 1)]
     assert not np.allclose(pruned, stock, atol=1e-3) and np.array_equal(_call(pipe), stock)
+
+
+def test_graphed_flux_pipeline_equals_eager(pipe):
+    from catlab.pruning.capture import emulate_on_cpu
+    from catlab.pruning.state import peek_state
+
+    enable_pruning(pipe, Recording(alpha=0.5, start_step=2))
+    eager = _call(pipe)
+    disable_pruning(pipe)
+    with emulate_on_cpu():
+        enable_pruning(pipe, Recording(alpha=0.5, start_step=2), cuda_graphs=True)
+        first, second = _call(pipe), _call(pipe)
+        store = peek_state(pipe.transformer).graphs
+        assert store.captures == len(store.graphs) == 2 and store.generation == 2 and not store.refused
+        disable_pruning(pipe)
+    assert np.array_equal(first, eager) and np.array_equal(second, eager)
