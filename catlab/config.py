@@ -74,6 +74,10 @@ class EvaluateConfig(_Setup):
     metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim", "lpips", "clip_score", "attribute_accuracy"])
     warmup: bool = True
     repeats: int = 1
+    #: a speed-up needs batches timed beside the full model by one process; where the store holds fewer
+    #: than this many for a strategy (a resume after its setting changed), time both again on more batches
+    #: (0: never; its speed-up then shows "–")
+    retime_batches: int = 2
     #: reference images are cached here (default: $CATLAB_CACHE or ~/.cache/catlab)
     cache_dir: str | None = None
     #: per-image records (default: <run dir>/store); reruns skip what is there

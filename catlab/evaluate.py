@@ -9,7 +9,8 @@ Examples::
 Writes ``results.csv``, ``results.md``, ``cost_quality.png``, diagnostic
 figures, sample images and the per-image results store into the Hydra run
 directory. Rerunning with the same ``hydra.run.dir`` resumes: finished records
-are skipped. ``torchrun --nproc_per_node=N -m catlab.evaluate ...`` shards the
+of the same jobs are skipped, records of other settings are left out of the
+table (docs/scaling.md, "Resuming"). ``torchrun --nproc_per_node=N -m catlab.evaluate ...`` shards the
 prompts over N processes (see docs/scaling.md).
 """
 from __future__ import annotations
@@ -27,12 +28,13 @@ import catlab  # noqa: F401  (registers the built-in components)
 from catlab.builders import ConfigError, build_model, plain, run_app, set_threads
 from catlab.config import register_evaluate_schema
 from catlab.evaluation import diagnostics
-from catlab.evaluation.harness import References, Strategy, evaluate_strategies, make_jobs, set_metrics
-from catlab.evaluation.merge import rows_from_store, write_tables
+from catlab.evaluation.harness import References, Strategy, evaluate_strategies, layout, make_jobs, set_metrics
+from catlab.evaluation.merge import manifest, rows_from_store, write_manifest, write_tables
 from catlab.evaluation.recorder import RecordingPolicy
 from catlab.evaluation.reference import ReferenceCache
 from catlab.evaluation.store import ResultStore
 from catlab.loggers.base import image_grid
+from catlab.metrics.cost import MACS_RULE
 from catlab.prompts import cache_dir
 from catlab.registry import ComponentError, loggers, metrics, models, prompt_sets
 from catlab.sampler import SamplerConfig
@@ -81,6 +83,8 @@ def prepare(cfg: DictConfig):
         models.get(model_cfg.get("name", ""))
         if int(cfg.batch_size) < 1:
             raise ConfigError(f"batch_size must be >= 1; got {cfg.batch_size}")
+        if int(cfg.retime_batches) < 0:
+            raise ConfigError(f"retime_batches must be >= 0 (0: never time again); got {cfg.retime_batches}")
     except (ComponentError, TypeError, ValueError) as err:
         raise ConfigError(str(err)) from err
     return sampler_cfg, list(zip(strategies, built)), prompts, meta, metric_objs, logger, model_cfg
@@ -126,17 +130,30 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
     model_key = {**plain(cfg.model), "weights": weights} if weights else plain(cfg.model)
     references = References(ReferenceCache(cfg.cache_dir or cache_dir(), model_key, plain(cfg.sampler)),
                             adapter, resolved[0][1][0], sampler_cfg)
-    strategies = []
+    # what decides a record besides its strategy, prompt, seed and batch: it keys the store and is in every record
+    setup = {"model": model_key, "sampler": {"num_steps": sampler_cfg.num_steps,
+                                             "guidance_scale": sampler_cfg.guidance_scale}, "macs_rule": MACS_RULE}
+    strategies, infos = [], []
     for order, ((strategy, (policy, rule, cache)), spec) in enumerate(zip(resolved, strategy_specs(cfg))):
-        key = strategy.key({"model": model_key, "sampler": [sampler_cfg.num_steps, sampler_cfg.guidance_scale]})
+        key = strategy.key({"model": model_key, "sampler": [sampler_cfg.num_steps, sampler_cfg.guidance_scale],
+                            "macs_rule": MACS_RULE})
         if cfg.diagnostics:
             policy = RecordingPolicy(policy, keep_outputs=not policy.prunes)
         strategies.append(Strategy(strategy.label, policy, key, spec, rule, cache))
-        store.register_strategy(key, {"label": strategy.label, "order": order, "spec": spec, "alpha": float(policy.alpha) if policy.prunes else 1.0,
-                                      "start_step": int(policy.start_step), "steps": sampler_cfg.num_steps,
-                                      "model": plain(cfg.model)})
+        infos.append({"key": key, "label": strategy.label, "order": order, "spec": spec,
+                      "alpha": float(policy.alpha) if policy.prunes else 1.0, "start_step": int(policy.start_step),
+                      "steps": sampler_cfg.num_steps, "model": plain(cfg.model)})
+        store.register_strategy(key, infos[-1])
+    model_label = model_cfg["name"] + (f" ({model_cfg['path']})" if model_cfg.get("path") else "")
+    notes = [f"Model `{model_label}`, {len(jobs)} images ({len({j.prompt_id for j in jobs})} prompts × "
+             f"{len(cfg.seeds)} seeds), {sampler_cfg.num_steps} steps, guidance {sampler_cfg.guidance_scale}. "
+             "Speed-up: wall clock against the full model timed in the same process on the same batches "
+             "(strategies take turns on each batch), after a warm-up batch; "
+             "MACs include the selection's own work."]
+    plan = manifest(infos, layout(jobs, int(cfg.batch_size), world), store.root, out, notes)
     if rank == 0:
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_manifest(out, plan)
         logger.start(out, OmegaConf.to_container(cfg, resolve=True), name=cfg.experiment_name, group=cfg.experiment_name,
                      tags=[model_cfg["name"]])
 
@@ -144,22 +161,19 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
              rank, world)
     warm = evaluate_strategies(adapter, strategies, my_jobs, sampler_cfg, int(cfg.batch_size), usable, store,
                                references, bool(cfg.warmup), int(cfg.repeats),
-                               out / "images" if cfg.save_images else None)
+                               out / "images" if cfg.save_images else None, int(cfg.retime_batches), setup)
     if world > 1:
         dist.barrier()
     if rank != 0:
         return []
 
-    rows = rows_from_store(store, [s.key for s in strategies], {s.key: len(jobs) for s in strategies})
+    rows, store_notes = rows_from_store(store, plan)
+    for note in store_notes:
+        log.info("%s", note)
     set_metrics(rows, usable, out / "images" if cfg.save_images else None)
-    model_label = model_cfg["name"] + (f" ({model_cfg['path']})" if model_cfg.get("path") else "")
-    notes = [f"Model `{model_label}`, {len(jobs)} images ({len({j.prompt_id for j in jobs})} prompts × "
-             f"{len(cfg.seeds)} seeds), {sampler_cfg.num_steps} steps, guidance {sampler_cfg.guidance_scale}. "
-             "Speed-up: wall clock against the full model, same process and batches (strategies take turns on each batch), after a warm-up batch; "
-             "MACs include the selection's own work."]
     if any(m.name == "clip_score" for m in usable):
         notes.append(f"CLIP score backbone: `{next(m for m in usable if m.name == 'clip_score').backbone}`.")
-    write_tables(rows, out, cfg.title, notes)
+    write_tables(rows, out, cfg.title, [*notes, *store_notes])
     if cfg.diagnostics and all(w is not None for w in warm.values()):
         write_diagnostics(strategies, warm, out / "diagnostics")
     logger.log_metrics({f"{r['method']}/{k}": v for r in rows for k, v in r.items() if isinstance(v, (int, float))})

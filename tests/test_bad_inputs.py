@@ -17,6 +17,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what, overrides, message", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_and_leaves_no_run_directory(tmp_path, what, overrides, message):
     blank = tmp_path / "blank.txt"
@@ -29,6 +30,7 @@ def test_bad_input_is_one_line_and_leaves_no_run_directory(tmp_path, what, overr
     assert not run_dir.exists()
 
 
+@pytest.mark.slow
 def test_a_failed_sweep_job_is_marked_failed(tmp_path):
     proc, _ = run_cli("-m", *FAST, "clusterer.num_clusters=0", tmp_path=tmp_path, check=False)
     assert proc.returncode != 0 and "1 of 1 sweep jobs failed" in proc.stderr
@@ -60,6 +62,7 @@ def test_clusters_say_when_the_count_is_not_the_configured_one(caplog):
     assert "2 clusters for 256 tokens" in caplog.text and "per_tokens=0" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_sweep_goes_on_past_a_failed_job_and_summarises_every_job(tmp_path):
     proc, _ = run_cli("-m", *FAST, "sampler.num_steps=3", "selector.start_step=1", "num_images=1",
                       "clusterer.num_clusters=0,20", tmp_path=tmp_path, check=False)

@@ -12,6 +12,7 @@ def _metrics(run_dir):
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_full_and_random_write_metrics_images_and_config(tmp_path):
     _, full_dir = run_cli("selector=full", *FAST, tmp_path=tmp_path / "full")
     _, rand_dir = run_cli("selector=random", "selector.start_step=2", *FAST, tmp_path=tmp_path / "random")
@@ -25,6 +26,7 @@ def test_full_and_random_write_metrics_images_and_config(tmp_path):
     assert rand["macs_per_image"] < full["macs_per_image"]
 
 
+@pytest.mark.slow
 def test_multirun_writes_one_directory_per_job(tmp_path):
     run_cli("-m", "selector=full,random", *FAST, tmp_path=tmp_path)
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
@@ -32,10 +34,19 @@ def test_multirun_writes_one_directory_per_job(tmp_path):
     assert names == {"full", "random"}
 
 
+@pytest.mark.slow
 def test_wandb_logger_runs_offline(tmp_path):
     _, run_dir = run_cli("selector=random", "selector.start_step=2", "sampler.num_steps=4", "sampler.progress=false",
                          "logger=wandb", tmp_path=tmp_path)
-    assert list((run_dir / "wandb").glob("offline-run-*"))
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    # the offline run (what `wandb sync` uploads) holds the run's config, its metrics and its sample grid
+    records = b"".join(f.read_bytes() for f in runs[0].glob("run-*.wandb"))
+    for key in (b"selector=random", b"macs_ratio", b"seconds_per_image"):
+        assert key in records, key
+    metrics = _metrics(run_dir)
+    assert metrics["selector"] == "random" and f"{metrics['macs_ratio']!r}".encode()[:6] in records
+    assert list((runs[0] / "files" / "media" / "images").glob("samples_*.png"))
 
 
 BAD_CONFIGS = [
@@ -69,6 +80,7 @@ def test_bad_config_is_named_before_compute(override, message):
         assert "random" in text or "tiny_sd3" in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override, message", [BAD_CONFIGS[0], BAD_CONFIGS[6]])
 def test_cli_exits_nonzero_with_the_message(tmp_path, override, message):
     proc, run_dir = run_cli("selector=random", override, *FAST, tmp_path=tmp_path, check=False)

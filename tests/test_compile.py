@@ -55,6 +55,7 @@ def _steps(adapter, forward, n_pruned=2):
     return outputs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [tiny_sd3, tiny_pixart], ids=["sd3", "pixart"])
 def test_whole_pruned_forward_is_one_graph(make):
     """Hooks, processors and in-place cache writes all trace: fullgraph=True, two graphs (full, pruned)."""
@@ -68,6 +69,7 @@ def test_whole_pruned_forward_is_one_graph(make):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_compile_pruned_through_the_sampler():
     """Compiled blocks match eager; a second generation (a new pruner) compiles nothing new."""
     adapter = tiny_sd3()
@@ -89,6 +91,7 @@ def test_compile_pruned_through_the_sampler():
     assert all(block._compiled_call_impl is None for block in adapter.transformer.transformer_blocks)
 
 
+@pytest.mark.slow
 def test_compiled_blocks_under_a_stock_pipeline():
     """enable_pruning's policy hook stays eager around compiled blocks."""
     from catlab import disable_pruning, enable_pruning

@@ -120,6 +120,7 @@ def test_probe_reads_rendered_scenes():
     assert attribute_accuracy(blank, scenes).mean() < 0.2
 
 
+@pytest.mark.slow
 def test_training_command_runs(tmp_path):
     out = tmp_path / "run"
     small_cfg = [

@@ -183,6 +183,7 @@ def test_stock_pipeline_graphed_equals_eager(name):
     assert _graphs(pipe.transformer) is None  # disable_pruning frees them
 
 
+@pytest.mark.slow
 def test_compiled_blocks_are_another_key_and_replay_equal():
     from tests.test_compile import count_graphs
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from catlab.reuse import reuses
@@ -25,6 +26,7 @@ def test_copy_is_the_engines_own_reuse_and_taylor_forecasts():
     assert [s.macs for s in forecast.trace.steps] == [s.macs for s in plain.trace.steps]  # same cost
 
 
+@pytest.mark.slow
 def test_reuse_is_a_config_group_of_the_run_app(tmp_path):
     _, run_dir = run_cli("model=tiny_sd3", "selector=random", "selector.start_step=2", "reuse=taylor",
                          "sampler.num_steps=6", "sampler.progress=false", "logger=local", tmp_path=tmp_path)

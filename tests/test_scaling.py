@@ -26,12 +26,14 @@ def _sweep(launcher: str, tmp_path: Path) -> list[dict]:
     return [json.loads((j / "metrics.json").read_text()) for j in jobs]
 
 
+@pytest.mark.slow
 def test_sweep_with_joblib_processes(tmp_path):
     metrics = _sweep("processes", tmp_path)
     assert [m["selector"] for m in metrics] == ["full", "random"]
     assert metrics[1]["macs_ratio"] > 1.2
 
 
+@pytest.mark.slow
 def test_sweep_with_submitit_local(tmp_path):
     metrics = _sweep("slurm_local", tmp_path)
     assert [m["selector"] for m in metrics] == ["full", "random"]
@@ -83,12 +85,14 @@ def clean_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path, clean_run):
     _evaluate(tmp_path / "ddp", torchrun=2)
     assert _quality(tmp_path / "ddp") == _quality(clean_run)
     assert len(_records(tmp_path / "ddp")) == 6  # 2 strategies x 3 prompts, each written once
 
 
+@pytest.mark.slow
 def test_killed_evaluation_resumes_without_recomputing(tmp_path, clean_run):
     out = tmp_path / "killed"
     proc = _evaluate(out, killed_after=4, check=False)
@@ -103,6 +107,7 @@ def test_killed_evaluation_resumes_without_recomputing(tmp_path, clean_run):
     assert _quality(out) == _quality(clean_run)
 
 
+@pytest.mark.slow
 def test_merge_rebuilds_the_table_from_the_store(tmp_path, clean_run):
     import shutil
 

@@ -37,6 +37,7 @@ def test_every_part_config_reaches_cat(kind, name):
     assert getattr(policy, kind).registered_name == name
 
 
+@pytest.mark.slow
 def test_cat_runs_from_the_command_line(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "catlab.run", "selector=cat", "clusterer=spectral", "selector.start_step=2",

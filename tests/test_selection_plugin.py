@@ -31,6 +31,7 @@ def plugin_env(tmp_path_factory):
     return {**os.environ, "PYTHONPATH": f"{target}{os.pathsep}{ROOT}", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
 
+@pytest.mark.slow
 def test_plugin_registers_its_selector(plugin_env):
     code = ("from catlab.registry import selectors; "
             "p = selectors.build({'name': 'example_center', 'alpha': 0.25}); print(type(p).__module__)")
@@ -40,6 +41,7 @@ def test_plugin_registers_its_selector(plugin_env):
     assert proc.stdout.strip() == "catlab_example_plugin.selector"
 
 
+@pytest.mark.slow
 def test_plugin_selector_runs_through_the_cli(plugin_env, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "catlab.run", "selector=example_center", "selector.start_step=3",
@@ -91,6 +93,7 @@ def doc_plugin_env(tmp_path_factory):
     return {**os.environ, "PYTHONPATH": f"{target}{os.pathsep}{ROOT}", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 
 
+@pytest.mark.slow
 def test_the_documented_recipe_installs_and_runs(doc_plugin_env, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "catlab.run", "selector=example_center", "selector.alpha=0.5", "selector.start_step=3",

@@ -42,7 +42,7 @@ def test_exactly_k_unique_indices(name, alpha, h, w, batch, start, clusterer):
 
     def exact(step, state, idx):
         _assert_exact(idx, batch, state.k, n)
-        if type(policy).num_kept is Policy.num_kept:  # the paper's rule: k = round(alpha * N)
+        if type(policy).num_kept is Policy.num_kept:  # the one rule: k = floor(alpha * N)
             assert state.k == kept_tokens(alpha, n)
 
     simulate(policy, (h, w), num_steps=5, batch=batch, on_select=exact)

@@ -12,6 +12,7 @@ def _metrics(run_dir):
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_run_with_a_diffusers_step_cache_and_with_a_budget_schedule(tmp_path):
     _, cached = run_cli("selector=full", "stepcache=taylorseer", "stepcache.start_step=3",
                         "stepcache.cache_interval=2", *FAST, tmp_path=tmp_path / "cache")
@@ -31,6 +32,7 @@ def test_run_with_a_diffusers_step_cache_and_with_a_budget_schedule(tmp_path):
     (("model=tiny_sd3", "model.num_layers=2", "selector=full", "stepcache=first_block_cache"),
      "step cache error: first_block_cache needs at least 2 cacheable blocks"),
 ])
+@pytest.mark.slow
 def test_bad_step_cache_configs_end_with_a_message(tmp_path, overrides, message):
     proc, run_dir = run_cli(*overrides, *FAST, tmp_path=tmp_path, check=False)
     assert proc.returncode != 0

@@ -133,16 +133,32 @@ def test_interrupted_generation_then_a_new_one():
 
 
 def test_callback_that_changes_latents_is_followed():
+    """A callback's new latents reach the hooked transformer as they reach the stock one, in one generation."""
     pipe = sd3_pipeline()
-    policy = Recording(alpha=0.5, start_step=2)
-    _enable(pipe, policy)
 
     def damp(p, i, t, kwargs):
         return {"latents": kwargs["latents"] * 0.9}
 
-    out = _call(pipe, callback_on_step_end=damp, callback_on_step_end_tensor_inputs=["latents"])
+    damped = dict(callback_on_step_end=damp, callback_on_step_end_tensor_inputs=["latents"])
+    stock, stock_damped = _call(pipe), _call(pipe, **damped)
+    assert not np.allclose(stock_damped, stock, atol=1e-3)  # the callback matters
+    _enable(pipe, Sequential(alpha=1.0, start_step=2))  # pruning that keeps every token: the stock run, callback and all
+    np.testing.assert_allclose(_call(pipe, **damped), stock_damped, atol=1e-5, rtol=0)
+
+    outputs = {}
+    for name, kw in (("plain", {}), ("damped", damped)):
+        policy = Recording(alpha=0.5, start_step=2)
+        seen = []
+        observe = policy.observe
+        policy.observe = lambda step, output, indices: (seen.append(output.clone()), observe(step, output, indices))
+        _enable(pipe, policy)
+        outputs[name] = (_call(pipe, **kw), seen)
+        assert policy.resets == 1 and [s for s, _ in policy.observed] == list(range(1, STEPS + 1))
     disable_pruning(pipe)
-    assert np.isfinite(out).all() and len(policy.observed) == STEPS and policy.resets == 1
+    (plain, plain_seen), (followed, followed_seen) = outputs["plain"], outputs["damped"]
+    assert torch.equal(followed_seen[0], plain_seen[0])  # step 1 runs before the callback first acts
+    assert all(not torch.allclose(a, b, atol=1e-4) for a, b in zip(followed_seen[1:], plain_seen[1:]))
+    assert not np.allclose(followed, plain, atol=1e-3)
 
 
 def test_sd35_skip_layer_guidance_keeps_one_generation_and_counts_its_steps():
@@ -187,11 +203,29 @@ def test_pixart_sigma_resolution_binning():
 def test_cat_reference_on_a_pipeline_scores_each_prompt_on_its_conditional_rows():
     from catlab.registry import selectors
 
+    from catlab.testing import simulate
+
     pipe = sd3_pipeline()
     policy = selectors.build({"name": "cat_reference", "start_step": 2})
+    shown, picked = {}, {}
+    observe, select = policy.observe, policy.select
+    policy.observe = lambda step, output, indices: (shown.__setitem__(step, output.clone()), observe(step, output, indices))
+    policy.select = lambda state: picked.setdefault(state.step, select(state))
     _enable(pipe, policy)
     out = _call(pipe, prompt=["a red circle", "a blue square"], generator=[torch.Generator().manual_seed(s) for s in (0, 1)])
     macs = pruning_macs(pipe)
     disable_pruning(pipe)
     assert np.isfinite(out).all() and macs[2] < macs[0]
-    assert policy.labels.shape == (2, 256)  # one clustering per prompt, from its own conditional rows
+    assert {tuple(x.shape) for x in shown.values()} == {(4, 256, 64)}  # shown the stacked branches [u0, u1, c0, c1]
+
+    def replay(rows: slice):
+        """The same selector fed only those rows of what the pipeline showed it, as a guidance-free batch of two."""
+        again = selectors.build({"name": "cat_reference", "start_step": 2})
+        chosen = simulate(again, (16, 16), num_steps=STEPS, batch=2, outputs=lambda step: shown[step][rows])
+        return again.labels, {step: idx for step, idx in enumerate(chosen, 1) if idx is not None}
+
+    labels, chosen = replay(slice(2, 4))  # each prompt's conditional rows
+    assert torch.equal(policy.labels, labels) and chosen.keys() == picked.keys()
+    assert all(torch.equal(picked[step], chosen[step]) for step in picked)
+    other_labels, other = replay(slice(0, 2))  # the unconditional rows pick otherwise: the check can tell them apart
+    assert not torch.equal(other_labels, labels) or any(not torch.equal(picked[s], other[s]) for s in picked)

@@ -56,6 +56,7 @@ def test_pruned_forward_does_not_sync(adapter):
     cond = adapter.encode(["a red circle", "a blue square"], guidance=True)
     h, w = adapter.latent_size
     latents = torch.randn(4, adapter.latent_channels, h, w)
+    full = {t: adapter.predict(latents, torch.tensor(t), cond) for t in (500.0, 400.0)}  # before pruning
     pruner = TokenPruner(adapter.transformer).attach()
     adapter.predict(latents, torch.tensor(600.0), cond)  # full step: fills the caches
     n = pruner.num_tokens
@@ -63,7 +64,11 @@ def test_pruned_forward_does_not_sync(adapter):
         idx = torch.rand(2, n).topk(n // 3, dim=1).indices
         with no_host_sync("the pruned forward"):
             pruner.set_indices(idx, rows=4)
-            adapter.predict(latents, torch.tensor(t), cond)
+            out = adapter.predict(latents, torch.tensor(t), cond)
+            with pytest.raises(HostSyncError):  # the guard was armed around the whole forward
+                bool(out.isfinite().all())
+        assert out.shape == full[t].shape and out.isfinite().all()
+        assert not torch.allclose(out, full[t], atol=1e-4)  # a third of the tokens recomputed: really pruned
     pruner.detach()
 
 
@@ -110,15 +115,26 @@ def _build(name: str):
     return selectors.build({"name": name} if name == "full" else {"name": name, "alpha": 0.3, "start_step": 2})
 
 
+def _pruned_steps(name: str, num_steps: int = 6) -> int:
+    """Steps at which ``name`` selects tokens between steps (what check_policy guards)."""
+    policy = _build(name)
+    n = 64
+    ks = [policy.num_kept(step, n) for step in range(1, num_steps + 1)]
+    count = sum(k is not None and 0 < k < n for k in ks)
+    assert count or name in ("full", "atedm"), f"{name} prunes no step: the check would be empty"
+    return count
+
+
 @pytest.mark.parametrize("name", _cases(NOT_YET_CLEAN))
 def test_selector_pruned_steps_do_not_sync(name):
-    check_policy(_build(name), num_steps=6)
+    assert check_policy(_build(name), num_steps=6) == _pruned_steps(name)
 
 
 @pytest.mark.parametrize("name", _cases(STEADY_NOT_YET_CLEAN))
 def test_selector_steady_state_does_not_sync(name):
     """After the first pruned step (where a policy may size its clusters once) no step may sync."""
-    check_policy(_build(name), num_steps=6, skip_first_pruned=True)
+    pruned = _pruned_steps(name)
+    assert check_policy(_build(name), num_steps=6, skip_first_pruned=True) == max(pruned - 1, 0)
 
 
 # -- the diffusers pipeline hook -----------------------------------------------------------
@@ -146,5 +162,7 @@ def test_pipeline_hook_does_not_sync():
 def test_cuda_sampler_steps_do_not_sync(name):
     from catlab.models.sd3 import TinySD3
 
-    sample(TinySD3(device="cuda", height=32, width=32), _build(name), ["a red circle"], [0],
-           SamplerConfig(num_steps=5, progress=False, check_sync=True))
+    result = sample(TinySD3(device="cuda", height=32, width=32), _build(name), ["a red circle"], [0],
+                    SamplerConfig(num_steps=5, progress=False, check_sync=True))
+    assert [i is None for i in result.trace.indices] == [True, True, False, False, False]  # 3 guarded pruned steps
+    assert result.images.isfinite().all()

@@ -4,8 +4,9 @@ Every strategy sees the same prompts, seeds, batches and sampler settings, in
 the same process, after a warm-up batch, so the speed-ups are measured against
 a full-model baseline timed under the same conditions. The full model's images
 are the fidelity reference, cached on disk and shared by every strategy, job
-and rank. Each finished image becomes one record in the :class:`ResultStore`;
-what is already there is skipped, so an interrupted evaluation resumes.
+and rank. Each finished image becomes one record in the :class:`ResultStore`,
+keyed by the batch it was made in; what is already there is skipped, so an
+interrupted evaluation resumes and gives the table an uninterrupted one gives.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 from PIL import Image
 
 from catlab.evaluation.reference import ReferenceCache
-from catlab.evaluation.store import ResultStore
+from catlab.evaluation.store import Batch, ResultStore, prompt_sha
 from catlab.loggers.base import from_pil, to_pil
 from catlab.metrics.base import Metric
 from catlab.models.base import ModelAdapter
@@ -78,6 +79,16 @@ def _chunks(items: list, size: int):
         yield items[b:b + size]
 
 
+def make_batches(jobs: list[Job], batch_size: int) -> list[tuple[Batch, list[Job]]]:
+    """``jobs`` in batches of ``batch_size``, in order: the batches a process generates (and records are keyed by)."""
+    return [(Batch(tuple((j.prompt_id, j.prompt, j.seed) for j in chunk)), chunk) for chunk in _chunks(jobs, batch_size)]
+
+
+def layout(jobs: list[Job], batch_size: int, world: int = 1) -> list[Batch]:
+    """Every batch of an evaluation sharded over ``world`` ranks (rank r takes ``jobs[r::world]``)."""
+    return [b for rank in range(world) for b, _ in make_batches(jobs[rank::world], batch_size)]
+
+
 def timed_sample(adapter, strategy: "Strategy", jobs: list[Job], sampler: SamplerConfig,
                  repeats: int) -> tuple[SampleResult, float]:
     """One batch, timed; with ``repeats`` > 1 the best of several identical passes."""
@@ -93,85 +104,170 @@ def timed_sample(adapter, strategy: "Strategy", jobs: list[Job], sampler: Sample
 
 
 class References:
-    """The full model's images for any jobs: from the on-disk cache, or generated and cached."""
+    """The full model's images of a batch: from the on-disk cache, or generated (the whole batch) and cached."""
 
     def __init__(self, cache: ReferenceCache, adapter: ModelAdapter, full: Policy, sampler: SamplerConfig):
         self.cache, self.adapter, self.full, self.sampler = cache, adapter, full, sampler
 
-    def get(self, jobs: list[Job]) -> torch.Tensor:
-        images = [self.cache.get(j.prompt, j.seed) for j in jobs]
-        missing = [j for j, img in zip(jobs, images) if img is None]
-        if missing:
-            fresh = sample(self.adapter, self.full, [j.prompt for j in missing], [j.seed for j in missing], self.sampler)
-            for j, img in zip(missing, fresh.images):
-                self.cache.put(j.prompt, j.seed, img)
-            images = [self.cache.get(j.prompt, j.seed) for j in jobs]
-        return torch.stack(images)
+    def get(self, batch: Batch, jobs: list[Job]) -> torch.Tensor:
+        images = [self.cache.get(j.prompt, j.seed, batch.id) for j in jobs]
+        if any(img is None for img in images):
+            images = sample(self.adapter, self.full, [j.prompt for j in jobs], [j.seed for j in jobs], self.sampler).images
+            self.put(batch, jobs, images)
+        return torch.stack(list(images))
 
-    def put(self, jobs: list[Job], images: torch.Tensor) -> None:
+    def put(self, batch: Batch, jobs: list[Job], images: torch.Tensor) -> None:
         for j, img in zip(jobs, images):
-            if self.cache.get(j.prompt, j.seed) is None:
-                self.cache.put(j.prompt, j.seed, img)
+            if self.cache.get(j.prompt, j.seed, batch.id) is None:
+                self.cache.put(j.prompt, j.seed, img, batch.id)
 
 
-def _record_batch(adapter: ModelAdapter, strategy: Strategy, chunk: list[Job], sampler: SamplerConfig,
-                  metrics: list[Metric], store: ResultStore, references: References, repeats: int,
-                  image_dir: Path | None) -> None:
-    """Generate one batch with ``strategy``, score it, and write one record per image."""
-    result, wall = timed_sample(adapter, strategy, chunk, sampler, repeats)
-    images = result.images
-    reference = None
-    if strategy.exact:
-        references.put(chunk, images)
-    elif any(m.needs_reference and not getattr(m, "set_level", False) for m in metrics):
-        reference = references.get(chunk)
-    values = {}
-    for m in metrics:
-        if getattr(m, "set_level", False) or (m.needs_reference and reference is None):
-            continue  # set-level metrics are computed once per strategy, after every record
-        values[m.name] = m(images, reference, [j.prompt for j in chunk], [j.meta for j in chunk]).float()
-    trace, n = result.trace, len(chunk)
-    for i, job in enumerate(chunk):
-        store.put(strategy.key, {
-            "prompt_id": job.prompt_id, "seed": job.seed, "prompt": job.prompt, "label": strategy.label,
-            "macs": (trace.macs) / n, "full_macs": trace.full_macs / n,
-            "selection_macs": sum(s.selection_macs for s in trace.steps) / n,
-            "seconds": wall / n, "denoise_seconds": trace.seconds / n,
-            "selection_seconds": trace.selection_seconds / n, "graphed": trace.graphed,
-            "metrics": {k: float(v[i]) for k, v in values.items()},
-        })
-        if image_dir is not None:
-            d = image_dir / strategy.label
-            d.mkdir(parents=True, exist_ok=True)
-            to_pil(images[i]).save(d / f"p{job.prompt_id:06d}_s{job.seed}.png")
+class _Run:
+    """One process's part of an evaluation: which batches it computes, times and records."""
+
+    def __init__(self, adapter, strategies, sampler, metrics, store, references, warmup, repeats, image_dir,
+                 retime_batches, setup):
+        self.adapter, self.strategies, self.sampler, self.metrics = adapter, strategies, sampler, metrics
+        self.store, self.references, self.warmup, self.repeats = store, references, warmup, repeats
+        self.image_dir, self.retime_batches, self.setup = image_dir, retime_batches, setup or {}
+        self.full = strategies[0]
+        self.warm: dict[str, SampleResult | None] = {s.label: None for s in strategies}
+        self.paired: dict[str, set[str]] = {s.key: set() for s in strategies[1:]}
+        self.warmed: set[str] = set()
+        self.retimed = 0  # batches timed only for a speed-up pair (their records were already there)
+
+    # -- what a batch needs ---------------------------------------------------------
+    def refresh_pairs(self, key: str) -> None:
+        """Batches where ``key`` and the full model were timed by one process (any process, from the store)."""
+        full = self.store.timings(self.full.key)
+        self.paired[key] |= {b for (b, p) in self.store.timings(key) if (b, p) in full}
+
+    def work(self, batch: Batch) -> tuple[dict[str, list[int]], list[Strategy]]:
+        """(each strategy's missing records as positions in the batch, the strategies to time on it)."""
+        names = batch.names()
+        missing = {s.key: [i for i, n in enumerate(names) if not self.store.has(s.key, n)] for s in self.strategies}
+        timed, wants_pair = [], False
+        for s in self.strategies[1:]:
+            short = len(self.paired[s.key]) < self.retime_batches and batch.id not in self.paired[s.key]
+            if short:
+                self.refresh_pairs(s.key)
+                short = len(self.paired[s.key]) < self.retime_batches and batch.id not in self.paired[s.key]
+            if missing[s.key] or short:
+                timed.append(s)
+                wants_pair |= short
+        if missing[self.full.key] or wants_pair:
+            timed.insert(0, self.full)
+        return missing, timed
+
+    # -- doing it -------------------------------------------------------------------
+    def run(self, plan: list[tuple[Batch, list[Job]]], wait: float) -> None:
+        """Every batch of ``plan`` this process can take; then wait for those other processes hold."""
+        deferred = [(b, jobs) for b, jobs in plan if not self.attempt(b, jobs)]
+        while deferred:
+            time.sleep(wait)
+            deferred = [(b, jobs) for b, jobs in deferred if not self.attempt(b, jobs)]
+
+    def attempt(self, batch: Batch, jobs: list[Job]) -> bool:
+        """Do what ``batch`` needs; ``False`` if another live process holds it (try again later)."""
+        if not self.work(batch)[1]:
+            return True
+        if not self.store.claim(batch):
+            return False
+        try:
+            missing, timed = self.work(batch)  # again: the holder before us may have done it
+            if timed:
+                self.compute(batch, jobs, missing, timed)
+        finally:
+            self.store.release(batch)
+        return True
+
+    def ready(self, s: Strategy, jobs: list[Job]) -> None:
+        """Before a strategy's first timed batch in this process: calibrate its step cache, warm it up."""
+        if s.key in self.warmed:
+            return
+        self.warmed.add(s.key)
+        prompts, seeds = [j.prompt for j in jobs], [j.seed for j in jobs]
+        if s.step_cache is not None:
+            calibrate(s.step_cache, self.adapter, prompts, seeds, self.sampler)
+        if self.warmup:
+            self.warm[s.label] = sample(self.adapter, s.policy, prompts, seeds, self.sampler, s.reuse_parts)
+
+    def compute(self, batch: Batch, jobs: list[Job], missing: dict[str, list[int]], timed: list[Strategy]) -> None:
+        full_images = None
+        for s in timed:
+            self.ready(s, jobs)
+            result, wall = timed_sample(self.adapter, s, jobs, self.sampler, self.repeats)
+            self.store.put_timing(s.key, batch, wall)
+            self.retimed += not missing[s.key]
+            if s is self.full:
+                full_images = result.images
+            elif full_images is not None:
+                self.paired[s.key].add(batch.id)
+            if s.exact:
+                self.references.put(batch, jobs, result.images)
+            if missing[s.key]:
+                self.record(s, batch, jobs, missing[s.key], result, wall, full_images)
+
+    def record(self, s: Strategy, batch: Batch, jobs: list[Job], todo: list[int], result: SampleResult, wall: float,
+               full_images: torch.Tensor | None) -> None:
+        """Score one generated batch and write a record for each image in ``todo`` (positions in the batch)."""
+        images, metrics = result.images, self.metrics
+        reference = None
+        if not s.exact and any(m.needs_reference and not getattr(m, "set_level", False) for m in metrics):
+            reference = full_images if full_images is not None else self.references.get(batch, jobs)
+        values = {}
+        for m in metrics:
+            if getattr(m, "set_level", False) or (m.needs_reference and reference is None):
+                continue  # set-level metrics are computed once per strategy, after every record
+            values[m.name] = m(images, reference, [j.prompt for j in jobs], [j.meta for j in jobs]).float()
+        trace, n, described = result.trace, len(jobs), batch.describe()
+        for i in todo:
+            job = jobs[i]
+            self.store.put(s.key, {
+                "key": s.key, "prompt_id": job.prompt_id, "seed": job.seed, "prompt": job.prompt,
+                "prompt_sha": prompt_sha(job.prompt), "batch": described, "setup": self.setup,
+                "process": self.store.process, "label": s.label,
+                "macs": trace.macs / n, "full_macs": trace.full_macs / n,
+                "selection_macs": sum(st.selection_macs for st in trace.steps) / n,
+                "seconds": wall / n, "denoise_seconds": trace.seconds / n,
+                "selection_seconds": trace.selection_seconds / n, "graphed": trace.graphed,
+                "metrics": {k: float(v[i]) for k, v in values.items()},
+            })
+            if self.image_dir is not None:
+                d = self.image_dir / s.label
+                d.mkdir(parents=True, exist_ok=True)
+                to_pil(images[i]).save(d / f"p{job.prompt_id:06d}_s{job.seed}.png")
 
 
 def evaluate_strategies(adapter: ModelAdapter, strategies: list[Strategy], jobs: list[Job], sampler: SamplerConfig,
                         batch_size: int, metrics: list[Metric], store: ResultStore, references: References,
-                        warmup: bool = True, repeats: int = 1,
-                        image_dir: Path | None = None) -> dict[str, SampleResult | None]:
-    """Write every record the store lacks; return each strategy's warm-up result (``None`` if nothing to do).
+                        warmup: bool = True, repeats: int = 1, image_dir: Path | None = None,
+                        retime_batches: int = 2, setup: dict | None = None,
+                        wait: float = 0.2) -> dict[str, SampleResult | None]:
+    """Write every record the store lacks; return each strategy's warm-up result (``None`` if it ran nothing).
 
-    The strategies take turns on each batch (the full model first, so its images
-    are the references), so a change of load on a shared machine during the run
-    affects every strategy alike instead of whichever ran at that moment.
+    ``strategies[0]`` is the plain full model: its images are the references, its
+    timings the speed-ups' baseline. The strategies take turns on each batch (the full
+    model first), so a change of load on a shared machine during the run affects every
+    strategy alike. A batch is claimed before it is computed, so processes sharing a
+    store split the batches instead of repeating them; a batch another live process
+    holds is waited for. Where the store holds fewer than ``retime_batches`` batches
+    of a strategy timed beside the full model by one process, this process times both
+    on more batches (records already there are kept; only timings are added).
     """
-    pending = {s.key: [j for j in jobs if not store.has(s.key, j.prompt_id, j.seed)] for s in strategies}
-    warm = {}
+    run = _Run(adapter, strategies, sampler, metrics, store, references, warmup, repeats, image_dir,
+               retime_batches, setup)
+    plan = make_batches(jobs, batch_size)
     for s in strategies:
-        if len(pending[s.key]) < len(jobs):
-            log.info("%s: %d of %d records already in the store", s.label, len(jobs) - len(pending[s.key]), len(jobs))
-        first = pending[s.key][:batch_size]
-        prompts, seeds = [j.prompt for j in first], [j.seed for j in first]
-        if s.step_cache is not None and first:
-            calibrate(s.step_cache, adapter, prompts, seeds, sampler)  # a cache that needs it, on the first batch
-        warm[s.label] = sample(adapter, s.policy, prompts, seeds, sampler, s.reuse_parts) if warmup and first else None
-    for chunk in _chunks(jobs, batch_size):
-        for s in strategies:
-            todo = [j for j in chunk if not store.has(s.key, j.prompt_id, j.seed)]
-            if todo:
-                _record_batch(adapter, s, todo, sampler, metrics, store, references, repeats, image_dir)
-    return warm
+        done = sum(store.has(s.key, name) for b, _ in plan for name in b.names())
+        if 0 < done:
+            log.info("%s: %d of %d records already in the store", s.label, done, len(jobs))
+        if s is not run.full:
+            run.refresh_pairs(s.key)
+    run.run(plan, wait)
+    if run.retimed:
+        log.info("timed %d batch(es) again, whose records were already stored, for same-process speed-ups", run.retimed)
+    return run.warm
 
 
 def set_metrics(rows: list[dict], metrics: list[Metric], image_dir: Path | None) -> None:

@@ -6,6 +6,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # annotations only: metrics sit below the sampler
     from catlab.sampler import Trace
 
+#: the version of the MAC-counting rule (catlab/pruning/families.py's formulas, the selection's MACs, what a
+#: record's ``macs`` include); evaluation records are keyed by it, so raise it whenever a change to that rule
+#: changes a count, and stored records made under the old rule are recomputed instead of averaged in
+MACS_RULE = 1
+
 
 def cost_metrics(traces: list[Trace], wall_seconds: float) -> dict[str, float]:
     """Flat cost metrics over every batch of a run.

@@ -7,8 +7,8 @@ Read from the AT-EDM paper and carried over from SD-XL's U-Net to an SD3-family 
   step (image→image, averaged over heads) ranks the active tokens by Generalized
   Weighted PageRank; after that block's feed-forward the least important are
   dropped, and later blocks run on fewer tokens. With several ``prune_layers`` the
-  pruning is progressive: after the j-th of m layers ⌊α^(j/m)·N⌉ tokens remain, α·N
-  after the last.
+  pruning is progressive: after the j-th of m layers ⌊α^(j/m)·N⌋ tokens remain, ⌊α·N⌋
+  after the last (catlab's one k rule).
 * **similarity-based recovery.** Dropped tokens get the output of the kept token
   they attend to most (the attention map as the similarity), after the output
   projection: a DiT has no convolution to restore them for, only the unpatchify.
@@ -33,7 +33,7 @@ import torch
 
 from catlab.capabilities import Capability
 from catlab.registry import selectors
-from catlab.selection.base import Policy, StepState
+from catlab.selection.base import Policy, StepState, kept_tokens
 
 
 @selectors.register("atedm")
@@ -75,8 +75,7 @@ class AtEdm(Policy):
         if step - self.start_step <= int(self.dsap_steps):
             layers = layers[-1:]
         m = len(layers)
-        return {layer: max(1, min(num_tokens, round(float(self.alpha) ** ((j + 1) / m) * num_tokens)))
-                for j, layer in enumerate(layers)}
+        return {layer: kept_tokens(float(self.alpha) ** ((j + 1) / m), num_tokens) for j, layer in enumerate(layers)}
 
     def select(self, state: StepState) -> torch.Tensor:
         raise RuntimeError("atedm prunes inside each forward; it selects no tokens between steps")

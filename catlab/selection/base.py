@@ -45,8 +45,14 @@ class StepState:
 
 
 def kept_tokens(alpha: float, num_tokens: int) -> int:
-    """k = round(α·N), at least one token."""
-    return max(1, min(num_tokens, int(round(alpha * num_tokens))))
+    """The one budget rule: k = ⌊α·N⌋, at least one token and at most N.
+
+    The authors' ``int(select_factor * N)`` (1228 of 4096 at α = 0.3), taken in the
+    same floating-point arithmetic so that their index sets are reproducible. Every
+    selector's k comes from here, so strategies are always compared at the same
+    token budget.
+    """
+    return max(1, min(int(num_tokens), int(float(alpha) * int(num_tokens))))
 
 
 @dataclass

@@ -53,11 +53,6 @@ def conditional_rows(x: torch.Tensor, batch: int, who: str = "selector") -> torc
     raise ValueError(f"{who}: output has {x.shape[0]} rows for {batch} samples (expected {batch} or {2 * batch})")
 
 
-def floor_k(alpha: float, num_tokens: int) -> int:
-    """k = ⌊α·N⌋ (the authors' ``int``), at least one token."""
-    return max(1, min(num_tokens, int(float(alpha) * num_tokens)))
-
-
 @selectors.register("cat")
 @dataclass
 class Cat(Policy):
@@ -97,11 +92,6 @@ class Cat(Policy):
         self.staleness = build_part(stalenesses, self.staleness)
         self.clusterer = build_part(clusterers, self.clusterer)
         self.pooling = build_part(poolings, self.pooling)
-
-    def num_kept(self, step: int, num_tokens: int) -> int | None:
-        if not self.prunes or step <= self.start_step:
-            return None
-        return floor_k(self.alpha, num_tokens)
 
     def reset(self, batch_size: int, grid: tuple[int, int], num_steps: int, device: torch.device) -> None:
         super().reset(batch_size, grid, num_steps, device)

@@ -12,7 +12,7 @@ over samples and clusters in Python, which is fine for a reference and is why
 Rules (steps count from 1; ``start_step`` is t0; pruning starts at t0 + 1):
 
 * **k** = ⌊α·N⌋, the authors' ``int(select_factor * N)`` (1228 of 4096 at α = 0.3),
-  not catlab's usual round(α·N).
+  catlab's one rule for every selector (:func:`catlab.selection.base.kept_tokens`).
 * **Ties** fall to the lowest token index (and the lowest cluster id) everywhere: every
   "top q" is a stable sort, never ``topk``.
 * **Scored row**: the authors score ``hidden_states[1]``. The pipelines stack the
@@ -106,12 +106,6 @@ class CatReference(Policy):
             {"name": "kmeans_sklearn", "num_clusters": self.num_clusters, "per_tokens": self.per_tokens,
              "n_init": self.n_init, "seed": 0}
         )
-
-    def num_kept(self, step: int, num_tokens: int) -> int | None:
-        """k = ⌊α·N⌋ (the authors' ``int``), at least one token."""
-        if not self.prunes or step <= self.start_step:
-            return None
-        return max(1, min(num_tokens, int(float(self.alpha) * num_tokens)))
 
     def reset(self, batch_size: int, grid: tuple[int, int], num_steps: int, device: torch.device) -> None:
         super().reset(batch_size, grid, num_steps, device)
