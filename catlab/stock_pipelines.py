@@ -75,8 +75,8 @@ class TokenPruningHook(ModelHook):
         self.session, self.policy, self.pipeline, self.guidance_scale = session, session.policy, pipeline, guidance_scale
         #: ``do_classifier_free_guidance`` as the pipeline's latest ``encode_prompt`` call passed it (PixArt)
         self.cfg_seen: bool | None = None
-        #: the transformer takes and returns tokens, not latent images (FLUX)
-        self.packed = session.pruner.spec.packed
+        #: the transformer takes and returns tokens, not latent images (FLUX, Qwen-Image); where their grid is
+        self.packed, self.token_grid = session.pruner.spec.packed, session.pruner.spec.token_grid
         self._warned = False
         self.reset_state(None)
 
@@ -142,7 +142,7 @@ class TokenPruningHook(ModelHook):
         self.step, self.groups = step, self._groups(rows)
         if self.fresh:  # the first call of a generation
             self.fresh = False
-            session.begin(rows // self.groups, self.groups, _grid(module, self.packed, latents, kwargs), self._num_steps(),
+            session.begin(rows // self.groups, self.groups, _grid(module, self.token_grid if self.packed else None, latents, kwargs), self._num_steps(),
                           self.call_text, module.config.in_channels * patch * patch, latents.device)
         self.plan = session.plan(step)
         self.indices = session.select(self.plan)
@@ -225,12 +225,11 @@ class TokenPruningHook(ModelHook):
         return float(scheduler.sigmas[scheduler.step_index or 0])
 
 
-def _grid(module: nn.Module, packed: bool, latents: torch.Tensor, kwargs: dict) -> tuple[int, int]:
-    """The token grid of a call: from the latent image, or for ``packed`` tokens (FLUX: the transformer takes
-    and returns tokens, not latent images) from their position ids, read on the host once per generation."""
-    if packed:
-        ids = kwargs["img_ids"]
-        return int(ids[..., 1].max()) + 1, int(ids[..., 2].max()) + 1
+def _grid(module: nn.Module, token_grid, latents: torch.Tensor, kwargs: dict) -> tuple[int, int]:
+    """The token grid of a call: from the latent image, or for packed tokens (the transformer takes and returns
+    tokens, not latent images) the family's ``token_grid`` of the call's arguments, once per generation."""
+    if token_grid is not None:
+        return token_grid(kwargs)
     patch = module.config.patch_size
     return latents.shape[-2] // patch, latents.shape[-1] // patch
 

@@ -154,19 +154,20 @@ def test_cached_keys_are_rotated_keys_of_their_own_positions(flux):
         torch.testing.assert_close(keys[row][:, idx[row]], want, atol=1e-6, rtol=0)
 
 
-def test_a_wrong_rotary_gather_is_caught(flux, monkeypatch):
+def test_a_wrong_rotary_gather_is_caught(flux):
     """The shuffled-selection check above fails when the blocks get rows of other positions."""
-    import catlab.pruning.engine as engine
+    from dataclasses import replace as changed
 
-    def first_rows(table, idx, num_tokens):  # the rows of the first k positions, not the selected ones
-        n_text = table.shape[0] - num_tokens
-        return table[: n_text + idx.shape[1]].expand(idx.shape[0], -1, -1)
+    def first_rows(tables, idx, num_tokens):  # the rows of the first k positions, not the selected ones
+        n_text = tables[0].shape[0] - num_tokens
+        return tuple(t[: n_text + idx.shape[1]].expand(idx.shape[0], -1, -1) for t in tables)
 
-    monkeypatch.setattr(engine, "select_rotary_rows", first_rows)
     x, cond = _inputs(flux)
     with torch.no_grad():
         stock = _forward(flux, x, cond)
-        pruner = TokenPruner(flux.transformer).attach()
+        pruner = TokenPruner(flux.transformer)
+        pruner.spec = changed(pruner.spec, select_rotary=first_rows)
+        pruner.attach()
         _forward(flux, x, cond)
         pruner.set_indices(_perm(pruner.num_tokens))
         assert (_forward(flux, x, cond) - stock).abs().max() > 1e-3

@@ -84,20 +84,10 @@ class _RotaryHook(ModelHook):
         self.pruner = pruner
 
     def post_forward(self, module: nn.Module, output):
-        idx = self.pruner.row_indices
-        if self.pruner.bypass or idx is None:
+        p = self.pruner
+        if p.bypass or p.row_indices is None:
             return output
-        return tuple(select_rotary_rows(table, idx, self.pruner.num_tokens) for table in output)
-
-
-def select_rotary_rows(table: torch.Tensor, idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """``table`` ``(L + N, d)``, the text rows then the ``N`` image tokens' → ``(rows, L + k, d)``: the text
-    rows, then the rows of each row's selected tokens ``idx`` ``(rows, k)``."""
-    n_text = table.shape[0] - num_tokens
-    rows, k = idx.shape
-    text = table[:n_text].expand(rows, -1, -1)
-    image = table[n_text:].index_select(0, idx.reshape(-1)).view(rows, k, table.shape[-1])
-    return torch.cat([text, image], dim=1)
+        return p.spec.select_rotary(output, p.row_indices, p.num_tokens)
 
 
 class _ScatterHook(ModelHook):
@@ -170,8 +160,11 @@ class TokenPruner:
                     attn = getattr(block, attr, None)
                     if attn is None:
                         continue
-                    text = kind.startswith("flux") or (kind == "joint" and getattr(attn, "add_k_proj", None) is not None)
-                    proc = PROCESSORS[kind](self, layer, f"{blocks.attr}.{i}.{attr}", text)
+                    cls = PROCESSORS[kind] if isinstance(kind, str) else kind  # a family module's own class
+                    text = getattr(cls, "carries_text", None)  # its K/V hold the text tokens after the image's
+                    if text is None:
+                        text = kind == "joint" and getattr(attn, "add_k_proj", None) is not None
+                    proc = cls(self, layer, f"{blocks.attr}.{i}.{attr}", text)
                     proc.attn, proc.original = attn, attn.processor
                     self._original_processors[attn] = attn.processor
                     attn.processor = proc

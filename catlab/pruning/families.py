@@ -5,14 +5,21 @@ projection, its blocks (one or more lists of them: FLUX runs dual-stream blocks,
 then single-stream ones) and which attention modules inside a block carry the
 image tokens' K/V. Supporting a new family means writing one more spec (and its
 MAC formula); the pruning engine itself is family-agnostic.
+
+A family outside this file is one module of :mod:`catlab.families` (its spec, its
+attention processor, its MAC formula and its model adapters) that calls
+:func:`register_family`, plus its YAML in ``conf/model/``.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+from catlab.pruning.flux import flux_grid, select_text_image_rows
 
 
 class UnsupportedModelError(TypeError):
@@ -109,7 +116,7 @@ class BlockList:
 
     attr: str
     block_type: str
-    attentions: tuple[tuple[str, str], ...]
+    attentions: tuple[tuple[str, Any], ...]
 
 
 @dataclass(frozen=True)
@@ -120,9 +127,9 @@ class FamilySpec:
     transformer_type: str
     block_type: str
     #: attribute names of the attention modules (in a block) that attend over image tokens,
-    #: with the processor kind: "joint" (SD3 style, text concatenated), "self", or FLUX's rotary
-    #: "flux_joint" (dual-stream) and "flux_single" (one text+image sequence).
-    attentions: tuple[tuple[str, str], ...]
+    #: with the processor: a built-in kind ("joint": SD3 style, text concatenated; "self"; FLUX's
+    #: rotary "flux_joint" and "flux_single") or a processor class of a family module
+    attentions: tuple[tuple[str, Any], ...]
     macs: Callable[[nn.Module, int, int, int, int], int]
     patch_embed: str = "pos_embed"
     output_proj: str = "proj_out"
@@ -130,12 +137,17 @@ class FamilySpec:
     text_embed: str | None = None
     #: block lists after ``transformer_blocks``, run in this order
     extra_blocks: tuple[BlockList, ...] = ()
-    #: the module whose output is the rotary table ``(cos, sin)`` over text then image positions
-    #: (``None``: positions are added to the tokens, not rotated into Q/K)
+    #: the module whose output holds the rotary tables (``None``: positions are added to the tokens,
+    #: not rotated into Q/K), and how a pruned step keeps the rows of the selected tokens:
+    #: ``select_rotary(output, indices (rows, k), N)`` → what the blocks receive instead
     rotary: str | None = None
-    #: the transformer takes and returns tokens ``(B, N, C)`` (FLUX's packed latents), not ``(B, C, H, W)``
+    select_rotary: Callable[[Any, torch.Tensor, int], Any] | None = None
+    #: the transformer takes and returns tokens ``(B, N, C)`` (FLUX's packed latents), not ``(B, C, H, W)``;
+    #: ``token_grid(call kwargs)`` reads their grid (rows, columns) from the call
     packed: bool = False
-    #: one guidance branch per call (the scale is a model input, FLUX.1-dev) rather than stacked CFG halves
+    token_grid: Callable[[dict], tuple[int, int]] | None = None
+    #: each call runs one guidance branch (FLUX.1-dev's distilled guidance, a model input; Qwen-Image's
+    #: true CFG, one call per branch) rather than stacked CFG halves
     guidance_distilled: bool = False
 
     def block_lists(self) -> tuple[BlockList, ...]:
@@ -190,10 +202,19 @@ FLUX = FamilySpec(
     text_embed="context_embedder",
     extra_blocks=(BlockList("single_transformer_blocks", "FluxSingleTransformerBlock", (("attn", "flux_single"),)),),
     rotary="pos_embed",
+    select_rotary=select_text_image_rows,
     packed=True,
+    token_grid=flux_grid,
     guidance_distilled=True,
 )
-FAMILIES = (SD3, PIXART, FLUX)
+#: every family catlab can prune; a family module adds its own with :func:`register_family`
+FAMILIES: list[FamilySpec] = [SD3, PIXART, FLUX]
+
+
+def register_family(spec: FamilySpec) -> FamilySpec:
+    """Make ``spec`` a family :func:`family_of` knows (its ``transformer_type`` replaces an earlier one's)."""
+    FAMILIES[:] = [s for s in FAMILIES if s.transformer_type != spec.transformer_type] + [spec]
+    return spec
 
 
 def family_of(transformer: nn.Module) -> FamilySpec:

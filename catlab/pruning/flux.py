@@ -23,6 +23,26 @@ import torch
 from catlab.pruning.processors import _CachedAttention
 
 
+def select_text_image_rows(tables: tuple[torch.Tensor, ...], idx: torch.Tensor, num_tokens: int) -> tuple:
+    """FLUX's rotary tables ``(cos, sin)``, each ``(L + N, d)`` (text rows, then the ``N`` image tokens'),
+    at a pruned step: ``(rows, L + k, d)`` each, the text rows then those of each row's selected tokens."""
+    return tuple(_select_rows(table, idx, num_tokens) for table in tables)
+
+
+def _select_rows(table: torch.Tensor, idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    n_text = table.shape[0] - num_tokens
+    rows, k = idx.shape
+    text = table[:n_text].expand(rows, -1, -1)
+    image = table[n_text:].index_select(0, idx.reshape(-1)).view(rows, k, table.shape[-1])
+    return torch.cat([text, image], dim=1)
+
+
+def flux_grid(kwargs: dict) -> tuple[int, int]:
+    """The token grid of a FLUX call, from its ``img_ids`` ``(N, 3)`` = (0, row, column); read on the host."""
+    ids = kwargs["img_ids"]
+    return int(ids[..., 1].max()) + 1, int(ids[..., 2].max()) + 1
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding of ``x`` ``(rows, S, heads, d)`` by tables ``(S, d)`` (shared) or ``(rows, S, d)`` (per row).
 
@@ -47,6 +67,8 @@ def _no_mask(name: str, attention_mask) -> None:
 
 class PrunedFluxJointProcessor(_CachedAttention):
     """A dual-stream FLUX block's attention: k image queries and the text's attend over the layer's cache."""
+
+    carries_text = True
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  **kwargs):
@@ -75,6 +97,8 @@ class PrunedFluxJointProcessor(_CachedAttention):
 
 class PrunedFluxSingleProcessor(_CachedAttention):
     """A single-stream FLUX block's attention over ``[text; k image tokens]``; returns the same sequence."""
+
+    carries_text = True
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  **kwargs):
