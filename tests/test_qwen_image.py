@@ -137,3 +137,37 @@ def test_cli_runs_tiny_qwen_image(tmp_path):
     run_cli("-m", "model=tiny_qwen_image", "selector=cat,random", *FAST, tmp_path=tmp_path)
     metrics = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/metrics.json"))]
     assert [m["selector"] for m in metrics] == ["cat", "random"] and all(m["macs_ratio"] > 1 for m in metrics)
+
+
+@pytest.mark.parametrize("name", ["cat", "random"])
+def test_graphed_equals_eager_and_pruned_steps_read_nothing_on_the_host(qwen, name):
+    from catlab.pruning import graphs_of
+    from catlab.pruning.capture import emulate_on_cpu
+    from catlab.registry import selectors
+
+    def run(**cfg):
+        config = SamplerConfig(num_steps=5, guidance_scale=4.0, progress=False, **cfg)
+        return sample(qwen, selectors.build({"name": name, "alpha": 0.3, "start_step": 2}), ["a red circle"] * 2,
+                      [0, 1], config)
+
+    eager = run(check_sync=name != "cat")  # cat's scikit-learn clustering reads the host once, by design
+    with emulate_on_cpu():
+        first, second = run(cuda_graphs=True), run(cuda_graphs=True)
+    assert first.trace.graphed and torch.equal(first.images, eager.images) and torch.equal(second.images, eager.images)
+    assert graphs_of(qwen.transformer).captures == 2
+
+
+@pytest.mark.parametrize("cache", ["taylorseer", "cachedit_dbcache"])
+def test_step_caches_run_on_qwen_image(qwen, cache):
+    from catlab.registry import selectors
+    from catlab.sampler import StepReuse
+    from catlab.stepcache import stepcaches
+    from catlab.stepcache.cachedit import available
+
+    if cache.startswith("cachedit") and not available():
+        pytest.skip("cache-dit is not installed")
+    policy = selectors.build({"name": "cat", "alpha": 0.3, "start_step": 2} if cache == "taylorseer" else "full")
+    step_cache = stepcaches.build({"name": cache, "start_step": 2})
+    cfg = SamplerConfig(num_steps=6, guidance_scale=4.0, progress=False)
+    result = sample(qwen, policy, ["a red circle"], [0], cfg, StepReuse(step_cache=step_cache))
+    assert torch.isfinite(result.latents).all()

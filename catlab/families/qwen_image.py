@@ -116,6 +116,7 @@ QWEN_IMAGE = register_family(FamilySpec(
     packed=True,
     token_grid=qwen_grid,
     guidance_distilled=True,  # true CFG: one branch per transformer call
+    cache_dit_pattern="Pattern_1",  # blocks take (hidden, text, ...) and return (text, hidden)
 ))
 
 

@@ -149,6 +149,8 @@ class FamilySpec:
     #: each call runs one guidance branch (FLUX.1-dev's distilled guidance, a model input; Qwen-Image's
     #: true CFG, one call per branch) rather than stacked CFG halves
     guidance_distilled: bool = False
+    #: cache-dit's ``ForwardPattern`` name for these blocks (``None``: catlab's own table of the built-ins)
+    cache_dit_pattern: str | None = None
 
     def block_lists(self) -> tuple[BlockList, ...]:
         """Every list of blocks, in the order the forward runs them."""
