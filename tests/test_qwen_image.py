@@ -171,3 +171,4 @@ def test_step_caches_run_on_qwen_image(qwen, cache):
     cfg = SamplerConfig(num_steps=6, guidance_scale=4.0, progress=False)
     result = sample(qwen, policy, ["a red circle"], [0], cfg, StepReuse(step_cache=step_cache))
     assert torch.isfinite(result.latents).all()
+

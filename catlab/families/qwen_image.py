@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
 
-from catlab.models.base import Conditioning, ModelAdapter, with_unconditional
-from catlab.models.flux import pack, unpack
+from catlab.models.base import Conditioning, ModelAdapter, PipelineAdapter, with_unconditional
+from catlab.models.flux import fixed_shift_scheduler, pack, unpack
 from catlab.models.sd3 import HashedPromptEncoder
 from catlab.pruning.families import FamilySpec, linear_macs, register_family
 from catlab.pruning.processors import _CachedAttention
@@ -120,6 +120,56 @@ QWEN_IMAGE = register_family(FamilySpec(
 ))
 
 
+def _qwen_predict(adapter: ModelAdapter, latents, timestep, cond: Conditioning) -> torch.Tensor:
+    h, w = latents.shape[-2:]
+    t = (timestep.expand(latents.shape[0]) / 1000).to(latents.dtype)  # the transformer takes sigma-like time
+    shapes = [[(1, h // 2, w // 2)]] * latents.shape[0]
+    out = adapter.transformer(hidden_states=pack(latents), timestep=t, img_shapes=shapes, return_dict=False,
+                              **cond.kwargs)[0]
+    return unpack(out, h, w)
+
+
+@models.register("qwen_image")
+@dataclass
+class QwenImage(PipelineAdapter):
+    """A Qwen-Image checkpoint (``QwenImagePipeline``: a Qwen2.5-VL text encoder, a 3D-causal VAE). catlab's loop
+    guides on stacked rows with the empty prompt's (the pipeline's true CFG is the same combination, as two calls)."""
+
+    pipeline_class = "QwenImagePipeline"
+    path: str = "Qwen/Qwen-Image"
+    dtype: str = "bfloat16"
+    max_sequence_length: int = 512
+
+    @property
+    def patch_size(self) -> int:
+        return 2
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.transformer.config.in_channels) // 4
+
+    def make_scheduler(self):
+        return fixed_shift_scheduler(self.pipeline.scheduler, self.grid[0] * self.grid[1])
+
+    def encode(self, prompts: list[str], guidance: bool) -> Conditioning:
+        texts = with_unconditional(prompts, guidance)  # one call: one padded length, the mask marks the padding
+        embeds, mask = self.pipeline.encode_prompt(prompt=texts, device=self.torch_device,
+                                                   max_sequence_length=self.max_sequence_length)
+        kw = dict(encoder_hidden_states=embeds, encoder_hidden_states_mask=mask)
+        return Conditioning(kw, 2 if guidance else 1, embeds.shape[1])
+
+    def predict(self, latents, timestep, cond):
+        return _qwen_predict(self, latents, timestep, cond)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipeline.vae
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+        std = torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+        images = vae.decode((latents[:, :, None] * std + mean).to(vae.dtype), return_dict=False)[0][:, :, 0]
+        return ((images.float().cpu() + 1) / 2).clamp(0, 1)
+
+
 @models.register("tiny_qwen_image")
 @dataclass
 class TinyQwenImage(ModelAdapter):
@@ -175,9 +225,4 @@ class TinyQwenImage(ModelAdapter):
         return Conditioning(kw, 2 if guidance else 1, embeds.shape[1])
 
     def predict(self, latents, timestep, cond):
-        h, w = latents.shape[-2:]
-        t = (timestep.expand(latents.shape[0]) / 1000).to(latents.dtype)
-        shapes = [[(1, h // 2, w // 2)]] * latents.shape[0]
-        out = self.transformer(hidden_states=pack(latents), timestep=t, img_shapes=shapes, return_dict=False,
-                               **cond.kwargs)[0]
-        return unpack(out, h, w)
+        return _qwen_predict(self, latents, timestep, cond)

@@ -11,6 +11,7 @@ step runs one branch (no unconditional rows); ``sampler.guidance_scale`` is that
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,19 @@ def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     c = channels // 4
     x = tokens.reshape(b, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(b, c, height, width)
+
+
+def fixed_shift_scheduler(scheduler, tokens: int) -> FlowMatchEulerDiscreteScheduler:
+    """A copy of a pipeline's flow-matching scheduler with the shift it picks for ``tokens`` image tokens fixed:
+    the FLUX-style pipelines pass a resolution-dependent ``mu`` to ``set_timesteps``, the sampler passes none.
+    ``exp(mu)`` as a static shift gives the same sigmas."""
+    config = dict(scheduler.config)
+    if config.get("use_dynamic_shifting"):
+        (n0, n1), (s0, s1) = (config["base_image_seq_len"], config["max_image_seq_len"]), (config["base_shift"],
+                                                                                             config["max_shift"])
+        mu = s0 + (s1 - s0) * (tokens - n0) / (n1 - n0)
+        config.update(use_dynamic_shifting=False, shift=math.exp(mu))
+    return FlowMatchEulerDiscreteScheduler.from_config(config)
 
 
 def image_ids(height: int, width: int, device=None) -> torch.Tensor:
@@ -134,16 +148,7 @@ class Flux(_FluxPredict, PipelineAdapter):
     max_sequence_length: int = 512
 
     def make_scheduler(self):
-        """The pipeline's scheduler with the shift FLUX picks for this image size fixed (``set_timesteps``
-        without the resolution-dependent ``mu`` the pipeline computes)."""
-        config = dict(self.pipeline.scheduler.config)
-        if config.get("use_dynamic_shifting"):
-            h, w = self.grid
-            tokens, (n0, n1) = h * w, (config["base_image_seq_len"], config["max_image_seq_len"])
-            s0, s1 = config["base_shift"], config["max_shift"]
-            mu = s0 + (s1 - s0) * (tokens - n0) / (n1 - n0)
-            config.update(use_dynamic_shifting=False, shift=float(torch.tensor(mu).exp()))
-        return FlowMatchEulerDiscreteScheduler.from_config(config)
+        return fixed_shift_scheduler(self.pipeline.scheduler, self.grid[0] * self.grid[1])
 
     def encode(self, prompts: list[str], guidance: bool) -> Conditioning:
         embeds, pooled, text_ids = self.pipeline.encode_prompt(
