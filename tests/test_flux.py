@@ -336,3 +336,14 @@ def test_compile_pruned_compiles_both_block_lists(flux):
         uncompile(flux)
         torch._dynamo.reset()
     assert all(b._compiled_call_impl is None for b in blocks)
+
+
+def test_bad_sizes_are_named_before_anything_loads():
+    from catlab.registry import models
+
+    with pytest.raises(ValueError, match=r"model.axes_dims_rope=\[4, 6, 6\] must sum to model.head_dim=32"):
+        tiny_flux(head_dim=32)
+    with pytest.raises(ValueError, match="height and width must be even; got 17x16"):
+        tiny_flux(height=17)
+    with pytest.raises(ValueError, match="flux: model.height and model.width must be multiples of 16.*1000x1024"):
+        models.build({"name": "flux", "path": "/nonexistent", "height": 1000, "width": 1024})

@@ -20,7 +20,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
 
 from catlab.models.base import Conditioning, ModelAdapter, PipelineAdapter, with_unconditional
-from catlab.models.flux import fixed_shift_scheduler, pack, unpack
+from catlab.models.flux import check_packable, fixed_shift_scheduler, pack, unpack
 from catlab.models.sd3 import HashedPromptEncoder
 from catlab.pruning.families import FamilySpec, linear_macs, register_family
 from catlab.pruning.processors import _CachedAttention
@@ -66,7 +66,8 @@ class PrunedQwenAttnProcessor(_CachedAttention):
 
         query, key = heads(attn.to_q, attn.norm_q, hidden_states), heads(attn.to_k, attn.norm_k, hidden_states)
         value = attn.to_v(hidden_states).unflatten(-1, (-1, d))
-        text_query, text_key = heads(attn.add_q_proj, attn.norm_added_q, e), heads(attn.add_k_proj, attn.norm_added_k, e)
+        text_query = heads(attn.add_q_proj, attn.norm_added_q, e)
+        text_key = heads(attn.add_k_proj, attn.norm_added_k, e)
         text_value = attn.add_v_proj(e).unflatten(-1, (-1, d))
         if image_rotary_emb is not None:
             image_freqs, text_freqs = image_rotary_emb
@@ -140,6 +141,10 @@ class QwenImage(PipelineAdapter):
     dtype: str = "bfloat16"
     max_sequence_length: int = 512
 
+    def __post_init__(self) -> None:
+        check_packable("qwen_image", self.height, self.width)
+        super().__post_init__()
+
     @property
     def patch_size(self) -> int:
         return 2
@@ -191,7 +196,8 @@ class TinyQwenImage(ModelAdapter):
 
     def __post_init__(self) -> None:
         if sum(self.axes_dims_rope) != self.head_dim:
-            raise ValueError(f"model.axes_dims_rope={list(self.axes_dims_rope)} must sum to model.head_dim={self.head_dim}")
+            raise ValueError(f"model.axes_dims_rope={list(self.axes_dims_rope)} must sum to "
+                             f"model.head_dim={self.head_dim}")
         if self.height % 2 or self.width % 2:
             raise ValueError(f"tiny_qwen_image packs 2x2 patches: height and width must be even; got "
                              f"{self.height}x{self.width}")

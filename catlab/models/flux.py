@@ -50,6 +50,13 @@ def fixed_shift_scheduler(scheduler, tokens: int) -> FlowMatchEulerDiscreteSched
     return FlowMatchEulerDiscreteScheduler.from_config(config)
 
 
+def check_packable(name: str, height: int, width: int, multiple: int = 16) -> None:
+    """A pipeline whose VAE downsamples by 8 and packs 2x2 latent patches needs sizes in multiples of 16."""
+    if height % multiple or width % multiple:
+        raise ValueError(f"{name}: model.height and model.width must be multiples of {multiple} (a 2x2 patch of "
+                         f"the latent per token); got {height}x{width}")
+
+
 def image_ids(height: int, width: int, device=None) -> torch.Tensor:
     """``(H/2 · W/2, 3)`` position ids of the packed tokens: ``(0, row, column)``."""
     rows = torch.arange(height // 2, device=device).repeat_interleave(width // 2)
@@ -81,7 +88,8 @@ class _FluxPredict:
         h, w = latents.shape[-2:]
         t = (timestep.expand(latents.shape[0]) / 1000).to(latents.dtype)  # the transformer scales it back
         ids = image_ids(h, w, latents.device)
-        out = self.transformer(hidden_states=pack(latents), timestep=t, img_ids=ids, return_dict=False, **cond.kwargs)[0]
+        out = self.transformer(hidden_states=pack(latents), timestep=t, img_ids=ids, return_dict=False,
+                               **cond.kwargs)[0]
         return unpack(out, h, w)
 
 
@@ -110,9 +118,11 @@ class TinyFlux(_FluxPredict, ModelAdapter):
 
     def __post_init__(self) -> None:
         if sum(self.axes_dims_rope) != self.head_dim:
-            raise ValueError(f"model.axes_dims_rope={list(self.axes_dims_rope)} must sum to model.head_dim={self.head_dim}")
+            raise ValueError(f"model.axes_dims_rope={list(self.axes_dims_rope)} must sum to "
+                             f"model.head_dim={self.head_dim}")
         if self.height % 2 or self.width % 2:
-            raise ValueError(f"tiny_flux packs 2x2 patches: height and width must be even; got {self.height}x{self.width}")
+            raise ValueError(f"tiny_flux packs 2x2 patches: height and width must be even; "
+                             f"got {self.height}x{self.width}")
         torch.manual_seed(self.weights_seed)
         self.transformer = FluxTransformer2DModel(
             patch_size=1, in_channels=3 * 4, num_layers=self.num_layers, num_single_layers=self.num_single_layers,
@@ -146,6 +156,10 @@ class Flux(_FluxPredict, PipelineAdapter):
     path: str = "black-forest-labs/FLUX.1-dev"
     dtype: str = "bfloat16"
     max_sequence_length: int = 512
+
+    def __post_init__(self) -> None:
+        check_packable("flux", self.height, self.width)
+        super().__post_init__()
 
     def make_scheduler(self):
         return fixed_shift_scheduler(self.pipeline.scheduler, self.grid[0] * self.grid[1])
