@@ -172,3 +172,15 @@ def test_step_caches_run_on_qwen_image(qwen, cache):
     result = sample(qwen, policy, ["a red circle"], [0], cfg, StepReuse(step_cache=step_cache))
     assert torch.isfinite(result.latents).all()
 
+
+
+def test_edit_variants_are_refused_by_name():
+    from diffusers import QwenImageTransformer2DModel
+
+    from catlab.pruning import UnsupportedModelError
+
+    t = QwenImageTransformer2DModel(patch_size=2, in_channels=12, out_channels=3, num_layers=1, attention_head_dim=16,
+                                    num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6),
+                                    zero_cond_t=True)
+    with pytest.raises(UnsupportedModelError, match="zero_cond_t or use_layer3d_rope.*Qwen-Image-Edit"):
+        TokenPruner(t)

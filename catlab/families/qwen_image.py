@@ -22,7 +22,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DMod
 from catlab.models.base import Conditioning, ModelAdapter, PipelineAdapter, with_unconditional
 from catlab.models.flux import check_packable, fixed_shift_scheduler, pack, unpack
 from catlab.models.sd3 import HashedPromptEncoder
-from catlab.pruning.families import FamilySpec, linear_macs, register_family
+from catlab.pruning.families import FamilySpec, UnsupportedModelError, linear_macs, register_family
 from catlab.pruning.processors import _CachedAttention
 from catlab.registry import models
 
@@ -104,6 +104,14 @@ def qwen_image_macs(t, rows: int, n: int, n_total: int, n_text: int) -> int:
     return rows * per_row
 
 
+def check_variant(t) -> None:
+    """Qwen-Image-Edit's variants modulate each token by a per-token index and use layered 3D positions:
+    not pruned (the index covers every token)."""
+    if t.config.zero_cond_t or t.config.use_layer3d_rope:
+        raise UnsupportedModelError("a QwenImageTransformer2DModel with zero_cond_t or use_layer3d_rope "
+                                    "(Qwen-Image-Edit variants) is not pruned: only the text-to-image layout is")
+
+
 QWEN_IMAGE = register_family(FamilySpec(
     name="qwen_image",
     transformer_type="QwenImageTransformer2DModel",
@@ -118,6 +126,7 @@ QWEN_IMAGE = register_family(FamilySpec(
     token_grid=qwen_grid,
     guidance_distilled=True,  # true CFG: one branch per transformer call
     cache_dit_pattern="Pattern_1",  # blocks take (hidden, text, ...) and return (text, hidden)
+    check=check_variant,
 ))
 
 

@@ -151,6 +151,8 @@ class FamilySpec:
     guidance_distilled: bool = False
     #: cache-dit's ``ForwardPattern`` name for these blocks (``None``: catlab's own table of the built-ins)
     cache_dit_pattern: str | None = None
+    #: refuses, with an :class:`UnsupportedModelError`, a variant of the transformer the spec cannot prune
+    check: Callable[[nn.Module], None] | None = None
 
     def block_lists(self) -> tuple[BlockList, ...]:
         """Every list of blocks, in the order the forward runs them."""
@@ -227,6 +229,8 @@ def family_of(transformer: nn.Module) -> FamilySpec:
             for kind in spec.block_lists():
                 for i, block in enumerate(getattr(transformer, kind.attr)):
                     spec.check_block(i, block, kind)
+            if spec.check is not None:
+                spec.check(transformer)
             return spec
     supported = "; ".join(f"{s.transformer_type} with {s.block_type} blocks" for s in FAMILIES)
     raise UnsupportedModelError(f"cannot prune a {name}: supported transformers are {supported}")
