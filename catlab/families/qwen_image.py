@@ -190,6 +190,7 @@ class TinyQwenImage(ModelAdapter):
     """A Qwen-Image-architecture transformer from a config with seeded random weights, in pixel space (2x2
     patches packed into tokens as the pipeline does); classifier-free guidance on stacked rows."""
 
+    random_weights = True  # cost, not quality
     height: int = 32
     width: int = 32
     num_layers: int = 4

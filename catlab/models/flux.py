@@ -100,6 +100,7 @@ class TinyFlux(_FluxPredict, ModelAdapter):
     input) from a config with seeded random weights, in pixel space. Cost and plumbing, not quality."""
 
     guidance_distilled = True
+    random_weights = True  # cost, not quality
     height: int = 32
     width: int = 32
     num_layers: int = 2
