@@ -14,8 +14,8 @@ The caches live in a :class:`~catlab.pruning.buffers.BufferPool` and are written
 place; the patch-embedding hook and one on the text embedding (SD3's joint attention
 keeps the text's K/V after the image's) bind them and compute the step's write
 positions ahead of the blocks (:meth:`TokenPruner.prepare`). A family with rotary
-positions (FLUX) has one more hook, on its rotary embedding: at a pruned step it
-hands the blocks the text rows and the selected tokens' rows of the table.
+positions (FLUX, Qwen-Image) has one more hook, on its rotary embedding: at a pruned
+step it hands the blocks the text rows and the selected tokens' rows of the tables.
 
 With every token selected this is the stock model, by construction. A step reads
 no tensor value on the host (indices are fixed-size ``(rows, k)`` tensors), so on
@@ -76,8 +76,8 @@ class _GatherHook(ModelHook):
 
 
 class _RotaryHook(ModelHook):
-    """After the rotary embedding (text rows, then every image token's): at a pruned step, each row's
-    table of the text rows and its selected image tokens' rows, ``(rows, L + k, d)``."""
+    """After the rotary embedding: at a pruned step, the tables the blocks need for the text and each row's
+    selected image tokens, as the family lays them out (``FamilySpec.select_rotary``; FLUX: ``(rows, L + k, d)``)."""
 
     def __init__(self, pruner: "TokenPruner"):
         super().__init__()
