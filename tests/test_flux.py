@@ -347,3 +347,12 @@ def test_bad_sizes_are_named_before_anything_loads():
         tiny_flux(height=17)
     with pytest.raises(ValueError, match="flux: model.height and model.width must be multiples of 16.*1000x1024"):
         models.build({"name": "flux", "path": "/nonexistent", "height": 1000, "width": 1024})
+
+
+
+def test_probe_macs_count_the_text_keys(flux):
+    """A probe layer's attention map in FLUX covers the text keys too (they sit in the layer's cache)."""
+    pruner = TokenPruner(flux.transformer)
+    pruner.num_tokens, pruner.probe_layers = 64, {1, 3}
+    inner = flux.transformer.transformer_blocks[0].attn.to_q.out_features
+    assert pruner.probe_macs(rows=2, num_text_tokens=6, kept=19) == 2 * 2 * 19 * (64 + 6) * inner

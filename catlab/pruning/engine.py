@@ -304,5 +304,6 @@ class TokenPruner:
             return 0
         attr, kind = self.spec.attentions[0]
         dim = getattr(self.transformer.transformer_blocks[0], attr).to_q.out_features
-        keys = self.num_tokens + (num_text_tokens if kind == "joint" else 0)
+        joint = kind == "joint" or getattr(PROCESSORS.get(kind) if isinstance(kind, str) else kind, "carries_text", False)
+        keys = self.num_tokens + (num_text_tokens if joint else 0)
         return rows * len(self.probe_layers) * kept * keys * dim

@@ -112,7 +112,7 @@ def flux_macs(t: nn.Module, rows: int, n: int, n_total: int, n_text: int) -> int
 
 @dataclass(frozen=True)
 class BlockList:
-    """One more list of blocks of a family, run after ``transformer_blocks`` (FLUX's single-stream blocks)."""
+    """A list of blocks of a family: ``transformer_blocks``, and any run after it (FLUX's single-stream blocks)."""
 
     attr: str
     block_type: str
