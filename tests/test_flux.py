@@ -356,3 +356,18 @@ def test_probe_macs_count_the_text_keys(flux):
     pruner.num_tokens, pruner.probe_layers = 64, {1, 3}
     inner = flux.transformer.transformer_blocks[0].attn.to_q.out_features
     assert pruner.probe_macs(rows=2, num_text_tokens=6, kept=19) == 2 * 2 * 19 * (64 + 6) * inner
+
+
+@torch.no_grad()
+def test_counted_probe_maps_equal_the_formula_at_pruned_steps(flux):
+    """The MAC counter sees the probe maps (an explicit ``@``) that the formula adds as selection cost."""
+    from catlab.registry import selectors
+
+    def run(count):
+        cfg = SamplerConfig(num_steps=4, guidance_scale=3.5, progress=False, count_macs=count)
+        policy = selectors.build({"name": "atedm_reuse", "alpha": 0.3, "start_step": 2, "attention_layers": [1, 3]})
+        return sample(flux, policy, ["a red circle"], [0], cfg).trace.steps
+
+    counted, formula = run(True), run(False)
+    assert [s.macs + s.selection_macs for s in counted[2:]] == [s.macs + s.selection_macs for s in formula[2:]]
+    assert counted[2].macs > formula[2].macs  # the maps run inside the forward, where the counter counts them
