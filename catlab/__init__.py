@@ -18,6 +18,7 @@ import catlab.loggers  # noqa: F401,E402
 import catlab.metrics  # noqa: F401,E402
 import catlab.reuse  # noqa: F401,E402  (reuse rules)
 import catlab.stepcache  # noqa: F401,E402  (diffusers' step caches)
+import catlab.families  # noqa: F401,E402  (families added as one module each: Qwen-Image)
 from catlab.pruning import TokenPruner  # noqa: F401
 from catlab.stock_pipelines import disable_pruning, enable_pruning, pruning_macs, reset_pruning  # noqa: F401
 from catlab.sampler import SamplerConfig, sample  # noqa: F401

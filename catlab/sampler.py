@@ -130,7 +130,7 @@ def _loop(run: "_Run", prompts: list[str], seeds: list[int]) -> SampleResult:
     adapter, cfg, session = run.adapter, run.cfg, run.session
     scheduler = adapter.make_scheduler()
     scheduler.set_timesteps(cfg.num_steps, device=adapter.torch_device)
-    cond = adapter.encode(prompts, run.guided)
+    cond = adapter.embed_guidance(adapter.encode(prompts, run.guided), cfg.guidance_scale)
     latents = adapter.initial_latents(seeds)
     trace = run.begin(len(prompts), cond)
     pred = None
@@ -164,7 +164,7 @@ class _Run:
 
     def __init__(self, adapter: ModelAdapter, cfg: SamplerConfig, session: PruningSession):
         self.adapter, self.cfg, self.session, self.policy = adapter, cfg, session, session.policy
-        self.guided = cfg.guidance_scale > 1.0
+        self.guided = cfg.guidance_scale > 1.0 and not adapter.guidance_distilled  # stacked CFG branches
 
     def begin(self, batch: int, cond) -> "Trace":
         adapter, grid = self.adapter, self.adapter.grid

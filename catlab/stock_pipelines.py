@@ -75,6 +75,8 @@ class TokenPruningHook(ModelHook):
         self.session, self.policy, self.pipeline, self.guidance_scale = session, session.policy, pipeline, guidance_scale
         #: ``do_classifier_free_guidance`` as the pipeline's latest ``encode_prompt`` call passed it (PixArt)
         self.cfg_seen: bool | None = None
+        #: the transformer takes and returns tokens, not latent images (FLUX, Qwen-Image); where their grid is
+        self.packed, self.token_grid = session.pruner.spec.packed, session.pruner.spec.token_grid
         self._warned = False
         self.reset_state(None)
 
@@ -137,12 +139,11 @@ class TokenPruningHook(ModelHook):
             session.extra_call(True)
             return args, kwargs
         patch = module.config.patch_size
-        grid = (latents.shape[-2] // patch, latents.shape[-1] // patch)
         self.step, self.groups = step, self._groups(rows)
         if self.fresh:  # the first call of a generation
             self.fresh = False
-            session.begin(rows // self.groups, self.groups, grid, self._num_steps(), self.call_text,
-                          module.config.in_channels * patch * patch, latents.device)
+            session.begin(rows // self.groups, self.groups, _grid(module, self.token_grid if self.packed else None, latents, kwargs), self._num_steps(),
+                          self.call_text, module.config.in_channels * patch * patch, latents.device)
         self.plan = session.plan(step)
         self.indices = session.select(self.plan)
         self.time = self._time()
@@ -168,13 +169,11 @@ class TokenPruningHook(ModelHook):
             return output
         self.macs[-1] += session.call_macs(self.plan)
         sample = _sample_of(output)
-        patch, channels = module.config.patch_size, module.config.in_channels
-        tokens = patchify(sample[:, :channels].float(), patch)  # the stacked guidance rows
+        tokens = _tokens(module, self.packed, sample)  # the stacked guidance rows
         session.observe(self.plan, self._shown(tokens), self.indices)
         composed = session.compose(self.plan, tokens, self.indices, self.time)
         if composed is not tokens and self.indices is not None:
-            image = unpatchify(composed, patch, sample.shape[-2], sample.shape[-1]).to(sample.dtype)
-            output = _with_sample(output, torch.cat([image, sample[:, channels:]], 1))
+            output = _with_sample(output, _from_tokens(module, self.packed, composed, sample))
         self.last, self.last_tokens = output, composed
         return output
 
@@ -194,17 +193,15 @@ class TokenPruningHook(ModelHook):
         tokens = self.session.forecast(self.step, self.last_tokens, self.time)
         if tokens is None:
             return self.last
-        sample, patch = _sample_of(self.last), module.config.patch_size
-        image = unpatchify(tokens, patch, sample.shape[-2], sample.shape[-1]).to(sample.dtype)
-        if image.shape[1] < sample.shape[1]:  # the rule forecast the latent channels: the rest as last computed
-            image = torch.cat([image, sample[:, image.shape[1]:]], 1)
-        return _with_sample(self.last, image)
+        return _with_sample(self.last, _from_tokens(module, self.packed, tokens, _sample_of(self.last)))
 
     def _groups(self, rows: int) -> int:
         """How many guidance branches are stacked in the batch (2 with classifier-free guidance).
 
         Known from the pipeline's own ``do_classifier_free_guidance`` (SD3 stores it; for
         PixArt it is what the call passed to ``encode_prompt``), else from the guidance scale."""
+        if self.session.pruner.spec.guidance_distilled:  # FLUX: one branch per call (true CFG: a second call)
+            return 1
         cfg = getattr(self.pipeline, "do_classifier_free_guidance", None)
         cfg = self.cfg_seen if not isinstance(cfg, bool) else cfg
         if cfg is None:
@@ -228,6 +225,32 @@ class TokenPruningHook(ModelHook):
         return float(scheduler.sigmas[scheduler.step_index or 0])
 
 
+def _grid(module: nn.Module, token_grid, latents: torch.Tensor, kwargs: dict) -> tuple[int, int]:
+    """The token grid of a call: from the latent image, or for packed tokens (the transformer takes and returns
+    tokens, not latent images) the family's ``token_grid`` of the call's arguments, once per generation."""
+    if token_grid is not None:
+        return token_grid(kwargs)
+    patch = module.config.patch_size
+    return latents.shape[-2] // patch, latents.shape[-1] // patch
+
+
+def _tokens(module: nn.Module, packed: bool, sample: torch.Tensor) -> torch.Tensor:
+    """A call's output as ``(rows, N, C)`` tokens of the latent channels (a learned variance left out)."""
+    if packed:
+        return sample.float()
+    return patchify(sample[:, :module.config.in_channels].float(), module.config.patch_size)
+
+
+def _from_tokens(module: nn.Module, packed: bool, tokens: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """``tokens`` back in the layout of the call's output ``sample``; channels they lack as in ``sample``."""
+    if packed:
+        return tokens.to(sample.dtype)
+    image = unpatchify(tokens, module.config.patch_size, sample.shape[-2], sample.shape[-1]).to(sample.dtype)
+    if image.shape[1] < sample.shape[1]:  # the latent channels only: the rest (learned variance) as computed
+        image = torch.cat([image, sample[:, image.shape[1]:]], 1)
+    return image
+
+
 def _sample_of(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output.sample
 
@@ -246,7 +269,8 @@ def enable_pruning(target, policy: Policy, guidance_scale: float | None = None, 
     ``guidance_scale`` tells the hook how the pipeline combines its classifier-free
     guidance branches, so both branches of a sample share indices and the policy
     sees the guided output. For pipelines that store it (SD3) it is read at call
-    time; give it explicitly for the others (PixArt).
+    time; give it explicitly for the others (PixArt). A guidance-distilled family
+    (FLUX.1) runs one branch per call, its scale a model input: nothing to give.
 
     ``reuse`` is a reuse rule for the unselected tokens or a :class:`~catlab.assembly.StepReuse`
     (rule, K/V rule, step cache, time variable), as in :func:`catlab.sample`; ``count_macs``

@@ -1,4 +1,5 @@
-"""Wall-clock speed-ups of token pruning and step caching at SD3-medium and PixArt-Σ scale, against their MACs ratios.
+"""Wall-clock speed-ups of token pruning and step caching at SD3-medium, PixArt-Σ and FLUX.1-dev scale, against
+their MACs ratios.
 
 Builds each transformer from its published config with random weights (cost does
 not depend on the weights; nothing is downloaded), feeds random prompt embeddings
@@ -18,7 +19,9 @@ forward replayed from a CUDA graph); ``compiled+graphed`` (both flags: inductor
 kernels captured in the graphs). TaylorSeer is left out of the graphed modes (its
 hooks run Python in the forward) and the compiled ones (its hooks inside the blocks
 are excluded from compilation, so the blocks cannot compile whole), said once.
-Batch 1 with classifier-free guidance, and on CUDA 4 prompts per batch too
+FLUX.1-dev (``--family flux``: 19 dual- and 38 single-stream blocks, hidden 3072, 4096 image and
+512 text tokens) is guidance-distilled: one branch per step, the scale a model input.
+Batch 1 with classifier-free guidance (FLUX: its guidance input), and on CUDA 4 prompts per batch too
 (``--batch``; beyond 1 prompt only full against ``cat``, at the first of ``--steps``). The time of a generation
 is the fastest of ``--repeats`` (device-synchronised at the end of the loop); the
 selection share comes from one extra run with ``sync_timing=True``.
@@ -30,9 +33,12 @@ reuses are not those of a trained model: read its row as speed-up per MACs saved
     python experiments/gpu_bench.py --graphs                 # SD3-medium and PixArt-Σ, fp16, CUDA: eager and graphed
     python experiments/gpu_bench.py --graphs --compile       # ... and compiled, and compiled inside the graphs
     python experiments/gpu_bench.py --device cpu --tiny      # small shapes: a smoke test on any CPU
+    python experiments/gpu_bench.py --device cpu --tiny --family flux   # FLUX.1-dev's layout, small shapes
+    python experiments/gpu_bench.py --family flux --graphs --peers --dtype bfloat16   # FLUX.1-dev's shape, CUDA
     python experiments/gpu_bench.py --peers                  # ... and cache-dit's DBCache beside them
     python experiments/gpu_bench.py --device cpu --hidden 384 --tokens 1024 --models sd3 --steps 28 --strategies cat
     python experiments/gpu_bench.py --device cpu --count-ops --steps 28   # host operators per generation
+    python experiments/gpu_bench.py --macs-only --family flux --steps 28,50   # analytic MACs at FLUX.1-dev's shape
 
 The last line is a compute-bound configuration for a CPU: an SD3-architecture
 transformer (``--layers`` blocks, 64-dim heads) with ``--hidden`` width and
@@ -49,6 +55,10 @@ and ``refusals`` (the reasons, the full model's prefixed ``full:``).
 
 Runs from a plain checkout (the repository root is put on ``sys.path``); nothing to install
 but the dependencies (``experiments/gpu_preflight.py`` names any that are missing).
+
+``--macs-only`` times nothing either: it builds each family at its full size on the meta
+device (no memory, no weights) and prints catlab's analytic MACs of a full and a pruned
+step and the transformer's MACs ratio of ``cat``'s schedule (t0 full steps, then α).
 
 ``--count-ops`` times nothing: it counts the operators the host dispatches in one
 generation, eager and graphed, for the full model and ``cat``, at each family's full
@@ -68,10 +78,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's c
 
 import torch  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
-from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, PixArtTransformer2DModel,  # noqa: E402
-                       SD3Transformer2DModel)
+from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel,  # noqa: E402
+                       PixArtTransformer2DModel, SD3Transformer2DModel)
 
 from catlab.models.base import Conditioning, ModelAdapter  # noqa: E402
+from catlab.models.flux import image_ids, pack, unpack  # noqa: E402
 from catlab.pruning import compile_pruned, release_graphs, uncompile  # noqa: E402
 from catlab.registry import selectors  # noqa: E402
 from catlab.reuse import reuses  # noqa: E402
@@ -91,7 +102,17 @@ FULL_SIZE = {
         sample_size=128, patch_size=2, in_channels=4, out_channels=8, num_layers=28, attention_head_dim=72,
         num_attention_heads=16, cross_attention_dim=1152, caption_channels=4096, norm_type="ada_norm_single",
         num_embeds_ada_norm=1000, use_additional_conditions=False), 300, 4096, 0),
+    # FLUX.1-dev: latent 128x128 (1024 px) packed 2x2 into 4096 tokens of 64 channels; T5 512 tokens, CLIP pooled 768
+    "flux": (FluxTransformer2DModel, dict(
+        sample_size=128, patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56)), 512, 4096, 768),
 }
+
+
+def new_transformer(name: str, cls, cfg: dict):
+    """The transformer of a config; FLUX's ``sample_size`` is the latent side the bench generates, not its own key."""
+    return cls(**{k: v for k, v in cfg.items() if not (name == "flux" and k == "sample_size")})
 
 
 def scaled_config(name: str, hidden: int, tokens: int, layers: int, text_tokens: int):
@@ -101,6 +122,10 @@ def scaled_config(name: str, hidden: int, tokens: int, layers: int, text_tokens:
     if side * side != tokens or hidden % 64:
         raise SystemExit(f"--tokens must be a square number and --hidden a multiple of 64; got {tokens}, {hidden}")
     cfg = dict(cfg, sample_size=2 * side, num_layers=layers, attention_head_dim=64, num_attention_heads=hidden // 64)
+    if name == "flux":  # twice as many single-stream blocks as dual-stream ones, as in FLUX.1-dev
+        cfg.update(num_single_layers=2 * layers, joint_attention_dim=hidden, pooled_projection_dim=hidden,
+                   axes_dims_rope=(16, 24, 24))
+        return cls, cfg, text_tokens, hidden, hidden
     if name == "sd3":
         cfg.update(joint_attention_dim=hidden, caption_projection_dim=hidden, pooled_projection_dim=hidden,
                    pos_embed_max_size=2 * side)
@@ -118,20 +143,45 @@ class RandomPromptAdapter(ModelAdapter):
     text_dim: int = 64
     pooled_dim: int = 0
 
+    @property
+    def guidance_distilled(self) -> bool:  # FLUX: one branch per step, the scale a model input
+        return self.family == "flux"
+
+    @property
+    def patch_size(self) -> int:
+        return 2 if self.family == "flux" else super().patch_size
+
+    @property
+    def latent_channels(self) -> int:
+        return self.transformer.config.in_channels // (4 if self.family == "flux" else 1)
+
     def make_scheduler(self):
-        return FlowMatchEulerDiscreteScheduler(shift=3.0) if self.family == "sd3" else DPMSolverMultistepScheduler()
+        return DPMSolverMultistepScheduler() if self.family == "pixart" else FlowMatchEulerDiscreteScheduler(shift=3.0)
 
     def encode(self, prompts: list[str], guidance: bool) -> Conditioning:
         rows = len(prompts) * (2 if guidance else 1)
         g = torch.Generator().manual_seed(0)
         embeds = torch.randn(rows, self.text_tokens, self.text_dim, generator=g).to(self.torch_device, self.torch_dtype)
         kwargs = {"encoder_hidden_states": embeds}
-        if self.family == "sd3":
+        if self.family in ("sd3", "flux"):
             kwargs["pooled_projections"] = torch.randn(rows, self.pooled_dim, generator=g).to(self.torch_device, self.torch_dtype)
+        if self.family == "flux":
+            kwargs["txt_ids"] = torch.zeros(self.text_tokens, 3, device=self.torch_device)
         return Conditioning(kwargs, 2 if guidance else 1, self.text_tokens)
+
+    def embed_guidance(self, cond: Conditioning, scale: float) -> Conditioning:
+        if self.family == "flux":
+            rows = cond.kwargs["encoder_hidden_states"].shape[0]
+            cond.kwargs["guidance"] = torch.full((rows,), scale, device=self.torch_device, dtype=torch.float32)
+        return cond
 
     def predict(self, latents, timestep, cond):
         t = timestep.expand(latents.shape[0])
+        if self.family == "flux":
+            h, w = latents.shape[-2:]
+            out = self.transformer(hidden_states=pack(latents), timestep=(t / 1000).to(latents.dtype),
+                                   img_ids=image_ids(h, w, latents.device), return_dict=False, **cond.kwargs)[0]
+            return unpack(out, h, w)
         if self.family == "sd3":
             return self.transformer(hidden_states=latents, timestep=t.to(latents.dtype), return_dict=False, **cond.kwargs)[0]
         out = self.transformer(latents, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None},
@@ -153,7 +203,7 @@ def build(name: str, args) -> RandomPromptAdapter:
         text = args.text_tokens or text
     torch.manual_seed(0)
     with torch.device(args.device):  # random init straight on the device: fast, no host copy of 2B weights
-        transformer = cls(**cfg)
+        transformer = new_transformer(name, cls, cfg)
     transformer = transformer.to(dtype=getattr(torch, args.dtype)).eval().requires_grad_(False)
     size = cfg["sample_size"]
     adapter = RandomPromptAdapter(device=args.device, dtype=args.dtype, height=size, width=size, family=name,
@@ -245,7 +295,7 @@ def count_ops(name: str, args) -> list[dict]:
     cls, cfg, text, text_dim, pooled = scaled_config(name, 64, 64, depth, 8)
     torch.manual_seed(0)
     with torch.device(args.device):
-        transformer = cls(**cfg)
+        transformer = new_transformer(name, cls, cfg)
     adapter = RandomPromptAdapter(device=args.device, dtype=args.dtype, height=cfg["sample_size"],
                                   width=cfg["sample_size"], family=name, text_tokens=text, text_dim=text_dim,
                                   pooled_dim=pooled)
@@ -268,6 +318,28 @@ def count_ops(name: str, args) -> list[dict]:
                     f.write(json.dumps(rows[-1]) + "\n")
     release_graphs(adapter.transformer)
     return rows
+
+
+def macs_only(name: str, args) -> list[dict]:
+    """Analytic MACs at the family's full size, the model built on the meta device (no weights)."""
+    from catlab.pruning import TokenPruner
+
+    cls, cfg, text, _, _ = FULL_SIZE[name]
+    with torch.device("meta"):
+        transformer = new_transformer(name, cls, cfg)
+    pruner = TokenPruner(transformer)
+    tokens, rows = (cfg["sample_size"] // 2) ** 2, 1 if name == "flux" else 2  # FLUX: one branch, no CFG rows
+    k = max(1, int(args.alpha * tokens))
+    full, pruned = pruner.macs(rows, text, tokens), pruner.macs(rows, text, tokens, kept=k)
+    out = []
+    for steps in args.steps:
+        t0 = min(args.start_step, steps)
+        ratio = steps * full / (t0 * full + (steps - t0) * pruned)
+        out.append(dict(model=name, steps=steps, tokens=tokens, text_tokens=text, kept=k, rows=rows,
+                        full_step_macs=full, pruned_step_macs=pruned, macs_ratio=ratio))
+        print(f"{name:<7} {steps:>5} {tokens:>6} {text:>5} {k:>5} {rows:>4} {full / 1e12:>14.2f} {pruned / 1e12:>16.2f} "
+              f"{ratio:>10.2f}x", flush=True)
+    return out
 
 
 MODES = ("eager", "compiled", "graphed", "compiled+graphed")
@@ -369,7 +441,7 @@ def _format(r: dict) -> str:
 
 def markdown(rows: list[dict]) -> str:
     """The rows as the table of docs/performance.md."""
-    names = {"sd3": "SD3-medium", "pixart": "PixArt-Σ"}
+    names = {"sd3": "SD3-medium", "pixart": "PixArt-Σ", "flux": "FLUX.1-dev"}
     counted = any("forward_replays" in r for r in rows)
     lines = ["| model | mode | batch | steps | strategy | full (s) | strategy (s) | speed-up | MACs ratio | "
              "speed-up / MACs | selection share |" + (" graphs: forward, selection (captures / replays) |" if counted else ""),
@@ -400,7 +472,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: float16 on CUDA, float32 on a CPU")
-    parser.add_argument("--models", default="sd3,pixart")
+    parser.add_argument("--models", "--family", dest="models", default="sd3,pixart",
+                        help="families, any of sd3, pixart, flux (comma-separated)")
     parser.add_argument("--steps", default="28,50")
     parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES), help=f"any of {', '.join(STRATEGIES)}")
     parser.add_argument("--batch", default=None,
@@ -426,6 +499,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--jsonl", default=None, help="append each row to this file as a JSON line, as it is measured")
     parser.add_argument("--summarize", default=None, metavar="JSONL",
                         help="instead of measuring: the table of the rows in this --jsonl file")
+    parser.add_argument("--macs-only", action="store_true",
+                        help="instead of timing: analytic MACs at each family's full size (built on the meta device)")
     parser.add_argument("--count-ops", action="store_true",
                         help="instead of timing: operators the host dispatches per generation, eager and graphed")
     args = parser.parse_args(argv)
@@ -441,6 +516,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.modes = [m for m in args.modes.split(",") if m]
         if set(args.modes) - set(MODES):
             parser.error(f"unknown modes {sorted(set(args.modes) - set(MODES))}; choose from {', '.join(MODES)}")
+    families = sorted(set(args.models.split(",")) - set(FULL_SIZE))
+    if families:
+        parser.error(f"unknown families {families}; choose from {', '.join(FULL_SIZE)}")
     unknown = sorted(set(args.strategies) - set(STRATEGIES))
     if unknown:
         parser.error(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
@@ -454,6 +532,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             args.peers = False
 
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    if args.macs_only:
+        print(f"analytic MACs of the transformer (selection not included), cat alpha={args.alpha} t0={args.start_step}")
+        print("model   steps tokens  text  kept rows  full step TMAC  pruned step TMAC  MACs ratio")
+        return [r for name in args.models.split(",") for r in macs_only(name, args)]
     if args.count_ops:
         print(f"host-dispatched operators (views left out), {args.steps[0]} steps, batch 1 with CFG, "
               f"cat alpha={args.alpha} t0={args.start_step}; full depth, small width")
@@ -464,7 +546,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 json.dump(dict(device=gpu, torch=torch.__version__, argv=argv or sys.argv[1:], rows=rows), f, indent=1)
         return rows
     print(f"device {args.device} ({gpu}), torch {torch.__version__}, {args.dtype}, {torch.get_num_threads()} CPU threads, "
-          f"classifier-free guidance; alpha={args.alpha}, t0={args.start_step}; modes: {', '.join(modes(args))}")
+          f"classifier-free guidance (FLUX: its guidance input, one branch); alpha={args.alpha}, t0={args.start_step}; modes: {', '.join(modes(args))}")
     for s, m, why in EXCLUDED:
         if s in args.strategies and any(m in mode for mode in modes(args)):
             print(f"not in the {m} modes: {s} ({why})")

@@ -29,7 +29,7 @@ LAYERS: list[set[str]] = [
     {"reuse", "metrics", "loggers", "prompts", "embedded"},
     {"selection"},
     {"planner", "models"},
-    {"pruning", "stepcache"},
+    {"pruning", "stepcache", "families"},
     {"assembly"},
     {"sampler", "stock_pipelines", "testing", "train_toy"},
     {"builders", "strategy", "config"},

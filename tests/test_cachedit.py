@@ -116,7 +116,7 @@ def _dbprune_runs_on_pixart_unchecked(monkeypatch) -> bool:
     from catlab.stepcache.cachedit import CacheDitDBPrune
 
     with monkeypatch.context() as m:
-        m.setattr(CacheDitDBPrune, "_check_supported", lambda self, family, pattern: None)
+        m.setattr(CacheDitDBPrune, "_check_supported", lambda self, pattern_name, pattern: None)
         try:
             _run(tiny_pixart(), {"name": "cachedit_dbprune"}, threshold=0.9)
         except TypeError:

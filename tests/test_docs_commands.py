@@ -34,7 +34,8 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 #: (pattern, why it cannot run here); the first match wins
 NOT_ON_A_CPU = [
-    (r"sd3_medium|pixart_sigma|experiment=(sd3|pixart)_", "needs real SD3 / PixArt-Sigma weights and a GPU"),
+    (r"sd3_medium|pixart_sigma|flux_dev|model=qwen_image\b|experiment=(sd3|pixart)_",
+     "needs real SD3 / PixArt-Sigma / FLUX.1 / Qwen-Image weights and a GPU"),
     (r"hydra/launcher=slurm\b", "needs a SLURM cluster"),
     (r"^torchrun", "a multi-GPU launch (tests/test_scaling.py runs torchrun on 2 CPU processes)"),
     (r"gpu_bench\.py(?!.*--device cpu)", "the GPU benchmark (tests/test_gpu_bench.py runs it on a CPU)"),

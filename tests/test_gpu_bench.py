@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from argparse import Namespace
 
 import pytest
 
@@ -166,3 +167,38 @@ def test_gpu_check_dry_run_on_a_cpu_writes_every_part_and_prints_the_summary_las
     summary = (out / "summary.md").read_text()
     assert proc.stdout.rstrip().endswith(summary.rstrip())  # printed last
     assert "| bench_28 | passed |" in summary and "| SD3-medium | graphed (ran eager) | 1 | 28 | cat |" in summary
+
+
+def test_gpu_bench_flux_rows_on_a_cpu(capsys, monkeypatch):
+    bench = _bench(monkeypatch)
+    with emulate_on_cpu():
+        rows = bench.main(["--device", "cpu", "--tiny", "--family", "flux", "--steps", "12", "--start-step", "8",
+                           "--repeats", "1", "--graphs", "--strategies", "cat,taylorseer"])
+    out = capsys.readouterr().out
+    assert "| FLUX.1-dev | graphed | 1 | 12 | cat |" in out and "(FLUX: its guidance input, one branch)" in out
+    seen = {(r["mode"], r["strategy"]): r for r in rows}
+    assert set(seen) == {("eager", "cat"), ("eager", "taylorseer"), ("graphed", "cat")}
+    assert seen[("eager", "cat")]["macs_ratio"] == seen[("graphed", "cat")]["macs_ratio"] > 1.1
+    assert seen[("eager", "taylorseer")]["macs_ratio"] > 1.0
+    t = bench.build("flux", Namespace(tiny=True, device="cpu", dtype="float32")).transformer
+    assert len(t.transformer_blocks) == 1 and len(t.single_transformer_blocks) == 2  # 1:2, as FLUX.1-dev's 19:38
+
+
+
+def test_gpu_bench_full_flux_shape_is_flux_dev(monkeypatch):
+    bench = _bench(monkeypatch)
+    cls, cfg, text, text_dim, pooled = bench.FULL_SIZE["flux"]
+    assert (cfg["num_layers"], cfg["num_single_layers"], cfg["num_attention_heads"] * cfg["attention_head_dim"]) == (
+        19, 38, 3072)
+    assert (cfg["sample_size"] // 2) ** 2 == 4096 and text == 512 and cfg["guidance_embeds"]
+
+
+def test_gpu_bench_macs_only_at_full_size_builds_nothing_real(capsys, monkeypatch):
+    bench = _bench(monkeypatch)
+    rows = bench.main(["--macs-only", "--family", "flux,sd3", "--steps", "28"])
+    flux, sd3 = rows
+    assert (flux["tokens"], flux["text_tokens"], flux["rows"], flux["kept"]) == (4096, 512, 1, 1228)
+    assert sd3["rows"] == 2  # CFG rows; FLUX runs one branch
+    # FLUX.1-dev: ~12B weights over 4608 tokens plus attention: tens of TMACs per step
+    assert 3e13 < flux["full_step_macs"] < 4.5e13 and flux["pruned_step_macs"] < flux["full_step_macs"] / 2
+    assert flux["macs_ratio"] == 28 * flux["full_step_macs"] / (8 * flux["full_step_macs"] + 20 * flux["pruned_step_macs"])

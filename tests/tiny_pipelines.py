@@ -19,17 +19,33 @@ the default (and the usual test) resolution is 64x64 px: a 32x32 latent, i.e. 25
   resize back, so a 64x64 request is denoised at 256x256 px (128x128 latent, 4096 tokens with the default VAE).
   Pass ``use_resolution_binning=False`` to denoise at the requested size, or build with ``vae_scale_factor=8``
   to make the binned 256-px run a 32x32 latent (256 tokens).
+* ``flux_pipeline``: FLUX.1-dev's layout (guidance input, dual- then single-stream blocks, rotary positions): a
+  CLIP text encoder (hidden 16, its pooled output = ``pooled_projection_dim``) and a T5 encoder with ``d_model``
+  32 (= ``joint_attention_dim``), 4 latent channels packed 2x2 into 16-channel tokens.  A 64x64 request is a
+  32x32 latent, 16x16 = 256 tokens; text tokens per prompt: ``max_sequence_length`` (T5, 512 unless the call
+  says otherwise).
+* ``qwen_image_pipeline``: Qwen-Image's layout (dual-stream blocks, complex rotary positions, a text mask, true
+  CFG as a second call): a Qwen2.5-VL text encoder (text hidden 32 = ``joint_attention_dim``, one layer; a
+  one-block vision tower) with a byte-level BPE tokenizer, the 3D-causal Qwen-Image VAE (4 latent channels,
+  downsampling by 2).  A 64x64 request is a 32x32 latent, 16x16 = 256 tokens; the text tokens are the prompt's
+  after the pipeline's 34-token template.
 """
 from __future__ import annotations
 
+import json
 import math
+import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, PixArtAlphaPipeline,
-                       PixArtSigmaPipeline, PixArtTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline)
+from diffusers import (AutoencoderKL, AutoencoderKLQwenImage, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
+                       FluxPipeline, FluxTransformer2DModel, PixArtAlphaPipeline, PixArtSigmaPipeline,
+                       PixArtTransformer2DModel, QwenImagePipeline, QwenImageTransformer2DModel, SD3Transformer2DModel,
+                       StableDiffusion3Pipeline)
 from tokenizers import pre_tokenizers
-from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel,
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
+                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, T5Config, T5EncoderModel,
                           T5Tokenizer)
 
 # Whole words get their own token (CLIP: a BPE merge chain, T5: a unigram piece); anything else is spelled out of
@@ -93,7 +109,8 @@ def t5_tokenizer(words=WORDS, model_max_length: int = 512) -> T5Tokenizer:
 
 # -- text encoders -----------------------------------------------------------------------------------------------
 
-def _clip_encoder(tokenizer: CLIPTokenizer, hidden: int, projection: int, seed: int) -> CLIPTextModelWithProjection:
+def _clip_encoder(tokenizer: CLIPTokenizer, hidden: int, projection: int, seed: int,
+                  cls=CLIPTextModelWithProjection) -> CLIPTextModelWithProjection:
     config = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, projection_dim=projection,
         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
@@ -101,7 +118,7 @@ def _clip_encoder(tokenizer: CLIPTokenizer, hidden: int, projection: int, seed: 
         pad_token_id=tokenizer.pad_token_id,
     )
     with _seeded(seed):
-        return CLIPTextModelWithProjection(config).eval()
+        return cls(config).eval()
 
 
 def _t5_encoder(tokenizer: T5Tokenizer, d_model: int, seed: int) -> T5EncoderModel:
@@ -230,3 +247,104 @@ def pixart_alpha_pipeline(seed: int = 0, vae_scale_factor: int = 2, **transforme
     does not (as with the 256/512 checkpoints).
     """
     return _pixart(PixArtAlphaPipeline, transformer_config, seed, vae_scale_factor)
+
+
+# -- FLUX.1 ------------------------------------------------------------------------------------------------------
+
+FLUX_CLIP_DIM = 16
+FLUX_T5_DIM = 32
+FLUX_LATENT_CHANNELS = 4
+
+
+def flux_pipeline(seed: int = 0, vae_scale_factor: int = 2, **transformer_config) -> FluxPipeline:
+    """FLUX.1-dev in miniature: 2 dual-stream and 2 single-stream blocks, 2 heads of 16 (rotary axes 4+6+6),
+    the guidance embedding, a scheduler with FLUX's resolution-dependent shift.
+
+    Keyword arguments override the FluxTransformer2DModel config (``guidance_embeds=False``: schnell's layout).
+    """
+    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
+    config = dict(
+        patch_size=1, in_channels=4 * FLUX_LATENT_CHANNELS, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=FLUX_T5_DIM, pooled_projection_dim=FLUX_CLIP_DIM,
+        guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+    )
+    config.update(transformer_config)
+    with _seeded(seed):
+        transformer = FluxTransformer2DModel(**config).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=tiny_vae(FLUX_LATENT_CHANNELS, vae_scale_factor, seed=seed + 1, use_quant_conv=False,
+                     use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=_clip_encoder(tokenizer, FLUX_CLIP_DIM, FLUX_CLIP_DIM, seed=seed + 2, cls=CLIPTextModel),
+        tokenizer=tokenizer,
+        text_encoder_2=_t5_encoder(tokenizer_2, FLUX_T5_DIM, seed=seed + 4),
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# -- Qwen-Image -------------------------------------------------------------------------------------------------
+
+QWEN_TEXT_DIM = 32
+QWEN_LATENT_CHANNELS = 4
+
+
+def qwen_tokenizer(words=WORDS) -> Qwen2Tokenizer:
+    """A byte-level BPE tokenizer in Qwen2's format: the 256 byte symbols, one merge chain per space-led word,
+    and the chat template's special tokens (``<|endoftext|>`` pads)."""
+    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        parts = list("\u0120" + word)  # byte-level BPE writes a leading space as U+0120
+        while len(parts) > 1:
+            pair = (parts[0], parts[1])
+            if pair not in merges:
+                merges.append(pair)
+            vocab.setdefault(pair[0] + pair[1], len(vocab))
+            parts = [pair[0] + pair[1]] + parts[2:]
+    folder = Path(tempfile.mkdtemp(prefix="catlab_qwen_tokenizer_"))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges))
+    tokenizer = Qwen2Tokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), unk_token=None, bos_token=None,
+                               eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tokenizer
+
+
+def _qwen_text_encoder(tokenizer: Qwen2Tokenizer, seed: int) -> Qwen2_5_VLForConditionalGeneration:
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=QWEN_TEXT_DIM, intermediate_size=2 * QWEN_TEXT_DIM,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, max_position_embeddings=2048),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=QWEN_TEXT_DIM,
+                           fullatt_block_indexes=[0]),
+    )
+    with _seeded(seed):
+        return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def qwen_image_pipeline(seed: int = 0, **transformer_config) -> QwenImagePipeline:
+    """Qwen-Image in miniature: 2 dual-stream blocks, 2 heads of 16 (rotary axes 4+6+6), a scheduler with the
+    resolution-dependent shift. Keyword arguments override the QwenImageTransformer2DModel config."""
+    tokenizer = qwen_tokenizer()
+    config = dict(patch_size=2, in_channels=4 * QWEN_LATENT_CHANNELS, out_channels=QWEN_LATENT_CHANNELS, num_layers=2,
+                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=QWEN_TEXT_DIM, axes_dims_rope=(4, 6, 6))
+    config.update(transformer_config)
+    with _seeded(seed):
+        transformer = QwenImageTransformer2DModel(**config).eval()
+    with _seeded(seed + 1):
+        vae = AutoencoderKLQwenImage(base_dim=8, z_dim=QWEN_LATENT_CHANNELS, dim_mult=[1, 2], num_res_blocks=1,
+                                     temperal_downsample=[False], latents_mean=[0.0] * QWEN_LATENT_CHANNELS,
+                                     latents_std=[1.0] * QWEN_LATENT_CHANNELS).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                                base_image_seq_len=256, max_image_seq_len=8192, shift=1.0)
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=_qwen_text_encoder(tokenizer, seed + 2),
+                             tokenizer=tokenizer, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

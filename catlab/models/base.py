@@ -7,7 +7,7 @@ strategy runs; the pruning engine reaches the transformer through hooks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -38,6 +38,8 @@ class ModelAdapter:
     transformer: nn.Module | None = field(default=None, init=False, repr=False)
     #: seeded random weights (cost, not quality): tables say so next to the model's name
     random_weights = False
+    #: the guidance scale is a model input and a step runs one branch (FLUX.1-dev), not stacked CFG branches
+    guidance_distilled: ClassVar[bool] = False
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -81,6 +83,10 @@ class ModelAdapter:
 
     def encode(self, prompts: list[str], guidance: bool) -> Conditioning:
         raise NotImplementedError
+
+    def embed_guidance(self, cond: Conditioning, scale: float) -> Conditioning:
+        """A guidance-distilled model's conditioning with the guidance scale as its input (others: unchanged)."""
+        return cond
 
     def initial_latents(self, seeds: list[int]) -> torch.Tensor:
         """One seeded CPU noise draw per image, so a seed gives the same image on any device."""

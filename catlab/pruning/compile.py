@@ -56,7 +56,7 @@ def compile_pruned(target, *, fullgraph: bool = True, dynamic: bool = False, row
     compile_kwargs = _without_inductor_graphs(compile_kwargs)
     transformer = getattr(target, "transformer", target)
     _raise_recompile_limit(transformer, row_counts)
-    for block in transformer.transformer_blocks:
+    for block in _blocks(transformer):
         block.compile(fullgraph=fullgraph, dynamic=dynamic, **compile_kwargs)
     return transformer
 
@@ -101,7 +101,7 @@ def recompiles_needed(transformer: nn.Module, row_counts: int) -> int:
     """Compiled graphs one block kind may need: (its variants + 1 for the first block's strides) × (full,
     pruned) × ``row_counts``. A variant is a distinct set of the blocks' plain attributes (flags, sizes)."""
     variants: dict[type, set] = {}
-    for block in transformer.transformer_blocks:
+    for block in _blocks(transformer):
         flags = frozenset((k, v) for k, v in vars(block).items()
                           if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None))))
         variants.setdefault(type(block), set()).add(flags)
@@ -118,8 +118,14 @@ def _raise_recompile_limit(transformer: nn.Module, row_counts: int) -> None:
         setattr(config, name, needed)
 
 
+def _blocks(transformer: nn.Module) -> list[nn.Module]:
+    """Every block, in each of the transformer's block lists (FLUX: dual-stream, then single-stream)."""
+    lists = ("transformer_blocks", "single_transformer_blocks")
+    return [b for name in lists for b in (getattr(transformer, name, None) or ())]
+
+
 def uncompile(target) -> None:
     """Run ``target``'s transformer blocks eagerly again."""
     transformer = getattr(target, "transformer", target)
-    for block in transformer.transformer_blocks:
+    for block in _blocks(transformer):
         block._compiled_call_impl = None

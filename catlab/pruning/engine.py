@@ -13,7 +13,9 @@ narrow interventions make it pruned:
 The caches live in a :class:`~catlab.pruning.buffers.BufferPool` and are written in
 place; the patch-embedding hook and one on the text embedding (SD3's joint attention
 keeps the text's K/V after the image's) bind them and compute the step's write
-positions ahead of the blocks (:meth:`TokenPruner.prepare`).
+positions ahead of the blocks (:meth:`TokenPruner.prepare`). A family with rotary
+positions (FLUX, Qwen-Image) has one more hook, on its rotary embedding: at a pruned
+step it hands the blocks the text rows and the selected tokens' rows of the tables.
 
 With every token selected this is the stock model, by construction. A step reads
 no tensor value on the host (indices are fixed-size ``(rows, k)`` tensors), so on
@@ -28,6 +30,7 @@ from torch import nn
 
 from catlab.pruning.buffers import BufferPool
 from catlab.pruning.families import FamilySpec, family_of
+from catlab.pruning.flux import PrunedFluxJointProcessor, PrunedFluxSingleProcessor
 from catlab.pruning.processors import PrunedJointAttnProcessor, PrunedSelfAttnProcessor
 from catlab.pruning.state import hook_names
 
@@ -36,6 +39,9 @@ _registry = HookRegistry.check_if_exists_or_initialize
 GATHER_HOOK = "catlab_token_gather"
 SCATTER_HOOK = "catlab_token_scatter"
 TEXT_HOOK = "catlab_token_text"
+ROTARY_HOOK = "catlab_token_rotary"
+PROCESSORS = {"joint": PrunedJointAttnProcessor, "self": PrunedSelfAttnProcessor,
+              "flux_joint": PrunedFluxJointProcessor, "flux_single": PrunedFluxSingleProcessor}
 
 
 class _TextHook(ModelHook):
@@ -67,6 +73,21 @@ class _GatherHook(ModelHook):
         if idx is None:
             return output
         return output.gather(1, idx[..., None].expand(-1, -1, output.shape[-1]))
+
+
+class _RotaryHook(ModelHook):
+    """After the rotary embedding: at a pruned step, the tables the blocks need for the text and each row's
+    selected image tokens, as the family lays them out (``FamilySpec.select_rotary``; FLUX: ``(rows, L + k, d)``)."""
+
+    def __init__(self, pruner: "TokenPruner"):
+        super().__init__()
+        self.pruner = pruner
+
+    def post_forward(self, module: nn.Module, output):
+        p = self.pruner
+        if p.bypass or p.row_indices is None:
+            return output
+        return p.spec.select_rotary(output, p.row_indices, p.num_tokens)
 
 
 class _ScatterHook(ModelHook):
@@ -130,18 +151,25 @@ class TokenPruner:
             _registry(getattr(t, self.spec.text_embed)).register_hook(self._hook(_TextHook), TEXT_HOOK)
         _registry(getattr(t, self.spec.patch_embed)).register_hook(self._hook(_GatherHook), GATHER_HOOK)
         _registry(getattr(t, self.spec.output_proj)).register_hook(self._hook(_ScatterHook), SCATTER_HOOK)
-        kinds = {"joint": PrunedJointAttnProcessor, "self": PrunedSelfAttnProcessor}
-        for layer, block in enumerate(t.transformer_blocks):
-            for attr, kind in self.spec.attentions:
-                attn = getattr(block, attr, None)
-                if attn is None:
-                    continue
-                text = kind == "joint" and getattr(attn, "add_k_proj", None) is not None
-                proc = kinds[kind](self, layer, f"transformer_blocks.{layer}.{attr}", text)
-                proc.attn, proc.original = attn, attn.processor
-                self._original_processors[attn] = attn.processor
-                attn.processor = proc
-                self.processors.append(proc)
+        if self.spec.rotary is not None:
+            _registry(getattr(t, self.spec.rotary)).register_hook(self._hook(_RotaryHook), ROTARY_HOOK)
+        layer = 0  # counted across the block lists (FLUX: dual-stream blocks, then single-stream)
+        for blocks in self.spec.block_lists():
+            for i, block in enumerate(getattr(t, blocks.attr)):
+                for attr, kind in blocks.attentions:
+                    attn = getattr(block, attr, None)
+                    if attn is None:
+                        continue
+                    cls = PROCESSORS[kind] if isinstance(kind, str) else kind  # a family module's own class
+                    text = getattr(cls, "carries_text", None)  # its K/V hold the text tokens after the image's
+                    if text is None:
+                        text = kind == "joint" and getattr(attn, "add_k_proj", None) is not None
+                    proc = cls(self, layer, f"{blocks.attr}.{i}.{attr}", text)
+                    proc.attn, proc.original = attn, attn.processor
+                    self._original_processors[attn] = attn.processor
+                    attn.processor = proc
+                    self.processors.append(proc)
+                layer += 1
         self.attached = True
         return self
 
@@ -162,6 +190,8 @@ class TokenPruner:
             _registry(getattr(t, self.spec.text_embed)).remove_hook(TEXT_HOOK, recurse=False)
         _registry(getattr(t, self.spec.patch_embed)).remove_hook(GATHER_HOOK, recurse=False)
         _registry(getattr(t, self.spec.output_proj)).remove_hook(SCATTER_HOOK, recurse=False)
+        if self.spec.rotary is not None:
+            _registry(getattr(t, self.spec.rotary)).remove_hook(ROTARY_HOOK, recurse=False)
         for attn, proc in self._original_processors.items():
             attn.processor = proc
         self._original_processors.clear()
@@ -188,6 +218,11 @@ class TokenPruner:
         for proc in self.processors:
             proc.attn.processor = proc.original if on else proc
         self.bypass = on
+
+    @property
+    def kept(self) -> int:
+        """Image tokens the running forward computes: ``k`` at a pruned step, ``N`` at a full one."""
+        return self.num_tokens if self.row_indices is None else self.row_indices.shape[1]
 
     # -- per step ----------------------------------------------------------------
     def set_indices(self, indices: torch.Tensor | None, rows: int | None = None) -> None:
@@ -269,5 +304,6 @@ class TokenPruner:
             return 0
         attr, kind = self.spec.attentions[0]
         dim = getattr(self.transformer.transformer_blocks[0], attr).to_q.out_features
-        keys = self.num_tokens + (num_text_tokens if kind == "joint" else 0)
+        joint = kind == "joint" or getattr(PROCESSORS.get(kind) if isinstance(kind, str) else kind, "carries_text", False)
+        keys = self.num_tokens + (num_text_tokens if joint else 0)
         return rows * len(self.probe_layers) * kept * keys * dim

@@ -59,7 +59,8 @@ from catlab.pruning.state import hook_names, peek_state, state_of
 log = logging.getLogger("catlab.graphs")
 
 #: the diffusers hooks of catlab's own pruning (replayed as part of the graph)
-PRUNING_HOOKS = {"catlab_token_gather", "catlab_token_scatter", "catlab_token_text", "catlab_token_pruning"}
+PRUNING_HOOKS = {"catlab_token_gather", "catlab_token_scatter", "catlab_token_text", "catlab_token_rotary",
+                 "catlab_token_pruning"}
 
 
 @dataclass

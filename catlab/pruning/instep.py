@@ -109,7 +109,8 @@ class InStepPruning:
 
     def _apply(self, transformer: nn.Module) -> None:
         blocks = getattr(transformer, "transformer_blocks", None)
-        if blocks is None or not all(hasattr(b, "attn") and hasattr(b.attn, "add_k_proj") for b in blocks):
+        sd3 = type(transformer).__name__ == "SD3Transformer2DModel"  # FLUX's dual-stream blocks look alike, rotate
+        if not sd3 or blocks is None or not all(hasattr(b, "attn") and hasattr(b.attn, "add_k_proj") for b in blocks):
             raise UnsupportedModelError(
                 f"selector atedm prunes inside SD3-family transformers (the embedded models, SD3, SD3.5); "
                 f"{type(transformer).__name__} is not one: use selector=atedm_reuse")

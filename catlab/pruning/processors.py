@@ -117,11 +117,12 @@ class _CachedAttention:
             keys, values = keys.to(key.dtype), values.to(value.dtype)
         return keys, values
 
-    def attend(self, attn, query, key, value, n_image: int, mask=None) -> torch.Tensor:
-        """SDPA, plus the image→image attention probabilities when this layer is a probe."""
+    def attend(self, attn, query, key, value, n_image: int, mask=None, first: int = 0) -> torch.Tensor:
+        """SDPA, plus the image→image attention probabilities when this layer is a probe (the image
+        queries are ``query[:, :, first:first + n_image]``)."""
         if self.pruner.probe_layers and self.layer in self.pruner.probe_layers:  # no per-layer guard when compiled
             scale = attn.scale if hasattr(attn, "scale") else query.shape[-1] ** -0.5
-            logits = (query[:, :, :n_image] @ key.transpose(-1, -2)) * scale
+            logits = (query[:, :, first:first + n_image] @ key.transpose(-1, -2)) * scale
             if mask is not None:
                 logits = logits + mask
             probs = logits.softmax(-1)[..., : self.pruner.num_tokens].mean(1)

@@ -45,8 +45,15 @@ from catlab.stepcache.base import StepCache, StepCacheError, stepcaches
 INSTALL = 'pip install "catlab[peers]"'
 
 #: catlab family name -> cache-dit ForwardPattern of its transformer blocks
-PATTERNS = {"sd3": "Pattern_1", "pixart": "Pattern_3"}
+PATTERNS = {"sd3": "Pattern_1", "pixart": "Pattern_3", "flux": "Pattern_1"}
 CALIBRATORS = ("taylorseer", "foca", "dmd")
+
+
+def _block_lists(transformer: nn.Module) -> list[nn.Module]:
+    """The transformer's block lists, in the order its forward runs them (FLUX: dual-, then single-stream)."""
+    from catlab.pruning.families import family_of
+
+    return [getattr(transformer, kind.attr) for kind in family_of(transformer).block_lists()]
 
 
 def cache_dit_module(component: str = "cachedit"):
@@ -145,21 +152,26 @@ class _CacheDit(StepCache):
         if self.first_blocks + self.last_blocks > len(blocks):
             raise StepCacheError(f"{self.name}: first_blocks + last_blocks = {self.first_blocks + self.last_blocks} "
                                  f"exceeds the {len(blocks)} blocks of this {type(transformer).__name__}")
-        return family.name, getattr(cache_dit_module(self.name).ForwardPattern, PATTERNS[family.name])
+        name = family.cache_dit_pattern or PATTERNS.get(family.name)
+        if name is None:
+            raise StepCacheError(f"{self.name}: no cache-dit block pattern is known for {type(transformer).__name__} "
+                                 f"(FamilySpec.cache_dit_pattern); known: {', '.join(sorted(PATTERNS))}")
+        return name, getattr(cache_dit_module(self.name).ForwardPattern, name)
 
     def _apply(self, transformer: nn.Module) -> None:
         cache_dit = cache_dit_module(self.name)
-        family, pattern = self._pattern(transformer)
-        self._check_supported(family, pattern)
+        pattern_name, pattern = self._pattern(transformer)
+        self._check_supported(pattern_name, pattern)
         self._own_forward = transformer.__dict__.get("forward")  # put back by remove()
-        self._block_attrs = set(transformer.transformer_blocks.__dict__)
-        with _quiet():
-            self._adapter = cache_dit.BlockAdapter(transformer=transformer, blocks=transformer.transformer_blocks,
-                                                   forward_pattern=pattern)
+        lists = _block_lists(transformer)
+        self._block_attrs = [set(blocks.__dict__) for blocks in lists]
+        with _quiet():  # FLUX: its dual- and single-stream lists, each with the same call pattern
+            blocks, patterns = (lists[0], pattern) if len(lists) == 1 else (lists, [pattern] * len(lists))
+            self._adapter = cache_dit.BlockAdapter(transformer=transformer, blocks=blocks, forward_pattern=patterns)
             cache_dit.enable_cache(self._adapter, cache_config=self.cache_config(),
                                    calibrator_config=self.calibrator_config())
 
-    def _check_supported(self, family: str, pattern) -> None:
+    def _check_supported(self, pattern_name: str, pattern) -> None:
         """Refuse, with a reason, a layout the installed cache-dit cannot run."""
 
     def reset(self) -> None:
@@ -185,9 +197,10 @@ class _CacheDit(StepCache):
                 transformer.__dict__.pop("forward", None)
             else:
                 transformer.__dict__["forward"] = own
-            blocks = transformer.transformer_blocks
-            for key in set(blocks.__dict__) - getattr(self, "_block_attrs", set(blocks.__dict__)):
-                del blocks.__dict__[key]
+            lists = _block_lists(transformer)
+            for blocks, before in zip(lists, getattr(self, "_block_attrs", [set(b.__dict__) for b in lists])):
+                for key in set(blocks.__dict__) - before:
+                    del blocks.__dict__[key]
         self._adapter = None
         self._transformer = None
 
@@ -296,8 +309,8 @@ class CacheDitDBPrune(_CacheDit):
             dynamic_prune_threshold_relax_ratio=float(self.dynamic_relax_ratio),
             non_prune_block_ids=[int(i) for i in self.keep_blocks])
 
-    def _check_supported(self, family: str, pattern) -> None:
-        if PATTERNS[family] != "Pattern_3":
+    def _check_supported(self, pattern_name: str, pattern) -> None:
+        if pattern_name != "Pattern_3":
             return
         try:
             from cache_dit.caching.cache_blocks.pattern_3_4_5 import PrunedBlocks_Pattern_3_4_5
@@ -305,6 +318,6 @@ class CacheDitDBPrune(_CacheDit):
             return
         # the pruned path calls _process_block_outputs(hidden_states, encoder_hidden_states)
         if len(inspect.signature(PrunedBlocks_Pattern_3_4_5._process_block_outputs).parameters) < 3:
-            raise StepCacheError(f"{self.name} cannot run on a {family} transformer with the installed cache-dit: "
-                                 "its DBPrune for single-stream (Pattern_3) blocks fails at the first step; "
+            raise StepCacheError(f"{self.name} cannot run on single-stream ({pattern_name}) blocks, PixArt's, with the "
+                                 "installed cache-dit: its DBPrune for them fails at the first step; "
                                  "use cachedit_dbcache there")

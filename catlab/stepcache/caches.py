@@ -79,6 +79,8 @@ class TaylorSeer(StepCache):
                 skip.append(rf"transformer_blocks\.{i}\.({'|'.join(parts)})")
             else:
                 skip.append(rf"transformer_blocks\.{i}")
+        singles = getattr(transformer, "single_transformer_blocks", None) or ()  # FLUX: every block list is skipped
+        skip += [rf"single_transformer_blocks\.{i}" for i in range(len(singles))]
         return TaylorSeerCacheConfig(**common, cache_identifiers=["proj_out"], skip_predict_identifiers=skip)
 
     def _apply(self, transformer):

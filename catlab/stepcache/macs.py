@@ -19,7 +19,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 
-_MATMULS = (torch.matmul, torch.Tensor.__matmul__, torch.bmm)
+_MATMULS = (torch.matmul, torch.Tensor.__matmul__, torch.Tensor.matmul, torch.bmm)  # `a @ b` reaches the mode as Tensor.matmul
 
 
 class _AttentionCounter(TorchFunctionMode):
