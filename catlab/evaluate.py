@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 import catlab  # noqa: F401  (registers the built-in components)
 from catlab.builders import ConfigError, build_model, plain, run_app, set_threads
 from catlab.config import register_evaluate_schema
-from catlab.evaluation import diagnostics
+from catlab.evaluation import diagnostics, frontier
 from catlab.evaluation.harness import References, Strategy, evaluate_strategies, layout, make_jobs, set_metrics
 from catlab.evaluation.merge import manifest, rows_from_store, write_manifest, write_tables
 from catlab.evaluation.recorder import RecordingPolicy
@@ -174,6 +174,8 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
     if any(m.name == "clip_score" for m in usable):
         notes.append(f"CLIP score backbone: `{next(m for m in usable if m.name == 'clip_score').backbone}`.")
     write_tables(rows, out, cfg.title, [*notes, *store_notes])
+    if cfg.frontier:  # each family's Pareto front and the best strategy per budget (catlab/evaluation/frontier.py)
+        frontier.write(rows, {i["key"]: i["spec"] for i in infos}, out, cfg.title)
     if cfg.diagnostics and all(w is not None for w in warm.values()):
         write_diagnostics(strategies, warm, out / "diagnostics")
     logger.log_metrics({f"{r['method']}/{k}": v for r in rows for k, v in r.items() if isinstance(v, (int, float))})
