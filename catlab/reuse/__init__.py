@@ -2,6 +2,7 @@
 from catlab.reuse.base import Reuse, reuses, unpatchify
 from catlab.reuse.hook import ReuseHook
 from catlab.reuse.rules import Copy, Taylor
+from catlab.reuse.best_order import BestOrder  # noqa: E402  (after rules: it extends Taylor)
 from catlab.reuse.selector import ForecastError
 
-__all__ = ["Reuse", "reuses", "unpatchify", "Copy", "Taylor", "ReuseHook", "ForecastError"]
+__all__ = ["Reuse", "reuses", "unpatchify", "Copy", "Taylor", "BestOrder", "ReuseHook", "ForecastError"]
