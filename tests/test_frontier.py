@@ -118,3 +118,14 @@ def test_command_line_rebuilds_from_a_run_directory(tmp_path, capsys):
     assert "Best by PSNR" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="results.json"):
         frontier.main([str(tmp_path / "missing")])
+
+
+def test_the_nearest_point_shown_is_on_the_front_and_carries_its_speedup():
+    rows, specs = rows_and_specs()
+    specs["b4"] = {"name": "budget_schedule", "pattern": [1, 0, 0, 0], "reuse": "taylor"}
+    rows.append({"key": "b4", "method": "budget_schedule", "macs_ratio": 2.45, "psnr": 30.0, "ssim": 0.9,
+                 "speedup": 2.4})
+    fr = Frontier.from_rows(rows, specs)
+    value, point = fr.at("psnr", "budget_schedule + taylor", 2.5)
+    assert value == pytest.approx(38.5) and point.x != 2.45  # (2.45, 30) is beaten by (3.0, 34)
+    assert [p.speedup for p in fr.points["psnr"]["budget_schedule + taylor"]] == [None, None, 2.4]

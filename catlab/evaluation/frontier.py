@@ -7,7 +7,7 @@ metric (PSNR, SSIM) the Pareto front against the MACs ratio is kept: the
 settings no other setting of the family beats on both. A family's quality at a
 budget (say 2.5×) is read off its front by linear interpolation between the two
 measured front points around it; outside the family's measured range it has no
-value (never extrapolated), and the nearest measured point is shown beside it.
+value (never extrapolated), and the measured front point nearest to the budget is shown beside it.
 
 Written by ``catlab.evaluate ... frontier=true`` next to the usual tables, or
 afterwards from a finished run directory::
@@ -45,6 +45,8 @@ class Point:
     family: str
     x: float
     y: float
+    #: the measured wall-clock speed-up of the same row (``None``: not timed beside the full model)
+    speedup: float | None = None
 
 
 def family_of(spec: dict[str, Any]) -> str:
@@ -143,7 +145,7 @@ class Frontier:
             for q in QUALITIES:
                 if r.get(q) is not None:
                     points[q].setdefault(fam, []).append(Point(point_label(r, spec), fam, float(r["macs_ratio"]),
-                                                               float(r[q])))
+                                                               float(r[q]), r.get("speedup")))
         return cls(points, peers)
 
     def families(self) -> list[str]:
@@ -156,8 +158,9 @@ class Frontier:
         return pareto_front(pts)
 
     def at(self, quality: str, family: str, x: float) -> tuple[float | None, Point | None]:
-        """(the family's interpolated quality at ``x``, its nearest measured point)."""
-        return value_at(self.front(quality, family), x), nearest(self.points[quality].get(family, []), x)
+        """(the family's interpolated quality at ``x``, the measured point of its front nearest to ``x``)."""
+        front = self.front(quality, family)
+        return value_at(front, x), nearest(front, x)
 
     def best(self, quality: str, x: float, among: set[str] | None = None) -> tuple[str, float, Point] | None:
         """(family, interpolated quality, its nearest point) of the best family at ``x``; ``None`` if none reaches it."""
@@ -201,7 +204,7 @@ def markdown(fr: Frontier, budgets=BUDGETS, title: str = "") -> str:
     lines = [f"### {title}", ""] if title else []
     lines += ["Best strategy at each MACs ratio: each family's Pareto front interpolated linearly between its "
               "measured points (– : the family has no measured points on both sides); in brackets the "
-              "family's nearest measured point (its knob, MACs ratio, value).", ""]
+              "measured point of the family's front nearest to it (its knob, MACs ratio, value).", ""]
     for q in QUALITIES:
         lines += [f"#### Best by {_QUALITY_NAME[q]}", "", "| MACs ratio | best family | " + _QUALITY_NAME[q]
                   + " | nearest measured point | best step cache | " + _QUALITY_NAME[q] + " | margin |",
@@ -231,10 +234,13 @@ def markdown(fr: Frontier, budgets=BUDGETS, title: str = "") -> str:
             vals = [_fmt(fr.at(q, fam, x)[0], q) for x in budgets]
             lines.append(f"| {fam} | {span} | " + " | ".join(vals) + " |")
         lines.append("")
-    lines += ["#### Each family's front (PSNR)", "", "| family | point | MACs ratio | PSNR (dB) |", "|---|---|---|---|"]
+    lines += ["#### Each family's front (PSNR), with the measured wall-clock speed-up", "",
+              "| family | point | MACs ratio | PSNR (dB) | speed-up | speed-up / MACs ratio |", "|---|---|---|---|---|---|"]
     for fam in fr.families():
         for p in fr.front("psnr", fam):
-            lines.append(f"| {fam} | {p.label} | {p.x:.2f}× | {p.y:.2f} |")
+            sp = "–" if p.speedup is None else f"{p.speedup:.2f}×"
+            share = "–" if p.speedup is None else f"{p.speedup / p.x:.0%}"
+            lines.append(f"| {fam} | {p.label} | {p.x:.2f}× | {p.y:.2f} | {sp} | {share} |")
     return "\n".join(lines) + "\n"
 
 
