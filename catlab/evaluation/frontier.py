@@ -33,6 +33,8 @@ from typing import Any
 BUDGETS = (1.5, 2.0, 2.5, 3.0)
 QUALITIES = ("psnr", "ssim")
 _QUALITY_NAME = {"psnr": "PSNR (dB)", "ssim": "SSIM"}
+#: selectors whose α is derived from their own knob (shown in its place)
+NO_ALPHA = {"full", "budget_schedule", "adaptive_schedule"}
 _CACHE_NAME = {"taylorseer": "TaylorSeer", "mag_cache": "MagCache", "first_block_cache": "FirstBlockCache",
                "cachedit_dbcache": "DBCache", "cachedit_dbprune": "DBPrune"}
 
@@ -177,7 +179,7 @@ class Frontier:
 def point_label(row: dict[str, Any], spec: dict[str, Any]) -> str:
     """The row's own knob, short: the spec's settings beyond its family, α for a pruner, t0 when set."""
     knob = []
-    if spec.get("name") not in ("full", "budget_schedule") and "alpha" in row and row.get("alpha", 1.0) < 1.0:
+    if spec.get("name") not in NO_ALPHA and "alpha" in row and row.get("alpha", 1.0) < 1.0:
         knob.append(f"α={row['alpha']:.2g}")
     cache = spec.get("stepcache")
     if isinstance(cache, dict):
