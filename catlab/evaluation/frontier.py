@@ -269,10 +269,10 @@ def plot(fr: Frontier, quality: str, path: Path, title: str = "", budgets=BUDGET
     fams = [f for f in fr.families() if fr.points[quality].get(f)]
     if not fams:
         return
-    cmap = plt.cm.tab10 if len(fams) <= 10 else plt.cm.tab20
+    palette = [*plt.cm.tab10.colors, *plt.cm.Dark2.colors, *plt.cm.Set1.colors]  # distinct hues, not shades
     fig, ax = plt.subplots(figsize=(9, 6))
     for i, fam in enumerate(fams):
-        c = cmap(i % cmap.N)
+        c = palette[i % len(palette)]
         pts = fr.points[quality][fam]
         ax.scatter([p.x for p in pts], [p.y for p in pts], color=c, s=14, alpha=0.45, zorder=2)
         front = fr.front(quality, fam)
