@@ -11,17 +11,15 @@ token with no score yet: order 1, or the highest its history allows). The scores
 are measured at the horizon the schedule actually uses (a full step every few
 steps measures the forecast over that whole gap).
 
-Choosing by error is not linear in the output, so the rule runs after guidance
-(catlab's sampler), not on stacked guidance rows.
+Each row is composed alone, but choosing by error is not linear in the output:
+applied to the guidance branches separately it is not the same as applied to their
+combination (catlab's sampler applies it to the combination).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 
-from catlab.capabilities import Capability
 from catlab.reuse.base import reuses
 from catlab.reuse.rules import Taylor, _as_indices
 
@@ -37,8 +35,6 @@ class BestOrder(Taylor):
 
     order: int = 2
     decay: float = 0.5
-
-    capabilities: ClassVar[Capability] = Capability(0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
