@@ -175,7 +175,7 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
         notes.append(f"CLIP score backbone: `{next(m for m in usable if m.name == 'clip_score').backbone}`.")
     write_tables(rows, out, cfg.title, [*notes, *store_notes])
     if cfg.frontier:  # each family's Pareto front and the best strategy per budget (catlab/evaluation/frontier.py)
-        frontier.write(rows, {i["key"]: i["spec"] for i in infos}, out, cfg.title)
+        frontier.write(rows, {i["key"]: i["spec"] for i in infos}, out, f"{cfg.title}, model `{model_label}`")
     if cfg.diagnostics and all(w is not None for w in warm.values()):
         write_diagnostics(strategies, warm, out / "diagnostics")
     logger.log_metrics({f"{r['method']}/{k}": v for r in rows for k, v in r.items() if isinstance(v, (int, float))})

@@ -287,7 +287,7 @@ def plot(fr: Frontier, quality: str, path: Path, title: str = "", budgets=BUDGET
     ax.set_ylabel({"psnr": "PSNR to full model (dB)", "ssim": "SSIM to full model"}[quality])
     ax.grid(alpha=0.25)
     ax.legend(fontsize=7, loc="upper right", ncol=1 if len(fams) < 12 else 2)
-    ax.set_title(title + ("\n" if title else "") + "lines: each family's Pareto front (step caches dashed)",
+    ax.set_title(title.replace("`", "") + ("\n" if title else "") + "lines: each family's Pareto front (step caches dashed)",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
