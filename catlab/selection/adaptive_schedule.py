@@ -16,7 +16,9 @@ last full step (the drift accumulates in the latents), stay within
 ``threshold`` and there are at most ``max_skip`` of them; then a full step comes.
 The threshold is the knob: larger, fewer full steps, more MACs saved.
 
-The decision is one per batch (the batch's mean error), as for diffusers' MagCache.
+The decision is one per batch (the batch's mean error), as for diffusers' MagCache,
+and like it reads one number on the host per step after the warm-up (the estimate,
+a few reductions over the last outputs); the steps themselves select nothing.
 Registered as the selector ``adaptive_schedule``::
 
     python -m catlab.run selector=adaptive_schedule reuse=taylor selector.threshold=0.1
@@ -57,9 +59,13 @@ class AdaptiveSchedule(Policy):
         if self.order not in (0, 1):
             raise ValueError(f"adaptive_schedule: order must be 0 (copy reuse) or 1 (taylor); got {self.order}")
         self.alpha = 1.0 / (1 + int(self.max_skip))
+        self._forget()
 
     def reset(self, batch_size, grid, num_steps, device) -> None:
         super().reset(batch_size, grid, num_steps, device)
+        self._forget()
+
+    def _forget(self) -> None:
         self._history = []  # (step, output) of the last order + 2 computed steps, newest first
         self.accumulated, self.skipped = 0.0, 0
         self.decisions: dict[int, int | None] = {}
