@@ -87,6 +87,9 @@ class EvaluateConfig(_Setup):
     #: the W&B run and group name; each file in conf/experiment/ sets its own
     experiment_name: str = "evaluate"
     title: str = ""
+    #: also write the quality frontier: each family's Pareto front, the overall front, the best strategy
+    #: at fixed MACs ratios (catlab/evaluation/frontier.py)
+    frontier: bool = False
 
 
 def register_evaluate_schema() -> None:

@@ -29,7 +29,7 @@ from catlab import cli
 from catlab.builders import (ConfigError, build_model, check_clusters, check_seeds, plain, run_app, sampler_config,
                              set_threads)
 from catlab.config import register_evaluate_schema
-from catlab.evaluation import diagnostics
+from catlab.evaluation import diagnostics, frontier
 from catlab.evaluation.harness import References, Strategy, evaluate_strategies, layout, make_jobs, set_metrics
 from catlab.evaluation.merge import manifest, rows_from_store, write_manifest, write_tables
 from catlab.evaluation.recorder import RecordingPolicy
@@ -156,7 +156,8 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
     notes = [f"Model `{model_label}`, {len(jobs)} images ({len({j.prompt_id for j in jobs})} prompts × "
              f"{len(cfg.seeds)} seeds), {sampler_cfg.num_steps} steps, guidance {sampler_cfg.guidance_scale}. "
              "Speed-up: wall clock against the full model timed in the same process on the same batches "
-             "(strategies take turns on each batch), after a warm-up batch; "
+             "(strategies take turns on each batch), " + ("after a warm-up batch; " if cfg.warmup else
+             "without a warm-up batch (warmup=false: one-time costs fall in the first batch's time); ") +
              "MACs include the selection's own work."]
     plan = manifest(infos, layout(jobs, int(cfg.batch_size), world), store.root, out, notes)
     if rank == 0:
@@ -182,6 +183,8 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
     if any(m.name == "clip_score" for m in usable):
         notes.append(f"CLIP score backbone: `{next(m for m in usable if m.name == 'clip_score').backbone}`.")
     write_tables(rows, out, cfg.title, [*notes, *store_notes])
+    if cfg.frontier:  # each family's Pareto front and the best strategy per budget (catlab/evaluation/frontier.py)
+        frontier.write(rows, {i["key"]: i["spec"] for i in infos}, out, f"{cfg.title}, model `{model_label}`")
     if cfg.diagnostics and all(w is not None for w in warm.values()):
         write_diagnostics(strategies, warm, out / "diagnostics")
     log_evaluation(logger, rows, out, warm, out / "images" if cfg.save_images else None)

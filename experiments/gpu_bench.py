@@ -11,7 +11,11 @@ interleaved with it in the same process, for each strategy:
 * ``sequential`` — the rolling window at the same α;
 * ``taylorseer`` — diffusers' TaylorSeer (full steps every 3rd step, forecasts between);
 * ``schedule`` — catlab's ``budget_schedule`` pattern [1, 0, 0] with ``reuse=taylor``
-  (the same MACs as TaylorSeer: steps that skip the transformer).
+  (the same MACs as TaylorSeer: steps that skip the transformer);
+* ``adaptive`` — catlab's ``adaptive_schedule`` (threshold 0.4, at most 6 forecast steps in a
+  row, t0 = 4) with ``reuse=taylor``, the frontier's strategy at 2.5× (docs/results/README.md).
+  With random weights its full steps fall where random outputs put them: read its row as
+  speed-up per MACs saved.
 
 in each mode: ``eager``; ``compiled`` (``--compile``: the blocks compiled by
 ``compile_pruned``); ``graphed`` (``--graphs``: ``sampler.cuda_graphs=true``, each
@@ -221,6 +225,8 @@ STRATEGIES = {
     "taylorseer": lambda a: ("full", {"step_cache": {"name": "taylorseer", "cache_interval": 3, "start_step": a.start_step}}),
     "schedule": lambda a: ({"name": "budget_schedule", "pattern": [1, 0, 0], "start_step": a.start_step},
                            {"rule": {"name": "taylor"}}),
+    "adaptive": lambda a: ({"name": "adaptive_schedule", "threshold": 0.4, "max_skip": 6,
+                            "start_step": min(4, a.start_step)}, {"rule": {"name": "taylor"}}),
 }
 #: the default rows; ``cat_sklearn`` (cat clustering with scikit-learn on the host, the authors' exact path)
 #: is asked for by name, to compare its selection share with the default's on-device clustering

@@ -26,6 +26,7 @@ BOUNDS = {
     "atedm_reuse": (165, 165),  # 20 G-WPR iterations over one probe map
     "atedm": (0, 0),            # prunes inside the forward; nothing between steps
     "full": (0, 0),
+    "adaptive_schedule": (0, 0),  # full or forecast-only steps: no selection (its estimate runs in num_kept)
 }
 #: loops on the host by design (docs/cat_reference.md): its count grows with batch and clusters
 UNBOUNDED = {"cat_reference"}

@@ -57,7 +57,7 @@ def test_sweep_jobs_are_one_group_and_keep_their_files(tmp_path):
 @pytest.mark.slow
 def test_an_evaluation_logs_its_table_samples_plots_and_config(tmp_path):
     out = tmp_path / "eval"
-    _cli("catlab.evaluate", "model.num_layers=1", "model.height=16", "model.width=16", "sampler.num_steps=4",
+    _cli("catlab.evaluate", "model=tiny_sd3", "model.num_layers=1", "model.height=16", "model.width=16", "sampler.num_steps=4",
          "+strategy_defaults.start_step=2", "strategies=[full,random]", "batch_size=2", "num_prompts=2", "seeds=[0]",
          "prompts.prompts=[a red circle,a blue square]", "metrics=[psnr,ssim]", "diagnostics=true", "threads=1",
          "logger=wandb", f"hydra.run.dir={out}", cwd=tmp_path)
