@@ -118,6 +118,19 @@ def test_other_blocks_are_refused_by_name():
         TokenPruner(t)
 
 
+def test_a_family_check_lives_in_its_spec():
+    """PixArt's block layout is checked by its spec's own ``check``, not by a branch of the shared code."""
+    from catlab.models.pixart import TinyPixArt
+    from catlab.pruning import UnsupportedModelError
+    from catlab.pruning.families import PIXART, check_pixart
+
+    assert PIXART.check is check_pixart
+    t = TinyPixArt(height=16, width=16, num_layers=2, num_heads=2, head_dim=16, text_dim=24).transformer
+    t.transformer_blocks[1].attn2 = None
+    with pytest.raises(UnsupportedModelError, match="block 1: PixArt pruning needs"):
+        TokenPruner(t)
+
+
 @pytest.mark.slow
 def test_cli_runs_tiny_dit(tmp_path):
     from tests.conftest import FAST, run_cli
