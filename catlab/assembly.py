@@ -74,6 +74,10 @@ def check_composition(policy: Policy, parts: StepReuse, rows_stacked: bool = Fal
     pipeline combines the branches itself), which needs a row-wise rule.
     """
     caps = policy.capabilities
+    if Capability.COMPARISON_ONLY in caps:
+        raise CompositionError(f"selector '{policy.name}' as configured repeats tokens or keeps fewer than k (e.g. "
+                               "selector.pad=authors|none): it is for comparisons through catlab.testing.simulate; "
+                               "runs need k unique tokens per sample (selector.pad=stalest)")
     if Capability.IN_STEP_ENGINE in caps:
         if parts.step_cache is not None or parts.rule is not None or parts.kv is not None:
             raise CompositionError(f"selector '{policy.name}' prunes inside each step and reuses nothing between "

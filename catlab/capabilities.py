@@ -14,6 +14,8 @@ REPLAYS_SELECTION     selector     splits ``select`` into ``prepare_step`` + ``s
                                    its tensor part may be replayed from captured graphs
 COMPOSES_WITH_PRUNING step cache   token pruning may run inside the steps it computes
 NEEDS_CALIBRATION     step cache   must be calibrated by one full generation first
+COMPARISON_ONLY       selector     mirrors another implementation beyond the index contract (tokens
+                                   repeated or fewer than k): only catlab.testing.simulate drives it
 ROW_WISE              reuse rule   acts on each batch row alone (linear in the output), so it may
                                    run on the stacked guidance rows as well as on their combination
 ====================  ==========  ============================================================
@@ -31,6 +33,7 @@ class Capability(enum.Flag):
     COMPOSES_WITH_PRUNING = enum.auto()
     NEEDS_CALIBRATION = enum.auto()
     ROW_WISE = enum.auto()
+    COMPARISON_ONLY = enum.auto()
 
 
 __all__ = ["Capability"]

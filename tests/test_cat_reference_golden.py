@@ -137,3 +137,85 @@ def test_k_is_the_authors_floor(cfg):
     policy = selectors.build(cfg)
     assert [policy.num_kept(9, n) for n in (4096, 1024, 256)] == [1228, 307, 76]
     assert policy.num_kept(8, 4096) is None
+
+
+# -- the authors' padding, followed in a closed loop ------------------------------------------------
+# ``cat_reference_compiled_closed_64x64.npz``: the authors' compiled path driven as a sampler drives it,
+# where what a step computes feeds the next steps' inputs: the output of step t keeps its previous value
+# at every token not computed at t, and the input of step t + 1 is that output plus the golden inputs'
+# increment. Seed 0's padding repeats 9 counted tokens at step 10 (1219 distinct tokens computed); every
+# later input, and so every later set, depends on it.
+AUTHORS_PAD = {"name": "cat_reference", "pad": "authors"}
+
+
+def _closed_loop(cfg: dict, seed: int, grid=(64, 64)):
+    """``{step: (counted, selected, distinct, width)}`` of ``cfg`` driven in the closed loop above."""
+    y = _outputs(seed, grid)  # (steps, 2, N, C)
+    policy = selectors.build(cfg)
+    n = grid[0] * grid[1]
+    state = {"out": None, "idx": None}
+    got = {}
+
+    def record(step, _, idx):
+        state["idx"] = idx
+        got[step] = (policy.counted[0].clone(), torch.zeros(n, dtype=torch.bool).scatter_(0, idx[0], True),
+                     int(idx[0].unique().numel()), idx.shape[1])
+
+    def outputs(step):
+        if step == 1 or state["out"] is None:
+            x = y[step - 1].clone()
+        else:
+            x = state["out"] + (y[step - 1] - y[step - 2])
+        computed = torch.ones(n, dtype=torch.bool)
+        if state["idx"] is not None and step in got:
+            computed = torch.zeros(n, dtype=torch.bool).scatter_(0, state["idx"][0], True)
+        prev = state["out"] if state["out"] is not None else x
+        state["out"] = torch.where(computed[None, :, None], x, prev)
+        return x  # the selection scores every token's fresh output, as the authors' module does
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            simulate(policy, grid, NUM_STEPS, batch=1, outputs=outputs, on_select=record)
+    finally:
+        torch.set_num_threads(threads)
+    return got
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_authors_padding_followed_in_a_closed_loop(seed):
+    """``pad: authors`` computes exactly the authors' tokens, repeats included, at every step of the closed loop."""
+    gold = _golden("compiled_closed", (64, 64))[seed]
+    got = _closed_loop(AUTHORS_PAD, seed)
+    assert sorted(got) == gold["steps"]
+    for r, step in enumerate(gold["steps"]):
+        counted, selected, distinct, width = got[step]
+        assert width == 1228, f"step {step}"
+        assert torch.equal(counted, gold["counted"][r]), f"step {step}"
+        assert torch.equal(selected, gold["counted"][r] | gold["padding"][r]), f"step {step}"
+        assert 1228 - distinct == gold["duplicates"][r], f"step {step}"
+    if seed == 0:
+        assert gold["duplicates"][1] == 9  # the case this file exists for: step 10 repeats 9 tokens
+
+
+def test_distinct_padding_computes_other_tokens_than_the_authors():
+    """The default (k distinct) computes the 9 repeats' worth of other tokens at seed 0's step 10 and matches
+    the computed sets elsewhere; only ``pad: authors`` matches the computed set at every step.
+
+    (On these inputs the extra tokens do not move a later counted set; on a real model's outputs they can.)
+    """
+    gold = _golden("compiled_closed", (64, 64))[0]
+    got = _closed_loop(COMPILED, 0)
+    extra = [int((got[step][1] & ~(gold["counted"][r] | gold["padding"][r])).sum()) for r, step in enumerate(gold["steps"])]
+    assert extra == gold["duplicates"] and sum(extra) == 9
+
+
+def test_authors_padding_is_refused_by_a_run():
+    """A run needs k unique tokens: ``pad: authors`` (and ``none``) stop it before any compute, naming ``pad``."""
+    from catlab.assembly import CompositionError, StepReuse, check_composition
+
+    for pad in ("authors", "none"):
+        with pytest.raises(CompositionError, match="selector.pad=authors"):
+            check_composition(selectors.build({"name": "cat_reference", "pad": pad}), StepReuse())
+    check_composition(selectors.build(COMPILED), StepReuse())

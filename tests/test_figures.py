@@ -110,3 +110,28 @@ def test_every_committed_figure_is_shown_with_a_caption_line_under_it():
     figures = sorted((ROOT / "docs").rglob("*.png"))
     missing = [str(f.relative_to(ROOT)) for f in figures if not shown.get(f.resolve())]
     assert not missing, f"figures without an image line and a caption under it: {missing}"
+
+
+def test_a_metric_module_brings_its_own_column(monkeypatch, tmp_path):
+    """A metric registered with a :class:`~catlab.metrics.base.Column` shows in the table and the CSV in its
+    declared place, with no edit of report.py; without rows measuring it, it stays out."""
+    from dataclasses import dataclass
+
+    from catlab.metrics.base import Column, Metric
+    from catlab.registry import metrics
+
+    monkeypatch.setattr(metrics, "_entries", dict(metrics._entries))  # registered for this test only
+
+    @metrics.register("sharpness")
+    @dataclass
+    class Sharpness(Metric):
+        column = Column("Sharpness", "{:.1f}", order=15)
+
+    rows = [{"method": "full", "alpha": 1.0, "steps": 4, "macs_per_image": 2e9, "psnr": 30.0, "sharpness": 7.25},
+            {"method": "cat", "alpha": 0.3, "steps": 4, "macs_per_image": 1e9, "psnr": 25.0, "clip_score": 31.0}]
+    table = report.markdown_table(rows).splitlines()
+    assert table[0].split(" | ")[-4:] == ["CLIP score", "Sharpness", "PSNR (dB)", "SSIM |"]
+    assert table[2].split(" | ")[-3:] == ["7.2", "30.00", "– |"] and table[3].split(" | ")[-3:] == ["–", "25.00", "– |"]
+    report.write_csv(rows, tmp_path / "r.csv")
+    assert (tmp_path / "r.csv").read_text().splitlines()[0] == "method,alpha,steps,macs_per_image,clip_score,sharpness,psnr"
+    assert "Sharpness" not in report.markdown_table([{k: v for k, v in r.items() if k != "sharpness"} for r in rows])

@@ -1,4 +1,9 @@
-"""Tables and the cost–quality plot, in the layout of the paper's Table 2."""
+"""Tables and the cost–quality plot, in the layout of the paper's Table 2.
+
+The cost columns are fixed here; every quality column comes from the metric that
+measures it (its :class:`~catlab.metrics.base.Column`: header, cell format, place), so a
+new metric module adds its column to the tables and the CSV without an edit here.
+"""
 from __future__ import annotations
 
 import csv
@@ -7,8 +12,26 @@ from typing import Any
 
 from catlab.evaluation.plots import place_labels
 
-COLUMNS = ["method", "family", "alpha", "steps", "macs_per_image", "macs_ratio", "seconds_per_image", "speedup",
-           "images_per_second", "selection_share", "clip_score", "attribute_accuracy", "psnr", "ssim", "lpips", "fid"]
+#: the CSV's leading columns: the run and its cost (the metrics' follow, :func:`metric_columns`)
+COST_COLUMNS = ["method", "family", "alpha", "steps", "macs_per_image", "macs_ratio", "seconds_per_image", "speedup",
+                "images_per_second", "selection_share"]
+
+
+def metric_columns(rows: list[dict[str, Any]] | None = None) -> list[tuple[str, Any]]:
+    """``(name, metric class)`` of every registered metric with a column, in column order; given ``rows``,
+    only those a table shows: measured in some row, or declared ``always``."""
+    from catlab.registry import metrics
+
+    declared = [(n, metrics.get(n)) for n in metrics.names() if getattr(metrics.get(n), "column", None) is not None]
+    declared.sort(key=lambda nc: (nc[1].column.order, nc[0]))
+    if rows is None:
+        return declared
+    return [(n, c) for n, c in declared if c.column.always or any(n in r for r in rows)]
+
+
+def columns() -> list[str]:
+    """The CSV's known columns, in order: the cost columns, then every metric's."""
+    return COST_COLUMNS + [n for n, _ in metric_columns()]
 
 
 def _macs(v: float) -> str:
@@ -19,7 +42,7 @@ def _macs(v: float) -> str:
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    keys = [c for c in COLUMNS if any(c in r for r in rows)]
+    keys = [c for c in columns() if any(c in r for r in rows)]
     keys += sorted({k for r in rows for k in r} - set(keys))
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
@@ -29,12 +52,10 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def markdown_table(rows: list[dict[str, Any]], title: str = "", notes: list[str] | None = None) -> str:
-    """Method, α, steps, MACs, MACs ratio, s/image, speed-up, alignment, PSNR, SSIM (+ LPIPS when measured)."""
-    align = [c for c in ("clip_score", "attribute_accuracy") if any(c in r for r in rows)]
-    extra = [c for c in ("lpips", "fid") if any(c in r for r in rows)]
+    """Method, α, steps, MACs, MACs ratio, s/image, speed-up, selection share, then each metric's column."""
+    quality = metric_columns(rows)
     head = ["Method", "α", "Steps", "MACs", "MACs ratio", "s / image", "Speed-up", "Selection share",
-            *[{"clip_score": "CLIP score", "attribute_accuracy": "Attribute acc."}[c] for c in align],
-            "PSNR (dB)", "SSIM", *[{"lpips": "LPIPS", "fid": "FID"}[c] for c in extra]]
+            *[c.column.header for _, c in quality]]
     lines = ([f"### {title}", ""] if title else []) + ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     mixed = any(r.get("graphed") for r in rows) and not all(r.get("graphed") for r in rows)
     for r in rows:
@@ -43,11 +64,12 @@ def markdown_table(rows: list[dict[str, Any]], title: str = "", notes: list[str]
         method = r["method"] + (" (eager)" if mixed and not r.get("graphed") else "")
         cells = [method, num("alpha", "{:.2f}"), str(r.get("steps", "")), _macs(r["macs_per_image"]),
                  num("macs_ratio", "{:.2f}×"), num("seconds_per_image", "{:.3f}"), num("speedup", "{:.2f}×"),
-                 num("selection_share", "{:.1%}"), *[num(c, "{:.3f}") for c in align],
-                 psnr_cell(r.get("psnr")), num("ssim", "{:.4f}"), *[num(c, "{:.4f}" if c == "lpips" else "{:.2f}") for c in extra]]
+                 num("selection_share", "{:.1%}"), *[c.cell(r.get(n)) for n, c in quality]]
         lines.append("| " + " | ".join(cells) + " |")
-    if any(r.get("psnr") is not None and r["psnr"] < LOW_PSNR for r in rows):
-        notes = [*(notes or []), f"† PSNR below {LOW_PSNR:.0f} dB: the images differ from the full model's in content, "
+    from catlab.metrics.fidelity import PSNR
+
+    if any(r.get("psnr") is not None and r["psnr"] < PSNR.low for r in rows):
+        notes = [*(notes or []), f"† PSNR below {PSNR.low:.0f} dB: the images differ from the full model's in content, "
                                  "not only in detail; why, strategy by strategy: docs/metrics.md#psnr-below-20-db."]
     if mixed:
         notes = [*(notes or []), "Rows marked (eager) could not replay CUDA graphs (sampler.cuda_graphs=true; "
@@ -58,20 +80,11 @@ def markdown_table(rows: list[dict[str, Any]], title: str = "", notes: list[str]
     return "\n".join(lines) + "\n"
 
 
-#: PSNR (dB) under which a table row is footnoted: the image no longer shows the full model's content
-LOW_PSNR = 20.0
-
-
 def psnr_cell(value: float | None) -> str:
-    """PSNR for a table: "∞ (identical)" at the metric's cap (every image equal to the full model's),
-    a dagger below :data:`LOW_PSNR`, "–" when not measured."""
+    """PSNR for a table (the metric's own cell: "∞ (identical)" at its cap, a dagger below its threshold)."""
     from catlab.metrics.fidelity import PSNR
 
-    if value is None:
-        return "–"
-    if value >= PSNR.cap:
-        return "∞ (identical)"
-    return f"{value:.2f}" + (" †" if value < LOW_PSNR else "")
+    return PSNR.cell(value)
 
 
 def cost_quality_plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:

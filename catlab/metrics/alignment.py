@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from catlab.metrics.base import Metric
+from catlab.metrics.base import Column, Metric
 from catlab.registry import metrics
 
 
@@ -64,6 +64,8 @@ class CLIPScore(Metric):
     given a name, torchmetrics accepts only the hub ids it lists and may download them.
     """
 
+    column = Column("CLIP score", "{:.3f}", order=10)
+
     backbone: str = "openai/clip-vit-base-patch16"
     device: str = "cpu"
 
@@ -103,6 +105,8 @@ class AttributeAccuracy(Metric):
 
     Needs prompts that come with their scenes (the ``embedded_heldout`` prompt set).
     """
+
+    column = Column("Attribute acc.", "{:.3f}", order=11)
 
     def unavailable(self, context):
         meta = context.get("meta")

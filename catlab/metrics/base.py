@@ -2,9 +2,26 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+
+
+@dataclass(frozen=True)
+class Column:
+    """How a metric shows in the report tables (:mod:`catlab.evaluation.report`).
+
+    ``header``: the markdown table's header; ``fmt``: a cell's format; ``order``: its
+    place among the metric columns, after the cost columns (alignment in the 10s,
+    fidelity in the 20s, perceptual and distribution metrics in the 30s); ``always``:
+    a table has the column even when no row measured it (its cells then read "–").
+    The CSV's metric columns follow the same order.
+    """
+
+    header: str
+    fmt: str = "{:.3f}"
+    order: int = 100
+    always: bool = False
 
 
 @dataclass
@@ -18,6 +35,13 @@ class Metric:
 
     needs_reference = False
     higher_is_better = True
+    #: its column in the report tables (``None``: the CSV lists it after the known columns, tables leave it out)
+    column: ClassVar[Column | None] = None
+
+    @classmethod
+    def cell(cls, value: float | None) -> str:
+        """A table cell for ``value`` ("–" when not measured)."""
+        return "–" if value is None else cls.column.fmt.format(value)
 
     @property
     def name(self) -> str:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from catlab.metrics.base import SetMetric
+from catlab.metrics.base import Column, SetMetric
 from catlab.registry import metrics
 
 #: the InceptionV3 weights torch-fidelity (and so torchmetrics' standard FID) loads
@@ -50,6 +50,7 @@ class FID(SetMetric):
     """
 
     higher_is_better = False
+    column = Column("FID", "{:.2f}", order=31)
 
     feature: str = "inception"
     weights: str | None = None

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from catlab.metrics.base import Metric
+from catlab.metrics.base import Column, Metric
 from catlab.registry import metrics
 
 
@@ -52,7 +53,19 @@ class PSNR(Metric):
     """PSNR in dB, capped at ``cap`` so that identical images (infinite PSNR) average sensibly."""
 
     needs_reference = True
+    column = Column("PSNR (dB)", "{:.2f}", order=20, always=True)
+    #: PSNR (dB) under which a table cell carries a dagger: the image no longer shows the full model's content
+    low: ClassVar[float] = 20.0
     cap: float = 100.0
+
+    @classmethod
+    def cell(cls, value: float | None) -> str:
+        """"∞ (identical)" at the cap (every image equal to the full model's), a dagger below :attr:`low`."""
+        if value is None:
+            return "–"
+        if value >= cls.cap:
+            return "∞ (identical)"
+        return f"{value:.2f}" + (" †" if value < cls.low else "")
 
     def __call__(self, images, reference, prompts, meta):
         return psnr(images, reference).clamp(max=self.cap)
@@ -62,6 +75,7 @@ class PSNR(Metric):
 @dataclass
 class SSIM(Metric):
     needs_reference = True
+    column = Column("SSIM", "{:.4f}", order=21, always=True)
 
     def __call__(self, images, reference, prompts, meta):
         return ssim(images, reference)
@@ -78,6 +92,7 @@ class LPIPS(Metric):
 
     needs_reference = True
     higher_is_better = False
+    column = Column("LPIPS", "{:.4f}", order=30)
     net: str = "alex"
 
     def unavailable(self, context):

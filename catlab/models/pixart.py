@@ -1,13 +1,13 @@
 """PixArt-family adapters: the real PixArt-Σ pipeline and a tiny random-weight one."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
 
-from catlab.models.base import Conditioning, ModelAdapter, PipelineAdapter, with_unconditional
-from catlab.models.sd3 import HashedPromptEncoder
+from catlab.models.base import Conditioning, ModelAdapter, PipelineAdapter
+from catlab.models.tiny import TinyAdapter
 from catlab.registry import models
 
 
@@ -22,43 +22,23 @@ def _pixart_predict(adapter: ModelAdapter, latents, timestep, cond: Conditioning
 
 @models.register("tiny_pixart")
 @dataclass
-class TinyPixArt(ModelAdapter):
+class TinyPixArt(TinyAdapter):
     """A PixArt-architecture transformer (learned sigma, cross-attention) with seeded random weights, pixel space."""
 
-    random_weights = True
-
-    height: int = 32
-    width: int = 32
-    patch: int = 2
-    num_layers: int = 4
-    num_heads: int = 4
-    head_dim: int = 32
-    text_dim: int = 64
-    text_tokens: int = 16
-    weights_seed: int = 0
-    transformer: object = field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        torch.manual_seed(self.weights_seed)
-        self.transformer = PixArtTransformer2DModel(
+    def build(self):
+        return PixArtTransformer2DModel(
             sample_size=max(self.height, self.width), patch_size=self.patch, in_channels=3, out_channels=6,
             num_layers=self.num_layers, attention_head_dim=self.head_dim, num_attention_heads=self.num_heads,
             cross_attention_dim=self.num_heads * self.head_dim, caption_channels=self.text_dim,
             norm_type="ada_norm_single", num_embeds_ada_norm=1000, use_additional_conditions=False,
-        ).to(self.torch_device).eval()
-        if self.torch_dtype != torch.float32:
-            self.transformer.to(dtype=self.torch_dtype)
-        self.encoder = HashedPromptEncoder(self.text_tokens, self.text_dim, 1, self.weights_seed)
+        )
 
     def make_scheduler(self):
         return DPMSolverMultistepScheduler()
 
-    def encode(self, prompts: list[str], guidance: bool) -> Conditioning:
-        texts = with_unconditional(prompts, guidance)
-        embeds, _ = self.encoder(texts)
+    def conditioning(self, embeds, pooled):
         mask = torch.ones(embeds.shape[:2], device=self.torch_device)
-        kw = dict(encoder_hidden_states=embeds.to(self.torch_device, self.torch_dtype), encoder_attention_mask=mask)
-        return Conditioning(kw, 2 if guidance else 1, embeds.shape[1])
+        return dict(encoder_hidden_states=embeds, encoder_attention_mask=mask)
 
     def predict(self, latents, timestep, cond):
         return _pixart_predict(self, latents, timestep, cond)

@@ -119,8 +119,14 @@ def _raise_recompile_limit(transformer: nn.Module, row_counts: int) -> None:
 
 
 def _blocks(transformer: nn.Module) -> list[nn.Module]:
-    """Every block, in each of the transformer's block lists (FLUX: dual-stream, then single-stream)."""
-    lists = ("transformer_blocks", "single_transformer_blocks")
+    """Every block, in each of the transformer's block lists as its family names them (FLUX: dual-stream, then
+    single-stream); ``transformer_blocks`` for a transformer of no known family."""
+    from catlab.pruning.families import UnsupportedModelError, family_of
+
+    try:
+        lists = [kind.attr for kind in family_of(transformer).block_lists()]
+    except UnsupportedModelError:
+        lists = ["transformer_blocks"]
     return [b for name in lists for b in (getattr(transformer, name, None) or ())]
 
 

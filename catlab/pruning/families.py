@@ -166,12 +166,6 @@ class FamilySpec:
                 f"{where} is a {type(block).__name__}; a {self.transformer_type} can be pruned "
                 f"only when its {kind.attr} are {kind.block_type}"
             )
-        if self.name == "pixart":
-            if getattr(block, "norm_type", None) != "ada_norm_single" or block.attn2 is None or block.only_cross_attention:
-                raise UnsupportedModelError(
-                    f"block {index}: PixArt pruning needs BasicTransformerBlock(norm_type='ada_norm_single') "
-                    "with self-attention (attn1) and cross-attention (attn2)"
-                )
         for attr, _ in kind.attentions:
             attn = getattr(block, attr, None)
             if attn is None:
@@ -189,12 +183,23 @@ SD3 = FamilySpec(
     macs=sd3_macs,
     text_embed="context_embedder",
 )
+def check_pixart(t: nn.Module) -> None:
+    """PixArt's own block layout: ``ada_norm_single`` with self-attention and cross-attention."""
+    for index, block in enumerate(t.transformer_blocks):
+        if getattr(block, "norm_type", None) != "ada_norm_single" or block.attn2 is None or block.only_cross_attention:
+            raise UnsupportedModelError(
+                f"block {index}: PixArt pruning needs BasicTransformerBlock(norm_type='ada_norm_single') "
+                "with self-attention (attn1) and cross-attention (attn2)"
+            )
+
+
 PIXART = FamilySpec(
     name="pixart",
     transformer_type="PixArtTransformer2DModel",
     block_type="BasicTransformerBlock",
     attentions=(("attn1", "self"),),
     macs=pixart_macs,
+    check=check_pixart,
 )
 FLUX = FamilySpec(
     name="flux",

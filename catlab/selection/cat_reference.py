@@ -48,12 +48,22 @@ cut to ⌊cluster_share·k⌋. The counted set is that cluster part united with 
 ⌊(1 − cluster_share)·k⌋ stalest tokens overall; it has k tokens or fewer (the two
 parts may overlap), and only it enters f.
 
-Padding (``pad``): ``"stalest"`` (the compiled path's) completes each row to exactly
-k with the stalest tokens not yet in it; the padding is computed but, as in the
-authors' code, left out of f. ``"none"`` (the eager path's) returns the counted set
+Padding (``pad``): ``"stalest"`` (the default) completes each row to exactly k with the
+stalest tokens not yet in it; the padding is computed but, as in the authors' code,
+left out of f. ``"authors"`` is the compiled path's padding exactly: the counted set,
+then the stale order's entries ⌊(1 − share)·k⌋ … ⌊(1 − share)·k⌋ + k − |counted|, which
+may repeat counted tokens, so a row then computes fewer than k distinct tokens, as
+theirs does. The padding never enters f on either rule, but which tokens are computed
+decides what the model outputs next, so in a closed loop the two rules' later sets
+part (``tests/test_cat_reference_golden.py`` follows such a run). ``"none"`` (the eager path's) returns the counted set
 alone: a ``(B, m)`` tensor, m the largest counted set of the batch (other rows
 completed as with ``"stalest"``), which can be fewer than the k the planner asked
 for: for comparisons with the authors' eager path, not for runs whose MACs count.
+
+``"authors"`` and ``"none"`` break the index contract (k unique tokens per sample), so
+the selector then declares :attr:`~catlab.capabilities.Capability.COMPARISON_ONLY`: a run
+(``catlab.run``, ``enable_pruning``) refuses it with one line naming ``pad``, and the way
+to drive it is :func:`catlab.testing.simulate`, as the golden tests do.
 """
 from __future__ import annotations
 
@@ -62,12 +72,13 @@ from dataclasses import dataclass
 
 import torch
 
+from catlab.capabilities import Capability
 from catlab.registry import clusterers, selectors, scorers
 from catlab.selection.base import Policy, StepState
 from catlab.selection.clustering import positional_encoding
 from catlab.selection.pooling import cluster_graph
 
-PADS = ("stalest", "none")
+PADS = ("stalest", "authors", "none")
 
 
 def stable_top(values: torch.Tensor, q: int, largest: bool = True) -> torch.Tensor:
@@ -106,6 +117,12 @@ class CatReference(Policy):
             {"name": "kmeans_sklearn", "num_clusters": self.num_clusters, "per_tokens": self.per_tokens,
              "n_init": self.n_init, "seed": 0}
         )
+
+    @property
+    def capabilities(self) -> Capability:
+        """``pad: authors`` and ``pad: none`` break the index contract: for comparisons, not for runs."""
+        caps = super().capabilities
+        return caps if self.pad == "stalest" else caps | Capability.COMPARISON_ONLY
 
     def reset(self, batch_size: int, grid: tuple[int, int], num_steps: int, device: torch.device) -> None:
         super().reset(batch_size, grid, num_steps, device)
@@ -147,6 +164,8 @@ class CatReference(Policy):
                 rows = self._later(noise[s], s, k, stale_order[s])
             counted[s, rows] = True
         self.counted = counted
+        if self.pad == "authors":
+            return _authors_padding(stale_order, counted, k, int(k * (1 - self.cluster_share)))
         width = k if self.pad == "stalest" else int(counted.sum(1).max())
         return _complete(stale_order, counted, width)
 
@@ -211,6 +230,20 @@ class CatReference(Policy):
                 break
         part = torch.cat(picked)[: int(budget)]
         return torch.unique(torch.cat([part, stale_order[: int(k * (1 - self.cluster_share))]]))
+
+
+def _authors_padding(order: torch.Tensor, chosen: torch.Tensor, k: int, start: int) -> torch.Tensor:
+    """``(B, k)``: each row's chosen tokens (index order), then ``order[start : start + k − |chosen|]``.
+
+    The authors' padding: the slice after the ⌊(1 − share)·k⌋ stalest, which may repeat
+    chosen tokens (a row then holds fewer than k distinct tokens). The slice wraps around
+    where it would run past N, so every row has k entries on any grid.
+    """
+    rows = []
+    for s in range(chosen.shape[0]):
+        own = chosen[s].nonzero().squeeze(1)
+        rows.append(torch.cat([own, order[s].roll(-start)[: k - len(own)]]))
+    return torch.stack(rows)
 
 
 def _complete(order: torch.Tensor, chosen: torch.Tensor, width: int) -> torch.Tensor:
