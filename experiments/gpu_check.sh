@@ -5,7 +5,7 @@
 #   bash experiments/gpu_check.sh --quick OUT    # the CUDA tests and the batch-1 28-step rows, at most 3 minutes
 #
 # From a plain checkout: the checkout is put on PYTHONPATH, nothing is installed. Where the
-# project's wheels travel with the checkout (.whl/, from bash /work/shared/tools/gpu-wheels.sh)
+# project's wheels travel with the checkout (.whl/, from pip download ... -d .whl: docs/performance.md)
 # and a module is missing, they are unpacked into $TMPDIR/catlab-site first (no network needed).
 # Everything lands in OUT as it happens: one log per part (the whole pytest log among them),
 # bench rows appended to OUT/bench*.jsonl as each is measured, OUT/parts.tsv (part, status,

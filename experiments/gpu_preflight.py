@@ -79,7 +79,7 @@ def _installed(dist: str) -> bool:
 
 
 def _source(name: str) -> str:
-    return "a wheel: bash /work/shared/tools/gpu-wheels.sh" if name.replace("-", "_").lower() in WHEELS or \
+    return "a wheel: pip download it into .whl/ on a machine with PyPI (docs/performance.md)" if name.replace("-", "_").lower() in WHEELS or \
         name.lower() in {"hydra-core", "antlr4-python3-runtime"} else "not on this machine"
 
 

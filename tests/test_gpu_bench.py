@@ -145,7 +145,7 @@ def test_preflight_passes_from_a_plain_checkout_and_names_what_is_missing(tmp_pa
                         else find_spec(name, *a))
     monkeypatch.setattr(preflight, "_installed", lambda dist: dist != "antlr4-python3-runtime")
     problems = preflight.missing()
-    assert any(p.startswith("diffusers: not installed (imported by ") and "gpu-wheels.sh" in p for p in problems)
+    assert any(p.startswith("diffusers: not installed (imported by ") and "pip download it into .whl/" in p for p in problems)
     assert any(p.startswith("sklearn: not installed (imported by catlab/selection/clustering.py)") for p in problems)
     assert any(p.startswith("antlr4-python3-runtime: not installed (required by hydra)") for p in problems)
 
