@@ -43,6 +43,7 @@ NOT_ON_A_CPU = [
     (r"example_center", "needs the example plugin installed (tests/test_selection_plugin.py installs and runs it)"),
     (r"experiment=embedded_frontier", "its rows set their own warm-ups (t0 up to 12), beyond the 4 shrunk steps: "
                                       "tests/test_frontier_cli.py runs every row at 14 steps"),
+    (r"^pip download", "fetches wheels from PyPI for a GPU machine without network (tests/test_gpu_bench.py runs the pre-flight)"),
     (r"^pip install|-m pytest|-m venv", "the CI script makes the environment, installs and runs the test suite itself"),
 ]
 
