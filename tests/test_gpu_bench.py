@@ -110,9 +110,11 @@ def test_a_bench_killed_mid_way_leaves_its_finished_rows(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+    # the kill lands wherever the bench is: tiny rows come fast, so more than two may be out by then;
+    # each one must be whole, in the order the bench measures them
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) >= 2 and all(r["model"] == "sd3" and r["full_s"] > 0 for r in rows)
-    assert [r["strategy"] for r in rows[:2]] == ["cat", "sequential"]
+    assert len(rows) >= 2 and all(r["full_s"] > 0 and r["pruned_s"] > 0 for r in rows)
+    assert [(r["model"], r["strategy"]) for r in rows[:2]] == [("sd3", "cat"), ("sd3", "sequential")]
 
 
 # -- experiments/gpu_check.sh and its pre-flight ---------------------------------------------------
