@@ -116,6 +116,23 @@ def check_clusters(policy, num_tokens: int) -> None:
                               f"model and size; at most {num_tokens} (or per_tokens > 0 to scale with the grid)")
 
 
+def check_model_fits(transformer, policy) -> None:
+    """Put the policy's pruning parts on ``transformer`` and take them off again, before any compute.
+
+    A model the selector cannot prune (in-step AT-EDM on PixArt, a transformer of no known
+    family) or a setting the model cannot take (pruning layers beyond its depth) ends here as
+    a config error, not after the full model's references are computed.
+    """
+    from catlab.assembly import PruningSession
+    from catlab.pruning.families import UnsupportedModelError
+
+    try:
+        with PruningSession(transformer, policy):
+            pass
+    except (UnsupportedModelError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+
+
 def quiet_libraries() -> None:
     """Keep a run's console and log to catlab's own lines: the libraries' known-harmless notices are errors-only.
 
@@ -138,7 +155,7 @@ def quiet_libraries() -> None:
 def run_app(run, cfg) -> None:
     """Run a Hydra app's ``run(cfg, output_dir)``; whatever a user can cause ends in one line, not a traceback.
 
-    A config error, a refused step cache or a folder that cannot be written
+    A config error, a refused step cache, a model the strategy cannot prune or a folder that cannot be written
     (``catlab: cannot write <path>: <reason>``) ends a single run with that line
     (:class:`~catlab.cli.CatlabExit`, exit status 1) and removes what the run
     made: the whole run directory when Hydra made it for this run, else the new
@@ -157,6 +174,7 @@ def run_app(run, cfg) -> None:
 
     from catlab.cli import CatlabExit, io_message, os_error
     from catlab.planner import IndexContractError
+    from catlab.pruning.families import UnsupportedModelError
     from catlab.stepcache import StepCacheError
 
     quiet_libraries()
@@ -178,6 +196,8 @@ def run_app(run, cfg) -> None:
             message = io_message(io)
         elif isinstance(err, IndexContractError):  # a selector (often a plugin) that breaks the contract
             message = f"catlab: {err}"
+        elif isinstance(err, UnsupportedModelError):  # a model the chosen strategy cannot prune
+            message = f"catlab: unsupported model: {err}"
         elif single:
             raise  # a bug, not an input: its traceback is what the developer needs
         else:

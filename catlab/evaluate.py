@@ -26,8 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 import catlab  # noqa: F401  (registers the built-in components)
 from catlab import cli
-from catlab.builders import (ConfigError, build_model, check_clusters, check_seeds, plain, run_app, sampler_config,
-                             set_threads)
+from catlab.builders import (ConfigError, build_model, check_clusters, check_model_fits, check_seeds, plain, run_app,
+                             sampler_config, set_threads)
 from catlab.config import register_evaluate_schema
 from catlab.evaluation import diagnostics, frontier
 from catlab.evaluation.harness import References, Strategy, evaluate_strategies, layout, make_jobs, set_metrics
@@ -54,7 +54,10 @@ def strategy_specs(cfg: DictConfig) -> list[dict]:
     the first plain ``full`` (no step cache) is the reference and timing baseline.
     """
     specs = []
-    for s in plain(cfg.strategies):
+    for i, s in enumerate(plain(cfg.strategies)):
+        if not (isinstance(s, str) or (isinstance(s, dict) and isinstance(s.get("name"), str))):
+            raise ConfigError(f"strategies[{i}] must be a selector name or a mapping with a 'name' key "
+                              f"(e.g. {{name: cat, alpha: 0.3}}); got {s!r}")
         spec = {"name": s} if isinstance(s, str) else dict(s)
         if spec["name"] != "full":
             spec = {**plain(cfg.strategy_defaults), **spec}
@@ -132,6 +135,7 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
     adapter = build_model(model_cfg)  # refuses a size the model cannot take
     for _, (policy, _, _) in resolved:
         check_clusters(policy, adapter.grid[0] * adapter.grid[1])
+        check_model_fits(adapter.transformer, policy)
     store = ResultStore(Path(cfg.store_dir) if cfg.store_dir else out / "store")
     weights = adapter.fingerprint()  # a retrained checkpoint must not meet the old one's references or records
     model_key = {**plain(cfg.model), "weights": weights} if weights else plain(cfg.model)
@@ -166,29 +170,33 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
         logger.start(out, OmegaConf.to_container(cfg, resolve=True), name=cfg.experiment_name, group=cfg.experiment_name,
                      tags=[model_cfg["name"]])
 
-    log.info("evaluating %s on %d images (rank %d of %d)", ", ".join(s.label for s in strategies), len(my_jobs),
-             rank, world)
-    warm = evaluate_strategies(adapter, strategies, my_jobs, sampler_cfg, int(cfg.batch_size), usable, store,
-                               references, bool(cfg.warmup), int(cfg.repeats),
-                               out / "images" if cfg.save_images else None, int(cfg.retime_batches), setup)
-    if world > 1:
-        dist.barrier()
-    if rank != 0:
-        return []
+    try:  # the logger ends whatever happens: a failed evaluation leaves no open W&B run writing into its folder
+        log.info("evaluating %s on %d images (rank %d of %d)", ", ".join(s.label for s in strategies), len(my_jobs),
+                 rank, world)
+        warm = evaluate_strategies(adapter, strategies, my_jobs, sampler_cfg, int(cfg.batch_size), usable, store,
+                                   references, bool(cfg.warmup), int(cfg.repeats),
+                                   out / "images" if cfg.save_images else None, int(cfg.retime_batches), setup)
+        if world > 1:
+            dist.barrier()
+        if rank != 0:
+            return []
 
-    rows, store_notes = rows_from_store(store, plan)
-    for note in store_notes:
-        log.info("%s", note)
-    set_metrics(rows, usable, out / "images" if cfg.save_images else None)
-    if any(m.name == "clip_score" for m in usable):
-        notes.append(f"CLIP score backbone: `{next(m for m in usable if m.name == 'clip_score').backbone}`.")
-    write_tables(rows, out, cfg.title, [*notes, *store_notes])
-    if cfg.frontier:  # each family's Pareto front and the best strategy per budget (catlab/evaluation/frontier.py)
-        frontier.write(rows, {i["key"]: i["spec"] for i in infos}, out, f"{cfg.title}, model `{model_label}`")
-    if cfg.diagnostics and all(w is not None for w in warm.values()):
-        write_diagnostics(strategies, warm, out / "diagnostics")
-    log_evaluation(logger, rows, out, warm, out / "images" if cfg.save_images else None)
-    logger.log_metrics({f"{r['method']}/{k}": v for r in rows for k, v in r.items() if isinstance(v, (int, float))})
+        rows, store_notes = rows_from_store(store, plan)
+        for note in store_notes:
+            log.info("%s", note)
+        set_metrics(rows, usable, out / "images" if cfg.save_images else None)
+        if any(m.name == "clip_score" for m in usable):
+            notes.append(f"CLIP score backbone: `{next(m for m in usable if m.name == 'clip_score').backbone}`.")
+        write_tables(rows, out, cfg.title, [*notes, *store_notes])
+        if cfg.frontier:  # each family's Pareto front and the best strategy per budget (catlab/evaluation/frontier.py)
+            frontier.write(rows, {i["key"]: i["spec"] for i in infos}, out, f"{cfg.title}, model `{model_label}`")
+        if cfg.diagnostics and all(w is not None for w in warm.values()):
+            write_diagnostics(strategies, warm, out / "diagnostics")
+        log_evaluation(logger, rows, out, warm, out / "images" if cfg.save_images else None)
+        logger.log_metrics({f"{r['method']}/{k}": v for r in rows for k, v in r.items() if isinstance(v, (int, float))})
+    except BaseException:
+        logger.finish(failed=True)
+        raise
     logger.finish()
     log.info("\n%s", (out / "results.md").read_text())
     return rows

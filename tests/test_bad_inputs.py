@@ -31,6 +31,18 @@ def test_bad_input_is_one_line_and_leaves_no_run_directory(tmp_path, what, overr
 
 
 @pytest.mark.slow
+def test_a_model_the_selector_cannot_prune_is_one_line_and_leaves_nothing(tmp_path):
+    """In-step AT-EDM on PixArt is refused once the model is built, before compute and before a W&B run starts:
+    one line, and no run folder."""
+    proc, run_dir = run_cli("sampler.num_steps=10", "sampler.progress=false", "logger=wandb", "model=tiny_pixart",
+                            "selector=atedm", tmp_path=tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("catlab: config error: selector atedm prunes inside") and "use selector=atedm_reuse" in last
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow
 def test_a_failed_sweep_job_is_marked_failed(tmp_path):
     proc, _ = run_cli("-m", *FAST, "clusterer.num_clusters=0", tmp_path=tmp_path, check=False)
     assert proc.returncode != 0 and "1 of 1 sweep jobs failed" in proc.stderr

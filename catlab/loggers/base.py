@@ -53,5 +53,5 @@ class Logger:
     def log_figure(self, key: str, path: Path) -> None:
         """A figure already written to ``path`` (PNG); a sink that keeps the run directory ignores it."""
 
-    def finish(self) -> None:
-        pass
+    def finish(self, failed: bool = False) -> None:
+        """End the run; ``failed``: it stopped on an error (the app re-raises it after this call)."""

@@ -61,12 +61,12 @@ class WandbLogger(Logger):
 
         self.run.log({key: wandb.Image(str(path), caption=Path(path).name)})
 
-    def finish(self):
+    def finish(self, failed=False):
         if self.run is not None:
             for pattern in RUN_FILES:  # linked, not copied: a file written after this point is saved as it ends
                 for path in sorted(self.run_dir.glob(pattern)):
                     self.run.save(str(path.resolve()), base_path=str(self.run_dir.resolve()), policy="end")
-            self.run.finish()
+            self.run.finish(exit_code=1 if failed else 0)  # a failed run shows as failed in W&B, and its files close
             self.run = None
 
 
