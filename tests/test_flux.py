@@ -116,7 +116,7 @@ def test_pruned_blocks_rotate_by_the_selected_positions(flux, block):
     cos, sin = recorder.seen[0]
     assert cos.shape == (2, n_text + idx.shape[1], flux.head_dim)
     h, w = flux.latent_size
-    from catlab.models.flux import image_ids
+    from catlab.models.packed import image_ids
 
     want_cos, want_sin = flux.transformer.pos_embed(torch.cat([cond.kwargs["txt_ids"], image_ids(h, w)]))
     for row in range(2):
@@ -145,7 +145,7 @@ def test_cached_keys_are_rotated_keys_of_their_own_positions(flux):
     pruner.detach()
     a = single.attn
     h, w = flux.latent_size
-    from catlab.models.flux import image_ids
+    from catlab.models.packed import image_ids
 
     cos, sin = flux.transformer.pos_embed(torch.cat([cond.kwargs["txt_ids"], image_ids(h, w)]))
     fresh = a.norm_k(a.to_k(seen["x"][:, n_text:]).unflatten(-1, (-1, a.head_dim)))  # (rows, k, heads, d)
