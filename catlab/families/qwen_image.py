@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import QwenImageTransformer2DModel
 
-from catlab.models.base import Conditioning, ModelAdapter, PipelineAdapter, with_unconditional
-from catlab.models.packed import PackedLatents, TinyPackedAdapter, check_packable, fixed_shift_scheduler, pack, unpack
+from catlab.models.base import Conditioning, ModelAdapter, with_unconditional
+from catlab.models.packed import PackedPipelineAdapter, TinyPackedAdapter, pack, unpack
 from catlab.pruning.families import FamilySpec, UnsupportedModelError, linear_macs, register_family
 from catlab.pruning.processors import _CachedAttention
 from catlab.registry import models
@@ -140,7 +140,7 @@ def _qwen_predict(adapter: ModelAdapter, latents, timestep, cond: Conditioning) 
 
 @models.register("qwen_image")
 @dataclass
-class QwenImage(PackedLatents, PipelineAdapter):
+class QwenImage(PackedPipelineAdapter):
     """A Qwen-Image checkpoint (``QwenImagePipeline``: a Qwen2.5-VL text encoder, a 3D-causal VAE). catlab's loop
     guides on stacked rows with the empty prompt's (the pipeline's true CFG is the same combination, as two calls)."""
 
@@ -148,13 +148,6 @@ class QwenImage(PackedLatents, PipelineAdapter):
     path: str = "Qwen/Qwen-Image"
     dtype: str = "bfloat16"
     max_sequence_length: int = 512
-
-    def __post_init__(self) -> None:
-        check_packable("qwen_image", self.height, self.width)
-        super().__post_init__()
-
-    def make_scheduler(self):
-        return fixed_shift_scheduler(self.pipeline.scheduler, self.grid[0] * self.grid[1])
 
     def encode(self, prompts: list[str], guidance: bool) -> Conditioning:
         texts = with_unconditional(prompts, guidance)  # one call: one padded length, the mask marks the padding

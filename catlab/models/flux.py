@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import FluxTransformer2DModel
 
-from catlab.models.base import Conditioning, PipelineAdapter
-from catlab.models.packed import (PackedLatents, TinyPackedAdapter, check_packable, fixed_shift_scheduler, image_ids,
-                                  pack, unpack)
+from catlab.models.base import Conditioning
+from catlab.models.packed import PackedLatents, PackedPipelineAdapter, TinyPackedAdapter, image_ids, pack, unpack
 from catlab.registry import models
 
 
@@ -70,7 +69,7 @@ class TinyFlux(_FluxPredict, TinyPackedAdapter):
 
 @models.register("flux")
 @dataclass
-class Flux(_FluxPredict, PipelineAdapter):
+class Flux(_FluxPredict, PackedPipelineAdapter):
     """A FLUX.1 checkpoint (``FluxPipeline``: CLIP and T5 encoders, a 16-channel VAE). FLUX.1-dev takes
     ``sampler.guidance_scale`` (3.5 is its usual value) as an input; FLUX.1-schnell has none and runs 4 steps."""
 
@@ -79,13 +78,6 @@ class Flux(_FluxPredict, PipelineAdapter):
     path: str = "black-forest-labs/FLUX.1-dev"
     dtype: str = "bfloat16"
     max_sequence_length: int = 512
-
-    def __post_init__(self) -> None:
-        check_packable("flux", self.height, self.width)
-        super().__post_init__()
-
-    def make_scheduler(self):
-        return fixed_shift_scheduler(self.pipeline.scheduler, self.grid[0] * self.grid[1])
 
     def encode(self, prompts: list[str], guidance: bool) -> Conditioning:
         embeds, pooled, text_ids = self.pipeline.encode_prompt(

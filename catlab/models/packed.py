@@ -5,7 +5,8 @@ token of ``4·C`` channels. Their adapters keep the sampler's latents as ``(B, C
 and pack them around the transformer call, so the generic loop, its selectors and reuse
 rules see the same token grid as for SD3 (``patch_size = 2``). This module holds the
 packing, the positions of the packed tokens, the fixed-shift scheduler their pipelines
-imply, the size checks, and :class:`TinyPackedAdapter`, the base of their tiny adapters.
+imply, the size checks, :class:`PackedPipelineAdapter`, the base of their checkpoint adapters, and
+:class:`TinyPackedAdapter`, the base of their tiny adapters.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from catlab.models.base import PipelineAdapter
 from catlab.models.tiny import TinyAdapter
 
 
@@ -66,12 +68,30 @@ class PackedLatents:
     transformer: torch.nn.Module
 
     @property
+    def model_name(self) -> str:
+        """The registered name, for messages."""
+        return getattr(self, "registered_name", type(self).__name__)
+
+    @property
     def patch_size(self) -> int:
-        return 2  # the 2x2 packing around the call (a packed transformer's own patch_size counts other things)
+        return 2  # the 2x2 packing around the call, whatever the transformer's own patch_size (FLUX's is 1)
 
     @property
     def latent_channels(self) -> int:
         return int(self.transformer.config.in_channels) // 4
+
+
+@dataclass
+class PackedPipelineAdapter(PackedLatents, PipelineAdapter):
+    """A checkpoint of a packed family: sizes in multiples of 16 (checked before anything loads), and the
+    pipeline's scheduler with the shift it would pick for the run's token count."""
+
+    def __post_init__(self) -> None:
+        check_packable(self.model_name, self.height, self.width)
+        super().__post_init__()
+
+    def make_scheduler(self):
+        return fixed_shift_scheduler(self.pipeline.scheduler, self.grid[0] * self.grid[1])
 
 
 @dataclass
@@ -90,8 +110,7 @@ class TinyPackedAdapter(PackedLatents, TinyAdapter):
             raise ValueError(f"model.axes_dims_rope={list(self.axes_dims_rope)} must sum to "
                              f"model.head_dim={self.head_dim}")
         if self.height % 2 or self.width % 2:
-            name = getattr(self, "registered_name", type(self).__name__)
-            raise ValueError(f"{name} packs 2x2 patches: height and width must be even; "
+            raise ValueError(f"{self.model_name} packs 2x2 patches: height and width must be even; "
                              f"got {self.height}x{self.width}")
         super().__post_init__()
 
