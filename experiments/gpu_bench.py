@@ -86,7 +86,7 @@ from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteSchedu
                        PixArtTransformer2DModel, SD3Transformer2DModel)
 
 from catlab.models.base import Conditioning, ModelAdapter  # noqa: E402
-from catlab.models.flux import image_ids, pack, unpack  # noqa: E402
+from catlab.models.packed import image_ids, pack, unpack  # noqa: E402
 from catlab.pruning import compile_pruned, release_graphs, uncompile  # noqa: E402
 from catlab.registry import selectors  # noqa: E402
 from catlab.reuse import reuses  # noqa: E402

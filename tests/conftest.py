@@ -10,6 +10,7 @@ import pytest
 import torch
 
 os.environ.setdefault("WANDB_SILENT", "true")
+pytest.register_assert_rewrite("tests.family_checks")  # its asserts report their values, as a test's do
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,6 +35,16 @@ ADAPTERS = {
     "sd35": lambda: tiny_sd3(dual_attention_layers=(0, 1), qk_norm="rms_norm"),
     "pixart": tiny_pixart,
 }
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests: models this small only lose from more, a lot on a busy machine.
+    A module asks for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(params=sorted(ADAPTERS))

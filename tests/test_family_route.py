@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from catlab.pruning import TokenPruner, family_of
 from catlab.sampler import SamplerConfig, sample
 from catlab.selection.simple import Full, Random
+from tests.family_checks import assert_macs_match_the_flop_counter, perm
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -35,10 +34,6 @@ def dit():
 def _inputs(adapter, seed=0):
     cond = adapter.encode(PROMPTS, guidance=True)  # 4 rows: 2 null-class, 2 conditional
     return torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(seed)), cond
-
-
-def _perm(n, seed=0):
-    return torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(seed + s)) for s in range(2)])
 
 
 def test_nothing_outside_the_module_and_its_yaml_names_the_family():
@@ -69,9 +64,9 @@ def test_alpha_one_reproduces_the_stock_transformer(dit):
     stock = dit.predict(x, torch.tensor(500.0), cond)
     pruner = TokenPruner(dit.transformer).attach()
     torch.testing.assert_close(dit.predict(x, torch.tensor(500.0), cond), stock, atol=TOL, rtol=0)
-    pruner.set_indices(_perm(pruner.num_tokens), rows=4)  # every token, shuffled
+    pruner.set_indices(perm(pruner.num_tokens), rows=4)  # every token, shuffled
     torch.testing.assert_close(dit.predict(x, torch.tensor(500.0), cond), stock, atol=TOL, rtol=0)
-    pruner.set_indices(_perm(pruner.num_tokens)[:, : pruner.num_tokens // 4], rows=4)
+    pruner.set_indices(perm(pruner.num_tokens)[:, : pruner.num_tokens // 4], rows=4)
     assert (dit.predict(x, torch.tensor(400.0), cond) - stock).abs().max() > 1e-3  # pruned: not the stock output
     pruner.detach()
     assert torch.equal(dit.predict(x, torch.tensor(500.0), cond), stock)
@@ -87,16 +82,7 @@ def test_alpha_one_through_the_sampler(dit):
 @torch.no_grad()
 @pytest.mark.parametrize("alpha", [1.0, 0.5, 0.2])
 def test_macs_match_the_flop_counter(dit, alpha):
-    x, cond = _inputs(dit)
-    pruner = TokenPruner(dit.transformer).attach()
-    dit.predict(x, torch.tensor(500.0), cond)
-    n = pruner.num_tokens
-    k = max(1, int(alpha * n))
-    pruner.set_indices(_perm(n)[:, :k], rows=4)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        dit.predict(x, torch.tensor(400.0), cond)
-    assert pruner.macs(4, cond.num_text_tokens, kept=k) == counter.get_total_flops() // 2
-    pruner.detach()
+    assert_macs_match_the_flop_counter(dit, *_inputs(dit), alpha)
 
 
 def test_counted_macs_equal_the_formula(dit):

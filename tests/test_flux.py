@@ -5,14 +5,14 @@ from dataclasses import replace
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from catlab.pruning import TokenPruner, family_of
 from catlab.pruning.families import flux_macs_by_kind
 from catlab.pruning.flux import rotate
 from catlab.sampler import SamplerConfig, sample
 from catlab.selection.simple import Full, Random
+from tests.family_checks import (assert_macs_match_the_flop_counter, assert_wrong_rotary_gather_is_caught, forward,
+                                 perm)
 
 TOL = 1e-5
 
@@ -38,14 +38,6 @@ def _inputs(adapter, batch=2, seed=0):
     return torch.randn(batch, adapter.latent_channels, h, w, generator=g), cond
 
 
-def _forward(adapter, x, cond, t=500.0):
-    return adapter.predict(x, torch.tensor(t), cond)
-
-
-def _perm(n, rows=2, seed=0):
-    return torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(seed + s)) for s in range(rows)])
-
-
 def test_flux_family_has_both_block_kinds(flux):
     spec = family_of(flux.transformer)
     assert spec.name == "flux" and spec.guidance_distilled and spec.packed
@@ -61,15 +53,15 @@ def test_flux_family_has_both_block_kinds(flux):
 @torch.no_grad()
 def test_alpha_one_reproduces_the_stock_flux_transformer(flux):
     x, cond = _inputs(flux)
-    stock = _forward(flux, x, cond)
+    stock = forward(flux, x, cond)
     pruner = TokenPruner(flux.transformer).attach()
-    torch.testing.assert_close(_forward(flux, x, cond), stock, atol=TOL, rtol=0)  # a full step
+    torch.testing.assert_close(forward(flux, x, cond), stock, atol=TOL, rtol=0)  # a full step
     # every token in a shuffled order: right only if each token gets its own rotary row and the
     # outputs are scattered back to their positions
-    pruner.set_indices(_perm(pruner.num_tokens))
-    torch.testing.assert_close(_forward(flux, x, cond), stock, atol=TOL, rtol=0)
+    pruner.set_indices(perm(pruner.num_tokens))
+    torch.testing.assert_close(forward(flux, x, cond), stock, atol=TOL, rtol=0)
     pruner.detach()
-    assert torch.equal(_forward(flux, x, cond), stock)
+    assert torch.equal(forward(flux, x, cond), stock)
 
 
 @torch.no_grad()
@@ -84,7 +76,7 @@ def test_alpha_one_through_the_sampler_runs_one_branch(flux):
 @torch.no_grad()
 def test_guidance_is_a_model_input(flux):
     x, _ = _inputs(flux)
-    outs = [_forward(flux, x, flux.embed_guidance(flux.encode(["a red circle"] * 2, False), s)) for s in (1.0, 4.0)]
+    outs = [forward(flux, x, flux.embed_guidance(flux.encode(["a red circle"] * 2, False), s)) for s in (1.0, 4.0)]
     assert not torch.allclose(outs[0], outs[1])
 
 
@@ -104,19 +96,19 @@ class _RecordRotary:
 def test_pruned_blocks_rotate_by_the_selected_positions(flux, block):
     x, cond = _inputs(flux)
     pruner = TokenPruner(flux.transformer).attach()
-    _forward(flux, x, cond)
+    forward(flux, x, cond)
     n, n_text = pruner.num_tokens, cond.num_text_tokens
-    idx = _perm(n, seed=3)[:, : n // 3]
+    idx = perm(n, seed=3)[:, : n // 3]
     attn = getattr(flux.transformer, block)[1].attn
     attn.processor = recorder = _RecordRotary(attn.processor)
     pruner.set_indices(idx)
-    _forward(flux, x, cond, t=400.0)
+    forward(flux, x, cond, t=400.0)
     attn.processor = recorder.proc
     pruner.detach()
     cos, sin = recorder.seen[0]
     assert cos.shape == (2, n_text + idx.shape[1], flux.head_dim)
     h, w = flux.latent_size
-    from catlab.models.flux import image_ids
+    from catlab.models.packed import image_ids
 
     want_cos, want_sin = flux.transformer.pos_embed(torch.cat([cond.kwargs["txt_ids"], image_ids(h, w)]))
     for row in range(2):
@@ -135,17 +127,17 @@ def test_cached_keys_are_rotated_keys_of_their_own_positions(flux):
 
     single = flux.transformer.single_transformer_blocks[0]
     handle = single.attn.register_forward_pre_hook(keep_input, with_kwargs=True)
-    _forward(flux, x, cond)
-    idx = _perm(pruner.num_tokens, seed=5)[:, :5]
+    forward(flux, x, cond)
+    idx = perm(pruner.num_tokens, seed=5)[:, :5]
     pruner.set_indices(idx)
-    _forward(flux, x + 0.2, cond, t=400.0)
+    forward(flux, x + 0.2, cond, t=400.0)
     handle.remove()
     proc, n_text = pruner.processors[2], cond.num_text_tokens
     keys = proc.key_cache.clone()  # (rows, heads, N, d)
     pruner.detach()
     a = single.attn
     h, w = flux.latent_size
-    from catlab.models.flux import image_ids
+    from catlab.models.packed import image_ids
 
     cos, sin = flux.transformer.pos_embed(torch.cat([cond.kwargs["txt_ids"], image_ids(h, w)]))
     fresh = a.norm_k(a.to_k(seen["x"][:, n_text:]).unflatten(-1, (-1, a.head_dim)))  # (rows, k, heads, d)
@@ -156,36 +148,19 @@ def test_cached_keys_are_rotated_keys_of_their_own_positions(flux):
 
 def test_a_wrong_rotary_gather_is_caught(flux):
     """The shuffled-selection check above fails when the blocks get rows of other positions."""
-    from dataclasses import replace as changed
 
     def first_rows(tables, idx, num_tokens):  # the rows of the first k positions, not the selected ones
         n_text = tables[0].shape[0] - num_tokens
         return tuple(t[: n_text + idx.shape[1]].expand(idx.shape[0], -1, -1) for t in tables)
 
-    x, cond = _inputs(flux)
-    with torch.no_grad():
-        stock = _forward(flux, x, cond)
-        pruner = TokenPruner(flux.transformer)
-        pruner.spec = changed(pruner.spec, select_rotary=first_rows)
-        pruner.attach()
-        _forward(flux, x, cond)
-        pruner.set_indices(_perm(pruner.num_tokens))
-        assert (_forward(flux, x, cond) - stock).abs().max() > 1e-3
-        pruner.detach()
+    assert_wrong_rotary_gather_is_caught(flux, *_inputs(flux), first_rows)
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("alpha", [1.0, 0.5, 0.2])
 def test_macs_per_block_kind_match_the_flop_counter(flux, alpha):
     x, cond = _inputs(flux)
-    pruner = TokenPruner(flux.transformer).attach()
-    _forward(flux, x, cond)
-    n = pruner.num_tokens
-    k = max(1, int(alpha * n))
-    pruner.set_indices(_perm(n)[:, :k])
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        _forward(flux, x, cond, t=400.0)
-    counts = counter.get_flop_counts()
+    k, n, counts = assert_macs_match_the_flop_counter(flux, x, cond, alpha)  # the total
     blocks = {"dual": flux.transformer.transformer_blocks, "single": flux.transformer.single_transformer_blocks}
     attr = {"dual": "transformer_blocks", "single": "single_transformer_blocks"}
     measured = {kind: sum(sum(counts[f"FluxTransformer2DModel.{attr[kind]}.{i}"].values()) for i in range(len(b))) // 2
@@ -193,8 +168,6 @@ def test_macs_per_block_kind_match_the_flop_counter(flux, alpha):
     assert measured["dual"] > 0 and measured["single"] > 0
     analytic = flux_macs_by_kind(flux.transformer, 2, k, n, cond.num_text_tokens)
     assert analytic["dual"] == measured["dual"] and analytic["single"] == measured["single"]
-    assert pruner.macs(2, cond.num_text_tokens, kept=k) == counter.get_total_flops() // 2
-    pruner.detach()
 
 
 @torch.no_grad()
@@ -248,21 +221,21 @@ def test_whole_pruned_flux_forward_is_one_graph(flux):
     x, cond = _inputs(flux)
     n = flux.grid[0] * flux.grid[1]
 
-    def steps(forward):
+    def steps(run):
         pruner, outs = TokenPruner(flux.transformer).attach(), []
         with torch.inference_mode():
             for step in range(3):
-                pruner.set_indices(None if step == 0 else _perm(n, seed=step)[:, : n // 3])
-                outs.append(forward(x + 0.1 * step, 600.0 - 100 * step).clone())
+                pruner.set_indices(None if step == 0 else perm(n, seed=step)[:, : n // 3])
+                outs.append(run(x + 0.1 * step, 600.0 - 100 * step).clone())
         pruner.detach()
         return outs
 
-    eager = steps(lambda x, t: _forward(flux, x, cond, t))
+    eager = steps(lambda x, t: forward(flux, x, cond, t))
     backend, graphs = count_graphs("aot_eager")
     stock_forward = flux.transformer.forward
     flux.transformer.forward = torch.compile(stock_forward, fullgraph=True, dynamic=False, backend=backend)
     try:
-        got = steps(lambda x, t: _forward(flux, x, cond, t))
+        got = steps(lambda x, t: forward(flux, x, cond, t))
     finally:
         flux.transformer.forward = stock_forward
         torch._dynamo.reset()

@@ -5,12 +5,12 @@ from dataclasses import replace
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from catlab.pruning import TokenPruner, family_of
 from catlab.sampler import SamplerConfig, sample
 from catlab.selection.simple import Full, Random
+from tests.family_checks import (assert_macs_match_the_flop_counter, assert_wrong_rotary_gather_is_caught, forward,
+                                 perm)
 
 TOL = 1e-5
 
@@ -29,14 +29,6 @@ def _inputs(adapter, seed=0):
     return torch.randn(4, adapter.latent_channels, h, w, generator=torch.Generator().manual_seed(seed)), cond
 
 
-def _forward(adapter, x, cond, t=500.0):
-    return adapter.predict(x, torch.tensor(t), cond)
-
-
-def _perm(n, seed=0):
-    return torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(seed + s)) for s in range(2)])
-
-
 def test_the_family_comes_from_its_own_module(qwen):
     from catlab.families.qwen_image import QWEN_IMAGE, PrunedQwenAttnProcessor
 
@@ -49,13 +41,13 @@ def test_the_family_comes_from_its_own_module(qwen):
 @torch.no_grad()
 def test_alpha_one_reproduces_the_stock_transformer(qwen):
     x, cond = _inputs(qwen)
-    stock = _forward(qwen, x, cond)
+    stock = forward(qwen, x, cond)
     pruner = TokenPruner(qwen.transformer).attach()
-    torch.testing.assert_close(_forward(qwen, x, cond), stock, atol=TOL, rtol=0)
-    pruner.set_indices(_perm(pruner.num_tokens), rows=4)  # every token, shuffled: own rotary rows, own places
-    torch.testing.assert_close(_forward(qwen, x, cond), stock, atol=TOL, rtol=0)
+    torch.testing.assert_close(forward(qwen, x, cond), stock, atol=TOL, rtol=0)
+    pruner.set_indices(perm(pruner.num_tokens), rows=4)  # every token, shuffled: own rotary rows, own places
+    torch.testing.assert_close(forward(qwen, x, cond), stock, atol=TOL, rtol=0)
     pruner.detach()
-    assert torch.equal(_forward(qwen, x, cond), stock)
+    assert torch.equal(forward(qwen, x, cond), stock)
 
 
 def test_alpha_one_through_the_sampler(qwen):
@@ -69,14 +61,14 @@ def test_alpha_one_through_the_sampler(qwen):
 def test_pruned_blocks_get_the_rotary_rows_of_the_selected_tokens(qwen):
     x, cond = _inputs(qwen)
     pruner = TokenPruner(qwen.transformer).attach()
-    _forward(qwen, x, cond)
+    forward(qwen, x, cond)
     seen = []
     attn = qwen.transformer.transformer_blocks[1].attn
     handle = attn.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["image_rotary_emb"]), with_kwargs=True)
     n = pruner.num_tokens
-    idx = _perm(n, seed=4)[:, : n // 4]
+    idx = perm(n, seed=4)[:, : n // 4]
     pruner.set_indices(idx, rows=4)
-    _forward(qwen, x, cond, t=400.0)
+    forward(qwen, x, cond, t=400.0)
     handle.remove()
     pruner.detach()
     image, text = seen[0]
@@ -93,31 +85,13 @@ def test_a_wrong_rotary_gather_is_caught(qwen):
         image, text = tables
         return image[: idx.shape[1]].expand(idx.shape[0], -1, -1), text
 
-    x, cond = _inputs(qwen)
-    with torch.no_grad():
-        stock = _forward(qwen, x, cond)
-        pruner = TokenPruner(qwen.transformer)
-        pruner.spec = replace(pruner.spec, select_rotary=first_rows)
-        pruner.attach()
-        _forward(qwen, x, cond)
-        pruner.set_indices(_perm(pruner.num_tokens), rows=4)
-        assert (_forward(qwen, x, cond) - stock).abs().max() > 1e-3
-        pruner.detach()
+    assert_wrong_rotary_gather_is_caught(qwen, *_inputs(qwen), first_rows)
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("alpha", [1.0, 0.5, 0.2])
 def test_macs_match_the_flop_counter(qwen, alpha):
-    x, cond = _inputs(qwen)
-    pruner = TokenPruner(qwen.transformer).attach()
-    _forward(qwen, x, cond)
-    n = pruner.num_tokens
-    k = max(1, int(alpha * n))
-    pruner.set_indices(_perm(n)[:, :k], rows=4)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        _forward(qwen, x, cond, t=400.0)
-    assert pruner.macs(4, cond.num_text_tokens, kept=k) == counter.get_total_flops() // 2
-    pruner.detach()
+    assert_macs_match_the_flop_counter(qwen, *_inputs(qwen), alpha)
 
 
 @torch.no_grad()

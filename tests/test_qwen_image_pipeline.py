@@ -10,21 +10,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from catlab import disable_pruning, enable_pruning, pruning_macs
-from tests.test_stock_pipelines import Recording
+from tests.test_stock_pipelines import Recording, assert_pruned_then_stock_again
 from tests.tiny_pipelines import qwen_image_pipeline
 
 STEPS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -40,23 +34,7 @@ def _call(pipe, prompt="a red circle", output_type="np", size=64, **kw):
 
 
 def test_pruned_qwen_image_pipeline_gives_pil_and_disable_gives_the_stock_pipeline_back(pipe):
-    stock = _call(pipe)
-    stock_pil = _call(pipe, output_type="pil")
-    enable_pruning(pipe, Recording(alpha=1.0, start_step=2))
-    np.testing.assert_allclose(_call(pipe), stock, atol=1e-5, rtol=0)
-    disable_pruning(pipe)
-    policy = Recording(alpha=0.5, start_step=2)
-    enable_pruning(pipe, policy)
-    images = pipe("a red circle", num_inference_steps=STEPS, height=64, width=64, true_cfg_scale=1.0,
-                  generator=torch.Generator().manual_seed(0)).images
-    pruned = _call(pipe)
-    macs = pruning_macs(pipe)
-    disable_pruning(pipe)
-    assert isinstance(images[0], Image.Image) and images[0].size == (64, 64)
-    assert not np.allclose(pruned, stock, atol=1e-3)
-    assert np.array_equal(np.asarray(_call(pipe, output_type="pil")[0]), np.asarray(stock_pil[0]))  # bit for bit
-    assert policy.seen == {"batch": 1, "grid": (16, 16), "num_steps": STEPS}
-    assert policy.observed == [(1, None), (2, None), (3, (1, 128)), (4, (1, 128))]
+    macs = assert_pruned_then_stock_again(pipe, _call, STEPS, true_cfg_scale=1.0)
     assert macs[0] == macs[1] > macs[2] == macs[3] and macs[2] < macs[0] * 0.75
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from catlab import disable_pruning, enable_pruning
 from catlab.stock_pipelines import pruning_macs
@@ -21,12 +22,7 @@ BUILDERS = {"sd3": sd3_pipeline, "sd35": sd35_pipeline, "pixart_sigma": pixart_s
 STEPS = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # models this small only lose from intra-op threads
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Recording(Sequential):
@@ -41,6 +37,33 @@ class Recording(Sequential):
     def observe(self, step, output, indices):
         super().observe(step, output, indices)
         self.observed.append((step, None if indices is None else tuple(indices.shape)))
+
+
+def assert_pruned_then_stock_again(pipe, call, steps, **plain):
+    """A packed pipeline (FLUX.1, Qwen-Image), one branch a call: α = 1 gives the stock images; at α = 0.5 from
+    step 3 a plain ``pipe(prompt)`` call gives PIL images and the output changes; disabled, the stock pipeline is
+    back bit for bit. ``call(pipe, **kw)`` runs the test's 64x64 call (``output_type="np"`` unless told), ``plain``
+    what a plain call adds. Returns the MACs per step of the pruned generation."""
+    stock = call(pipe)
+    stock_pil = call(pipe, output_type="pil")
+    enable_pruning(pipe, Recording(alpha=1.0, start_step=2))
+    np.testing.assert_allclose(call(pipe), stock, atol=1e-5, rtol=0)
+    disable_pruning(pipe)
+    policy = Recording(alpha=0.5, start_step=2)
+    enable_pruning(pipe, policy)
+    images = pipe("a red circle", num_inference_steps=steps, height=64, width=64,
+                  generator=torch.Generator().manual_seed(0), **plain).images
+    pruned = call(pipe)
+    macs = pruning_macs(pipe)
+    disable_pruning(pipe)
+    assert isinstance(images[0], Image.Image) and images[0].size == (64, 64)
+    assert not np.allclose(pruned, stock, atol=1e-3)
+    assert np.array_equal(np.asarray(call(pipe, output_type="pil")[0]), np.asarray(stock_pil[0]))  # bit for bit
+    assert np.array_equal(call(pipe), stock)
+    # one branch per call: the policy sees 1 row for 1 image, the 16x16 packed-token grid
+    assert policy.seen == {"batch": 1, "grid": (16, 16), "num_steps": steps}
+    assert policy.observed == [(1, None), (2, None)] + [(s, (1, 128)) for s in range(3, steps + 1)]
+    return macs
 
 
 def _is_pixart(pipe) -> bool:

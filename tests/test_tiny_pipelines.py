@@ -21,13 +21,7 @@ BUILDERS = {
 PROMPT = "a red circle"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Models this small only lose from intra-op threads, and on a busy machine they lose a lot.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _is_pixart(pipe) -> bool:

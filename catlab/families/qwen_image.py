@@ -14,14 +14,13 @@ the text mask.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+from diffusers import QwenImageTransformer2DModel
 
-from catlab.models.base import Conditioning, ModelAdapter, PipelineAdapter, with_unconditional
-from catlab.models.flux import check_packable, fixed_shift_scheduler, pack, unpack
-from catlab.models.sd3 import HashedPromptEncoder
+from catlab.models.base import Conditioning, ModelAdapter, with_unconditional
+from catlab.models.packed import PackedPipelineAdapter, TinyPackedAdapter, pack, unpack
 from catlab.pruning.families import FamilySpec, UnsupportedModelError, linear_macs, register_family
 from catlab.pruning.processors import _CachedAttention
 from catlab.registry import models
@@ -141,7 +140,7 @@ def _qwen_predict(adapter: ModelAdapter, latents, timestep, cond: Conditioning) 
 
 @models.register("qwen_image")
 @dataclass
-class QwenImage(PipelineAdapter):
+class QwenImage(PackedPipelineAdapter):
     """A Qwen-Image checkpoint (``QwenImagePipeline``: a Qwen2.5-VL text encoder, a 3D-causal VAE). catlab's loop
     guides on stacked rows with the empty prompt's (the pipeline's true CFG is the same combination, as two calls)."""
 
@@ -149,21 +148,6 @@ class QwenImage(PipelineAdapter):
     path: str = "Qwen/Qwen-Image"
     dtype: str = "bfloat16"
     max_sequence_length: int = 512
-
-    def __post_init__(self) -> None:
-        check_packable("qwen_image", self.height, self.width)
-        super().__post_init__()
-
-    @property
-    def patch_size(self) -> int:
-        return 2
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.transformer.config.in_channels) // 4
-
-    def make_scheduler(self):
-        return fixed_shift_scheduler(self.pipeline.scheduler, self.grid[0] * self.grid[1])
 
     def encode(self, prompts: list[str], guidance: bool) -> Conditioning:
         texts = with_unconditional(prompts, guidance)  # one call: one padded length, the mask marks the padding
@@ -186,59 +170,26 @@ class QwenImage(PipelineAdapter):
 
 @models.register("tiny_qwen_image")
 @dataclass
-class TinyQwenImage(ModelAdapter):
+class TinyQwenImage(TinyPackedAdapter):
     """A Qwen-Image-architecture transformer from a config with seeded random weights, in pixel space (2x2
     patches packed into tokens as the pipeline does); classifier-free guidance on stacked rows."""
 
-    random_weights = True  # cost, not quality
-    height: int = 32
-    width: int = 32
-    num_layers: int = 4
-    num_heads: int = 4
-    head_dim: int = 32
-    #: rotary channels per axis (frame, row, column); they sum to ``head_dim``
-    axes_dims_rope: tuple[int, ...] = (8, 12, 12)
-    text_dim: int = 64
-    text_tokens: int = 16
-    weights_seed: int = 0
-    shift: float = 1.0
-    transformer: object = field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if sum(self.axes_dims_rope) != self.head_dim:
-            raise ValueError(f"model.axes_dims_rope={list(self.axes_dims_rope)} must sum to "
-                             f"model.head_dim={self.head_dim}")
-        if self.height % 2 or self.width % 2:
-            raise ValueError(f"tiny_qwen_image packs 2x2 patches: height and width must be even; got "
-                             f"{self.height}x{self.width}")
-        torch.manual_seed(self.weights_seed)
-        self.transformer = QwenImageTransformer2DModel(
+    def build(self):
+        return QwenImageTransformer2DModel(
             patch_size=2, in_channels=3 * 4, out_channels=3, num_layers=self.num_layers,
             attention_head_dim=self.head_dim, num_attention_heads=self.num_heads, joint_attention_dim=self.text_dim,
             axes_dims_rope=tuple(self.axes_dims_rope),
-        ).to(self.torch_device).eval()
-        if self.torch_dtype != torch.float32:
-            self.transformer.to(dtype=self.torch_dtype)
-        self.encoder = HashedPromptEncoder(self.text_tokens, self.text_dim, 1, self.weights_seed)
-
-    @property
-    def patch_size(self) -> int:
-        return 2  # the 2x2 packing around the call
-
-    @property
-    def latent_channels(self) -> int:
-        return 3
-
-    def make_scheduler(self):
-        return FlowMatchEulerDiscreteScheduler(shift=self.shift)
+        )
 
     def encode(self, prompts: list[str], guidance: bool) -> Conditioning:
-        texts = with_unconditional(prompts, guidance)
-        embeds, _ = self.encoder(texts)
-        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=self.torch_device)
-        mask[: len(texts) - len(prompts), 1:] = 0  # the empty prompt: one token, the rest padding
-        kw = dict(encoder_hidden_states=embeds.to(self.torch_device, self.torch_dtype), encoder_hidden_states_mask=mask)
-        return Conditioning(kw, 2 if guidance else 1, embeds.shape[1])
+        cond = super().encode(prompts, guidance)
+        if guidance:  # the empty prompt's rows (first): one token, the rest padding
+            cond.kwargs["encoder_hidden_states_mask"][: len(prompts), 1:] = 0
+        return cond
+
+    def conditioning(self, embeds, pooled):
+        return dict(encoder_hidden_states=embeds,
+                    encoder_hidden_states_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=self.torch_device))
 
     def predict(self, latents, timestep, cond):
         return _qwen_predict(self, latents, timestep, cond)
