@@ -38,10 +38,11 @@ from typing import Any, ClassVar
 import torch
 
 from catlab.capabilities import Capability
-from catlab.registry import clusterers, poolings, scorers, selectors, stalenesses
-from catlab.selection.base import Policy, StepState, build_part
+from catlab.registry import selectors
+from catlab.selection.base import StepState
+from catlab.selection.cat_parts import CatParts
 from catlab.selection.clustering import positional_encoding
-from catlab.selection.ranking import device_generator, first_k_unchosen, order_by
+from catlab.selection.ranking import first_k_unchosen, order_by
 
 
 def conditional_rows(x: torch.Tensor, batch: int, who: str = "selector") -> torch.Tensor:
@@ -55,7 +56,7 @@ def conditional_rows(x: torch.Tensor, batch: int, who: str = "selector") -> torc
 
 @selectors.register("cat")
 @dataclass
-class Cat(Policy):
+class Cat(CatParts):
     """CAT Pruning; see the module docstring and ``docs/selection.md``.
 
     ``scorer``, ``staleness``, ``clusterer`` and ``pooling`` are component configs
@@ -88,21 +89,12 @@ class Cat(Policy):
             raise ValueError(f"cat: stale_from counts pruned steps from 2; got {self.stale_from}")
         if any(int(b) < 1 for b in self.boost):
             raise ValueError(f"cat: boost holds quota multipliers >= 1; got {list(self.boost)}")
-        self.scorer = build_part(scorers, self.scorer)
-        self.staleness = build_part(stalenesses, self.staleness)
-        self.clusterer = build_part(clusterers, self.clusterer)
-        self.pooling = build_part(poolings, self.pooling)
 
     def reset(self, batch_size: int, grid: tuple[int, int], num_steps: int, device: torch.device) -> None:
         super().reset(batch_size, grid, num_steps, device)
-        self.generator = device_generator(self.seed, device)
-        self.scorer.reset(self.start_step)
-        self.staleness.reset(batch_size, grid[0] * grid[1], device, self.generator)
-        self.labels: torch.Tensor | None = None
         self.counted: torch.Tensor | None = None  # (B, N) bool: the last selection without its padding
         self.pruned_steps = 0
         self._selected_step = None
-        self._macs = 0
 
     def observe(self, step: int, output: torch.Tensor, indices: torch.Tensor | None) -> None:
         self.scorer.observe(step, output)

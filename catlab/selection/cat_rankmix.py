@@ -26,15 +26,16 @@ from typing import Any, ClassVar
 
 import torch
 
-from catlab.registry import clusterers, poolings, scorers, selectors, stalenesses
-from catlab.selection.base import Policy, StepState, build_part
+from catlab.registry import selectors
+from catlab.selection.base import StepState
+from catlab.selection.cat_parts import CatParts
 from catlab.selection.clustering import cluster_features
-from catlab.selection.ranking import device_generator, first_k_unchosen, order_by, random_keys, ranks_from_order
+from catlab.selection.ranking import first_k_unchosen, order_by, random_keys, ranks_from_order
 
 
 @selectors.register("cat_rankmix")
 @dataclass
-class CatRankMix(Policy):
+class CatRankMix(CatParts):
     """See the module docstring and ``docs/selection.md``.
 
     Its parts are its own: the top-level part groups (which hold ``cat``'s defaults) do
@@ -63,18 +64,6 @@ class CatRankMix(Policy):
         for key in ("cluster_share", "cluster_fraction", "staleness_weight"):
             if not 0.0 <= float(getattr(self, key)) <= 1.0:
                 raise ValueError(f"{key} must be in [0, 1]; got {getattr(self, key)}")
-        self.scorer = build_part(scorers, self.scorer)
-        self.staleness = build_part(stalenesses, self.staleness)
-        self.clusterer = build_part(clusterers, self.clusterer)
-        self.pooling = build_part(poolings, self.pooling)
-
-    def reset(self, batch_size: int, grid: tuple[int, int], num_steps: int, device: torch.device) -> None:
-        super().reset(batch_size, grid, num_steps, device)
-        self.generator = device_generator(self.seed, device)
-        self.scorer.reset(self.start_step)
-        self.staleness.reset(batch_size, grid[0] * grid[1], device, self.generator)
-        self.labels: torch.Tensor | None = None
-        self._macs = 0
 
     def observe(self, step: int, output: torch.Tensor, indices: torch.Tensor | None) -> None:
         self.scorer.observe(step, output)
