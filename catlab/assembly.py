@@ -81,8 +81,11 @@ def check_composition(policy: Policy, parts: StepReuse, rows_stacked: bool = Fal
     if Capability.IN_STEP_ENGINE in caps:
         if parts.step_cache is not None or parts.rule is not None or parts.kv is not None:
             raise CompositionError(f"selector '{policy.name}' prunes inside each step and reuses nothing between "
-                                   "steps: run it without a step cache or a reuse rule (reuse=, stepcache=)")
+                                   "steps: run it without a step cache or a reuse rule (reuse=, kv=, stepcache=)")
         return
+    if parts.kv is not None and not policy.prunes:
+        raise CompositionError(f"a K/V rule (kv=) forecasts the keys and values of tokens a step does not compute; "
+                               f"selector '{policy.name}' computes every token: drop kv= or choose a pruning selector")
     if Capability.ATTENTION_PROBES in caps and not policy.attention_layers:
         raise CompositionError(f"selector '{policy.name}' needs attention probes but names no attention_layers")
     cache = parts.step_cache

@@ -29,6 +29,10 @@ class _Setup:
     pooling: Any = None
     #: what an unselected token's output becomes: copy (the paper's) or taylor (a forecast)
     reuse: Any = None
+    #: what an unselected token's keys and values in each attention layer become, for the tokens that
+    #: are computed (null: their cached K/V from the step they were last computed, the paper's); a reuse
+    #: rule by name or mapping, e.g. kv=taylor or kv='{name: taylor, order: 2}'
+    kv: Any = None
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     #: torch CPU threads (null: torch's default). On a shared CPU only 1 gives sound timings.
     threads: int | None = None

@@ -133,7 +133,7 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
     if world > 1 and str(model_cfg.get("device", "cpu")).startswith("cuda"):
         model_cfg = {**model_cfg, "device": f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"}
     adapter = build_model(model_cfg)  # refuses a size the model cannot take
-    for _, (policy, _, _) in resolved:
+    for _, (policy, _) in resolved:
         check_clusters(policy, adapter.grid[0] * adapter.grid[1])
         check_model_fits(adapter.transformer, policy)
     store = ResultStore(Path(cfg.store_dir) if cfg.store_dir else out / "store")
@@ -145,12 +145,12 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
     setup = {"model": model_key, "sampler": {"num_steps": sampler_cfg.num_steps,
                                              "guidance_scale": sampler_cfg.guidance_scale}, "macs_rule": MACS_RULE}
     strategies, infos = [], []
-    for order, ((strategy, (policy, rule, cache)), spec) in enumerate(zip(resolved, strategy_specs(cfg))):
+    for order, ((strategy, (policy, parts)), spec) in enumerate(zip(resolved, strategy_specs(cfg))):
         key = strategy.key({"model": model_key, "sampler": [sampler_cfg.num_steps, sampler_cfg.guidance_scale],
                             "macs_rule": MACS_RULE})
         if cfg.diagnostics:
             policy = RecordingPolicy(policy, keep_outputs=not policy.prunes)
-        strategies.append(Strategy(strategy.label, policy, key, spec, rule, cache))
+        strategies.append(Strategy(strategy.label, policy, key, spec, parts))
         infos.append({"key": key, "label": strategy.label, "order": order, "spec": spec,
                       "alpha": float(policy.alpha) if policy.prunes else 1.0, "start_step": int(policy.start_step),
                       "steps": sampler_cfg.num_steps, "model": plain(cfg.model)})

@@ -112,8 +112,8 @@ def _warm_up_diagnostics(folder: Path, overrides: list[str]) -> None:
     first = make_jobs(prompts, meta, list(cfg.seeds), cfg.num_prompts, int(cfg.subset_seed))[: int(cfg.batch_size)]
     texts, seeds = [j.prompt for j in first], [j.seed for j in first]
     strategies, warm = [], {}
-    for strategy, (policy, rule, cache) in resolved:
-        s = Strategy(strategy.label, RecordingPolicy(policy, keep_outputs=not policy.prunes), "", {}, rule, cache)
+    for strategy, (policy, parts) in resolved:
+        s = Strategy(strategy.label, RecordingPolicy(policy, keep_outputs=not policy.prunes), "", {}, parts)
         if s.step_cache is not None:
             calibrate(s.step_cache, adapter, texts, seeds, sampler_cfg)
         warm[s.label] = sample(adapter, s.policy, texts, seeds, sampler_cfg, s.reuse_parts)

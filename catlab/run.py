@@ -33,7 +33,7 @@ from catlab.config import register_schema
 from catlab.loggers.base import to_pil
 from catlab.metrics.cost import cost_metrics
 from catlab.registry import ComponentError, loggers, models, prompt_sets
-from catlab.sampler import StepReuse, calibrate, sample
+from catlab.sampler import calibrate, sample
 from catlab.strategy import resolve_strategy
 
 log = logging.getLogger("catlab")
@@ -45,7 +45,7 @@ def prepare(cfg: DictConfig):
     try:
         sampler_cfg = sampler_config(cfg.sampler)
         strategy = resolve_strategy(cfg.selector, cfg)
-        policy, reuse, step_cache = strategy.build(sampler_cfg)
+        policy, parts = strategy.build(sampler_cfg)
         prompts = prompt_sets.build(plain(cfg.prompts)).load()
         logger = loggers.build(plain(cfg.logger))
         model_cfg = plain(cfg.model)
@@ -58,7 +58,7 @@ def prepare(cfg: DictConfig):
         check_seeds([int(cfg.seed), int(cfg.seed) + num - 1], "seed (image i uses seed + i)")
     except (ComponentError, TypeError, ValueError) as err:
         raise ConfigError(str(err)) from err
-    return sampler_cfg, policy, prompts, logger, model_cfg, reuse, step_cache
+    return sampler_cfg, policy, prompts, logger, model_cfg, parts
 
 
 def run_hash(cfg: DictConfig) -> str:
@@ -80,7 +80,8 @@ def sweep_group(cfg: DictConfig) -> str:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
-    sampler_cfg, policy, prompts, logger, model_cfg, reuse, step_cache = prepare(cfg)
+    sampler_cfg, policy, prompts, logger, model_cfg, parts = prepare(cfg)
+    step_cache = parts.step_cache
     check_writable(run_dir)  # a read-only or full folder fails here, before the model loads
     set_threads(cfg.threads)
     adapter = build_model(model_cfg)  # refuses a size the model cannot take
@@ -106,7 +107,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             prompts_b, seeds_b = [p for p, _ in batch], [s for _, s in batch]
             if step_cache is not None:
                 calibrate(step_cache, adapter, prompts_b, seeds_b, sampler_cfg)  # once, on the first batch
-            result = sample(adapter, policy, prompts_b, seeds_b, sampler_cfg, StepReuse(reuse, step_cache=step_cache))
+            result = sample(adapter, policy, prompts_b, seeds_b, sampler_cfg, parts)
             traces.append(result.trace)
             all_images.append(result.images)
             if cfg.save_images:

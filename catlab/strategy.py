@@ -1,4 +1,4 @@
-"""A strategy: a selector with the parts it takes, a reuse rule and a step cache — resolved once.
+"""A strategy: a selector with the parts it takes, a reuse rule, a K/V rule and a step cache — resolved once.
 
 ``python -m catlab.run`` runs one strategy, ``python -m catlab.evaluate`` a list of
 them. Both resolve each strategy here, so that what is built, what is hashed (the
@@ -6,7 +6,7 @@ key that names a run's or a record's identity) and what a table calls it all com
 from the same resolved spec::
 
     strategy = resolve_strategy({"name": "cat", "alpha": 0.5, "reuse": "taylor"}, cfg)
-    policy, rule, cache = strategy.build(sampler_cfg)
+    policy, parts = strategy.build(sampler_cfg)      # parts: the StepReuse (rule, kv, step_cache)
     strategy.key({"model": ..., "sampler": ...}), strategy.label
 """
 from __future__ import annotations
@@ -25,21 +25,25 @@ SELECTOR_PARTS = ("scorer", "staleness", "clusterer", "pooling")
 @dataclass(frozen=True)
 class Strategy:
     """``selector`` (with ``name``), the top-level ``parts`` it takes, ``reuse`` (``None``: the
-    engine's stale copies, also for ``copy``), ``stepcache`` (``None``: none) and its table ``label``."""
+    engine's stale copies, also for ``copy``), ``kv`` (a reuse rule for the unselected tokens' keys
+    and values inside attention; ``None``: their stale cached K/V), ``stepcache`` (``None``: none)
+    and its table ``label``."""
 
     selector: dict
     parts: dict
     reuse: Any = None
     stepcache: Any = None
     label: str = ""
+    kv: Any = None
 
     def key(self, context: dict) -> str:
         """The hash of everything that decides this strategy's images, plus ``context`` (model, sampler, ...)."""
-        extra = {"stepcache": self.stepcache} if self.stepcache else {}  # absent: keys from before step caches hold
+        # absent when unset: keys from before step caches and K/V rules hold
+        extra = {k: v for k, v in (("stepcache", self.stepcache), ("kv", self.kv)) if v}
         return config_hash({"selector": self.selector, "parts": self.parts, "reuse": self.reuse, **extra, **context})
 
     def build(self, sampler_cfg):
-        """``(policy, reuse rule or None, step cache or None)``, checked against the sampler settings."""
+        """``(policy, StepReuse(rule, kv, step_cache))``, checked against the sampler settings."""
         from catlab.assembly import CompositionError, StepReuse, check_composition
         from catlab.builders import ConfigError, build_step_cache
         from catlab.registry import reuses, selectors
@@ -47,17 +51,18 @@ class Strategy:
         policy = selectors.build(self.selector, **self.parts)
         policy.check(sampler_cfg.num_steps)
         cache = build_step_cache(self.stepcache, policy, sampler_cfg)
-        rule = reuses.build(self.reuse) if self.reuse else None
+        parts = StepReuse(rule=reuses.build(self.reuse) if self.reuse else None,
+                          kv=reuses.build(self.kv) if self.kv else None, step_cache=cache)
         try:  # the assembly's one check of the composition, before any compute
-            check_composition(policy, StepReuse(rule=rule, step_cache=cache))
+            check_composition(policy, parts)
         except CompositionError as err:
             raise ConfigError(str(err)) from None
-        return policy, rule, cache
+        return policy, parts
 
 
 def resolve_strategy(spec: Any, groups: Any) -> Strategy:
-    """Resolve a strategy spec (a selector name or mapping, optionally with ``reuse`` and ``stepcache``
-    keys) against the top-level config ``groups`` (scorer, clusterer, ..., reuse, stepcache).
+    """Resolve a strategy spec (a selector name or mapping, optionally with ``reuse``, ``kv`` and
+    ``stepcache`` keys) against the top-level config ``groups`` (scorer, clusterer, ..., reuse, kv, stepcache).
 
     Keys the spec sets itself win over the top-level groups.
     """
@@ -70,13 +75,17 @@ def resolve_strategy(spec: Any, groups: Any) -> Strategy:
         raise ConfigError(f"a selector needs a 'name'; registered selectors: {', '.join(selectors.names())}")
     reuse = plain(spec.pop("reuse", groups.get("reuse")))
     stepcache = plain(spec.pop("stepcache", groups.get("stepcache")))
+    kv = plain(spec.pop("kv", groups.get("kv")))
     cls = selectors.get(spec["name"])
     fields, takes = config_fields(cls), getattr(cls, "group_parts", SELECTOR_PARTS)
     parts = {kind: plain(groups[kind]) for kind in SELECTOR_PARTS
              if kind in fields and kind in takes and kind not in spec and groups.get(kind) is not None}
     if reuse in ("copy", {"name": "copy"}):
         reuse = None  # copying is what the engine does anyway: the same images with or without it
-    return Strategy(selector=spec, parts=parts, reuse=reuse, stepcache=stepcache or None, label=label(given))
+    if kv in ("copy", {"name": "copy"}):
+        kv = None  # likewise for the cached K/V
+    return Strategy(selector=spec, parts=parts, reuse=reuse, stepcache=stepcache or None, label=label(given),
+                    kv=kv or None)
 
 
 def label(spec: dict) -> str:

@@ -57,6 +57,6 @@ def test_cat_rankmix_keeps_its_own_parts_against_the_top_level_groups():
               "staleness": {"name": "ewma"}, "scorer": {"name": "relative_noise"}}
     assert resolve_strategy("cat_rankmix", groups).parts == {}
     assert resolve_strategy("cat", groups).parts == groups
-    policy, _, _ = resolve_strategy({"name": "cat_rankmix", "alpha": 0.3}, groups).build(SamplerConfig(num_steps=10))
+    policy, _ = resolve_strategy({"name": "cat_rankmix", "alpha": 0.3}, groups).build(SamplerConfig(num_steps=10))
     assert policy.pooling.registered_name == "graph" and policy.staleness.ties == "random"
     assert policy.clusterer.registered_name == "kmeans" and policy.clusterer.per_tokens == 4096

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +49,13 @@ class Strategy:
     policy: Policy
     key: str
     spec: dict
-    #: the reuse rule for unselected tokens (None: stale copies)
-    reuse: Any = None
-    #: a diffusers step cache (catlab.stepcache) applied around the strategy's steps
-    step_cache: Any = None
+    #: what the sampler needs besides the policy: the reuse rule for unselected tokens' outputs, the one
+    #: for their K/V, and a diffusers step cache (catlab.stepcache) around the strategy's steps
+    reuse_parts: StepReuse = field(default_factory=StepReuse)
 
     @property
-    def reuse_parts(self) -> StepReuse:
-        """What the sampler needs besides the policy: the reuse rule and the step cache."""
-        return StepReuse(self.reuse, step_cache=self.step_cache)
+    def step_cache(self):
+        return self.reuse_parts.step_cache
 
     @property
     def exact(self) -> bool:
