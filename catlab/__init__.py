@@ -7,20 +7,33 @@ The pieces a user reaches for first::
     catlab.enable_pruning(pipe, policy)           # a stock diffusers pipeline, pruned
     result = catlab.sample(adapter, policy, prompts, seeds)   # catlab's own loop
 """
-from catlab.registry import (  # noqa: F401  (every registry lives in catlab.registry)
-    REGISTRIES, ComponentError, Registry, clusterers, loggers, metrics, models, poolings, prompt_sets, reuses, scorers,
-    selectors, stalenesses, stepcaches,
-)
-import catlab.models  # noqa: F401,E402  (register the built-in adapters)
-import catlab.selection  # noqa: F401,E402  (register the built-in selectors)
-import catlab.prompts  # noqa: F401,E402
+
+import catlab.families  # noqa: F401,E402  (families added as one module each: Qwen-Image)
 import catlab.loggers  # noqa: F401,E402
 import catlab.metrics  # noqa: F401,E402
+import catlab.models  # noqa: F401,E402  (register the built-in adapters)
+import catlab.prompts  # noqa: F401,E402
 import catlab.reuse  # noqa: F401,E402  (reuse rules)
+import catlab.selection  # noqa: F401,E402  (register the built-in selectors)
 import catlab.stepcache  # noqa: F401,E402  (diffusers' step caches)
-import catlab.families  # noqa: F401,E402  (families added as one module each: Qwen-Image)
 from catlab.pruning import TokenPruner  # noqa: F401
-from catlab.stock_pipelines import disable_pruning, enable_pruning, pruning_macs, reset_pruning  # noqa: F401
+from catlab.registry import (  # noqa: F401  (every registry lives in catlab.registry)
+    REGISTRIES,
+    ComponentError,
+    Registry,
+    clusterers,
+    loggers,
+    metrics,
+    models,
+    poolings,
+    prompt_sets,
+    reuses,
+    scorers,
+    selectors,
+    stalenesses,
+    stepcaches,
+)
 from catlab.sampler import SamplerConfig, sample  # noqa: F401
+from catlab.stock_pipelines import disable_pruning, enable_pruning, pruning_macs, reset_pruning  # noqa: F401
 
 __version__ = "0.1.0"

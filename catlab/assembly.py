@@ -21,6 +21,7 @@ declare (:class:`~catlab.capabilities.Capability`), checked in one place
 
 A SKIP step calls no transformer: :meth:`forecast` gives every token's forecast.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -75,17 +76,23 @@ def check_composition(policy: Policy, parts: StepReuse, rows_stacked: bool = Fal
     """
     caps = policy.capabilities
     if Capability.COMPARISON_ONLY in caps:
-        raise CompositionError(f"selector '{policy.name}' as configured repeats tokens or keeps fewer than k (e.g. "
-                               "selector.pad=authors|none): it is for comparisons through catlab.testing.simulate; "
-                               "runs need k unique tokens per sample (selector.pad=stalest)")
+        raise CompositionError(
+            f"selector '{policy.name}' as configured repeats tokens or keeps fewer than k (e.g. "
+            "selector.pad=authors|none): it is for comparisons through catlab.testing.simulate; "
+            "runs need k unique tokens per sample (selector.pad=stalest)"
+        )
     if Capability.IN_STEP_ENGINE in caps:
         if parts.step_cache is not None or parts.rule is not None or parts.kv is not None:
-            raise CompositionError(f"selector '{policy.name}' prunes inside each step and reuses nothing between "
-                                   "steps: run it without a step cache or a reuse rule (reuse=, kv=, stepcache=)")
+            raise CompositionError(
+                f"selector '{policy.name}' prunes inside each step and reuses nothing between "
+                "steps: run it without a step cache or a reuse rule (reuse=, kv=, stepcache=)"
+            )
         return
     if parts.kv is not None and not policy.prunes:
-        raise CompositionError(f"a K/V rule (kv=) forecasts the keys and values of tokens a step does not compute; "
-                               f"selector '{policy.name}' computes every token: drop kv= or choose a pruning selector")
+        raise CompositionError(
+            f"a K/V rule (kv=) forecasts the keys and values of tokens a step does not compute; "
+            f"selector '{policy.name}' computes every token: drop kv= or choose a pruning selector"
+        )
     if Capability.ATTENTION_PROBES in caps and not policy.attention_layers:
         raise CompositionError(f"selector '{policy.name}' needs attention probes but names no attention_layers")
     cache = parts.step_cache
@@ -93,12 +100,15 @@ def check_composition(policy: Policy, parts: StepReuse, rows_stacked: bool = Fal
         raise CompositionError(
             f"step cache '{cache.name}' compares block residuals between steps; with token pruning "
             f"(selector '{policy.name}') those residuals belong to different tokens. Compose pruning with "
-            f"'taylorseer', or run '{cache.name}' with selector=full.")
+            f"'taylorseer', or run '{cache.name}' with selector=full."
+        )
     inside = parts.rule is not None and (cache is not None or parts.kv is not None)
     for role, rule in (("reuse", parts.rule if inside or rows_stacked else None), ("K/V reuse", parts.kv)):
         if rule is not None and Capability.ROW_WISE not in rule.capabilities:
-            raise CompositionError(f"{role} rule '{rule.name}' does not act row by row; here it would run on the "
-                                   "stacked guidance rows (inside the transformer or on a stock pipeline)")
+            raise CompositionError(
+                f"{role} rule '{rule.name}' does not act row by row; here it would run on the "
+                "stacked guidance rows (inside the transformer or on a stock pipeline)"
+            )
 
 
 class PruningSession:
@@ -109,9 +119,17 @@ class PruningSession:
     ``with session:``); :meth:`detach` removes everything and leaves no reference cycle.
     """
 
-    def __init__(self, transformer: nn.Module, policy: Policy, parts: StepReuse | None = None, *,
-                 cuda_graphs: bool = False, count_macs: bool = False, check_indices: bool = False,
-                 rows_stacked: bool = False):
+    def __init__(
+        self,
+        transformer: nn.Module,
+        policy: Policy,
+        parts: StepReuse | None = None,
+        *,
+        cuda_graphs: bool = False,
+        count_macs: bool = False,
+        check_indices: bool = False,
+        rows_stacked: bool = False,
+    ):
         parts = parts or StepReuse()
         check_composition(policy, parts, rows_stacked)
         self.transformer, self.policy, self.parts, self.stacked_rows = transformer, policy, parts, rows_stacked
@@ -137,8 +155,13 @@ class PruningSession:
     def _graphs(self, cuda_graphs: bool, count_macs: bool):
         if not cuda_graphs:
             return None
-        reason = graph_refusal(self.transformer, self.policy, inside_hooks=self.rule_inside or self.parts.kv is not None,
-                               step_cache=self.parts.step_cache, count_macs=count_macs)
+        reason = graph_refusal(
+            self.transformer,
+            self.policy,
+            inside_hooks=self.rule_inside or self.parts.kv is not None,
+            step_cache=self.parts.step_cache,
+            count_macs=count_macs,
+        )
         if reason is not None:
             self.refusal = reason
             log_refusal(reason, self.transformer)
@@ -146,7 +169,7 @@ class PruningSession:
         return graphs_of(self.transformer)
 
     # -- lifecycle ---------------------------------------------------------------------------------
-    def attach(self) -> "PruningSession":
+    def attach(self) -> PruningSession:
         """Install the parts on the transformer, innermost first: pruner, reuse hook, K/V reuse, step cache
         or in-step engine, MAC counter."""
         if self.attached:
@@ -186,15 +209,23 @@ class PruningSession:
             self._undo.pop()()
         self.hooks, self.attached = [], False
 
-    def __enter__(self) -> "PruningSession":
+    def __enter__(self) -> PruningSession:
         return self.attach()
 
     def __exit__(self, *exc) -> None:
         self.detach()
 
     # -- per generation ----------------------------------------------------------------------------
-    def begin(self, batch: int, groups: int, grid: tuple[int, int], num_steps: int, num_text: int, channels: int,
-              device: torch.device | str) -> None:
+    def begin(
+        self,
+        batch: int,
+        groups: int,
+        grid: tuple[int, int],
+        num_steps: int,
+        num_text: int,
+        channels: int,
+        device: torch.device | str,
+    ) -> None:
         """A generation starts: ``batch`` samples in ``groups`` stacked guidance branches, a ``grid`` of
         tokens, ``channels`` per token in what :meth:`compose` is shown. Every part forgets its state."""
         self.batch, self.rows, self.num_text, self.num_steps = batch, batch * groups, num_text, num_steps
@@ -217,8 +248,13 @@ class PruningSession:
 
     def _renew_graphs(self) -> None:
         """Still capturable (hooks added since?): replay on; else eager from now on, said once."""
-        reason = graph_refusal(self.transformer, self.policy, inside_hooks=self.rule_inside or self.parts.kv is not None,
-                               step_cache=self.parts.step_cache, count_macs=self.counter is not None)
+        reason = graph_refusal(
+            self.transformer,
+            self.policy,
+            inside_hooks=self.rule_inside or self.parts.kv is not None,
+            step_cache=self.parts.step_cache,
+            count_macs=self.counter is not None,
+        )
         if reason is not None:
             self.refusal = reason
             log_refusal(reason, self.transformer)
@@ -238,7 +274,7 @@ class PruningSession:
         """Probe maps per sample: the conditional rows (the last ``batch`` rows)."""
         if not self.pruner.probe_layers or not self.pruner.attention:
             return None
-        return {layer: probs[-self.batch:] for layer, probs in self.pruner.attention.items()}
+        return {layer: probs[-self.batch :] for layer, probs in self.pruner.attention.items()}
 
     def prepare(self, plan: StepPlan, indices: torch.Tensor | None, time: float | None) -> None:
         """Before a forward of ``plan``: the rows' indices, and the step and time for the hooks inside."""
@@ -265,8 +301,9 @@ class PruningSession:
         """Show the policy the step's output ``(B, N, C)`` (or the branches it asks for); its seconds."""
         return self.planner.observe(plan, output, indices)
 
-    def compose(self, plan: StepPlan, tokens: torch.Tensor, indices: torch.Tensor | None,
-                time: float | None) -> torch.Tensor:
+    def compose(
+        self, plan: StepPlan, tokens: torch.Tensor, indices: torch.Tensor | None, time: float | None
+    ) -> torch.Tensor:
         """After a computed step: the reuse rule acting outside the transformer, on ``tokens`` (the guided
         output, or the stacked rows with ``stacked_rows``); unchanged where it acts inside or there is none."""
         rule = self.parts.rule

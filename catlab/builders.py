@@ -1,4 +1,5 @@
 """Building components from composed configs, shared by ``catlab.run`` and ``catlab.evaluate``."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -58,15 +59,25 @@ def build_model(model_cfg: dict):
     """The model adapter; a checkpoint that cannot load is a config error naming the model."""
     try:
         adapter = models.build(model_cfg)
-    except (ComponentError, TypeError, ValueError, OSError, ArithmeticError, RuntimeError, AssertionError,
-            AttributeError) as err:  # a size, a device or a dtype the model cannot take, or missing weights
+    except (
+        ComponentError,
+        TypeError,
+        ValueError,
+        OSError,
+        ArithmeticError,
+        RuntimeError,
+        AssertionError,
+        AttributeError,
+    ) as err:  # a size, a device or a dtype the model cannot take, or missing weights
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         hint = ""
         if isinstance(err, OSError) and "path" in model_cfg:
             reason = reason.split(" (")[0]  # diffusers' long explanation points at a stack trace we do not print
-            hint = (f". Set model.path= to a local folder with the diffusers weights (now {model_cfg['path']!r}; a hub "
-                    "id works when it is in the Hugging Face cache or can be downloaded); full-size models also want "
-                    "a GPU (model.device=cuda)")
+            hint = (
+                f". Set model.path= to a local folder with the diffusers weights (now {model_cfg['path']!r}; a hub "
+                "id works when it is in the Hugging Face cache or can be downloaded); full-size models also want "
+                "a GPU (model.device=cuda)"
+            )
         raise ConfigError(f"model {model_cfg.get('name')!r} could not be built: {reason}{hint}") from err
     check_size(adapter, model_cfg.get("name"))
     return adapter
@@ -78,12 +89,14 @@ def check_size(adapter, name) -> None:
     multiple = int(adapter.vae_scale) * int(adapter.patch_size)
     h, w = int(adapter.height), int(adapter.width)
     if h < multiple or w < multiple or h % multiple or w % multiple:
-        raise ConfigError(f"model {name!r} takes sizes that are multiples of {multiple} (VAE scale "
-                          f"{adapter.vae_scale} x patch {adapter.patch_size}); got model.height={h}, model.width={w}")
+        raise ConfigError(
+            f"model {name!r} takes sizes that are multiples of {multiple} (VAE scale "
+            f"{adapter.vae_scale} x patch {adapter.patch_size}); got model.height={h}, model.width={w}"
+        )
 
 
 #: seeds a torch generator takes: non-negative 63-bit integers (-1 and 2**64 - 1 would give the same noise)
-SEED_LIMIT = 2 ** 63
+SEED_LIMIT = 2**63
 
 
 def check_seeds(seeds, key: str) -> None:
@@ -101,8 +114,9 @@ def sampler_config(node):
 
     sampler_cfg = SamplerConfig(**plain(node))
     if float(sampler_cfg.guidance_scale) <= 1.0:
-        logging.getLogger("catlab").info("sampler.guidance_scale=%g <= 1: unguided (no classifier-free guidance)",
-                                         sampler_cfg.guidance_scale)
+        logging.getLogger("catlab").info(
+            "sampler.guidance_scale=%g <= 1: unguided (no classifier-free guidance)", sampler_cfg.guidance_scale
+        )
     return sampler_cfg
 
 
@@ -112,8 +126,10 @@ def check_clusters(policy, num_tokens: int) -> None:
         clusterer = getattr(part, "clusterer", None)
         count = getattr(clusterer, "num_clusters", None)
         if count is not None and not getattr(clusterer, "per_tokens", 0) and int(count) > num_tokens:
-            raise ConfigError(f"clusterer.num_clusters={count} is more than the {num_tokens} image tokens of this "
-                              f"model and size; at most {num_tokens} (or per_tokens > 0 to scale with the grid)")
+            raise ConfigError(
+                f"clusterer.num_clusters={count} is more than the {num_tokens} image tokens of this "
+                f"model and size; at most {num_tokens} (or per_tokens > 0 to scale with the grid)"
+            )
 
 
 def check_model_fits(transformer, policy) -> None:

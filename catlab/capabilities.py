@@ -20,6 +20,7 @@ ROW_WISE              reuse rule   acts on each batch row alone (linear in the o
                                    run on the stacked guidance rows as well as on their combination
 ====================  ==========  ============================================================
 """
+
 from __future__ import annotations
 
 import enum

@@ -16,6 +16,7 @@ Errors inside a run (a bad value, a refused size, a failed write) are turned int
 one line by :func:`catlab.builders.run_app`. ``HYDRA_FULL_ERROR=1`` set by the
 user keeps Hydra's full report.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -30,8 +31,17 @@ from pathlib import Path
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 #: errors that mean "this place cannot be written", as opposed to a file that is missing or unreadable
-WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
-                errno.EEXIST, errno.EFBIG}
+WRITE_ERRNOS = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+    errno.EFBIG,
+}
 
 
 class CatlabExit(SystemExit):
@@ -193,8 +203,11 @@ def hydra_message(err: Exception, argv: Sequence[str], config_name: str) -> str 
         group, name = option.groups()
         options = [line.strip() for line in text.splitlines() if line.startswith("\t") and "=" not in line]
         return unknown_option(group, name, options)
-    lines = [line.strip() for line in text.splitlines()
-             if line.strip() and not line.startswith(("To append", "Set the environment", "    "))]
+    lines = [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and not line.startswith(("To append", "Set the environment", "    "))
+    ]
     return "catlab: config error: " + "; ".join(lines)
 
 
@@ -217,8 +230,11 @@ def unknown_key(key: str, argv: Sequence[str], config_name: str) -> str:
     parent, _, leaf = key.rpartition(".")
     node = (OmegaConf.select(cfg, parent, default=None) if parent else cfg) if cfg is not None else None
     keys = _keys_of(node, parent)
-    where = (f"{parent}={choices[parent]}" if parent in choices and choices[parent] else parent) if parent \
+    where = (
+        (f"{parent}={choices[parent]}" if parent in choices and choices[parent] else parent)
+        if parent
         else "the config"
+    )
     return key_line(key, keys, where)
 
 
@@ -226,8 +242,10 @@ def key_line(key: str, keys: list[str], where: str) -> str:
     """The one line for ``key`` missing from a node with ``keys`` (``where``: e.g. ``selector=cat``)."""
     parent, _, leaf = key.rpartition(".")
     if leaf in keys:  # a key the component takes that its config file leaves out
-        return (f"catlab: key '{key}' is not in the config file of {where} (the component takes it); "
-                f"give it with '+{key}=...'")
+        return (
+            f"catlab: key '{key}' is not in the config file of {where} (the component takes it); "
+            f"give it with '+{key}=...'"
+        )
     near = difflib.get_close_matches(leaf, keys, n=1, cutoff=0.6)
     hint = f" (did you mean '{(parent + '.') if parent else ''}{near[0]}'?)" if near else ""
     return f"catlab: unknown key '{key}'{hint}; keys of {where}: {', '.join(keys) or '(none)'}"
@@ -257,8 +275,11 @@ def _compose_without(key: str, argv: Sequence[str], config_name: str):
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    kept = [a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")
-            and a.lstrip("+~").split("=", 1)[0] != key]
+    kept = [
+        a
+        for a in argv
+        if not a.startswith("-") and not a.lstrip("+~").startswith("hydra") and a.lstrip("+~").split("=", 1)[0] != key
+    ]
     kept = [a for a in kept if "," not in a.split("=", 1)[-1] or a.split("=", 1)[-1].startswith("[")]
     _clear_hydra()
     try:

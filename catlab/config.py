@@ -6,6 +6,7 @@ component group (``model``, ``selector``, ...) is a plain mapping with a
 ``name``; its registry checks the remaining keys against the component's own
 dataclass fields when it is built.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -13,6 +13,7 @@ of the same jobs are skipped, records of other settings are left out of the
 table (docs/scaling.md, "Resuming"). ``torchrun --nproc_per_node=N -m catlab.evaluate ...`` shards the
 prompts over N processes (see docs/scaling.md).
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,17 @@ from omegaconf import DictConfig, OmegaConf
 
 import catlab  # noqa: F401  (registers the built-in components)
 from catlab import cli
-from catlab.builders import (ConfigError, build_model, check_clusters, check_model_fits, check_seeds, plain, run_app,
-                             sampler_config, set_threads)
+from catlab.builders import (
+    ConfigError,
+    build_model,
+    check_clusters,
+    check_model_fits,
+    check_seeds,
+    plain,
+    run_app,
+    sampler_config,
+    set_threads,
+)
 from catlab.config import register_evaluate_schema
 from catlab.evaluation import diagnostics, frontier
 from catlab.evaluation.harness import References, Strategy, evaluate_strategies, layout, make_jobs, set_metrics
@@ -36,8 +46,8 @@ from catlab.evaluation.recorder import RecordingPolicy
 from catlab.evaluation.reference import ReferenceCache
 from catlab.evaluation.store import ResultStore
 from catlab.loggers.base import image_grid
-from catlab.metrics.cost import MACS_RULE
 from catlab.loggers.evaluation import log_evaluation
+from catlab.metrics.cost import MACS_RULE
 from catlab.prompts import cache_dir
 from catlab.registry import ComponentError, loggers, metrics, models, prompt_sets
 from catlab.strategy import resolve_strategy
@@ -56,8 +66,10 @@ def strategy_specs(cfg: DictConfig) -> list[dict]:
     specs = []
     for i, s in enumerate(plain(cfg.strategies)):
         if not (isinstance(s, str) or (isinstance(s, dict) and isinstance(s.get("name"), str))):
-            raise ConfigError(f"strategies[{i}] must be a selector name or a mapping with a 'name' key "
-                              f"(e.g. {{name: cat, alpha: 0.3}}); got {s!r}")
+            raise ConfigError(
+                f"strategies[{i}] must be a selector name or a mapping with a 'name' key "
+                f"(e.g. {{name: cat, alpha: 0.3}}); got {s!r}"
+            )
         spec = {"name": s} if isinstance(s, str) else dict(s)
         if spec["name"] != "full":
             spec = {**plain(cfg.strategy_defaults), **spec}
@@ -70,8 +82,11 @@ def strategy_specs(cfg: DictConfig) -> list[dict]:
         specs.insert(0, {"name": "full"})
     specs.sort(key=lambda s: not reference(s))
     if cfg.alphas:
-        specs = [specs[0]] + [x for s in specs[1:] for x in
-                              ([s] if s["name"] == "full" else [{**s, "alpha": float(a)} for a in cfg.alphas])]
+        specs = [specs[0]] + [
+            x
+            for s in specs[1:]
+            for x in ([s] if s["name"] == "full" else [{**s, "alpha": float(a)} for a in cfg.alphas])
+        ]
     return specs
 
 
@@ -139,43 +154,95 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
     store = ResultStore(Path(cfg.store_dir) if cfg.store_dir else out / "store")
     weights = adapter.fingerprint()  # a retrained checkpoint must not meet the old one's references or records
     model_key = {**plain(cfg.model), "weights": weights} if weights else plain(cfg.model)
-    references = References(ReferenceCache(cfg.cache_dir or cache_dir(), model_key, plain(cfg.sampler)),
-                            adapter, resolved[0][1][0], sampler_cfg)
+    references = References(
+        ReferenceCache(cfg.cache_dir or cache_dir(), model_key, plain(cfg.sampler)),
+        adapter,
+        resolved[0][1][0],
+        sampler_cfg,
+    )
     # what decides a record besides its strategy, prompt, seed and batch: it keys the store and is in every record
-    setup = {"model": model_key, "sampler": {"num_steps": sampler_cfg.num_steps,
-                                             "guidance_scale": sampler_cfg.guidance_scale}, "macs_rule": MACS_RULE}
+    setup = {
+        "model": model_key,
+        "sampler": {"num_steps": sampler_cfg.num_steps, "guidance_scale": sampler_cfg.guidance_scale},
+        "macs_rule": MACS_RULE,
+    }
     strategies, infos = [], []
     for order, ((strategy, (policy, parts)), spec) in enumerate(zip(resolved, strategy_specs(cfg))):
-        key = strategy.key({"model": model_key, "sampler": [sampler_cfg.num_steps, sampler_cfg.guidance_scale],
-                            "macs_rule": MACS_RULE})
+        key = strategy.key(
+            {
+                "model": model_key,
+                "sampler": [sampler_cfg.num_steps, sampler_cfg.guidance_scale],
+                "macs_rule": MACS_RULE,
+            }
+        )
         if cfg.diagnostics:
             policy = RecordingPolicy(policy, keep_outputs=not policy.prunes)
         strategies.append(Strategy(strategy.label, policy, key, spec, parts))
-        infos.append({"key": key, "label": strategy.label, "order": order, "spec": spec,
-                      "alpha": float(policy.alpha) if policy.prunes else 1.0, "start_step": int(policy.start_step),
-                      "steps": sampler_cfg.num_steps, "model": plain(cfg.model)})
+        infos.append(
+            {
+                "key": key,
+                "label": strategy.label,
+                "order": order,
+                "spec": spec,
+                "alpha": float(policy.alpha) if policy.prunes else 1.0,
+                "start_step": int(policy.start_step),
+                "steps": sampler_cfg.num_steps,
+                "model": plain(cfg.model),
+            }
+        )
         store.register_strategy(key, infos[-1])
-    model_label = model_cfg["name"] + (f" ({model_cfg['path']})" if model_cfg.get("path") else "") + \
-        (" (random weights)" if getattr(adapter, "random_weights", False) else "")
-    notes = [f"Model `{model_label}`, {len(jobs)} images ({len({j.prompt_id for j in jobs})} prompts × "
-             f"{len(cfg.seeds)} seeds), {sampler_cfg.num_steps} steps, guidance {sampler_cfg.guidance_scale}. "
-             "Speed-up: wall clock against the full model timed in the same process on the same batches "
-             "(strategies take turns on each batch), " + ("after a warm-up batch; " if cfg.warmup else
-             "without a warm-up batch (warmup=false: one-time costs fall in the first batch's time); ") +
-             "MACs include the selection's own work."]
+    model_label = (
+        model_cfg["name"]
+        + (f" ({model_cfg['path']})" if model_cfg.get("path") else "")
+        + (" (random weights)" if getattr(adapter, "random_weights", False) else "")
+    )
+    notes = [
+        f"Model `{model_label}`, {len(jobs)} images ({len({j.prompt_id for j in jobs})} prompts × "
+        f"{len(cfg.seeds)} seeds), {sampler_cfg.num_steps} steps, guidance {sampler_cfg.guidance_scale}. "
+        "Speed-up: wall clock against the full model timed in the same process on the same batches "
+        "(strategies take turns on each batch), "
+        + (
+            "after a warm-up batch; "
+            if cfg.warmup
+            else "without a warm-up batch (warmup=false: one-time costs fall in the first batch's time); "
+        )
+        + "MACs include the selection's own work."
+    ]
     plan = manifest(infos, layout(jobs, int(cfg.batch_size), world), store.root, out, notes)
     if rank == 0:
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         write_manifest(out, plan)
-        logger.start(out, OmegaConf.to_container(cfg, resolve=True), name=cfg.experiment_name, group=cfg.experiment_name,
-                     tags=[model_cfg["name"]])
+        logger.start(
+            out,
+            OmegaConf.to_container(cfg, resolve=True),
+            name=cfg.experiment_name,
+            group=cfg.experiment_name,
+            tags=[model_cfg["name"]],
+        )
 
     try:  # the logger ends whatever happens: a failed evaluation leaves no open W&B run writing into its folder
-        log.info("evaluating %s on %d images (rank %d of %d)", ", ".join(s.label for s in strategies), len(my_jobs),
-                 rank, world)
-        warm = evaluate_strategies(adapter, strategies, my_jobs, sampler_cfg, int(cfg.batch_size), usable, store,
-                                   references, bool(cfg.warmup), int(cfg.repeats),
-                                   out / "images" if cfg.save_images else None, int(cfg.retime_batches), setup)
+        log.info(
+            "evaluating %s on %d images (rank %d of %d)",
+            ", ".join(s.label for s in strategies),
+            len(my_jobs),
+            rank,
+            world,
+        )
+        warm = evaluate_strategies(
+            adapter,
+            strategies,
+            my_jobs,
+            sampler_cfg,
+            int(cfg.batch_size),
+            usable,
+            store,
+            references,
+            bool(cfg.warmup),
+            int(cfg.repeats),
+            out / "images" if cfg.save_images else None,
+            int(cfg.retime_batches),
+            setup,
+        )
         if world > 1:
             dist.barrier()
         if rank != 0:
@@ -193,7 +260,9 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
         if cfg.diagnostics and all(w is not None for w in warm.values()):
             write_diagnostics(strategies, warm, out / "diagnostics")
         log_evaluation(logger, rows, out, warm, out / "images" if cfg.save_images else None)
-        logger.log_metrics({f"{r['method']}/{k}": v for r in rows for k, v in r.items() if isinstance(v, (int, float))})
+        logger.log_metrics(
+            {f"{r['method']}/{k}": v for r in rows for k, v in r.items() if isinstance(v, (int, float))}
+        )
     except BaseException:
         logger.finish(failed=True)
         raise
@@ -208,8 +277,11 @@ def write_diagnostics(strategies, warm, folder: Path) -> None:
     first = warm[strategies[0].label]
     grid, steps = first.trace.grid, len(first.trace.steps)
     # strategies that chose tokens between steps (an in-step pruner such as atedm chooses none)
-    pruned = {s.label: warm[s.label].trace.indices for s in strategies
-              if s.policy.prunes and any(i is not None for i in warm[s.label].trace.indices)}
+    pruned = {
+        s.label: warm[s.label].trace.indices
+        for s in strategies
+        if s.policy.prunes and any(i is not None for i in warm[s.label].trace.indices)
+    }
     if pruned:
         start = next((i + 1 for i, idx in enumerate(next(iter(pruned.values()))) if idx is not None), steps)
         picks = sorted({start, min(start + 1, steps), min(start + 2, steps), steps})

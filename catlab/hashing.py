@@ -1,4 +1,5 @@
 """``config_hash``: the short stable hash that names a configuration (a run's, a record's, a reference's)."""
+
 from __future__ import annotations
 
 import hashlib

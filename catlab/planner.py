@@ -16,6 +16,7 @@ This module is the only caller of a policy's ``select`` and ``observe``, so the
 rule "a 0-token step calls no transformer" or "a step the cache forecasts asks
 the policy nothing" cannot differ between loops.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -107,8 +108,16 @@ class StepPlanner:
         self.state = None
         if plan.kind is not StepKind.PRUNED:
             return None
-        self.state = StepState(step=plan.step, num_steps=self.num_steps, grid=self.grid, batch_size=self.batch_size,
-                               k=plan.kept, output=self.output, attention=attention, device=self.device)
+        self.state = StepState(
+            step=plan.step,
+            num_steps=self.num_steps,
+            grid=self.grid,
+            batch_size=self.batch_size,
+            k=plan.kept,
+            output=self.output,
+            attention=attention,
+            device=self.device,
+        )
         if self.selection_graphs is not None and Capability.REPLAYS_SELECTION in self.policy.capabilities:
             indices = self.selection_graphs.select(self.policy, self.state)
         else:
@@ -145,15 +154,19 @@ def check_indices(idx, batch: int, k: int, n: int, name: str, step: int | None =
     """
     where = f"selector '{name}'" + (f" at step {step}" if step is not None else "")
     if not torch.is_tensor(idx):
-        raise IndexContractError(f"{where} returned {type(idx).__name__}, not a tensor of ({batch}, {k}) token indices")
+        raise IndexContractError(
+            f"{where} returned {type(idx).__name__}, not a tensor of ({batch}, {k}) token indices"
+        )
     if idx.dtype not in (torch.int64, torch.int32):
         raise IndexContractError(f"{where} returned {idx.dtype} indices; token indices must be torch.int64 (or int32)")
     if tuple(idx.shape) != (batch, k):
-        raise IndexContractError(f"{where} returned shape {tuple(idx.shape)}; expected ({batch}, {k}) = "
-                                 f"(batch, k tokens this step)")
+        raise IndexContractError(
+            f"{where} returned shape {tuple(idx.shape)}; expected ({batch}, {k}) = (batch, k tokens this step)"
+        )
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
-        raise IndexContractError(f"{where} returned indices in [{int(idx.min())}, {int(idx.max())}]; "
-                                 f"tokens are [0, {n})")
+        raise IndexContractError(
+            f"{where} returned indices in [{int(idx.min())}, {int(idx.max())}]; tokens are [0, {n})"
+        )
     if k > 1 and bool((idx.sort(dim=1).values.diff(dim=1) == 0).any()):
         raise IndexContractError(f"{where} returned a token twice in one sample; indices must be unique per row")
 

@@ -4,6 +4,7 @@ Each set has ``load() -> list[str]`` and ``load_with_meta() -> (prompts, meta)``
 where ``meta`` carries per-prompt data a metric may need (the scene behind an
 embedded-world caption, a PartiPrompts category) or is ``None``.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,11 @@ def text_lines(text: str, path: str, keep: str = "") -> list[str]:
     lines, touched = [], 0
     for line in text.split("\n"):
         line = line.removesuffix("\r")
-        clean = "".join(ch if ch in keep else " " if ch == "\t" else ch for ch in line
-                        if ch in keep or ch == "\t" or unicodedata.category(ch) != "Cc")
+        clean = "".join(
+            ch if ch in keep else " " if ch == "\t" else ch
+            for ch in line
+            if ch in keep or ch == "\t" or unicodedata.category(ch) != "Cc"
+        )
         touched += len(clean) != len(line)
         lines.append(clean)
     if touched:
@@ -73,7 +77,9 @@ def _read_lines(path: str) -> list[str]:
     lines = [line.strip() for line in text_lines(p.read_text(), path)]
     prompts = [line for line in lines if line and not line.startswith("#")]
     if not prompts:
-        raise ValueError(f"prompts.path: {path!r} holds no prompts (one per line; blank lines and # comments are skipped)")
+        raise ValueError(
+            f"prompts.path: {path!r} holds no prompts (one per line; blank lines and # comments are skipped)"
+        )
     return prompts
 
 
@@ -111,14 +117,20 @@ class _HubPrompts(PromptSet):
         try:
             import datasets
         except ImportError as err:
-            raise ValueError(f"prompts '{self.registered_name}': give prompts.path (a local file), or install "
-                             "'datasets' and go online once to cache it") from err
+            raise ValueError(
+                f"prompts '{self.registered_name}': give prompts.path (a local file), or install "
+                "'datasets' and go online once to cache it"
+            ) from err
         rows = datasets.load_dataset(self.dataset, split=self.split)
         prompts = [self._text(r[self.column]) for r in rows]
         meta = [r[self.meta_column] for r in rows] if self.meta_column else None
         cached.parent.mkdir(parents=True, exist_ok=True)
-        write_text(cached, "".join(json.dumps({"prompt": p, "meta": m}) + "\n"
-                                   for p, m in zip(prompts, meta or [None] * len(prompts))))
+        write_text(
+            cached,
+            "".join(
+                json.dumps({"prompt": p, "meta": m}) + "\n" for p, m in zip(prompts, meta or [None] * len(prompts))
+            ),
+        )
         return prompts, meta
 
     @staticmethod
@@ -135,7 +147,11 @@ class _HubPrompts(PromptSet):
             meta = [r.get("meta") for r in rows]
             return [r["prompt"] for r in rows], (meta if any(m is not None for m in meta) else None)
         if p.suffix == ".tsv":
-            rows = [line.rstrip("\r").split("\t") for line in text_lines(p.read_text(), str(p), keep="\t")[1:] if line.strip()]
+            rows = [
+                line.rstrip("\r").split("\t")
+                for line in text_lines(p.read_text(), str(p), keep="\t")[1:]
+                if line.strip()
+            ]
             return [r[0] for r in rows], [r[1] if len(r) > 1 else None for r in rows]
         return _read_lines(str(p)), None
 

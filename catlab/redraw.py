@@ -2,7 +2,8 @@
 
 ``python -m catlab.redraw <folder>`` reads ``results.csv`` (the committed
 result folders under ``docs/results/`` keep it) and rewrites ``results.md`` (its title
-and notes kept) and the cost figures it holds (``cost_quality.png``, ``pareto.png``). With ``--diagnostics <overrides>`` it also regenerates the
+and notes kept) and the cost figures it holds (``cost_quality.png``, ``pareto.png``). With ``--diagnostics
+<overrides>`` it also regenerates the
 diagnostic figures (selection maps, cluster maps, the relative-noise correlation,
 the full model's samples), which need the selections themselves: it composes the
 evaluation's config from the overrides and runs only its warm-up batch (the first
@@ -11,6 +12,7 @@ timing, so the figures are the ones the evaluation drew::
 
     python -m catlab.redraw docs/results/embedded_table2 --diagnostics experiment=embedded_table2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +49,7 @@ def _typed(text: str) -> Any:
 
 
 def title_and_notes(markdown: str) -> tuple[str, list[str]]:
-    """The ``### title`` and the paragraphs after the table of a results.md written by :func:`report.markdown_table`."""
+    """The ``### title`` and the paragraphs after the table of a results.md made by :func:`report.markdown_table`."""
     lines = markdown.splitlines()
     title = lines[0][4:].strip() if lines and lines[0].startswith("### ") else ""
     after = [line for line in lines if not line.startswith(("|", "### "))]
@@ -124,8 +126,12 @@ def _warm_up_diagnostics(folder: Path, overrides: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="a folder with results.csv (or results.json)")
-    parser.add_argument("--diagnostics", nargs="+", metavar="OVERRIDE",
-                        help="also redraw the diagnostic figures from the evaluation these overrides compose")
+    parser.add_argument(
+        "--diagnostics",
+        nargs="+",
+        metavar="OVERRIDE",
+        help="also redraw the diagnostic figures from the evaluation these overrides compose",
+    )
     args = parser.parse_args(argv)
     if not (args.folder / "results.csv").exists() and not (args.folder / "results.json").exists():
         raise SystemExit(f"catlab: {args.folder} has no results.csv or results.json to redraw from")

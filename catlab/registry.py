@@ -18,14 +18,15 @@ components) the first time any registry is asked for a name it does not know.
 Plugins ship Hydra config files through the ``catlab.conf`` entry-point group
 (see ``docs/plugins.md``).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
 import importlib
 import importlib.metadata
-import pkgutil
 import inspect
+import pkgutil
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -49,7 +50,8 @@ def _check_not_shadowed() -> None:
     where = ", ".join(str(p) for p in getattr(package, "__path__", [])) or "(unknown)"
     raise ImportError(
         f"catlab: `import catlab` found the folder {where}, which is not the catlab package (no __init__.py; "
-        f"the package is {Path(__file__).resolve().parent}). Run from another directory, or rename that folder.")
+        f"the package is {Path(__file__).resolve().parent}). Run from another directory, or rename that folder."
+    )
 
 
 _check_not_shadowed()
@@ -133,9 +135,7 @@ class Registry:
         allowed = config_fields(cls)
         bad = sorted(set(params) - set(allowed))
         if bad:
-            raise ComponentError(
-                f"{self.kind} '{name}' has no config key(s) {bad}; allowed: {sorted(allowed)}"
-            )
+            raise ComponentError(f"{self.kind} '{name}' has no config key(s) {bad}; allowed: {sorted(allowed)}")
         return cls(**params)
 
 
@@ -161,6 +161,16 @@ stepcaches = Registry("stepcache")
 
 #: every registry by the config group that picks its components (conf/<group>/<name>.yaml); metrics
 #: have no group: ``catlab.evaluate`` names them in its ``metrics`` list
-REGISTRIES = {"scorer": scorers, "staleness": stalenesses, "clusterer": clusterers, "pooling": poolings,
-              "selector": selectors, "model": models, "prompts": prompt_sets, "logger": loggers, "reuse": reuses,
-              "stepcache": stepcaches, "metric": metrics}
+REGISTRIES = {
+    "scorer": scorers,
+    "staleness": stalenesses,
+    "clusterer": clusterers,
+    "pooling": poolings,
+    "selector": selectors,
+    "model": models,
+    "prompts": prompt_sets,
+    "logger": loggers,
+    "reuse": reuses,
+    "stepcache": stepcaches,
+    "metric": metrics,
+}

@@ -11,6 +11,7 @@ Examples::
 Each run directory gets ``metrics.json`` (flat keys), ``images/`` (PNG) and
 ``config.yaml`` (the resolved config).
 """
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,18 @@ from omegaconf import DictConfig, OmegaConf
 
 import catlab  # noqa: F401  (registers the built-in components)
 from catlab import cli
+from catlab.builders import (
+    ConfigError,
+    build_model,
+    check_clusters,
+    check_model_fits,
+    check_seeds,
+    plain,
+    run_app,
+    sampler_config,
+    set_threads,
+)
 from catlab.cli import check_writable, write_text
-from catlab.builders import (ConfigError, build_model, check_clusters, check_model_fits, check_seeds, plain, run_app,
-                             sampler_config, set_threads)
 from catlab.config import register_schema
 from catlab.loggers.base import to_pil
 from catlab.metrics.cost import cost_metrics
@@ -95,15 +105,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     image_dir = run_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     cache_name = step_cache.name if step_cache is not None else None
-    logger.start(run_dir, resolved, name=f"{policy.name}-a{policy.alpha:.3g}" + (f"+{cache_name}" if cache_name else ""),
-                 group=sweep_group(cfg), tags=[policy.name, model_cfg["name"], f"cfg-{run_hash(cfg)}"]
-                 + ([cache_name] if cache_name else []))
+    logger.start(
+        run_dir,
+        resolved,
+        name=f"{policy.name}-a{policy.alpha:.3g}" + (f"+{cache_name}" if cache_name else ""),
+        group=sweep_group(cfg),
+        tags=[policy.name, model_cfg["name"], f"cfg-{run_hash(cfg)}"] + ([cache_name] if cache_name else []),
+    )
 
     try:  # the logger ends whatever happens: a run that fails leaves no open W&B run writing into its folder
         traces, all_images = [], []
         start = time.perf_counter()
         for b in range(0, num, int(cfg.batch_size)):
-            batch = jobs[b:b + int(cfg.batch_size)]
+            batch = jobs[b : b + int(cfg.batch_size)]
             prompts_b, seeds_b = [p for p, _ in batch], [s for _, s in batch]
             if step_cache is not None:
                 calibrate(step_cache, adapter, prompts_b, seeds_b, sampler_cfg)  # once, on the first batch
@@ -115,10 +129,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
                     to_pil(img).save(image_dir / f"{b + j:05d}_seed{batch[j][1]}.png")
         wall = time.perf_counter() - start
 
-        metrics = {"config_hash": run_hash(cfg), "selector": policy.name, "stepcache": cache_name,
-                   "alpha": float(policy.alpha),
-                   "start_step": int(policy.start_step), "num_steps": sampler_cfg.num_steps, "model": model_cfg["name"],
-                   **cost_metrics(traces, wall)}
+        metrics = {
+            "config_hash": run_hash(cfg),
+            "selector": policy.name,
+            "stepcache": cache_name,
+            "alpha": float(policy.alpha),
+            "start_step": int(policy.start_step),
+            "num_steps": sampler_cfg.num_steps,
+            "model": model_cfg["name"],
+            **cost_metrics(traces, wall),
+        }
         write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")  # whole or absent: a sweep reads it
         logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         logger.log_images("samples", torch.cat(all_images)[:16], [p for p, _ in jobs[:16]])
@@ -126,9 +146,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         logger.finish(failed=True)
         raise
     logger.finish()
-    log.info("%s: %.3g MACs/image (%.2fx fewer than the full model), %.2f s/image -> %s",
-             policy.name + (f"+{cache_name}" if cache_name else ""),
-             metrics["macs_per_image"], metrics["macs_ratio"], metrics["seconds_per_image"], run_dir)
+    log.info(
+        "%s: %.3g MACs/image (%.2fx fewer than the full model), %.2f s/image -> %s",
+        policy.name + (f"+{cache_name}" if cache_name else ""),
+        metrics["macs_per_image"],
+        metrics["macs_ratio"],
+        metrics["seconds_per_image"],
+        run_dir,
+    )
     return metrics
 
 

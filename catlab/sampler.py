@@ -6,6 +6,7 @@ stock-pipeline hook drives) the second: it checks the composition, wires the
 pruner, graphs, reuse rule, step cache and MAC counter, and offers the per-step
 entry points this loop calls (plan → select → forward → observe → compose).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -104,8 +105,14 @@ class SampleResult:
 
 
 @torch.inference_mode()
-def sample(adapter: ModelAdapter, policy: Policy, prompts: list[str], seeds: list[int],
-           config: SamplerConfig | None = None, reuse: StepReuse | Reuse | None = None) -> SampleResult:
+def sample(
+    adapter: ModelAdapter,
+    policy: Policy,
+    prompts: list[str],
+    seeds: list[int],
+    config: SamplerConfig | None = None,
+    reuse: StepReuse | Reuse | None = None,
+) -> SampleResult:
     """Generate one image per (prompt, seed) with ``policy`` choosing the recomputed tokens.
 
     ``reuse`` is a reuse rule for the unselected tokens or a :class:`StepReuse` (rule,
@@ -120,13 +127,19 @@ def sample(adapter: ModelAdapter, policy: Policy, prompts: list[str], seeds: lis
     cfg = config or SamplerConfig()
     parts = reuse if isinstance(reuse, StepReuse) else StepReuse(rule=reuse)
     policy.check(cfg.num_steps)
-    session = PruningSession(adapter.transformer, policy, parts, cuda_graphs=cfg.cuda_graphs, count_macs=cfg.count_macs,
-                             check_indices=cfg.check_indices)
+    session = PruningSession(
+        adapter.transformer,
+        policy,
+        parts,
+        cuda_graphs=cfg.cuda_graphs,
+        count_macs=cfg.count_macs,
+        check_indices=cfg.check_indices,
+    )
     with session:
         return _loop(_Run(adapter, cfg, session), prompts, seeds)
 
 
-def _loop(run: "_Run", prompts: list[str], seeds: list[int]) -> SampleResult:
+def _loop(run: _Run, prompts: list[str], seeds: list[int]) -> SampleResult:
     adapter, cfg, session = run.adapter, run.cfg, run.session
     scheduler = adapter.make_scheduler()
     scheduler.set_timesteps(cfg.num_steps, device=adapter.torch_device)
@@ -134,7 +147,9 @@ def _loop(run: "_Run", prompts: list[str], seeds: list[int]) -> SampleResult:
     latents = adapter.initial_latents(seeds)
     trace = run.begin(len(prompts), cond)
     pred = None
-    bar = tqdm(scheduler.timesteps, disable=not (cfg.progress and sys.stderr.isatty()), desc=run.policy.name, leave=False)
+    bar = tqdm(
+        scheduler.timesteps, disable=not (cfg.progress and sys.stderr.isatty()), desc=run.policy.name, leave=False
+    )
     for i, t in enumerate(bar):
         plan, sigma = session.plan(i + 1), run.time(scheduler, i)
         t0 = run.clock()
@@ -153,8 +168,16 @@ def _loop(run: "_Run", prompts: list[str], seeds: list[int]) -> SampleResult:
             pred = run.compose(plan, output, idx, pred, sigma)
             latents = scheduler.step(pred, t, latents, return_dict=False)[0]
         t2 = run.clock()
-        trace.steps.append(StepRecord(plan.step, plan.kept, session.step_macs(plan, mark), selection_macs, t2 - t0,
-                                      (t1 - t0) + observe_seconds))
+        trace.steps.append(
+            StepRecord(
+                plan.step,
+                plan.kept,
+                session.step_macs(plan, mark),
+                selection_macs,
+                t2 - t0,
+                (t1 - t0) + observe_seconds,
+            )
+        )
         trace.indices.append(None if idx is None else idx.detach())  # stays on the device until the end
     return run.finish(trace, latents)
 
@@ -166,14 +189,26 @@ class _Run:
         self.adapter, self.cfg, self.session, self.policy = adapter, cfg, session, session.policy
         self.guided = cfg.guidance_scale > 1.0 and not adapter.guidance_distilled  # stacked CFG branches
 
-    def begin(self, batch: int, cond) -> "Trace":
+    def begin(self, batch: int, cond) -> Trace:
         adapter, grid = self.adapter, self.adapter.grid
         self.batch = batch
-        self.session.begin(batch, cond.groups, grid, self.cfg.num_steps, cond.num_text_tokens,
-                           adapter.patch_size ** 2 * adapter.latent_channels, adapter.torch_device)
+        self.session.begin(
+            batch,
+            cond.groups,
+            grid,
+            self.cfg.num_steps,
+            cond.num_text_tokens,
+            adapter.patch_size**2 * adapter.latent_channels,
+            adapter.torch_device,
+        )
         self.start = time.perf_counter()
-        return Trace(num_tokens=grid[0] * grid[1], grid=grid, batch_size=batch, full_step_macs=self.session.full_macs(),
-                     graphed=self.session.graphs is not None)
+        return Trace(
+            num_tokens=grid[0] * grid[1],
+            grid=grid,
+            batch_size=batch,
+            full_step_macs=self.session.full_macs(),
+            graphed=self.session.graphs is not None,
+        )
 
     def finish(self, trace: Trace, latents: torch.Tensor) -> SampleResult:
         _sync(self.adapter.torch_device)
@@ -245,8 +280,13 @@ def guide(stacked: torch.Tensor, scale: float) -> torch.Tensor:
     return uncond + scale * (text - uncond)
 
 
-def calibrate(step_cache: StepCache, adapter: ModelAdapter, prompts: list[str], seeds: list[int],
-              config: SamplerConfig | None = None) -> None:
+def calibrate(
+    step_cache: StepCache,
+    adapter: ModelAdapter,
+    prompts: list[str],
+    seeds: list[int],
+    config: SamplerConfig | None = None,
+) -> None:
     """Give a cache that needs it (``mag_cache``) its calibration: one full generation of this batch."""
     if not step_cache.needs_calibration or step_cache.calibrated:
         return
@@ -255,8 +295,10 @@ def calibrate(step_cache: StepCache, adapter: ModelAdapter, prompts: list[str], 
     full = replace(config or SamplerConfig(), progress=False, check_sync=False)
     if getattr(step_cache, "num_steps", 0) is None:
         step_cache.num_steps = full.num_steps  # a cache built outside a run takes this one's
-    step_cache.calibrate(adapter.transformer, lambda: sample(adapter, selectors.build("full"), prompts, seeds, full,
-                                                             StepReuse(step_cache=step_cache)))
+    step_cache.calibrate(
+        adapter.transformer,
+        lambda: sample(adapter, selectors.build("full"), prompts, seeds, full, StepReuse(step_cache=step_cache)),
+    )
 
 
 def _sync(device: torch.device) -> None:

@@ -33,6 +33,7 @@ Without a pipeline (a bare transformer) the hook counts a call at a higher
 timestep value than the last as a new generation and one at the same value as a
 second call within the step, which reads the timestep on the host once per call.
 """
+
 from __future__ import annotations
 
 import functools
@@ -60,7 +61,9 @@ def _transformer_of(target) -> nn.Module:
         return transformer
     if isinstance(target, nn.Module):
         return target
-    raise TypeError(f"expected a diffusers pipeline with a .transformer or a transformer module; got {type(target).__name__}")
+    raise TypeError(
+        f"expected a diffusers pipeline with a .transformer or a transformer module; got {type(target).__name__}"
+    )
 
 
 class TokenPruningHook(ModelHook):
@@ -72,7 +75,12 @@ class TokenPruningHook(ModelHook):
 
     def __init__(self, session: PruningSession, pipeline=None, guidance_scale: float | None = None):
         super().__init__()
-        self.session, self.policy, self.pipeline, self.guidance_scale = session, session.policy, pipeline, guidance_scale
+        self.session, self.policy, self.pipeline, self.guidance_scale = (
+            session,
+            session.policy,
+            pipeline,
+            guidance_scale,
+        )
         #: ``do_classifier_free_guidance`` as the pipeline's latest ``encode_prompt`` call passed it (PixArt)
         self.cfg_seen: bool | None = None
         #: the transformer takes and returns tokens, not latent images (FLUX, Qwen-Image); where their grid is
@@ -142,8 +150,15 @@ class TokenPruningHook(ModelHook):
         self.step, self.groups = step, self._groups(rows)
         if self.fresh:  # the first call of a generation
             self.fresh = False
-            session.begin(rows // self.groups, self.groups, _grid(module, self.token_grid if self.packed else None, latents, kwargs), self._num_steps(),
-                          self.call_text, module.config.in_channels * patch * patch, latents.device)
+            session.begin(
+                rows // self.groups,
+                self.groups,
+                _grid(module, self.token_grid if self.packed else None, latents, kwargs),
+                self._num_steps(),
+                self.call_text,
+                module.config.in_channels * patch * patch,
+                latents.device,
+            )
         self.plan = session.plan(step)
         self.indices = session.select(self.plan)
         self.time = self._time()
@@ -207,8 +222,11 @@ class TokenPruningHook(ModelHook):
         if cfg is None:
             scale = self._guidance()
             if scale is None and rows % 2 == 0 and not self._warned:
-                warnings.warn("catlab: guidance scale unknown; treating every batch row as its own sample. "
-                              "Pass enable_pruning(..., guidance_scale=...) so CFG branches share indices.")
+                warnings.warn(
+                    "catlab: guidance scale unknown; treating every batch row as its own sample. "
+                    "Pass enable_pruning(..., guidance_scale=...) so CFG branches share indices.",
+                    stacklevel=2,
+                )
                 self._warned = True
             cfg = scale is not None and scale > 1.0
         return 2 if cfg and rows % 2 == 0 else 1
@@ -238,7 +256,7 @@ def _tokens(module: nn.Module, packed: bool, sample: torch.Tensor) -> torch.Tens
     """A call's output as ``(rows, N, C)`` tokens of the latent channels (a learned variance left out)."""
     if packed:
         return sample.float()
-    return patchify(sample[:, :module.config.in_channels].float(), module.config.patch_size)
+    return patchify(sample[:, : module.config.in_channels].float(), module.config.patch_size)
 
 
 def _from_tokens(module: nn.Module, packed: bool, tokens: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
@@ -247,7 +265,7 @@ def _from_tokens(module: nn.Module, packed: bool, tokens: torch.Tensor, sample: 
         return tokens.to(sample.dtype)
     image = unpatchify(tokens, module.config.patch_size, sample.shape[-2], sample.shape[-1]).to(sample.dtype)
     if image.shape[1] < sample.shape[1]:  # the latent channels only: the rest (learned variance) as computed
-        image = torch.cat([image, sample[:, image.shape[1]:]], 1)
+        image = torch.cat([image, sample[:, image.shape[1] :]], 1)
     return image
 
 
@@ -262,8 +280,14 @@ def _with_sample(output, sample: torch.Tensor):
     return type(output)(sample=sample)
 
 
-def enable_pruning(target, policy: Policy, guidance_scale: float | None = None, cuda_graphs: bool = False,
-                   reuse: StepReuse | Reuse | None = None, count_macs: bool = False) -> PruningSession:
+def enable_pruning(
+    target,
+    policy: Policy,
+    guidance_scale: float | None = None,
+    cuda_graphs: bool = False,
+    reuse: StepReuse | Reuse | None = None,
+    count_macs: bool = False,
+) -> PruningSession:
     """Make every call of ``target`` (a pipeline or its transformer) run token-pruned by ``policy``.
 
     ``guidance_scale`` tells the hook how the pipeline combines its classifier-free
@@ -287,14 +311,16 @@ def enable_pruning(target, policy: Policy, guidance_scale: float | None = None, 
     """
     if not isinstance(policy, Policy):
         hint = f": catlab.selectors.build({policy!r})" if isinstance(policy, str) else ""
-        raise TypeError(f"enable_pruning takes a selector (a catlab Policy{hint}); got {type(policy).__name__} "
-                        f"{policy!r:.60}")
+        raise TypeError(
+            f"enable_pruning takes a selector (a catlab Policy{hint}); got {type(policy).__name__} {policy!r:.60}"
+        )
     transformer = _transformer_of(target)
     if peek_state(transformer) is not None and state_of(transformer).session is not None:
         disable_pruning(transformer)
     parts = reuse if isinstance(reuse, StepReuse) else StepReuse(rule=reuse)
-    session = PruningSession(transformer, policy, parts, cuda_graphs=cuda_graphs, count_macs=count_macs,
-                             rows_stacked=True).attach()
+    session = PruningSession(
+        transformer, policy, parts, cuda_graphs=cuda_graphs, count_macs=count_macs, rows_stacked=True
+    ).attach()
     pipeline = None if target is transformer else target
     hook = TokenPruningHook(session, pipeline, guidance_scale)
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, POLICY_HOOK)

@@ -9,6 +9,7 @@ from the same resolved spec::
     policy, parts = strategy.build(sampler_cfg)      # parts: the StepReuse (rule, kv, step_cache)
     strategy.key({"model": ..., "sampler": ...}), strategy.label
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,8 +52,11 @@ class Strategy:
         policy = selectors.build(self.selector, **self.parts)
         policy.check(sampler_cfg.num_steps)
         cache = build_step_cache(self.stepcache, policy, sampler_cfg)
-        parts = StepReuse(rule=reuses.build(self.reuse) if self.reuse else None,
-                          kv=reuses.build(self.kv) if self.kv else None, step_cache=cache)
+        parts = StepReuse(
+            rule=reuses.build(self.reuse) if self.reuse else None,
+            kv=reuses.build(self.kv) if self.kv else None,
+            step_cache=cache,
+        )
         try:  # the assembly's one check of the composition, before any compute
             check_composition(policy, parts)
         except CompositionError as err:
@@ -78,14 +82,18 @@ def resolve_strategy(spec: Any, groups: Any) -> Strategy:
     kv = plain(spec.pop("kv", groups.get("kv")))
     cls = selectors.get(spec["name"])
     fields, takes = config_fields(cls), getattr(cls, "group_parts", SELECTOR_PARTS)
-    parts = {kind: plain(groups[kind]) for kind in SELECTOR_PARTS
-             if kind in fields and kind in takes and kind not in spec and groups.get(kind) is not None}
+    parts = {
+        kind: plain(groups[kind])
+        for kind in SELECTOR_PARTS
+        if kind in fields and kind in takes and kind not in spec and groups.get(kind) is not None
+    }
     if reuse in ("copy", {"name": "copy"}):
         reuse = None  # copying is what the engine does anyway: the same images with or without it
     if kv in ("copy", {"name": "copy"}):
         kv = None  # likewise for the cached K/V
-    return Strategy(selector=spec, parts=parts, reuse=reuse, stepcache=stepcache or None, label=label(given),
-                    kv=kv or None)
+    return Strategy(
+        selector=spec, parts=parts, reuse=reuse, stepcache=stepcache or None, label=label(given), kv=kv or None
+    )
 
 
 def label(spec: dict) -> str:

@@ -9,6 +9,7 @@ that says so, never a missing one. The same summary can be rebuilt at any time
 
     python -m catlab.sweep multirun/2026-11-27/10-00-00
 """
+
 from __future__ import annotations
 
 import csv
@@ -70,8 +71,12 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     shown = [k for k in SHOWN if any(k in row for row in rows)]
     split = [row["overrides"].split() for row in rows]
     shared = [o for o in split[0] if all(o in other for other in split)] if split else []
-    lines = [f"Overrides of every job: `{' '.join(shared)}`" if shared else "", "",
-             "| job | overrides | status | " + " | ".join(shown) + " |", "|---" * (3 + len(shown)) + "|"]
+    lines = [
+        f"Overrides of every job: `{' '.join(shared)}`" if shared else "",
+        "",
+        "| job | overrides | status | " + " | ".join(shown) + " |",
+        "|---" * (3 + len(shown)) + "|",
+    ]
     for row, overrides in zip(rows, split):
         cells = [_cell(row.get(k)) for k in shown]
         status = row["status"] if row["status"] != "failed" else f"failed: {_first_line(row.get('error', ''))}"
@@ -103,8 +108,10 @@ class SweepSummary(Callback):
         if failed:
             from catlab.cli import CatlabExit
 
-            raise CatlabExit(f"catlab: {len(failed)} of {len(rows)} sweep jobs failed (jobs "
-                             f"{', '.join(str(r['job']) for r in failed)}); see {sweep_dir / 'summary.md'}")
+            raise CatlabExit(
+                f"catlab: {len(failed)} of {len(rows)} sweep jobs failed (jobs "
+                f"{', '.join(str(r['job']) for r in failed)}); see {sweep_dir / 'summary.md'}"
+            )
         print(f"catlab: sweep summary of {len(rows)} jobs -> {sweep_dir / 'summary.md'}", file=sys.stderr)
 
 
@@ -129,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     failed = [r for r in rows if r["status"] == "failed"]
     unfinished = [r for r in rows if r["status"] == "unfinished"]
     if failed:
-        print(f"catlab: {len(failed)} of {len(rows)} sweep jobs failed (jobs {', '.join(str(r['job']) for r in failed)})"
-              + (f", {len(unfinished)} unfinished" if unfinished else ""), file=sys.stderr)
+        print(
+            f"catlab: {len(failed)} of {len(rows)} sweep jobs failed (jobs {', '.join(str(r['job']) for r in failed)})"
+            + (f", {len(unfinished)} unfinished" if unfinished else ""),
+            file=sys.stderr,
+        )
         return 1
     return 0
 

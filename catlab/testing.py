@@ -8,6 +8,7 @@ in a real generation. Useful in a plugin's own tests::
     for indices in simulate(my_policy, grid=(8, 8), num_steps=12):
         ...                                   # (B, k) at pruned steps, None elsewhere
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -24,11 +25,19 @@ from catlab.selection import Policy, StepState
 CPU = torch.device("cpu")
 
 
-def simulate(policy: Policy, grid: tuple[int, int], num_steps: int, batch: int = 2, channels: int = 4,
-             seed: int = 0, outputs: Callable[[int], torch.Tensor] | None = None,
-             on_select: Callable[[int, StepState, torch.Tensor], None] | None = None,
-             device: torch.device | str = CPU, guard: Callable[[int, StepKind], bool] | None = None,
-             check_indices: bool = False) -> list[torch.Tensor | None]:
+def simulate(
+    policy: Policy,
+    grid: tuple[int, int],
+    num_steps: int,
+    batch: int = 2,
+    channels: int = 4,
+    seed: int = 0,
+    outputs: Callable[[int], torch.Tensor] | None = None,
+    on_select: Callable[[int, StepState, torch.Tensor], None] | None = None,
+    device: torch.device | str = CPU,
+    guard: Callable[[int, StepKind], bool] | None = None,
+    check_indices: bool = False,
+) -> list[torch.Tensor | None]:
     """One generation of ``num_steps`` with random ``(B, N, C)`` outputs (or ``outputs(step)``).
 
     Probe attention maps, when the policy asks for them, are random softmax rows.
@@ -49,8 +58,10 @@ def simulate(policy: Policy, grid: tuple[int, int], num_steps: int, batch: int =
         checked = guard is not None and guard(step, plan.kind)
         attention = None
         if plan.kind is StepKind.PRUNED:
-            attention = {layer: torch.softmax(torch.randn(batch, n, n, generator=gen), -1).to(device)
-                         for layer in _probes(policy)} or None
+            attention = {
+                layer: torch.softmax(torch.randn(batch, n, n, generator=gen), -1).to(device)
+                for layer in _probes(policy)
+            } or None
         with _guarded(checked, policy, step):
             idx = planner.select(plan, attention)
             if idx is not None:
@@ -76,8 +87,14 @@ def _guarded(checked: bool, policy: Policy, step: int):
     return no_host_sync(f"{policy.name} at step {step}") if checked else nullcontext()
 
 
-def check_policy(policy: Policy, grid: tuple[int, int] = (8, 8), batch_size: int = 2, num_steps: int | None = None,
-                 device: torch.device | str = CPU, skip_first_pruned: bool = False) -> int:
+def check_policy(
+    policy: Policy,
+    grid: tuple[int, int] = (8, 8),
+    batch_size: int = 2,
+    num_steps: int | None = None,
+    device: torch.device | str = CPU,
+    skip_first_pruned: bool = False,
+) -> int:
     """Drive ``policy`` through one synthetic generation: the index contract at every pruned step, and each
     pruned step under ``no_host_sync``.
 
@@ -124,8 +141,15 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def selection_ops(policy: Policy, grid: tuple[int, int] = (16, 16), num_steps: int = 12, batch: int = 1,
-                  channels: int = 16, seed: int = 0, graphed: bool = False) -> dict[int, dict[str, int]]:
+def selection_ops(
+    policy: Policy,
+    grid: tuple[int, int] = (16, 16),
+    num_steps: int = 12,
+    batch: int = 1,
+    channels: int = 16,
+    seed: int = 0,
+    graphed: bool = False,
+) -> dict[int, dict[str, int]]:
     """ATen operators each pruned step of ``policy`` dispatches from the host in its selection and observation.
 
     One synthetic generation as in :func:`simulate`; returns ``{step: {op name: count}}`` for the
@@ -143,8 +167,9 @@ def selection_ops(policy: Policy, grid: tuple[int, int] = (16, 16), num_steps: i
         plan = planner.plan(step)
         attention = None
         if plan.kind is StepKind.PRUNED:
-            attention = {layer: torch.softmax(torch.randn(batch, n, n, generator=gen), -1)
-                         for layer in _probes(policy)} or None
+            attention = {
+                layer: torch.softmax(torch.randn(batch, n, n, generator=gen), -1) for layer in _probes(policy)
+            } or None
         output = torch.randn(batch, n, channels, generator=gen)
         counter = OpCounter()
         with counter if plan.kind is StepKind.PRUNED else nullcontext():

@@ -86,8 +86,13 @@ def train(cfg: DictConfig) -> dict:
     params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     ema = EMA(modules, cfg.ema_decay)
-    ema_bundle = EmbeddedBundle(ema.modules[0], ema.modules[1], tokenizer, scheduler_config(cfg.shift), dcfg.image_size)
-    print(f"transformer {param_count(transformer) / 1e6:.2f}M params, text encoder {param_count(text_encoder) / 1e6:.2f}M")
+    ema_bundle = EmbeddedBundle(
+        ema.modules[0], ema.modules[1], tokenizer, scheduler_config(cfg.shift), dcfg.image_size
+    )
+    print(
+        f"transformer {param_count(transformer) / 1e6:.2f}M params, "
+        f"text encoder {param_count(text_encoder) / 1e6:.2f}M"
+    )
 
     stream = scene_stream(cfg.seed, cfg.batch_size)
     log = (out / "train_log.jsonl").open("w")
@@ -160,14 +165,20 @@ def load_weights(path: pathlib.Path, transformer: torch.nn.Module, text_encoder:
     try:
         grown = load_grown(transformer, trained.transformer.state_dict())
     except ValueError as err:
-        raise ValueError(f"init_from={path}: its transformer does not match this config's `denoiser` sizes: {err}") from None
+        raise ValueError(
+            f"init_from={path}: its transformer does not match this config's `denoiser` sizes: {err}"
+        ) from None
     if grown:
         src, dst = int(trained.transformer.config.sample_size), int(transformer.config.sample_size)
-        print(f"init_from={path}: {src}x{src} bundle, positional table grown to {dst}x{dst} images ({', '.join(grown)})")
+        print(
+            f"init_from={path}: {src}x{src} bundle, positional table grown to {dst}x{dst} images ({', '.join(grown)})"
+        )
     try:
         text_encoder.load_state_dict(trained.text_encoder.state_dict())
     except RuntimeError as err:
-        raise ValueError(f"init_from={path}: its text_encoder does not match this config's `text` sizes: {err}") from None
+        raise ValueError(
+            f"init_from={path}: its text_encoder does not match this config's `text` sizes: {err}"
+        ) from None
 
 
 def export(src: pathlib.Path, dst: pathlib.Path) -> None:

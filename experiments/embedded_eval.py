@@ -8,7 +8,8 @@ Prints two figures:
   probe accuracy   the probe's attribute accuracy on the *rendered* held-out scenes
   model accuracy   the probe's attribute accuracy on images the model *generates* from
                    the held-out captions (diffusers FlowMatchEulerDiscreteScheduler + CFG)
-plus a per-attribute breakdown, and both by the number of objects a prompt states. With --grid it also writes a PNG: rows of generated
+plus a per-attribute breakdown, and both by the number of objects a prompt states. With --grid it also writes a PNG:
+rows of generated
 images, each above the rendered scenes of the same captions.
 """
 
@@ -25,7 +26,6 @@ from catlab.embedded.denoiser import generate
 from catlab.embedded.probe import ATTRIBUTES, attribute_hits, load_probe, probe_path_for
 from catlab.embedded.world import heldout_scenes, render
 
-
 MODELS = {"embedded": None, "embedded_64": "bundle_64"}  # as conf/model/<name>.yaml's `path`
 
 
@@ -38,8 +38,12 @@ def summarise(hits: list[torch.Tensor]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=sorted(MODELS), default="embedded",
-                    help="which shipped bundle: embedded (32x32, 256 tokens) or embedded_64 (64x64, 1024 tokens)")
+    ap.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="embedded",
+        help="which shipped bundle: embedded (32x32, 256 tokens) or embedded_64 (64x64, 1024 tokens)",
+    )
     ap.add_argument("--bundle", default=None, help="bundle directory (overrides --model)")
     ap.add_argument("--probe", default=None, help="probe directory (default: the bundle's own, else the shipped one)")
     ap.add_argument("--n", type=int, default=200)
@@ -70,14 +74,18 @@ def main() -> None:
         "probe_on_rendered": summarise(attribute_hits(real, scenes, probe)),
         "model": summarise(hits := attribute_hits(fake, scenes, probe)),
         # one-object prompts test drawing; two-object prompts also test binding attributes to objects
-        "model_by_objects": {n: summarise([h for h in hits if len(h) == n]) | {"prompts": sum(len(h) == n for h in hits)}
-                             for n in sorted({len(h) for h in hits})},
+        "model_by_objects": {
+            n: summarise([h for h in hits if len(h) == n]) | {"prompts": sum(len(h) == n for h in hits)}
+            for n in sorted({len(h) for h in hits})
+        },
         "sampling_seconds": round(seconds, 1),
     }
     print(json.dumps(result, indent=2))
     print(f"probe accuracy (rendered held-out scenes): {result['probe_on_rendered']['accuracy']:.3f}")
-    print(f"model attribute accuracy ({args.n} held-out prompts, {args.steps} steps, CFG {args.guidance}): "
-          f"{result['model']['accuracy']:.3f}")
+    print(
+        f"model attribute accuracy ({args.n} held-out prompts, {args.steps} steps, CFG {args.guidance}): "
+        f"{result['model']['accuracy']:.3f}"
+    )
     for n, r in result["model_by_objects"].items():
         print(f"  prompts with {n} object(s): {r['prompts']}, accuracy {r['accuracy']:.3f}")
 

@@ -10,6 +10,7 @@ asserts the exact rows (`cat`, `cat_reference`).
     python experiments/golden_overlap.py --seeds 0 --variants cat,random
     python experiments/golden_overlap.py --variants cat,clusterer=kmeans_matched --digits 4
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,9 +50,16 @@ def overlap(spec: dict, seed: int) -> float:
     policy = selectors.build(spec)
     rows = (lambda s: out[s - 1]) if policy.observes == "branches" else (lambda s: out[s - 1][1:])
     got = {}
-    simulate(policy, grid, 28, batch=1, outputs=rows,
-             on_select=lambda step, state, idx: got.setdefault(step, torch.zeros(4096, dtype=torch.bool)
-                                                               .scatter_(0, idx[0], True)))
+    simulate(
+        policy,
+        grid,
+        28,
+        batch=1,
+        outputs=rows,
+        on_select=lambda step, state, idx: got.setdefault(
+            step, torch.zeros(4096, dtype=torch.bool).scatter_(0, idx[0], True)
+        ),
+    )
     gold = _golden("compiled", grid)[seed]
     values = [_jaccard(got[s], gold["counted"][r] | gold["padding"][r]) for r, s in enumerate(gold["steps"])]
     return sum(values) / len(values)

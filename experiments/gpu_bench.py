@@ -69,6 +69,7 @@ generation, eager and graphed, for the full model and ``cat``, at each family's 
 depth (small width and token count: the same operators), on any device — what a
 launch-bound step costs, measurable without a GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,9 +82,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's catlab, installed or not
 
 import torch  # noqa: E402
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,  # noqa: E402
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+)
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
-from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel,  # noqa: E402
-                       PixArtTransformer2DModel, SD3Transformer2DModel)
 
 from catlab.models.base import Conditioning, ModelAdapter  # noqa: E402
 from catlab.models.packed import image_ids, pack, unpack  # noqa: E402
@@ -98,19 +104,65 @@ COUNTERS = ("forward_captures", "forward_replays", "selection_captures", "select
 
 #: (transformer class, config, text tokens, text embedding width, pooled width)
 FULL_SIZE = {
-    "sd3": (SD3Transformer2DModel, dict(
-        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-        pos_embed_max_size=192), 333, 4096, 2048),
-    "pixart": (PixArtTransformer2DModel, dict(
-        sample_size=128, patch_size=2, in_channels=4, out_channels=8, num_layers=28, attention_head_dim=72,
-        num_attention_heads=16, cross_attention_dim=1152, caption_channels=4096, norm_type="ada_norm_single",
-        num_embeds_ada_norm=1000, use_additional_conditions=False), 300, 4096, 0),
+    "sd3": (
+        SD3Transformer2DModel,
+        dict(
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=24,
+            attention_head_dim=64,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            caption_projection_dim=1536,
+            pooled_projection_dim=2048,
+            pos_embed_max_size=192,
+        ),
+        333,
+        4096,
+        2048,
+    ),
+    "pixart": (
+        PixArtTransformer2DModel,
+        dict(
+            sample_size=128,
+            patch_size=2,
+            in_channels=4,
+            out_channels=8,
+            num_layers=28,
+            attention_head_dim=72,
+            num_attention_heads=16,
+            cross_attention_dim=1152,
+            caption_channels=4096,
+            norm_type="ada_norm_single",
+            num_embeds_ada_norm=1000,
+            use_additional_conditions=False,
+        ),
+        300,
+        4096,
+        0,
+    ),
     # FLUX.1-dev: latent 128x128 (1024 px) packed 2x2 into 4096 tokens of 64 channels; T5 512 tokens, CLIP pooled 768
-    "flux": (FluxTransformer2DModel, dict(
-        sample_size=128, patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56)), 512, 4096, 768),
+    "flux": (
+        FluxTransformer2DModel,
+        dict(
+            sample_size=128,
+            patch_size=1,
+            in_channels=64,
+            num_layers=19,
+            num_single_layers=38,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            pooled_projection_dim=768,
+            guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56),
+        ),
+        512,
+        4096,
+        768,
+    ),
 }
 
 
@@ -127,12 +179,20 @@ def scaled_config(name: str, hidden: int, tokens: int, layers: int, text_tokens:
         raise SystemExit(f"--tokens must be a square number and --hidden a multiple of 64; got {tokens}, {hidden}")
     cfg = dict(cfg, sample_size=2 * side, num_layers=layers, attention_head_dim=64, num_attention_heads=hidden // 64)
     if name == "flux":  # twice as many single-stream blocks as dual-stream ones, as in FLUX.1-dev
-        cfg.update(num_single_layers=2 * layers, joint_attention_dim=hidden, pooled_projection_dim=hidden,
-                   axes_dims_rope=(16, 24, 24))
+        cfg.update(
+            num_single_layers=2 * layers,
+            joint_attention_dim=hidden,
+            pooled_projection_dim=hidden,
+            axes_dims_rope=(16, 24, 24),
+        )
         return cls, cfg, text_tokens, hidden, hidden
     if name == "sd3":
-        cfg.update(joint_attention_dim=hidden, caption_projection_dim=hidden, pooled_projection_dim=hidden,
-                   pos_embed_max_size=2 * side)
+        cfg.update(
+            joint_attention_dim=hidden,
+            caption_projection_dim=hidden,
+            pooled_projection_dim=hidden,
+            pos_embed_max_size=2 * side,
+        )
         return cls, cfg, text_tokens, hidden, hidden
     cfg.update(cross_attention_dim=hidden, caption_channels=hidden)
     return cls, cfg, text_tokens, hidden, pooled
@@ -165,10 +225,14 @@ class RandomPromptAdapter(ModelAdapter):
     def encode(self, prompts: list[str], guidance: bool) -> Conditioning:
         rows = len(prompts) * (2 if guidance else 1)
         g = torch.Generator().manual_seed(0)
-        embeds = torch.randn(rows, self.text_tokens, self.text_dim, generator=g).to(self.torch_device, self.torch_dtype)
+        embeds = torch.randn(rows, self.text_tokens, self.text_dim, generator=g).to(
+            self.torch_device, self.torch_dtype
+        )
         kwargs = {"encoder_hidden_states": embeds}
         if self.family in ("sd3", "flux"):
-            kwargs["pooled_projections"] = torch.randn(rows, self.pooled_dim, generator=g).to(self.torch_device, self.torch_dtype)
+            kwargs["pooled_projections"] = torch.randn(rows, self.pooled_dim, generator=g).to(
+                self.torch_device, self.torch_dtype
+            )
         if self.family == "flux":
             kwargs["txt_ids"] = torch.zeros(self.text_tokens, 3, device=self.torch_device)
         return Conditioning(kwargs, 2 if guidance else 1, self.text_tokens)
@@ -183,13 +247,25 @@ class RandomPromptAdapter(ModelAdapter):
         t = timestep.expand(latents.shape[0])
         if self.family == "flux":
             h, w = latents.shape[-2:]
-            out = self.transformer(hidden_states=pack(latents), timestep=(t / 1000).to(latents.dtype),
-                                   img_ids=image_ids(h, w, latents.device), return_dict=False, **cond.kwargs)[0]
+            out = self.transformer(
+                hidden_states=pack(latents),
+                timestep=(t / 1000).to(latents.dtype),
+                img_ids=image_ids(h, w, latents.device),
+                return_dict=False,
+                **cond.kwargs,
+            )[0]
             return unpack(out, h, w)
         if self.family == "sd3":
-            return self.transformer(hidden_states=latents, timestep=t.to(latents.dtype), return_dict=False, **cond.kwargs)[0]
-        out = self.transformer(latents, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-                               return_dict=False, **cond.kwargs)[0]
+            return self.transformer(
+                hidden_states=latents, timestep=t.to(latents.dtype), return_dict=False, **cond.kwargs
+            )[0]
+        out = self.transformer(
+            latents,
+            timestep=t,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            return_dict=False,
+            **cond.kwargs,
+        )[0]
         return out[:, : latents.shape[1]]  # drop the learned variance
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -200,8 +276,9 @@ def build(name: str, args) -> RandomPromptAdapter:
     if args.tiny:
         cls, cfg, text, text_dim, pooled = scaled_config(name, 64, 64, 1, 8)
     elif args.hidden or args.tokens:
-        cls, cfg, text, text_dim, pooled = scaled_config(name, args.hidden or 384, args.tokens or 1024, args.layers,
-                                                          args.text_tokens or 77)
+        cls, cfg, text, text_dim, pooled = scaled_config(
+            name, args.hidden or 384, args.tokens or 1024, args.layers, args.text_tokens or 77
+        )
     else:
         cls, cfg, text, text_dim, pooled = FULL_SIZE[name]
         text = args.text_tokens or text
@@ -210,8 +287,16 @@ def build(name: str, args) -> RandomPromptAdapter:
         transformer = new_transformer(name, cls, cfg)
     transformer = transformer.to(dtype=getattr(torch, args.dtype)).eval().requires_grad_(False)
     size = cfg["sample_size"]
-    adapter = RandomPromptAdapter(device=args.device, dtype=args.dtype, height=size, width=size, family=name,
-                                  text_tokens=text, text_dim=text_dim, pooled_dim=pooled)
+    adapter = RandomPromptAdapter(
+        device=args.device,
+        dtype=args.dtype,
+        height=size,
+        width=size,
+        family=name,
+        text_tokens=text,
+        text_dim=text_dim,
+        pooled_dim=pooled,
+    )
     adapter.transformer = transformer
     return adapter
 
@@ -219,14 +304,23 @@ def build(name: str, args) -> RandomPromptAdapter:
 #: strategy → (policy spec, what stands in for skipped work); ``args`` fills α and t0
 STRATEGIES = {
     "cat": lambda a: ({"name": "cat", "alpha": a.alpha, "start_step": a.start_step}, None),
-    "cat_sklearn": lambda a: ({"name": "cat", "alpha": a.alpha, "start_step": a.start_step,
-                               "clusterer": {"name": "kmeans_sklearn"}}, None),
+    "cat_sklearn": lambda a: (
+        {"name": "cat", "alpha": a.alpha, "start_step": a.start_step, "clusterer": {"name": "kmeans_sklearn"}},
+        None,
+    ),
     "sequential": lambda a: ({"name": "sequential", "alpha": a.alpha, "start_step": a.start_step}, None),
-    "taylorseer": lambda a: ("full", {"step_cache": {"name": "taylorseer", "cache_interval": 3, "start_step": a.start_step}}),
-    "schedule": lambda a: ({"name": "budget_schedule", "pattern": [1, 0, 0], "start_step": a.start_step},
-                           {"rule": {"name": "taylor"}}),
-    "adaptive": lambda a: ({"name": "adaptive_schedule", "threshold": 0.4, "max_skip": 6,
-                            "start_step": min(4, a.start_step)}, {"rule": {"name": "taylor"}}),
+    "taylorseer": lambda a: (
+        "full",
+        {"step_cache": {"name": "taylorseer", "cache_interval": 3, "start_step": a.start_step}},
+    ),
+    "schedule": lambda a: (
+        {"name": "budget_schedule", "pattern": [1, 0, 0], "start_step": a.start_step},
+        {"rule": {"name": "taylor"}},
+    ),
+    "adaptive": lambda a: (
+        {"name": "adaptive_schedule", "threshold": 0.4, "max_skip": 6, "start_step": min(4, a.start_step)},
+        {"rule": {"name": "taylor"}},
+    ),
 }
 #: the default rows; ``cat_sklearn`` (cat clustering with scikit-learn on the host, the authors' exact path)
 #: is asked for by name, to compare its selection share with the default's on-device clustering
@@ -251,9 +345,12 @@ def strategy(name: str, args):
     def make():
         parts = None
         if reuse is not None:
-            parts = StepReuse(rule=reuses.build(reuse["rule"]) if "rule" in reuse else None,
-                              step_cache=stepcaches.build(reuse["step_cache"]) if "step_cache" in reuse else None)
+            parts = StepReuse(
+                rule=reuses.build(reuse["rule"]) if "rule" in reuse else None,
+                step_cache=stepcaches.build(reuse["step_cache"]) if "step_cache" in reuse else None,
+            )
         return selectors.build(spec), parts
+
     return make
 
 
@@ -302,9 +399,16 @@ def count_ops(name: str, args) -> list[dict]:
     torch.manual_seed(0)
     with torch.device(args.device):
         transformer = new_transformer(name, cls, cfg)
-    adapter = RandomPromptAdapter(device=args.device, dtype=args.dtype, height=cfg["sample_size"],
-                                  width=cfg["sample_size"], family=name, text_tokens=text, text_dim=text_dim,
-                                  pooled_dim=pooled)
+    adapter = RandomPromptAdapter(
+        device=args.device,
+        dtype=args.dtype,
+        height=cfg["sample_size"],
+        width=cfg["sample_size"],
+        family=name,
+        text_tokens=text,
+        text_dim=text_dim,
+        pooled_dim=pooled,
+    )
     adapter.transformer = transformer.to(dtype=getattr(torch, args.dtype)).eval().requires_grad_(False)
     rows, steps = [], args.steps[0]
     for strategy_name in ("full", "cat"):
@@ -315,10 +419,21 @@ def count_ops(name: str, args) -> list[dict]:
                 sample(adapter, make()[0], ["a prompt"], [0], cfg_s)  # warm-up: captures
                 with OpCounter(views=False) as counter:
                     sample(adapter, make()[0], ["a prompt"], [0], cfg_s)
-            rows.append(dict(model=name, strategy=strategy_name, mode="graphed" if graphs else "eager", steps=steps,
-                             layers=depth, ops=counter.count))
-            print(f"{name:<7} {depth:>6} {strategy_name:<9} {rows[-1]['mode']:<8} {steps:>5} {counter.count:>10} "
-                  f"{counter.count / steps:>10.0f}", flush=True)
+            rows.append(
+                dict(
+                    model=name,
+                    strategy=strategy_name,
+                    mode="graphed" if graphs else "eager",
+                    steps=steps,
+                    layers=depth,
+                    ops=counter.count,
+                )
+            )
+            print(
+                f"{name:<7} {depth:>6} {strategy_name:<9} {rows[-1]['mode']:<8} {steps:>5} {counter.count:>10} "
+                f"{counter.count / steps:>10.0f}",
+                flush=True,
+            )
             if args.jsonl:
                 with open(args.jsonl, "a") as f:
                     f.write(json.dumps(rows[-1]) + "\n")
@@ -341,10 +456,24 @@ def macs_only(name: str, args) -> list[dict]:
     for steps in args.steps:
         t0 = min(args.start_step, steps)
         ratio = steps * full / (t0 * full + (steps - t0) * pruned)
-        out.append(dict(model=name, steps=steps, tokens=tokens, text_tokens=text, kept=k, rows=rows,
-                        full_step_macs=full, pruned_step_macs=pruned, macs_ratio=ratio))
-        print(f"{name:<7} {steps:>5} {tokens:>6} {text:>5} {k:>5} {rows:>4} {full / 1e12:>14.2f} {pruned / 1e12:>16.2f} "
-              f"{ratio:>10.2f}x", flush=True)
+        out.append(
+            dict(
+                model=name,
+                steps=steps,
+                tokens=tokens,
+                text_tokens=text,
+                kept=k,
+                rows=rows,
+                full_step_macs=full,
+                pruned_step_macs=pruned,
+                macs_ratio=ratio,
+            )
+        )
+        print(
+            f"{name:<7} {steps:>5} {tokens:>6} {text:>5} {k:>5} {rows:>4} {full / 1e12:>14.2f} {pruned / 1e12:>16.2f} "
+            f"{ratio:>10.2f}x",
+            flush=True,
+        )
     return out
 
 
@@ -386,9 +515,19 @@ def bench(name: str, args) -> list[dict]:
                 for s, make, (pruned_s, trace) in zip(names, makes[1:], timings):
                     share = selection_share(adapter, make, steps, trace, batch, graphs) if s != "taylorseer" else 0.0
                     label = mode if not graphs or (full.graphed and trace.graphed) else mode + " (ran eager)"
-                    row = dict(model=name, mode=label, batch=batch, steps=steps, strategy=s, tokens=full.num_tokens,
-                               full_s=full_s, pruned_s=pruned_s, speedup=full_s / pruned_s,
-                               macs_ratio=full.macs / trace.macs, selection=share)
+                    row = dict(
+                        model=name,
+                        mode=label,
+                        batch=batch,
+                        steps=steps,
+                        strategy=s,
+                        tokens=full.num_tokens,
+                        full_s=full_s,
+                        pruned_s=pruned_s,
+                        speedup=full_s / pruned_s,
+                        macs_ratio=full.macs / trace.macs,
+                        selection=share,
+                    )
                     row["of_macs"] = row["speedup"] / row["macs_ratio"]
                     if graphs:
                         row.update(graph_fields(full, trace))
@@ -402,7 +541,9 @@ def bench(name: str, args) -> list[dict]:
 
 
 def graph_fields(full: Trace, trace: Trace) -> dict:
-    """The strategy generation's graph counters, and every refusal of both generations (the full model's as ``full: ...``)."""
+    """The strategy generation's graph counters, and every refusal of both generations (the full model's as ``full:
+    ...``).
+    """
     counts = trace.graph_counts
     refusals = list(counts.get("refusals", [])) + [f"full: {r}" for r in full.graph_counts.get("refusals", [])]
     return {**{k: counts.get(k, 0) for k in COUNTERS}, "refusals": refusals}
@@ -418,49 +559,82 @@ def emit(row: dict, args) -> None:
 
 def bench_peer(name: str, args, adapter, make_full) -> list[dict]:
     """cache-dit's DBCache against the full model, eager, in the same process and the same way."""
-    cache = stepcaches.build({"name": "cachedit_dbcache", "threshold": args.peer_threshold, "start_step": args.start_step})
+    cache = stepcaches.build(
+        {"name": "cachedit_dbcache", "threshold": args.peer_threshold, "start_step": args.start_step}
+    )
     reuse = StepReuse(step_cache=cache)
     label = f"dbcache({args.peer_threshold:g})"
     make_cached = lambda: (selectors.build("full"), reuse)  # noqa: E731
-    sample(adapter, selectors.build("full"), ["a prompt"], [0],
-           SamplerConfig(num_steps=args.start_step + 2, guidance_scale=4.5, progress=False), reuse)  # warm-up
+    sample(
+        adapter,
+        selectors.build("full"),
+        ["a prompt"],
+        [0],
+        SamplerConfig(num_steps=args.start_step + 2, guidance_scale=4.5, progress=False),
+        reuse,
+    )  # warm-up
     rows = []
     for steps in args.steps:
         (full_s, full), (cached_s, cached) = timed(adapter, [make_full, make_cached], steps, args.repeats)
         speedup, macs = full_s / cached_s, full.macs / cached.macs
-        rows.append(dict(model=name, mode="eager", batch=1, steps=steps, strategy=label, tokens=full.num_tokens,
-                         full_s=full_s, pruned_s=cached_s, speedup=speedup, macs_ratio=macs, of_macs=speedup / macs,
-                         selection=0.0))
+        rows.append(
+            dict(
+                model=name,
+                mode="eager",
+                batch=1,
+                steps=steps,
+                strategy=label,
+                tokens=full.num_tokens,
+                full_s=full_s,
+                pruned_s=cached_s,
+                speedup=speedup,
+                macs_ratio=macs,
+                of_macs=speedup / macs,
+                selection=0.0,
+            )
+        )
         emit(rows[-1], args)
     return rows
 
 
-HEADER = ("model   mode              batch steps tokens strategy          full s  strat. s  speed-up  MACs ratio"
-          "  speed-up/MACs  selection share")
+HEADER = (
+    "model   mode              batch steps tokens strategy          full s  strat. s  speed-up  MACs ratio"
+    "  speed-up/MACs  selection share"
+)
 
 
 def _format(r: dict) -> str:
-    return (f"{r['model']:<7} {r['mode']:<17} {r['batch']:>5} {r['steps']:>5} {r['tokens']:>6} {r['strategy']:<16} "
-            f"{r['full_s']:>7.3f}  {r['pruned_s']:>8.3f}  {r['speedup']:>7.2f}x  {r['macs_ratio']:>9.2f}x  "
-            f"{100 * r['of_macs']:>12.0f}%  {100 * r['selection']:>14.1f}%")
+    return (
+        f"{r['model']:<7} {r['mode']:<17} {r['batch']:>5} {r['steps']:>5} {r['tokens']:>6} {r['strategy']:<16} "
+        f"{r['full_s']:>7.3f}  {r['pruned_s']:>8.3f}  {r['speedup']:>7.2f}x  {r['macs_ratio']:>9.2f}x  "
+        f"{100 * r['of_macs']:>12.0f}%  {100 * r['selection']:>14.1f}%"
+    )
 
 
 def markdown(rows: list[dict]) -> str:
     """The rows as the table of docs/performance.md."""
     names = {"sd3": "SD3-medium", "pixart": "PixArt-Σ", "flux": "FLUX.1-dev"}
     counted = any("forward_replays" in r for r in rows)
-    lines = ["| model | mode | batch | steps | strategy | full (s) | strategy (s) | speed-up | MACs ratio | "
-             "speed-up / MACs | selection share |" + (" graphs: forward, selection (captures / replays) |" if counted else ""),
-             "| --- " * (11 + counted) + "|"]
+    lines = [
+        "| model | mode | batch | steps | strategy | full (s) | strategy (s) | speed-up | MACs ratio | "
+        "speed-up / MACs | selection share |"
+        + (" graphs: forward, selection (captures / replays) |" if counted else ""),
+        "| --- " * (11 + counted) + "|",
+    ]
     for r in rows:
         graphs = ""
         if counted:
-            graphs = (f" {r['forward_captures']} / {r['forward_replays']}, {r['selection_captures']} / "
-                      f"{r['selection_replays']}{'; ' + '; '.join(r['refusals']) if r['refusals'] else ''} |"
-                      if "forward_replays" in r else " – |")
-        lines.append(f"| {names.get(r['model'], r['model'])} | {r['mode']} | {r['batch']} | {r['steps']} | "
-                     f"{r['strategy']} | {r['full_s']:.3f} | {r['pruned_s']:.3f} | {r['speedup']:.2f}× | "
-                     f"{r['macs_ratio']:.2f}× | {100 * r['of_macs']:.0f}% | {100 * r['selection']:.1f}% |" + graphs)
+            graphs = (
+                f" {r['forward_captures']} / {r['forward_replays']}, {r['selection_captures']} / "
+                f"{r['selection_replays']}{'; ' + '; '.join(r['refusals']) if r['refusals'] else ''} |"
+                if "forward_replays" in r
+                else " – |"
+            )
+        lines.append(
+            f"| {names.get(r['model'], r['model'])} | {r['mode']} | {r['batch']} | {r['steps']} | "
+            f"{r['strategy']} | {r['full_s']:.3f} | {r['pruned_s']:.3f} | {r['speedup']:.2f}× | "
+            f"{r['macs_ratio']:.2f}× | {100 * r['of_macs']:.0f}% | {100 * r['selection']:.1f}% |" + graphs
+        )
     return "\n".join(lines)
 
 
@@ -478,37 +652,61 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: float16 on CUDA, float32 on a CPU")
-    parser.add_argument("--models", "--family", dest="models", default="sd3,pixart",
-                        help="families, any of sd3, pixart, flux (comma-separated)")
+    parser.add_argument(
+        "--models",
+        "--family",
+        dest="models",
+        default="sd3,pixart",
+        help="families, any of sd3, pixart, flux (comma-separated)",
+    )
     parser.add_argument("--steps", default="28,50")
     parser.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES), help=f"any of {', '.join(STRATEGIES)}")
-    parser.add_argument("--batch", default=None,
-                        help="prompts per batch, e.g. 1,4 (beyond 1: full against cat only); default 1,4 on CUDA, 1 on a CPU")
+    parser.add_argument(
+        "--batch",
+        default=None,
+        help="prompts per batch, e.g. 1,4 (beyond 1: full against cat only); default 1,4 on CUDA, 1 on a CPU",
+    )
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--start-step", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time the blocks compiled by compile_pruned")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     parser.add_argument("--graphs", action="store_true", help="also time each forward replayed from CUDA graphs")
-    parser.add_argument("--modes", default=None,
-                        help=f"exactly these modes, any of {', '.join(MODES)} (instead of --compile / --graphs)")
+    parser.add_argument(
+        "--modes",
+        default=None,
+        help=f"exactly these modes, any of {', '.join(MODES)} (instead of --compile / --graphs)",
+    )
     parser.add_argument("--tiny", action="store_true", help="small shapes (1 block, 64 tokens): a smoke test")
     parser.add_argument("--hidden", type=int, default=0, help="width of a scaled model (multiple of 64)")
     parser.add_argument("--tokens", type=int, default=0, help="image tokens of a scaled model (a square)")
     parser.add_argument("--layers", type=int, default=4, help="blocks of a scaled model")
     parser.add_argument("--text-tokens", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--peers", action="store_true",
-                        help='also time cache-dit\'s DBCache against the full model (pip install "catlab[peers]")')
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help='also time cache-dit\'s DBCache against the full model (pip install "catlab[peers]")',
+    )
     parser.add_argument("--peer-threshold", type=float, default=0.24, help="cache-dit DBCache residual_diff_threshold")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file, at the end")
     parser.add_argument("--jsonl", default=None, help="append each row to this file as a JSON line, as it is measured")
-    parser.add_argument("--summarize", default=None, metavar="JSONL",
-                        help="instead of measuring: the table of the rows in this --jsonl file")
-    parser.add_argument("--macs-only", action="store_true",
-                        help="instead of timing: analytic MACs at each family's full size (built on the meta device)")
-    parser.add_argument("--count-ops", action="store_true",
-                        help="instead of timing: operators the host dispatches per generation, eager and graphed")
+    parser.add_argument(
+        "--summarize",
+        default=None,
+        metavar="JSONL",
+        help="instead of measuring: the table of the rows in this --jsonl file",
+    )
+    parser.add_argument(
+        "--macs-only",
+        action="store_true",
+        help="instead of timing: analytic MACs at each family's full size (built on the meta device)",
+    )
+    parser.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="instead of timing: operators the host dispatches per generation, eager and graphed",
+    )
     args = parser.parse_args(argv)
     if args.summarize:
         print(summarize(args.summarize))
@@ -539,20 +737,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     if args.macs_only:
-        print(f"analytic MACs of the transformer (selection not included), cat alpha={args.alpha} t0={args.start_step}")
+        print(
+            f"analytic MACs of the transformer (selection not included), cat alpha={args.alpha} t0={args.start_step}"
+        )
         print("model   steps tokens  text  kept rows  full step TMAC  pruned step TMAC  MACs ratio")
         return [r for name in args.models.split(",") for r in macs_only(name, args)]
     if args.count_ops:
-        print(f"host-dispatched operators (views left out), {args.steps[0]} steps, batch 1 with CFG, "
-              f"cat alpha={args.alpha} t0={args.start_step}; full depth, small width")
+        print(
+            f"host-dispatched operators (views left out), {args.steps[0]} steps, batch 1 with CFG, "
+            f"cat alpha={args.alpha} t0={args.start_step}; full depth, small width"
+        )
         print("model   layers strategy  mode     steps  per gen.   per step")
         rows = [r for name in args.models.split(",") for r in count_ops(name, args)]
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(dict(device=gpu, torch=torch.__version__, argv=argv or sys.argv[1:], rows=rows), f, indent=1)
         return rows
-    print(f"device {args.device} ({gpu}), torch {torch.__version__}, {args.dtype}, {torch.get_num_threads()} CPU threads, "
-          f"classifier-free guidance (FLUX: its guidance input, one branch); alpha={args.alpha}, t0={args.start_step}; modes: {', '.join(modes(args))}")
+    print(
+        f"device {args.device} ({gpu}), torch {torch.__version__}, {args.dtype}, "
+        f"{torch.get_num_threads()} CPU threads, classifier-free guidance (FLUX: its guidance input, one branch); "
+        f"alpha={args.alpha}, t0={args.start_step}; modes: {', '.join(modes(args))}"
+    )
     for s, m, why in EXCLUDED:
         if s in args.strategies and any(m in mode for mode in modes(args)):
             print(f"not in the {m} modes: {s} ({why})")

@@ -10,6 +10,7 @@ of minutes later. ``--import`` then imports the modules too (slower: torch, diff
     PYTHONPATH=$PWD python experiments/gpu_preflight.py            # exit 0: ready; 1: one line per missing module
     PYTHONPATH=$PWD python experiments/gpu_preflight.py --import   # ... and import them all
 """
+
 from __future__ import annotations
 
 import ast
@@ -24,12 +25,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the files the three parts of the check run, besides the package itself
-ENTRY_FILES = ["experiments/gpu_bench.py", "tests/conftest.py", "tests/test_graphs.py", "tests/test_sync.py",
-               "tests/test_diffusers_hooks.py", "tests/test_compile.py"]
+ENTRY_FILES = [
+    "experiments/gpu_bench.py",
+    "tests/conftest.py",
+    "tests/test_graphs.py",
+    "tests/test_sync.py",
+    "tests/test_diffusers_hooks.py",
+    "tests/test_compile.py",
+]
 OWN = {"catlab", "tests", "hydra_plugins", "experiments"}
 #: imported inside functions the checks call (not seen at module level)
-LAZY = {"sklearn": "catlab/selection/clustering.py", "scipy": "catlab/selection/clustering.py",
-        "torch_geometric": "catlab/selection/pooling.py"}
+LAZY = {
+    "sklearn": "catlab/selection/clustering.py",
+    "scipy": "catlab/selection/clustering.py",
+    "torch_geometric": "catlab/selection/pooling.py",
+}
 WHEELS = {"diffusers", "hydra", "omegaconf", "antlr4", "importlib_metadata"}
 
 
@@ -79,8 +89,11 @@ def _installed(dist: str) -> bool:
 
 
 def _source(name: str) -> str:
-    return "a wheel: pip download it into .whl/ on a machine with PyPI (docs/performance.md)" if name.replace("-", "_").lower() in WHEELS or \
-        name.lower() in {"hydra-core", "antlr4-python3-runtime"} else "not on this machine"
+    return (
+        "a wheel: pip download it into .whl/ on a machine with PyPI (docs/performance.md)"
+        if name.replace("-", "_").lower() in WHEELS or name.lower() in {"hydra-core", "antlr4-python3-runtime"}
+        else "not on this machine"
+    )
 
 
 def missing() -> list[str]:
@@ -90,8 +103,11 @@ def missing() -> list[str]:
     for path in files:
         for name in imported_packages(path):
             needed.setdefault(name, str(path.relative_to(ROOT)))
-    problems = [f"{name}: not installed (imported by {where}); {_source(name)}"
-                for name, where in sorted(needed.items()) if importlib.util.find_spec(name) is None]
+    problems = [
+        f"{name}: not installed (imported by {where}); {_source(name)}"
+        for name, where in sorted(needed.items())
+        if importlib.util.find_spec(name) is None
+    ]
     for name in sorted(needed):
         if importlib.util.find_spec(name) is None:
             continue
@@ -105,8 +121,16 @@ def import_all() -> list[str]:
     """Import the package's modules the checks use and the benchmark; one line per failure."""
     problems = []
     sys.path.insert(0, str(ROOT))
-    for name in ["catlab", "catlab.sampler", "catlab.run", "catlab.pruning.graphs", "catlab.testing",
-                 "tests.conftest", "tests.test_graphs", "tests.test_sync"]:
+    for name in [
+        "catlab",
+        "catlab.sampler",
+        "catlab.run",
+        "catlab.pruning.graphs",
+        "catlab.testing",
+        "tests.conftest",
+        "tests.test_graphs",
+        "tests.test_sync",
+    ]:
         try:
             importlib.import_module(name)
         except Exception as err:  # noqa: BLE001 - any failure to import is what this reports
@@ -117,7 +141,9 @@ def import_all() -> list[str]:
     try:
         spec.loader.exec_module(module)
     except Exception as err:  # noqa: BLE001
-        problems.append(f"experiments/gpu_bench.py: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        problems.append(
+            f"experiments/gpu_bench.py: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        )
     return problems
 
 
@@ -132,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print("gpu_preflight: install what is missing first (docs/performance.md, 'The GPU checks')", file=sys.stderr)
         return 1
-    print(f"gpu_preflight: every module the checks import is here ({time.perf_counter() - start:.1f} s"
-          f"{', imported' if '--import' in argv else ''})")
+    print(
+        f"gpu_preflight: every module the checks import is here ({time.perf_counter() - start:.1f} s"
+        f"{', imported' if '--import' in argv else ''})"
+    )
     return 0
 
 

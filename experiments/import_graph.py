@@ -15,6 +15,7 @@ design) and is left out. Run::
 
     python experiments/import_graph.py          # prints the findings; exit status 1 if any
 """
+
 from __future__ import annotations
 
 import ast
@@ -47,8 +48,9 @@ def module_name(path: Path, root: Path = ROOT) -> str:
 
 def _type_checking(node: ast.If) -> bool:
     test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
-        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def imports_of(path: Path, modules: set[str], root: Path = ROOT) -> set[str]:
@@ -68,7 +70,9 @@ def imports_of(path: Path, modules: set[str], root: Path = ROOT) -> set[str]:
             elif isinstance(child, ast.ImportFrom):
                 base = child.module or ""
                 if child.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - child.level + 1] + ([base] if base else []))
+                    base = ".".join(
+                        package.split(".")[: len(package.split(".")) - child.level + 1] + ([base] if base else [])
+                    )
                 if base.split(".")[0] != "catlab":
                     continue
                 for alias in child.names:

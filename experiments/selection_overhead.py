@@ -24,6 +24,7 @@ with the selection replayed from graphs where the selector allows it (the last s
 on a GPU at batch 1 each is a kernel launch, and their number, not their FLOPs,
 sets the selection's wall-clock share. ``tests/test_selection_ops.py`` bounds them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,10 @@ def measure(adapter, name: str, steps: int, batch: int, repeats: int) -> dict[st
 
 def print_ops(names: list[str]) -> None:
     """Operators per pruned step at 256 and 4096 tokens (SD3-medium's), eager and with graphed selection."""
-    print(f"{'selector':<16}{'first pruned step':>18}{'later steps':>13}{'later, 4096 tokens':>20}"
-          f"{'later, graphed':>16}   most frequent")
+    print(
+        f"{'selector':<16}{'first pruned step':>18}{'later steps':>13}{'later, 4096 tokens':>20}"
+        f"{'later, graphed':>16}   most frequent"
+    )
     for name in names:
         spec = name if name == "full" else {"name": name, "start_step": 3}
         if name not in ("full", "budget_schedule"):
@@ -80,8 +83,10 @@ def print_ops(names: list[str]) -> None:
             rows.append([sum(c.values()) for _, c in sorted(counts.items())] or [0, 0])
         later = selection_ops(selectors.build(spec), grid=(16, 16), num_steps=14)
         common = sorted(later[max(later)].items(), key=lambda kv: -kv[1])[:3] if later else []
-        print(f"{name:<16}{rows[0][0]:>18}{max(rows[0][1:] or [0]):>13}{max(rows[1][1:] or [0]):>20}"
-              f"{rows[2][-1]:>16}   " + ", ".join(f"{op.removeprefix('aten.')} {n}" for op, n in common))
+        print(
+            f"{name:<16}{rows[0][0]:>18}{max(rows[0][1:] or [0]):>13}{max(rows[1][1:] or [0]):>20}"
+            f"{rows[2][-1]:>16}   " + ", ".join(f"{op.removeprefix('aten.')} {n}" for op, n in common)
+        )
 
 
 def main() -> None:
@@ -98,8 +103,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.ops:
-        print_ops(sorted(selectors.names()) if args.selectors == parser.get_default("selectors")
-                  else args.selectors.split(","))
+        print_ops(
+            sorted(selectors.names())
+            if args.selectors == parser.get_default("selectors")
+            else args.selectors.split(",")
+        )
         return
 
     for size in args.sizes.split(","):
@@ -108,8 +116,10 @@ def main() -> None:
         adapter = TinySD3(**kw)
         tokens = (kw["height"] // kw["patch"]) * (kw["width"] // kw["patch"])
         scale = SD3_MEDIUM_LAYERS / kw["num_layers"] if size == "sd3_width" else None
-        print(f"\n{size}: {tokens} tokens, {kw['num_layers']} blocks of width {kw['num_heads'] * kw['head_dim']}, "
-              f"{args.steps} steps, batch {args.batch}, CFG on, torch threads {torch.get_num_threads()}")
+        print(
+            f"\n{size}: {tokens} tokens, {kw['num_layers']} blocks of width {kw['num_heads'] * kw['head_dim']}, "
+            f"{args.steps} steps, batch {args.batch}, CFG on, torch threads {torch.get_num_threads()}"
+        )
         header = f"{'selector':<16}{'denoise s':>10}{'first ms':>10}{'step ms':>9}{'share':>8}"
         print(header + (f"{'share@24 blocks':>17}" if scale else ""))
         for name in args.selectors.split(","):

@@ -17,6 +17,7 @@ token indices of every pruned step, prints per selector:
     python experiments/selection_stats.py                      # the 32×32 model (256 tokens)
     python experiments/selection_stats.py --model embedded_64  # the 64×64 model (1024 tokens)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,13 @@ def stats(indices: list[torch.Tensor | None], grid: tuple[int, int]) -> dict[str
     neighbours = F.conv2d(F.pad(img, (1, 1, 1, 1), value=1.0), kernel)  # border counts as recomputed
     clumped = ((neighbours == 4) & (img > 0)).sum() / img.sum()
     longest = wait.amax(1)
-    return {"cv": float((counts.std(1) / counts.mean(1)).mean()), "wait": float(longest.mean()),
-            "max": float(longest.max()), "never": float((counts == 0).float().mean()), "clumped": float(clumped)}
+    return {
+        "cv": float((counts.std(1) / counts.mean(1)).mean()),
+        "wait": float(longest.mean()),
+        "max": float(longest.max()),
+        "never": float((counts == 0).float().mean()),
+        "clumped": float(clumped),
+    }
 
 
 def main() -> None:
@@ -64,7 +70,9 @@ def main() -> None:
     adapter = build_model(MODELS[args.model])
     prompts = heldout_scenes(args.n)[1]
     cfg = SamplerConfig(num_steps=args.steps, progress=False)
-    print(f"{args.model}: {adapter.grid[0]}×{adapter.grid[1]} tokens, {args.n} prompts, {args.steps} steps, α 0.3, t0 8")
+    print(
+        f"{args.model}: {adapter.grid[0]}×{adapter.grid[1]} tokens, {args.n} prompts, {args.steps} steps, α 0.3, t0 8"
+    )
     print("| selector | cv | wait (steps) | max wait | never | clumped | clusters |")
     print("|---|---|---|---|---|---|---|")
     for name in args.selectors.split(","):
@@ -76,8 +84,10 @@ def main() -> None:
         if labels is not None:
             c = int(labels.max()) + 1
             clusters = f"{c} (~{labels.shape[1] / c:.0f} tokens)"
-        print(f"| {name} | {s['cv']:.2f} | {s['wait']:.1f} | {s['max']:.0f} | {s['never']:.1%} | {s['clumped']:.1%} "
-              f"| {clusters} |")
+        print(
+            f"| {name} | {s['cv']:.2f} | {s['wait']:.1f} | {s['max']:.0f} | {s['never']:.1%} | {s['clumped']:.1%} "
+            f"| {clusters} |"
+        )
 
 
 if __name__ == "__main__":

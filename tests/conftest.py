@@ -1,4 +1,5 @@
 """Shared fixtures: tiny SD3 and PixArt transformers built from configs with seeded weights."""
+
 from __future__ import annotations
 
 import os
@@ -58,7 +59,15 @@ def run_cli(*overrides: str, tmp_path: Path, module: str = "catlab.run", check: 
     run_dir = tmp_path / "run"
     flags = [o for o in overrides if o.startswith("-")]
     rest = [o for o in overrides if not o.startswith("-")]
-    cmd = [sys.executable, "-m", module, *flags, f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={tmp_path / 'sweep'}", *rest]
+    cmd = [
+        sys.executable,
+        "-m",
+        module,
+        *flags,
+        f"hydra.run.dir={run_dir}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        *rest,
+    ]
     env = {**os.environ, "WANDB_SILENT": "true", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
@@ -89,8 +98,9 @@ class Generation:
         return self.full_step_macs * len(self.step_macs) / max(self.macs, 1)
 
 
-def generate(adapter, policy, prompts, seeds, *, num_steps=28, guidance_scale=7.0, reuse=None, step_cache=None,
-             kv_reuse=None) -> Generation:
+def generate(
+    adapter, policy, prompts, seeds, *, num_steps=28, guidance_scale=7.0, reuse=None, step_cache=None, kv_reuse=None
+) -> Generation:
     """:func:`catlab.sampler.sample` with every MAC counted as it runs."""
     from catlab.sampler import SamplerConfig, StepReuse, calibrate, sample
 

@@ -10,6 +10,7 @@ output file, and the state a command leaves behind that the next could trip on i
 cleared: Hydra's global instance, logging handlers, the working directory, the
 environment, torch's thread count.
 """
+
 from __future__ import annotations
 
 import json
@@ -77,9 +78,10 @@ def run_one(job: dict) -> int:
 
 def main() -> None:
     reply = os.fdopen(os.dup(1), "w")
-    import torch  # noqa: F401  (the imports every command shares, paid once)
-    import catlab.builders  # noqa: F401
     import diffusers  # noqa: F401
+    import torch  # noqa: F401  (the imports every command shares, paid once)
+
+    import catlab.builders  # noqa: F401
 
     for line in sys.stdin:
         if line.strip():

@@ -4,6 +4,7 @@ Each takes an adapter and stacked inputs ``x`` (one row per guidance branch and 
 with their conditioning; a selection is one shuffled order of every token per sample, shared by the
 sample's guidance rows.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace

@@ -15,6 +15,7 @@ same latents and the same MACs per step.
 | probes            | atedm_reuse (attention maps of a probe layer) |
 | in-step engine    | atedm                                         |
 """
+
 from __future__ import annotations
 
 import gc
@@ -39,49 +40,104 @@ TABLE = {
     "random": ({"name": "random", **PRUNED}, lambda: StepReuse(), {}, True),
     "cat": ({"name": "cat", **PRUNED}, lambda: StepReuse(), {}, True),
     "reuse rule": ({"name": "noise", **PRUNED}, lambda: StepReuse(rule=reuses.build("taylor")), {}, False),
-    "step cache": ({"name": "random", **PRUNED},
-                   lambda: StepReuse(rule=reuses.build("taylor"),
-                                     step_cache=stepcaches.build({"name": "taylorseer", "cache_interval": 2})), {}, False),
-    "reuse rule, sigma time": ({"name": "noise", **PRUNED}, lambda: StepReuse(rule=reuses.build("taylor"), time="sigma"),
-                               {}, False),
+    "step cache": (
+        {"name": "random", **PRUNED},
+        lambda: StepReuse(
+            rule=reuses.build("taylor"), step_cache=stepcaches.build({"name": "taylorseer", "cache_interval": 2})
+        ),
+        {},
+        False,
+    ),
+    "reuse rule, sigma time": (
+        {"name": "noise", **PRUNED},
+        lambda: StepReuse(rule=reuses.build("taylor"), time="sigma"),
+        {},
+        False,
+    ),
     "K/V reuse": ({"name": "random", **PRUNED}, lambda: StepReuse(kv=reuses.build("taylor")), {}, True),
     "MAC count": ({"name": "noise", **PRUNED}, lambda: StepReuse(), {"count_macs": True}, True),
-    "SKIP step": ({"name": "budget_schedule", "start_step": 2, "inner": "random", "pattern": [1, 0.5, 0]},
-                  lambda: StepReuse(), {}, True),
-    "SKIP step, taylor": ({"name": "budget_schedule", "start_step": 2, "inner": "random", "pattern": [1, 0.5, 0]},
-                          lambda: StepReuse(rule=reuses.build("taylor")), {}, False),
+    "SKIP step": (
+        {"name": "budget_schedule", "start_step": 2, "inner": "random", "pattern": [1, 0.5, 0]},
+        lambda: StepReuse(),
+        {},
+        True,
+    ),
+    "SKIP step, taylor": (
+        {"name": "budget_schedule", "start_step": 2, "inner": "random", "pattern": [1, 0.5, 0]},
+        lambda: StepReuse(rule=reuses.build("taylor")),
+        {},
+        False,
+    ),
     "CUDA-graph flag": ({"name": "cat", **PRUNED}, lambda: StepReuse(), {"cuda_graphs": True}, True),
     "probes": ({"name": "atedm_reuse", **PRUNED, "attention_layers": [1]}, lambda: StepReuse(), {}, True),
-    "in-step engine": ({"name": "atedm", "alpha": 0.5, "start_step": 2, "prune_layers": [0]}, lambda: StepReuse(), {},
-                       True),
+    "in-step engine": (
+        {"name": "atedm", "alpha": 0.5, "start_step": 2, "prune_layers": [0]},
+        lambda: StepReuse(),
+        {},
+        True,
+    ),
 }
 
 
 def _sd3(adapter):
-    pipe = StableDiffusion3Pipeline(transformer=adapter.transformer, scheduler=adapter.make_scheduler(), vae=None,
-                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                                    text_encoder_3=None, tokenizer_3=None)
+    pipe = StableDiffusion3Pipeline(
+        transformer=adapter.transformer,
+        scheduler=adapter.make_scheduler(),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
     c = adapter.encode(PROMPTS, True).kwargs
     e, p = c["encoder_hidden_states"], c["pooled_projections"]
 
     def call():
-        return pipe(prompt_embeds=e[2:], pooled_prompt_embeds=p[2:], negative_prompt_embeds=e[:2],
-                    negative_pooled_prompt_embeds=p[:2], num_inference_steps=STEPS, height=128, width=128,
-                    guidance_scale=SCALE, output_type="latent", latents=adapter.initial_latents(SEEDS)).images
+        return pipe(
+            prompt_embeds=e[2:],
+            pooled_prompt_embeds=p[2:],
+            negative_prompt_embeds=e[:2],
+            negative_pooled_prompt_embeds=p[:2],
+            num_inference_steps=STEPS,
+            height=128,
+            width=128,
+            guidance_scale=SCALE,
+            output_type="latent",
+            latents=adapter.initial_latents(SEEDS),
+        ).images
+
     return pipe, call
 
 
 def _pixart(adapter):
-    pipe = PixArtSigmaPipeline(transformer=adapter.transformer, scheduler=adapter.make_scheduler(), vae=None,
-                               text_encoder=None, tokenizer=None)
+    pipe = PixArtSigmaPipeline(
+        transformer=adapter.transformer,
+        scheduler=adapter.make_scheduler(),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+    )
     c = adapter.encode(PROMPTS, True).kwargs
     e, m = c["encoder_hidden_states"], c["encoder_attention_mask"]
 
     def call():
-        return pipe(prompt_embeds=e[2:], prompt_attention_mask=m[2:], negative_prompt=None,
-                    negative_prompt_embeds=e[:2], negative_prompt_attention_mask=m[:2], num_inference_steps=STEPS,
-                    height=128, width=128, guidance_scale=SCALE, output_type="latent", use_resolution_binning=False,
-                    latents=adapter.initial_latents(SEEDS)).images
+        return pipe(
+            prompt_embeds=e[2:],
+            prompt_attention_mask=m[2:],
+            negative_prompt=None,
+            negative_prompt_embeds=e[:2],
+            negative_prompt_attention_mask=m[:2],
+            num_inference_steps=STEPS,
+            height=128,
+            width=128,
+            guidance_scale=SCALE,
+            output_type="latent",
+            use_resolution_binning=False,
+            latents=adapter.initial_latents(SEEDS),
+        ).images
+
     return pipe, call
 
 
@@ -132,7 +188,9 @@ def test_no_reference_cycle_keeps_a_generations_buffers():
         live = sum(isinstance(o, BufferPool) for o in gc.get_objects())
         pipe, call = _sd3(adapter)
         for _ in range(2):
-            enable_pruning(pipe, selectors.build({"name": "random", **PRUNED}), reuse=StepReuse(kv=reuses.build("taylor")))
+            enable_pruning(
+                pipe, selectors.build({"name": "random", **PRUNED}), reuse=StepReuse(kv=reuses.build("taylor"))
+            )
             call()
             disable_pruning(pipe)
         live += sum(isinstance(o, BufferPool) for o in gc.get_objects())
@@ -170,6 +228,10 @@ def test_the_composition_is_checked_once_from_declared_capabilities():
             enable_pruning(_sd3(adapter)[0], selectors.build(spec), reuse=parts)
     sample(adapter, selectors.build({"name": "random", **PRUNED}), PROMPTS, SEEDS, cfg, Squared())  # after guidance
     with pytest.raises(CompositionError, match="row by row"):  # a stock pipeline shows it the stacked rows
-        PruningSession(adapter.transformer, selectors.build({"name": "random", **PRUNED}), StepReuse(rule=Squared()),
-                       rows_stacked=True)
+        PruningSession(
+            adapter.transformer,
+            selectors.build({"name": "random", **PRUNED}),
+            StepReuse(rule=Squared()),
+            rows_stacked=True,
+        )
     assert not any(hook_names(m) for m in adapter.transformer.modules())  # a refusal leaves nothing installed

@@ -1,4 +1,5 @@
 """``selector=atedm``: AT-EDM's in-step progressive pruning really runs fewer tokens, and restores them."""
+
 from __future__ import annotations
 
 import pytest
@@ -79,7 +80,11 @@ def test_copy_recovery_output_has_only_kept_values():
     patch = a.transformer.config.patch_size
     out = engine_outputs[-1]  # (rows, C, H, W) of the pruned step
     rows, c, h, w = out.shape
-    tokens = out.reshape(rows, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5).reshape(rows, -1, c * patch**2)
+    tokens = (
+        out.reshape(rows, c, h // patch, patch, w // patch, patch)
+        .permute(0, 2, 4, 1, 3, 5)
+        .reshape(rows, -1, c * patch**2)
+    )
     for row in tokens:
         assert len(torch.unique(row, dim=0)) == 16
 

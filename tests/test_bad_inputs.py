@@ -1,4 +1,5 @@
 """Bad input through the command line: one line naming what is wrong, before compute, and no empty run left behind."""
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,15 @@ def test_bad_input_is_one_line_and_leaves_no_run_directory(tmp_path, what, overr
 def test_a_model_the_selector_cannot_prune_is_one_line_and_leaves_nothing(tmp_path):
     """In-step AT-EDM on PixArt is refused once the model is built, before compute and before a W&B run starts:
     one line, and no run folder."""
-    proc, run_dir = run_cli("sampler.num_steps=10", "sampler.progress=false", "logger=wandb", "model=tiny_pixart",
-                            "selector=atedm", tmp_path=tmp_path, check=False)
+    proc, run_dir = run_cli(
+        "sampler.num_steps=10",
+        "sampler.progress=false",
+        "logger=wandb",
+        "model=tiny_pixart",
+        "selector=atedm",
+        tmp_path=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("catlab: config error: selector atedm prunes inside") and "use selector=atedm_reuse" in last
@@ -76,8 +84,16 @@ def test_clusters_say_when_the_count_is_not_the_configured_one(caplog):
 
 @pytest.mark.slow
 def test_a_sweep_goes_on_past_a_failed_job_and_summarises_every_job(tmp_path):
-    proc, _ = run_cli("-m", *FAST, "sampler.num_steps=3", "selector.start_step=1", "num_images=1",
-                      "clusterer.num_clusters=0,20", tmp_path=tmp_path, check=False)
+    proc, _ = run_cli(
+        "-m",
+        *FAST,
+        "sampler.num_steps=3",
+        "selector.start_step=1",
+        "num_images=1",
+        "clusterer.num_clusters=0,20",
+        tmp_path=tmp_path,
+        check=False,
+    )
     assert proc.returncode != 0 and "1 of 2 sweep jobs failed" in proc.stderr
     rows = (tmp_path / "sweep" / "summary.md").read_text().splitlines()[4:]
     assert "clusterer.num_clusters=0" in rows[0] and "failed: catlab: config error" in rows[0]

@@ -1,4 +1,5 @@
 """cache-dit's DBCache and DBPrune as catlab step caches: applied through the sampler, counted, removed cleanly."""
+
 from __future__ import annotations
 
 import subprocess
@@ -36,6 +37,7 @@ def full_runs(models):
         if family not in cache:
             cache[family] = generate(models[family], selectors.build("full"), PROMPTS, SEEDS, num_steps=STEPS)
         return cache[family]
+
     return get
 
 
@@ -48,8 +50,11 @@ def _forward(adapter):
 
 def _state(t):
     """What a cache could leave behind: instance attributes of the transformer and its block list, weights."""
-    return set(t.__dict__) - {"_diffusers_hook"}, set(t.transformer_blocks.__dict__), \
-        {k: v.clone() for k, v in t.state_dict().items()}
+    return (
+        set(t.__dict__) - {"_diffusers_hook"},
+        set(t.transformer_blocks.__dict__),
+        {k: v.clone() for k, v in t.state_dict().items()},
+    )
 
 
 def _run(model, spec, **over):
@@ -68,8 +73,11 @@ CACHES = [
 ]
 
 
-@pytest.mark.parametrize("family, spec", CACHES, ids=lambda x: x if isinstance(x, str) else
-                         x["name"] + ("_" + x["calibrator"] if "calibrator" in x else ""))
+@pytest.mark.parametrize(
+    "family, spec",
+    CACHES,
+    ids=lambda x: x if isinstance(x, str) else x["name"] + ("_" + x["calibrator"] if "calibrator" in x else ""),
+)
 def test_cachedit_skips_counted_work_and_removes_cleanly(models, full_runs, family, spec):
     model = models[family]
     t = model.transformer
@@ -94,14 +102,18 @@ def test_cachedit_skips_counted_work_and_removes_cleanly(models, full_runs, fami
 def test_state_is_reset_per_generation(models):
     """Two generations with one cache: the same images and steps (no residual or counter carried over)."""
     model, cache = models["sd3"], stepcaches.build({"name": "cachedit_dbprune", "threshold": 0.9, "start_step": START})
-    runs = [generate(model, selectors.build("full"), PROMPTS, SEEDS, num_steps=STEPS, step_cache=cache) for _ in range(2)]
+    runs = [
+        generate(model, selectors.build("full"), PROMPTS, SEEDS, num_steps=STEPS, step_cache=cache) for _ in range(2)
+    ]
     assert torch.equal(runs[0].images, runs[1].images) and runs[0].step_macs == runs[1].step_macs
 
 
 def test_taylorseer_calibrator_changes_the_reused_residual(models):
     """Same steps reused; TaylorSeer forecasts the residual (it needs 4 computed steps for a first derivative)."""
-    runs = [_run(models["sd3"], {"name": "cachedit_dbcache", "calibrator": c}, threshold=0.9, start_step=4)[0]
-            for c in (None, "taylorseer")]
+    runs = [
+        _run(models["sd3"], {"name": "cachedit_dbcache", "calibrator": c}, threshold=0.9, start_step=4)[0]
+        for c in (None, "taylorseer")
+    ]
     assert runs[0].step_macs == runs[1].step_macs
     assert not torch.equal(runs[0].images, runs[1].images)
 
@@ -170,5 +182,6 @@ def test_without_cache_dit_catlab_imports_and_the_config_fails_in_one_line():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == ("step cache 'cachedit_dbcache' needs cache-dit, which is not installed: "
-                                  'pip install "catlab[peers]"')
+    assert out.stdout.strip() == (
+        "step cache 'cachedit_dbcache' needs cache-dit, which is not installed: pip install \"catlab[peers]\""
+    )

@@ -11,9 +11,10 @@ the *counted* set (what enters the staleness counts) and the *padding* (tokens t
 compiled path also recomputes), plus how many padding entries repeated a counted
 token.
 """
+
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ CAT = {"name": "cat"}  # its default parts and quotas are the authors' compiled 
 EAGER = {"name": "cat_reference", "pad": "none", "cluster_stale_from": 2, "best_cluster_stale": False}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _golden(path: str, grid: tuple[int, int]) -> dict:
     z = np.load(GOLDEN / f"cat_reference_{path}_{grid[0]}x{grid[1]}.npz")
     n = grid[0] * grid[1]
@@ -42,17 +43,25 @@ def _golden(path: str, grid: tuple[int, int]) -> dict:
         return torch.from_numpy(np.unpackbits(z[key], axis=1)[:, :n].astype(bool))
 
     steps = [int(s) for s in z["steps"]]
-    return {seed: {"steps": steps, "counted": masks(f"seed{seed}_counted"), "padding": masks(f"seed{seed}_padding"),
-                   "duplicates": z[f"seed{seed}_duplicates"].tolist()} for seed in SEEDS}
+    return {
+        seed: {
+            "steps": steps,
+            "counted": masks(f"seed{seed}_counted"),
+            "padding": masks(f"seed{seed}_padding"),
+            "duplicates": z[f"seed{seed}_duplicates"].tolist(),
+        }
+        for seed in SEEDS
+    }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _outputs(seed: int, grid: tuple[int, int]) -> torch.Tensor:
     return make_outputs(seed, grid, channels=min(64, grid[0]))
 
 
 def _run(cfg: dict, grid: tuple[int, int], seeds: tuple[int, ...]):
-    """Drive ``cat_reference`` over the golden inputs of ``seeds`` as one batch (CFG rows stacked, unconditional first).
+    """Drive ``cat_reference`` over the golden inputs of ``seeds`` as one batch (CFG rows stacked, unconditional
+    first).
 
     Returns ``{step: (counted (B, N) bool, selected (B, N) bool, width)}``.
     """
@@ -71,8 +80,9 @@ def _run(cfg: dict, grid: tuple[int, int], seeds: tuple[int, ...]):
     torch.set_num_threads(1)
     try:
         with threadpool_limits(1):  # scikit-learn's KMeans on one thread, as the golden files were made
-            simulate(policy, grid, NUM_STEPS, batch=len(seeds), outputs=lambda step: stacked[step - 1],
-                     on_select=record)
+            simulate(
+                policy, grid, NUM_STEPS, batch=len(seeds), outputs=lambda step: stacked[step - 1], on_select=record
+            )
     finally:
         torch.set_num_threads(threads)
     return got
@@ -107,7 +117,7 @@ def test_compiled_path_64x64(seed, cfg):
 
 @pytest.mark.parametrize("grid", [(64, 64), (32, 32), (16, 16)])
 def test_eager_path(grid):
-    """``pad=none, cluster_stale_from=2, best_cluster_stale=False`` = the eager path: every set exact, on every grid."""
+    """``pad=none, cluster_stale_from=2, best_cluster_stale=False`` = the eager path: every set exact on every grid."""
     gold = _golden("eager", grid)
     for seed in SEEDS:
         got = _run(EAGER, grid, (seed,))
@@ -158,8 +168,12 @@ def _closed_loop(cfg: dict, seed: int, grid=(64, 64)):
 
     def record(step, _, idx):
         state["idx"] = idx
-        got[step] = (policy.counted[0].clone(), torch.zeros(n, dtype=torch.bool).scatter_(0, idx[0], True),
-                     int(idx[0].unique().numel()), idx.shape[1])
+        got[step] = (
+            policy.counted[0].clone(),
+            torch.zeros(n, dtype=torch.bool).scatter_(0, idx[0], True),
+            int(idx[0].unique().numel()),
+            idx.shape[1],
+        )
 
     def outputs(step):
         if step == 1 or state["out"] is None:
@@ -207,7 +221,9 @@ def test_distinct_padding_computes_other_tokens_than_the_authors():
     """
     gold = _golden("compiled_closed", (64, 64))[0]
     got = _closed_loop(COMPILED, 0)
-    extra = [int((got[step][1] & ~(gold["counted"][r] | gold["padding"][r])).sum()) for r, step in enumerate(gold["steps"])]
+    extra = [
+        int((got[step][1] & ~(gold["counted"][r] | gold["padding"][r])).sum()) for r, step in enumerate(gold["steps"])
+    ]
     assert extra == gold["duplicates"] and sum(extra) == 9
 
 

@@ -1,4 +1,5 @@
 """``python -m catlab.run`` end to end: outputs, multirun, and errors before compute."""
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,14 @@ def test_multirun_writes_one_directory_per_job(tmp_path):
 
 @pytest.mark.slow
 def test_wandb_logger_runs_offline(tmp_path):
-    _, run_dir = run_cli("selector=random", "selector.start_step=2", "sampler.num_steps=4", "sampler.progress=false",
-                         "logger=wandb", tmp_path=tmp_path)
+    _, run_dir = run_cli(
+        "selector=random",
+        "selector.start_step=2",
+        "sampler.num_steps=4",
+        "sampler.progress=false",
+        "logger=wandb",
+        tmp_path=tmp_path,
+    )
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     # the offline run (what `wandb sync` uploads) holds the run's config, its metrics and its sample grid
@@ -50,7 +57,10 @@ def test_wandb_logger_runs_offline(tmp_path):
 
 
 BAD_CONFIGS = [
-    ("+selector.alpah=0.3", "selector 'random' has no config key(s) ['alpah']; allowed: ['alpha', 'seed', 'start_step']"),
+    (
+        "+selector.alpah=0.3",
+        "selector 'random' has no config key(s) ['alpah']; allowed: ['alpha', 'seed', 'start_step']",
+    ),
     ("selector.alpah=0.3", "Key 'alpah' is not in struct"),
     ("sampler.num_step=3", "Key 'num_step' not in 'SamplerConfig'"),
     ("selector.alpha=1.5", "alpha must be in (0, 1]"),
@@ -81,8 +91,10 @@ def test_bad_config_is_named_before_compute(override, message):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override, message", [
-    BAD_CONFIGS[0], ("selector=nope", "catlab: unknown option 'selector=nope' (did you mean 'selector=noise'?)")])
+@pytest.mark.parametrize(
+    "override, message",
+    [BAD_CONFIGS[0], ("selector=nope", "catlab: unknown option 'selector=nope' (did you mean 'selector=noise'?)")],
+)
 def test_cli_exits_nonzero_with_the_message(tmp_path, override, message):
     proc, run_dir = run_cli("selector=random", override, *FAST, tmp_path=tmp_path, check=False)
     assert proc.returncode != 0

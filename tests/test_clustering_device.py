@@ -1,4 +1,5 @@
 """scikit-learn's KMeans re-done in torch (`kmeans_matched`), and `cat`'s default clusterer (`auto`)."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,7 +12,7 @@ from catlab.selection.clustering import cluster_features, cluster_means
 
 @pytest.mark.parametrize("n, channels, c", [(256, 4, 20), (1024, 16, 20), (576, 8, 5)])
 def test_kmeans_matched_gives_scikit_learns_labels(n, channels, c):
-    side = int(n ** 0.5)
+    side = int(n**0.5)
     noise = torch.randn(3, n, channels, generator=torch.Generator().manual_seed(n))
     features = cluster_features(noise, (side, side), 0.05)
     with threadpool_limits(1):

@@ -3,6 +3,7 @@
 The graph checks use the ``aot_eager`` backend (tracing and functionalisation
 without code generation), so they run in seconds on a CPU.
 """
+
 from __future__ import annotations
 
 import os
@@ -114,8 +115,10 @@ def test_compiled_blocks_under_a_stock_pipeline():
 
 def inductor(test):
     """Opt-in: a cold inductor compile is slow on a small CPU."""
-    reason = ("inductor test: a cold inductor compile of even the tiny model took ~65 s on a 2-core CI machine; "
-              "set CATLAB_TEST_INDUCTOR=1 to run it")
+    reason = (
+        "inductor test: a cold inductor compile of even the tiny model took ~65 s on a 2-core CI machine; "
+        "set CATLAB_TEST_INDUCTOR=1 to run it"
+    )
     return pytest.mark.inductor(pytest.mark.skipif(os.environ.get("CATLAB_TEST_INDUCTOR") != "1", reason=reason)(test))
 
 
@@ -141,8 +144,12 @@ def test_inductor_kernels_inside_graphed_execution_match_eager():
     eager = sample(adapter, Random(alpha=0.3, start_step=2), ["a red circle"], [0], SamplerConfig(**cfg)).latents
     compile_pruned(adapter)
     with emulate_on_cpu():
-        graphed = [sample(adapter, Random(alpha=0.3, start_step=2), ["a red circle"], [0],
-                          SamplerConfig(cuda_graphs=True, **cfg)).latents for _ in range(2)]
+        graphed = [
+            sample(
+                adapter, Random(alpha=0.3, start_step=2), ["a red circle"], [0], SamplerConfig(cuda_graphs=True, **cfg)
+            ).latents
+            for _ in range(2)
+        ]
     uncompile(adapter)
     store = graphs_of(adapter.transformer)
     assert store.captures == 2 and not store.refused and all(key[2] for key in store.graphs)  # compiled keys
@@ -150,12 +157,14 @@ def test_inductor_kernels_inside_graphed_execution_match_eager():
         torch.testing.assert_close(latents, eager, atol=1e-3, rtol=1e-3)
 
 
-
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(mode="reduce-overhead"), "mode='reduce-overhead'"),
-    (dict(mode="max-autotune"), "mode='max-autotune-no-cudagraphs' is the same without them"),
-    (dict(options={"triton.cudagraphs": True}), "triton.cudagraphs"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(mode="reduce-overhead"), "mode='reduce-overhead'"),
+        (dict(mode="max-autotune"), "mode='max-autotune-no-cudagraphs' is the same without them"),
+        (dict(options={"triton.cudagraphs": True}), "triton.cudagraphs"),
+    ],
+)
 def test_every_mode_that_turns_on_inductors_cuda_graphs_is_refused(kwargs, words):
     with pytest.raises(ValueError, match="cuda_graphs=true") as err:
         compile_pruned(tiny_sd3(), **kwargs)
@@ -163,7 +172,6 @@ def test_every_mode_that_turns_on_inductors_cuda_graphs_is_refused(kwargs, words
 
 
 def test_inductor_graphs_are_switched_off_and_the_recompile_limit_covers_the_family(monkeypatch):
-    from catlab.pruning.compile import recompiles_needed
 
     seen = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append(kw))

@@ -5,6 +5,7 @@ A YAML named after its component (``conf/selector/cat.yaml``) documents them and
 must agree; a YAML with another name is a preset (``conf/reuse/taylor2.yaml``,
 ``conf/model/sd3_medium.yaml``) and may set any of the component's fields.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,7 +38,9 @@ def _default(field: dataclasses.Field):
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_component_has_a_config(group):
     named = {cfg.get("name") for cfg in _yamls(group).values()}
-    assert set(REGISTRIES[group].names()) <= named, f"conf/{group}/ lacks a YAML for {set(REGISTRIES[group].names()) - named}"
+    assert set(REGISTRIES[group].names()) <= named, (
+        f"conf/{group}/ lacks a YAML for {set(REGISTRIES[group].names()) - named}"
+    )
 
 
 @pytest.mark.parametrize("group, stem", [(g, s) for g in GROUPS for s in _yamls(g)])
@@ -52,7 +55,9 @@ def test_config_keys_are_fields_and_defaults_agree(group, stem):
     for key, value in cfg.items():
         if isinstance(value, str) and (value == "???" or value.startswith("${")):
             continue  # mandatory, or taken from another config key
-        assert value == _default(fields[key]), f"conf/{group}/{stem}.yaml: {key}={value!r}, code default {_default(fields[key])!r}"
+        assert value == _default(fields[key]), (
+            f"conf/{group}/{stem}.yaml: {key}={value!r}, code default {_default(fields[key])!r}"
+        )
 
 
 def test_the_check_finds_a_drifted_default(monkeypatch):

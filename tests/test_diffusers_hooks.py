@@ -1,13 +1,18 @@
 """enable_pruning / disable_pruning on stock diffusers pipelines."""
+
 from __future__ import annotations
 
 import torch
-from diffusers import (DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, PixArtSigmaPipeline,
-                       StableDiffusion3Pipeline)
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    PixArtSigmaPipeline,
+    StableDiffusion3Pipeline,
+)
 
 from catlab import disable_pruning, enable_pruning
-from catlab.stock_pipelines import pruning_macs
 from catlab.selection.simple import Random
+from catlab.stock_pipelines import pruning_macs
 from tests.conftest import tiny_pixart, tiny_sd3
 
 PROMPTS = ["a red circle", "a blue square"]
@@ -15,31 +20,61 @@ PROMPTS = ["a red circle", "a blue square"]
 
 def _sd3():
     a = tiny_sd3()
-    pipe = StableDiffusion3Pipeline(transformer=a.transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,
-                                    text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                                    text_encoder_3=None, tokenizer_3=None)
+    pipe = StableDiffusion3Pipeline(
+        transformer=a.transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
     c = a.encode(PROMPTS, True).kwargs
     e, p = c["encoder_hidden_states"], c["pooled_projections"]
 
     def call():
-        return pipe(prompt_embeds=e[2:], pooled_prompt_embeds=p[2:], negative_prompt_embeds=e[:2],
-                    negative_pooled_prompt_embeds=p[:2], num_inference_steps=5, height=128, width=128, guidance_scale=4.0,
-                    output_type="latent", generator=torch.Generator().manual_seed(0)).images
+        return pipe(
+            prompt_embeds=e[2:],
+            pooled_prompt_embeds=p[2:],
+            negative_prompt_embeds=e[:2],
+            negative_pooled_prompt_embeds=p[:2],
+            num_inference_steps=5,
+            height=128,
+            width=128,
+            guidance_scale=4.0,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        ).images
+
     return pipe, call
 
 
 def _pixart():
     a = tiny_pixart()
-    pipe = PixArtSigmaPipeline(transformer=a.transformer, scheduler=DPMSolverMultistepScheduler(), vae=None,
-                               text_encoder=None, tokenizer=None)
+    pipe = PixArtSigmaPipeline(
+        transformer=a.transformer, scheduler=DPMSolverMultistepScheduler(), vae=None, text_encoder=None, tokenizer=None
+    )
     c = a.encode(PROMPTS, True).kwargs
     e, m = c["encoder_hidden_states"], c["encoder_attention_mask"]
 
     def call():
-        return pipe(prompt_embeds=e[2:], prompt_attention_mask=m[2:], negative_prompt=None,
-                    negative_prompt_embeds=e[:2], negative_prompt_attention_mask=m[:2], num_inference_steps=5,
-                    height=128, width=128, guidance_scale=4.5, output_type="latent", use_resolution_binning=False,
-                    generator=torch.Generator().manual_seed(0)).images
+        return pipe(
+            prompt_embeds=e[2:],
+            prompt_attention_mask=m[2:],
+            negative_prompt=None,
+            negative_prompt_embeds=e[:2],
+            negative_prompt_attention_mask=m[:2],
+            num_inference_steps=5,
+            height=128,
+            width=128,
+            guidance_scale=4.5,
+            output_type="latent",
+            use_resolution_binning=False,
+            generator=torch.Generator().manual_seed(0),
+        ).images
+
     return pipe, call
 
 
@@ -99,9 +134,19 @@ def test_skip_layer_guidance_is_one_step_not_a_new_generation():
     e, p = c["encoder_hidden_states"], c["pooled_projections"]
 
     def call(**slg):
-        return pipe(prompt_embeds=e[2:], pooled_prompt_embeds=p[2:], negative_prompt_embeds=e[:2],
-                    negative_pooled_prompt_embeds=p[:2], num_inference_steps=5, height=128, width=128,
-                    guidance_scale=4.0, output_type="latent", generator=torch.Generator().manual_seed(0), **slg).images
+        return pipe(
+            prompt_embeds=e[2:],
+            pooled_prompt_embeds=p[2:],
+            negative_prompt_embeds=e[:2],
+            negative_pooled_prompt_embeds=p[:2],
+            num_inference_steps=5,
+            height=128,
+            width=128,
+            guidance_scale=4.0,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+            **slg,
+        ).images
 
     slg = dict(skip_guidance_layers=[0], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)
     stock = call(**slg)
@@ -139,10 +184,21 @@ def test_skip_layer_guidance_keeps_the_policy_state():
     e, p = c["encoder_hidden_states"], c["pooled_projections"]
     policy = Counting(alpha=0.5, start_step=2)
     enable_pruning(pipe, policy)
-    pipe(prompt_embeds=e[2:], pooled_prompt_embeds=p[2:], negative_prompt_embeds=e[:2],
-         negative_pooled_prompt_embeds=p[:2], num_inference_steps=5, height=128, width=128, guidance_scale=4.0,
-         output_type="latent", generator=torch.Generator().manual_seed(0), skip_guidance_layers=[0],
-         skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)
+    pipe(
+        prompt_embeds=e[2:],
+        pooled_prompt_embeds=p[2:],
+        negative_prompt_embeds=e[:2],
+        negative_pooled_prompt_embeds=p[:2],
+        num_inference_steps=5,
+        height=128,
+        width=128,
+        guidance_scale=4.0,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+        skip_guidance_layers=[0],
+        skip_layer_guidance_start=0.0,
+        skip_layer_guidance_stop=1.0,
+    )
     disable_pruning(pipe)
     assert Counting.resets == 1  # no reset mid-generation
     assert policy.observed == [(1, False), (2, False), (3, True), (4, True), (5, True)]

@@ -15,12 +15,13 @@ there is run again in a fresh interpreter, and only that verdict counts. A comma
 must exit 0 and leave what it promises: ``catlab.run`` its metrics and images (one set
 per job of a multirun), ``catlab.evaluate`` its table with the full model's row.
 """
+
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
-import json
 import subprocess
 import sys
 import warnings
@@ -34,31 +35,72 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 #: (pattern, why it cannot run here); the first match wins
 NOT_ON_A_CPU = [
-    (r"sd3_medium|pixart_sigma|flux_dev|model=qwen_image\b|experiment=(sd3|pixart)_",
-     "needs real SD3 / PixArt-Sigma / FLUX.1 / Qwen-Image weights and a GPU"),
+    (
+        r"sd3_medium|pixart_sigma|flux_dev|model=qwen_image\b|experiment=(sd3|pixart)_",
+        "needs real SD3 / PixArt-Sigma / FLUX.1 / Qwen-Image weights and a GPU",
+    ),
     (r"hydra/launcher=slurm\b", "needs a SLURM cluster"),
     (r"^torchrun", "a multi-GPU launch (tests/test_scaling.py runs torchrun on 2 CPU processes)"),
     (r"gpu_bench\.py(?!.*--device cpu)", "the GPU benchmark (tests/test_gpu_bench.py runs it on a CPU)"),
     (r"catlab\.evaluation\.merge outputs/sd3", "merges a GPU evaluation's run directory"),
     (r"example_center", "needs the example plugin installed (tests/test_selection_plugin.py installs and runs it)"),
-    (r"experiment=embedded_frontier", "its rows set their own warm-ups (t0 up to 12), beyond the 4 shrunk steps: "
-                                      "tests/test_frontier_cli.py runs every row at 14 steps"),
-    (r"^pip download", "fetches wheels from PyPI for a GPU machine without network (tests/test_gpu_bench.py runs the pre-flight)"),
-    (r"^pip install|-m pytest|-m venv", "the CI script makes the environment, installs and runs the test suite itself"),
+    (
+        r"experiment=embedded_frontier",
+        "its rows set their own warm-ups (t0 up to 12), beyond the 4 shrunk steps: "
+        "tests/test_frontier_cli.py runs every row at 14 steps",
+    ),
+    (
+        r"^pip download",
+        "fetches wheels from PyPI for a GPU machine without network (tests/test_gpu_bench.py runs the pre-flight)",
+    ),
+    (
+        r"^pip install|-m pytest|-m venv|^ruff ",
+        "the CI script makes the environment, installs and runs the test suite itself",
+    ),
 ]
 
 #: appended to each kind of command: the same code path, a fraction of the work
 SHRINK = {
-    "catlab.run": ["sampler.num_steps=4", "selector.start_step=2", "num_images=1", "sampler.progress=false",
-                   "logger=local", "threads=1"],
-    "catlab.evaluate": ["num_prompts=1", "seeds=[0]", "sampler.num_steps=4", "++strategy_defaults.start_step=2",
-                        "batch_size=1", "metrics=[psnr]", "diagnostics=false", "save_images=false", "warmup=false",
-                        "repeats=1", "threads=1", "logger=local"],
+    "catlab.run": [
+        "sampler.num_steps=4",
+        "selector.start_step=2",
+        "num_images=1",
+        "sampler.progress=false",
+        "logger=local",
+        "threads=1",
+    ],
+    "catlab.evaluate": [
+        "num_prompts=1",
+        "seeds=[0]",
+        "sampler.num_steps=4",
+        "++strategy_defaults.start_step=2",
+        "batch_size=1",
+        "metrics=[psnr]",
+        "diagnostics=false",
+        "save_images=false",
+        "warmup=false",
+        "repeats=1",
+        "threads=1",
+        "logger=local",
+    ],
     "catlab.train_toy": ["steps=2", "batch_size=4", "sample_every=0", "sample_steps=2", "log_every=1"],
     "catlab.embedded.probe": ["--steps", "2", "--out", "outputs/probe"],
     "embedded_eval.py": ["--n", "2", "--steps", "2", "--grid-n", "2"],
     "selection_stats.py": ["--n", "1", "--steps", "10", "--selectors", "cat,sequential"],
-    "gpu_bench.py": ["--hidden", "64", "--tokens", "64", "--steps", "3", "--start-step", "1", "--repeats", "1", "--layers", "1"],
+    "gpu_bench.py": [
+        "--hidden",
+        "64",
+        "--tokens",
+        "64",
+        "--steps",
+        "3",
+        "--start-step",
+        "1",
+        "--repeats",
+        "1",
+        "--layers",
+        "1",
+    ],
 }
 
 
@@ -72,7 +114,7 @@ def doc_commands(path: Path) -> list[str]:
             continue
         if lang not in ("bash", "sh", "shell", "text"):
             continue
-        if pending or text.startswith(("python ", "torchrun ", "pip ")):
+        if pending or text.startswith(("python ", "torchrun ", "pip ", "ruff ")):
             pending = f"{pending} {text.rstrip(chr(92)).strip()}".strip()
             if not text.endswith("\\"):
                 commands.append(re.sub(r"\s+#.*$", "", pending).strip())
@@ -127,8 +169,14 @@ class Runner:
 
     def run(self, argv: list[str], cwd: Path, env: dict, out: Path) -> int:
         if self.proc is None or self.proc.poll() is not None:
-            self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "doc_runner.py")], cwd=ROOT, env=env,
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "doc_runner.py")],
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
         self.proc.stdin.write(json.dumps({"argv": argv, "cwd": str(cwd), "env": env, "out": str(out)}) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
@@ -179,8 +227,13 @@ def test_doc_command_runs(source, cmd, work, runner):
     reason = next((why for pattern, why in NOT_ON_A_CPU if re.search(pattern, cmd)), None)
     if reason:
         pytest.skip(f"{source}: {reason}")
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "CATLAB_CACHE": str(work / "cache"),
-           "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "CATLAB_CACHE": str(work / "cache"),
+        "PYTHONPATH": str(ROOT),
+    }
     runs = work / "runs" / str(next(runner.ids))
     runs.mkdir(parents=True)
     argv = _shrunk(cmd, work, runs)
@@ -191,7 +244,9 @@ def test_doc_command_runs(source, cmd, work, runner):
         output = log.read_text(errors="replace") if log.exists() else ""
     if rc != 0:  # not a python command, or it failed in the shared interpreter: a fresh one decides
         if rc is not None:
-            warnings.warn(f"{source}: `{cmd}` failed in the shared interpreter (rc {rc}); rerun in a fresh one")
+            warnings.warn(
+                f"{source}: `{cmd}` failed in the shared interpreter (rc {rc}); rerun in a fresh one", stacklevel=2
+            )
         proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=600)
         rc, output = proc.returncode, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert rc == 0, f"{source}: `{cmd}` failed:\n{output[-5000:]}"
@@ -200,10 +255,11 @@ def test_doc_command_runs(source, cmd, work, runner):
 
 
 def test_ci_runs_the_readme_set_up_and_test_commands_in_order():
-    """.ci/run is the README's first command block (set-up and main job) and its test command, in order."""
+    """.ci/run is the README's first command block (set-up and main job), its lint and its test command, in order."""
     readme = doc_commands(ROOT / "README.md")
     setup = readme[: readme.index("python -m catlab.run selector=cat clusterer=kmeans") + 1]
+    lint = next(c for c in readme if c.startswith("ruff "))
     test = next(c for c in readme if c.startswith("python -m pytest"))
     ci = [re.sub(r"\s+#.*$", "", line).strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     ci = [c for c in ci if c and not c.startswith(("#", "set ", "cd ", "export "))]
-    assert ci == [*setup, test]
+    assert ci == [*setup, lint, test]

@@ -8,7 +8,6 @@ import pathlib
 import re
 import subprocess
 import sys
-
 import warnings
 
 import pytest
@@ -140,15 +139,26 @@ def test_training_command_runs(tmp_path):
 
     # a continuation stage starts from that bundle's weights and records its parent
     more = tmp_path / "stage2"
-    proc = subprocess.run([*small_cfg, f"out_dir={more}", f"init_from={out / 'bundle'}", "seed=1"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [*small_cfg, f"out_dir={more}", f"init_from={out / 'bundle'}", "seed=1"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     info = json.loads((more / "bundle" / "train_info.json").read_text())
     assert info["config"]["init_from"] == str(out / "bundle") and info["init_from_info"]["steps"] == 3
     # a bundle that does not fit the config is refused with the reason
-    proc = subprocess.run([*small_cfg, f"out_dir={tmp_path / 'bad'}", "denoiser.num_layers=2",
-                           f"init_from={out / 'bundle'}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [*small_cfg, f"out_dir={tmp_path / 'bad'}", "denoiser.num_layers=2", f"init_from={out / 'bundle'}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "does not match this config" in proc.stderr
 
 
@@ -176,7 +186,9 @@ def test_text_encoders_causal_and_bidirectional():
     ids = tokenize(tokenizer, ["a small red circle in the top left", "a small red circle in the bottom right"])
     for kind, sees_later_words in (("clip", False), ("bert", True)):
         torch.manual_seed(0)
-        encoder = build_text_encoder(TextConfig(hidden_size=32, num_layers=1, num_heads=2, encoder=kind), tokenizer).eval()
+        encoder = build_text_encoder(
+            TextConfig(hidden_size=32, num_layers=1, num_heads=2, encoder=kind), tokenizer
+        ).eval()
         with torch.no_grad():
             states, pooled = encode_ids(encoder, ids)
         assert states.shape == (2, 24, 32) and pooled.shape == (2, 32)

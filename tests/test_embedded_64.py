@@ -39,8 +39,13 @@ def test_grown_transformer_keeps_every_other_weight_and_runs_at_the_new_size():
             assert torch.equal(a[k], b[k]), k
     assert b[POS_EMBED_KEY].shape == (1, 64, 16)
     x = torch.randn(2, 3, 16, 16)
-    out = dst(hidden_states=x, timestep=torch.tensor([500.0, 500.0]), encoder_hidden_states=torch.randn(2, 5, 16),
-              pooled_projections=torch.randn(2, 16), return_dict=False)[0]
+    out = dst(
+        hidden_states=x,
+        timestep=torch.tensor([500.0, 500.0]),
+        encoder_hidden_states=torch.randn(2, 5, 16),
+        pooled_projections=torch.randn(2, 16),
+        return_dict=False,
+    )[0]
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
@@ -121,8 +126,10 @@ def test_probe_reads_rendered_64_scenes():
     assert acc.mean() >= 0.98
 
 
-@pytest.mark.skipif(not (default_bundle_path().parent / "bundle_64" / "transformer").exists(),
-                    reason="bundle_64 is not shipped in this checkout")
+@pytest.mark.skipif(
+    not (default_bundle_path().parent / "bundle_64" / "transformer").exists(),
+    reason="bundle_64 is not shipped in this checkout",
+)
 def test_shipped_64_bundle():
     root = default_bundle_path().parent / "bundle_64"
     assert sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) <= 25 * 2**20

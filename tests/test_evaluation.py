@@ -1,4 +1,5 @@
 """The evaluation harness: known-answer metrics, reproducible reruns, skipped metrics, the table."""
+
 from __future__ import annotations
 
 import json
@@ -32,10 +33,20 @@ def _evaluate(out, cache):
 
     from catlab.evaluate import run
 
-    overrides = ["model=tiny_sd3", "model.num_layers=1", "model.height=16", "model.width=16", "sampler.num_steps=5",
-                 "+strategy_defaults.start_step=2", "strategies=[full,random]", "batch_size=2",
-                 "prompts.prompts=[a red circle,a blue square,a green star]", "metrics=[psnr,ssim,clip_score]",
-                 f"cache_dir={cache}", "diagnostics=true"]
+    overrides = [
+        "model=tiny_sd3",
+        "model.num_layers=1",
+        "model.height=16",
+        "model.width=16",
+        "sampler.num_steps=5",
+        "+strategy_defaults.start_step=2",
+        "strategies=[full,random]",
+        "batch_size=2",
+        "prompts.prompts=[a red circle,a blue square,a green star]",
+        "metrics=[psnr,ssim,clip_score]",
+        f"cache_dir={cache}",
+        "diagnostics=true",
+    ]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="evaluate", overrides=overrides)
     out.mkdir(parents=True)
@@ -46,8 +57,12 @@ def test_rerun_with_the_same_seed_gives_the_same_images_and_figures(tmp_path, ca
     rows1 = _evaluate(tmp_path / "a", tmp_path / "cache")
     rows2 = _evaluate(tmp_path / "b", tmp_path / "cache2")
     for r1, r2 in zip(rows1, rows2):
-        assert (r1["method"], r1.get("psnr"), r1.get("ssim"), r1["macs_per_image"]) == \
-               (r2["method"], r2.get("psnr"), r2.get("ssim"), r2["macs_per_image"])
+        assert (r1["method"], r1.get("psnr"), r1.get("ssim"), r1["macs_per_image"]) == (
+            r2["method"],
+            r2.get("psnr"),
+            r2.get("ssim"),
+            r2["macs_per_image"],
+        )
     for image in sorted((tmp_path / "a" / "images").rglob("*.png")):
         twin = tmp_path / "b" / image.relative_to(tmp_path / "a")
         assert image.read_bytes() == twin.read_bytes()

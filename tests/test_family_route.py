@@ -4,6 +4,7 @@ DiT (``catlab/families/dit.py`` + ``conf/model/tiny_dit.yaml``) is the worked ex
 tests check it end to end (the stock model at α = 1, MACs as the flop counter sees them, a
 generation through ``catlab.run``) and that nothing else in catlab names it.
 """
+
 from __future__ import annotations
 
 import json
@@ -97,8 +98,14 @@ def test_other_blocks_are_refused_by_name():
 
     from catlab.pruning import UnsupportedModelError
 
-    t = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=3, num_layers=1, sample_size=8,
-                              num_embeds_ada_norm=10)
+    t = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=3,
+        num_layers=1,
+        sample_size=8,
+        num_embeds_ada_norm=10,
+    )
     t.transformer_blocks[0].norm_type = "layer_norm"
     with pytest.raises(UnsupportedModelError, match="block 0: DiT pruning needs"):
         TokenPruner(t)
@@ -121,7 +128,8 @@ def test_a_family_check_lives_in_its_spec():
 def test_cli_runs_tiny_dit(tmp_path):
     from tests.conftest import FAST, run_cli
 
-    run_cli("-m", "model=tiny_dit", "model.height=16", "model.width=16", "selector=cat,random", *FAST,
-            tmp_path=tmp_path)
+    run_cli(
+        "-m", "model=tiny_dit", "model.height=16", "model.width=16", "selector=cat,random", *FAST, tmp_path=tmp_path
+    )
     metrics = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/metrics.json"))]
     assert [m["selector"] for m in metrics] == ["cat", "random"] and all(m["macs_ratio"] > 1 for m in metrics)

@@ -1,4 +1,5 @@
 """Figures that read: point labels never overlap, heat maps carry colour bars, tables say ∞ and footnote bad rows."""
+
 from __future__ import annotations
 
 import itertools
@@ -76,17 +77,25 @@ def test_every_heat_map_has_a_colour_bar(monkeypatch, tmp_path):
 
 
 def test_identical_images_read_infinite_and_low_psnr_rows_carry_a_footnote():
-    rows = [{"method": "full", "alpha": 1.0, "steps": 4, "macs_per_image": 1e9},
-            {"method": "cat", "alpha": 1.0, "steps": 4, "macs_per_image": 1e9, "psnr": 100.0, "ssim": 1.0},
-            {"method": "atedm", "alpha": 0.3, "steps": 4, "macs_per_image": 6e8, "psnr": 10.44, "ssim": 0.07}]
+    rows = [
+        {"method": "full", "alpha": 1.0, "steps": 4, "macs_per_image": 1e9},
+        {"method": "cat", "alpha": 1.0, "steps": 4, "macs_per_image": 1e9, "psnr": 100.0, "ssim": 1.0},
+        {"method": "atedm", "alpha": 0.3, "steps": 4, "macs_per_image": 6e8, "psnr": 10.44, "ssim": 0.07},
+    ]
     table = report.markdown_table(rows)
     assert "| ∞ (identical) |" in table and "100.00" not in table
     assert "| 10.44 † |" in table and "† PSNR below 20 dB" in table and "docs/metrics.md#psnr-below-20-db" in table
     assert "†" not in report.markdown_table(rows[:2])
 
 
-@pytest.mark.parametrize("folder", sorted(p.name for p in (ROOT / "docs" / "results").iterdir()
-                                          if (p / "results.csv").exists() and (p / "results.md").exists()))
+@pytest.mark.parametrize(
+    "folder",
+    sorted(
+        p.name
+        for p in (ROOT / "docs" / "results").iterdir()
+        if (p / "results.csv").exists() and (p / "results.md").exists()
+    ),
+)
 def test_committed_tables_are_what_their_rows_give(folder, tmp_path, monkeypatch):
     """docs/results/*/results.md is redrawn from the results.csv beside it, unchanged (figures are not saved here)."""
     _captured(monkeypatch)
@@ -127,11 +136,19 @@ def test_a_metric_module_brings_its_own_column(monkeypatch, tmp_path):
     class Sharpness(Metric):
         column = Column("Sharpness", "{:.1f}", order=15)
 
-    rows = [{"method": "full", "alpha": 1.0, "steps": 4, "macs_per_image": 2e9, "psnr": 30.0, "sharpness": 7.25},
-            {"method": "cat", "alpha": 0.3, "steps": 4, "macs_per_image": 1e9, "psnr": 25.0, "clip_score": 31.0}]
+    rows = [
+        {"method": "full", "alpha": 1.0, "steps": 4, "macs_per_image": 2e9, "psnr": 30.0, "sharpness": 7.25},
+        {"method": "cat", "alpha": 0.3, "steps": 4, "macs_per_image": 1e9, "psnr": 25.0, "clip_score": 31.0},
+    ]
     table = report.markdown_table(rows).splitlines()
     assert table[0].split(" | ")[-4:] == ["CLIP score", "Sharpness", "PSNR (dB)", "SSIM |"]
-    assert table[2].split(" | ")[-3:] == ["7.2", "30.00", "– |"] and table[3].split(" | ")[-3:] == ["–", "25.00", "– |"]
+    assert table[2].split(" | ")[-3:] == ["7.2", "30.00", "– |"] and table[3].split(" | ")[-3:] == [
+        "–",
+        "25.00",
+        "– |",
+    ]
     report.write_csv(rows, tmp_path / "r.csv")
-    assert (tmp_path / "r.csv").read_text().splitlines()[0] == "method,alpha,steps,macs_per_image,clip_score,sharpness,psnr"
+    assert (tmp_path / "r.csv").read_text().splitlines()[
+        0
+    ] == "method,alpha,steps,macs_per_image,clip_score,sharpness,psnr"
     assert "Sharpness" not in report.markdown_table([{k: v for k, v in r.items() if k != "sharpness"} for r in rows])

@@ -1,4 +1,5 @@
 """FLUX.1 pruned: dual- and single-stream blocks, rotary rows of the selected positions, MACs as they run."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -11,8 +12,7 @@ from catlab.pruning.families import flux_macs_by_kind
 from catlab.pruning.flux import rotate
 from catlab.sampler import SamplerConfig, sample
 from catlab.selection.simple import Full, Random
-from tests.family_checks import (assert_macs_match_the_flop_counter, assert_wrong_rotary_gather_is_caught, forward,
-                                 perm)
+from tests.family_checks import assert_macs_match_the_flop_counter, assert_wrong_rotary_gather_is_caught, forward, perm
 
 TOL = 1e-5
 
@@ -20,8 +20,18 @@ TOL = 1e-5
 def tiny_flux(**overrides):
     from catlab.models.flux import TinyFlux
 
-    kw = dict(height=16, width=16, num_layers=2, num_single_layers=2, num_heads=2, head_dim=16,
-              axes_dims_rope=(4, 6, 6), text_dim=24, pooled_dim=12, text_tokens=6)
+    kw = dict(
+        height=16,
+        width=16,
+        num_layers=2,
+        num_single_layers=2,
+        num_heads=2,
+        head_dim=16,
+        axes_dims_rope=(4, 6, 6),
+        text_dim=24,
+        pooled_dim=12,
+        text_tokens=6,
+    )
     kw.update(overrides)
     return TinyFlux(**kw)
 
@@ -46,8 +56,10 @@ def test_flux_family_has_both_block_kinds(flux):
     assert kinds == ["PrunedFluxJointProcessor"] * 2 + ["PrunedFluxSingleProcessor"] * 2
     assert [p.layer for p in pruner.processors] == [0, 1, 2, 3]
     pruner.detach()
-    assert all(type(b.attn.processor).__name__ == "FluxAttnProcessor"
-               for b in [*flux.transformer.transformer_blocks, *flux.transformer.single_transformer_blocks])
+    assert all(
+        type(b.attn.processor).__name__ == "FluxAttnProcessor"
+        for b in [*flux.transformer.transformer_blocks, *flux.transformer.single_transformer_blocks]
+    )
 
 
 @torch.no_grad()
@@ -142,7 +154,7 @@ def test_cached_keys_are_rotated_keys_of_their_own_positions(flux):
     cos, sin = flux.transformer.pos_embed(torch.cat([cond.kwargs["txt_ids"], image_ids(h, w)]))
     fresh = a.norm_k(a.to_k(seen["x"][:, n_text:]).unflatten(-1, (-1, a.head_dim)))  # (rows, k, heads, d)
     for row in range(2):
-        want = rotate(fresh[row:row + 1], cos[n_text + idx[row]], sin[n_text + idx[row]])[0].transpose(0, 1)
+        want = rotate(fresh[row : row + 1], cos[n_text + idx[row]], sin[n_text + idx[row]])[0].transpose(0, 1)
         torch.testing.assert_close(keys[row][:, idx[row]], want, atol=1e-6, rtol=0)
 
 
@@ -163,8 +175,10 @@ def test_macs_per_block_kind_match_the_flop_counter(flux, alpha):
     k, n, counts = assert_macs_match_the_flop_counter(flux, x, cond, alpha)  # the total
     blocks = {"dual": flux.transformer.transformer_blocks, "single": flux.transformer.single_transformer_blocks}
     attr = {"dual": "transformer_blocks", "single": "single_transformer_blocks"}
-    measured = {kind: sum(sum(counts[f"FluxTransformer2DModel.{attr[kind]}.{i}"].values()) for i in range(len(b))) // 2
-                for kind, b in blocks.items()}
+    measured = {
+        kind: sum(sum(counts[f"FluxTransformer2DModel.{attr[kind]}.{i}"].values()) for i in range(len(b))) // 2
+        for kind, b in blocks.items()
+    }
     assert measured["dual"] > 0 and measured["single"] > 0
     analytic = flux_macs_by_kind(flux.transformer, 2, k, n, cond.num_text_tokens)
     assert analytic["dual"] == measured["dual"] and analytic["single"] == measured["single"]
@@ -201,8 +215,9 @@ def test_graphed_flux_equals_eager_bit_for_bit(flux, name):
 
     def run(graphs):
         cfg = SamplerConfig(num_steps=5, guidance_scale=3.5, progress=False, cuda_graphs=graphs)
-        return sample(flux, selectors.build({"name": name, "alpha": 0.3, "start_step": 2}), ["a red circle"] * 2,
-                      [0, 1], cfg)
+        return sample(
+            flux, selectors.build({"name": name, "alpha": 0.3, "start_step": 2}), ["a red circle"] * 2, [0, 1], cfg
+        )
 
     eager = run(False)
     with emulate_on_cpu():
@@ -248,8 +263,10 @@ COMPOSITIONS = {
     "probes (atedm_reuse)": lambda: ({"name": "atedm_reuse", "alpha": 0.3, "start_step": 2}, {}),
     "reuse taylor": lambda: ({"name": "cat", "alpha": 0.3, "start_step": 2}, {"rule": "taylor"}),
     "K/V taylor": lambda: ({"name": "random", "alpha": 0.3, "start_step": 2}, {"kv": "taylor"}),
-    "cat + taylorseer": lambda: ({"name": "cat", "alpha": 0.3, "start_step": 2},
-                                {"step_cache": {"name": "taylorseer", "cache_interval": 2, "start_step": 2}}),
+    "cat + taylorseer": lambda: (
+        {"name": "cat", "alpha": 0.3, "start_step": 2},
+        {"step_cache": {"name": "taylorseer", "cache_interval": 2, "start_step": 2}},
+    ),
     "budget_schedule": lambda: ({"name": "budget_schedule", "start_step": 2}, {"rule": "taylor"}),
 }
 
@@ -262,9 +279,11 @@ def test_the_other_parts_run_on_flux(flux, name):
     from catlab.stepcache import stepcaches
 
     spec, parts = COMPOSITIONS[name]()
-    reuse = StepReuse(rule=reuses.build(parts["rule"]) if "rule" in parts else None,
-                      kv=reuses.build(parts["kv"]) if "kv" in parts else None,
-                      step_cache=stepcaches.build(parts["step_cache"]) if "step_cache" in parts else None)
+    reuse = StepReuse(
+        rule=reuses.build(parts["rule"]) if "rule" in parts else None,
+        kv=reuses.build(parts["kv"]) if "kv" in parts else None,
+        step_cache=stepcaches.build(parts["step_cache"]) if "step_cache" in parts else None,
+    )
     cfg = SamplerConfig(num_steps=6, guidance_scale=3.5, progress=False, count_macs=True)
     full = sample(flux, Full(), ["a red circle"], [0], cfg).trace
     result = sample(flux, selectors.build(spec), ["a red circle"], [0], cfg, reuse)
@@ -277,8 +296,13 @@ def test_in_step_atedm_refuses_flux_in_one_line(flux):
     from catlab.registry import selectors
 
     with pytest.raises(UnsupportedModelError, match="FluxTransformer2DModel is not one: use selector=atedm_reuse"):
-        sample(flux, selectors.build({"name": "atedm", "start_step": 2}), ["a red circle"], [0],
-               SamplerConfig(num_steps=4, progress=False))
+        sample(
+            flux,
+            selectors.build({"name": "atedm", "start_step": 2}),
+            ["a red circle"],
+            [0],
+            SamplerConfig(num_steps=4, progress=False),
+        )
 
 
 @pytest.mark.parametrize("name", ["random", "sequential"])
@@ -286,7 +310,9 @@ def test_pruned_flux_steps_read_nothing_on_the_host(flux, name):
     from catlab.registry import selectors
 
     cfg = SamplerConfig(num_steps=5, guidance_scale=3.5, progress=False, check_sync=True)  # raises on a host read
-    trace = sample(flux, selectors.build({"name": name, "alpha": 0.3, "start_step": 2}), ["a red circle"], [0], cfg).trace
+    trace = sample(
+        flux, selectors.build({"name": name, "alpha": 0.3, "start_step": 2}), ["a red circle"], [0], cfg
+    ).trace
     assert [s.kept < trace.num_tokens for s in trace.steps] == [False, False, True, True, True]
 
 
@@ -296,8 +322,15 @@ def test_compile_pruned_compiles_both_block_lists(flux):
     from catlab.registry import selectors
 
     cfg = SamplerConfig(num_steps=4, guidance_scale=3.5, progress=False)
-    run = lambda: sample(flux, selectors.build({"name": "random", "alpha": 0.3, "start_step": 2}),  # noqa: E731
-                         ["a red circle"], [0], cfg).latents
+    run = lambda: (
+        sample(
+            flux,
+            selectors.build({"name": "random", "alpha": 0.3, "start_step": 2}),  # noqa: E731
+            ["a red circle"],
+            [0],
+            cfg,
+        ).latents
+    )
     eager = run()
     torch._dynamo.reset()
     compile_pruned(flux, backend="aot_eager")
@@ -320,7 +353,6 @@ def test_bad_sizes_are_named_before_anything_loads():
         tiny_flux(height=17)
     with pytest.raises(ValueError, match="flux: model.height and model.width must be multiples of 16.*1000x1024"):
         models.build({"name": "flux", "path": "/nonexistent", "height": 1000, "width": 1024})
-
 
 
 def test_probe_macs_count_the_text_keys(flux):

@@ -5,6 +5,7 @@ FLUX.1-dev — CLIP and T5 encoders with their tokenizers, the transformer with
 dual- and single-stream blocks and a guidance input, a VAE, the shifting
 scheduler — tiny, random and built offline.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,8 +32,9 @@ def _call(pipe, prompt="a red circle", output_type="np", size=64, **kw):
     kw.setdefault("generator", torch.Generator().manual_seed(0))
     kw.setdefault("guidance_scale", 3.5)
     kw.setdefault("max_sequence_length", 32)
-    return pipe(prompt, num_inference_steps=kw.pop("steps", STEPS), height=size, width=size, output_type=output_type,
-                **kw).images
+    return pipe(
+        prompt, num_inference_steps=kw.pop("steps", STEPS), height=size, width=size, output_type=output_type, **kw
+    ).images
 
 
 def test_pruned_flux_pipeline_gives_pil_and_disable_gives_the_stock_pipeline_back(pipe):

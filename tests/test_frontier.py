@@ -1,4 +1,5 @@
 """The quality frontier: fronts, interpolation, families and the best-per-budget table on hand-made points."""
+
 import json
 
 import pytest
@@ -46,17 +47,31 @@ def test_nearest_measured_point():
 
 def test_family_of_names_the_method_not_its_knob():
     assert family_of({"name": "full", "stepcache": {"name": "taylorseer", "cache_interval": 3}}) == "TaylorSeer"
-    assert family_of({"name": "full", "stepcache": {"name": "taylorseer", "cache_interval": 5, "max_order": 2,
-                                                    "start_step": 4}}) == "TaylorSeer order 2"
-    assert family_of({"name": "full", "stepcache": {"name": "cachedit_dbcache", "threshold": 0.4,
-                                                    "calibrator": "taylorseer"}}) == "DBCache + taylorseer calibrator"
+    assert (
+        family_of(
+            {"name": "full", "stepcache": {"name": "taylorseer", "cache_interval": 5, "max_order": 2, "start_step": 4}}
+        )
+        == "TaylorSeer order 2"
+    )
+    assert (
+        family_of(
+            {"name": "full", "stepcache": {"name": "cachedit_dbcache", "threshold": 0.4, "calibrator": "taylorseer"}}
+        )
+        == "DBCache + taylorseer calibrator"
+    )
     assert family_of({"name": "cat", "alpha": 0.2, "start_step": 8}) == "cat"
     assert family_of({"name": "cat", "alpha": 0.2, "reuse": "copy"}) == "cat"
-    assert family_of({"name": "budget_schedule", "pattern": [1, 0, 0], "reuse": "taylor"}) == "budget_schedule + taylor"
-    assert family_of({"name": "budget_schedule", "inner": "forecast_error", "pattern": [1, 0.2], "reuse": "taylor"}) \
+    assert (
+        family_of({"name": "budget_schedule", "pattern": [1, 0, 0], "reuse": "taylor"}) == "budget_schedule + taylor"
+    )
+    assert (
+        family_of({"name": "budget_schedule", "inner": "forecast_error", "pattern": [1, 0.2], "reuse": "taylor"})
         == "budget_schedule(forecast_error) + taylor"
-    assert family_of({"name": "cat", "alpha": 0.6, "reuse": "taylor", "stepcache": {"name": "taylorseer"}}) \
+    )
+    assert (
+        family_of({"name": "cat", "alpha": 0.6, "reuse": "taylor", "stepcache": {"name": "taylorseer"}})
         == "cat + taylor inside TaylorSeer"
+    )
 
 
 def rows_and_specs():
@@ -65,8 +80,9 @@ def rows_and_specs():
 
     def add(key, spec, ratio, psnr, ssim):
         specs[key] = spec
-        rows.append({"key": key, "method": spec["name"], "alpha": 1.0, "macs_ratio": ratio, "psnr": psnr,
-                     "ssim": ssim})
+        rows.append(
+            {"key": key, "method": spec["name"], "alpha": 1.0, "macs_ratio": ratio, "psnr": psnr, "ssim": ssim}
+        )
 
     add("full", {"name": "full"}, 1.0, None, None)
     add("ts2", {"name": "full", "stepcache": {"name": "taylorseer", "cache_interval": 2}}, 1.5, 45.0, 0.99)
@@ -103,7 +119,9 @@ def test_write_makes_the_tables_and_figures(tmp_path):
     frontier.write(rows, specs, tmp_path, "hand-made")
     md = (tmp_path / "frontier.md").read_text()
     assert "| 2.5× | budget_schedule + taylor | 38.50 |" in md
-    assert "| 3× | budget_schedule + taylor | 34.00 | pattern=1/0/0/0/0 (3.00×, 34.00) | MagCache | 30.00 | +4.00 |" in md
+    assert (
+        "| 3× | budget_schedule + taylor | 34.00 | pattern=1/0/0/0/0 (3.00×, 34.00) | MagCache | 30.00 | +4.00 |" in md
+    )
     assert (tmp_path / "frontier_psnr.png").stat().st_size > 0 and (tmp_path / "frontier_ssim.png").exists()
     lines = (tmp_path / "frontier.csv").read_text().splitlines()
     assert len(lines) == 1 + 2 * 3 * 4  # header + quality x family x budget
@@ -112,8 +130,9 @@ def test_write_makes_the_tables_and_figures(tmp_path):
 def test_command_line_rebuilds_from_a_run_directory(tmp_path, capsys):
     rows, specs = rows_and_specs()
     (tmp_path / "results.json").write_text(json.dumps(rows))
-    (tmp_path / "evaluation.json").write_text(json.dumps(
-        {"strategies": [{"key": k, "label": s["name"], "spec": s} for k, s in specs.items()]}))
+    (tmp_path / "evaluation.json").write_text(
+        json.dumps({"strategies": [{"key": k, "label": s["name"], "spec": s} for k, s in specs.items()]})
+    )
     frontier.main([str(tmp_path)])
     assert "Best by PSNR" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="results.json"):
@@ -123,8 +142,9 @@ def test_command_line_rebuilds_from_a_run_directory(tmp_path, capsys):
 def test_the_nearest_point_shown_is_on_the_front_and_carries_its_speedup():
     rows, specs = rows_and_specs()
     specs["b4"] = {"name": "budget_schedule", "pattern": [1, 0, 0, 0], "reuse": "taylor"}
-    rows.append({"key": "b4", "method": "budget_schedule", "macs_ratio": 2.45, "psnr": 30.0, "ssim": 0.9,
-                 "speedup": 2.4})
+    rows.append(
+        {"key": "b4", "method": "budget_schedule", "macs_ratio": 2.45, "psnr": 30.0, "ssim": 0.9, "speedup": 2.4}
+    )
     fr = Frontier.from_rows(rows, specs)
     value, point = fr.at("psnr", "budget_schedule + taylor", 2.5)
     assert value == pytest.approx(38.5) and point.x != 2.45  # (2.45, 30) is beaten by (3.0, 34)

@@ -1,4 +1,5 @@
 """The frontier's catlab strategies: the adaptive full-step schedule and the per-token best-order forecast."""
+
 from __future__ import annotations
 
 import pytest
@@ -130,10 +131,22 @@ def test_best_order_refuses_bad_settings():
 
 def test_best_order_with_every_token_computed_is_the_full_model(model):
     full = generate(model, selectors.build("full"), PROMPTS, SEEDS, num_steps=STEPS)
-    mine = generate(model, selectors.build({"name": "budget_schedule", "pattern": [1.0], "start_step": 2}),
-                    PROMPTS, SEEDS, num_steps=STEPS, reuse=reuses.build("best_order"))
+    mine = generate(
+        model,
+        selectors.build({"name": "budget_schedule", "pattern": [1.0], "start_step": 2}),
+        PROMPTS,
+        SEEDS,
+        num_steps=STEPS,
+        reuse=reuses.build("best_order"),
+    )
     torch.testing.assert_close(mine.images, full.images, rtol=0, atol=1e-5)
-    skipping = generate(model, selectors.build({"name": "budget_schedule", "pattern": [1.0, 0.0], "start_step": 3}),
-                        PROMPTS, SEEDS, num_steps=STEPS, reuse=reuses.build("best_order"))
+    skipping = generate(
+        model,
+        selectors.build({"name": "budget_schedule", "pattern": [1.0, 0.0], "start_step": 3}),
+        PROMPTS,
+        SEEDS,
+        num_steps=STEPS,
+        reuse=reuses.build("best_order"),
+    )
     assert skipping.computed_tokens == [64, 64, 64, 64, 0, 64, 0, 64]
     assert torch.isfinite(skipping.images).all()

@@ -1,7 +1,8 @@
 """docs/index.md: every task has its command, and the doc-command test runs each one a CPU can run."""
-from tests.test_docs_commands import COMMANDS, NOT_ON_A_CPU, ROOT, doc_commands
 
 import re
+
+from tests.test_docs_commands import COMMANDS, NOT_ON_A_CPU, ROOT, doc_commands
 
 
 def test_every_getting_started_command_is_run_by_the_doc_test():
@@ -10,7 +11,7 @@ def test_every_getting_started_command_is_run_by_the_doc_test():
     assert len(page) >= 8 and set(page) <= run
     skipped = [c for c in page if any(re.search(p, c) for p, _ in NOT_ON_A_CPU)]
     text = (ROOT / "docs" / "index.md").read_text()
-    gpu_section = text[text.index("## Run on a GPU or a cluster"):]
+    gpu_section = text[text.index("## Run on a GPU or a cluster") :]
     assert all(c.split("  #")[0].strip() in gpu_section for c in skipped), skipped  # only the GPU / cluster ones
 
 

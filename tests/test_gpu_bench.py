@@ -1,4 +1,5 @@
 """The wall-clock benchmark runs end to end at tiny shapes on a CPU, graphed mode on the CPU stand-in."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -27,8 +28,24 @@ def test_gpu_bench_tiny_on_cpu(capsys, monkeypatch, tmp_path):
     bench = _bench(monkeypatch)
     out_file = tmp_path / "rows.json"
     with emulate_on_cpu():
-        rows = bench.main(["--device", "cpu", "--tiny", "--steps", "12", "--start-step", "8", "--repeats", "1",
-                           "--graphs", "--batch", "1,2", "--json", str(out_file)])
+        rows = bench.main(
+            [
+                "--device",
+                "cpu",
+                "--tiny",
+                "--steps",
+                "12",
+                "--start-step",
+                "8",
+                "--repeats",
+                "1",
+                "--graphs",
+                "--batch",
+                "1,2",
+                "--json",
+                str(out_file),
+            ]
+        )
     out = capsys.readouterr().out
     assert "speed-up" in out and "| SD3-medium | graphed | 1 | 12 | cat |" in out
     assert "not in the graphed modes: taylorseer" in out and "not in the compiled modes" not in out
@@ -46,8 +63,24 @@ def test_gpu_bench_tiny_on_cpu(capsys, monkeypatch, tmp_path):
 
 def test_gpu_bench_graphed_mode_on_a_cpu_says_it_ran_eager(capsys, monkeypatch):
     bench = _bench(monkeypatch)
-    rows = bench.main(["--device", "cpu", "--tiny", "--models", "sd3", "--steps", "10", "--start-step", "8",
-                       "--repeats", "1", "--graphs", "--strategies", "cat"])
+    rows = bench.main(
+        [
+            "--device",
+            "cpu",
+            "--tiny",
+            "--models",
+            "sd3",
+            "--steps",
+            "10",
+            "--start-step",
+            "8",
+            "--repeats",
+            "1",
+            "--graphs",
+            "--strategies",
+            "cat",
+        ]
+    )
     assert [r["mode"] for r in rows] == ["eager", "graphed (ran eager)"]
 
 
@@ -74,8 +107,24 @@ def test_a_refused_selection_graph_labels_the_row_eager(capsys, monkeypatch, tmp
         return out
 
     bench = _bench(monkeypatch)
-    args = ["--device", "cpu", "--tiny", "--models", "sd3", "--steps", "14", "--start-step", "8", "--repeats", "1",
-            "--graphs", "--strategies", "cat,sequential", "--jsonl", str(tmp_path / "rows.jsonl")]
+    args = [
+        "--device",
+        "cpu",
+        "--tiny",
+        "--models",
+        "sd3",
+        "--steps",
+        "14",
+        "--start-step",
+        "8",
+        "--repeats",
+        "1",
+        "--graphs",
+        "--strategies",
+        "cat,sequential",
+        "--jsonl",
+        str(tmp_path / "rows.jsonl"),
+    ]
     with emulate_on_cpu():
         clean = {r["strategy"]: r for r in bench.main(args) if r["mode"].startswith("graphed")}
         monkeypatch.setattr(Cat, "select_tensors", rebinding)
@@ -94,10 +143,28 @@ def test_a_bench_killed_mid_way_leaves_its_finished_rows(tmp_path):
     """Run as a script from the checkout (only PYTHONPATH set, another working directory), killed once two
     rows are out: those rows are in the JSON-lines file, whole."""
     out = tmp_path / "rows.jsonl"
-    cmd = [sys.executable, str(ROOT / "experiments" / "gpu_bench.py"), "--device", "cpu", "--tiny", "--steps", "12",
-           "--start-step", "8", "--repeats", "1", "--jsonl", str(out)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        str(ROOT / "experiments" / "gpu_bench.py"),
+        "--device",
+        "cpu",
+        "--tiny",
+        "--steps",
+        "12",
+        "--start-step",
+        "8",
+        "--repeats",
+        "1",
+        "--jsonl",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
@@ -119,35 +186,56 @@ def test_a_bench_killed_mid_way_leaves_its_finished_rows(tmp_path):
 
 # -- experiments/gpu_check.sh and its pre-flight ---------------------------------------------------
 def _plain_env(**extra) -> dict:
-    """The environment of a plain checkout: the checkout on PYTHONPATH, this Python first on PATH, nothing installed."""
+    """The environment of a plain checkout: the checkout on PYTHONPATH, this Python first on PATH, nothing else."""
     path = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"
-    return {**os.environ, "PYTHONPATH": str(ROOT), "PATH": path, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-            **extra}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "PATH": path,
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the no-CUDA answer needs a machine without CUDA")
 def test_gpu_check_without_cuda_exits_2_with_one_line(tmp_path):
-    proc = subprocess.run(["bash", str(ROOT / "experiments" / "gpu_check.sh"), str(tmp_path / "out")], cwd=tmp_path,
-                          capture_output=True, text=True, env=_plain_env(), timeout=120)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "experiments" / "gpu_check.sh"), str(tmp_path / "out")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=_plain_env(),
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     assert len(proc.stderr.splitlines()) == 1 and "no CUDA device" in proc.stderr
     assert not (tmp_path / "out").exists()  # nothing half-made
 
 
 def test_preflight_passes_from_a_plain_checkout_and_names_what_is_missing(tmp_path, monkeypatch):
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "gpu_preflight.py")], cwd=tmp_path,
-                          capture_output=True, text=True, env=_plain_env(), timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "gpu_preflight.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=_plain_env(),
+        timeout=60,
+    )
     assert proc.returncode == 0 and "every module the checks import is here" in proc.stdout, proc.stderr
 
     spec = importlib.util.spec_from_file_location("gpu_preflight", ROOT / "experiments" / "gpu_preflight.py")
     preflight = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(preflight)
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("diffusers", "sklearn")
-                        else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in ("diffusers", "sklearn") else find_spec(name, *a)
+    )
     monkeypatch.setattr(preflight, "_installed", lambda dist: dist != "antlr4-python3-runtime")
     problems = preflight.missing()
-    assert any(p.startswith("diffusers: not installed (imported by ") and "pip download it into .whl/" in p for p in problems)
+    assert any(
+        p.startswith("diffusers: not installed (imported by ") and "pip download it into .whl/" in p for p in problems
+    )
     assert any(p.startswith("sklearn: not installed (imported by catlab/selection/clustering.py)") for p in problems)
     assert any(p.startswith("antlr4-python3-runtime: not installed (required by hydra)") for p in problems)
 
@@ -157,8 +245,14 @@ def test_gpu_check_dry_run_on_a_cpu_writes_every_part_and_prints_the_summary_las
     """The script's own flow, on a CPU with tiny shapes: parts logged, rows as JSON lines, the summary last."""
     out = tmp_path / "out"
     env = _plain_env(GPU_CHECK_ALLOW_CPU="1", GPU_CHECK_BENCH_ARGS="--device cpu --tiny --start-step 8")
-    proc = subprocess.run(["bash", str(ROOT / "experiments" / "gpu_check.sh"), "--quick", str(out)], cwd=tmp_path,
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "experiments" / "gpu_check.sh"), "--quick", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     parts = [line.split("\t") for line in (out / "parts.tsv").read_text().splitlines()[1:]]
     assert [(p[0], p[1]) for p in parts] == [("cuda_tests", "passed"), ("bench_28", "passed")]
@@ -174,8 +268,24 @@ def test_gpu_check_dry_run_on_a_cpu_writes_every_part_and_prints_the_summary_las
 def test_gpu_bench_flux_rows_on_a_cpu(capsys, monkeypatch):
     bench = _bench(monkeypatch)
     with emulate_on_cpu():
-        rows = bench.main(["--device", "cpu", "--tiny", "--family", "flux", "--steps", "12", "--start-step", "8",
-                           "--repeats", "1", "--graphs", "--strategies", "cat,taylorseer"])
+        rows = bench.main(
+            [
+                "--device",
+                "cpu",
+                "--tiny",
+                "--family",
+                "flux",
+                "--steps",
+                "12",
+                "--start-step",
+                "8",
+                "--repeats",
+                "1",
+                "--graphs",
+                "--strategies",
+                "cat,taylorseer",
+            ]
+        )
     out = capsys.readouterr().out
     assert "| FLUX.1-dev | graphed | 1 | 12 | cat |" in out and "(FLUX: its guidance input, one branch)" in out
     seen = {(r["mode"], r["strategy"]): r for r in rows}
@@ -186,12 +296,14 @@ def test_gpu_bench_flux_rows_on_a_cpu(capsys, monkeypatch):
     assert len(t.transformer_blocks) == 1 and len(t.single_transformer_blocks) == 2  # 1:2, as FLUX.1-dev's 19:38
 
 
-
 def test_gpu_bench_full_flux_shape_is_flux_dev(monkeypatch):
     bench = _bench(monkeypatch)
     cls, cfg, text, text_dim, pooled = bench.FULL_SIZE["flux"]
     assert (cfg["num_layers"], cfg["num_single_layers"], cfg["num_attention_heads"] * cfg["attention_head_dim"]) == (
-        19, 38, 3072)
+        19,
+        38,
+        3072,
+    )
     assert (cfg["sample_size"] // 2) ** 2 == 4096 and text == 512 and cfg["guidance_embeds"]
 
 
@@ -203,4 +315,6 @@ def test_gpu_bench_macs_only_at_full_size_builds_nothing_real(capsys, monkeypatc
     assert sd3["rows"] == 2  # CFG rows; FLUX runs one branch
     # FLUX.1-dev: ~12B weights over 4608 tokens plus attention: tens of TMACs per step
     assert 3e13 < flux["full_step_macs"] < 4.5e13 and flux["pruned_step_macs"] < flux["full_step_macs"] / 2
-    assert flux["macs_ratio"] == 28 * flux["full_step_macs"] / (8 * flux["full_step_macs"] + 20 * flux["pruned_step_macs"])
+    assert flux["macs_ratio"] == 28 * flux["full_step_macs"] / (
+        8 * flux["full_step_macs"] + 20 * flux["pruned_step_macs"]
+    )

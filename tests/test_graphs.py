@@ -5,6 +5,7 @@ same static buffers, so everything but the GPU's own replay is checked here: sha
 keys, buffers kept across generations, reset, re-capture, release, fallbacks, and
 bit-identical images against eager execution.
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,7 +59,9 @@ def test_graphed_images_equal_eager_bit_for_bit(make, name):
     counts = first.trace.graph_counts
     assert first.trace.graphed == (counts["pruned_replays"] > 0 or counts["pruned_forwards"] == 0)
     again = second.trace.graph_counts
-    assert again["forward_captures"] == 0 and again["forward_replays"] == 6 - sum(s.kept == 0 for s in second.trace.steps)
+    assert again["forward_captures"] == 0 and again["forward_replays"] == 6 - sum(
+        s.kept == 0 for s in second.trace.steps
+    )
     assert again["pruned_replays"] == again["pruned_forwards"] and not again["refusals"]
     store = graphs_of(adapter.transformer)
     pruned = any(0 < s.kept < first.trace.num_tokens for s in first.trace.steps)
@@ -94,7 +97,9 @@ def test_a_changed_batch_or_k_captures_another_graph_and_release_frees_the_unuse
         assert store.captures == 5
         keys = {key[1] for key in store.graphs}
         assert keys == {None, (4, 19), (2, 19), (4, 32)}  # full steps share a key; (rows, k) for pruned ones
-        assert torch.equal(one.images, _run(adapter, "random", graphs=False, prompts=PROMPTS[:1], seeds=SEEDS[:1]).images)
+        assert torch.equal(
+            one.images, _run(adapter, "random", graphs=False, prompts=PROMPTS[:1], seeds=SEEDS[:1]).images
+        )
         assert torch.equal(other_k.images, _run(adapter, "random", graphs=False, alpha=0.5).images)
         freed = store.release(unused_only=True)  # the last generation used the 4-row full graph and k = 32
         assert {key[1] for key in store.graphs} == {None, (4, 32)} and freed > 0
@@ -109,7 +114,7 @@ def test_a_changed_batch_or_k_captures_another_graph_and_release_frees_the_unuse
 
 
 def test_reset_between_generations_forgets_the_previous_images_state():
-    """A generation after another prompt's gives what it gives alone: the replayed caches were reset by the full steps."""
+    """A generation after another prompt's gives what it gives alone: the replayed caches were reset by full steps."""
     adapter = tiny_pixart()
     alone = _run(adapter, "cat", graphs=False, prompts=["a green triangle", "a cat"])
     with emulate_on_cpu():
@@ -136,7 +141,14 @@ def test_fallbacks_say_why_in_one_line_and_run_eagerly(caplog):
         caplog.clear()
         policy = selectors.build(name) if isinstance(name, dict) else _policy(name)
         with emulate_on_cpu(), caplog.at_level(logging.WARNING, logger="catlab.graphs"):
-            sample(adapter, policy, PROMPTS, SEEDS, SamplerConfig(num_steps=6, progress=False, cuda_graphs=True, **cfg), reuse)
+            sample(
+                adapter,
+                policy,
+                PROMPTS,
+                SEEDS,
+                SamplerConfig(num_steps=6, progress=False, cuda_graphs=True, **cfg),
+                reuse,
+            )
         lines = [r.getMessage() for r in caplog.records if "running eagerly" in r.getMessage()]
         assert len(lines) == 1 and words in lines[0], caplog.text
 
@@ -229,10 +241,19 @@ def test_cuda_capture_and_replay_equal_eager_for_every_selector(name, caplog):
     from tests.test_sync import NOT_YET_CLEAN
 
     adapter = tiny_sd3(device="cuda", dtype="float16")
-    spec = {"name": name, "alpha": 0.3, "start_step": 2, **({"attention_layers": [1]} if name == "atedm_reuse" else {})}
+    spec = {
+        "name": name,
+        "alpha": 0.3,
+        "start_step": 2,
+        **({"attention_layers": [1]} if name == "atedm_reuse" else {}),
+    }
     policy = lambda: _policy(name) if name in SELECTORS else selectors.build(spec)  # noqa: E731
-    config = lambda graphs: SamplerConfig(num_steps=12, progress=False, cuda_graphs=graphs,  # noqa: E731
-                                          check_sync=graphs and name not in NOT_YET_CLEAN)
+    config = lambda graphs: SamplerConfig(
+        num_steps=12,
+        progress=False,
+        cuda_graphs=graphs,  # noqa: E731
+        check_sync=graphs and name not in NOT_YET_CLEAN,
+    )
     eager = sample(adapter, policy(), PROMPTS, SEEDS, config(False)).images
     with caplog.at_level(logging.WARNING, logger="catlab.graphs"):
         runs = [sample(adapter, policy(), PROMPTS, SEEDS, config(True)) for _ in range(2)]
@@ -253,12 +274,21 @@ def test_a_table_that_mixes_graphed_and_eager_rows_says_so():
     from catlab.evaluation.merge import aggregate
     from catlab.evaluation.report import markdown_table
 
-    record = dict(macs=1.0, selection_macs=0.0, full_macs=2.0, seconds=1.0, denoise_seconds=1.0,
-                  selection_seconds=0.0, metrics={})
+    record = dict(
+        macs=1.0,
+        selection_macs=0.0,
+        full_macs=2.0,
+        seconds=1.0,
+        denoise_seconds=1.0,
+        selection_seconds=0.0,
+        metrics={},
+    )
     assert aggregate([dict(record, graphed=True)] * 2)["graphed"]
     assert not aggregate([dict(record, graphed=True), record])["graphed"]  # records written before the flag: eager
-    rows = [{"method": "full", "macs_per_image": 2e9, "graphed": True},
-            {"method": "taylorseer", "macs_per_image": 1e9, "graphed": False}]
+    rows = [
+        {"method": "full", "macs_per_image": 2e9, "graphed": True},
+        {"method": "taylorseer", "macs_per_image": 1e9, "graphed": False},
+    ]
     table = markdown_table(rows)
     assert "| taylorseer (eager) |" in table and "| full |" in table and "not like for like" in table
     assert "(eager)" not in markdown_table([dict(r, graphed=False) for r in rows])
@@ -298,7 +328,7 @@ def test_cat_selection_replayed_from_a_graph_chooses_what_eager_chooses():
 
     eager = _drive(_policy("cat"), None)
     graphs = SelectionGraphs("cpu")
-    for generation in range(2):  # a new generation re-captures: cat's state tensors are made anew
+    for _generation in range(2):  # a new generation re-captures: cat's state tensors are made anew
         got = _drive(_policy("cat"), graphs)
         assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(got, eager))
         # pruned steps 3..14: the 1st clusters (host), the 2nd and 3rd take a path once each and run
@@ -329,7 +359,7 @@ def test_a_select_tensors_that_rebinds_state_is_not_captured(caplog):
             return "always"
 
         def select_tensors(self, state):
-            self.total = self.total + state.output[-state.batch_size:].norm(dim=-1)  # a new tensor: not replayable
+            self.total = self.total + state.output[-state.batch_size :].norm(dim=-1)  # a new tensor: not replayable
             return self.total.topk(state.k, dim=1).indices
 
         def select(self, state):
@@ -459,9 +489,22 @@ def test_run_metrics_carry_the_graph_counters(tmp_path):
     from catlab.run import run
     from tests.conftest import ROOT
 
-    overrides = ["model=tiny_sd3", "model.num_layers=1", "model.height=16", "model.width=16", "selector=cat",
-                 "selector.start_step=2", "sampler.num_steps=12", "sampler.progress=false", "sampler.cuda_graphs=true",
-                 "logger=local", "num_images=2", "batch_size=1", "save_images=false", "experiment_name=graphs"]
+    overrides = [
+        "model=tiny_sd3",
+        "model.num_layers=1",
+        "model.height=16",
+        "model.width=16",
+        "selector=cat",
+        "selector.start_step=2",
+        "sampler.num_steps=12",
+        "sampler.progress=false",
+        "sampler.cuda_graphs=true",
+        "logger=local",
+        "num_images=2",
+        "batch_size=1",
+        "save_images=false",
+        "experiment_name=graphs",
+    ]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     with emulate_on_cpu():
@@ -469,7 +512,9 @@ def test_run_metrics_carry_the_graph_counters(tmp_path):
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["forward_captures"] == metrics["forward_captures"] == 2  # full and pruned, in the first generation
     assert saved["forward_replays"] == 2 * 12 - 2  # every other forward of the two generations
-    assert saved["selection_captures"] == 2 and saved["selection_replays"] > 0  # cat's selection graph, each generation
+    assert (
+        saved["selection_captures"] == 2 and saved["selection_replays"] > 0
+    )  # cat's selection graph, each generation
     assert saved["graph_refusals"] == [] and saved["graphed"] is True
     cpu = run(cfg, tmp_path)  # no stand-in: a CPU cannot capture, and the metrics say why
     assert cpu["forward_replays"] == 0 and not cpu["graphed"] and "on cpu" in cpu["graph_refusals"][0]

@@ -13,6 +13,7 @@ level of ``os`` and ``open`` that every writer goes through (the tests may run a
 root, whom permission bits do not stop). A full disk creates the file and fails
 its bytes, as a real one does.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -22,9 +23,9 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -32,18 +33,41 @@ import torch
 from catlab.selection.simple import Random
 from tests.conftest import ROOT, run_cli
 
-RUN = ("logger=local", "sampler.num_steps=4", "sampler.progress=false", "selector.start_step=2", "num_images=1",
-       "threads=1", "hydra.run.dir={tmp}/run", "hydra.sweep.dir={tmp}/sweep")
-EVAL = ("model=tiny_sd3", "model.num_layers=1", "model.height=16", "model.width=16", "sampler.num_steps=4",
-        "++strategy_defaults.start_step=2", "num_prompts=1", "metrics=[psnr]", "diagnostics=false", "save_images=false",
-        "warmup=false", "logger=local", "threads=1", "cache_dir={tmp}/cache", "hydra.run.dir={tmp}/eval")
+RUN = (
+    "logger=local",
+    "sampler.num_steps=4",
+    "sampler.progress=false",
+    "selector.start_step=2",
+    "num_images=1",
+    "threads=1",
+    "hydra.run.dir={tmp}/run",
+    "hydra.sweep.dir={tmp}/sweep",
+)
+EVAL = (
+    "model=tiny_sd3",
+    "model.num_layers=1",
+    "model.height=16",
+    "model.width=16",
+    "sampler.num_steps=4",
+    "++strategy_defaults.start_step=2",
+    "num_prompts=1",
+    "metrics=[psnr]",
+    "diagnostics=false",
+    "save_images=false",
+    "warmup=false",
+    "logger=local",
+    "threads=1",
+    "cache_dir={tmp}/cache",
+    "hydra.run.dir={tmp}/eval",
+)
 TINY = ("model=tiny_sd3", "model.num_layers=1", "model.height=16", "model.width=16")
 
 
 # -- hostile conditions ---------------------------------------------------------------------------------------------
 
+
 class FailingWrites:
-    """Every write under ``root`` whose path contains ``match`` fails with ``code`` (EACCES: read-only; ENOSPC: full)."""
+    """Every write under ``root`` whose path contains ``match`` fails with ``code`` (EACCES read-only, ENOSPC full)."""
 
     def __init__(self, monkeypatch, root: Path, code: int, match: str = ""):
         self.root, self.code, self.match = Path(root).resolve(), code, match
@@ -96,10 +120,15 @@ class FailingWrites:
                 raise error(dst)
             return real_replace(src, dst, *args, **kwargs)
 
-        for target, name, value in ((builtins, "open", patched_open), (io, "open", patched_open),
-                                    (os, "open", patched_os_open), (os, "write", patched_write),
-                                    (os, "mkdir", patched_mkdir), (os, "replace", patched_replace),
-                                    (os, "rename", patched_replace)):
+        for target, name, value in (
+            (builtins, "open", patched_open),
+            (io, "open", patched_open),
+            (os, "open", patched_os_open),
+            (os, "write", patched_write),
+            (os, "mkdir", patched_mkdir),
+            (os, "replace", patched_replace),
+            (os, "rename", patched_replace),
+        ):
             monkeypatch.setattr(target, name, value)
         del real_rename
 
@@ -128,28 +157,33 @@ def read_only(sub: str, make: bool = True):
         if make:
             (tmp / sub).mkdir(parents=True, exist_ok=True)
         FailingWrites(monkeypatch, tmp / sub, errno.EACCES)
+
     return setup
 
 
 def disk_full(sub: str, match: str = ""):
     def setup(tmp: Path, monkeypatch):
         FailingWrites(monkeypatch, tmp / sub, errno.ENOSPC, match)
+
     return setup
 
 
 def a_file(sub: str):
     def setup(tmp: Path, monkeypatch):
         (tmp / sub).write_text("a file, not a folder\n")
+
     return setup
 
 
 def prompts_file(text: str):
     def setup(tmp: Path, monkeypatch):
         (tmp / "prompts.txt").write_text(text)
+
     return setup
 
 
 # -- selectors that break the index contract -----------------------------------------------------------------------
+
 
 def _short(idx, n):
     return idx[:, :-1]
@@ -190,9 +224,14 @@ def _a_list(idx, n):
 
 
 BROKEN = {  # name: (how the indices are broken, words of the error)
-    "short": (_short, "returned shape"), "long": (_long, "returned shape"), "repeated": (_repeated, "twice"),
-    "floats": (_floats, "torch.float32 indices"), "flat": (_flat, "returned shape"), "beyond": (_beyond, "tokens are [0,"),
-    "negative": (_negative, "tokens are [0,"), "a_list": (_a_list, "returned list"),
+    "short": (_short, "returned shape"),
+    "long": (_long, "returned shape"),
+    "repeated": (_repeated, "twice"),
+    "floats": (_floats, "torch.float32 indices"),
+    "flat": (_flat, "returned shape"),
+    "beyond": (_beyond, "tokens are [0,"),
+    "negative": (_negative, "tokens are [0,"),
+    "a_list": (_a_list, "returned list"),
 }
 
 
@@ -227,6 +266,7 @@ def broken_registered():
 
 
 # -- the table -------------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Case:
@@ -267,19 +307,34 @@ def _no_tmp_left(tmp, err):
 
 CASES = [
     # -- config typos: the key, the nearest valid one, and the keys there are
-    Case("typo in a selector key", ("selector.alpah=0.3",),
-         "catlab: unknown key 'selector.alpah' (did you mean 'selector.alpha'?); keys of selector=cat: name, alpha"),
-    Case("typo in a sampler key", ("sampler.steps=1",),
-         "unknown key 'sampler.steps' (did you mean 'sampler.num_steps'?); keys of sampler: num_steps"),
+    Case(
+        "typo in a selector key",
+        ("selector.alpah=0.3",),
+        "catlab: unknown key 'selector.alpah' (did you mean 'selector.alpha'?); keys of selector=cat: name, alpha",
+    ),
+    Case(
+        "typo in a sampler key",
+        ("sampler.steps=1",),
+        "unknown key 'sampler.steps' (did you mean 'sampler.num_steps'?); keys of sampler: num_steps",
+    ),
     Case("unknown top-level key", ("foo=bar",), "unknown key 'foo'; keys of the config: model, prompts"),
     Case("misspelt group", ("selektor=random",), "unknown key 'selektor' (did you mean 'selector'?)"),
     Case("appended unknown top-level key", ("+foo=1",), "unknown key 'foo'; keys of the config"),
-    Case("typo in a clusterer key", ("clusterer.num_cluster=3",),
-         "(did you mean 'clusterer.num_clusters'?); keys of clusterer=auto"),
-    Case("typo under another selector", ("selector=random", "selector.alpah=0.3"),
-         "keys of selector=random: name, alpha, start_step, seed"),
-    Case("appended key the selector lacks", ("selector=random", "+selector.alpah=0.3"),
-         "selector 'random' has no config key(s) ['alpah']; allowed: ['alpha', 'seed', 'start_step']"),
+    Case(
+        "typo in a clusterer key",
+        ("clusterer.num_cluster=3",),
+        "(did you mean 'clusterer.num_clusters'?); keys of clusterer=auto",
+    ),
+    Case(
+        "typo under another selector",
+        ("selector=random", "selector.alpah=0.3"),
+        "keys of selector=random: name, alpha, start_step, seed",
+    ),
+    Case(
+        "appended key the selector lacks",
+        ("selector=random", "+selector.alpah=0.3"),
+        "selector 'random' has no config key(s) ['alpah']; allowed: ['alpha', 'seed', 'start_step']",
+    ),
     Case("unknown option", ("selector=nope",), "unknown option 'selector=nope' (did you mean 'selector=noise'?)"),
     Case("unknown clusterer option", ("clusterer=kmeanz",), "unknown option 'clusterer=kmeanz' (did you mean"),
     Case("unknown experiment", ("experiment=nope",), "unknown option 'experiment=nope'; options of experiment: "),
@@ -296,76 +351,174 @@ CASES = [
     Case("no images", ("num_images=0",), "num_images must be >= 1 or null"),
     Case("threads 0", ("threads=0",), "threads must be >= 1"),
     Case("no clusters", ("clusterer.num_clusters=0",), "num_clusters must be >= 1; got 0"),
-    Case("more clusters than tokens", ("clusterer.num_clusters=100000",),
-         "clusterer.num_clusters=100000 is more than the 256 image tokens"),
+    Case(
+        "more clusters than tokens",
+        ("clusterer.num_clusters=100000",),
+        "clusterer.num_clusters=100000 is more than the 256 image tokens",
+    ),
     Case("500 clusters on 256 tokens", ("clusterer.num_clusters=500",), "is more than the 256 image tokens"),
     Case("odd height", (*TINY, "model.height=33"), "takes sizes that are multiples of 2"),
     Case("odd size 33x31", (*TINY, "model.height=33", "model.width=31"), "got model.height=33, model.width=31"),
     Case("size 16x15", (*TINY, "model.width=15"), "multiples of 2 (VAE scale 1 x patch 2)"),
     Case("size below one patch", (*TINY, "model.height=1", "model.width=1"), "model 'tiny_sd3' could not be built"),
-    Case("embedded without its size key", ("model.height=64",),
-         "key 'model.height' is not in the config file of model=embedded (the component takes it)"),
+    Case(
+        "embedded without its size key",
+        ("model.height=64",),
+        "key 'model.height' is not in the config file of model=embedded (the component takes it)",
+    ),
     Case("embedded at another size", ("+model.height=64",), "the embedded model generates 32x32 images"),
     Case("negative seed", ("seed=-1",), "seed -1 is outside [0, 2^63)"),
     Case("seed 2^64", ("seed=18446744073709551616",), "is outside [0, 2^63)"),
     Case("seed 2^64 - 1", ("seed=18446744073709551615",), "is outside [0, 2^63)"),
-    Case("last image's seed past 2^63", ("seed=9223372036854775807", "num_images=2"), "seed 9223372036854775808 is outside"),
+    Case(
+        "last image's seed past 2^63",
+        ("seed=9223372036854775807", "num_images=2"),
+        "seed 9223372036854775808 is outside",
+    ),
     Case("in-step selector with a reuse rule", ("selector=atedm", "reuse=taylor"), "prunes inside each step"),
-    Case("step cache of another length", ("selector=full", "stepcache=taylorseer", "+stepcache.num_steps=5"),
-         "stepcache 'taylorseer' has no config key(s) ['num_steps']"),
+    Case(
+        "step cache of another length",
+        ("selector=full", "stepcache=taylorseer", "+stepcache.num_steps=5"),
+        "stepcache 'taylorseer' has no config key(s) ['num_steps']",
+    ),
     Case("model on a missing GPU", ("model.device=cuda",), "could not be built"),
     Case("unknown dtype", ("model.dtype=float13",), "could not be built"),
     # -- prompts files
     Case("missing prompts file", ("prompts=file", "prompts.path={tmp}/nope.txt"), "prompts.path: no such file"),
-    Case("empty prompts file", ("prompts=file", "prompts.path={tmp}/prompts.txt"), "holds no prompts",
-         setup=prompts_file("\n  \n# only a comment\n")),
-    Case("prompts file not UTF-8", ("prompts=file", "prompts.path={tmp}/prompts.txt"), "catlab: config error: ",
-         setup=lambda tmp, mp: (tmp / "prompts.txt").write_bytes(b"\xff\xfe a red \xff circle\n")),
-    Case("vertical tab in a prompt", ("prompts=file", "prompts.path={tmp}/prompts.txt", "num_images=null"), None,
-         setup=prompts_file("a small red\x0bcircle\n"), code=0, keeps=("run",), check=_one_prompt_and_a_warning),
-    Case("guidance 0 runs unguided, said once", ("sampler.guidance_scale=0",), None, code=0, keeps=("run",),
-         check=_unguided_once),
-    Case("negative guidance runs unguided, said once", ("sampler.guidance_scale=-5",), None, code=0, keeps=("run",),
-         check=_unguided_once),
+    Case(
+        "empty prompts file",
+        ("prompts=file", "prompts.path={tmp}/prompts.txt"),
+        "holds no prompts",
+        setup=prompts_file("\n  \n# only a comment\n"),
+    ),
+    Case(
+        "prompts file not UTF-8",
+        ("prompts=file", "prompts.path={tmp}/prompts.txt"),
+        "catlab: config error: ",
+        setup=lambda tmp, mp: (tmp / "prompts.txt").write_bytes(b"\xff\xfe a red \xff circle\n"),
+    ),
+    Case(
+        "vertical tab in a prompt",
+        ("prompts=file", "prompts.path={tmp}/prompts.txt", "num_images=null"),
+        None,
+        setup=prompts_file("a small red\x0bcircle\n"),
+        code=0,
+        keeps=("run",),
+        check=_one_prompt_and_a_warning,
+    ),
+    Case(
+        "guidance 0 runs unguided, said once",
+        ("sampler.guidance_scale=0",),
+        None,
+        code=0,
+        keeps=("run",),
+        check=_unguided_once,
+    ),
+    Case(
+        "negative guidance runs unguided, said once",
+        ("sampler.guidance_scale=-5",),
+        None,
+        code=0,
+        keeps=("run",),
+        check=_unguided_once,
+    ),
     # -- folders that cannot be written
     Case("run dir under a file", ("hydra.run.dir={tmp}/afile/run",), "catlab: cannot write ", setup=a_file("afile")),
     Case("read-only run dir", (), "cannot write {tmp}/run/run.log: Permission denied", setup=read_only("run")),
-    Case("run dir in a read-only folder", ("hydra.run.dir={tmp}/ro/run",), "cannot write {tmp}/ro/run: Permission denied",
-         setup=read_only("ro")),
-    Case("disk full before the run", ("hydra.run.dir={tmp}/full/run",), "No space left on device",
-         setup=disk_full("full", match="catlab-probe")),
-    Case("disk full at the end of the run", (), "cannot write {tmp}/run/metrics.json.tmp: No space left on device",
-         setup=disk_full("run", match="metrics.json"), check=_no_tmp_left),
-    Case("sweep dir under a file", ("-m", "hydra.sweep.dir={tmp}/afile/sweep", "selector=full,random"),
-         "catlab: cannot write ", setup=a_file("afile")),
+    Case(
+        "run dir in a read-only folder",
+        ("hydra.run.dir={tmp}/ro/run",),
+        "cannot write {tmp}/ro/run: Permission denied",
+        setup=read_only("ro"),
+    ),
+    Case(
+        "disk full before the run",
+        ("hydra.run.dir={tmp}/full/run",),
+        "No space left on device",
+        setup=disk_full("full", match="catlab-probe"),
+    ),
+    Case(
+        "disk full at the end of the run",
+        (),
+        "cannot write {tmp}/run/metrics.json.tmp: No space left on device",
+        setup=disk_full("run", match="metrics.json"),
+        check=_no_tmp_left,
+    ),
+    Case(
+        "sweep dir under a file",
+        ("-m", "hydra.sweep.dir={tmp}/afile/sweep", "selector=full,random"),
+        "catlab: cannot write ",
+        setup=a_file("afile"),
+    ),
     # -- broken selectors (a plugin's bug): the selector, the step and what was wrong
-    Case("selector returns k-1 tokens", ("selector=random", "selector.name=broken_short"),
-         "catlab: selector 'broken_short' at step 3 returned shape (1, "),
-    Case("selector returns floats", ("selector=random", "selector.name=broken_floats"), "returned torch.float32 indices"),
+    Case(
+        "selector returns k-1 tokens",
+        ("selector=random", "selector.name=broken_short"),
+        "catlab: selector 'broken_short' at step 3 returned shape (1, ",
+    ),
+    Case(
+        "selector returns floats", ("selector=random", "selector.name=broken_floats"), "returned torch.float32 indices"
+    ),
     Case("selector repeats a token", ("selector=random", "selector.name=broken_repeated"), "a token twice"),
     # -- sweeps: a job failing at run time is a failed row, the sweep exits non-zero
-    Case("sweep job failing at run time", ("-m", "selector=random", "selector.name=broken_short,random"),
-         "catlab: 1 of 2 sweep jobs failed (jobs 0)", keeps=("sweep",), check=_failed_row),
-    Case("sweep job refused", ("-m", *TINY, "selector=random", "model.height=33,16"),
-         "catlab: 1 of 2 sweep jobs failed (jobs 0)", keeps=("sweep",), check=_failed_row),
+    Case(
+        "sweep job failing at run time",
+        ("-m", "selector=random", "selector.name=broken_short,random"),
+        "catlab: 1 of 2 sweep jobs failed (jobs 0)",
+        keeps=("sweep",),
+        check=_failed_row,
+    ),
+    Case(
+        "sweep job refused",
+        ("-m", *TINY, "selector=random", "model.height=33,16"),
+        "catlab: 1 of 2 sweep jobs failed (jobs 0)",
+        keeps=("sweep",),
+        check=_failed_row,
+    ),
     Case("summary of no sweep", ("{tmp}/nowhere",), "catlab: no sweep directory", app="sweep", code=2),
     # -- catlab.evaluate
-    Case("evaluate: typo", ("strategy_default.alpha=0.5",), "unknown key 'strategy_default' (did you mean "
-         "'strategy_defaults'?); keys of the config: ", app="evaluate"),
-    Case("evaluate: typo in a model key", ("model.num_layer=1",),
-         "unknown key 'model.num_layer' (did you mean 'model.num_layers'?); keys of model=tiny_sd3", app="evaluate"),
+    Case(
+        "evaluate: typo",
+        ("strategy_default.alpha=0.5",),
+        "unknown key 'strategy_default' (did you mean 'strategy_defaults'?); keys of the config: ",
+        app="evaluate",
+    ),
+    Case(
+        "evaluate: typo in a model key",
+        ("model.num_layer=1",),
+        "unknown key 'model.num_layer' (did you mean 'model.num_layers'?); keys of model=tiny_sd3",
+        app="evaluate",
+    ),
     Case("evaluate: unknown model option", ("model=nope",), "unknown option 'model=nope'", app="evaluate"),
     Case("evaluate: unknown metric", ("metrics=[psnr,nope]",), "unknown metric 'nope'", app="evaluate"),
     Case("evaluate: negative seed", ("seeds=[0,-1]",), "seeds: seed -1 is outside [0, 2^63)", app="evaluate"),
     Case("evaluate: odd size", ("model.height=15",), "multiples of 2", app="evaluate"),
-    Case("evaluate: a strategy without a name", ("strategies=[{{selector: cat}}]",),
-         "strategies[0] must be a selector name or a mapping with a 'name' key", app="evaluate"),
-    Case("evaluate: a model the strategy cannot prune", ("model=tiny_pixart", "strategies=[atedm]"),
-         "config error: selector atedm prunes inside SD3-family transformers", app="evaluate"),
-    Case("evaluate: read-only cache", (), "cannot write {tmp}/cache: Permission denied", app="evaluate",
-         setup=read_only("cache", make=False)),
-    Case("evaluate: store under a file", ("store_dir={tmp}/afile/store",), "cannot write {tmp}/afile: Not a directory",
-         app="evaluate", setup=a_file("afile")),
+    Case(
+        "evaluate: a strategy without a name",
+        ("strategies=[{{selector: cat}}]",),
+        "strategies[0] must be a selector name or a mapping with a 'name' key",
+        app="evaluate",
+    ),
+    Case(
+        "evaluate: a model the strategy cannot prune",
+        ("model=tiny_pixart", "strategies=[atedm]"),
+        "config error: selector atedm prunes inside SD3-family transformers",
+        app="evaluate",
+    ),
+    Case(
+        "evaluate: read-only cache",
+        (),
+        "cannot write {tmp}/cache: Permission denied",
+        app="evaluate",
+        setup=read_only("cache", make=False),
+    ),
+    Case(
+        "evaluate: store under a file",
+        ("store_dir={tmp}/afile/store",),
+        "cannot write {tmp}/afile: Not a directory",
+        app="evaluate",
+        setup=a_file("afile"),
+    ),
 ]
 
 
@@ -427,6 +580,7 @@ def test_the_table_holds_forty_cases():
 
 # -- the index contract in every loop ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", sorted(BROKEN))
 def test_the_sampler_names_a_selector_that_breaks_the_contract(kind):
     from catlab.planner import IndexContractError
@@ -435,8 +589,13 @@ def test_the_sampler_names_a_selector_that_breaks_the_contract(kind):
 
     policy = broken_selector(kind)(start_step=1)
     with pytest.raises(IndexContractError, match=f"selector 'broken_{kind}' at step 2 .*{re.escape(BROKEN[kind][1])}"):
-        sample(tiny_sd3(num_layers=1), policy, ["a red circle", "a blue square"], [0, 1],
-               SamplerConfig(num_steps=3, progress=False))
+        sample(
+            tiny_sd3(num_layers=1),
+            policy,
+            ["a red circle", "a blue square"],
+            [0, 1],
+            SamplerConfig(num_steps=3, progress=False),
+        )
 
 
 @pytest.mark.parametrize("kind", sorted(BROKEN))
@@ -448,7 +607,9 @@ def test_enable_pruning_names_a_selector_that_breaks_the_contract(kind):
     pipe, call = _sd3()
     enable_pruning(pipe, broken_selector(kind)(start_step=1))
     try:
-        with pytest.raises(IndexContractError, match=f"selector 'broken_{kind}' at step 2 .*{re.escape(BROKEN[kind][1])}"):
+        with pytest.raises(
+            IndexContractError, match=f"selector 'broken_{kind}' at step 2 .*{re.escape(BROKEN[kind][1])}"
+        ):
             call()
     finally:
         disable_pruning(pipe)
@@ -457,13 +618,15 @@ def test_enable_pruning_names_a_selector_that_breaks_the_contract(kind):
 @pytest.mark.parametrize("kind", sorted(BROKEN))
 def test_check_policy_fails_a_selector_that_breaks_the_contract(kind):
     from catlab.planner import IndexContractError
+    from catlab.pruning.sync_check import HostSyncError
     from catlab.testing import check_policy
 
-    from catlab.pruning.sync_check import HostSyncError
-
     # a list can only be made by reading the device: the host-sync guard names it first
-    error, words = (HostSyncError, "broken_a_list at step 2") if kind == "a_list" else \
-        (IndexContractError, f"selector 'broken_{kind}'.*{re.escape(BROKEN[kind][1])}")
+    error, words = (
+        (HostSyncError, "broken_a_list at step 2")
+        if kind == "a_list"
+        else (IndexContractError, f"selector 'broken_{kind}'.*{re.escape(BROKEN[kind][1])}")
+    )
     with pytest.raises(error, match=words):
         check_policy(broken_selector(kind)(start_step=1))
 
@@ -508,13 +671,16 @@ def test_enable_pruning_refuses_a_name_or_anything_not_a_selector():
 
 # -- numbers that say what they are --------------------------------------------------------------------------------
 
+
 def test_selection_share_leaves_the_warm_up_out():
     """The first pruned step carries one-time costs; ``selection_share`` leaves it out, the rest says it apart."""
     from catlab.metrics.cost import cost_metrics
     from catlab.sampler import StepRecord, Trace
 
     steps = [StepRecord(1, 16, 100, 0, 1.0, 0.0), StepRecord(2, 4, 30, 1, 1.5, 0.9), StepRecord(3, 4, 30, 1, 1.0, 0.1)]
-    m = cost_metrics([Trace(num_tokens=16, grid=(4, 4), batch_size=1, full_step_macs=100, steps=steps, seconds=3.5)], 3.5)
+    m = cost_metrics(
+        [Trace(num_tokens=16, grid=(4, 4), batch_size=1, full_step_macs=100, steps=steps, seconds=3.5)], 3.5
+    )
     assert m["selection_share"] == pytest.approx(0.1 / 2.0)
     assert m["selection_share_with_warmup"] == pytest.approx(1.0 / 3.5)
     assert m["selection_warmup_seconds"] == pytest.approx(0.9)
@@ -535,6 +701,7 @@ def test_evaluate_defaults_to_the_embedded_model():
 
 
 # -- the same through real processes -------------------------------------------------------------------------------
+
 
 def _one_line(proc) -> str:
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("catlab:")]
@@ -560,8 +727,19 @@ def test_a_run_dir_under_a_file_through_python_m(tmp_path):
 
 @pytest.mark.slow
 def test_a_sweep_with_a_job_failing_at_run_time_through_python_m(tmp_path):
-    proc, _ = run_cli("-m", *TINY, "selector=random", "selector.start_step=1", "sampler.num_steps=3", "num_images=1",
-                      "logger=local", "sampler.progress=false", "model.height=33,16", tmp_path=tmp_path, check=False)
+    proc, _ = run_cli(
+        "-m",
+        *TINY,
+        "selector=random",
+        "selector.start_step=1",
+        "sampler.num_steps=3",
+        "num_images=1",
+        "logger=local",
+        "sampler.progress=false",
+        "model.height=33,16",
+        tmp_path=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 1 and _one_line(proc).startswith("catlab: 1 of 2 sweep jobs failed (jobs 0)")
     summary = subprocess_sweep(tmp_path / "sweep")
     assert summary.returncode == 1 and "failed: catlab: config error: model 'tiny_sd3' takes sizes" in summary.stdout
@@ -571,5 +749,11 @@ def subprocess_sweep(folder: Path):
     import subprocess
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "catlab.sweep", str(folder)], cwd=ROOT, capture_output=True, text=True,
-                          env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "catlab.sweep", str(folder)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )

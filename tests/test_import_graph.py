@@ -1,4 +1,5 @@
 """The package's shape: no import circles, no upward imports, one assembly for both loops."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -31,7 +32,8 @@ def test_the_script_finds_a_circle_and_an_upward_import(tmp_path):
     (package / "selection" / "atedm.py").write_text("def engine():\n    from catlab.pruning.instep import Engine\n")
     (package / "pruning" / "instep.py").write_text("from catlab.selection.atedm import engine\nclass Engine: ...\n")
     (package / "pruning" / "hints.py").write_text(
-        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from catlab.sampler import Trace\n")
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from catlab.sampler import Trace\n"
+    )
     found = graph.findings(package)
     assert found["module circles"] == [["catlab.pruning.instep", "catlab.selection.atedm"]]
     assert found["room circles"] == [["pruning", "selection"]]

@@ -1,4 +1,5 @@
 """One token budget for every selector: k = ⌊α·N⌋ (at least one), so tables compare like with like."""
+
 from __future__ import annotations
 
 import math
@@ -61,10 +62,12 @@ def test_atedm_engine_keeps_floor_alpha_n_after_its_last_layer():
     last = a.transformer.transformer_blocks[-1]
     handle = last.register_forward_pre_hook(
         lambda m, args, kwargs: seen.append(kwargs.get("hidden_states", args[0] if args else None).shape[1]),
-        with_kwargs=True)
+        with_kwargs=True,
+    )
     try:
-        policy = selectors.build({"name": "atedm", "alpha": 0.2, "start_step": 2, "dsap_steps": 0,
-                                  "prune_layers": [0, 1]})
+        policy = selectors.build(
+            {"name": "atedm", "alpha": 0.2, "start_step": 2, "dsap_steps": 0, "prune_layers": [0, 1]}
+        )
         sample(a, policy, ["a"], [0], SamplerConfig(num_steps=4, progress=False))
     finally:
         handle.remove()

@@ -1,4 +1,5 @@
 """Log lines a user reads without the code: a part's line names its selector; a shadowed package says where it is."""
+
 import logging
 import subprocess
 import sys
@@ -38,8 +39,9 @@ def test_a_folder_named_catlab_that_shadows_the_package_is_named(tmp_path):
         runpy.run_module("catlab.run", run_name="__main__")
     """)
     env = {"PATH": "/usr/bin:/bin", "WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert f"found the folder {tmp_path / 'catlab'}" in last and str(ROOT / "catlab") in last, proc.stderr[-2000:]

@@ -1,4 +1,5 @@
 """The analytic MAC counter agrees with torch's FlopCounterMode and scales with k."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """PSNR, SSIM and the CLIP score from torchmetrics give the numbers of catlab's earlier hand-written versions."""
+
 import math
 import string
 
@@ -14,14 +15,15 @@ TOL = 1e-4
 
 # --- the hand-written versions the results so far were computed with, kept as the reference ---------------------
 
+
 def psnr_reference(images, reference, max_value=1.0):
     mse = (images.float() - reference.float()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(max_value ** 2 / mse)
+    return 10 * torch.log10(max_value**2 / mse)
 
 
 def _gaussian(size, sigma):
     x = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
-    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    g = torch.exp(-(x**2) / (2 * sigma**2))
     return g / g.sum()
 
 
@@ -36,11 +38,11 @@ def ssim_reference(images, reference, window=11, sigma=1.5, max_value=1.0):
         return F.conv2d(t, kernel, groups=c)
 
     mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x ** 2
-    var_y = blur(y * y) - mu_y ** 2
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
     cov = blur(x * y) - mu_x * mu_y
     c1, c2 = (0.01 * max_value) ** 2, (0.03 * max_value) ** 2
-    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return s.flatten(1).mean(1)
 
 
@@ -53,12 +55,14 @@ def clip_score_reference(model, processor, images, prompts):
     pixels = [(img.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy() for img in images]
     inputs = processor(text=prompts, images=pixels, return_tensors="pt", padding=True, truncation=True)
     img = F.normalize(emb(model.get_image_features(pixel_values=inputs["pixel_values"])), dim=-1)
-    txt = F.normalize(emb(model.get_text_features(input_ids=inputs["input_ids"],
-                                                  attention_mask=inputs["attention_mask"])), dim=-1)
+    txt = F.normalize(
+        emb(model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])), dim=-1
+    )
     return 100 * (img * txt).sum(-1).clamp(min=0)
 
 
 # --- image pairs ------------------------------------------------------------------------------------------------
+
 
 def _pairs(size, low, seed=0):
     """Independent pairs, slightly and strongly perturbed pairs, and a smooth pair, all within [low, 1]."""
@@ -120,6 +124,7 @@ def test_lpips_keeps_its_notice_without_the_lpips_package():
 
 # --- CLIP score on a tiny, randomly initialised CLIP saved to a folder ------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -132,19 +137,36 @@ def tiny_clip(tmp_path_factory):
     tok = Tokenizer(models.WordLevel(vocab, unk_token=eos))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
     tok.post_processor = TemplateProcessing(single=f"{bos} $A {eos}", special_tokens=[(bos, 0), (eos, 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=eos,
-                                        unk_token=eos, model_max_length=24)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=eos, unk_token=eos, model_max_length=24
+    )
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=24, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=24,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
     model = CLIPModel(config).eval()
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                 crop_size={"height": 32, "width": 32}),
-                              tokenizer=tokenizer)
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+    )
     folder = tmp_path_factory.mktemp("tiny_clip")
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -160,8 +182,12 @@ def test_clip_score_loads_a_local_folder_and_scores_each_image(tiny_clip):
     g = torch.Generator().manual_seed(1)
     images = torch.rand(4, 3, 48, 40, generator=g)
     images[0] = F.interpolate(torch.rand(1, 3, 3, 3, generator=g), size=(48, 40), mode="bilinear")[0]
-    prompts = ["a red circle", "a blue square", "a green star on a white ground, drawn small and off centre",
-               "two yellow triangles"]  # the third is longer than the text encoder's 24 positions
+    prompts = [
+        "a red circle",
+        "a blue square",
+        "a green star on a white ground, drawn small and off centre",
+        "two yellow triangles",
+    ]  # the third is longer than the text encoder's 24 positions
     scores = m(images, None, prompts, [None] * 4)
     assert scores.shape == (4,) and torch.isfinite(scores).all()
     assert ((scores >= 0) & (scores <= 100)).all()
@@ -186,8 +212,8 @@ def test_flat_images_give_the_closed_form():
     """
     a = torch.zeros(1, 3, 16, 16)
     assert psnr_reference(a, a + 0.1).item() == pytest.approx(20.0, abs=TOL)
-    c1 = 0.01 ** 2
-    expected = (2 * 0.5 * 0.6 + c1) / (0.5 ** 2 + 0.6 ** 2 + c1)  # luminance term only: no variance, no covariance
+    c1 = 0.01**2
+    expected = (2 * 0.5 * 0.6 + c1) / (0.5**2 + 0.6**2 + c1)  # luminance term only: no variance, no covariance
     assert ssim(a + 0.5, a + 0.6).item() == pytest.approx(expected, abs=1e-6)
     assert ssim_reference(a + 0.5, a + 0.6).item() == pytest.approx(expected, abs=1e-3)
     assert not math.isnan(ssim(a, a + 0.1).item())
@@ -208,8 +234,10 @@ def test_fid_on_a_tiny_local_clip(tiny_clip):
 
 
 def test_fid_without_weights_is_skipped_with_a_one_line_notice(tmp_path):
-    for spec in ({"name": "fid", "weights": str(tmp_path / "no_inception.pth")},
-                 {"name": "fid", "feature": "clip", "backbone": str(tmp_path / "no_clip")}):
+    for spec in (
+        {"name": "fid", "weights": str(tmp_path / "no_inception.pth")},
+        {"name": "fid", "feature": "clip", "backbone": str(tmp_path / "no_clip")},
+    ):
         reason = metrics.build(spec).unavailable({})
         assert reason.startswith("fid: ") and "\n" not in reason
     with pytest.raises(ValueError, match="feature must be"):
@@ -223,10 +251,19 @@ def test_fid_column_end_to_end_in_an_evaluation(tiny_clip, tmp_path):
     from catlab.evaluate import run
     from tests.conftest import ROOT
 
-    overrides = ["model=tiny_sd3", "model.num_layers=1", "model.height=16", "model.width=16", "sampler.num_steps=4",
-                 "+strategy_defaults.start_step=2", "strategies=[full,random]", "batch_size=3",
-                 "prompts.prompts=[a red circle,a blue square,a green star]",
-                 f"metrics=[psnr,{{name:fid,feature:clip,backbone:'{tiny_clip}'}}]", f"cache_dir={tmp_path / 'cache'}"]
+    overrides = [
+        "model=tiny_sd3",
+        "model.num_layers=1",
+        "model.height=16",
+        "model.width=16",
+        "sampler.num_steps=4",
+        "+strategy_defaults.start_step=2",
+        "strategies=[full,random]",
+        "batch_size=3",
+        "prompts.prompts=[a red circle,a blue square,a green star]",
+        f"metrics=[psnr,{{name:fid,feature:clip,backbone:'{tiny_clip}'}}]",
+        f"cache_dir={tmp_path / 'cache'}",
+    ]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="evaluate", overrides=overrides)
     (tmp_path / "out").mkdir()

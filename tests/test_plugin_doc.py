@@ -6,6 +6,7 @@ the ``python`` lines are the page's, with arguments appended that keep the insta
 offline (``--no-deps --no-build-isolation --no-index``, into a scratch ``--target``)
 and the runs small (as tests/test_docs_commands.py shrinks every documented run).
 """
+
 from __future__ import annotations
 
 import json
@@ -60,10 +61,18 @@ def page():
     all_blocks = blocks(DOC.read_text())
     tree = next(b for lang, b, _ in all_blocks if lang == "text" and b and b[0].endswith("/"))
     root = tree[0].rstrip("/")
-    files = {b[0][2:].strip(): "\n".join(b) + "\n" for lang, b, _ in all_blocks
-             if lang in ("python", "yaml", "toml") and b and re.fullmatch(r"# [\w./-]+\.\w+", b[0].strip())}
-    commands = [line.strip() for lang, b, _ in all_blocks if lang == "bash" for line in b
-                if line.strip().startswith(("pip ", "python "))]
+    files = {
+        b[0][2:].strip(): "\n".join(b) + "\n"
+        for lang, b, _ in all_blocks
+        if lang in ("python", "yaml", "toml") and b and re.fullmatch(r"# [\w./-]+\.\w+", b[0].strip())
+    }
+    commands = [
+        line.strip()
+        for lang, b, _ in all_blocks
+        if lang == "bash"
+        for line in b
+        if line.strip().startswith(("pip ", "python "))
+    ]
     return root, tree_paths(tree), files, commands
 
 
@@ -85,15 +94,37 @@ def test_the_plugin_built_as_the_page_says_installs_runs_and_passes_its_test(tmp
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(files.get(rel, ""))
     site = tmp_path / "site"
-    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-           "PYTHONDONTWRITEBYTECODE": "1"}
-    shrink = ["sampler.num_steps=4", "selector.start_step=2", "num_images=1", "sampler.progress=false",
-              "logger=local", "threads=1", f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{site}{os.pathsep}{ROOT}",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    shrink = [
+        "sampler.num_steps=4",
+        "selector.start_step=2",
+        "num_images=1",
+        "sampler.progress=false",
+        "logger=local",
+        "threads=1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
     for cmd in commands:
         argv = shlex.split(cmd)
         if argv[0] == "pip":
-            argv = [sys.executable, "-m", *argv, "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-                    "--target", str(site)]
+            argv = [
+                sys.executable,
+                "-m",
+                *argv,
+                "--quiet",
+                "--no-deps",
+                "--no-build-isolation",
+                "--no-index",
+                "--target",
+                str(site),
+            ]
         elif "catlab.run" in cmd:
             argv = [sys.executable, *argv[1:], *shrink]
         else:

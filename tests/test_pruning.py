@@ -1,4 +1,5 @@
 """Pruned execution: alpha = 1 is the stock model; pruned outputs match a masked reference."""
+
 from __future__ import annotations
 
 import pytest
@@ -127,8 +128,13 @@ def test_per_sample_indices_shared_by_cfg_branches(monkeypatch):
             seen.append(self.row_indices.clone())
 
     monkeypatch.setattr(TokenPruner, "set_indices", spy)
-    sample(adapter, Random(alpha=0.3, start_step=2), ["a red circle", "a blue square"], [0, 1],
-           SamplerConfig(num_steps=4, progress=False, check_indices=True))
+    sample(
+        adapter,
+        Random(alpha=0.3, start_step=2),
+        ["a red circle", "a blue square"],
+        [0, 1],
+        SamplerConfig(num_steps=4, progress=False, check_indices=True),
+    )
     assert len(seen) == 2
     for rows in seen:
         assert rows.shape[0] == 4  # 2 samples x 2 CFG branches
@@ -139,9 +145,17 @@ def test_per_sample_indices_shared_by_cfg_branches(monkeypatch):
 def test_unsupported_models_are_named():
     from diffusers import UNet2DModel
 
-    unet = UNet2DModel(sample_size=8, block_out_channels=(8,), down_block_types=("DownBlock2D",),
-                       up_block_types=("UpBlock2D",), layers_per_block=1, norm_num_groups=4)
-    with pytest.raises(UnsupportedModelError, match="SD3Transformer2DModel with JointTransformerBlock.*PixArtTransformer2DModel"):
+    unet = UNet2DModel(
+        sample_size=8,
+        block_out_channels=(8,),
+        down_block_types=("DownBlock2D",),
+        up_block_types=("UpBlock2D",),
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
+    with pytest.raises(
+        UnsupportedModelError, match="SD3Transformer2DModel with JointTransformerBlock.*PixArtTransformer2DModel"
+    ):
         family_of(unet)
 
 

@@ -1,4 +1,5 @@
 """Qwen-Image pruned, added as one family module: α = 1, MACs as they run, rotary rows of the selected tokens."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -9,8 +10,7 @@ import torch
 from catlab.pruning import TokenPruner, family_of
 from catlab.sampler import SamplerConfig, sample
 from catlab.selection.simple import Full, Random
-from tests.family_checks import (assert_macs_match_the_flop_counter, assert_wrong_rotary_gather_is_caught, forward,
-                                 perm)
+from tests.family_checks import assert_macs_match_the_flop_counter, assert_wrong_rotary_gather_is_caught, forward, perm
 
 TOL = 1e-5
 
@@ -19,8 +19,16 @@ TOL = 1e-5
 def qwen():
     from catlab.families.qwen_image import TinyQwenImage
 
-    return TinyQwenImage(height=16, width=16, num_layers=2, num_heads=2, head_dim=16, axes_dims_rope=(4, 6, 6),
-                         text_dim=24, text_tokens=6)
+    return TinyQwenImage(
+        height=16,
+        width=16,
+        num_layers=2,
+        num_heads=2,
+        head_dim=16,
+        axes_dims_rope=(4, 6, 6),
+        text_dim=24,
+        text_tokens=6,
+    )
 
 
 def _inputs(adapter, seed=0):
@@ -34,7 +42,9 @@ def test_the_family_comes_from_its_own_module(qwen):
 
     assert family_of(qwen.transformer) is QWEN_IMAGE
     pruner = TokenPruner(qwen.transformer).attach()
-    assert [type(p) for p in pruner.processors] == [PrunedQwenAttnProcessor] * 2 and all(p.text for p in pruner.processors)
+    assert [type(p) for p in pruner.processors] == [PrunedQwenAttnProcessor] * 2 and all(
+        p.text for p in pruner.processors
+    )
     pruner.detach()
 
 
@@ -97,7 +107,9 @@ def test_macs_match_the_flop_counter(qwen, alpha):
 @torch.no_grad()
 def test_counted_macs_equal_the_formula(qwen):
     cfg = SamplerConfig(num_steps=4, guidance_scale=4.0, progress=False)
-    counted = sample(qwen, Random(alpha=0.25, start_step=2), ["a red circle"], [0], replace(cfg, count_macs=True)).trace
+    counted = sample(
+        qwen, Random(alpha=0.25, start_step=2), ["a red circle"], [0], replace(cfg, count_macs=True)
+    ).trace
     formula = sample(qwen, Random(alpha=0.25, start_step=2), ["a red circle"], [0], cfg).trace
     assert [s.macs for s in counted.steps] == [s.macs for s in formula.steps]
 
@@ -121,8 +133,9 @@ def test_graphed_equals_eager_and_pruned_steps_read_nothing_on_the_host(qwen, na
 
     def run(**cfg):
         config = SamplerConfig(num_steps=5, guidance_scale=4.0, progress=False, **cfg)
-        return sample(qwen, selectors.build({"name": name, "alpha": 0.3, "start_step": 2}), ["a red circle"] * 2,
-                      [0, 1], config)
+        return sample(
+            qwen, selectors.build({"name": name, "alpha": 0.3, "start_step": 2}), ["a red circle"] * 2, [0, 1], config
+        )
 
     eager = run(check_sync=name != "cat")  # cat's scikit-learn clustering reads the host once, by design
     with emulate_on_cpu():
@@ -147,14 +160,21 @@ def test_step_caches_run_on_qwen_image(qwen, cache):
     assert torch.isfinite(result.latents).all()
 
 
-
 def test_edit_variants_are_refused_by_name():
     from diffusers import QwenImageTransformer2DModel
 
     from catlab.pruning import UnsupportedModelError
 
-    t = QwenImageTransformer2DModel(patch_size=2, in_channels=12, out_channels=3, num_layers=1, attention_head_dim=16,
-                                    num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6),
-                                    zero_cond_t=True)
+    t = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=12,
+        out_channels=3,
+        num_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=24,
+        axes_dims_rope=(4, 6, 6),
+        zero_cond_t=True,
+    )
     with pytest.raises(UnsupportedModelError, match="zero_cond_t or use_layer3d_rope.*Qwen-Image-Edit"):
         TokenPruner(t)

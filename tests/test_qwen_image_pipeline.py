@@ -5,6 +5,7 @@ of Qwen-Image — a Qwen2.5-VL text encoder and its tokenizer, the dual-stream
 transformer, the 3D-causal VAE, the shifting scheduler — tiny, random and built
 offline.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,8 +30,9 @@ def pipe():
 def _call(pipe, prompt="a red circle", output_type="np", size=64, **kw):
     kw.setdefault("generator", torch.Generator().manual_seed(0))
     kw.setdefault("true_cfg_scale", 1.0)  # no negative prompt: one call per step
-    return pipe(prompt, num_inference_steps=kw.pop("steps", STEPS), height=size, width=size, output_type=output_type,
-                **kw).images
+    return pipe(
+        prompt, num_inference_steps=kw.pop("steps", STEPS), height=size, width=size, output_type=output_type, **kw
+    ).images
 
 
 def test_pruned_qwen_image_pipeline_gives_pil_and_disable_gives_the_stock_pipeline_back(pipe):
@@ -43,8 +45,9 @@ def test_batches_prompt_lists_resolutions_and_true_cfg(pipe):
     enable_pruning(pipe, policy)
     _call(pipe, num_images_per_prompt=2)
     assert policy.seen["batch"] == 2 and policy.observed[-1] == (STEPS, (2, 128))
-    two = _call(pipe, prompt=["a red circle", "a blue square"],
-                generator=[torch.Generator().manual_seed(s) for s in (0, 1)])
+    two = _call(
+        pipe, prompt=["a red circle", "a blue square"], generator=[torch.Generator().manual_seed(s) for s in (0, 1)]
+    )
     assert two.shape == (2, 64, 64, 3) and policy.seen["batch"] == 2
     first = _call(pipe)
     small = _call(pipe, size=32, output_type="pil")

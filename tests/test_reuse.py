@@ -1,4 +1,5 @@
 """Reuse rules: copy keeps stale values; taylor is exact on polynomials of its order, with irregular refreshes."""
+
 from __future__ import annotations
 
 import pytest
@@ -28,7 +29,9 @@ def _run(rule, signal, schedule, times=None):
 
 def _irregular_schedule(steps=14, warm=3, k=4, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [None] * warm + [torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(B)]) for _ in range(steps - warm)]
+    return [None] * warm + [
+        torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(B)]) for _ in range(steps - warm)
+    ]
 
 
 def _poly(order):
@@ -50,13 +53,17 @@ def test_taylor_is_exact_on_polynomials_of_its_order(order):
 def test_taylor_order1_is_not_exact_on_a_quadratic_but_order2_is():
     signal = _poly(2)
     schedule = _irregular_schedule()
-    err1 = (_run(Taylor(order=1), lambda t: signal(t).float(), schedule)[-1] - signal(len(schedule)).float()).abs().max()
-    err2 = (_run(Taylor(order=2), lambda t: signal(t).float(), schedule)[-1] - signal(len(schedule)).float()).abs().max()
+    err1 = (
+        (_run(Taylor(order=1), lambda t: signal(t).float(), schedule)[-1] - signal(len(schedule)).float()).abs().max()
+    )
+    err2 = (
+        (_run(Taylor(order=2), lambda t: signal(t).float(), schedule)[-1] - signal(len(schedule)).float()).abs().max()
+    )
     assert err1 > 1e-2 and err2 < 1e-3
 
 
 def test_taylor_uses_the_given_time_variable():
-    times = [1.0 - 0.07 * s ** 1.3 for s in range(14)]  # an irregular sigma-like schedule
+    times = [1.0 - 0.07 * s**1.3 for s in range(14)]  # an irregular sigma-like schedule
     signal = _poly(1)
     outs = _run(Taylor(order=1), lambda t: signal(t).float(), _irregular_schedule(), times=times)
     torch.testing.assert_close(outs[-1], signal(times[-1]).float(), rtol=1e-4, atol=1e-4)
@@ -72,7 +79,9 @@ def test_copy_reproduces_the_stale_values():
             last_seen[:] = s
         else:
             last_seen.scatter_(1, idx, s)
-        expected = torch.stack([torch.stack([signal(int(last_seen[b, n]))[b, n] for n in range(N)]) for b in range(B)]).float()
+        expected = torch.stack(
+            [torch.stack([signal(int(last_seen[b, n]))[b, n] for n in range(N)]) for b in range(B)]
+        ).float()
         torch.testing.assert_close(outs[s - 1], expected)
 
 

@@ -1,4 +1,5 @@
 """Reuse rules through the sampler and the run app."""
+
 from __future__ import annotations
 
 import json
@@ -20,16 +21,25 @@ def test_copy_is_the_engines_own_reuse_and_taylor_forecasts():
     plain = sample(adapter, Random(alpha=0.3, start_step=3), PROMPTS, SEEDS, cfg)
     copied = sample(adapter, Random(alpha=0.3, start_step=3), PROMPTS, SEEDS, cfg, reuses.build("copy"))
     assert torch.equal(plain.latents, copied.latents)
-    forecast = sample(adapter, Random(alpha=0.3, start_step=3), PROMPTS, SEEDS, cfg,
-                      reuses.build({"name": "taylor", "order": 1}))
+    forecast = sample(
+        adapter, Random(alpha=0.3, start_step=3), PROMPTS, SEEDS, cfg, reuses.build({"name": "taylor", "order": 1})
+    )
     assert not torch.allclose(forecast.latents, plain.latents, atol=1e-4)
     assert [s.macs for s in forecast.trace.steps] == [s.macs for s in plain.trace.steps]  # same cost
 
 
 @pytest.mark.slow
 def test_reuse_is_a_config_group_of_the_run_app(tmp_path):
-    _, run_dir = run_cli("model=tiny_sd3", "selector=random", "selector.start_step=2", "reuse=taylor",
-                         "sampler.num_steps=6", "sampler.progress=false", "logger=local", tmp_path=tmp_path)
+    _, run_dir = run_cli(
+        "model=tiny_sd3",
+        "selector=random",
+        "selector.start_step=2",
+        "reuse=taylor",
+        "sampler.num_steps=6",
+        "sampler.progress=false",
+        "logger=local",
+        tmp_path=tmp_path,
+    )
     assert "reuse:\n  name: taylor" in (run_dir / "config.yaml").read_text()
     assert json.loads((run_dir / "metrics.json").read_text())["macs_ratio"] > 1.2
 
@@ -53,8 +63,14 @@ def test_kv_from_a_strategy_spec_is_what_the_python_api_runs():
     policy, parts = _resolved({**spec, "kv": "taylor"}).build(cfg)
     assert parts.kv.name == "taylor" and parts.rule.name == "taylor" and parts.step_cache is None
     from_spec = sample(adapter, policy, PROMPTS, SEEDS, cfg, parts)
-    by_hand = sample(adapter, Random(alpha=0.3, start_step=3), PROMPTS, SEEDS, cfg,
-                     StepReuse(rule=reuses.build("taylor"), kv=reuses.build("taylor")))
+    by_hand = sample(
+        adapter,
+        Random(alpha=0.3, start_step=3),
+        PROMPTS,
+        SEEDS,
+        cfg,
+        StepReuse(rule=reuses.build("taylor"), kv=reuses.build("taylor")),
+    )
     assert torch.equal(from_spec.latents, by_hand.latents)
     policy, parts = _resolved(spec).build(cfg)
     stale = sample(adapter, policy, PROMPTS, SEEDS, cfg, parts)

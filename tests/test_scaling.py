@@ -1,4 +1,5 @@
 """Scale-out: sweeps on Hydra launchers, torchrun-sharded evaluation, and resumable results."""
+
 from __future__ import annotations
 
 import json
@@ -11,17 +12,38 @@ import pytest
 
 from tests.conftest import ROOT, run_cli
 
-TINY = ("model=tiny_sd3", "model.num_layers=1", "model.height=16", "model.width=16", "sampler.num_steps=4", "sampler.progress=false",
-        "logger=local")
+TINY = (
+    "model=tiny_sd3",
+    "model.num_layers=1",
+    "model.height=16",
+    "model.width=16",
+    "sampler.num_steps=4",
+    "sampler.progress=false",
+    "logger=local",
+)
 # batch_size=1: a stochastic selector's draws depend on a sample's place in its batch, so sharded and
 # single-process runs agree image by image only when every batch holds one image
-EVAL = (*TINY, "+strategy_defaults.start_step=2", "batch_size=1", "prompts.prompts=[a red circle,a blue square,a green star]",
-        "metrics=[psnr,ssim]", "diagnostics=false", "save_images=false")
+EVAL = (
+    *TINY,
+    "+strategy_defaults.start_step=2",
+    "batch_size=1",
+    "prompts.prompts=[a red circle,a blue square,a green star]",
+    "metrics=[psnr,ssim]",
+    "diagnostics=false",
+    "save_images=false",
+)
 
 
 def _sweep(launcher: str, tmp_path: Path) -> list[dict]:
-    run_cli("-m", f"hydra/launcher={launcher}", "selector=full,random", "selector.start_step=2", *TINY,
-            tmp_path=tmp_path, timeout=600)
+    run_cli(
+        "-m",
+        f"hydra/launcher={launcher}",
+        "selector=full,random",
+        "selector.start_step=2",
+        *TINY,
+        tmp_path=tmp_path,
+        timeout=600,
+    )
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name.isdigit())
     return [json.loads((j / "metrics.json").read_text()) for j in jobs]
 
@@ -56,8 +78,11 @@ runpy.run_module("catlab.evaluate", run_name="__main__", alter_sys=True)
 
 
 def _evaluate(out: Path, *extra: str, torchrun: int = 0, killed_after: int = 0, check: bool = True):
-    launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_port=29611"]
-                if torchrun else [sys.executable])
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_port=29611"]
+        if torchrun
+        else [sys.executable]
+    )
     app = ["-c", KILLED_AFTER, str(killed_after)] if killed_after else ["-m", "catlab.evaluate"]
     cmd = [*launcher, *app, f"hydra.run.dir={out}", *EVAL, *extra]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "CATLAB_CACHE": str(out.parent / "cache")}
@@ -69,8 +94,10 @@ def _evaluate(out: Path, *extra: str, torchrun: int = 0, killed_after: int = 0, 
 
 def _quality(out: Path) -> list[tuple]:
     rows = json.loads((out / "results.json").read_text())
-    return [(r["method"], r["alpha"], r["num_images"], r["macs_per_image"], r["macs_ratio"], r.get("psnr"), r.get("ssim"))
-            for r in rows]
+    return [
+        (r["method"], r["alpha"], r["num_images"], r["macs_per_image"], r["macs_ratio"], r.get("psnr"), r.get("ssim"))
+        for r in rows
+    ]
 
 
 def _records(out: Path) -> dict[str, float]:
@@ -115,7 +142,12 @@ def test_merge_rebuilds_the_table_from_the_store(tmp_path, clean_run):
     shutil.copytree(clean_run, out)
     table = (out / "results.md").read_text()
     (out / "results.md").unlink()
-    subprocess.run([sys.executable, "-m", "catlab.evaluation.merge", str(out)], check=True, capture_output=True,
-                   cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    subprocess.run(
+        [sys.executable, "-m", "catlab.evaluation.merge", str(out)],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     rebuilt = (out / "results.md").read_text()
     assert rebuilt.splitlines()[:4] == table.splitlines()[:4]

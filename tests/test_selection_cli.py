@@ -1,4 +1,5 @@
 """The selection config groups compose with the run app, and CAT runs from the command line."""
+
 import json
 import os
 import subprocess
@@ -7,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 import catlab  # noqa: F401  (registers the built-in components)
 from catlab.registry import REGISTRIES, selectors
 from catlab.sampler import SamplerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PARTS = {kind: REGISTRIES[kind].names() for kind in ("clusterer", "pooling", "staleness", "scorer")}
 
@@ -40,9 +42,21 @@ def test_every_part_config_reaches_cat(kind, name):
 @pytest.mark.slow
 def test_cat_runs_from_the_command_line(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "catlab.run", "selector=cat", "clusterer=spectral", "selector.start_step=2",
-           "sampler.num_steps=5", "sampler.progress=false", "num_images=1", "batch_size=1", "logger=local",
-           "save_images=false", f"hydra.run.dir={run_dir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "catlab.run",
+        "selector=cat",
+        "clusterer=spectral",
+        "selector.start_step=2",
+        "sampler.num_steps=5",
+        "sampler.progress=false",
+        "num_images=1",
+        "batch_size=1",
+        "logger=local",
+        "save_images=false",
+        f"hydra.run.dir={run_dir}",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -53,8 +67,12 @@ def test_cat_runs_from_the_command_line(tmp_path):
 def test_cat_rankmix_keeps_its_own_parts_against_the_top_level_groups():
     from catlab.strategy import resolve_strategy
 
-    groups = {"clusterer": {"name": "kmeans_sklearn"}, "pooling": {"name": "channel_max"},
-              "staleness": {"name": "ewma"}, "scorer": {"name": "relative_noise"}}
+    groups = {
+        "clusterer": {"name": "kmeans_sklearn"},
+        "pooling": {"name": "channel_max"},
+        "staleness": {"name": "ewma"},
+        "scorer": {"name": "relative_noise"},
+    }
     assert resolve_strategy("cat_rankmix", groups).parts == {}
     assert resolve_strategy("cat", groups).parts == groups
     policy, _ = resolve_strategy({"name": "cat_rankmix", "alpha": 0.3}, groups).build(SamplerConfig(num_steps=10))

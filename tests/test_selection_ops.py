@@ -6,6 +6,7 @@ counts the ATen operators of one step's selection and observation (a
 ``TorchDispatchMode``); the bounds below are the counts measured when they were
 written plus a little headroom, so a change that adds per-step work fails here.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -19,12 +20,12 @@ BOUNDS = {
     "sequential": (5, 5),
     "noise": (10, 10),
     "noise_staleness": (38, 38),
-    "cat": (235, 106),          # the first pruned step also sizes the clusters (scikit-learn, on the host)
+    "cat": (235, 106),  # the first pruned step also sizes the clusters (scikit-learn, on the host)
     "cat_rankmix": (700, 120),  # the first pruned step also clusters (torch k-means, iterations)
     "forecast_error": (145, 145),
     "budget_schedule": (145, 145),
     "atedm_reuse": (165, 165),  # 20 G-WPR iterations over one probe map
-    "atedm": (0, 0),            # prunes inside the forward; nothing between steps
+    "atedm": (0, 0),  # prunes inside the forward; nothing between steps
     "full": (0, 0),
     "adaptive_schedule": (0, 0),  # full or forecast-only steps: no selection (its estimate runs in num_kept)
 }
@@ -39,8 +40,10 @@ def _build(name: str):
 
 
 def _counts(name: str, grid, batch) -> tuple[int, int]:
-    per_step = [sum(ops.values()) for _, ops in sorted(selection_ops(_build(name), grid=grid, num_steps=12,
-                                                                      batch=batch).items())]
+    per_step = [
+        sum(ops.values())
+        for _, ops in sorted(selection_ops(_build(name), grid=grid, num_steps=12, batch=batch).items())
+    ]
     if not per_step:
         return 0, 0
     return per_step[0], max(per_step[1:])

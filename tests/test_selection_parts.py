@@ -1,9 +1,10 @@
 """Known answers for the parts of a selector on hand-made inputs."""
+
 import pytest
 import torch
 
-from catlab.registry import clusterers, poolings, stalenesses
 from catlab.pruning.instep import gwpr
+from catlab.registry import clusterers, poolings, stalenesses
 from catlab.selection.clustering import cluster_features, positional_encoding
 from catlab.selection.pooling import cluster_graph
 from catlab.selection.ranking import first_k_unchosen, order_by

@@ -5,6 +5,7 @@ into a temporary folder, which is put on ``PYTHONPATH``: its ``catlab.plugins``
 entry point registers the selector, its ``catlab.conf`` entry point adds
 ``selector/example_center.yaml`` to Hydra's search path.
 """
+
 import json
 import os
 import shutil
@@ -23,8 +24,19 @@ def plugin_env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("plugin")
     source, target = tmp / "src", tmp / "site"
     shutil.copytree(PLUGIN, source)  # build outside the repository
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-           "--no-index", "--target", str(target), str(source)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "--target",
+        str(target),
+        str(source),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         pytest.fail(f"installing the example plugin failed:\n{proc.stdout}\n{proc.stderr}")
@@ -33,10 +45,13 @@ def plugin_env(tmp_path_factory):
 
 @pytest.mark.slow
 def test_plugin_registers_its_selector(plugin_env):
-    code = ("from catlab.registry import selectors; "
-            "p = selectors.build({'name': 'example_center', 'alpha': 0.25}); print(type(p).__module__)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=plugin_env, cwd=ROOT,
-                          timeout=120)
+    code = (
+        "from catlab.registry import selectors; "
+        "p = selectors.build({'name': 'example_center', 'alpha': 0.25}); print(type(p).__module__)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=plugin_env, cwd=ROOT, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "catlab_example_plugin.selector"
 
@@ -44,9 +59,19 @@ def test_plugin_registers_its_selector(plugin_env):
 @pytest.mark.slow
 def test_plugin_selector_runs_through_the_cli(plugin_env, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "catlab.run", "selector=example_center", "selector.start_step=3",
-           "sampler.num_steps=6", "sampler.progress=false", "num_images=1", "batch_size=1",
-           "logger=local", f"hydra.run.dir={run_dir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "catlab.run",
+        "selector=example_center",
+        "selector.start_step=3",
+        "sampler.num_steps=6",
+        "sampler.progress=false",
+        "num_images=1",
+        "batch_size=1",
+        "logger=local",
+        f"hydra.run.dir={run_dir}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=plugin_env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -1,4 +1,5 @@
 """Selectors driven through the sampler's protocol with simulated model outputs."""
+
 import math
 
 import pytest
@@ -48,13 +49,16 @@ def test_exactly_k_unique_indices(name, alpha, h, w, batch, start, clusterer):
     simulate(policy, (h, w), num_steps=5, batch=batch, on_select=exact)
 
 
-@pytest.mark.parametrize("cfg", [
-    {"name": "cat", "clusterer": {"name": "spectral"}},
-    {"name": "cat", "clusterer": {"name": "grid"}, "pooling": {"name": "mean"}},
-    {"name": "cat", "clusterer": {"name": "none"}, "staleness": {"name": "age"}},
-    {"name": "cat", "clusterer": {"name": "kmeans_sklearn"}},
-    {"name": "atedm_reuse", "schedule": "step_aware"},
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"name": "cat", "clusterer": {"name": "spectral"}},
+        {"name": "cat", "clusterer": {"name": "grid"}, "pooling": {"name": "mean"}},
+        {"name": "cat", "clusterer": {"name": "none"}, "staleness": {"name": "age"}},
+        {"name": "cat", "clusterer": {"name": "kmeans_sklearn"}},
+        {"name": "atedm_reuse", "schedule": "step_aware"},
+    ],
+)
 def test_variants_keep_exactly_k(cfg):
     policy = selectors.build({**cfg, "start_step": 3})
     ks = []
@@ -67,12 +71,15 @@ def test_variants_keep_exactly_k(cfg):
         assert abs(sum(ks) / len(ks) - 0.3 * 80) < 1.5
 
 
-@pytest.mark.parametrize("cfg, share", [
-    ({"name": "cat"}, 0.75),
-    ({"name": "cat", "cluster_share": 0.9, "staleness": {"name": "age"}}, 0.1),
-    ({"name": "noise_staleness", "staleness_share": 0.2}, 0.2),
-    ({"name": "cat_reference"}, 0.75),
-])
+@pytest.mark.parametrize(
+    "cfg, share",
+    [
+        ({"name": "cat"}, 0.75),
+        ({"name": "cat", "cluster_share": 0.9, "staleness": {"name": "age"}}, 0.1),
+        ({"name": "noise_staleness", "staleness_share": 0.2}, 0.2),
+        ({"name": "cat_reference"}, 0.75),
+    ],
+)
 def test_every_token_is_recomputed_within_a_bounded_number_of_steps(cfg, share):
     grid, steps, start = (16, 16), 80, 4
     n = grid[0] * grid[1]
@@ -124,7 +131,7 @@ def test_cat_first_pruned_step_takes_each_best_clusters_noisiest_tenth_of_k():
     assert int(blob.argmax()) in picked[9][0].tolist()
     givers = labels[counted].unique()
     assert len(givers) == 11
-    score = (blob + 0.01 * ramp)
+    score = blob + 0.01 * ramp
     full = [c for c in givers.tolist() if int((counted & (labels == c)).sum()) == q]
     assert len(full) == 10  # the last cluster walked gave 6 after the cut
     for c in full:  # each gives exactly its q noisiest tokens
@@ -180,7 +187,9 @@ def test_parts_come_from_configs_or_objects():
 
 
 def test_selection_is_reproducible():
-    runs = [simulate(selectors.build({"name": "cat", "start_step": 3, "seed": 7}), (8, 8), 8, seed=1) for _ in range(2)]
+    runs = [
+        simulate(selectors.build({"name": "cat", "start_step": 3, "seed": 7}), (8, 8), 8, seed=1) for _ in range(2)
+    ]
     assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(*runs))
 
 
@@ -203,7 +212,9 @@ def test_a_policy_that_observes_branches_is_shown_the_stacked_rows():
     shown = {}
     for cls in (Branches, Guided):
         policy = cls(alpha=0.5, start_step=2)
-        sample(tiny_sd3(), policy, ["a red circle", "a blue square"], [0, 1], SamplerConfig(num_steps=4, progress=False))
+        sample(
+            tiny_sd3(), policy, ["a red circle", "a blue square"], [0, 1], SamplerConfig(num_steps=4, progress=False)
+        )
         shown[cls.observes] = policy.rows
     assert shown == {"branches": [4, 4, 4, 4], "guided": [2, 2, 2, 2]}
     assert selectors.get("cat_reference").observes == "branches"

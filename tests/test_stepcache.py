@@ -1,4 +1,5 @@
 """Step caches from diffusers as catlab components: apply/remove, MAC accounting, composition with pruning."""
+
 from __future__ import annotations
 
 import pytest
@@ -96,8 +97,9 @@ def test_mag_cache_calibrates_from_a_full_generation(model):
     with pytest.raises(StepCacheError, match="calibrate"):
         cache.apply(model.transformer)
     full = selectors.build("full")
-    ratios = cache.calibrate(model.transformer,
-                             lambda: generate(model, full, PROMPTS, SEEDS, num_steps=STEPS, step_cache=cache))
+    ratios = cache.calibrate(
+        model.transformer, lambda: generate(model, full, PROMPTS, SEEDS, num_steps=STEPS, step_cache=cache)
+    )
     assert len(ratios) == STEPS and ratios[0] == 1.0 and all(r > 0 for r in ratios)
     assert not _hooks(model.transformer) & set(cache.hook_names)
 
@@ -164,8 +166,14 @@ def test_forecast_only_schedule_is_taylorseer_at_token_granularity(model):
     from catlab.selection.budget_schedule import BudgetSchedule
 
     full = generate(model, selectors.build("full"), PROMPTS, SEEDS, num_steps=STEPS).images
-    ours = generate(model, BudgetSchedule(inner="sequential", pattern=(1.0, 0.0), start_step=3), PROMPTS, SEEDS,
-                    num_steps=STEPS, reuse=reuses.build("taylor")).images
+    ours = generate(
+        model,
+        BudgetSchedule(inner="sequential", pattern=(1.0, 0.0), start_step=3),
+        PROMPTS,
+        SEEDS,
+        num_steps=STEPS,
+        reuse=reuses.build("taylor"),
+    ).images
     assert psnr(ours, full).min() > 35
 
 
@@ -174,8 +182,17 @@ def test_skipped_steps_cost_nothing_counted_or_analytic(model):
     from catlab.selection.budget_schedule import BudgetSchedule
 
     policy = BudgetSchedule(inner="sequential", pattern=(1.0, 0.25, 0.0), start_step=3)
-    runs = [sample(model, policy, PROMPTS, SEEDS, SamplerConfig(num_steps=STEPS, progress=False, count_macs=c),
-                   reuses.build("taylor")) for c in (False, True)]
+    runs = [
+        sample(
+            model,
+            policy,
+            PROMPTS,
+            SEEDS,
+            SamplerConfig(num_steps=STEPS, progress=False, count_macs=c),
+            reuses.build("taylor"),
+        )
+        for c in (False, True)
+    ]
     analytic, counted = ([s.macs for s in r.trace.steps] for r in runs)
     assert analytic == counted and analytic[5] == 0 and analytic[4] < analytic[3]
     assert [s.kept for s in runs[0].trace.steps] == [64, 64, 64, 64, 16, 0, 64, 16]
@@ -203,4 +220,9 @@ def test_mag_cache_calibrates_once_then_skips(model):
 def test_taylorseer_takes_diffusers_old_name_with_a_warning():
     with pytest.warns(DeprecationWarning, match="use start_step"):
         cache = stepcaches.build({"name": "taylorseer", "disable_cache_before_step": 3})
-    assert cache.start_step == 3 and [cache.computes(s) for s in range(1, 8)] == [True] * 3 + [False, True, False, False]
+    assert cache.start_step == 3 and [cache.computes(s) for s in range(1, 8)] == [True] * 3 + [
+        False,
+        True,
+        False,
+        False,
+    ]

@@ -4,6 +4,7 @@ The pipelines (tests/tiny_pipelines.py) have every real component — tokenizers
 text encoders, transformer, VAE, scheduler — tiny and randomly initialised. Each
 row of the table in docs/pipelines.md is one test here.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,13 +13,17 @@ import torch
 from PIL import Image
 
 from catlab import disable_pruning, enable_pruning
-from catlab.stock_pipelines import pruning_macs
 from catlab.selection.baselines import Sequential
 from catlab.selection.budget_schedule import BudgetSchedule
+from catlab.stock_pipelines import pruning_macs
 from tests.tiny_pipelines import pixart_alpha_pipeline, pixart_sigma_pipeline, sd3_pipeline, sd35_pipeline
 
-BUILDERS = {"sd3": sd3_pipeline, "sd35": sd35_pipeline, "pixart_sigma": pixart_sigma_pipeline,
-            "pixart_alpha": pixart_alpha_pipeline}
+BUILDERS = {
+    "sd3": sd3_pipeline,
+    "sd35": sd35_pipeline,
+    "pixart_sigma": pixart_sigma_pipeline,
+    "pixart_alpha": pixart_alpha_pipeline,
+}
 STEPS = 5
 
 
@@ -51,8 +56,14 @@ def assert_pruned_then_stock_again(pipe, call, steps, **plain):
     disable_pruning(pipe)
     policy = Recording(alpha=0.5, start_step=2)
     enable_pruning(pipe, policy)
-    images = pipe("a red circle", num_inference_steps=steps, height=64, width=64,
-                  generator=torch.Generator().manual_seed(0), **plain).images
+    images = pipe(
+        "a red circle",
+        num_inference_steps=steps,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+        **plain,
+    ).images
     pruned = call(pipe)
     macs = pruning_macs(pipe)
     disable_pruning(pipe)
@@ -75,8 +86,9 @@ def _call(pipe, prompt="a red circle", output_type="np", size=64, **kw):
         kw.setdefault("use_resolution_binning", False)
     kw.setdefault("generator", torch.Generator().manual_seed(0))
     kw.setdefault("guidance_scale", 4.5)
-    return pipe(prompt, num_inference_steps=kw.pop("steps", STEPS), height=size, width=size, output_type=output_type,
-                **kw).images
+    return pipe(
+        prompt, num_inference_steps=kw.pop("steps", STEPS), height=size, width=size, output_type=output_type, **kw
+    ).images
 
 
 def _enable(pipe, policy, guidance_scale=4.5):
@@ -165,7 +177,9 @@ def test_callback_that_changes_latents_is_followed():
     damped = dict(callback_on_step_end=damp, callback_on_step_end_tensor_inputs=["latents"])
     stock, stock_damped = _call(pipe), _call(pipe, **damped)
     assert not np.allclose(stock_damped, stock, atol=1e-3)  # the callback matters
-    _enable(pipe, Sequential(alpha=1.0, start_step=2))  # pruning that keeps every token: the stock run, callback and all
+    _enable(
+        pipe, Sequential(alpha=1.0, start_step=2)
+    )  # pruning that keeps every token: the stock run, callback and all
     np.testing.assert_allclose(_call(pipe, **damped), stock_damped, atol=1e-5, rtol=0)
 
     outputs = {}
@@ -173,7 +187,10 @@ def test_callback_that_changes_latents_is_followed():
         policy = Recording(alpha=0.5, start_step=2)
         seen = []
         observe = policy.observe
-        policy.observe = lambda step, output, indices: (seen.append(output.clone()), observe(step, output, indices))
+        policy.observe = lambda step, output, indices, seen=seen, observe=observe: (
+            seen.append(output.clone()),
+            observe(step, output, indices),
+        )
         _enable(pipe, policy)
         outputs[name] = (_call(pipe, **kw), seen)
         assert policy.resets == 1 and [s for s, _ in policy.observed] == list(range(1, STEPS + 1))
@@ -225,17 +242,21 @@ def test_pixart_sigma_resolution_binning():
 
 def test_cat_reference_on_a_pipeline_scores_each_prompt_on_its_conditional_rows():
     from catlab.registry import selectors
-
     from catlab.testing import simulate
 
     pipe = sd3_pipeline()
     policy = selectors.build({"name": "cat_reference", "start_step": 2})
     shown, picked = {}, {}
     observe, select = policy.observe, policy.select
-    policy.observe = lambda step, output, indices: (shown.__setitem__(step, output.clone()), observe(step, output, indices))
+    policy.observe = lambda step, output, indices: (
+        shown.__setitem__(step, output.clone()),
+        observe(step, output, indices),
+    )
     policy.select = lambda state: picked.setdefault(state.step, select(state))
     _enable(pipe, policy)
-    out = _call(pipe, prompt=["a red circle", "a blue square"], generator=[torch.Generator().manual_seed(s) for s in (0, 1)])
+    out = _call(
+        pipe, prompt=["a red circle", "a blue square"], generator=[torch.Generator().manual_seed(s) for s in (0, 1)]
+    )
     macs = pruning_macs(pipe)
     disable_pruning(pipe)
     assert np.isfinite(out).all() and macs[2] < macs[0]

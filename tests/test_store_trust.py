@@ -6,6 +6,7 @@ clean run of the same settings in an empty directory: the quality and MACs colum
 must be equal exactly, and every speed-up must be the ratio of timings that one
 process took on the same batches.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,10 +24,25 @@ import pytest
 
 from tests.conftest import ROOT
 
-BASE = ["model=tiny_sd3", "model.num_layers=1", "model.height=16", "model.width=16", "sampler.num_steps=4",
-        "+strategy_defaults.start_step=2", "strategies=[full,random]", "batch_size=2", "prompts=embedded_heldout",
-        "prompts.n=12", "num_prompts=3", "metrics=[psnr,ssim]", "diagnostics=false", "save_images=false",
-        "logger=local", "warmup=false", "threads=1"]
+BASE = [
+    "model=tiny_sd3",
+    "model.num_layers=1",
+    "model.height=16",
+    "model.width=16",
+    "sampler.num_steps=4",
+    "+strategy_defaults.start_step=2",
+    "strategies=[full,random]",
+    "batch_size=2",
+    "prompts=embedded_heldout",
+    "prompts.n=12",
+    "num_prompts=3",
+    "metrics=[psnr,ssim]",
+    "diagnostics=false",
+    "save_images=false",
+    "logger=local",
+    "warmup=false",
+    "threads=1",
+]
 
 
 def evaluate(out: Path, cache: Path, *overrides: str) -> list[dict]:
@@ -44,8 +60,19 @@ def evaluate(out: Path, cache: Path, *overrides: str) -> list[dict]:
 def table(out: Path) -> list[tuple]:
     """The quality and MACs columns of a run's table."""
     rows = json.loads((out / "results.json").read_text())
-    return [(r["method"], r["alpha"], r["num_images"], r["macs_per_image"], r["macs_ratio"], r.get("psnr"),
-             r.get("ssim"), r.get("incomplete")) for r in rows]
+    return [
+        (
+            r["method"],
+            r["alpha"],
+            r["num_images"],
+            r["macs_per_image"],
+            r["macs_ratio"],
+            r.get("psnr"),
+            r.get("ssim"),
+            r.get("incomplete"),
+        )
+        for r in rows
+    ]
 
 
 def timings(out: Path, key: str) -> dict[tuple[str, str], float]:
@@ -91,9 +118,11 @@ def base(tmp_path_factory) -> tuple[Path, Path]:
     return root / "base", root / "cache"
 
 
-@pytest.mark.parametrize("change", [["prompts.seed=5"], ["num_prompts=2"], ["seeds=[0,1]"], ["subset_seed=3"],
-                                    ["+strategy_defaults.alpha=0.5"]],
-                         ids=["prompts.seed", "num_prompts", "seeds", "subset_seed", "strategy_setting"])
+@pytest.mark.parametrize(
+    "change",
+    [["prompts.seed=5"], ["num_prompts=2"], ["seeds=[0,1]"], ["subset_seed=3"], ["+strategy_defaults.alpha=0.5"]],
+    ids=["prompts.seed", "num_prompts", "seeds", "subset_seed", "strategy_setting"],
+)
 def test_resume_after_a_changed_setting_equals_a_clean_run(tmp_path, base, change):
     base_dir, cache = base
     resumed = tmp_path / "resumed"
@@ -111,7 +140,10 @@ def test_resume_after_a_changed_setting_equals_a_clean_run(tmp_path, base, chang
         # the full model's records are the first run's, yet the new strategy's speed-up compares it with a full
         # model this process timed again (retime_batches=2, 2 batches), never with the first run's timings
         plan = json.loads((resumed / "evaluation.json").read_text())
-        first = {json.loads(p.read_text())["process"] for p in (resumed / "store" / plan["strategies"][0]["key"]).glob("p*.json")}
+        first = {
+            json.loads(p.read_text())["process"]
+            for p in (resumed / "store" / plan["strategies"][0]["key"]).glob("p*.json")
+        }
         assert processes["random"].isdisjoint(first) and len(processes["random"]) == 1
 
 
@@ -153,7 +185,9 @@ def test_a_corrupted_record_is_named_set_aside_and_recomputed(tmp_path, base, ca
     stale.write_text("{")
     with caplog.at_level(logging.INFO, logger="catlab"):
         evaluate(out, cache)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "bad store record" in r.getMessage()]
+    warnings = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "bad store record" in r.getMessage()
+    ]
     assert len(warnings) == len(bad)
     for path in bad:
         line = next(w for w in warnings if str(path) in w)
@@ -203,8 +237,9 @@ def test_a_batch_another_live_process_holds_is_waited_for_then_taken_over(tmp_pa
     threading.Thread(target=holder.wait, daemon=True).start()  # reaped when it ends, as an unrelated process is
     try:
         (out / "store" / "claims").mkdir(parents=True)
-        (out / "store" / "claims" / f"{first}.claim").write_text(json.dumps(
-            {"host": socket.gethostname().replace(".", "_"), "pid": holder.pid, "process": "elsewhere"}))
+        (out / "store" / "claims" / f"{first}.claim").write_text(
+            json.dumps({"host": socket.gethostname().replace(".", "_"), "pid": holder.pid, "process": "elsewhere"})
+        )
         evaluate(out, cache)
         assert holder.poll() is not None  # it waited for the holder before computing the batch
     finally:
@@ -249,8 +284,14 @@ runpy.run_module("catlab.evaluate", run_name="__main__", alter_sys=True)
 
 def _launch(out: Path, cache: Path, mode: str, arg: str, *overrides: str) -> subprocess.Popen:
     cmd = [sys.executable, "-c", WRAPPER, mode, arg, f"hydra.run.dir={out}", *BASE, f"cache_dir={cache}", *overrides]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
 @pytest.mark.slow

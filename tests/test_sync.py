@@ -3,6 +3,7 @@
 On a CPU the guard rejects the Python-level calls that would synchronise on an
 accelerator; with CUDA it also runs under ``torch.cuda.set_sync_debug_mode("error")``.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -10,10 +11,10 @@ import torch
 
 import catlab.selection  # noqa: F401  (registers the built-in selectors)
 from catlab.pruning import HostSyncError, TokenPruner, no_host_sync
-from catlab.testing import check_policy
 from catlab.registry import selectors
 from catlab.sampler import SamplerConfig, sample
 from catlab.selection.simple import Random
+from catlab.testing import check_policy
 
 x = torch.arange(6.0)
 OFFENCES = {
@@ -77,7 +78,9 @@ def test_sampler_pruned_steps_do_not_sync(family):
     from tests.conftest import ADAPTERS
 
     cfg = SamplerConfig(num_steps=5, progress=False, check_sync=True)
-    result = sample(ADAPTERS[family](), Random(alpha=0.3, start_step=2), ["a red circle", "a blue square"], [0, 1], cfg)
+    result = sample(
+        ADAPTERS[family](), Random(alpha=0.3, start_step=2), ["a red circle", "a blue square"], [0, 1], cfg
+    )
     assert [i is None for i in result.trace.indices] == [True, True, False, False, False]
     assert all(i.device.type == "cpu" for i in result.trace.indices if i is not None)  # moved once, at the end
 
@@ -91,24 +94,34 @@ def test_check_sync_catches_a_syncing_selector():
     from tests.conftest import tiny_sd3
 
     with pytest.raises(HostSyncError, match="int\\(tensor\\).*selection of step 3"):
-        sample(tiny_sd3(), Syncing(alpha=0.3, start_step=2), ["a"], [0],
-               SamplerConfig(num_steps=4, progress=False, check_sync=True))
+        sample(
+            tiny_sd3(),
+            Syncing(alpha=0.3, start_step=2),
+            ["a"],
+            [0],
+            SamplerConfig(num_steps=4, progress=False, check_sync=True),
+        )
 
 
 # -- every registered selector -----------------------------------------------------------
 #: selectors known to read the host; reported, not failed (the check passes once they are fixed)
 NOT_YET_CLEAN = {
     "cat": "clusters once at the first pruned step: scikit-learn's KMeans on the host (the authors' choice; "
-           "clusterer=kmeans stays on the device) and one read of the cluster count",
-    "cat_rankmix": "reads the cluster count (int(labels.max())) once, when it makes the clusters at the first pruned step",
+    "clusterer=kmeans stays on the device) and one read of the cluster count",
+    "cat_rankmix": "reads the cluster count (int(labels.max())) once, when it makes the clusters "
+    "at the first pruned step",
     "cat_reference": "a readable reference implementation: per-sample, per-cluster Python loops over host values",
 }
 STEADY_NOT_YET_CLEAN = {"cat_reference": NOT_YET_CLEAN["cat_reference"]}
 
 
 def _cases(known: dict[str, str]):
-    return [pytest.param(n, marks=pytest.mark.xfail(reason=known[n], raises=HostSyncError, strict=True))
-            if n in known else n for n in selectors.names()]
+    return [
+        pytest.param(n, marks=pytest.mark.xfail(reason=known[n], raises=HostSyncError, strict=True))
+        if n in known
+        else n
+        for n in selectors.names()
+    ]
 
 
 def _build(name: str):
@@ -163,7 +176,12 @@ def test_pipeline_hook_does_not_sync():
 def test_cuda_sampler_steps_do_not_sync(name):
     from catlab.models.sd3 import TinySD3
 
-    result = sample(TinySD3(device="cuda", height=32, width=32), _build(name), ["a red circle"], [0],
-                    SamplerConfig(num_steps=5, progress=False, check_sync=True))
+    result = sample(
+        TinySD3(device="cuda", height=32, width=32),
+        _build(name),
+        ["a red circle"],
+        [0],
+        SamplerConfig(num_steps=5, progress=False, check_sync=True),
+    )
     assert [i is None for i in result.trace.indices] == [True, True, False, False, False]  # 3 guarded pruned steps
     assert result.images.isfinite().all()

@@ -3,6 +3,7 @@
 Also pins down how the stock pipelines call their transformer -- one call per step with CFG batched
 (uncond rows first), and SD3's extra skip-layer-guidance call -- since pruning hooks rely on it.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,8 +36,15 @@ def _call(pipe, prompt=PROMPT, seed=0, steps=3, size=64, guidance_scale=4.0, **k
         kw.setdefault("use_resolution_binning", False)
     if "generator" not in kw:
         kw["generator"] = torch.Generator().manual_seed(seed)
-    return pipe(prompt, num_inference_steps=steps, height=size, width=size, guidance_scale=guidance_scale,
-                output_type="pil", **kw).images
+    return pipe(
+        prompt,
+        num_inference_steps=steps,
+        height=size,
+        width=size,
+        guidance_scale=guidance_scale,
+        output_type="pil",
+        **kw,
+    ).images
 
 
 def _pixels(image) -> np.ndarray:
@@ -52,16 +60,22 @@ class _Calls:
 
     def _record(self, module, args, kwargs):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        self.calls.append(dict(
-            rows=hidden.shape[0], latent=tuple(hidden.shape[-2:]), timestep=kwargs["timestep"].tolist(),
-            text_rows=kwargs["encoder_hidden_states"].shape[0], skip_layers=kwargs.get("skip_layers"),
-        ))
+        self.calls.append(
+            dict(
+                rows=hidden.shape[0],
+                latent=tuple(hidden.shape[-2:]),
+                timestep=kwargs["timestep"].tolist(),
+                text_rows=kwargs["encoder_hidden_states"].shape[0],
+                skip_layers=kwargs.get("skip_layers"),
+            )
+        )
 
     def remove(self):
         self._handle.remove()
 
 
 # -- every pipeline ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_stock_call_gives_a_deterministic_pil_image(name):
@@ -106,8 +120,11 @@ def test_two_prompts_with_a_generator_each(name):
     # Row 0 is the single-prompt call with seed 0 (batched matmuls may round differently: allow 1-2 levels).
     alone = _call(pipe, prompt="a red circle", seed=0)
     assert np.abs(_pixels(images[0]) - _pixels(alone[0])).max() <= 2
-    again = _call(pipe, prompt=["a red circle", "a blue square"],
-                  generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)])
+    again = _call(
+        pipe,
+        prompt=["a red circle", "a blue square"],
+        generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)],
+    )
     for x, y in zip(images, again):
         np.testing.assert_array_equal(_pixels(x), _pixels(y))
 
@@ -135,6 +152,7 @@ def test_one_batched_cfg_call_per_step(name):
 
 
 # -- SD3.5 skip-layer guidance -------------------------------------------------------------------------------------
+
 
 def test_sd35_skip_layer_guidance_adds_a_conditional_only_call():
     pipe = tp.sd35_pipeline()
@@ -172,12 +190,14 @@ def test_sd35_skip_layer_guidance_default_window():
 def test_sd35_skip_layer_guidance_is_ignored_without_cfg():
     pipe = tp.sd35_pipeline()
     calls = _Calls(pipe.transformer)
-    _call(pipe, guidance_scale=1.0, skip_guidance_layers=[1], skip_layer_guidance_start=0.0,
-          skip_layer_guidance_stop=1.0)
+    _call(
+        pipe, guidance_scale=1.0, skip_guidance_layers=[1], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0
+    )
     assert len(calls.calls) == 3 and all(c["skip_layers"] is None for c in calls.calls)
 
 
 # -- PixArt-Sigma resolution binning -------------------------------------------------------------------------------
+
 
 def test_pixart_sigma_resolution_binning():
     # sample_size=32 selects the 256-px aspect-ratio bins: a 64x64 request is denoised at 256x256 px
@@ -194,14 +214,21 @@ def test_pixart_sigma_resolution_binning_with_a_coarser_vae():
     # With a VAE factor of 8 the same 256-px bin is a 32x32 latent (256 tokens at patch 2); non-square request.
     pipe = tp.pixart_sigma_pipeline(vae_scale_factor=8)
     calls = _Calls(pipe.transformer)
-    images = pipe(PROMPT, num_inference_steps=2, height=64, width=96, output_type="pil",
-                  generator=torch.Generator().manual_seed(0)).images
+    images = pipe(
+        PROMPT,
+        num_inference_steps=2,
+        height=64,
+        width=96,
+        output_type="pil",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert images[0].size == (96, 64)
     (latent,) = {c["latent"] for c in calls.calls}
     assert latent[0] < latent[1] and latent[0] * 8 in range(160, 257) and latent[1] * 8 in range(256, 400)
 
 
 # -- tokenizers ----------------------------------------------------------------------------------------------------
+
 
 def test_tokenizers_cover_any_prompt():
     clip, t5 = tp.clip_tokenizer(), tp.t5_tokenizer()

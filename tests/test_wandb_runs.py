@@ -3,6 +3,7 @@
 The ``.wandb`` file is read with :func:`catlab.loggers.wandb_logger.offline_records` (no service,
 no network); media and saved files are looked up in the run's ``files/`` folder.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,10 +19,16 @@ from tests.conftest import ROOT
 
 
 def _cli(module: str, *args: str, cwd: Path) -> None:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(ROOT),
-           "CATLAB_CACHE": str(cwd / "cache")}
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "PYTHONPATH": str(ROOT),
+        "CATLAB_CACHE": str(cwd / "cache"),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -40,8 +47,19 @@ def _config(run) -> dict:
 @pytest.mark.slow
 def test_sweep_jobs_are_one_group_and_keep_their_files(tmp_path):
     sweep = tmp_path / "multirun" / "2026-12-05" / "10-00-00"
-    _cli("catlab.run", "-m", "selector=full,random", "sampler.num_steps=4", "selector.start_step=2", "num_images=1",
-         "sampler.progress=false", "threads=1", "logger=wandb", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    _cli(
+        "catlab.run",
+        "-m",
+        "selector=full,random",
+        "sampler.num_steps=4",
+        "selector.start_step=2",
+        "num_images=1",
+        "sampler.progress=false",
+        "threads=1",
+        "logger=wandb",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     groups = set()
     for job in ("0", "1"):
         run, files = _run(sweep / job)
@@ -57,10 +75,26 @@ def test_sweep_jobs_are_one_group_and_keep_their_files(tmp_path):
 @pytest.mark.slow
 def test_an_evaluation_logs_its_table_samples_plots_and_config(tmp_path):
     out = tmp_path / "eval"
-    _cli("catlab.evaluate", "model=tiny_sd3", "model.num_layers=1", "model.height=16", "model.width=16", "sampler.num_steps=4",
-         "+strategy_defaults.start_step=2", "strategies=[full,random]", "batch_size=2", "num_prompts=2", "seeds=[0]",
-         "prompts.prompts=[a red circle,a blue square]", "metrics=[psnr,ssim]", "diagnostics=true", "threads=1",
-         "logger=wandb", f"hydra.run.dir={out}", cwd=tmp_path)
+    _cli(
+        "catlab.evaluate",
+        "model=tiny_sd3",
+        "model.num_layers=1",
+        "model.height=16",
+        "model.width=16",
+        "sampler.num_steps=4",
+        "+strategy_defaults.start_step=2",
+        "strategies=[full,random]",
+        "batch_size=2",
+        "num_prompts=2",
+        "seeds=[0]",
+        "prompts.prompts=[a red circle,a blue square]",
+        "metrics=[psnr,ssim]",
+        "diagnostics=true",
+        "threads=1",
+        "logger=wandb",
+        f"hydra.run.dir={out}",
+        cwd=tmp_path,
+    )
     run, files = _run(out)
     assert _config(run)["strategies"] == ["full", "random"]
     assert (files / "config.yaml").exists() and (files / "results.md").exists()
@@ -73,7 +107,10 @@ def test_an_evaluation_logs_its_table_samples_plots_and_config(tmp_path):
     results = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
     assert set(rows) == {"full", "random"}
     assert rows["random"]["psnr"] == pytest.approx(results["random"]["psnr"])
-    assert rows["random"]["macs_ratio"] == pytest.approx(results["random"]["macs_ratio"]) and rows["random"]["macs_ratio"] > 1.2
+    assert (
+        rows["random"]["macs_ratio"] == pytest.approx(results["random"]["macs_ratio"])
+        and rows["random"]["macs_ratio"] > 1.2
+    )
 
     images = {p.name.rsplit("_", 2)[0] for p in (files / "media" / "images" / "samples").glob("*.png")}
     assert images == {"full", "random"}  # one grid of samples per strategy

@@ -30,6 +30,7 @@ the default (and the usual test) resolution is 64x64 px: a 32x32 latent, i.e. 25
   downsampling by 2).  A 64x64 request is a 32x32 latent, 16x16 = 256 tokens; the text tokens are the prompt's
   after the pipeline's 34-token template.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,23 +40,91 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, AutoencoderKLQwenImage, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
-                       FluxPipeline, FluxTransformer2DModel, PixArtAlphaPipeline, PixArtSigmaPipeline,
-                       PixArtTransformer2DModel, QwenImagePipeline, QwenImageTransformer2DModel, SD3Transformer2DModel,
-                       StableDiffusion3Pipeline)
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLQwenImage,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    PixArtAlphaPipeline,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
 from tokenizers import pre_tokenizers
-from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
-                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, T5Config, T5EncoderModel,
-                          T5Tokenizer)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 
 # Whole words get their own token (CLIP: a BPE merge chain, T5: a unigram piece); anything else is spelled out of
 # single characters, so every prompt tokenizes.
 WORDS = (
-    "a", "an", "the", "of", "on", "in", "at", "with", "and", "photo", "painting", "picture", "drawing",
-    "red", "green", "blue", "yellow", "black", "white", "orange", "purple", "small", "large", "big",
-    "circle", "square", "triangle", "star", "cat", "dog", "bird", "horse", "car", "house", "tree", "flower",
-    "sky", "sea", "mountain", "city", "table", "cup", "apple", "banana", "astronaut", "riding", "sitting",
-    "background", "blurry", "deformed", "ugly", "low", "quality",
+    "a",
+    "an",
+    "the",
+    "of",
+    "on",
+    "in",
+    "at",
+    "with",
+    "and",
+    "photo",
+    "painting",
+    "picture",
+    "drawing",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "black",
+    "white",
+    "orange",
+    "purple",
+    "small",
+    "large",
+    "big",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cat",
+    "dog",
+    "bird",
+    "horse",
+    "car",
+    "house",
+    "tree",
+    "flower",
+    "sky",
+    "sea",
+    "mountain",
+    "city",
+    "table",
+    "cup",
+    "apple",
+    "banana",
+    "astronaut",
+    "riding",
+    "sitting",
+    "background",
+    "blurry",
+    "deformed",
+    "ugly",
+    "low",
+    "quality",
 )
 
 CLIP_MAX_LENGTH = 77
@@ -70,6 +139,7 @@ def _seeded(seed: int):
 
 
 # -- tokenizers --------------------------------------------------------------------------------------------------
+
 
 def clip_tokenizer(words=WORDS, model_max_length: int = CLIP_MAX_LENGTH) -> CLIPTokenizer:
     """A byte-level BPE CLIP tokenizer: the 256 byte symbols (alone and word-final), one merge chain per word.
@@ -109,12 +179,21 @@ def t5_tokenizer(words=WORDS, model_max_length: int = 512) -> T5Tokenizer:
 
 # -- text encoders -----------------------------------------------------------------------------------------------
 
-def _clip_encoder(tokenizer: CLIPTokenizer, hidden: int, projection: int, seed: int,
-                  cls=CLIPTextModelWithProjection) -> CLIPTextModelWithProjection:
+
+def _clip_encoder(
+    tokenizer: CLIPTokenizer, hidden: int, projection: int, seed: int, cls=CLIPTextModelWithProjection
+) -> CLIPTextModelWithProjection:
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, projection_dim=projection,
-        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
-        hidden_act="quick_gelu", bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        projection_dim=projection,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=tokenizer.model_max_length,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     with _seeded(seed):
@@ -123,9 +202,18 @@ def _clip_encoder(tokenizer: CLIPTokenizer, hidden: int, projection: int, seed: 
 
 def _t5_encoder(tokenizer: T5Tokenizer, d_model: int, seed: int) -> T5EncoderModel:
     config = T5Config(
-        vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
-        dropout_rate=0.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=d_model // 4,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
     )
     with _seeded(seed):
@@ -133,6 +221,7 @@ def _t5_encoder(tokenizer: T5Tokenizer, d_model: int, seed: int) -> T5EncoderMod
 
 
 # -- VAE ---------------------------------------------------------------------------------------------------------
+
 
 def tiny_vae(latent_channels: int, vae_scale_factor: int = 2, seed: int = 0, **config) -> AutoencoderKL:
     """An AutoencoderKL with ``log2(vae_scale_factor) + 1`` blocks of 8 channels (pipelines read the scale factor
@@ -142,9 +231,16 @@ def tiny_vae(latent_channels: int, vae_scale_factor: int = 2, seed: int = 0, **c
         raise ValueError(f"vae_scale_factor must be a power of two, got {vae_scale_factor}")
     with _seeded(seed):
         return AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8,) * blocks,
-            down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
-            layers_per_block=1, norm_num_groups=4, sample_size=64, **config,
+            in_channels=3,
+            out_channels=3,
+            latent_channels=latent_channels,
+            block_out_channels=(8,) * blocks,
+            down_block_types=("DownEncoderBlock2D",) * blocks,
+            up_block_types=("UpDecoderBlock2D",) * blocks,
+            layers_per_block=1,
+            norm_num_groups=4,
+            sample_size=64,
+            **config,
         ).eval()
 
 
@@ -159,9 +255,16 @@ SD3_LATENT_CHANNELS = 16
 def _sd3(transformer_config: dict, seed: int, vae_scale_factor: int) -> StableDiffusion3Pipeline:
     tokenizer, tokenizer_2, tokenizer_3 = clip_tokenizer(), clip_tokenizer(), t5_tokenizer()
     config = dict(
-        sample_size=32, patch_size=2, in_channels=SD3_LATENT_CHANNELS, out_channels=SD3_LATENT_CHANNELS,
-        num_layers=3, attention_head_dim=16, num_attention_heads=2, caption_projection_dim=32,
-        joint_attention_dim=SD3_T5_DIM, pooled_projection_dim=SD3_CLIP_L["projection"] + SD3_CLIP_G["projection"],
+        sample_size=32,
+        patch_size=2,
+        in_channels=SD3_LATENT_CHANNELS,
+        out_channels=SD3_LATENT_CHANNELS,
+        num_layers=3,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        caption_projection_dim=32,
+        joint_attention_dim=SD3_T5_DIM,
+        pooled_projection_dim=SD3_CLIP_L["projection"] + SD3_CLIP_G["projection"],
         pos_embed_max_size=96,
     )
     config.update(transformer_config)
@@ -170,8 +273,15 @@ def _sd3(transformer_config: dict, seed: int, vae_scale_factor: int) -> StableDi
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        vae=tiny_vae(SD3_LATENT_CHANNELS, vae_scale_factor, seed=seed + 1, use_quant_conv=False,
-                     use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609),
+        vae=tiny_vae(
+            SD3_LATENT_CHANNELS,
+            vae_scale_factor,
+            seed=seed + 1,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+        ),
         text_encoder=_clip_encoder(tokenizer, **SD3_CLIP_L, seed=seed + 2),
         tokenizer=tokenizer,
         text_encoder_2=_clip_encoder(tokenizer_2, **SD3_CLIP_G, seed=seed + 3),
@@ -208,17 +318,34 @@ PIXART_LATENT_CHANNELS = 4
 def _pixart(cls, transformer_config: dict, seed: int, vae_scale_factor: int):
     tokenizer = t5_tokenizer()
     config = dict(
-        sample_size=32, patch_size=2, in_channels=PIXART_LATENT_CHANNELS, out_channels=2 * PIXART_LATENT_CHANNELS,
-        num_layers=2, attention_head_dim=16, num_attention_heads=2, cross_attention_dim=32,
-        caption_channels=PIXART_T5_DIM, attention_bias=True, activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+        sample_size=32,
+        patch_size=2,
+        in_channels=PIXART_LATENT_CHANNELS,
+        out_channels=2 * PIXART_LATENT_CHANNELS,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        cross_attention_dim=32,
+        caption_channels=PIXART_T5_DIM,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
     )
     config.update(transformer_config)
     with _seeded(seed):
         transformer = PixArtTransformer2DModel(**config).eval()
     scheduler = DPMSolverMultistepScheduler(
-        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-        prediction_type="epsilon", solver_order=2, algorithm_type="dpmsolver++", lower_order_final=True,
+        num_train_timesteps=1000,
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="linear",
+        prediction_type="epsilon",
+        solver_order=2,
+        algorithm_type="dpmsolver++",
+        lower_order_final=True,
     )
     pipe = cls(
         tokenizer=tokenizer,
@@ -264,21 +391,40 @@ def flux_pipeline(seed: int = 0, vae_scale_factor: int = 2, **transformer_config
     """
     tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
     config = dict(
-        patch_size=1, in_channels=4 * FLUX_LATENT_CHANNELS, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=FLUX_T5_DIM, pooled_projection_dim=FLUX_CLIP_DIM,
-        guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+        patch_size=1,
+        in_channels=4 * FLUX_LATENT_CHANNELS,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=FLUX_T5_DIM,
+        pooled_projection_dim=FLUX_CLIP_DIM,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
     )
     config.update(transformer_config)
     with _seeded(seed):
         transformer = FluxTransformer2DModel(**config).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096,
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
     )
     pipe = FluxPipeline(
         scheduler=scheduler,
-        vae=tiny_vae(FLUX_LATENT_CHANNELS, vae_scale_factor, seed=seed + 1, use_quant_conv=False,
-                     use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159),
+        vae=tiny_vae(
+            FLUX_LATENT_CHANNELS,
+            vae_scale_factor,
+            seed=seed + 1,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+        ),
         text_encoder=_clip_encoder(tokenizer, FLUX_CLIP_DIM, FLUX_CLIP_DIM, seed=seed + 2, cls=CLIPTextModel),
         tokenizer=tokenizer,
         text_encoder_2=_t5_encoder(tokenizer_2, FLUX_T5_DIM, seed=seed + 4),
@@ -311,19 +457,38 @@ def qwen_tokenizer(words=WORDS) -> Qwen2Tokenizer:
     folder = Path(tempfile.mkdtemp(prefix="catlab_qwen_tokenizer_"))
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges))
-    tokenizer = Qwen2Tokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), unk_token=None, bos_token=None,
-                               eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer = Qwen2Tokenizer(
+        str(folder / "vocab.json"),
+        str(folder / "merges.txt"),
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     return tokenizer
 
 
 def _qwen_text_encoder(tokenizer: Qwen2Tokenizer, seed: int) -> Qwen2_5_VLForConditionalGeneration:
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=QWEN_TEXT_DIM, intermediate_size=2 * QWEN_TEXT_DIM,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, max_position_embeddings=2048),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=QWEN_TEXT_DIM,
-                           fullatt_block_indexes=[0]),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=QWEN_TEXT_DIM,
+            intermediate_size=2 * QWEN_TEXT_DIM,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+            max_position_embeddings=2048,
+        ),
+        vision_config=dict(
+            depth=1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_heads=2,
+            out_hidden_size=QWEN_TEXT_DIM,
+            fullatt_block_indexes=[0],
+        ),
     )
     with _seeded(seed):
         return Qwen2_5_VLForConditionalGeneration(config).eval()
@@ -333,18 +498,43 @@ def qwen_image_pipeline(seed: int = 0, **transformer_config) -> QwenImagePipelin
     """Qwen-Image in miniature: 2 dual-stream blocks, 2 heads of 16 (rotary axes 4+6+6), a scheduler with the
     resolution-dependent shift. Keyword arguments override the QwenImageTransformer2DModel config."""
     tokenizer = qwen_tokenizer()
-    config = dict(patch_size=2, in_channels=4 * QWEN_LATENT_CHANNELS, out_channels=QWEN_LATENT_CHANNELS, num_layers=2,
-                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=QWEN_TEXT_DIM, axes_dims_rope=(4, 6, 6))
+    config = dict(
+        patch_size=2,
+        in_channels=4 * QWEN_LATENT_CHANNELS,
+        out_channels=QWEN_LATENT_CHANNELS,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=QWEN_TEXT_DIM,
+        axes_dims_rope=(4, 6, 6),
+    )
     config.update(transformer_config)
     with _seeded(seed):
         transformer = QwenImageTransformer2DModel(**config).eval()
     with _seeded(seed + 1):
-        vae = AutoencoderKLQwenImage(base_dim=8, z_dim=QWEN_LATENT_CHANNELS, dim_mult=[1, 2], num_res_blocks=1,
-                                     temperal_downsample=[False], latents_mean=[0.0] * QWEN_LATENT_CHANNELS,
-                                     latents_std=[1.0] * QWEN_LATENT_CHANNELS).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
-                                                base_image_seq_len=256, max_image_seq_len=8192, shift=1.0)
-    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=_qwen_text_encoder(tokenizer, seed + 2),
-                             tokenizer=tokenizer, transformer=transformer)
+        vae = AutoencoderKLQwenImage(
+            base_dim=8,
+            z_dim=QWEN_LATENT_CHANNELS,
+            dim_mult=[1, 2],
+            num_res_blocks=1,
+            temperal_downsample=[False],
+            latents_mean=[0.0] * QWEN_LATENT_CHANNELS,
+            latents_std=[1.0] * QWEN_LATENT_CHANNELS,
+        ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=0.9,
+        base_image_seq_len=256,
+        max_image_seq_len=8192,
+        shift=1.0,
+    )
+    pipe = QwenImagePipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=_qwen_text_encoder(tokenizer, seed + 2),
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe

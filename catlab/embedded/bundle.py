@@ -17,8 +17,8 @@ import pathlib
 from dataclasses import dataclass
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 import transformers
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from catlab.embedded.text import encode_ids, tokenize
@@ -34,7 +34,10 @@ class EmbeddedBundle:
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt_embeds (B, L, joint_attention_dim), pooled (B, pooled_projection_dim)); "" is the unconditional prompt."""
+        """(prompt_embeds (B, L, joint_attention_dim), pooled (B, pooled_projection_dim)).
+
+        ``""`` is the unconditional prompt.
+        """
         ids = tokenize(self.tokenizer, list(prompts))
         embeds, pooled = encode_ids(self.text_encoder, ids)
         dtype = self.transformer.dtype
@@ -63,8 +66,11 @@ def resolve_bundle_path(path=None) -> pathlib.Path:
 def load_bundle(path=None, device="cpu", dtype=torch.float32) -> EmbeddedBundle:
     path = resolve_bundle_path(path)
     if not (path / "transformer" / "config.json").exists():
-        hint = ("python -m catlab.train_toy --config-name train_toy_64 export_to=catlab/embedded/bundle_64"
-                if path.name == "bundle_64" else "python -m catlab.train_toy")
+        hint = (
+            "python -m catlab.train_toy --config-name train_toy_64 export_to=catlab/embedded/bundle_64"
+            if path.name == "bundle_64"
+            else "python -m catlab.train_toy"
+        )
         raise FileNotFoundError(f"no embedded bundle at {path}; train one with `{hint}`")
     transformer = SD3Transformer2DModel.from_pretrained(path / "transformer", torch_dtype=dtype)
     text_encoder = _text_encoder_class(path / "text_encoder").from_pretrained(path / "text_encoder", dtype=dtype)
@@ -87,7 +93,9 @@ def _text_encoder_class(folder: pathlib.Path):
     """The transformers class named in the text encoder's config (one of catlab.embedded.text.ENCODERS)."""
     from catlab.embedded.text import ENCODERS
 
-    arch = (json.loads((folder / "config.json").read_text()).get("architectures") or ["CLIPTextModelWithProjection"])[0]
+    arch = (json.loads((folder / "config.json").read_text()).get("architectures") or ["CLIPTextModelWithProjection"])[
+        0
+    ]
     allowed = {cls.__name__ for cls in ENCODERS.values()}
     if arch not in allowed:
         raise ValueError(f"{folder}: text encoder {arch!r} is not one catlab builds ({sorted(allowed)})")

@@ -103,7 +103,10 @@ def load_grown(transformer: SD3Transformer2DModel, state: dict[str, torch.Tensor
     if missing or unexpected or wrong:
         parts = []
         if wrong:
-            parts.append("shape mismatch: " + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:6]))
+            parts.append(
+                "shape mismatch: "
+                + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:6])
+            )
         if missing:
             parts.append(f"missing: {missing[:6]}")
         if unexpected:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from catlab.embedded.world import COLOURS, NUM_CELLS, SHAPES, SIZES, Scene, cell_targets, render, sample_scenes
+from catlab.embedded.world import COLOURS, SHAPES, SIZES, Scene, cell_targets, render, sample_scenes
 
 PROBE_SEED_BRANCH = 7  # the probe's training scenes come from their own branch of the seed tree
 
@@ -72,8 +72,12 @@ class AttributeProbe(nn.Module):
         size = self.cfg.image_size
         if images.shape[-2:] != (size, size):
             shrink = images.shape[-1] > size
-            images = F.interpolate(images, size=(size, size), mode="area" if shrink else "bilinear",
-                                   **({} if shrink else {"align_corners": False}))
+            images = F.interpolate(
+                images,
+                size=(size, size),
+                mode="area" if shrink else "bilinear",
+                **({} if shrink else {"align_corners": False}),
+            )
         f = self.features(images)
         cells = torch.cat([F.adaptive_avg_pool2d(f, 3), F.adaptive_max_pool2d(f, 3)], dim=1)
         logits = self.heads(cells).flatten(2).transpose(1, 2)  # (B, 9, C)
@@ -125,7 +129,9 @@ _DEFAULT: AttributeProbe | None = None
 ATTRIBUTES = ("position", "shape", "colour", "size")
 
 
-def attribute_hits(images: torch.Tensor, scenes: Sequence[Scene], probe: AttributeProbe | None = None) -> list[torch.Tensor]:
+def attribute_hits(
+    images: torch.Tensor, scenes: Sequence[Scene], probe: AttributeProbe | None = None
+) -> list[torch.Tensor]:
     """Per scene, a bool tensor (objects, 4): which of position, shape, colour, size the probe finds.
 
     An object's position counts as found when the probe sees an object in its
@@ -149,7 +155,9 @@ def attribute_hits(images: torch.Tensor, scenes: Sequence[Scene], probe: Attribu
     return out
 
 
-def attribute_accuracy(images: torch.Tensor, scenes: Sequence[Scene], probe: AttributeProbe | None = None) -> torch.Tensor:
+def attribute_accuracy(
+    images: torch.Tensor, scenes: Sequence[Scene], probe: AttributeProbe | None = None
+) -> torch.Tensor:
     """Per-prompt share (B,) of stated attributes (position, shape, colour, size of each object) found."""
     return torch.stack([h.float().mean() for h in attribute_hits(images, scenes, probe)])
 
@@ -193,8 +201,12 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=ProbeConfig.steps)
     ap.add_argument("--seed", type=int, default=ProbeConfig.seed)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--image-size", type=int, default=ProbeConfig.image_size,
-                    help="size the probe is trained at (other sizes are resampled to it when read)")
+    ap.add_argument(
+        "--image-size",
+        type=int,
+        default=ProbeConfig.image_size,
+        help="size the probe is trained at (other sizes are resampled to it when read)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = ProbeConfig(steps=args.steps, seed=args.seed, image_size=args.image_size)

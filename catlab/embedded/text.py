@@ -21,8 +21,14 @@ from dataclasses import dataclass
 import torch
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
-from transformers import (BertConfig, BertModel, CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedModel,
-                          PreTrainedTokenizerFast)
+from transformers import (
+    BertConfig,
+    BertModel,
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 from catlab.embedded.world import vocabulary
 
@@ -48,9 +54,7 @@ def build_tokenizer(max_length: int = 24) -> PreTrainedTokenizerFast:
     """Word-level tokenizer: lower-cases, drops punctuation, adds <bos>/<eos>, pads to max_length."""
     vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *vocabulary()])}
     tok = Tokenizer(WordLevel(vocab, unk_token=UNK))
-    tok.normalizer = normalizers.Sequence(
-        [normalizers.Lowercase(), normalizers.Replace(Regex(r"[^\w\s]"), " ")]
-    )
+    tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex(r"[^\w\s]"), " ")])
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
@@ -87,20 +91,25 @@ def tokenize(tokenizer: PreTrainedTokenizerFast, prompts: list[str], warn: bool 
     if warn:
         dropped = sorted({c for p in prompts for c in dropped_characters(p)})
         if dropped:
-            warnings.warn(f"embedded model: characters {dropped} are dropped from the prompts (its tokenizer "
-                          "keeps letters, digits and spaces; ASCII punctuation separates words)", stacklevel=3)
+            warnings.warn(
+                f"embedded model: characters {dropped} are dropped from the prompts (its tokenizer "
+                "keeps letters, digits and spaces; ASCII punctuation separates words)",
+                stacklevel=3,
+            )
         unknown = sorted({w for p in prompts for w in unknown_words(tokenizer, p)})
         if unknown:
             warnings.warn(
-                f"embedded model: unknown words {unknown} are mapped to {UNK}; "
-                f"its vocabulary is {vocabulary()}",
+                f"embedded model: unknown words {unknown} are mapped to {UNK}; its vocabulary is {vocabulary()}",
                 stacklevel=3,
             )
         limit = tokenizer.model_max_length
         long = [p for p in prompts if len(tokenizer(p)["input_ids"]) > limit]
         if long:
-            warnings.warn(f"embedded model: {len(long)} prompt(s) longer than its {limit} text tokens are cut, "
-                          f"e.g. {long[0][:80]!r}", stacklevel=3)
+            warnings.warn(
+                f"embedded model: {len(long)} prompt(s) longer than its {limit} text tokens are cut, "
+                f"e.g. {long[0][:80]!r}",
+                stacklevel=3,
+            )
     out = tokenizer(
         prompts,
         padding="max_length",
@@ -113,14 +122,23 @@ def tokenize(tokenizer: PreTrainedTokenizerFast, prompts: list[str], warn: bool 
 
 def build_text_encoder(cfg: TextConfig, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
     """A fresh text transformer of kind ``cfg.encoder`` (see the module docstring)."""
-    common = dict(vocab_size=len(tokenizer.get_vocab()), hidden_size=cfg.hidden_size,
-                  intermediate_size=2 * cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                  num_attention_heads=cfg.num_heads, max_position_embeddings=cfg.max_length,
-                  pad_token_id=tokenizer.pad_token_id)
+    common = dict(
+        vocab_size=len(tokenizer.get_vocab()),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=2 * cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_length,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     if cfg.encoder == "bert":
         return BertModel(BertConfig(**common, type_vocab_size=1), add_pooling_layer=True)
-    config = CLIPTextConfig(**common, projection_dim=cfg.hidden_size, bos_token_id=tokenizer.bos_token_id,
-                            eos_token_id=tokenizer.eos_token_id)
+    config = CLIPTextConfig(
+        **common,
+        projection_dim=cfg.hidden_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return CLIPTextModelWithProjection(config)
 
 

@@ -36,9 +36,7 @@ SIZES = ("small", "large")
 SIZE_RADIUS = (0.28, 0.42)  # object radius as a fraction of the grid cell
 ROWS = ("top", "middle", "bottom")
 COLS = ("left", "center", "right")
-POSITIONS = tuple(
-    "center" if (r, c) == ("middle", "center") else f"{r} {c}" for r in ROWS for c in COLS
-)
+POSITIONS = tuple("center" if (r, c) == ("middle", "center") else f"{r} {c}" for r in ROWS for c in COLS)
 NUM_CELLS = 9
 MAX_OBJECTS = 2
 JITTER = 0.06  # random offset of an object's centre, as a fraction of the cell
@@ -65,10 +63,7 @@ class SceneObject:
 
     @property
     def phrase(self) -> str:
-        return (
-            f"a {SIZES[self.size]} {COLOURS[self.colour]} {SHAPES[self.shape]}"
-            f" in the {POSITIONS[self.cell]}"
-        )
+        return f"a {SIZES[self.size]} {COLOURS[self.colour]} {SHAPES[self.shape]} in the {POSITIONS[self.cell]}"
 
 
 @dataclass(frozen=True)
@@ -150,9 +145,7 @@ def render(scenes: Sequence[Scene], size: int = 32) -> torch.Tensor:
     bg = torch.tensor([s.background for s in scenes], dtype=torch.float32)  # (B, 7)
     c0, c1, angle = bg[:, 0:3], bg[:, 3:6], bg[:, 6]
     grad = torch.tensor([s.gradient for s in scenes], dtype=torch.float32)
-    u = (xx / size - 0.5) * torch.cos(angle)[:, None, None] + (yy / size - 0.5) * torch.sin(
-        angle
-    )[:, None, None]
+    u = (xx / size - 0.5) * torch.cos(angle)[:, None, None] + (yy / size - 0.5) * torch.sin(angle)[:, None, None]
     w = ((u / 1.42 + 0.5) * grad[:, None, None]).unsqueeze(1)  # (B, 1, S, S); 0 when plain
     img = c0[:, :, None, None] * (1 - w) + c1[:, :, None, None] * w
 

@@ -1,4 +1,5 @@
 """Diagnostic figures: selection maps, cluster maps, and the relative-noise correlation (paper Figs. 2, 5, 6)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,12 +25,14 @@ def selection_counts(indices: list[torch.Tensor | None], grid: tuple[int, int], 
     return counts.view(*grid)
 
 
-def selection_maps(results: dict[str, list[torch.Tensor | None]], grid: tuple[int, int], path: Path,
-                   steps: list[int], sample: int = 0) -> None:
+def selection_maps(
+    results: dict[str, list[torch.Tensor | None]], grid: tuple[int, int], path: Path, steps: list[int], sample: int = 0
+) -> None:
     """Rows: strategies; columns: the selected tokens at a few steps, then the count over all steps."""
     plt = _plt()
-    fig, axes = plt.subplots(len(results), len(steps) + 1, figsize=(1.8 * (len(steps) + 1) + 0.5, 1.9 * len(results)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(results), len(steps) + 1, figsize=(1.8 * (len(steps) + 1) + 0.5, 1.9 * len(results)), squeeze=False
+    )
     for r, (name, indices) in enumerate(results.items()):
         for c, step in enumerate(steps):
             mask = torch.zeros(grid[0] * grid[1])
@@ -59,8 +62,9 @@ def cluster_map(labels: torch.Tensor, grid: tuple[int, int], path: Path, image: 
     n = 2 if image is not None else 1
     fig, axes = plt.subplots(1, n, figsize=(3 * n + 0.6, 3), squeeze=False)
     count = int(labels.max()) + 1
-    shown = axes[0][0].imshow(labels.view(*grid).cpu(), cmap="tab20" if count <= 20 else "nipy_spectral",
-                              vmin=-0.5, vmax=count - 0.5)
+    shown = axes[0][0].imshow(
+        labels.view(*grid).cpu(), cmap="tab20" if count <= 20 else "nipy_spectral", vmin=-0.5, vmax=count - 0.5
+    )
     bar = fig.colorbar(shown, ax=axes[0][0], fraction=0.046, pad=0.04)
     bar.set_label("cluster", fontsize=7)
     bar.ax.tick_params(labelsize=6)

@@ -19,6 +19,7 @@ family's front), ``frontier.csv`` (every family × budget × metric),
 ``frontier_psnr.png`` and ``frontier_ssim.png`` (one front per family, the
 overall front drawn on top).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,13 @@ QUALITIES = ("psnr", "ssim")
 _QUALITY_NAME = {"psnr": "PSNR (dB)", "ssim": "SSIM"}
 #: selectors whose α is derived from their own knob (shown in its place)
 NO_ALPHA = {"full", "budget_schedule", "adaptive_schedule"}
-_CACHE_NAME = {"taylorseer": "TaylorSeer", "mag_cache": "MagCache", "first_block_cache": "FirstBlockCache",
-               "cachedit_dbcache": "DBCache", "cachedit_dbprune": "DBPrune"}
+_CACHE_NAME = {
+    "taylorseer": "TaylorSeer",
+    "mag_cache": "MagCache",
+    "first_block_cache": "FirstBlockCache",
+    "cachedit_dbcache": "DBCache",
+    "cachedit_dbprune": "DBPrune",
+}
 
 
 @dataclass(frozen=True)
@@ -130,7 +136,7 @@ class Frontier:
     peers: set[str]  # the families that are step caches on the full model
 
     @classmethod
-    def from_rows(cls, rows: list[dict[str, Any]], specs: dict[str, dict[str, Any]]) -> "Frontier":
+    def from_rows(cls, rows: list[dict[str, Any]], specs: dict[str, dict[str, Any]]) -> Frontier:
         """``rows``: an evaluation's rows (``key``, ``macs_ratio``, metrics); ``specs``: each key's strategy spec.
 
         The full model (no step cache) is the reference and belongs to no family.
@@ -146,8 +152,9 @@ class Frontier:
                 peers.add(fam)
             for q in QUALITIES:
                 if r.get(q) is not None:
-                    points[q].setdefault(fam, []).append(Point(point_label(r, spec), fam, float(r["macs_ratio"]),
-                                                               float(r[q]), r.get("speedup")))
+                    points[q].setdefault(fam, []).append(
+                        Point(point_label(r, spec), fam, float(r["macs_ratio"]), float(r[q]), r.get("speedup"))
+                    )
         return cls(points, peers)
 
     def families(self) -> list[str]:
@@ -155,8 +162,9 @@ class Frontier:
 
     def front(self, quality: str, family: str | None = None) -> list[Point]:
         """One family's front, or with ``family=None`` the overall front of every point."""
-        pts = self.points[quality].get(family, []) if family else [p for ps in self.points[quality].values()
-                                                                   for p in ps]
+        pts = (
+            self.points[quality].get(family, []) if family else [p for ps in self.points[quality].values() for p in ps]
+        )
         return pareto_front(pts)
 
     def at(self, quality: str, family: str, x: float) -> tuple[float | None, Point | None]:
@@ -165,7 +173,7 @@ class Frontier:
         return value_at(front, x), nearest(front, x)
 
     def best(self, quality: str, x: float, among: set[str] | None = None) -> tuple[str, float, Point] | None:
-        """(family, interpolated quality, its nearest point) of the best family at ``x``; ``None`` if none reaches it."""
+        """(family, interpolated quality, its nearest point) of the best family at ``x``; ``None``: none reaches it."""
         found = []
         for fam in self.points[quality]:
             if among is not None and fam not in among:
@@ -184,8 +192,11 @@ def point_label(row: dict[str, Any], spec: dict[str, Any]) -> str:
     cache = spec.get("stepcache")
     if isinstance(cache, dict):
         knob += [f"{k}={_short(v)}" for k, v in cache.items() if k not in ("name", "max_order", "calibrator")]
-    knob += [f"{k}={_short(v)}" for k, v in spec.items()
-             if k not in ("name", "alpha", "stepcache", "reuse", "inner", "start_step")]
+    knob += [
+        f"{k}={_short(v)}"
+        for k, v in spec.items()
+        if k not in ("name", "alpha", "stepcache", "reuse", "inner", "start_step")
+    ]
     if spec.get("name") != "full" and "start_step" in spec:
         knob.append(f"t0={spec['start_step']}")
     return ", ".join(knob) or row.get("method", spec.get("name", ""))
@@ -204,13 +215,23 @@ def _fmt(v: float | None, quality: str) -> str:
 def markdown(fr: Frontier, budgets=BUDGETS, title: str = "") -> str:
     """The best strategy per budget, catlab's best against the best step cache, every family, every front."""
     lines = [f"### {title}", ""] if title else []
-    lines += ["Best strategy at each MACs ratio: each family's Pareto front interpolated linearly between its "
-              "measured points (– : the family has no measured points on both sides); in brackets the "
-              "measured point of the family's front nearest to it (its knob, MACs ratio, value).", ""]
+    lines += [
+        "Best strategy at each MACs ratio: each family's Pareto front interpolated linearly between its "
+        "measured points (– : the family has no measured points on both sides); in brackets the "
+        "measured point of the family's front nearest to it (its knob, MACs ratio, value).",
+        "",
+    ]
     for q in QUALITIES:
-        lines += [f"#### Best by {_QUALITY_NAME[q]}", "", "| MACs ratio | best family | " + _QUALITY_NAME[q]
-                  + " | nearest measured point | best step cache | " + _QUALITY_NAME[q] + " | margin |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"#### Best by {_QUALITY_NAME[q]}",
+            "",
+            "| MACs ratio | best family | "
+            + _QUALITY_NAME[q]
+            + " | nearest measured point | best step cache | "
+            + _QUALITY_NAME[q]
+            + " | margin |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for x in budgets:
             top, peer = fr.best(q, x), fr.best(q, x, fr.peers)
             if top is None:
@@ -225,9 +246,12 @@ def markdown(fr: Frontier, budgets=BUDGETS, title: str = "") -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     for q in QUALITIES:
-        lines += [f"#### Every family, {_QUALITY_NAME[q]} at each MACs ratio", "",
-                  "| family | measured range | " + " | ".join(f"{x:g}×" for x in budgets) + " |",
-                  "|---|---|" + "---|" * len(budgets)]
+        lines += [
+            f"#### Every family, {_QUALITY_NAME[q]} at each MACs ratio",
+            "",
+            "| family | measured range | " + " | ".join(f"{x:g}×" for x in budgets) + " |",
+            "|---|---|" + "---|" * len(budgets),
+        ]
         for fam in fr.families():
             pts = fr.points[q].get(fam, [])
             if not pts:
@@ -236,8 +260,12 @@ def markdown(fr: Frontier, budgets=BUDGETS, title: str = "") -> str:
             vals = [_fmt(fr.at(q, fam, x)[0], q) for x in budgets]
             lines.append(f"| {fam} | {span} | " + " | ".join(vals) + " |")
         lines.append("")
-    lines += ["#### Each family's front (PSNR), with the measured wall-clock speed-up", "",
-              "| family | point | MACs ratio | PSNR (dB) | speed-up | speed-up / MACs ratio |", "|---|---|---|---|---|---|"]
+    lines += [
+        "#### Each family's front (PSNR), with the measured wall-clock speed-up",
+        "",
+        "| family | point | MACs ratio | PSNR (dB) | speed-up | speed-up / MACs ratio |",
+        "|---|---|---|---|---|---|",
+    ]
     for fam in fr.families():
         for p in fr.front("psnr", fam):
             sp = "–" if p.speedup is None else f"{p.speedup:.2f}×"
@@ -249,14 +277,34 @@ def markdown(fr: Frontier, budgets=BUDGETS, title: str = "") -> str:
 def write_csv(fr: Frontier, path: Path, budgets=BUDGETS) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["quality", "family", "step_cache", "macs_ratio", "value", "nearest_label", "nearest_macs_ratio",
-                    "nearest_value"])
+        w.writerow(
+            [
+                "quality",
+                "family",
+                "step_cache",
+                "macs_ratio",
+                "value",
+                "nearest_label",
+                "nearest_macs_ratio",
+                "nearest_value",
+            ]
+        )
         for q in QUALITIES:
             for fam in fr.points[q]:
                 for x in budgets:
                     v, p = fr.at(q, fam, x)
-                    w.writerow([q, fam, fam in fr.peers, x, "" if v is None else f"{v:.6g}", p.label if p else "",
-                                f"{p.x:.4f}" if p else "", f"{p.y:.6g}" if p else ""])
+                    w.writerow(
+                        [
+                            q,
+                            fam,
+                            fam in fr.peers,
+                            x,
+                            "" if v is None else f"{v:.6g}",
+                            p.label if p else "",
+                            f"{p.x:.4f}" if p else "",
+                            f"{p.y:.6g}" if p else "",
+                        ]
+                    )
 
 
 def plot(fr: Frontier, quality: str, path: Path, title: str = "", budgets=BUDGETS) -> None:
@@ -276,19 +324,31 @@ def plot(fr: Frontier, quality: str, path: Path, title: str = "", budgets=BUDGET
         pts = fr.points[quality][fam]
         ax.scatter([p.x for p in pts], [p.y for p in pts], color=c, s=14, alpha=0.45, zorder=2)
         front = fr.front(quality, fam)
-        ax.plot([p.x for p in front], [p.y for p in front], color=c, marker="o", ms=4, lw=1.4, zorder=3,
-                ls="--" if fam in fr.peers else "-", label=fam)
+        ax.plot(
+            [p.x for p in front],
+            [p.y for p in front],
+            color=c,
+            marker="o",
+            ms=4,
+            lw=1.4,
+            zorder=3,
+            ls="--" if fam in fr.peers else "-",
+            label=fam,
+        )
     overall = fr.front(quality)
-    ax.plot([p.x for p in overall], [p.y for p in overall], color="k", lw=2.6, alpha=0.55, zorder=4,
-            label="overall front")
+    ax.plot(
+        [p.x for p in overall], [p.y for p in overall], color="k", lw=2.6, alpha=0.55, zorder=4, label="overall front"
+    )
     for x in budgets:
         ax.axvline(x, color="grey", lw=0.6, alpha=0.4, zorder=1)
     ax.set_xlabel("MACs ratio vs full model (higher = cheaper)")
     ax.set_ylabel({"psnr": "PSNR to full model (dB)", "ssim": "SSIM to full model"}[quality])
     ax.grid(alpha=0.25)
     ax.legend(fontsize=7, loc="upper right", ncol=1 if len(fams) < 12 else 2)
-    ax.set_title(title.replace("`", "") + ("\n" if title else "") + "lines: each family's Pareto front (step caches dashed)",
-                 fontsize=10)
+    ax.set_title(
+        title.replace("`", "") + ("\n" if title else "") + "lines: each family's Pareto front (step caches dashed)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -314,8 +374,10 @@ def main(argv: list[str] | None = None) -> None:
         plan = json.loads((args.path / "evaluation.json").read_text())
         specs = {s["key"]: s.get("spec") or {"name": s["label"]} for s in plan["strategies"]}
     except (OSError, ValueError, KeyError, TypeError) as err:
-        sys.exit(f"catlab: cannot read the run {args.path}: {err.__class__.__name__}: {err} (it needs results.json "
-                 "and evaluation.json, as catlab.evaluate writes them)")
+        sys.exit(
+            f"catlab: cannot read the run {args.path}: {err.__class__.__name__}: {err} (it needs results.json "
+            "and evaluation.json, as catlab.evaluate writes them)"
+        )
     write(rows, specs, args.path, args.title)
     print((args.path / "frontier.md").read_text())
 

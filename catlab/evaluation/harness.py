@@ -8,6 +8,7 @@ and rank. Each finished image becomes one record in the :class:`ResultStore`,
 keyed by the batch it was made in; what is already there is skipped, so an
 interrupted evaluation resumes and gives the table an uninterrupted one gives.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,7 +26,7 @@ from catlab.evaluation.store import Batch, ResultStore, prompt_sha
 from catlab.loggers.base import from_pil, to_pil
 from catlab.metrics.base import Metric
 from catlab.models.base import ModelAdapter
-from catlab.sampler import SampleResult, SamplerConfig, StepReuse, calibrate, sample
+from catlab.sampler import SamplerConfig, SampleResult, StepReuse, calibrate, sample
 from catlab.selection.base import Policy
 
 log = logging.getLogger("catlab.evaluate")
@@ -63,8 +64,9 @@ class Strategy:
         return not self.policy.prunes and self.step_cache is None
 
 
-def make_jobs(prompts: list[str], meta: list[Any] | None, seeds: list[int], num_prompts: int | None,
-              subset_seed: int) -> list[Job]:
+def make_jobs(
+    prompts: list[str], meta: list[Any] | None, seeds: list[int], num_prompts: int | None, subset_seed: int
+) -> list[Job]:
     """Every (prompt, seed) pair, on a seeded subset of the prompts; ids are positions in the prompt set."""
     order = list(range(len(prompts)))
     if num_prompts is not None and num_prompts < len(prompts):
@@ -74,12 +76,14 @@ def make_jobs(prompts: list[str], meta: list[Any] | None, seeds: list[int], num_
 
 def _chunks(items: list, size: int):
     for b in range(0, len(items), size):
-        yield items[b:b + size]
+        yield items[b : b + size]
 
 
 def make_batches(jobs: list[Job], batch_size: int) -> list[tuple[Batch, list[Job]]]:
     """``jobs`` in batches of ``batch_size``, in order: the batches a process generates (and records are keyed by)."""
-    return [(Batch(tuple((j.prompt_id, j.prompt, j.seed) for j in chunk)), chunk) for chunk in _chunks(jobs, batch_size)]
+    return [
+        (Batch(tuple((j.prompt_id, j.prompt, j.seed) for j in chunk)), chunk) for chunk in _chunks(jobs, batch_size)
+    ]
 
 
 def layout(jobs: list[Job], batch_size: int, world: int = 1) -> list[Batch]:
@@ -87,14 +91,16 @@ def layout(jobs: list[Job], batch_size: int, world: int = 1) -> list[Batch]:
     return [b for rank in range(world) for b, _ in make_batches(jobs[rank::world], batch_size)]
 
 
-def timed_sample(adapter, strategy: "Strategy", jobs: list[Job], sampler: SamplerConfig,
-                 repeats: int) -> tuple[SampleResult, float]:
+def timed_sample(
+    adapter, strategy: Strategy, jobs: list[Job], sampler: SamplerConfig, repeats: int
+) -> tuple[SampleResult, float]:
     """One batch, timed; with ``repeats`` > 1 the best of several identical passes."""
     best, kept = float("inf"), None
     for _ in range(max(1, repeats)):
         start = time.perf_counter()
-        result = sample(adapter, strategy.policy, [j.prompt for j in jobs], [j.seed for j in jobs], sampler,
-                        strategy.reuse_parts)
+        result = sample(
+            adapter, strategy.policy, [j.prompt for j in jobs], [j.seed for j in jobs], sampler, strategy.reuse_parts
+        )
         wall = time.perf_counter() - start
         if wall < best:
             best, kept = wall, result
@@ -110,7 +116,9 @@ class References:
     def get(self, batch: Batch, jobs: list[Job]) -> torch.Tensor:
         images = [self.cache.get(j.prompt, j.seed, batch.id) for j in jobs]
         if any(img is None for img in images):
-            images = sample(self.adapter, self.full, [j.prompt for j in jobs], [j.seed for j in jobs], self.sampler).images
+            images = sample(
+                self.adapter, self.full, [j.prompt for j in jobs], [j.seed for j in jobs], self.sampler
+            ).images
             self.put(batch, jobs, images)
         return torch.stack(list(images))
 
@@ -123,8 +131,20 @@ class References:
 class _Run:
     """One process's part of an evaluation: which batches it computes, times and records."""
 
-    def __init__(self, adapter, strategies, sampler, metrics, store, references, warmup, repeats, image_dir,
-                 retime_batches, setup):
+    def __init__(
+        self,
+        adapter,
+        strategies,
+        sampler,
+        metrics,
+        store,
+        references,
+        warmup,
+        repeats,
+        image_dir,
+        retime_batches,
+        setup,
+    ):
         self.adapter, self.strategies, self.sampler, self.metrics = adapter, strategies, sampler, metrics
         self.store, self.references, self.warmup, self.repeats = store, references, warmup, repeats
         self.image_dir, self.retime_batches, self.setup = image_dir, retime_batches, setup or {}
@@ -206,8 +226,16 @@ class _Run:
             if missing[s.key]:
                 self.record(s, batch, jobs, missing[s.key], result, wall, full_images)
 
-    def record(self, s: Strategy, batch: Batch, jobs: list[Job], todo: list[int], result: SampleResult, wall: float,
-               full_images: torch.Tensor | None) -> None:
+    def record(
+        self,
+        s: Strategy,
+        batch: Batch,
+        jobs: list[Job],
+        todo: list[int],
+        result: SampleResult,
+        wall: float,
+        full_images: torch.Tensor | None,
+    ) -> None:
         """Score one generated batch and write a record for each image in ``todo`` (positions in the batch)."""
         images, metrics = result.images, self.metrics
         reference = None
@@ -221,28 +249,51 @@ class _Run:
         trace, n, described = result.trace, len(jobs), batch.describe()
         for i in todo:
             job = jobs[i]
-            self.store.put(s.key, {
-                "key": s.key, "prompt_id": job.prompt_id, "seed": job.seed, "prompt": job.prompt,
-                "prompt_sha": prompt_sha(job.prompt), "batch": described, "setup": self.setup,
-                "process": self.store.process, "label": s.label,
-                "macs": trace.macs / n, "full_macs": trace.full_macs / n,
-                "selection_macs": sum(st.selection_macs for st in trace.steps) / n,
-                "seconds": wall / n, "denoise_seconds": trace.seconds / n,
-                "selection_seconds": trace.selection_seconds / n, "graphed": trace.graphed,
-                **({"graph_counts": trace.graph_counts} if trace.graph_counts else {}),
-                "metrics": {k: float(v[i]) for k, v in values.items()},
-            })
+            self.store.put(
+                s.key,
+                {
+                    "key": s.key,
+                    "prompt_id": job.prompt_id,
+                    "seed": job.seed,
+                    "prompt": job.prompt,
+                    "prompt_sha": prompt_sha(job.prompt),
+                    "batch": described,
+                    "setup": self.setup,
+                    "process": self.store.process,
+                    "label": s.label,
+                    "macs": trace.macs / n,
+                    "full_macs": trace.full_macs / n,
+                    "selection_macs": sum(st.selection_macs for st in trace.steps) / n,
+                    "seconds": wall / n,
+                    "denoise_seconds": trace.seconds / n,
+                    "selection_seconds": trace.selection_seconds / n,
+                    "graphed": trace.graphed,
+                    **({"graph_counts": trace.graph_counts} if trace.graph_counts else {}),
+                    "metrics": {k: float(v[i]) for k, v in values.items()},
+                },
+            )
             if self.image_dir is not None:
                 d = self.image_dir / s.label
                 d.mkdir(parents=True, exist_ok=True)
                 to_pil(images[i]).save(d / f"p{job.prompt_id:06d}_s{job.seed}.png")
 
 
-def evaluate_strategies(adapter: ModelAdapter, strategies: list[Strategy], jobs: list[Job], sampler: SamplerConfig,
-                        batch_size: int, metrics: list[Metric], store: ResultStore, references: References,
-                        warmup: bool = True, repeats: int = 1, image_dir: Path | None = None,
-                        retime_batches: int = 2, setup: dict | None = None,
-                        wait: float = 0.2) -> dict[str, SampleResult | None]:
+def evaluate_strategies(
+    adapter: ModelAdapter,
+    strategies: list[Strategy],
+    jobs: list[Job],
+    sampler: SamplerConfig,
+    batch_size: int,
+    metrics: list[Metric],
+    store: ResultStore,
+    references: References,
+    warmup: bool = True,
+    repeats: int = 1,
+    image_dir: Path | None = None,
+    retime_batches: int = 2,
+    setup: dict | None = None,
+    wait: float = 0.2,
+) -> dict[str, SampleResult | None]:
     """Write every record the store lacks; return each strategy's warm-up result (``None`` if it ran nothing).
 
     ``strategies[0]`` is the plain full model: its images are the references, its
@@ -254,8 +305,9 @@ def evaluate_strategies(adapter: ModelAdapter, strategies: list[Strategy], jobs:
     of a strategy timed beside the full model by one process, this process times both
     on more batches (records already there are kept; only timings are added).
     """
-    run = _Run(adapter, strategies, sampler, metrics, store, references, warmup, repeats, image_dir,
-               retime_batches, setup)
+    run = _Run(
+        adapter, strategies, sampler, metrics, store, references, warmup, repeats, image_dir, retime_batches, setup
+    )
     plan = make_batches(jobs, batch_size)
     for s in strategies:
         done = sum(store.has(s.key, name) for b, _ in plan for name in b.names())
@@ -265,7 +317,9 @@ def evaluate_strategies(adapter: ModelAdapter, strategies: list[Strategy], jobs:
             run.refresh_pairs(s.key)
     run.run(plan, wait)
     if run.retimed:
-        log.info("timed %d batch(es) again, whose records were already stored, for same-process speed-ups", run.retimed)
+        log.info(
+            "timed %d batch(es) again, whose records were already stored, for same-process speed-ups", run.retimed
+        )
     return run.warm
 
 
@@ -280,7 +334,9 @@ def set_metrics(rows: list[dict], metrics: list[Metric], image_dir: Path | None)
     if not metrics:
         return
     if image_dir is None:
-        log.warning("skipped metric — %s: needs the saved images (save_images=true)", ", ".join(m.name for m in metrics))
+        log.warning(
+            "skipped metric — %s: needs the saved images (save_images=true)", ", ".join(m.name for m in metrics)
+        )
         return
     reference_dir = image_dir / "full"
     for row in rows:

@@ -7,6 +7,7 @@ before it computes anything) lists the strategies and the batches of jobs; only
 the records of those jobs enter the table, every one validated on read, and the
 records of other configurations in the same store are counted and left out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,13 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, float]:
     seconds = sum(r["seconds"] for r in records)
     denoise = sum(r["denoise_seconds"] for r in records)
     row = {
-        "num_images": n, "macs_per_image": macs / n, "full_macs_per_image": full / n, "macs_ratio": full / macs,
+        "num_images": n,
+        "macs_per_image": macs / n,
+        "full_macs_per_image": full / n,
+        "macs_ratio": full / macs,
         "selection_macs_per_image": sum(r["selection_macs"] for r in records) / n,
-        "seconds_per_image": seconds / n, "images_per_second": n / seconds,
+        "seconds_per_image": seconds / n,
+        "images_per_second": n / seconds,
         "selection_share": sum(r["selection_seconds"] for r in records) / denoise if denoise else 0.0,
         "graphed": all(r.get("graphed", False) for r in records),
     }
@@ -43,14 +48,14 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, float]:
     return row
 
 
-def manifest(strategies: list[dict[str, Any]], batches: list, store: Path, out: Path,
-             notes: list[str]) -> dict[str, Any]:
+def manifest(
+    strategies: list[dict[str, Any]], batches: list, store: Path, out: Path, notes: list[str]
+) -> dict[str, Any]:
     """What :func:`rows_from_store` needs to rebuild a table: strategies in order (the full model first), the
     batches (``Batch.describe()`` of each, by id) and the store's path (relative to ``out`` when inside it)."""
     store, out = Path(store).resolve(), Path(out).resolve()
     where = os.path.relpath(store, out) if store.is_relative_to(out) else str(store)
-    return {"strategies": strategies, "batches": {b.id: b.describe() for b in batches}, "store": where,
-            "notes": notes}
+    return {"strategies": strategies, "batches": {b.id: b.describe() for b in batches}, "store": where, "notes": notes}
 
 
 def write_manifest(out: Path, data: dict[str, Any]) -> None:
@@ -59,8 +64,9 @@ def write_manifest(out: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, out / MANIFEST)
 
 
-def rows_from_store(store: ResultStore, plan: dict[str, Any],
-                    then: str = "it will be recomputed") -> tuple[list[dict[str, Any]], list[str]]:
+def rows_from_store(
+    store: ResultStore, plan: dict[str, Any], then: str = "it will be recomputed"
+) -> tuple[list[dict[str, Any]], list[str]]:
     """(one row per strategy of ``plan``, full model first, with speed-ups; the notes the table needs).
 
     A row averages the valid records of the plan's jobs only. Its speed-up is the full
@@ -80,9 +86,15 @@ def rows_from_store(store: ResultStore, plan: dict[str, Any],
         used += len(records)
         if not records:
             continue
-        row = {"method": info["label"], "family": report.family(info.get("spec") or {"name": info["label"]}),
-               "alpha": info["alpha"], "start_step": info["start_step"],
-               "steps": info["steps"], "key": key, **aggregate(records)}
+        row = {
+            "method": info["label"],
+            "family": report.family(info.get("spec") or {"name": info["label"]}),
+            "alpha": info["alpha"],
+            "start_step": info["start_step"],
+            "steps": info["steps"],
+            "key": key,
+            **aggregate(records),
+        }
         if len(records) != len(names):
             row["incomplete"] = f"{len(records)}/{len(names)}"
         if key == full_key:
@@ -99,12 +111,16 @@ def rows_from_store(store: ResultStore, plan: dict[str, Any],
         rows.append(row)
     notes = []
     if unpaired:
-        notes.append(f"Speed-up –: {', '.join(unpaired)}: no batch was timed beside the full model in one process "
-                     "(retime_batches=0); rerun with retime_batches ≥ 1 to time some.")
+        notes.append(
+            f"Speed-up –: {', '.join(unpaired)}: no batch was timed beside the full model in one process "
+            "(retime_batches=0); rerun with retime_batches ≥ 1 to time some."
+        )
     foreign = len(store.record_files()) - used
     if foreign > 0:
-        notes.append(f"{foreign} records from another configuration ignored (other prompts, seeds, batches or "
-                     "settings in the same store).")
+        notes.append(
+            f"{foreign} records from another configuration ignored (other prompts, seeds, batches or "
+            "settings in the same store)."
+        )
     return rows, notes
 
 
@@ -128,8 +144,10 @@ def main(argv: list[str] | None = None) -> None:
         if not store_dir.is_dir():
             raise FileNotFoundError(f"its store {store_dir} is missing")
     except (OSError, ValueError, KeyError, TypeError) as err:
-        sys.exit(f"catlab: cannot merge {args.path}: no readable {MANIFEST} and store ({err.__class__.__name__}: "
-                 f"{err}); rerun catlab.evaluate with hydra.run.dir={out} to rebuild it")
+        sys.exit(
+            f"catlab: cannot merge {args.path}: no readable {MANIFEST} and store ({err.__class__.__name__}: "
+            f"{err}); rerun catlab.evaluate with hydra.run.dir={out} to rebuild it"
+        )
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

@@ -7,6 +7,7 @@ the first one that covers no other label, no marker and nothing outside the axes
 a label pushed away from its point gets a thin leader line. Points that coincide
 on screen share one label ("9, 10").
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,9 @@ RADII = (3, 6, 10, 15, 22, 30, 40, 52, 66)
 ANGLES = (45, 135, -45, -135, 0, 180, 90, -90, 22, 158, -22, -158, 68, 112, -68, -112)
 
 
-def merge_coincident(ax, xs: Sequence[float], ys: Sequence[float], texts: Sequence[str], within_px: float = 3.0
-                     ) -> tuple[list[float], list[float], list[str]]:
+def merge_coincident(
+    ax, xs: Sequence[float], ys: Sequence[float], texts: Sequence[str], within_px: float = 3.0
+) -> tuple[list[float], list[float], list[str]]:
     """One label for points that land within ``within_px`` pixels of each other: their texts joined by ", "."""
     pts = ax.transData.transform(np.column_stack([xs, ys]))
     groups: list[list[int]] = []
@@ -35,8 +37,15 @@ def merge_coincident(ax, xs: Sequence[float], ys: Sequence[float], texts: Sequen
     return ([xs[g[0]] for g in groups], [ys[g[0]] for g in groups], [", ".join(texts[i] for i in g) for g in groups])
 
 
-def place_labels(ax, xs: Sequence[float], ys: Sequence[float], texts: Sequence[str], fontsize: float = 7,
-                 marker_pt: float = 3.5, avoid: Sequence = ()) -> list:
+def place_labels(
+    ax,
+    xs: Sequence[float],
+    ys: Sequence[float],
+    texts: Sequence[str],
+    fontsize: float = 7,
+    marker_pt: float = 3.5,
+    avoid: Sequence = (),
+) -> list:
     """Annotate each point (data coordinates) with its text, with no two labels and no label and marker overlapping.
 
     Call after the layout is final (``tight_layout`` moves the axes); ``avoid``: artists
@@ -55,14 +64,20 @@ def place_labels(ax, xs: Sequence[float], ys: Sequence[float], texts: Sequence[s
     frame = ax.get_window_extent(renderer)
     placed: list[tuple[float, float, float, float]] = []
     annotations = []
-    for (x, y), xd, yd, text in zip(pts, xs, ys, texts):
+    for (_x, _y), xd, yd, text in zip(pts, xs, ys, texts):
         best, best_cover = None, math.inf
         for radius in RADII:
             for angle in ANGLES:
                 dx, dy = radius * math.cos(math.radians(angle)), radius * math.sin(math.radians(angle))
-                ann = ax.annotate(text, (xd, yd), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
-                                  ha="left" if dx > 1e-6 else "right" if dx < -1e-6 else "center",
-                                  va="bottom" if dy > 1e-6 else "top" if dy < -1e-6 else "center")
+                ann = ax.annotate(
+                    text,
+                    (xd, yd),
+                    xytext=(dx, dy),
+                    textcoords="offset points",
+                    fontsize=fontsize,
+                    ha="left" if dx > 1e-6 else "right" if dx < -1e-6 else "center",
+                    va="bottom" if dy > 1e-6 else "top" if dy < -1e-6 else "center",
+                )
                 ann.update_positions(renderer)
                 e = Text.get_window_extent(ann, renderer)  # the text alone, not its leader line
                 box = (e.x0 - 1, e.y0 - 1, e.x1 + 1, e.y1 + 1)
@@ -81,9 +96,16 @@ def place_labels(ax, xs: Sequence[float], ys: Sequence[float], texts: Sequence[s
         ann, box, radius = best
         if radius > RADII[2]:  # far from its point: a leader line says whose label it is
             ann.remove()
-            ann = ax.annotate(text, (xd, yd), xytext=ann.xyann, textcoords="offset points", fontsize=fontsize,
-                              ha=ann.get_ha(), va=ann.get_va(),
-                              arrowprops=dict(arrowstyle="-", lw=0.5, color="0.45", shrinkA=0, shrinkB=2))
+            ann = ax.annotate(
+                text,
+                (xd, yd),
+                xytext=ann.xyann,
+                textcoords="offset points",
+                fontsize=fontsize,
+                ha=ann.get_ha(),
+                va=ann.get_va(),
+                arrowprops=dict(arrowstyle="-", lw=0.5, color="0.45", shrinkA=0, shrinkB=2),
+            )
         placed.append(box)
         annotations.append(ann)
     return annotations

@@ -1,4 +1,5 @@
 """A transparent wrapper that records what a policy saw and chose, for diagnostic figures."""
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ sample's batch), so a change to any of them misses the cache instead of
 comparing against a stale reference. Writes are atomic (write to a temporary name, then rename):
 a killed job never leaves a half-written entry behind.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,10 @@ from catlab.hashing import config_hash  # noqa: F401  (re-exported: evaluation c
 
 class ReferenceCache:
     def __init__(self, root: str | Path, model_cfg: dict, sampler_cfg: dict):
-        setup = {"model": model_cfg, "sampler": {k: v for k, v in sampler_cfg.items() if k in ("num_steps", "guidance_scale")}}
+        setup = {
+            "model": model_cfg,
+            "sampler": {k: v for k, v in sampler_cfg.items() if k in ("num_steps", "guidance_scale")},
+        }
         self.root = Path(root).expanduser() / "references" / config_hash(setup)
         self.root.mkdir(parents=True, exist_ok=True)
         meta = self.root / "setup.json"

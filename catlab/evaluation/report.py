@@ -4,6 +4,7 @@ The cost columns are fixed here; every quality column comes from the metric that
 measures it (its :class:`~catlab.metrics.base.Column`: header, cell format, place), so a
 new metric module adds its column to the tables and the CSV without an edit here.
 """
+
 from __future__ import annotations
 
 import csv
@@ -13,8 +14,18 @@ from typing import Any
 from catlab.evaluation.plots import place_labels
 
 #: the CSV's leading columns: the run and its cost (the metrics' follow, :func:`metric_columns`)
-COST_COLUMNS = ["method", "family", "alpha", "steps", "macs_per_image", "macs_ratio", "seconds_per_image", "speedup",
-                "images_per_second", "selection_share"]
+COST_COLUMNS = [
+    "method",
+    "family",
+    "alpha",
+    "steps",
+    "macs_per_image",
+    "macs_ratio",
+    "seconds_per_image",
+    "speedup",
+    "images_per_second",
+    "selection_share",
+]
 
 
 def metric_columns(rows: list[dict[str, Any]] | None = None) -> list[tuple[str, Any]]:
@@ -54,27 +65,52 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 def markdown_table(rows: list[dict[str, Any]], title: str = "", notes: list[str] | None = None) -> str:
     """Method, α, steps, MACs, MACs ratio, s/image, speed-up, selection share, then each metric's column."""
     quality = metric_columns(rows)
-    head = ["Method", "α", "Steps", "MACs", "MACs ratio", "s / image", "Speed-up", "Selection share",
-            *[c.column.header for _, c in quality]]
+    head = [
+        "Method",
+        "α",
+        "Steps",
+        "MACs",
+        "MACs ratio",
+        "s / image",
+        "Speed-up",
+        "Selection share",
+        *[c.column.header for _, c in quality],
+    ]
     lines = ([f"### {title}", ""] if title else []) + ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     mixed = any(r.get("graphed") for r in rows) and not all(r.get("graphed") for r in rows)
     for r in rows:
-        def num(key, fmt):
+
+        def num(key, fmt, r=r):
             return fmt.format(r[key]) if key in r and r[key] is not None else "–"
+
         method = r["method"] + (" (eager)" if mixed and not r.get("graphed") else "")
-        cells = [method, num("alpha", "{:.2f}"), str(r.get("steps", "")), _macs(r["macs_per_image"]),
-                 num("macs_ratio", "{:.2f}×"), num("seconds_per_image", "{:.3f}"), num("speedup", "{:.2f}×"),
-                 num("selection_share", "{:.1%}"), *[c.cell(r.get(n)) for n, c in quality]]
+        cells = [
+            method,
+            num("alpha", "{:.2f}"),
+            str(r.get("steps", "")),
+            _macs(r["macs_per_image"]),
+            num("macs_ratio", "{:.2f}×"),
+            num("seconds_per_image", "{:.3f}"),
+            num("speedup", "{:.2f}×"),
+            num("selection_share", "{:.1%}"),
+            *[c.cell(r.get(n)) for n, c in quality],
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     from catlab.metrics.fidelity import PSNR
 
     if any(r.get("psnr") is not None and r["psnr"] < PSNR.low for r in rows):
-        notes = [*(notes or []), f"† PSNR below {PSNR.low:.0f} dB: the images differ from the full model's in content, "
-                                 "not only in detail; why, strategy by strategy: docs/metrics.md#psnr-below-20-db."]
+        notes = [
+            *(notes or []),
+            f"† PSNR below {PSNR.low:.0f} dB: the images differ from the full model's in content, "
+            "not only in detail; why, strategy by strategy: docs/metrics.md#psnr-below-20-db.",
+        ]
     if mixed:
-        notes = [*(notes or []), "Rows marked (eager) could not replay CUDA graphs (sampler.cuda_graphs=true; "
-                                  "docs/performance.md says why) while the others did: their speed-ups are not "
-                                  "like for like."]
+        notes = [
+            *(notes or []),
+            "Rows marked (eager) could not replay CUDA graphs (sampler.cuda_graphs=true; "
+            "docs/performance.md says why) while the others did: their speed-ups are not "
+            "like for like.",
+        ]
     for note in notes or []:
         lines += ["", note]
     return "\n".join(lines) + "\n"
@@ -109,8 +145,16 @@ def cost_quality_plot(rows: list[dict[str, Any]], path: Path, title: str = "") -
     for ax, q in zip(axes[0], quality):
         identical = [r for r in rows if q == "psnr" and r["method"] != "full" and r.get(q, 0) >= PSNR.cap]
         if identical:  # infinite PSNR has no place on the axis: said in words instead
-            ax.text(0.99, 0.99, f"not drawn, identical to the full model (PSNR ∞): {len(identical)} row(s)",
-                    transform=ax.transAxes, ha="right", va="top", fontsize=7, color="0.3")
+            ax.text(
+                0.99,
+                0.99,
+                f"not drawn, identical to the full model (PSNR ∞): {len(identical)} row(s)",
+                transform=ax.transAxes,
+                ha="right",
+                va="top",
+                fontsize=7,
+                color="0.3",
+            )
         for r in rows:
             if q not in r or (q == "psnr" and r["method"] == "full") or r in identical:
                 continue
@@ -120,8 +164,13 @@ def cost_quality_plot(rows: list[dict[str, Any]], path: Path, title: str = "") -
             ax.scatter(r["speedup"], r[q], color=c, marker="x", s=28, zorder=3)
         ax.margins(x=0.08, y=0.1)
         ax.set_xlabel("cost reduction vs full (o: MACs ratio, x: measured speed-up)")
-        ax.set_ylabel({"psnr": "PSNR to full model (dB)", "attribute_accuracy": "attribute accuracy",
-                       "clip_score": "CLIP score"}[q])
+        ax.set_ylabel(
+            {
+                "psnr": "PSNR to full model (dB)",
+                "attribute_accuracy": "attribute accuracy",
+                "clip_score": "CLIP score",
+            }[q]
+        )
         ax.grid(alpha=0.3)
 
     def label(m: str) -> str:
@@ -129,8 +178,10 @@ def cost_quality_plot(rows: list[dict[str, Any]], path: Path, title: str = "") -
         return m + (f" (α={alphas[0]:.2g})" if len(alphas) == 1 and m != "full" else "")
 
     handles = [Line2D([], [], color=colors[m], marker="o", ls="", label=label(m)) for m in methods]
-    handles += [Line2D([], [], color="k", marker="o", ls="", label="MACs ratio"),
-                Line2D([], [], color="k", marker="x", ls="", label="measured speed-up")]
+    handles += [
+        Line2D([], [], color="k", marker="o", ls="", label="MACs ratio"),
+        Line2D([], [], color="k", marker="x", ls="", label="measured speed-up"),
+    ]
     fig.legend(handles=handles, fontsize=7, loc="lower center", ncol=min(5, len(handles)), bbox_to_anchor=(0.5, 0))
     fig.suptitle(title)
     rows_of_legend = -(-len(handles) // min(5, len(handles)))
@@ -200,7 +251,12 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str = "", quality
     key.text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=6.5 if len(lines) > 24 else 7.5)
     fig.suptitle(title)
     fig.tight_layout()  # the layout first: labels are placed in the figure as it will be saved
-    place_labels(ax, [r["macs_ratio"] for r in pts], [r[quality] for r in pts],
-                 [str(i) for i in range(1, len(pts) + 1)], avoid=[legend])
+    place_labels(
+        ax,
+        [r["macs_ratio"] for r in pts],
+        [r[quality] for r in pts],
+        [str(i) for i in range(1, len(pts) + 1)],
+        avoid=[legend],
+    )
     fig.savefig(path, dpi=120)
     plt.close(fig)

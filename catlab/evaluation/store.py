@@ -20,6 +20,7 @@ Writes are atomic (a temporary file, then rename): a killed process leaves
 either a whole record or none, plus at most a temporary file that the next
 store opened on the same host removes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -88,8 +89,17 @@ def check_record(path: Path, record: Any) -> None:
     """Raise :class:`BadRecord` unless ``record`` is a record whose fields agree with ``path``."""
     if not isinstance(record, dict):
         raise BadRecord("not a JSON object")
-    for key, kind in (("prompt_id", int), ("seed", int), ("prompt", str), ("prompt_sha", str), ("key", str),
-                      ("batch", list), ("setup", dict), ("metrics", dict), ("process", str)):
+    for key, kind in (
+        ("prompt_id", int),
+        ("seed", int),
+        ("prompt", str),
+        ("prompt_sha", str),
+        ("key", str),
+        ("batch", list),
+        ("setup", dict),
+        ("metrics", dict),
+        ("process", str),
+    ):
         if key not in record:
             raise BadRecord(f"no '{key}'")
         if not isinstance(record[key], kind) or isinstance(record[key], bool):
@@ -181,9 +191,10 @@ class ResultStore:
         """One batch of ``key`` timed by this process (the speed-ups pair these by batch and process)."""
         folder = self.root / key / "timings"
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write(folder / f"{batch.id}_{self.process}.json",
-                      {"batch": batch.id, "process": self.process, "seconds": float(seconds),
-                       "images": len(batch.items)})
+        _atomic_write(
+            folder / f"{batch.id}_{self.process}.json",
+            {"batch": batch.id, "process": self.process, "seconds": float(seconds), "images": len(batch.items)},
+        )
 
     def timings(self, key: str) -> dict[tuple[str, str], float]:
         """``{(batch id, process): seconds}`` of every valid timing of ``key``."""

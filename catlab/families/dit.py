@@ -13,6 +13,7 @@ Prompts are class-conditional here: a prompt picks a class by its hash (the empt
 is the null class classifier-free guidance drops to), so ``catlab.run`` drives it as it
 drives the text-to-image families.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -38,7 +39,9 @@ def dit_macs(t, rows: int, n: int, n_total: int, n_text: int) -> int:
         per_row += 2 * n * n_total * a.to_q.out_features
         per_row += n * linear_macs(blk.ff)
     # the output's adaLN: block 0's embedding again, its projection, then the per-token projection
-    per_row += linear_macs(t.transformer_blocks[0].norm1.emb) + linear_macs(t.proj_out_1) + n * linear_macs(t.proj_out_2)
+    per_row += (
+        linear_macs(t.transformer_blocks[0].norm1.emb) + linear_macs(t.proj_out_1) + n * linear_macs(t.proj_out_2)
+    )
     return rows * per_row
 
 
@@ -46,19 +49,23 @@ def check_dit(t) -> None:
     """Only adaLN-Zero self-attention blocks (DiT's own layout) are pruned."""
     for i, blk in enumerate(t.transformer_blocks):
         if blk.norm_type != "ada_norm_zero" or blk.attn2 is not None:
-            raise UnsupportedModelError(f"block {i}: DiT pruning needs BasicTransformerBlock(norm_type='ada_norm_zero') "
-                                        "with self-attention only")
+            raise UnsupportedModelError(
+                f"block {i}: DiT pruning needs BasicTransformerBlock(norm_type='ada_norm_zero') "
+                "with self-attention only"
+            )
 
 
-DIT = register_family(FamilySpec(
-    name="dit",
-    transformer_type="DiTTransformer2DModel",
-    block_type="BasicTransformerBlock",
-    attentions=(("attn1", "self"),),
-    macs=dit_macs,
-    output_proj="proj_out_2",
-    check=check_dit,
-))
+DIT = register_family(
+    FamilySpec(
+        name="dit",
+        transformer_type="DiTTransformer2DModel",
+        block_type="BasicTransformerBlock",
+        attentions=(("attn1", "self"),),
+        macs=dit_macs,
+        output_proj="proj_out_2",
+        check=check_dit,
+    )
+)
 
 
 def class_of(prompt: str, num_classes: int) -> int:
@@ -81,8 +88,13 @@ class TinyDiT(TinyAdapter):
 
     def build(self):
         return DiTTransformer2DModel(
-            num_attention_heads=self.num_heads, attention_head_dim=self.head_dim, in_channels=3, out_channels=6,
-            num_layers=self.num_layers, sample_size=self.height // self.patch, patch_size=self.patch,
+            num_attention_heads=self.num_heads,
+            attention_head_dim=self.head_dim,
+            in_channels=3,
+            out_channels=6,
+            num_layers=self.num_layers,
+            sample_size=self.height // self.patch,
+            patch_size=self.patch,
             num_embeds_ada_norm=self.num_classes,
         )
 

@@ -12,6 +12,7 @@ image rows of the rotary table are gathered for the selected tokens (a per-row
 rotated keys of their own positions, and queries attend over the whole cache with
 the text mask.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,8 +53,15 @@ class PrunedQwenAttnProcessor(_CachedAttention):
 
     carries_text = True
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
-                 attention_mask=None, image_rotary_emb=None):
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        encoder_hidden_states_mask=None,
+        attention_mask=None,
+        image_rotary_emb=None,
+    ):
         if attention_mask is not None:
             raise RuntimeError(f"{self.name}: pruned Qwen-Image attention takes the text mask only")
         d, n_image, e = attn.inner_dim // attn.heads, hidden_states.shape[1], encoder_hidden_states
@@ -75,8 +83,13 @@ class PrunedQwenAttnProcessor(_CachedAttention):
         key, value = self.update_cache(key, value, text_key, text_value)  # image keys first, text tail
         mask = None
         if encoder_hidden_states_mask is not None:  # in the cache's order: every image key, then the text's
-            keep = torch.cat([torch.ones(e.shape[0], self.pruner.num_tokens, dtype=torch.bool, device=e.device),
-                              encoder_hidden_states_mask.bool()], dim=1)
+            keep = torch.cat(
+                [
+                    torch.ones(e.shape[0], self.pruner.num_tokens, dtype=torch.bool, device=e.device),
+                    encoder_hidden_states_mask.bool(),
+                ],
+                dim=1,
+            )
             mask = torch.zeros(keep.shape, dtype=query.dtype, device=e.device).masked_fill(~keep, float("-inf"))
             mask = mask[:, None, None, :]
         query = torch.cat([text_query, query], dim=1)  # the stock order: text, then image
@@ -94,10 +107,20 @@ def qwen_image_macs(t, rows: int, n: int, n_total: int, n_text: int) -> int:
     for blk in t.transformer_blocks:
         a = blk.attn
         per_row += linear_macs(blk.img_mod) + linear_macs(blk.txt_mod)
-        per_row += n * (linear_macs(a.to_q) + linear_macs(a.to_k) + linear_macs(a.to_v) + linear_macs(a.to_out[0])
-                        + linear_macs(blk.img_mlp))
-        per_row += n_text * (linear_macs(a.add_q_proj) + linear_macs(a.add_k_proj) + linear_macs(a.add_v_proj)
-                             + linear_macs(a.to_add_out) + linear_macs(blk.txt_mlp))
+        per_row += n * (
+            linear_macs(a.to_q)
+            + linear_macs(a.to_k)
+            + linear_macs(a.to_v)
+            + linear_macs(a.to_out[0])
+            + linear_macs(blk.img_mlp)
+        )
+        per_row += n_text * (
+            linear_macs(a.add_q_proj)
+            + linear_macs(a.add_k_proj)
+            + linear_macs(a.add_v_proj)
+            + linear_macs(a.to_add_out)
+            + linear_macs(blk.txt_mlp)
+        )
         per_row += 2 * (n + n_text) * (n_total + n_text) * a.to_q.out_features
     per_row += linear_macs(t.norm_out.linear) + n * linear_macs(t.proj_out)
     return rows * per_row
@@ -107,34 +130,39 @@ def check_variant(t) -> None:
     """Qwen-Image-Edit's variants modulate each token by a per-token index and use layered 3D positions:
     not pruned (the index covers every token)."""
     if t.config.zero_cond_t or t.config.use_layer3d_rope:
-        raise UnsupportedModelError("a QwenImageTransformer2DModel with zero_cond_t or use_layer3d_rope "
-                                    "(Qwen-Image-Edit variants) is not pruned: only the text-to-image layout is")
+        raise UnsupportedModelError(
+            "a QwenImageTransformer2DModel with zero_cond_t or use_layer3d_rope "
+            "(Qwen-Image-Edit variants) is not pruned: only the text-to-image layout is"
+        )
 
 
-QWEN_IMAGE = register_family(FamilySpec(
-    name="qwen_image",
-    transformer_type="QwenImageTransformer2DModel",
-    block_type="QwenImageTransformerBlock",
-    attentions=(("attn", PrunedQwenAttnProcessor),),
-    macs=qwen_image_macs,
-    patch_embed="img_in",
-    text_embed="txt_in",
-    rotary="pos_embed",
-    select_rotary=select_image_rows,
-    packed=True,
-    token_grid=qwen_grid,
-    guidance_distilled=True,  # true CFG: one branch per transformer call
-    cache_dit_pattern="Pattern_1",  # blocks take (hidden, text, ...) and return (text, hidden)
-    check=check_variant,
-))
+QWEN_IMAGE = register_family(
+    FamilySpec(
+        name="qwen_image",
+        transformer_type="QwenImageTransformer2DModel",
+        block_type="QwenImageTransformerBlock",
+        attentions=(("attn", PrunedQwenAttnProcessor),),
+        macs=qwen_image_macs,
+        patch_embed="img_in",
+        text_embed="txt_in",
+        rotary="pos_embed",
+        select_rotary=select_image_rows,
+        packed=True,
+        token_grid=qwen_grid,
+        guidance_distilled=True,  # true CFG: one branch per transformer call
+        cache_dit_pattern="Pattern_1",  # blocks take (hidden, text, ...) and return (text, hidden)
+        check=check_variant,
+    )
+)
 
 
 def _qwen_predict(adapter: ModelAdapter, latents, timestep, cond: Conditioning) -> torch.Tensor:
     h, w = latents.shape[-2:]
     t = (timestep.expand(latents.shape[0]) / 1000).to(latents.dtype)  # the transformer takes sigma-like time
     shapes = [[(1, h // 2, w // 2)]] * latents.shape[0]
-    out = adapter.transformer(hidden_states=pack(latents), timestep=t, img_shapes=shapes, return_dict=False,
-                              **cond.kwargs)[0]
+    out = adapter.transformer(
+        hidden_states=pack(latents), timestep=t, img_shapes=shapes, return_dict=False, **cond.kwargs
+    )[0]
     return unpack(out, h, w)
 
 
@@ -151,8 +179,9 @@ class QwenImage(PackedPipelineAdapter):
 
     def encode(self, prompts: list[str], guidance: bool) -> Conditioning:
         texts = with_unconditional(prompts, guidance)  # one call: one padded length, the mask marks the padding
-        embeds, mask = self.pipeline.encode_prompt(prompt=texts, device=self.torch_device,
-                                                   max_sequence_length=self.max_sequence_length)
+        embeds, mask = self.pipeline.encode_prompt(
+            prompt=texts, device=self.torch_device, max_sequence_length=self.max_sequence_length
+        )
         kw = dict(encoder_hidden_states=embeds, encoder_hidden_states_mask=mask)
         return Conditioning(kw, 2 if guidance else 1, embeds.shape[1])
 
@@ -176,8 +205,13 @@ class TinyQwenImage(TinyPackedAdapter):
 
     def build(self):
         return QwenImageTransformer2DModel(
-            patch_size=2, in_channels=3 * 4, out_channels=3, num_layers=self.num_layers,
-            attention_head_dim=self.head_dim, num_attention_heads=self.num_heads, joint_attention_dim=self.text_dim,
+            patch_size=2,
+            in_channels=3 * 4,
+            out_channels=3,
+            num_layers=self.num_layers,
+            attention_head_dim=self.head_dim,
+            num_attention_heads=self.num_heads,
+            joint_attention_dim=self.text_dim,
             axes_dims_rope=tuple(self.axes_dims_rope),
         )
 
@@ -188,8 +222,10 @@ class TinyQwenImage(TinyPackedAdapter):
         return cond
 
     def conditioning(self, embeds, pooled):
-        return dict(encoder_hidden_states=embeds,
-                    encoder_hidden_states_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=self.torch_device))
+        return dict(
+            encoder_hidden_states=embeds,
+            encoder_hidden_states_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=self.torch_device),
+        )
 
     def predict(self, latents, timestep, cond):
         return _qwen_predict(self, latents, timestep, cond)

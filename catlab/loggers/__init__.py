@@ -1,4 +1,5 @@
 """Where a run reports: a plain local sink, or Weights & Biases (offline by default); every module is imported."""
+
 from catlab.loggers.base import Logger, image_grid
 from catlab.registry import import_submodules
 

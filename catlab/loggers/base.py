@@ -1,4 +1,5 @@
 """The logger interface every sink implements."""
+
 from __future__ import annotations
 
 import math
@@ -18,7 +19,7 @@ def image_grid(images: torch.Tensor, cols: int | None = None) -> Image.Image:
     grid = torch.ones(3, rows * h, cols * w)
     for i, img in enumerate(images):
         r, c = divmod(i, cols)
-        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+        grid[:, r * h : (r + 1) * h, c * w : (c + 1) * w] = img
     return to_pil(grid)
 
 
@@ -37,8 +38,9 @@ def from_pil(image: Image.Image) -> torch.Tensor:
 class Logger:
     """Receives a run's config, metrics and images. Subclasses write them somewhere."""
 
-    def start(self, run_dir: Path, config: dict[str, Any], name: str, group: str | None = None,
-              tags: list[str] | None = None) -> None:
+    def start(
+        self, run_dir: Path, config: dict[str, Any], name: str, group: str | None = None, tags: list[str] | None = None
+    ) -> None:
         self.run_dir = Path(run_dir)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:

@@ -5,6 +5,7 @@ Called once at the end of ``catlab.evaluate``. With ``logger=wandb`` (offline un
 quality columns (``docs/metrics.md`` defines them), an image grid per strategy under
 ``samples/<strategy>``, and every figure of the run directory under ``plots/``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,14 +16,32 @@ import torch
 from catlab.loggers.base import Logger, from_pil
 
 #: the table's columns, in this order, when any row has them
-COLUMNS = ("method", "family", "alpha", "steps", "num_images", "incomplete", "macs_per_image", "macs_ratio",
-           "seconds_per_image", "speedup", "images_per_second", "selection_share", "psnr", "ssim", "lpips", "fid",
-           "clip_score", "attribute_accuracy")
+COLUMNS = (
+    "method",
+    "family",
+    "alpha",
+    "steps",
+    "num_images",
+    "incomplete",
+    "macs_per_image",
+    "macs_ratio",
+    "seconds_per_image",
+    "speedup",
+    "images_per_second",
+    "selection_share",
+    "psnr",
+    "ssim",
+    "lpips",
+    "fid",
+    "clip_score",
+    "attribute_accuracy",
+)
 SAMPLES = 8  # images per strategy
 
 
-def samples_per_strategy(rows: list[dict[str, Any]], warm: dict[str, Any], image_dir: Path | None
-                         ) -> dict[str, torch.Tensor]:
+def samples_per_strategy(
+    rows: list[dict[str, Any]], warm: dict[str, Any], image_dir: Path | None
+) -> dict[str, torch.Tensor]:
     """Up to ``SAMPLES`` images per strategy: its warm-up batch, else the images the evaluation saved."""
     from PIL import Image
 
@@ -39,8 +58,9 @@ def samples_per_strategy(rows: list[dict[str, Any]], warm: dict[str, Any], image
     return out
 
 
-def log_evaluation(logger: Logger, rows: list[dict[str, Any]], out: Path, warm: dict[str, Any],
-                   image_dir: Path | None = None) -> None:
+def log_evaluation(
+    logger: Logger, rows: list[dict[str, Any]], out: Path, warm: dict[str, Any], image_dir: Path | None = None
+) -> None:
     """Log the results table, the samples per strategy and the figures of ``out`` (and ``out/diagnostics``)."""
     columns = [c for c in COLUMNS if any(c in r for r in rows)]
     logger.log_table("results", columns, [[_cell(r.get(c)) for c in columns] for r in rows])

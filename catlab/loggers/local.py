@@ -1,4 +1,5 @@
 """A plain local sink: JSON lines and PNG grids in the run directory."""
+
 from __future__ import annotations
 
 import json

@@ -6,6 +6,7 @@ its config, metrics and images: the console (``output.log``), and, as run files,
 the run directory's ``config.yaml``, ``metrics.json``, Hydra's log (``run.log`` /
 ``evaluate.log``) and an evaluation's ``results.md/csv/json``.
 """
+
 from __future__ import annotations
 
 import struct
@@ -38,8 +39,15 @@ class WandbLogger(Logger):
         import wandb
 
         self.run = wandb.init(
-            project=self.project, entity=self.entity, mode=self.mode, dir=str(run_dir), name=name,
-            group=self.group or group, tags=list(self.tags) + list(tags or []), config=config, reinit="finish_previous",
+            project=self.project,
+            entity=self.entity,
+            mode=self.mode,
+            dir=str(run_dir),
+            name=name,
+            group=self.group or group,
+            tags=list(self.tags) + list(tags or []),
+            config=config,
+            reinit="finish_previous",
             settings=wandb.Settings(silent=True, console="wrap"),  # the console is kept as the run's output.log
         )
 
@@ -87,11 +95,11 @@ def offline_records(path: Path) -> list[tuple[str, object]]:
         if left < 7:  # a block's tail too short for a chunk header is padding
             pos += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 and length == 0:
             pos += left
             continue
-        parts += data[pos + 7:pos + 7 + length]
+        parts += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a whole record, or the last chunk of one
             record = pb.Record()

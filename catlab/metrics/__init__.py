@@ -1,4 +1,5 @@
 """Metrics: cost (MACs, time), fidelity to the full model (PSNR, SSIM, LPIPS), alignment (CLIP, attributes)."""
+
 from catlab.metrics.base import Metric
 from catlab.metrics.cost import cost_metrics
 from catlab.metrics.fidelity import psnr, ssim

@@ -1,4 +1,5 @@
 """Text–image alignment: CLIP score for real models, attribute accuracy for the embedded model."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -94,8 +95,12 @@ class CLIPScore(Metric):
         # uint8 pixels, channels first: the processor rescales them to [0, 1] and normalises them itself
         pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).to(self.device)
         # torchmetrics' clip_score averages a batch before clamping at 0: one call per image keeps the per-image score
-        return torch.stack([clip_score(img, prompt, model_name_or_path=self._load).cpu().float()
-                            for img, prompt in zip(pixels, prompts)])
+        return torch.stack(
+            [
+                clip_score(img, prompt, model_name_or_path=self._load).cpu().float()
+                for img, prompt in zip(pixels, prompts)
+            ]
+        )
 
 
 @metrics.register("attribute_accuracy")

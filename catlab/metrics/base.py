@@ -1,4 +1,5 @@
 """The metric interfaces: one value per image (or per set of images), or a notice saying why it was skipped."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,8 +51,9 @@ class Metric:
     def unavailable(self, context: dict[str, Any]) -> str | None:
         return None
 
-    def __call__(self, images: torch.Tensor, reference: torch.Tensor | None, prompts: list[str],
-                 meta: list[Any] | None) -> torch.Tensor:
+    def __call__(
+        self, images: torch.Tensor, reference: torch.Tensor | None, prompts: list[str], meta: list[Any] | None
+    ) -> torch.Tensor:
         raise NotImplementedError
 
 

@@ -1,4 +1,5 @@
 """Cost figures from sampler traces: MACs, MAC ratio, time, selection share."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -62,5 +63,8 @@ def graph_metrics(traces: list[Trace]) -> dict:
     if not counted:
         return {}
     reasons = list(dict.fromkeys(r for c in counted for r in c.get("refusals", ())))
-    return {**{k: sum(c.get(k, 0) for c in counted) for k in GRAPH_COUNTERS}, "graph_refusals": reasons,
-            "graphed": all(t.graphed for t in traces)}
+    return {
+        **{k: sum(c.get(k, 0) for c in counted) for k in GRAPH_COUNTERS},
+        "graph_refusals": reasons,
+        "graphed": all(t.graphed for t in traces),
+    }

@@ -1,4 +1,5 @@
 """Set-level fidelity: Fréchet distance between a strategy's images and the full model's (torchmetrics' FID)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,8 +23,11 @@ class ClipImageFeatures(nn.Module):
         super().__init__()
         self.model = model
         size = image_processor.crop_size  # a dict, or transformers 5's SizeDict
-        h, w = (getattr(size, "height", None), getattr(size, "width", None)) if not isinstance(size, dict) else (
-            size["height"], size["width"])
+        h, w = (
+            (getattr(size, "height", None), getattr(size, "width", None))
+            if not isinstance(size, dict)
+            else (size["height"], size["width"])
+        )
         self.size = (int(h), int(w))
         self.register_buffer("mean", torch.tensor(image_processor.image_mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(image_processor.image_std).view(1, 3, 1, 1))
@@ -81,7 +85,9 @@ class FID(SetMetric):
         else:
             import torch_fidelity  # noqa: F401  (torchmetrics' InceptionV3 comes from it)
 
-            path = Path(self.weights) if self.weights else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
+            path = (
+                Path(self.weights) if self.weights else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
+            )
             if not path.is_file():
                 raise FileNotFoundError(f"no {path}")
             self._feature = 2048

@@ -1,4 +1,5 @@
 """Fidelity to the full model's image with the same prompt and seed: PSNR, SSIM (torchmetrics), LPIPS."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,12 +19,18 @@ def psnr(images: torch.Tensor, reference: torch.Tensor, max_value: float = 1.0) 
     """
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
-    return peak_signal_noise_ratio(images.float(), reference.float(), data_range=float(max_value),
-                                   reduction="none", dim=tuple(range(1, images.dim())))
+    return peak_signal_noise_ratio(
+        images.float(),
+        reference.float(),
+        data_range=float(max_value),
+        reduction="none",
+        dim=tuple(range(1, images.dim())),
+    )
 
 
-def ssim(images: torch.Tensor, reference: torch.Tensor, window: int = 11, sigma: float = 1.5,
-         max_value: float = 1.0) -> torch.Tensor:
+def ssim(
+    images: torch.Tensor, reference: torch.Tensor, window: int = 11, sigma: float = 1.5, max_value: float = 1.0
+) -> torch.Tensor:
     """Structural similarity per image (Wang et al. 2004: Gaussian window, K1 = 0.01, K2 = 0.03), mean over channels
     and over the positions where the whole window lies inside the image.
 
@@ -40,9 +47,18 @@ def ssim(images: torch.Tensor, reference: torch.Tensor, window: int = 11, sigma:
         raise ValueError(f"ssim: a Gaussian window of sigma {sigma} is {size} pixels wide; got window={window}")
     if min(images.shape[-2:]) < size:
         raise ValueError(f"ssim: images of {tuple(images.shape[-2:])} pixels are smaller than the {size}-pixel window")
-    _, full = structural_similarity_index_measure(images.float(), reference.float(), gaussian_kernel=True, sigma=sigma,
-                                                  kernel_size=size, reduction="none", data_range=float(max_value),
-                                                  k1=0.01, k2=0.03, return_full_image=True)
+    _, full = structural_similarity_index_measure(
+        images.float(),
+        reference.float(),
+        gaussian_kernel=True,
+        sigma=sigma,
+        kernel_size=size,
+        reduction="none",
+        data_range=float(max_value),
+        k1=0.01,
+        k2=0.03,
+        return_full_image=True,
+    )
     pad = (size - 1) // 2
     return full[..., pad:-pad, pad:-pad].flatten(1).mean(1)
 
@@ -60,7 +76,7 @@ class PSNR(Metric):
 
     @classmethod
     def cell(cls, value: float | None) -> str:
-        """"∞ (identical)" at the cap (every image equal to the full model's), a dagger below :attr:`low`."""
+        """ "∞ (identical)" at the cap (every image equal to the full model's), a dagger below :attr:`low`."""
         if value is None:
             return "–"
         if value >= cls.cap:

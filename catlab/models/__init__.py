@@ -1,4 +1,5 @@
 """Model adapters, one per transformer family (and the embedded default model); every module is imported."""
+
 from catlab.models.base import Conditioning, ModelAdapter
 from catlab.registry import import_submodules
 

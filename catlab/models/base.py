@@ -4,6 +4,7 @@ An adapter wraps one text-to-image transformer with its prompt encoding, its
 initial noise, its scheduler and its decoder. It never knows which selection
 strategy runs; the pruning engine reaches the transformer through hooks.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -91,7 +92,9 @@ class ModelAdapter:
     def initial_latents(self, seeds: list[int]) -> torch.Tensor:
         """One seeded CPU noise draw per image, so a seed gives the same image on any device."""
         h, w = self.latent_size
-        noise = [torch.randn(1, self.latent_channels, h, w, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+        noise = [
+            torch.randn(1, self.latent_channels, h, w, generator=torch.Generator().manual_seed(int(s))) for s in seeds
+        ]
         return torch.cat(noise).to(self.torch_device, self.torch_dtype)
 
     def predict(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:

@@ -4,6 +4,7 @@ It ships inside the package (``catlab/embedded/bundle/``), loads offline, and
 really generates images of its prompts, so strategies can be judged on quality,
 not only on cost. See ``docs/model_card.md``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -32,7 +33,9 @@ class Embedded(ModelAdapter):
         self.transformer = self.bundle.transformer
         size = self.bundle.image_size
         if (self.height or size) != size or (self.width or size) != size:
-            raise ValueError(f"the embedded model generates {size}x{size} images; got height={self.height}, width={self.width}")
+            raise ValueError(
+                f"the embedded model generates {size}x{size} images; got height={self.height}, width={self.width}"
+            )
         self.height = self.width = size
 
     def fingerprint(self) -> str:

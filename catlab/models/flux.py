@@ -8,6 +8,7 @@ the transformer call (``patch_size = 2``).
 FLUX.1-dev is guidance-distilled: the guidance scale is an input of the model and a
 step runs one branch (no unconditional rows); ``sampler.guidance_scale`` is that input.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,16 +27,16 @@ class _FluxPredict(PackedLatents):
     def embed_guidance(self, cond: Conditioning, scale: float) -> Conditioning:
         if self.transformer.config.guidance_embeds:
             rows = cond.kwargs["encoder_hidden_states"].shape[0]
-            cond.kwargs["guidance"] = torch.full((rows,), float(scale), device=self.torch_device,
-                                                 dtype=torch.float32)
+            cond.kwargs["guidance"] = torch.full((rows,), float(scale), device=self.torch_device, dtype=torch.float32)
         return cond
 
     def predict(self, latents, timestep, cond):
         h, w = latents.shape[-2:]
         t = (timestep.expand(latents.shape[0]) / 1000).to(latents.dtype)  # the transformer scales it back
         ids = image_ids(h, w, latents.device)
-        out = self.transformer(hidden_states=pack(latents), timestep=t, img_ids=ids, return_dict=False,
-                               **cond.kwargs)[0]
+        out = self.transformer(hidden_states=pack(latents), timestep=t, img_ids=ids, return_dict=False, **cond.kwargs)[
+            0
+        ]
         return unpack(out, h, w)
 
 
@@ -53,9 +54,15 @@ class TinyFlux(_FluxPredict, TinyPackedAdapter):
 
     def build(self):
         return FluxTransformer2DModel(
-            patch_size=1, in_channels=3 * 4, num_layers=self.num_layers, num_single_layers=self.num_single_layers,
-            attention_head_dim=self.head_dim, num_attention_heads=self.num_heads, joint_attention_dim=self.text_dim,
-            pooled_projection_dim=self.pooled_dim, guidance_embeds=self.guidance_embeds,
+            patch_size=1,
+            in_channels=3 * 4,
+            num_layers=self.num_layers,
+            num_single_layers=self.num_single_layers,
+            attention_head_dim=self.head_dim,
+            num_attention_heads=self.num_heads,
+            joint_attention_dim=self.text_dim,
+            pooled_projection_dim=self.pooled_dim,
+            guidance_embeds=self.guidance_embeds,
             axes_dims_rope=tuple(self.axes_dims_rope),
         )
 
@@ -63,8 +70,11 @@ class TinyFlux(_FluxPredict, TinyPackedAdapter):
         return super().encode(prompts, False)  # one branch: no unconditional rows
 
     def conditioning(self, embeds, pooled):
-        return dict(encoder_hidden_states=embeds, pooled_projections=pooled,
-                    txt_ids=torch.zeros(embeds.shape[1], 3, device=self.torch_device))
+        return dict(
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=self.torch_device),
+        )
 
 
 @models.register("flux")
@@ -81,7 +91,8 @@ class Flux(_FluxPredict, PackedPipelineAdapter):
 
     def encode(self, prompts: list[str], guidance: bool) -> Conditioning:
         embeds, pooled, text_ids = self.pipeline.encode_prompt(
-            prompt=list(prompts), prompt_2=None, device=self.torch_device, max_sequence_length=self.max_sequence_length)
+            prompt=list(prompts), prompt_2=None, device=self.torch_device, max_sequence_length=self.max_sequence_length
+        )
         kw = dict(encoder_hidden_states=embeds, pooled_projections=pooled, txt_ids=text_ids)
         return Conditioning(kw, 1, embeds.shape[1])
 

@@ -8,6 +8,7 @@ packing, the positions of the packed tokens, the fixed-shift scheduler their pip
 imply, the size checks, :class:`PackedPipelineAdapter`, the base of their checkpoint adapters, and
 :class:`TinyPackedAdapter`, the base of their tiny adapters.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,10 @@ def fixed_shift_scheduler(scheduler, tokens: int) -> FlowMatchEulerDiscreteSched
     ``exp(mu)`` as a static shift gives the same sigmas."""
     config = dict(scheduler.config)
     if config.get("use_dynamic_shifting"):
-        (n0, n1), (s0, s1) = (config["base_image_seq_len"], config["max_image_seq_len"]), (config["base_shift"],
-                                                                                             config["max_shift"])
+        (n0, n1), (s0, s1) = (
+            (config["base_image_seq_len"], config["max_image_seq_len"]),
+            (config["base_shift"], config["max_shift"]),
+        )
         mu = s0 + (s1 - s0) * (tokens - n0) / (n1 - n0)
         config.update(use_dynamic_shifting=False, shift=math.exp(mu))
     return FlowMatchEulerDiscreteScheduler.from_config(config)
@@ -58,8 +61,10 @@ def fixed_shift_scheduler(scheduler, tokens: int) -> FlowMatchEulerDiscreteSched
 def check_packable(name: str, height: int, width: int, multiple: int = 16) -> None:
     """A pipeline whose VAE downsamples by 8 and packs 2x2 latent patches needs sizes in multiples of 16."""
     if height % multiple or width % multiple:
-        raise ValueError(f"{name}: model.height and model.width must be multiples of {multiple} (a 2x2 patch of "
-                         f"the latent per token); got {height}x{width}")
+        raise ValueError(
+            f"{name}: model.height and model.width must be multiples of {multiple} (a 2x2 patch of "
+            f"the latent per token); got {height}x{width}"
+        )
 
 
 class PackedLatents:
@@ -107,11 +112,13 @@ class TinyPackedAdapter(PackedLatents, TinyAdapter):
 
     def __post_init__(self) -> None:
         if sum(self.axes_dims_rope) != self.head_dim:
-            raise ValueError(f"model.axes_dims_rope={list(self.axes_dims_rope)} must sum to "
-                             f"model.head_dim={self.head_dim}")
+            raise ValueError(
+                f"model.axes_dims_rope={list(self.axes_dims_rope)} must sum to model.head_dim={self.head_dim}"
+            )
         if self.height % 2 or self.width % 2:
-            raise ValueError(f"{self.model_name} packs 2x2 patches: height and width must be even; "
-                             f"got {self.height}x{self.width}")
+            raise ValueError(
+                f"{self.model_name} packs 2x2 patches: height and width must be even; got {self.height}x{self.width}"
+            )
         super().__post_init__()
 
     def make_scheduler(self):

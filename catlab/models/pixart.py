@@ -1,4 +1,5 @@
 """PixArt-family adapters: the real PixArt-Σ pipeline and a tiny random-weight one."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,7 +15,11 @@ from catlab.registry import models
 def _pixart_predict(adapter: ModelAdapter, latents, timestep, cond: Conditioning) -> torch.Tensor:
     t = timestep.expand(latents.shape[0])
     out = adapter.transformer(
-        latents, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False, **cond.kwargs
+        latents,
+        timestep=t,
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        return_dict=False,
+        **cond.kwargs,
     )[0]
     channels = latents.shape[1]
     return out[:, :channels] if out.shape[1] == 2 * channels else out  # drop the learned variance
@@ -27,10 +32,18 @@ class TinyPixArt(TinyAdapter):
 
     def build(self):
         return PixArtTransformer2DModel(
-            sample_size=max(self.height, self.width), patch_size=self.patch, in_channels=3, out_channels=6,
-            num_layers=self.num_layers, attention_head_dim=self.head_dim, num_attention_heads=self.num_heads,
-            cross_attention_dim=self.num_heads * self.head_dim, caption_channels=self.text_dim,
-            norm_type="ada_norm_single", num_embeds_ada_norm=1000, use_additional_conditions=False,
+            sample_size=max(self.height, self.width),
+            patch_size=self.patch,
+            in_channels=3,
+            out_channels=6,
+            num_layers=self.num_layers,
+            attention_head_dim=self.head_dim,
+            num_attention_heads=self.num_heads,
+            cross_attention_dim=self.num_heads * self.head_dim,
+            caption_channels=self.text_dim,
+            norm_type="ada_norm_single",
+            num_embeds_ada_norm=1000,
+            use_additional_conditions=False,
         )
 
     def make_scheduler(self):
@@ -55,12 +68,16 @@ class PixArtSigma(PipelineAdapter):
 
     def encode(self, prompts: list[str], guidance: bool) -> Conditioning:
         pe, pm, ne, nm = self.pipeline.encode_prompt(
-            prompts, do_classifier_free_guidance=guidance, device=self.torch_device,
+            prompts,
+            do_classifier_free_guidance=guidance,
+            device=self.torch_device,
             max_sequence_length=self.max_sequence_length,
         )
         if guidance:
             pe, pm = torch.cat([ne, pe]), torch.cat([nm, pm])
-        return Conditioning(dict(encoder_hidden_states=pe, encoder_attention_mask=pm), 2 if guidance else 1, pe.shape[1])
+        return Conditioning(
+            dict(encoder_hidden_states=pe, encoder_attention_mask=pm), 2 if guidance else 1, pe.shape[1]
+        )
 
     def predict(self, latents, timestep, cond):
         return _pixart_predict(self, latents, timestep, cond)

@@ -1,4 +1,5 @@
 """SD3-family adapters: the real Stable Diffusion 3 pipeline and a tiny random-weight one."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,11 +37,19 @@ class TinySD3(TinyAdapter):
     def build(self):
         size = max(self.height, self.width)
         return SD3Transformer2DModel(
-            sample_size=size, patch_size=self.patch, in_channels=3, out_channels=3,
-            num_layers=self.num_layers, attention_head_dim=self.head_dim, num_attention_heads=self.num_heads,
-            joint_attention_dim=self.text_dim, caption_projection_dim=self.num_heads * self.head_dim,
-            pooled_projection_dim=self.text_dim, pos_embed_max_size=size // self.patch,
-            dual_attention_layers=tuple(self.dual_attention_layers), qk_norm=self.qk_norm,
+            sample_size=size,
+            patch_size=self.patch,
+            in_channels=3,
+            out_channels=3,
+            num_layers=self.num_layers,
+            attention_head_dim=self.head_dim,
+            num_attention_heads=self.num_heads,
+            joint_attention_dim=self.text_dim,
+            caption_projection_dim=self.num_heads * self.head_dim,
+            pooled_projection_dim=self.text_dim,
+            pos_embed_max_size=size // self.patch,
+            dual_attention_layers=tuple(self.dual_attention_layers),
+            qk_norm=self.qk_norm,
         )
 
     def make_scheduler(self):
@@ -63,8 +72,12 @@ class SD3(PipelineAdapter):
 
     def encode(self, prompts: list[str], guidance: bool) -> Conditioning:
         pe, ne, pp, npool = self.pipeline.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=guidance,
-            device=self.torch_device, max_sequence_length=self.max_sequence_length,
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            do_classifier_free_guidance=guidance,
+            device=self.torch_device,
+            max_sequence_length=self.max_sequence_length,
         )
         if guidance:
             pe, pp = torch.cat([ne, pe]), torch.cat([npool, pp])

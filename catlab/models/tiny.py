@@ -6,6 +6,7 @@ what differs: :meth:`~TinyAdapter.build` (its transformer from the fields), its
 :meth:`~TinyAdapter.conditioning` (which call arguments the prompt embeddings become),
 its scheduler and its ``predict``.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -81,5 +82,7 @@ class TinyAdapter(ModelAdapter):
 
     def encode(self, prompts: list[str], guidance: bool) -> Conditioning:
         embeds, pooled = self.encoder(with_unconditional(prompts, guidance))
-        kw = self.conditioning(embeds.to(self.torch_device, self.torch_dtype), pooled.to(self.torch_device, self.torch_dtype))
+        kw = self.conditioning(
+            embeds.to(self.torch_device, self.torch_dtype), pooled.to(self.torch_device, self.torch_dtype)
+        )
         return Conditioning(kw, 2 if guidance else 1, embeds.shape[1])

@@ -1,16 +1,35 @@
 """Token-pruned execution: the engine, the supported families, ``torch.compile`` of the pruned
 blocks, captured CUDA graphs of the forward, catlab's per-transformer state and a guard against
 host synchronisation. (Stock diffusers pipelines are pruned through :mod:`catlab.stock_pipelines`.)"""
-from catlab.pruning.compile import compile_pruned, uncompile
+
 from catlab.pruning.buffers import BufferPool
 from catlab.pruning.capture import emulate_on_cpu, replaying
+from catlab.pruning.compile import compile_pruned, uncompile
 from catlab.pruning.engine import TokenPruner
-from catlab.pruning.graphs import ForwardGraphs, graphs_of, release_graphs
 from catlab.pruning.families import FAMILIES, FamilySpec, UnsupportedModelError, family_of
+from catlab.pruning.graphs import ForwardGraphs, graphs_of, release_graphs
 from catlab.pruning.selection_graphs import SelectionGraphs
 from catlab.pruning.state import ModuleState, peek_state, state_of
 from catlab.pruning.sync_check import HostSyncError, no_host_sync
 
-__all__ = ["TokenPruner", "BufferPool", "ForwardGraphs", "graphs_of", "release_graphs", "FamilySpec", "FAMILIES",
-           "UnsupportedModelError", "family_of", "SelectionGraphs", "ModuleState", "state_of", "peek_state",
-           "emulate_on_cpu", "replaying", "compile_pruned", "uncompile", "no_host_sync", "HostSyncError"]
+__all__ = [
+    "TokenPruner",
+    "BufferPool",
+    "ForwardGraphs",
+    "graphs_of",
+    "release_graphs",
+    "FamilySpec",
+    "FAMILIES",
+    "UnsupportedModelError",
+    "family_of",
+    "SelectionGraphs",
+    "ModuleState",
+    "state_of",
+    "peek_state",
+    "emulate_on_cpu",
+    "replaying",
+    "compile_pruned",
+    "uncompile",
+    "no_host_sync",
+    "HostSyncError",
+]

@@ -13,6 +13,7 @@ A pool can be *frozen* while a graph is being captured: asking it for a buffer
 it does not hold then raises :class:`BufferAllocationError` (memory allocated
 during a capture belongs to the graph and would be reused by the next replay).
 """
+
 from __future__ import annotations
 
 import torch

@@ -8,6 +8,7 @@ capture fails on them) and "replays" by running it again on the same static buff
 and copying the result into the static outputs. Operator counters skip what the
 stand-in re-runs (:func:`replaying`): a real replay dispatches nothing from the host.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -115,11 +116,16 @@ def end_pool_allocation(device, mempool) -> None:
     """Route the allocator's requests away from ``mempool`` again (what a failed ``capture_end`` leaves undone).
 
     Quiet where the allocation had already ended (``capture_end`` got that far)."""
-    end = getattr(torch._C, "_cuda_endAllocateToPool", None) or getattr(torch._C, "_cuda_endAllocateCurrentStreamToPool", None)
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None) or getattr(
+        torch._C, "_cuda_endAllocateCurrentStreamToPool", None
+    )
     if end is None:
         return
     try:
-        end(torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device(), mempool)
+        end(
+            torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device(),
+            mempool,
+        )
     except Exception:  # noqa: BLE001 - "not currently recording to mempool_id": nothing left to end
         pass
 

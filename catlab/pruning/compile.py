@@ -32,6 +32,7 @@ another row count. Past dynamo's recompile limit (8 by default) a block would fa
 back to eager without a word, so :func:`compile_pruned` raises the limit to what
 the transformer needs for ``row_counts`` batch sizes (it never lowers it).
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,8 +44,9 @@ from torch import nn
 log = logging.getLogger("catlab")
 
 
-def compile_pruned(target, *, fullgraph: bool = True, dynamic: bool = False, row_counts: int = 4,
-                   **compile_kwargs: Any) -> nn.Module:
+def compile_pruned(
+    target, *, fullgraph: bool = True, dynamic: bool = False, row_counts: int = 4, **compile_kwargs: Any
+) -> nn.Module:
     """Compile the blocks of ``target``'s transformer (a pipeline or a transformer) in place; returns the transformer.
 
     ``dynamic=False`` keeps the token count static: one graph for full steps, one
@@ -61,9 +63,11 @@ def compile_pruned(target, *, fullgraph: bool = True, dynamic: bool = False, row
     return transformer
 
 
-_WHY = ("would capture each block's own CUDA graph, whose outputs the next block's replay of the same graph "
-        "overwrites (one graph serves every block). Compile without them and capture the whole forward instead: "
-        "sampler.cuda_graphs=true, or enable_pruning(..., cuda_graphs=True)")
+_WHY = (
+    "would capture each block's own CUDA graph, whose outputs the next block's replay of the same graph "
+    "overwrites (one graph serves every block). Compile without them and capture the whole forward instead: "
+    "sampler.cuda_graphs=true, or enable_pruning(..., cuda_graphs=True)"
+)
 
 
 def _without_inductor_graphs(kwargs: dict) -> dict:
@@ -102,8 +106,11 @@ def recompiles_needed(transformer: nn.Module, row_counts: int) -> int:
     pruned) × ``row_counts``. A variant is a distinct set of the blocks' plain attributes (flags, sizes)."""
     variants: dict[type, set] = {}
     for block in _blocks(transformer):
-        flags = frozenset((k, v) for k, v in vars(block).items()
-                          if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None))))
+        flags = frozenset(
+            (k, v)
+            for k, v in vars(block).items()
+            if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))
+        )
         variants.setdefault(type(block), set()).add(flags)
     return max((len(v) + 1) * 2 * int(row_counts) for v in variants.values())
 
@@ -113,8 +120,14 @@ def _raise_recompile_limit(transformer: nn.Module, row_counts: int) -> None:
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     needed = recompiles_needed(transformer, row_counts)
     if getattr(config, name) < needed:
-        log.info("compile_pruned: torch._dynamo.config.%s raised from %d to %d (block variants x full/pruned x "
-                 "%d batch sizes)", name, getattr(config, name), needed, row_counts)
+        log.info(
+            "compile_pruned: torch._dynamo.config.%s raised from %d to %d (block variants x full/pruned x "
+            "%d batch sizes)",
+            name,
+            getattr(config, name),
+            needed,
+            row_counts,
+        )
         setattr(config, name, needed)
 
 

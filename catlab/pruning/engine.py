@@ -22,6 +22,7 @@ no tensor value on the host (indices are fixed-size ``(rows, k)`` tensors), so o
 a GPU the host queues the next step while the device computes this one; and the
 whole pruned forward traces into one ``torch.compile`` graph (see ``compile.py``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,14 +41,18 @@ GATHER_HOOK = "catlab_token_gather"
 SCATTER_HOOK = "catlab_token_scatter"
 TEXT_HOOK = "catlab_token_text"
 ROTARY_HOOK = "catlab_token_rotary"
-PROCESSORS = {"joint": PrunedJointAttnProcessor, "self": PrunedSelfAttnProcessor,
-              "flux_joint": PrunedFluxJointProcessor, "flux_single": PrunedFluxSingleProcessor}
+PROCESSORS = {
+    "joint": PrunedJointAttnProcessor,
+    "self": PrunedSelfAttnProcessor,
+    "flux_joint": PrunedFluxJointProcessor,
+    "flux_single": PrunedFluxSingleProcessor,
+}
 
 
 class _TextHook(ModelHook):
     """After the text embedding: bind the joint attentions' caches, which hold the text tokens too."""
 
-    def __init__(self, pruner: "TokenPruner"):
+    def __init__(self, pruner: TokenPruner):
         super().__init__()
         self.pruner = pruner
 
@@ -60,7 +65,7 @@ class _TextHook(ModelHook):
 class _GatherHook(ModelHook):
     """After the patch embedding: keep only the selected tokens."""
 
-    def __init__(self, pruner: "TokenPruner"):
+    def __init__(self, pruner: TokenPruner):
         super().__init__()
         self.pruner = pruner
 
@@ -79,7 +84,7 @@ class _RotaryHook(ModelHook):
     """After the rotary embedding: at a pruned step, the tables the blocks need for the text and each row's
     selected image tokens, as the family lays them out (``FamilySpec.select_rotary``; FLUX: ``(rows, L + k, d)``)."""
 
-    def __init__(self, pruner: "TokenPruner"):
+    def __init__(self, pruner: TokenPruner):
         super().__init__()
         self.pruner = pruner
 
@@ -93,7 +98,7 @@ class _RotaryHook(ModelHook):
 class _ScatterHook(ModelHook):
     """After the output projection: fresh outputs for the selected tokens, cached ones for the rest."""
 
-    def __init__(self, pruner: "TokenPruner"):
+    def __init__(self, pruner: TokenPruner):
         super().__init__()
         self.pruner = pruner
 
@@ -143,7 +148,7 @@ class TokenPruner:
         self.bypass = False
 
     # -- lifecycle -------------------------------------------------------------
-    def attach(self) -> "TokenPruner":
+    def attach(self) -> TokenPruner:
         if self.attached:
             return self
         t = self.transformer
@@ -182,7 +187,7 @@ class TokenPruner:
         if not self.attached:
             return
         for hook in self._hooks:  # a diffusers hook and its function reference point at each other: a cycle
-            hook.pruner = None    # that must not keep this pruner's buffers alive until the next GC
+            hook.pruner = None  # that must not keep this pruner's buffers alive until the next GC
         self._hooks.clear()
         self.set_bypass(False)
         t = self.transformer
@@ -258,8 +263,10 @@ class TokenPruner:
                 proc.bind(rows, n, num_text, device)
             return
         if not text and (self.output_cache is None or self.output_cache.shape[0] != rows):
-            raise RuntimeError("a pruned step needs the output of a previous full step for the same batch; "
-                               "run at least one full step first (start_step >= 1)")
+            raise RuntimeError(
+                "a pruned step needs the output of a previous full step for the same batch; "
+                "run at least one full step first (start_step >= 1)"
+            )
         if procs:
             total = n + num_text  # every layer of the forward shares the positions
             offsets = torch.arange(rows, device=idx.device)[:, None] * total
@@ -272,8 +279,11 @@ class TokenPruner:
 
         A replayed CUDA graph rewrites the buffers but runs no Python: :meth:`restore` puts back what the
         forward's hooks would have set, so eager code after a replay (or a new pruner) finds the caches."""
-        return {"num_tokens": self.num_tokens, "output_cache": self.output_cache,
-                "caches": [(p.keys, p.values, p.heads) for p in self.processors]}
+        return {
+            "num_tokens": self.num_tokens,
+            "output_cache": self.output_cache,
+            "caches": [(p.keys, p.values, p.heads) for p in self.processors],
+        }
 
     def restore(self, state: dict) -> None:
         self.num_tokens, self.output_cache = state["num_tokens"], state["output_cache"]
@@ -304,6 +314,8 @@ class TokenPruner:
             return 0
         attr, kind = self.spec.attentions[0]
         dim = getattr(self.transformer.transformer_blocks[0], attr).to_q.out_features
-        joint = kind == "joint" or getattr(PROCESSORS.get(kind) if isinstance(kind, str) else kind, "carries_text", False)
+        joint = kind == "joint" or getattr(
+            PROCESSORS.get(kind) if isinstance(kind, str) else kind, "carries_text", False
+        )
         keys = self.num_tokens + (num_text_tokens if joint else 0)
         return rows * len(self.probe_layers) * kept * keys * dim

@@ -10,6 +10,7 @@ A family outside this file is one module of :mod:`catlab.families` (its spec, it
 attention processor, its MAC formula and its model adapters) that calls
 :func:`register_family`, plus its YAML in ``conf/model/``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -54,7 +55,9 @@ def sd3_macs(t: nn.Module, rows: int, n: int, n_total: int, n_text: int) -> int:
             per_row += n_text * (linear_macs(a.to_add_out) + linear_macs(blk.ff_context))
         if blk.attn2 is not None:
             a2 = blk.attn2
-            per_row += n * (linear_macs(a2.to_q) + linear_macs(a2.to_k) + linear_macs(a2.to_v) + linear_macs(a2.to_out[0]))
+            per_row += n * (
+                linear_macs(a2.to_q) + linear_macs(a2.to_k) + linear_macs(a2.to_v) + linear_macs(a2.to_out[0])
+            )
             per_row += 2 * n * n_total * a2.to_q.out_features
         per_row += n * linear_macs(blk.ff)
     per_row += linear_macs(t.norm_out.linear) + n * linear_macs(t.proj_out)
@@ -84,22 +87,39 @@ def flux_macs_by_kind(t: nn.Module, rows: int, n: int, n_total: int, n_text: int
     query attends over all ``n_total + n_text`` keys (the unselected tokens' from the layer's cache).
     """
     keys = n_total + n_text
-    embed = n_total * linear_macs(t.x_embedder) + linear_macs(t.time_text_embed) + n_text * linear_macs(t.context_embedder)
+    embed = (
+        n_total * linear_macs(t.x_embedder) + linear_macs(t.time_text_embed) + n_text * linear_macs(t.context_embedder)
+    )
     dual = 0
     for blk in t.transformer_blocks:
         a = blk.attn
         dual += linear_macs(blk.norm1.linear) + linear_macs(blk.norm1_context.linear)
-        dual += n * (linear_macs(a.to_q) + linear_macs(a.to_k) + linear_macs(a.to_v) + linear_macs(a.to_out[0])
-                     + linear_macs(blk.ff))
-        dual += n_text * (linear_macs(a.add_q_proj) + linear_macs(a.add_k_proj) + linear_macs(a.add_v_proj)
-                          + linear_macs(a.to_add_out) + linear_macs(blk.ff_context))
+        dual += n * (
+            linear_macs(a.to_q)
+            + linear_macs(a.to_k)
+            + linear_macs(a.to_v)
+            + linear_macs(a.to_out[0])
+            + linear_macs(blk.ff)
+        )
+        dual += n_text * (
+            linear_macs(a.add_q_proj)
+            + linear_macs(a.add_k_proj)
+            + linear_macs(a.add_v_proj)
+            + linear_macs(a.to_add_out)
+            + linear_macs(blk.ff_context)
+        )
         dual += 2 * (n + n_text) * keys * a.to_q.out_features
     single = 0
     for blk in t.single_transformer_blocks:
         a = blk.attn
         single += linear_macs(blk.norm.linear)
-        single += (n + n_text) * (linear_macs(a.to_q) + linear_macs(a.to_k) + linear_macs(a.to_v)
-                                  + linear_macs(blk.proj_mlp) + linear_macs(blk.proj_out))
+        single += (n + n_text) * (
+            linear_macs(a.to_q)
+            + linear_macs(a.to_k)
+            + linear_macs(a.to_v)
+            + linear_macs(blk.proj_mlp)
+            + linear_macs(blk.proj_out)
+        )
         single += 2 * (n + n_text) * keys * a.to_q.out_features
     out = linear_macs(t.norm_out.linear) + n * linear_macs(t.proj_out)
     return {"embed": rows * embed, "dual": rows * dual, "single": rows * single, "out": rows * out}
@@ -170,9 +190,14 @@ class FamilySpec:
             attn = getattr(block, attr, None)
             if attn is None:
                 continue
-            if getattr(attn, "group_norm", None) is not None or getattr(attn, "spatial_norm", None) is not None \
-                    or getattr(attn, "residual_connection", False):
-                raise UnsupportedModelError(f"{where}.{attr}: group/spatial norm or residual attention is not supported")
+            if (
+                getattr(attn, "group_norm", None) is not None
+                or getattr(attn, "spatial_norm", None) is not None
+                or getattr(attn, "residual_connection", False)
+            ):
+                raise UnsupportedModelError(
+                    f"{where}.{attr}: group/spatial norm or residual attention is not supported"
+                )
 
 
 SD3 = FamilySpec(
@@ -183,6 +208,8 @@ SD3 = FamilySpec(
     macs=sd3_macs,
     text_embed="context_embedder",
 )
+
+
 def check_pixart(t: nn.Module) -> None:
     """PixArt's own block layout: ``ada_norm_single`` with self-attention and cross-attention."""
     for index, block in enumerate(t.transformer_blocks):

@@ -16,6 +16,7 @@ stock forward computed it when that token was last recomputed.
 Both keep the layer's cache as the other families do (image tokens first, the text
 tail after them) and attend over it whole.
 """
+
 from __future__ import annotations
 
 import torch
@@ -70,8 +71,9 @@ class PrunedFluxJointProcessor(_CachedAttention):
 
     carries_text = True
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
-                 **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kwargs
+    ):
         _no_mask(self.name, attention_mask)
         d, n_image = attn.head_dim, hidden_states.shape[1]
         query = _heads(attn.to_q, attn.norm_q, hidden_states, d)
@@ -100,8 +102,9 @@ class PrunedFluxSingleProcessor(_CachedAttention):
 
     carries_text = True
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
-                 **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kwargs
+    ):
         _no_mask(self.name, attention_mask)
         if encoder_hidden_states is not None:
             raise RuntimeError(f"{self.name}: a single-stream block carries the text in its one sequence")

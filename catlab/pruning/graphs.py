@@ -40,6 +40,7 @@ on the static buffers (and rejects host reads during "capture", as a real captur
 would): the CPU tests of the graphed path use it. A selector's own step can be
 replayed too: :mod:`catlab.pruning.selection_graphs`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,16 +52,21 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from catlab.pruning.buffers import BufferKey, BufferPool
 from catlab.capabilities import Capability
+from catlab.pruning.buffers import BufferKey, BufferPool
 from catlab.pruning.capture import emulating, make_backend
 from catlab.pruning.state import hook_names, peek_state, state_of
 
 log = logging.getLogger("catlab.graphs")
 
 #: the diffusers hooks of catlab's own pruning (replayed as part of the graph)
-PRUNING_HOOKS = {"catlab_token_gather", "catlab_token_scatter", "catlab_token_text", "catlab_token_rotary",
-                 "catlab_token_pruning"}
+PRUNING_HOOKS = {
+    "catlab_token_gather",
+    "catlab_token_scatter",
+    "catlab_token_text",
+    "catlab_token_rotary",
+    "catlab_token_pruning",
+}
 
 
 @dataclass
@@ -83,17 +89,23 @@ class GraphCounts:
 
     def replayed(self) -> bool:
         """Graphed in fact: forwards were replayed, the pruned ones included, and nothing was refused."""
-        return (not self.refusals and self.forward_replays > 0
-                and (self.pruned_forwards == 0 or self.pruned_replays > 0))
+        return (
+            not self.refusals and self.forward_replays > 0 and (self.pruned_forwards == 0 or self.pruned_replays > 0)
+        )
 
     def as_dict(self) -> dict:
-        return {"forward_captures": self.forward_captures, "forward_replays": self.forward_replays,
-                "pruned_forwards": self.pruned_forwards, "pruned_replays": self.pruned_replays,
-                "selection_captures": self.selection_captures, "selection_replays": self.selection_replays,
-                "refusals": list(self.refusals)}
+        return {
+            "forward_captures": self.forward_captures,
+            "forward_replays": self.forward_replays,
+            "pruned_forwards": self.pruned_forwards,
+            "pruned_replays": self.pruned_replays,
+            "selection_captures": self.selection_captures,
+            "selection_replays": self.selection_replays,
+            "refusals": list(self.refusals),
+        }
 
 
-def generation_counts(store: "ForwardGraphs | None", selection=None, refusal: str | None = None) -> GraphCounts:
+def generation_counts(store: ForwardGraphs | None, selection=None, refusal: str | None = None) -> GraphCounts:
     """One generation's counts: the forward store's, the selection graphs', and a refusal of the whole run."""
     counts = GraphCounts()
     if store is not None:
@@ -197,7 +209,9 @@ class ForwardGraphs:
 
     def _key(self, pruner, leaves: list, spec, tag) -> tuple:
         idx = pruner.row_indices
-        compiled = any(getattr(b, "_compiled_call_impl", None) is not None for b in pruner.transformer.transformer_blocks)
+        compiled = any(
+            getattr(b, "_compiled_call_impl", None) is not None for b in pruner.transformer.transformer_blocks
+        )
         sig = []
         for leaf in leaves:
             if isinstance(leaf, torch.Tensor):
@@ -208,8 +222,12 @@ class ForwardGraphs:
 
     def _statics(self, leaves: list) -> list[torch.Tensor | None]:
         """The static copies of the tensor arguments, from the pool (shared by every graph of the same shapes)."""
-        return [self.pool.get(f"argument.{i}", leaf.shape, leaf.dtype, leaf.device) if isinstance(leaf, torch.Tensor)
-                else None for i, leaf in enumerate(leaves)]
+        return [
+            self.pool.get(f"argument.{i}", leaf.shape, leaf.dtype, leaf.device)
+            if isinstance(leaf, torch.Tensor)
+            else None
+            for i, leaf in enumerate(leaves)
+        ]
 
     @staticmethod
     def _write(statics: list, leaves: list) -> None:
@@ -238,8 +256,12 @@ class ForwardGraphs:
                 self.refused[key] = reason
                 self.stopped = f"a capture failed earlier in this generation ({reason})"
                 self.counts.refuse(f"{_describe(key)}: {reason}")
-                log.warning("catlab: CUDA graph capture failed for %s (%s); this shape runs eagerly, and nothing more "
-                            "is captured until the next generation", _describe(key), reason)
+                log.warning(
+                    "catlab: CUDA graph capture failed for %s (%s); this shape runs eagerly, and nothing more "
+                    "is captured until the next generation",
+                    _describe(key),
+                    reason,
+                )
                 pruner.restore(state)
                 return result
         finally:
@@ -310,8 +332,9 @@ def release_graphs(target, unused_only: bool = False) -> int:
     return freed
 
 
-def graph_refusal(transformer: nn.Module, policy=None, *, inside_hooks: bool = False, step_cache=None,
-                  count_macs: bool = False) -> str | None:
+def graph_refusal(
+    transformer: nn.Module, policy=None, *, inside_hooks: bool = False, step_cache=None, count_macs: bool = False
+) -> str | None:
     """Why the forward of ``transformer`` under ``policy`` cannot be captured (``None``: it can).
 
     Captured graphs replay kernels only: anything that must run Python during the forward
@@ -335,7 +358,9 @@ def graph_refusal(transformer: nn.Module, policy=None, *, inside_hooks: bool = F
         return "sampler.count_macs counts MACs in Python at every module call"
     foreign = _foreign_hooks(transformer)
     if foreign:
-        return f"other hooks run Python inside the forward: {', '.join(foreign[:3])}" + (" ..." if len(foreign) > 3 else "")
+        return f"other hooks run Python inside the forward: {', '.join(foreign[:3])}" + (
+            " ..." if len(foreign) > 3 else ""
+        )
     return None
 
 

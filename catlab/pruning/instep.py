@@ -23,6 +23,7 @@ per generation and :meth:`context` around each forward; a step that the schedule
 not prune runs the stock forward. MACs are counted as they
 run (``catlab.stepcache.macs.MacCounter``), G-WPR's power iteration included.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,7 +49,7 @@ class _RecordingJointAttn:
     recording it defers to the processor it replaced.
     """
 
-    def __init__(self, engine: "InStepPruning", original):
+    def __init__(self, engine: InStepPruning, original):
         self.engine, self.original = engine, original
         self.probs: torch.Tensor | None = None
         self.recording = False
@@ -59,8 +60,9 @@ class _RecordingJointAttn:
         rows, n, _ = hidden_states.shape
         h = attn.heads
         e = encoder_hidden_states
-        key = torch.cat([_project(attn.to_k, attn.norm_k, hidden_states, h),
-                         _project(attn.add_k_proj, attn.norm_added_k, e, h)], 1).transpose(1, 2)
+        key = torch.cat(
+            [_project(attn.to_k, attn.norm_k, hidden_states, h), _project(attn.add_k_proj, attn.norm_added_k, e, h)], 1
+        ).transpose(1, 2)
         value = torch.cat([_split(attn.to_v(hidden_states), h), _split(attn.add_v_proj(e), h)], 1).transpose(1, 2)
         query = _project(attn.to_q, attn.norm_q, hidden_states, h).transpose(1, 2)
         text_query = _project(attn.add_q_proj, attn.norm_added_q, e, h).transpose(1, 2)
@@ -84,7 +86,7 @@ class InStepPruning:
     :meth:`reset` per generation, :meth:`context` around each forward, :meth:`remove` at the end.
     """
 
-    def __init__(self, policy: "AtEdm"):
+    def __init__(self, policy: AtEdm):
         self.policy = policy
         self._transformer = None
         self._handles: list = []
@@ -97,7 +99,7 @@ class InStepPruning:
         return "atedm (in-step)"
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def apply(self, transformer: nn.Module) -> "InStepPruning":
+    def apply(self, transformer: nn.Module) -> InStepPruning:
         """Install the hooks; a model or setting it cannot run raises its own error, nothing left installed."""
         self._transformer = transformer
         try:
@@ -113,11 +115,14 @@ class InStepPruning:
         if not sd3 or blocks is None or not all(hasattr(b, "attn") and hasattr(b.attn, "add_k_proj") for b in blocks):
             raise UnsupportedModelError(
                 f"selector atedm prunes inside SD3-family transformers (the embedded models, SD3, SD3.5); "
-                f"{type(transformer).__name__} is not one: use selector=atedm_reuse")
+                f"{type(transformer).__name__} is not one: use selector=atedm_reuse"
+            )
         layers = self.policy.prune_layers
         if max(layers) >= len(blocks) - 1:
-            raise ValueError(f"atedm: prune_layers {list(layers)} must lie before the last of the "
-                             f"{len(blocks)} blocks (a block after the last pruning layer runs on the kept tokens)")
+            raise ValueError(
+                f"atedm: prune_layers {list(layers)} must lie before the last of the "
+                f"{len(blocks)} blocks (a block after the last pruning layer runs on the kept tokens)"
+            )
         self._handles.append(transformer.pos_embed.register_forward_hook(self._start))
         for layer in layers:
             attn = blocks[layer].attn

@@ -12,6 +12,7 @@ The cache *is* the attention's key/value tensor, so no per-step concatenation
 of N + L keys is needed. The unselected tokens' K/V are those written the last
 time each token was computed.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -43,7 +44,7 @@ class _CachedAttention:
     of the blocks, so a compiled block never allocates or looks anything up.
     """
 
-    def __init__(self, pruner: "TokenPruner", layer: int, name: str, text: bool):
+    def __init__(self, pruner: TokenPruner, layer: int, name: str, text: bool):
         self.pruner = pruner
         self.layer = layer
         self.name = name
@@ -84,8 +85,13 @@ class _CachedAttention:
         """The image tokens' cached values, ``(rows, heads, N, d)``."""
         return self._image(self.values)
 
-    def update_cache(self, key: torch.Tensor, value: torch.Tensor, text_key: torch.Tensor | None = None,
-                     text_value: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def update_cache(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        text_key: torch.Tensor | None = None,
+        text_value: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write fresh K/V ``(rows, n, heads, d)`` (+ text); return the ``(rows, heads, N + L, d)`` attention K/V."""
         rows, n, heads, d = key.shape
         self.heads = heads
@@ -99,7 +105,8 @@ class _CachedAttention:
             raise RuntimeError(
                 f"{self.name}: no K/V cache of shape {expected} for this step (got "
                 f"{None if self.keys is None else tuple(self.keys.shape)}); a pruned step needs a full step of the "
-                "same batch before it (start_step >= 1)")
+                "same batch before it (start_step >= 1)"
+            )
         keys, values = self.keys, self.values
         if self.pruner.row_indices is None:  # a full step: every token's K/V, then the text's
             keys[:, :n].copy_(key)
@@ -110,9 +117,12 @@ class _CachedAttention:
             values.view(-1, inner).index_copy_(0, self.flat, value.reshape(-1, inner).to(values.dtype))
         total = keys.shape[1]
         if text_key is not None:  # the text tail is recomputed at every step
-            keys[:, total - n_text:].copy_(text_key)
-            values[:, total - n_text:].copy_(text_value)
-        keys, values = keys.view(rows, total, heads, d).transpose(1, 2), values.view(rows, total, heads, d).transpose(1, 2)
+            keys[:, total - n_text :].copy_(text_key)
+            values[:, total - n_text :].copy_(text_value)
+        keys, values = (
+            keys.view(rows, total, heads, d).transpose(1, 2),
+            values.view(rows, total, heads, d).transpose(1, 2),
+        )
         if keys.dtype != key.dtype:  # under autocast the projections' outputs differ from the weights' dtype
             keys, values = keys.to(key.dtype), values.to(value.dtype)
         return keys, values
@@ -122,7 +132,7 @@ class _CachedAttention:
         queries are ``query[:, :, first:first + n_image]``)."""
         if self.pruner.probe_layers and self.layer in self.pruner.probe_layers:  # no per-layer guard when compiled
             scale = attn.scale if hasattr(attn, "scale") else query.shape[-1] ** -0.5
-            logits = (query[:, :, first:first + n_image] @ key.transpose(-1, -2)) * scale
+            logits = (query[:, :, first : first + n_image] @ key.transpose(-1, -2)) * scale
             if mask is not None:
                 logits = logits + mask
             probs = logits.softmax(-1)[..., : self.pruner.num_tokens].mean(1)
@@ -162,7 +172,9 @@ class PrunedJointAttnProcessor(_CachedAttention):
 class PrunedSelfAttnProcessor(_CachedAttention):
     """Plain self-attention over image tokens (PixArt's ``attn1``), pruned."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
+    ):
         if encoder_hidden_states is not None or attention_mask is not None:
             raise RuntimeError(f"{self.name}: pruned self-attention takes no encoder states or mask")
         rows, n_image, _ = hidden_states.shape

@@ -28,6 +28,7 @@ Both are installed by the run's assembly (:class:`catlab.assembly.PruningSession
 after :meth:`TokenPruner.attach`; it sets :attr:`step` (and :attr:`time`) before
 each forward.
 """
+
 from __future__ import annotations
 
 import copy
@@ -60,7 +61,7 @@ class ReuseHook(ModelHook):
             self._shape = tuple(output.shape)
         return self.reuse.compose(self.step, output, self.pruner.row_indices, self.time)
 
-    def attach(self) -> "ReuseHook":
+    def attach(self) -> ReuseHook:
         if not self.pruner.attached:
             raise RuntimeError("attach the TokenPruner before the reuse hook (the hook must wrap its scatter)")
         proj = getattr(self.pruner.transformer, self.pruner.spec.output_proj)
@@ -83,7 +84,7 @@ class KVReuse:
         self._wrapped: list = []
         self._shapes: dict[int, torch.Size] = {}  # per wrapped layer: the shape its rule was reset for
 
-    def attach(self) -> "KVReuse":
+    def attach(self) -> KVReuse:
         if not self.pruner.attached:
             raise RuntimeError("attach the TokenPruner before the K/V reuse")
         for proc in self.pruner.processors:

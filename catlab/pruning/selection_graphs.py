@@ -4,6 +4,7 @@ For a selector that splits its step into a host part and a tensor part
 (``prepare_step`` / ``select_tensors``, see :class:`~catlab.selection.base.Policy`),
 held by the step planner when a run asks for ``cuda_graphs``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -88,8 +89,12 @@ class SelectionGraphs:
             indices = backend.capture(run)
         except Exception as err:  # noqa: BLE001 - any capture failure leaves this key eager
             self.stopped = True
-            self._refuse(key, policy, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
-                                      "nothing more is captured this generation")
+            self._refuse(
+                key,
+                policy,
+                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; "
+                "nothing more is captured this generation",
+            )
             return result
         self.graphs[key] = (backend, static, indices, _tensor_slots(policy))
         self.captures += 1
@@ -97,8 +102,11 @@ class SelectionGraphs:
 
     def _refuse(self, key: tuple, policy, reason: str) -> None:
         self.reasons[key] = f"selector '{getattr(policy, 'name', '?')}' step: {reason}"
-        log.warning("catlab: selector '%s' step not captured in a CUDA graph (%s); it runs eagerly",
-                    getattr(policy, "name", "?"), reason)
+        log.warning(
+            "catlab: selector '%s' step not captured in a CUDA graph (%s); it runs eagerly",
+            getattr(policy, "name", "?"),
+            reason,
+        )
 
 
 def _tensor_slots(obj, prefix: str = "", depth: int = 2) -> dict[str, int]:
@@ -113,5 +121,6 @@ def _tensor_slots(obj, prefix: str = "", depth: int = 2) -> dict[str, int]:
 
 
 def _rebound(before: dict[str, int], after: dict[str, int]) -> list[str]:
-    return [name for name in after if name in before and before[name] != after[name]] + \
-        [name for name in after if name not in before]
+    return [name for name in after if name in before and before[name] != after[name]] + [
+        name for name in after if name not in before
+    ]

@@ -6,6 +6,7 @@ assembly a stock pipeline runs under (:func:`catlab.enable_pruning`), and the
 graph refusals already said. ``state_of(module)`` finds or creates it;
 ``peek_state(module)`` only finds it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -26,6 +26,7 @@ waits for everything queued on the device, and is rejected too; host work that
 reads no device tensor (a seeded CPU generator, Python arithmetic) is allowed.
 On a CPU-only machine uploads cannot happen, so only the CUDA mode finds them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -54,25 +55,39 @@ VALUE_READS = {
 }
 #: Calls whose output shape depends on tensor values (the host must wait to size it).
 DATA_DEPENDENT = {
-    torch.nonzero: "torch.nonzero", Tensor.nonzero: "Tensor.nonzero()",
-    torch.argwhere: "torch.argwhere", Tensor.argwhere: "Tensor.argwhere()",
-    torch.masked_select: "torch.masked_select", Tensor.masked_select: "Tensor.masked_select()",
-    torch.unique: "torch.unique", Tensor.unique: "Tensor.unique()",
-    torch.unique_consecutive: "torch.unique_consecutive", Tensor.unique_consecutive: "Tensor.unique_consecutive()",
-    torch.bincount: "torch.bincount", Tensor.bincount: "Tensor.bincount()",
-    torch.equal: "torch.equal", Tensor.equal: "Tensor.equal()",
-    torch.is_nonzero: "torch.is_nonzero", Tensor.is_nonzero: "Tensor.is_nonzero()",
+    torch.nonzero: "torch.nonzero",
+    Tensor.nonzero: "Tensor.nonzero()",
+    torch.argwhere: "torch.argwhere",
+    Tensor.argwhere: "Tensor.argwhere()",
+    torch.masked_select: "torch.masked_select",
+    Tensor.masked_select: "Tensor.masked_select()",
+    torch.unique: "torch.unique",
+    Tensor.unique: "Tensor.unique()",
+    torch.unique_consecutive: "torch.unique_consecutive",
+    Tensor.unique_consecutive: "Tensor.unique_consecutive()",
+    torch.bincount: "torch.bincount",
+    Tensor.bincount: "Tensor.bincount()",
+    torch.equal: "torch.equal",
+    Tensor.equal: "Tensor.equal()",
+    torch.is_nonzero: "torch.is_nonzero",
+    Tensor.is_nonzero: "Tensor.is_nonzero()",
 }
 
 
 def _blocking_upload(func, args, kwargs) -> bool:
-    """``cpu_tensor.to(device)`` / ``.cuda()`` / ``dev.copy_(cpu)`` without ``non_blocking``: the copy waits for the stream."""
+    """``cpu_tensor.to(device)`` / ``.cuda()`` / ``dev.copy_(cpu)`` without ``non_blocking``: the copy waits for the
+    stream.
+    """
     if kwargs.get("non_blocking") or not args or not isinstance(args[0], Tensor):
         return False
     if func is Tensor.copy_:
         src = args[1] if len(args) > 1 else kwargs.get("src")
-        return isinstance(src, Tensor) and src.device.type == "cpu" and args[0].device.type != "cpu" \
+        return (
+            isinstance(src, Tensor)
+            and src.device.type == "cpu"
+            and args[0].device.type != "cpu"
             and not (len(args) > 2 and args[2])
+        )
     if args[0].device.type != "cpu":
         return False
     if func is Tensor.cuda:

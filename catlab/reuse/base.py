@@ -16,6 +16,7 @@ The sampler calls, once per generation and once per step::
 an empty ``(B, 0)`` tensor: none, the step was skipped). ``time`` is the variable
 the forecast runs in (default: the step index; the scheduler's sigma also works).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,12 +40,19 @@ class Reuse:
 
     capabilities: ClassVar[Capability] = Capability.ROW_WISE
 
-    def reset(self, batch: int, num_tokens: int, channels: int, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32) -> None:
+    def reset(
+        self,
+        batch: int,
+        num_tokens: int,
+        channels: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         """Forget every token's history: a new generation starts."""
 
-    def compose(self, step: int, output: torch.Tensor, indices: torch.Tensor | None,
-                time: float | None = None) -> torch.Tensor:
+    def compose(
+        self, step: int, output: torch.Tensor, indices: torch.Tensor | None, time: float | None = None
+    ) -> torch.Tensor:
         """The output to use at ``step``: fresh at ``indices``, reused (by this rule) elsewhere."""
         return output
 

@@ -15,6 +15,7 @@ Each row is composed alone, but choosing by error is not linear in the output:
 applied to the guidance branches separately it is not the same as applied to their
 combination (catlab's sampler applies it to the combination).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

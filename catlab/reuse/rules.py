@@ -9,6 +9,7 @@ irregular gaps between a token's refreshes are taken into account::
 (y0 the newest value, at t0). Tokens with a shorter history use the orders they
 have. Everything is batched over tokens: one gather/scatter per step.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

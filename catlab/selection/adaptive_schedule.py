@@ -23,11 +23,10 @@ Registered as the selector ``adaptive_schedule``::
 
     python -m catlab.run selector=adaptive_schedule reuse=taylor selector.threshold=0.1
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import torch
 
 from catlab.registry import selectors
 from catlab.selection.base import Policy
@@ -73,7 +72,7 @@ class AdaptiveSchedule(Policy):
         self.estimates: dict[int, float] = {}
 
     def estimate(self, step: int) -> float | None:
-        """The estimated relative error of forecasting ``step`` from the outputs seen; ``None`` without enough history."""
+        """The estimated relative error of forecasting ``step`` from the outputs seen (``None``: too few yet)."""
         if len(self._history) < self.order + 2:
             return None
         (s0, y0), (s1, y1) = self._history[0], self._history[1]

@@ -24,6 +24,7 @@ and ``docs/selection.md`` says so. Nothing is cached between steps, so the sampl
 sees every step as a full one; MACs are counted as the forward runs them. The CAT
 paper's adaptation (AT-EDM's ranking with CAT's cache-and-reuse) is ``atedm_reuse``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -57,7 +58,9 @@ class AtEdm(Policy):
         super().__post_init__()
         layers = [int(x) for x in self.prune_layers]
         if not layers or layers != sorted(set(layers)) or layers[0] < 0:
-            raise ValueError(f"atedm: prune_layers must be increasing block indices >= 0; got {list(self.prune_layers)}")
+            raise ValueError(
+                f"atedm: prune_layers must be increasing block indices >= 0; got {list(self.prune_layers)}"
+            )
         if int(self.iterations) < 1 or int(self.dsap_steps) < 0:
             raise ValueError(f"atedm: iterations >= 1 and dsap_steps >= 0; got {self.iterations}, {self.dsap_steps}")
         self.prune_layers = layers

@@ -9,6 +9,7 @@ AT-EDM itself prunes inside each step: that is ``selector=atedm``
 (``catlab/selection/atedm.py``). ``schedule: step_aware`` is a linear ramp of the
 kept share over the pruned steps, a stand-in for AT-EDM's DSAP.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -55,7 +56,9 @@ class ATEDMReuse(Policy):
     def check(self, num_steps: int) -> None:
         super().check(num_steps)
         if self.start_step < 1:
-            raise ValueError("atedm_reuse needs start_step >= 1: its first selection reads the attention of a full step")
+            raise ValueError(
+                "atedm_reuse needs start_step >= 1: its first selection reads the attention of a full step"
+            )
 
     def reset(self, batch_size: int, grid: tuple[int, int], num_steps: int, device: torch.device) -> None:
         super().reset(batch_size, grid, num_steps, device)

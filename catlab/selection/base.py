@@ -7,6 +7,7 @@ gets back ``(B, k)`` token indices, one row per sample. After the step the polic
 is shown the model output through :meth:`Policy.observe`, so it can keep whatever
 history it needs (a reference output, staleness counters, ...).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -94,8 +95,7 @@ class Policy:
         """Fail before any compute if the schedule cannot work with ``num_steps``."""
         if self.prunes and self.start_step >= num_steps:
             raise ValueError(
-                f"start_step={self.start_step} must be < num_steps={num_steps}: "
-                f"pruning starts at step start_step + 1"
+                f"start_step={self.start_step} must be < num_steps={num_steps}: pruning starts at step start_step + 1"
             )
 
     @property

@@ -4,6 +4,7 @@
 exploitation part (top relative noise); ``noise_staleness`` adds the exploration
 part but no clustering.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -17,6 +17,7 @@ previous step's prediction is used again. Registered as the selector
     python -m catlab.run selector=budget_schedule reuse=taylor \
         selector.inner=forecast_error 'selector.pattern=[1,0.3,0,0]'
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping

@@ -29,6 +29,7 @@ token index and the lowest cluster id (stable sorts). Everything per step is
 batched tensor work (sorts, gathers, cumulative sums) with no host sync; the
 clusters are made once, with one read of their count.
 """
+
 from __future__ import annotations
 
 from collections.abc import Hashable
@@ -168,15 +169,17 @@ class Cat(CatParts):
         q = sizes.clamp(max=max(1, int(int(k * self.cluster_quota) * self.cluster_share)))
         return torch.minimum(q * self._boost, sizes)
 
-    def _cluster_part(self, noise: torch.Tensor, norms: torch.Tensor, stale: torch.Tensor, k: int, first: bool
-                      ) -> torch.Tensor:
+    def _cluster_part(
+        self, noise: torch.Tensor, norms: torch.Tensor, stale: torch.Tensor, k: int, first: bool
+    ) -> torch.Tensor:
         """``(B, N)`` bool: the tokens the clusters give, walked best first and cut to the budget."""
         b, n = norms.shape
         c = self.num_clusters
         arange = torch.arange(n, device=norms.device).expand(b, -1)
         cluster_order = order_by(self.pooling(noise, first), descending=(True,))  # ties: lowest cluster id
         cluster_rank = torch.empty_like(cluster_order).scatter_(
-            1, cluster_order, torch.arange(c, device=norms.device).expand(b, -1))
+            1, cluster_order, torch.arange(c, device=norms.device).expand(b, -1)
+        )
         rank = cluster_rank.gather(1, self.labels)  # (B, N): the rank of each token's cluster
         sizes = self.sizes.gather(1, cluster_order)  # by rank
         starts = sizes.cumsum(1) - sizes

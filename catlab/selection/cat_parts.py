@@ -5,6 +5,7 @@ Both are made of a noise scorer, a staleness tracker, a clusterer and a cluster 
 once and starts each generation the same way: a seeded generator on the device, the
 scorer told where pruning starts, the staleness counters cleared, no clusters yet.
 """
+
 from __future__ import annotations
 
 import torch

@@ -19,6 +19,7 @@ information: the whole budget goes through the clusters, by relative noise alone
 as in Algorithm 2. Everything is batched tensor work without host
 synchronisation, except one read of the cluster count when the clusters are made.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -118,4 +119,3 @@ class CatRankMix(CatParts):
         eligible = within < quota.gather(1, rank_in_order)
         take = eligible & (eligible.cumsum(1) <= budget)
         return torch.zeros(b, n, dtype=torch.bool, device=score.device).scatter_(1, order, take)
-

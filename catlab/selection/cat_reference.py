@@ -65,15 +65,16 @@ the selector then declares :attr:`~catlab.capabilities.Capability.COMPARISON_ONL
 (``catlab.run``, ``enable_pruning``) refuses it with one line naming ``pad``, and the way
 to drive it is :func:`catlab.testing.simulate`, as the golden tests do.
 """
+
 from __future__ import annotations
 
-from typing import ClassVar
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from catlab.capabilities import Capability
-from catlab.registry import clusterers, selectors, scorers
+from catlab.registry import clusterers, scorers, selectors
 from catlab.selection.base import Policy, StepState
 from catlab.selection.clustering import positional_encoding
 from catlab.selection.pooling import cluster_graph
@@ -109,13 +110,20 @@ class CatReference(Policy):
         if self.pad not in PADS:
             raise ValueError(f"cat_reference: pad must be one of {PADS}; got {self.pad!r}")
         if int(self.cluster_stale_from) < 2:
-            raise ValueError(f"cat_reference: cluster_stale_from counts pruned steps from 2; got {self.cluster_stale_from}")
+            raise ValueError(
+                f"cat_reference: cluster_stale_from counts pruned steps from 2; got {self.cluster_stale_from}"
+            )
         import torch_geometric.nn  # noqa: F401  (slow first import: pay it when built, not while sampling)
 
         self._scorer = scorers.build("relative_noise")
         self._kmeans = clusterers.build(
-            {"name": "kmeans_sklearn", "num_clusters": self.num_clusters, "per_tokens": self.per_tokens,
-             "n_init": self.n_init, "seed": 0}
+            {
+                "name": "kmeans_sklearn",
+                "num_clusters": self.num_clusters,
+                "per_tokens": self.per_tokens,
+                "n_init": self.n_init,
+                "seed": 0,
+            }
         )
 
     @property
@@ -172,7 +180,9 @@ class CatReference(Policy):
     def _make_clusters(self, state: StepState) -> None:
         b = state.batch_size
         out = state.output
-        out = self._rows(out.float(), b) if out is not None else torch.zeros(b, state.num_tokens, 2, device=state.device)
+        out = (
+            self._rows(out.float(), b) if out is not None else torch.zeros(b, state.num_tokens, 2, device=state.device)
+        )
         features = self.feature_weight * out + positional_encoding(state.grid, out.shape[-1], out.device)
         self.labels = self._kmeans(features, state.grid)
         self.count = int(self.labels.max()) + 1
@@ -255,7 +265,12 @@ def _complete(order: torch.Tensor, chosen: torch.Tensor, width: int) -> torch.Te
     need = width - chosen.sum(-1, keepdim=True)
     fill = torch.zeros_like(chosen).scatter(-1, order, (~taken) & ((~taken).cumsum(-1) <= need))
     # chosen tokens first (by index), then the fill in `order`
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    key = torch.where(chosen, torch.arange(order.shape[-1], device=order.device) - order.shape[-1],
-                      torch.where(fill, rank, torch.full_like(rank, order.shape[-1])))
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    )
+    key = torch.where(
+        chosen,
+        torch.arange(order.shape[-1], device=order.device) - order.shape[-1],
+        torch.where(fill, rank, torch.full_like(rank, order.shape[-1])),
+    )
     return key.sort(dim=-1, stable=True).indices[..., :width]

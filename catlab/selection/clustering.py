@@ -6,6 +6,7 @@ and returns labels ``(B, N)`` in ``[0, num_clusters(N))``. By default there are
 ``num_clusters`` (20) clusters on every grid, each about 5 % of the image, as the
 authors' 20 of 4096 tokens are; ``per_tokens > 0`` scales the count with the grid.
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,7 +62,9 @@ class _Clusterer:
         if int(self.num_clusters) < 1:
             raise ValueError(f"{name}: num_clusters must be >= 1; got {self.num_clusters}")
         if int(self.per_tokens) < 0:
-            raise ValueError(f"{name}: per_tokens must be >= 0 (0: num_clusters is the exact count); got {self.per_tokens}")
+            raise ValueError(
+                f"{name}: per_tokens must be >= 0 (0: num_clusters is the exact count); got {self.per_tokens}"
+            )
         if int(self.min_clusters) < 1:
             raise ValueError(f"{name}: min_clusters must be >= 1; got {self.min_clusters}")
         self._told: set[int] = set()
@@ -73,9 +76,17 @@ class _Clusterer:
         if self.per_tokens and count != self.num_clusters and num_tokens not in self._told:
             self._told.add(num_tokens)  # said once per grid size: the count is not the number the config names
             owner = getattr(self, "owner", None)  # the selector this clusterer serves, set by Policy.reset
-            log.info("%s%s: %d clusters for %d tokens (num_clusters=%d per %d tokens, at least min_clusters=%d); "
-                     "set per_tokens=0 for exactly num_clusters", f"{owner}'s clusterer " if owner else "",
-                     getattr(type(self), "registered_name", "clusterer"), count, num_tokens, self.num_clusters, self.per_tokens, self.min_clusters)
+            log.info(
+                "%s%s: %d clusters for %d tokens (num_clusters=%d per %d tokens, at least min_clusters=%d); "
+                "set per_tokens=0 for exactly num_clusters",
+                f"{owner}'s clusterer " if owner else "",
+                getattr(type(self), "registered_name", "clusterer"),
+                count,
+                num_tokens,
+                self.num_clusters,
+                self.per_tokens,
+                self.min_clusters,
+            )
         return count
 
     def macs(self, batch: int, num_tokens: int, dim: int) -> int:
@@ -134,8 +145,14 @@ def sklearn_draws(n: int, c: int, seed: int) -> tuple[int, np.ndarray]:
     return first, np.stack([rs.uniform(size=trials) for _ in range(c - 1)]) if c > 1 else np.zeros((0, trials))
 
 
-def kmeans_like_sklearn(x: torch.Tensor, c: int, seed: int = 0, max_iter: int = 300, tol: float = 1e-4,
-                        draws: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def kmeans_like_sklearn(
+    x: torch.Tensor,
+    c: int,
+    seed: int = 0,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    draws: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """scikit-learn's ``KMeans(c, n_init=1, random_state=seed)`` (Lloyd) in batched torch; labels ``(B, N)``.
 
     The same algorithm with the same random numbers: data centred; greedy k-means++ seeding
@@ -160,7 +177,9 @@ def kmeans_like_sklearn(x: torch.Tensor, c: int, seed: int = 0, max_iter: int = 
         pot = closest.sum(-1, keepdim=True)
         picks = torch.searchsorted(closest.cumsum(-1), uniforms[j].expand(b, -1) * pot).clamp(max=n - 1)  # (B, T)
         cand = x64.gather(1, picks[..., None].expand(-1, -1, d))  # (B, T, D)
-        dist = (norms[:, None] - 2 * torch.bmm(cand, x64.transpose(1, 2)) + cand.pow(2).sum(-1)[..., None]).clamp_min(0)
+        dist = (norms[:, None] - 2 * torch.bmm(cand, x64.transpose(1, 2)) + cand.pow(2).sum(-1)[..., None]).clamp_min(
+            0
+        )
         dist = torch.minimum(closest[:, None], dist)  # (B, T, N)
         best = dist.sum(-1).argmin(-1)  # (B,)
         closest = dist[torch.arange(b, device=x.device), best]
@@ -214,8 +233,10 @@ class KMeansMatched(_Clusterer):
         key = (n, c, self.seed, features.device)
         if key not in self._draws:  # once per grid and device: later generations upload nothing
             first, uniforms = sklearn_draws(n, c, self.seed)
-            self._draws[key] = (torch.tensor(first, device=features.device),
-                                torch.as_tensor(uniforms).to(features.device, non_blocking=True))
+            self._draws[key] = (
+                torch.tensor(first, device=features.device),
+                torch.as_tensor(uniforms).to(features.device, non_blocking=True),
+            )
         return kmeans_like_sklearn(features, c, self.seed, self.max_iter, self.tol, self._draws[key])
 
     def macs(self, batch: int, num_tokens: int, dim: int) -> int:
@@ -236,8 +257,9 @@ class KMeansAuto(_Clusterer):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        common = dict(num_clusters=self.num_clusters, per_tokens=self.per_tokens, min_clusters=self.min_clusters,
-                      seed=self.seed)
+        common = dict(
+            num_clusters=self.num_clusters, per_tokens=self.per_tokens, min_clusters=self.min_clusters, seed=self.seed
+        )
         self.host = KMeansSklearn(n_init=self.n_init, **common)
         self.device = KMeansMatched(max_iter=self.max_iter, **common)
 
@@ -301,7 +323,9 @@ class Spectral(_Clusterer):
             dist2 = (x[u] - x[v]).pow(2).sum(-1)
             weight = torch.exp(-dist2 / dist2.mean().clamp_min(1e-12)).numpy()
             adj = coo_matrix((np.r_[weight, weight], (np.r_[u, v], np.r_[v, u])), shape=(n, n)).tocsr()
-            emb = spectral_embedding(adj, n_components=c, eigen_solver=solver, random_state=self.seed, drop_first=False)
+            emb = spectral_embedding(
+                adj, n_components=c, eigen_solver=solver, random_state=self.seed, drop_first=False
+            )
             embeddings.append(torch.as_tensor(emb, dtype=torch.float32))
         emb = torch.stack(embeddings).to(features.device)
         emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)

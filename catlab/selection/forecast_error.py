@@ -7,6 +7,7 @@ own order-2 history of the guided output (from :meth:`observe`, computed steps
 only) and picks the k tokens with the largest such estimate; tokens with too short
 a history come first.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,7 +28,9 @@ class ForecastError(Policy):
     def check(self, num_steps: int) -> None:
         super().check(num_steps)
         if self.start_step < 1:
-            raise ValueError("forecast_error needs start_step >= 1: it ranks tokens by their history of computed steps")
+            raise ValueError(
+                "forecast_error needs start_step >= 1: it ranks tokens by their history of computed steps"
+            )
 
     def reset(self, batch_size, grid, num_steps, device) -> None:
         super().reset(batch_size, grid, num_steps, device)

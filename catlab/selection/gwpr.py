@@ -4,6 +4,7 @@ AT-EDM's ranking, shared by both AT-EDM variants: ``atedm_reuse`` ranks tokens
 between steps from probe layers' maps, and the in-step engine of ``atedm``
 (:mod:`catlab.pruning.instep`) ranks them inside a forward. Neither imports the other.
 """
+
 from __future__ import annotations
 
 import torch

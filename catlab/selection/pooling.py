@@ -7,6 +7,7 @@ cluster scores ``(B, C)`` (``-inf`` for an empty cluster); ``first`` is true at
 the first pruned step, where the authors' code adds a graph step. The batch is
 one graph of ``B·C`` nodes, sample ``b``'s cluster ``c`` being node ``b·C + c``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

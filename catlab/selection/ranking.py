@@ -6,6 +6,7 @@ towards one corner of the image; these helpers break ties by the next key and
 finally by a seeded random draw. Every function works on ``(B, N)`` tensors on any
 device, without host synchronisation.
 """
+
 from __future__ import annotations
 
 import torch

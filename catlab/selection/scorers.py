@@ -3,6 +3,7 @@
 A scorer sees every step's output through :meth:`observe` and turns the latest
 output into a ``(B, N)`` score (and signed ``(B, N, C)`` features for clustering).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

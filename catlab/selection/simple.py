@@ -1,4 +1,5 @@
 """The two simplest policies: every token (``full``) and uniformly random tokens (``random``)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

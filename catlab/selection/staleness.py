@@ -5,6 +5,7 @@ token first. Equal staleness is broken by ``ties``: ``"index"`` (the lowest toke
 index first, the authors' CAT code) or ``"random"`` (by the steps since a token was
 last computed, then a seeded draw, so no region of the image is favoured).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,8 +29,9 @@ class _Tracker:
             name = getattr(type(self), "registered_name", "staleness")
             raise ValueError(f"{name}: ties must be one of {TIES}; got {self.ties!r}")
 
-    def reset(self, batch_size: int, num_tokens: int, device: torch.device, generator: torch.Generator | None = None
-              ) -> None:
+    def reset(
+        self, batch_size: int, num_tokens: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> None:
         self.generator = generator
         self.age = torch.zeros(batch_size, num_tokens, device=device)
 
@@ -68,8 +70,9 @@ class EwmaStaleness(_Tracker):
 
     decay: float = 0.5
 
-    def reset(self, batch_size: int, num_tokens: int, device: torch.device, generator: torch.Generator | None = None
-              ) -> None:
+    def reset(
+        self, batch_size: int, num_tokens: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> None:
         super().reset(batch_size, num_tokens, device, generator)
         self.frequency = torch.zeros(batch_size, num_tokens, device=device)
 

@@ -10,11 +10,13 @@ wrapper) and drives the state per generation. The loop calls::
         pred = adapter.predict(...)
     cache.remove(transformer)                  # the transformer is the stock model again
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 from diffusers.hooks import HookRegistry
 from torch import nn
@@ -56,7 +58,7 @@ class StepCache:
         """Whether the cache's hooks are on a transformer now (by :meth:`apply` or during :meth:`calibrate`)."""
         return getattr(self, "_transformer", None) is not None
 
-    def apply(self, transformer: nn.Module) -> "StepCache":
+    def apply(self, transformer: nn.Module) -> StepCache:
         if self.is_applied:
             raise StepCacheError(f"step cache '{self.name}' is already applied; remove() it first")
         self._transformer = transformer
@@ -67,8 +69,10 @@ class StepCache:
             raise
         except Exception as err:  # noqa: BLE001  (any diffusers failure becomes one clear message)
             self.remove(transformer)
-            raise StepCacheError(f"step cache '{self.name}' cannot be applied to a {type(transformer).__name__}: "
-                                 f"{type(err).__name__}: {err}") from err
+            raise StepCacheError(
+                f"step cache '{self.name}' cannot be applied to a {type(transformer).__name__}: "
+                f"{type(err).__name__}: {err}"
+            ) from err
         HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
         return self
 
@@ -112,5 +116,5 @@ class StepCache:
         return True
 
     def computes(self, step: int) -> bool | None:
-        """Whether ``step`` (1-based) is computed, when known ahead (a fixed schedule); ``None``: decided at run time."""
+        """Whether ``step`` (1-based) is computed, when known ahead (a fixed schedule); ``None``: known at run time."""
         return None

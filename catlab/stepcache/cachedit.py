@@ -29,6 +29,7 @@ one call per step (``enable_separate_cfg=False``) and decides for both rows at o
 These caches compare block residuals between steps, as diffusers' FirstBlockCache
 does: token pruning inside them is refused (it does not declare ``COMPOSES_WITH_PRUNING``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -124,15 +125,23 @@ class _CacheDit(StepCache):
         for key in ("first_blocks", "last_blocks", "start_step"):
             if int(getattr(self, key)) < 0:
                 raise StepCacheError(f"{self.name}: {key} must be >= 0; got {getattr(self, key)}")
-        self._limits = (_limit(self.max_cached_steps, "max_cached_steps"), _limit(self.max_skip_steps, "max_skip_steps"))
+        self._limits = (
+            _limit(self.max_cached_steps, "max_cached_steps"),
+            _limit(self.max_skip_steps, "max_skip_steps"),
+        )
 
     # -- cache-dit's configs ------------------------------------------------------------------
     def _common(self) -> dict:
         max_cached, max_skip = self._limits
-        return dict(residual_diff_threshold=float(self.threshold), Fn_compute_blocks=int(self.first_blocks),
-                    Bn_compute_blocks=int(self.last_blocks), max_warmup_steps=int(self.start_step),
-                    max_cached_steps=max_cached, max_continuous_cached_steps=max_skip,
-                    enable_separate_cfg=False)  # catlab stacks the CFG rows into one call per step
+        return dict(
+            residual_diff_threshold=float(self.threshold),
+            Fn_compute_blocks=int(self.first_blocks),
+            Bn_compute_blocks=int(self.last_blocks),
+            max_warmup_steps=int(self.start_step),
+            max_cached_steps=max_cached,
+            max_continuous_cached_steps=max_skip,
+            enable_separate_cfg=False,
+        )  # catlab stacks the CFG rows into one call per step
 
     def cache_config(self):
         raise NotImplementedError
@@ -150,12 +159,16 @@ class _CacheDit(StepCache):
             raise StepCacheError(f"{self.name}: {err}") from None
         blocks = transformer.transformer_blocks
         if self.first_blocks + self.last_blocks > len(blocks):
-            raise StepCacheError(f"{self.name}: first_blocks + last_blocks = {self.first_blocks + self.last_blocks} "
-                                 f"exceeds the {len(blocks)} blocks of this {type(transformer).__name__}")
+            raise StepCacheError(
+                f"{self.name}: first_blocks + last_blocks = {self.first_blocks + self.last_blocks} "
+                f"exceeds the {len(blocks)} blocks of this {type(transformer).__name__}"
+            )
         name = family.cache_dit_pattern or PATTERNS.get(family.name)
         if name is None:
-            raise StepCacheError(f"{self.name}: no cache-dit block pattern is known for {type(transformer).__name__} "
-                                 f"(FamilySpec.cache_dit_pattern); known: {', '.join(sorted(PATTERNS))}")
+            raise StepCacheError(
+                f"{self.name}: no cache-dit block pattern is known for {type(transformer).__name__} "
+                f"(FamilySpec.cache_dit_pattern); known: {', '.join(sorted(PATTERNS))}"
+            )
         return name, getattr(cache_dit_module(self.name).ForwardPattern, name)
 
     def _apply(self, transformer: nn.Module) -> None:
@@ -168,8 +181,9 @@ class _CacheDit(StepCache):
         with _quiet():  # FLUX: its dual- and single-stream lists, each with the same call pattern
             blocks, patterns = (lists[0], pattern) if len(lists) == 1 else (lists, [pattern] * len(lists))
             self._adapter = cache_dit.BlockAdapter(transformer=transformer, blocks=blocks, forward_pattern=patterns)
-            cache_dit.enable_cache(self._adapter, cache_config=self.cache_config(),
-                                   calibrator_config=self.calibrator_config())
+            cache_dit.enable_cache(
+                self._adapter, cache_config=self.cache_config(), calibrator_config=self.calibrator_config()
+            )
 
     def _check_supported(self, pattern_name: str, pattern) -> None:
         """Refuse, with a reason, a layout the installed cache-dit cannot run."""
@@ -180,8 +194,9 @@ class _CacheDit(StepCache):
         if t is None or getattr(self, "_adapter", None) is None:
             return
         with _quiet():
-            cache_dit_module(self.name).refresh_context(t, cache_config=self.cache_config(),
-                                                        calibrator_config=self.calibrator_config())
+            cache_dit_module(self.name).refresh_context(
+                t, cache_config=self.cache_config(), calibrator_config=self.calibrator_config()
+            )
 
     def remove(self, transformer: nn.Module | None = None) -> None:
         transformer = transformer if transformer is not None else getattr(self, "_transformer", None)
@@ -250,8 +265,9 @@ class CacheDitDBCache(_CacheDit):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.calibrator is not None and self.calibrator not in CALIBRATORS:
-            raise StepCacheError(f"{self.name}: calibrator must be null or one of {list(CALIBRATORS)}; "
-                                 f"got {self.calibrator!r}")
+            raise StepCacheError(
+                f"{self.name}: calibrator must be null or one of {list(CALIBRATORS)}; got {self.calibrator!r}"
+            )
         if int(self.taylorseer_order) < 1:
             raise StepCacheError(f"{self.name}: taylorseer_order must be >= 1; got {self.taylorseer_order}")
 
@@ -305,9 +321,11 @@ class CacheDitDBPrune(_CacheDit):
 
     def cache_config(self):
         return cache_dit_module(self.name).DBPruneConfig(
-            **self._common(), enable_dynamic_prune_threshold=bool(self.dynamic_threshold),
+            **self._common(),
+            enable_dynamic_prune_threshold=bool(self.dynamic_threshold),
             dynamic_prune_threshold_relax_ratio=float(self.dynamic_relax_ratio),
-            non_prune_block_ids=[int(i) for i in self.keep_blocks])
+            non_prune_block_ids=[int(i) for i in self.keep_blocks],
+        )
 
     def _check_supported(self, pattern_name: str, pattern) -> None:
         if pattern_name != "Pattern_3":
@@ -318,6 +336,8 @@ class CacheDitDBPrune(_CacheDit):
             return
         # the pruned path calls _process_block_outputs(hidden_states, encoder_hidden_states)
         if len(inspect.signature(PrunedBlocks_Pattern_3_4_5._process_block_outputs).parameters) < 3:
-            raise StepCacheError(f"{self.name} cannot run on single-stream ({pattern_name}) blocks, PixArt's, with the "
-                                 "installed cache-dit: its DBPrune for them fails at the first step; "
-                                 "use cachedit_dbcache there")
+            raise StepCacheError(
+                f"{self.name} cannot run on single-stream ({pattern_name}) blocks, PixArt's, with the "
+                "installed cache-dit: its DBPrune for them fails at the first step; "
+                "use cachedit_dbcache there"
+            )

@@ -1,4 +1,5 @@
 """The three wrappers: ``taylorseer``, ``first_block_cache``, ``mag_cache``."""
+
 from __future__ import annotations
 
 import warnings
@@ -6,21 +7,35 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-from diffusers.hooks import (FirstBlockCacheConfig, HookRegistry, MagCacheConfig, TaylorSeerCacheConfig,
-                             apply_first_block_cache, apply_mag_cache, apply_taylorseer_cache)
+from diffusers.hooks import (
+    FirstBlockCacheConfig,
+    HookRegistry,
+    MagCacheConfig,
+    TaylorSeerCacheConfig,
+    apply_first_block_cache,
+    apply_mag_cache,
+    apply_taylorseer_cache,
+)
 from torch import nn
 
 from catlab.capabilities import Capability
 from catlab.stepcache.base import StepCache, StepCacheError, stepcaches
-from catlab.stepcache.diffusers_private import (_FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK, _MAG_CACHE_BLOCK_HOOK,
-                                                _MAG_CACHE_LEADER_BLOCK_HOOK, _TAYLORSEER_CACHE_HOOK)
+from catlab.stepcache.diffusers_private import (
+    _FBC_BLOCK_HOOK,
+    _FBC_LEADER_BLOCK_HOOK,
+    _MAG_CACHE_BLOCK_HOOK,
+    _MAG_CACHE_LEADER_BLOCK_HOOK,
+    _TAYLORSEER_CACHE_HOOK,
+)
 
 
 def _blocks(transformer: nn.Module) -> nn.ModuleList:
     blocks = getattr(transformer, "transformer_blocks", None)
     if not isinstance(blocks, nn.ModuleList):
-        raise StepCacheError(f"a {type(transformer).__name__} has no `transformer_blocks` list; "
-                             "catlab's step caches support SD3 and PixArt transformers")
+        raise StepCacheError(
+            f"a {type(transformer).__name__} has no `transformer_blocks` list; "
+            "catlab's step caches support SD3 and PixArt transformers"
+        )
     return blocks
 
 
@@ -32,7 +47,8 @@ def _pre_only(block: nn.Module) -> bool:
 @stepcaches.register("taylorseer")
 @dataclass
 class TaylorSeer(StepCache):
-    """diffusers' TaylorSeer: steps ``1..start_step`` in full, then a full step every ``cache_interval``, Taylor forecasts between.
+    """diffusers' TaylorSeer: steps ``1..start_step`` in full, then a full step every ``cache_interval``, Taylor
+    forecasts between.
 
     ``start_step`` is 1-based like a selector's t0 (diffusers' 0-based
     ``disable_cache_before_step`` has the same value; that name is still accepted,
@@ -59,14 +75,22 @@ class TaylorSeer(StepCache):
 
     def __post_init__(self) -> None:
         if self.disable_cache_before_step is not None:
-            warnings.warn("taylorseer: disable_cache_before_step is deprecated; use start_step (steps 1..start_step "
-                          "run in full, the same number)", DeprecationWarning, stacklevel=3)
+            warnings.warn(
+                "taylorseer: disable_cache_before_step is deprecated; use start_step (steps 1..start_step "
+                "run in full, the same number)",
+                DeprecationWarning,
+                stacklevel=3,
+            )
             self.start_step, self.disable_cache_before_step = int(self.disable_cache_before_step), None
 
     def config(self, transformer: nn.Module) -> TaylorSeerCacheConfig:
         # diffusers computes the steps whose 0-based index is below disable_cache_before_step: 1..start_step
-        common = dict(cache_interval=self.cache_interval, disable_cache_before_step=self.start_step,
-                      max_order=self.max_order, taylor_factors_dtype=getattr(torch, self.factors_dtype))
+        common = dict(
+            cache_interval=self.cache_interval,
+            disable_cache_before_step=self.start_step,
+            max_order=self.max_order,
+            taylor_factors_dtype=getattr(torch, self.factors_dtype),
+        )
         if self.mode == "attention":
             return TaylorSeerCacheConfig(**common)
         if self.mode != "output":
@@ -119,8 +143,10 @@ class FirstBlockCache(StepCache):
         if blocks and _pre_only(blocks[-1]):
             blocks = blocks[:-1]
         if len(blocks) < 2:
-            raise StepCacheError(f"first_block_cache needs at least 2 cacheable blocks (a head and a tail); "
-                                 f"this {type(transformer).__name__} has {len(blocks)}")
+            raise StepCacheError(
+                f"first_block_cache needs at least 2 cacheable blocks (a head and a tail); "
+                f"this {type(transformer).__name__} has {len(blocks)}"
+            )
         apply_first_block_cache(_BlockView(blocks), FirstBlockCacheConfig(threshold=self.threshold))
 
 
@@ -150,15 +176,24 @@ class MagCache(StepCache):
 
     def _apply(self, transformer):
         if self.num_steps is None:
-            raise StepCacheError("mag_cache needs num_steps: build it for a run (catlab.builders.build_step_cache) "
-                                 "or give num_steps")
+            raise StepCacheError(
+                "mag_cache needs num_steps: build it for a run (catlab.builders.build_step_cache) or give num_steps"
+            )
         if self.mag_ratios is None:
-            raise StepCacheError("mag_cache needs magnitude ratios: call calibrate(generate) first, "
-                                 "or give mag_ratios (one per step)")
+            raise StepCacheError(
+                "mag_cache needs magnitude ratios: call calibrate(generate) first, or give mag_ratios (one per step)"
+            )
         _blocks(transformer)
-        apply_mag_cache(transformer, MagCacheConfig(
-            threshold=self.threshold, max_skip_steps=self.max_skip_steps, retention_ratio=self.retention_ratio,
-            num_inference_steps=self.num_steps, mag_ratios=list(self.mag_ratios)))
+        apply_mag_cache(
+            transformer,
+            MagCacheConfig(
+                threshold=self.threshold,
+                max_skip_steps=self.max_skip_steps,
+                retention_ratio=self.retention_ratio,
+                num_inference_steps=self.num_steps,
+                mag_ratios=list(self.mag_ratios),
+            ),
+        )
 
     def calibrate(self, transformer: nn.Module, generate) -> list[float]:
         """Measure the ratios on one full-model generation with diffusers' calibration mode; return them.
@@ -175,15 +210,20 @@ class MagCache(StepCache):
         HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
         try:
             generate()
-            hooks = [m._diffusers_hook.get_hook(_MAG_CACHE_BLOCK_HOOK) for m in transformer.modules()
-                     if hasattr(m, "_diffusers_hook")]
+            hooks = [
+                m._diffusers_hook.get_hook(_MAG_CACHE_BLOCK_HOOK)
+                for m in transformer.modules()
+                if hasattr(m, "_diffusers_hook")
+            ]
             tail = next(h for h in hooks if h is not None and h.is_tail)
             states = list(tail.state_manager._state_cache.values())
             ratios = list(states[0].calibration_ratios) if states else []
         finally:
             self.remove(transformer)
         if len(ratios) != self.num_steps:
-            raise StepCacheError(f"mag_cache calibration saw {len(ratios)} steps; expected {self.num_steps} "
-                                 "(generate() must run num_steps steps with this cache)")
+            raise StepCacheError(
+                f"mag_cache calibration saw {len(ratios)} steps; expected {self.num_steps} "
+                "(generate() must run num_steps steps with this cache)"
+            )
         self.mag_ratios = ratios
         return ratios

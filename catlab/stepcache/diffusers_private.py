@@ -4,6 +4,7 @@ diffusers does not promise these names (hook identifiers, the cache-context
 setter) across releases. Importing them here, once, turns a rename upstream
 into one clear error instead of a traceback from deep inside a wrapper.
 """
+
 from __future__ import annotations
 
 import diffusers
@@ -20,7 +21,16 @@ except ImportError as err:  # pragma: no cover - depends on the installed diffus
     raise ImportError(
         f"catlab's step caches use diffusers internals that diffusers {diffusers.__version__} does not have "
         f"({err}); they were checked with diffusers {CHECKED_WITH}. Install that version, or run without "
-        "catlab.stepcache.") from err
+        "catlab.stepcache."
+    ) from err
 
-__all__ = ["CacheContext", "_set_cache_context", "_FBC_BLOCK_HOOK", "_FBC_LEADER_BLOCK_HOOK",
-           "_MAG_CACHE_BLOCK_HOOK", "_MAG_CACHE_LEADER_BLOCK_HOOK", "_TAYLORSEER_CACHE_HOOK", "CHECKED_WITH"]
+__all__ = [
+    "CacheContext",
+    "_set_cache_context",
+    "_FBC_BLOCK_HOOK",
+    "_FBC_LEADER_BLOCK_HOOK",
+    "_MAG_CACHE_BLOCK_HOOK",
+    "_MAG_CACHE_LEADER_BLOCK_HOOK",
+    "_TAYLORSEER_CACHE_HOOK",
+    "CHECKED_WITH",
+]

@@ -11,6 +11,7 @@ family's analytic counter (:attr:`catlab.pruning.families.FamilySpec.macs`), so
 the two agree exactly on full and pruned steps, and it is half of what
 ``torch.utils.flop_counter.FlopCounterMode`` reports.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,14 +19,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-
-_MATMULS = (torch.matmul, torch.Tensor.__matmul__, torch.Tensor.matmul, torch.bmm)  # `a @ b` reaches the mode as Tensor.matmul
+_MATMULS = (
+    torch.matmul,
+    torch.Tensor.__matmul__,
+    torch.Tensor.matmul,
+    torch.bmm,
+)  # `a @ b` reaches the mode as Tensor.matmul
 
 
 class _AttentionCounter(TorchFunctionMode):
     """Adds the MACs of each SDPA call, and of each explicit matmul (an attention written out), made while active."""
 
-    def __init__(self, counter: "MacCounter"):
+    def __init__(self, counter: MacCounter):
         super().__init__()
         self.counter = counter
 
@@ -75,7 +80,7 @@ class MacCounter:
             self._mode.__exit__(None, None, None)
             self._mode = None
 
-    def attach(self) -> "MacCounter":
+    def attach(self) -> MacCounter:
         if self._handles:
             return self
         for m in self.transformer.modules():
@@ -99,7 +104,7 @@ class MacCounter:
     def total(self) -> int:
         return sum(self.calls)
 
-    def __enter__(self) -> "MacCounter":
+    def __enter__(self) -> MacCounter:
         return self.attach()
 
     def __exit__(self, *exc) -> None:

@@ -4,6 +4,7 @@ A plugin package names a Python package holding Hydra config files in the
 ``catlab.conf`` entry-point group; its ``selector/<name>.yaml`` then works as
 ``python -m catlab.run selector=<name>``.
 """
+
 import importlib.metadata
 
 from hydra.core.config_search_path import ConfigSearchPath

@@ -1,4 +1,5 @@
 """The ``example_center`` selector: recompute the k tokens nearest the image centre."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
