@@ -21,6 +21,7 @@ Plugins ship Hydra config files through the ``catlab.conf`` entry-point group
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import importlib
@@ -87,6 +88,19 @@ def load_plugins() -> list[str]:
     return loaded
 
 
+class Named:
+    """The one ``name`` property of a registered component: the name it was registered under.
+
+    Mixed into every component base (``Policy``, ``StepCache``, ``Reuse``, ``Metric``, ...), so a
+    component's name is what its config says (``{"name": "taylorseer"}``); an unregistered
+    subclass (a test's, a user's experiment) falls back to its class name.
+    """
+
+    @property
+    def name(self) -> str:
+        return getattr(type(self), "registered_name", type(self).__name__)
+
+
 class Registry:
     """Names → component classes for one kind (selector, clusterer, model, ...)."""
 
@@ -99,7 +113,8 @@ class Registry:
             if name in self._entries and self._entries[name] is not obj:
                 raise ComponentError(f"{self.kind} '{name}' is registered twice")
             self._entries[name] = obj
-            obj.registered_name = name
+            with contextlib.suppress(AttributeError):  # a frozen data object (a FamilySpec) keeps its own name
+                obj.registered_name = name
             return obj
 
         return deco
@@ -158,6 +173,10 @@ prompt_sets = Registry("prompts")
 loggers = Registry("logger")
 reuses = Registry("reuse")
 stepcaches = Registry("stepcache")
+#: transformer families (:class:`catlab.pruning.families.FamilySpec` data objects, not classes), one module
+#: of ``catlab/families/`` each; no config group picks them: :func:`catlab.pruning.families.family_of` finds
+#: a transformer's family by its class
+families = Registry("family")
 
 #: every registry by the config group that picks its components (conf/<group>/<name>.yaml); metrics
 #: have no group: ``catlab.evaluate`` names them in its ``metrics`` list

@@ -1,8 +1,9 @@
 """The package's import graph: import circles and upward imports (both should be none).
 
 Reads every module of ``catlab/`` with :mod:`ast` (nothing is imported), including
-imports inside functions (a lazy import is still a dependency) and leaving out those
-under ``if TYPE_CHECKING:`` (annotations only). Two views:
+imports inside functions (a lazy import is still a dependency) and those under
+``if TYPE_CHECKING:`` (an annotation is a dependency a reader follows too: a circle
+closed by a type-only import is still a circle). Two views:
 
 * **modules**: a circle is a set of modules that import each other, directly or not;
 * **rooms**: each subpackage (``catlab/selection/``) or top-level module
@@ -27,13 +28,13 @@ ROOT = Path(__file__).resolve().parents[1] / "catlab"
 #: the rooms, bottom first; a room imports only from its own layer or below
 LAYERS: list[set[str]] = [
     {"registry", "capabilities", "hashing", "cli"},
-    {"reuse", "metrics", "loggers", "prompts", "embedded"},
+    {"reuse", "loggers", "prompts", "embedded"},
     {"selection"},
     {"planner", "models"},
     {"pruning", "stepcache", "families"},
     {"assembly"},
     {"sampler", "stock_pipelines", "testing", "train_toy"},
-    {"builders", "strategy", "config"},
+    {"builders", "strategy", "config", "metrics"},  # metrics read the sampler's traces
     {"catlab"},  # the front door (catlab/__init__.py): the applications below import it to register everything
     {"evaluation", "run", "sweep", "evaluate", "redraw"},
 ]
@@ -46,13 +47,6 @@ def module_name(path: Path, root: Path = ROOT) -> str:
     return ".".join(parts)
 
 
-def _type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
 def imports_of(path: Path, modules: set[str], root: Path = ROOT) -> set[str]:
     """The catlab modules ``path`` imports (``from pkg import sub`` names the submodule when it is one)."""
     name = module_name(path, root)
@@ -61,10 +55,6 @@ def imports_of(path: Path, modules: set[str], root: Path = ROOT) -> set[str]:
 
     def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and _type_checking(child):
-                for sub in child.orelse:
-                    visit(sub)
-                continue
             if isinstance(child, ast.Import):
                 found.update(a.name for a in child.names if a.name.split(".")[0] == "catlab")
             elif isinstance(child, ast.ImportFrom):

@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from catlab.models.sd3 import TinySD3
+from catlab.families.sd3 import TinySD3
 from catlab.registry import selectors
 from catlab.sampler import SamplerConfig, sample
 from catlab.testing import selection_ops

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_sd3(**overrides):
-    from catlab.models.sd3 import TinySD3
+    from catlab.families.sd3 import TinySD3
 
     kw = dict(height=16, width=16, num_layers=3, num_heads=2, head_dim=16, text_dim=24, text_tokens=6)
     kw.update(overrides)
@@ -24,7 +24,7 @@ def tiny_sd3(**overrides):
 
 
 def tiny_pixart(**overrides):
-    from catlab.models.pixart import TinyPixArt
+    from catlab.families.pixart import TinyPixArt
 
     kw = dict(height=16, width=16, num_layers=3, num_heads=2, head_dim=16, text_dim=24, text_tokens=6)
     kw.update(overrides)

@@ -113,9 +113,9 @@ def test_other_blocks_are_refused_by_name():
 
 def test_a_family_check_lives_in_its_spec():
     """PixArt's block layout is checked by its spec's own ``check``, not by a branch of the shared code."""
-    from catlab.models.pixart import TinyPixArt
+    from catlab.families.pixart import TinyPixArt
     from catlab.pruning import UnsupportedModelError
-    from catlab.pruning.families import PIXART, check_pixart
+    from catlab.families.pixart import PIXART, check_pixart
 
     assert PIXART.check is check_pixart
     t = TinyPixArt(height=16, width=16, num_layers=2, num_heads=2, head_dim=16, text_dim=24).transformer

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from catlab.pruning import TokenPruner, family_of
-from catlab.pruning.families import flux_macs_by_kind
-from catlab.pruning.flux import rotate
+from catlab.families.flux import flux_macs_by_kind, rotate
 from catlab.sampler import SamplerConfig, sample
 from catlab.selection.simple import Full, Random
 from tests.family_checks import assert_macs_match_the_flop_counter, assert_wrong_rotary_gather_is_caught, forward, perm
@@ -18,7 +17,7 @@ TOL = 1e-5
 
 
 def tiny_flux(**overrides):
-    from catlab.models.flux import TinyFlux
+    from catlab.families.flux import TinyFlux
 
     kw = dict(
         height=16,

@@ -174,7 +174,7 @@ def test_pipeline_hook_does_not_sync():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU test: needs CUDA for torch.cuda.set_sync_debug_mode")
 @pytest.mark.parametrize("name", ["sequential", "random"])  # random uploads its CPU draws pinned and non-blocking
 def test_cuda_sampler_steps_do_not_sync(name):
-    from catlab.models.sd3 import TinySD3
+    from catlab.families.sd3 import TinySD3
 
     result = sample(
         TinySD3(device="cuda", height=32, width=32),

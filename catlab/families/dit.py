@@ -4,7 +4,7 @@ DiT (``DiTTransformer2DModel``, Peebles & Xie) runs ``BasicTransformerBlock``\\ 
 ``ada_norm_zero``: adaLN-Zero modulation from the timestep and the class label, image
 self-attention only (no text), and a final adaLN and projection (``proj_out_2``) per
 token. It needs nothing beyond catlab's built-in pieces, so this module is only data:
-its spec (the self-attention kind PixArt's ``attn1`` uses), its MAC formula and a tiny
+its spec (catlab's generic self-attention processor), its MAC formula and a tiny
 adapter; ``conf/model/tiny_dit.yaml`` is its config. It is the worked example of
 docs/architecture.md's "Adding a family" checklist, and ``tests/test_family_route.py``
 checks that nothing outside these two files names it.
@@ -24,8 +24,9 @@ from diffusers import DiTTransformer2DModel, DPMSolverMultistepScheduler
 
 from catlab.models.base import Conditioning, with_unconditional
 from catlab.models.tiny import TinyAdapter
-from catlab.pruning.families import FamilySpec, UnsupportedModelError, linear_macs, register_family
-from catlab.registry import models
+from catlab.pruning.families import FamilySpec, UnsupportedModelError, linear_macs
+from catlab.pruning.processors import PrunedSelfAttnProcessor
+from catlab.registry import families, models
 
 
 def dit_macs(t, rows: int, n: int, n_total: int, n_text: int) -> int:
@@ -55,12 +56,13 @@ def check_dit(t) -> None:
             )
 
 
-DIT = register_family(
+DIT = families.register("dit")(
     FamilySpec(
         name="dit",
+        title="DiT",
         transformer_type="DiTTransformer2DModel",
         block_type="BasicTransformerBlock",
-        attentions=(("attn1", "self"),),
+        attentions=(("attn1", PrunedSelfAttnProcessor),),
         macs=dit_macs,
         output_proj="proj_out_2",
         check=check_dit,

@@ -22,9 +22,9 @@ from diffusers import QwenImageTransformer2DModel
 
 from catlab.models.base import Conditioning, ModelAdapter, with_unconditional
 from catlab.models.packed import PackedPipelineAdapter, TinyPackedAdapter, pack, unpack
-from catlab.pruning.families import FamilySpec, UnsupportedModelError, linear_macs, register_family
-from catlab.pruning.processors import _CachedAttention
-from catlab.registry import models
+from catlab.pruning.families import FamilySpec, UnsupportedModelError, linear_macs
+from catlab.pruning.processors import CachedAttention
+from catlab.registry import families, models
 
 
 def rotate_complex(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -48,7 +48,7 @@ def qwen_grid(kwargs: dict) -> tuple[int, int]:
     return int(height), int(width)
 
 
-class PrunedQwenAttnProcessor(_CachedAttention):
+class PrunedQwenAttnProcessor(CachedAttention):
     """A Qwen-Image block's joint attention: k image queries and the text's over the layer's cache."""
 
     carries_text = True
@@ -136,9 +136,10 @@ def check_variant(t) -> None:
         )
 
 
-QWEN_IMAGE = register_family(
+QWEN_IMAGE = families.register("qwen_image")(
     FamilySpec(
         name="qwen_image",
+        title="Qwen-Image",
         transformer_type="QwenImageTransformer2DModel",
         block_type="QwenImageTransformerBlock",
         attentions=(("attn", PrunedQwenAttnProcessor),),

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # annotations only: metrics sit below the sampler
+if TYPE_CHECKING:  # annotations only (the import graph counts them: metrics sit above the sampler)
     from catlab.sampler import Trace
 
-#: the version of the MAC-counting rule (catlab/pruning/families.py's formulas, the selection's MACs, what a
+#: the version of the MAC-counting rule (the formulas of catlab/families/, the selection's MACs, what a
 #: record's ``macs`` include); evaluation records are keyed by it, so raise it whenever a change to that rule
 #: changes a count, and stored records made under the old rule are recomputed instead of averaged in
 MACS_RULE = 1

@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from catlab.pruning.families import UnsupportedModelError, family_of
+
 log = logging.getLogger("catlab")
 
 
@@ -132,10 +134,8 @@ def _raise_recompile_limit(transformer: nn.Module, row_counts: int) -> None:
 
 
 def _blocks(transformer: nn.Module) -> list[nn.Module]:
-    """Every block, in each of the transformer's block lists as its family names them (FLUX: dual-stream, then
+    """Every block, in each of the transformer's block lists as its family names them (dual-stream, then
     single-stream); ``transformer_blocks`` for a transformer of no known family."""
-    from catlab.pruning.families import UnsupportedModelError, family_of
-
     try:
         lists = [kind.attr for kind in family_of(transformer).block_lists()]
     except UnsupportedModelError:

@@ -11,11 +11,14 @@ narrow interventions make it pruned:
    step's token-space output, so the stock unpatchify sees all N tokens.
 
 The caches live in a :class:`~catlab.pruning.buffers.BufferPool` and are written in
-place; the patch-embedding hook and one on the text embedding (SD3's joint attention
+place; the patch-embedding hook and one on the text embedding (a joint attention
 keeps the text's K/V after the image's) bind them and compute the step's write
 positions ahead of the blocks (:meth:`TokenPruner.prepare`). A family with rotary
-positions (FLUX, Qwen-Image) has one more hook, on its rotary embedding: at a pruned
-step it hands the blocks the text rows and the selected tokens' rows of the tables.
+positions has one more hook, on its rotary embedding: at a pruned step it hands the
+blocks the text rows and the selected tokens' rows of the tables.
+
+Everything family-specific (which modules, which processor classes, the MAC
+formula) comes from the transformer's :class:`~catlab.pruning.families.FamilySpec`.
 
 With every token selected this is the stock model, by construction. A step reads
 no tensor value on the host (indices are fixed-size ``(rows, k)`` tensors), so on
@@ -31,8 +34,6 @@ from torch import nn
 
 from catlab.pruning.buffers import BufferPool
 from catlab.pruning.families import FamilySpec, family_of
-from catlab.pruning.flux import PrunedFluxJointProcessor, PrunedFluxSingleProcessor
-from catlab.pruning.processors import PrunedJointAttnProcessor, PrunedSelfAttnProcessor
 from catlab.pruning.state import hook_names
 
 _registry = HookRegistry.check_if_exists_or_initialize
@@ -41,12 +42,6 @@ GATHER_HOOK = "catlab_token_gather"
 SCATTER_HOOK = "catlab_token_scatter"
 TEXT_HOOK = "catlab_token_text"
 ROTARY_HOOK = "catlab_token_rotary"
-PROCESSORS = {
-    "joint": PrunedJointAttnProcessor,
-    "self": PrunedSelfAttnProcessor,
-    "flux_joint": PrunedFluxJointProcessor,
-    "flux_single": PrunedFluxSingleProcessor,
-}
 
 
 class _TextHook(ModelHook):
@@ -82,7 +77,7 @@ class _GatherHook(ModelHook):
 
 class _RotaryHook(ModelHook):
     """After the rotary embedding: at a pruned step, the tables the blocks need for the text and each row's
-    selected image tokens, as the family lays them out (``FamilySpec.select_rotary``; FLUX: ``(rows, L + k, d)``)."""
+    selected image tokens, as the family lays them out (``FamilySpec.select_rotary``)."""
 
     def __init__(self, pruner: TokenPruner):
         super().__init__()
@@ -158,18 +153,14 @@ class TokenPruner:
         _registry(getattr(t, self.spec.output_proj)).register_hook(self._hook(_ScatterHook), SCATTER_HOOK)
         if self.spec.rotary is not None:
             _registry(getattr(t, self.spec.rotary)).register_hook(self._hook(_RotaryHook), ROTARY_HOOK)
-        layer = 0  # counted across the block lists (FLUX: dual-stream blocks, then single-stream)
+        layer = 0  # counted across the block lists (dual-stream blocks, then single-stream ones)
         for blocks in self.spec.block_lists():
             for i, block in enumerate(getattr(t, blocks.attr)):
-                for attr, kind in blocks.attentions:
+                for attr, cls in blocks.attentions:
                     attn = getattr(block, attr, None)
                     if attn is None:
                         continue
-                    cls = PROCESSORS[kind] if isinstance(kind, str) else kind  # a family module's own class
-                    text = getattr(cls, "carries_text", None)  # its K/V hold the text tokens after the image's
-                    if text is None:
-                        text = kind == "joint" and getattr(attn, "add_k_proj", None) is not None
-                    proc = cls(self, layer, f"{blocks.attr}.{i}.{attr}", text)
+                    proc = cls(self, layer, f"{blocks.attr}.{i}.{attr}", cls.holds_text(attn))
                     proc.attn, proc.original = attn, attn.processor
                     self._original_processors[attn] = attn.processor
                     attn.processor = proc
@@ -215,7 +206,7 @@ class TokenPruner:
     def set_bypass(self, on: bool) -> None:
         """Run the next forwards as the stock model, leaving every cache as it is (``on=False`` ends it).
 
-        For a pipeline's extra transformer call within a step (SD3's skip-layer guidance):
+        For a pipeline's extra transformer call within a step (skip-layer guidance):
         its rows and skipped layers do not match the step's caches, so it is not pruned.
         """
         if on == self.bypass:
@@ -312,10 +303,8 @@ class TokenPruner:
         """Extra MACs of materialising the probe layers' attention logits (part of the selection's cost)."""
         if not self.probe_layers:
             return 0
-        attr, kind = self.spec.attentions[0]
-        dim = getattr(self.transformer.transformer_blocks[0], attr).to_q.out_features
-        joint = kind == "joint" or getattr(
-            PROCESSORS.get(kind) if isinstance(kind, str) else kind, "carries_text", False
-        )
-        keys = self.num_tokens + (num_text_tokens if joint else 0)
+        attr, cls = self.spec.attentions[0]
+        attn = getattr(self.transformer.transformer_blocks[0], attr)
+        keys = self.num_tokens + (num_text_tokens if cls.holds_text(attn) else 0)
+        dim = attn.to_q.out_features
         return rows * len(self.probe_layers) * kept * keys * dim

@@ -1,4 +1,4 @@
-"""In-step progressive token pruning (AT-EDM's single-denoising-step pruning), on an SD3-family transformer.
+"""In-step progressive token pruning (AT-EDM's single-denoising-step pruning), in joint-attention blocks.
 
 Unlike :class:`~catlab.pruning.engine.TokenPruner`, which computes one index set per
 step and reuses cached values for the rest, this prunes *inside* one forward and
@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from catlab.pruning.families import UnsupportedModelError
-from catlab.pruning.processors import _project, _split
+from catlab.pruning.families import UnsupportedModelError, family_of, family_specs
+from catlab.pruning.processors import project_heads, split_heads
 from catlab.selection.gwpr import gwpr
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 
 class _RecordingJointAttn:
-    """SD3's joint attention that, when asked, also keeps the image→image probabilities of its active tokens.
+    """A joint text+image attention (image and text projections, no rotary table) that, when asked, also keeps the image→image probabilities of its active tokens.
 
     The image queries are computed explicitly (softmax(QKᵀ)·V, so the map costs nothing
     extra and the MAC counter sees the matmuls); the text queries use SDPA. When not
@@ -61,11 +61,17 @@ class _RecordingJointAttn:
         h = attn.heads
         e = encoder_hidden_states
         key = torch.cat(
-            [_project(attn.to_k, attn.norm_k, hidden_states, h), _project(attn.add_k_proj, attn.norm_added_k, e, h)], 1
+            [
+                project_heads(attn.to_k, attn.norm_k, hidden_states, h),
+                project_heads(attn.add_k_proj, attn.norm_added_k, e, h),
+            ],
+            1,
         ).transpose(1, 2)
-        value = torch.cat([_split(attn.to_v(hidden_states), h), _split(attn.add_v_proj(e), h)], 1).transpose(1, 2)
-        query = _project(attn.to_q, attn.norm_q, hidden_states, h).transpose(1, 2)
-        text_query = _project(attn.add_q_proj, attn.norm_added_q, e, h).transpose(1, 2)
+        value = torch.cat([split_heads(attn.to_v(hidden_states), h), split_heads(attn.add_v_proj(e), h)], 1).transpose(
+            1, 2
+        )
+        query = project_heads(attn.to_q, attn.norm_q, hidden_states, h).transpose(1, 2)
+        text_query = project_heads(attn.add_q_proj, attn.norm_added_q, e, h).transpose(1, 2)
         probs = (torch.matmul(query, key.transpose(-1, -2)) * query.shape[-1] ** -0.5).softmax(-1)
         image_out = torch.matmul(probs.to(value.dtype), value)
         text_out = F.scaled_dot_product_attention(text_query, key, value)
@@ -111,11 +117,16 @@ class InStepPruning:
 
     def _apply(self, transformer: nn.Module) -> None:
         blocks = getattr(transformer, "transformer_blocks", None)
-        sd3 = type(transformer).__name__ == "SD3Transformer2DModel"  # FLUX's dual-stream blocks look alike, rotate
-        if not sd3 or blocks is None or not all(hasattr(b, "attn") and hasattr(b.attn, "add_k_proj") for b in blocks):
+        try:  # rotary families' joint blocks look alike but rotate Q/K: their specs do not declare in_step
+            in_step = family_of(transformer).in_step
+        except UnsupportedModelError:
+            in_step = False
+        if not in_step or not all(hasattr(b, "attn") and hasattr(b.attn, "add_k_proj") for b in blocks):
+            allowed = [s for s in family_specs() if s.in_step]
             raise UnsupportedModelError(
-                f"selector atedm prunes inside SD3-family transformers (the embedded models, SD3, SD3.5); "
-                f"{type(transformer).__name__} is not one: use selector=atedm_reuse"
+                f"selector atedm prunes inside {', '.join(s.title or s.name for s in allowed)}-family transformers "
+                f"({', '.join(s.transformer_type for s in allowed)}); {type(transformer).__name__} is not one: "
+                "use selector=atedm_reuse"
             )
         layers = self.policy.prune_layers
         if max(layers) >= len(blocks) - 1:

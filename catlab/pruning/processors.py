@@ -24,21 +24,23 @@ if TYPE_CHECKING:
     from catlab.pruning.engine import TokenPruner
 
 
-def _split(x: torch.Tensor, heads: int) -> torch.Tensor:
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """``(rows, n, inner)`` → ``(rows, n, heads, d)`` (a view)."""
     rows, n, inner = x.shape
     return x.view(rows, n, heads, inner // heads)
 
 
-def _project(linear, norm, x: torch.Tensor, heads: int) -> torch.Tensor:
+def project_heads(linear, norm, x: torch.Tensor, heads: int) -> torch.Tensor:
     """A Q/K/V projection, optionally QK-normed per head, as ``(rows, n, heads, d)``."""
-    out = _split(linear(x), heads)
+    out = split_heads(linear(x), heads)
     return norm(out) if norm is not None else out
 
 
-class _CachedAttention:
-    """Shared cache handling for both processor kinds.
+class CachedAttention:
+    """One attention layer's K/V cache, and how a pruned step writes and attends over it.
 
+    A family's processor subclasses it and writes ``__call__`` for its attention module:
+    project the k selected tokens (and any text), :meth:`update_cache`, :meth:`attend`.
     The pruner binds this layer's cache buffers (:meth:`bind`) before a full step and
     its flat write positions (:attr:`flat`) before a pruned step, in eager code ahead
     of the blocks, so a compiled block never allocates or looks anything up.
@@ -55,6 +57,15 @@ class _CachedAttention:
         #: the selected tokens' row-major positions in ``keys`` viewed as ``(rows · total, inner)``
         self.flat: torch.Tensor | None = None
         self.heads = 1
+
+    #: the layer's K/V hold the text tokens after the image tokens (joint attention); see :meth:`holds_text`
+    carries_text = False
+
+    @classmethod
+    def holds_text(cls, attn) -> bool:
+        """Whether this processor on ``attn`` keeps text K/V after the image's (a class whose modules differ,
+        text or not, decides per module)."""
+        return cls.carries_text
 
     def reset(self) -> None:
         self.keys = None
@@ -140,37 +151,9 @@ class _CachedAttention:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
 
 
-class PrunedJointAttnProcessor(_CachedAttention):
-    """SD3's joint text+image attention (and SD3.5's image-only ``attn2``), pruned."""
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        rows, n_image, _ = hidden_states.shape
-        h = attn.heads
-        query = _project(attn.to_q, attn.norm_q, hidden_states, h)
-        key = _project(attn.to_k, attn.norm_k, hidden_states, h)
-        value = _split(attn.to_v(hidden_states), h)
-        text_key = text_value = None
-        if encoder_hidden_states is not None:
-            e = encoder_hidden_states
-            text_query = _project(attn.add_q_proj, attn.norm_added_q, e, h)
-            text_key = _project(attn.add_k_proj, attn.norm_added_k, e, h)
-            text_value = _split(attn.add_v_proj(e), h)
-            query = torch.cat([query, text_query], dim=1)
-        key, value = self.update_cache(key, value, text_key, text_value)
-
-        out = self.attend(attn, query.transpose(1, 2), key, value, n_image)
-        out = out.transpose(1, 2).reshape(rows, -1, h * out.shape[-1]).to(hidden_states.dtype)
-        image_out = attn.to_out[1](attn.to_out[0](out[:, :n_image]))
-        if encoder_hidden_states is None:
-            return image_out
-        context_out = out[:, n_image:]
-        if not attn.context_pre_only:
-            context_out = attn.to_add_out(context_out)
-        return image_out, context_out
-
-
-class PrunedSelfAttnProcessor(_CachedAttention):
-    """Plain self-attention over image tokens (PixArt's ``attn1``), pruned."""
+class PrunedSelfAttnProcessor(CachedAttention):
+    """Plain self-attention over image tokens, pruned: the generic processor of a family whose image
+    attention takes no text and no mask (a cross-attention to the text then runs stock on k queries)."""
 
     def __call__(
         self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
@@ -179,9 +162,9 @@ class PrunedSelfAttnProcessor(_CachedAttention):
             raise RuntimeError(f"{self.name}: pruned self-attention takes no encoder states or mask")
         rows, n_image, _ = hidden_states.shape
         h = attn.heads
-        query = _project(attn.to_q, attn.norm_q, hidden_states, h)
-        key = _project(attn.to_k, attn.norm_k, hidden_states, h)
-        key, value = self.update_cache(key, _split(attn.to_v(hidden_states), h))
+        query = project_heads(attn.to_q, attn.norm_q, hidden_states, h)
+        key = project_heads(attn.to_k, attn.norm_k, hidden_states, h)
+        key, value = self.update_cache(key, split_heads(attn.to_v(hidden_states), h))
         out = self.attend(attn, query.transpose(1, 2), key, value, n_image)
         out = out.transpose(1, 2).reshape(rows, n_image, -1).to(hidden_states.dtype)
         out = attn.to_out[1](attn.to_out[0](out))

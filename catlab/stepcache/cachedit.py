@@ -8,12 +8,11 @@ A wrapper builds cache-dit's own config and calls cache-dit's own API::
     cache_dit.enable_cache(BlockAdapter(transformer=t, blocks=t.transformer_blocks, forward_pattern=...),
                            cache_config=DBCacheConfig(...), calibrator_config=...)
 
-with the block layout of the family: SD3's ``JointTransformerBlock`` takes
-``(hidden_states, encoder_hidden_states, ...)`` and returns
-``(encoder_hidden_states, hidden_states)`` (``ForwardPattern.Pattern_1``, as
-cache-dit's own SD3 adapter); PixArt's ``BasicTransformerBlock`` takes
-``hidden_states`` with the text as a keyword and returns ``hidden_states`` only
-(``Pattern_3``). The embedded model is an SD3 transformer.
+with the block layout of the family: each family's spec names the ``ForwardPattern``
+of its blocks (``FamilySpec.cache_dit_pattern``: ``Pattern_1`` for blocks that take
+``(hidden_states, encoder_hidden_states, ...)`` and return
+``(encoder_hidden_states, hidden_states)``, ``Pattern_3`` for blocks that take
+``hidden_states`` with the text as a keyword and return ``hidden_states`` only).
 
 cache-dit is imported only when a component is built: catlab imports and runs
 without it, and a config that needs it fails before any compute with one line
@@ -41,19 +40,16 @@ from typing import ClassVar
 from torch import nn
 
 from catlab.capabilities import Capability
+from catlab.pruning.families import UnsupportedModelError, family_of, family_specs
 from catlab.stepcache.base import StepCache, StepCacheError, stepcaches
 
 INSTALL = 'pip install "catlab[peers]"'
 
-#: catlab family name -> cache-dit ForwardPattern of its transformer blocks
-PATTERNS = {"sd3": "Pattern_1", "pixart": "Pattern_3", "flux": "Pattern_1"}
 CALIBRATORS = ("taylorseer", "foca", "dmd")
 
 
 def _block_lists(transformer: nn.Module) -> list[nn.Module]:
-    """The transformer's block lists, in the order its forward runs them (FLUX: dual-, then single-stream)."""
-    from catlab.pruning.families import family_of
-
+    """The transformer's block lists, in the order its forward runs them (dual-, then single-stream)."""
     return [getattr(transformer, kind.attr) for kind in family_of(transformer).block_lists()]
 
 
@@ -151,8 +147,6 @@ class _CacheDit(StepCache):
 
     # -- apply / reset / remove ---------------------------------------------------------------
     def _pattern(self, transformer: nn.Module):
-        from catlab.pruning.families import UnsupportedModelError, family_of
-
         try:
             family = family_of(transformer)
         except UnsupportedModelError as err:
@@ -163,11 +157,12 @@ class _CacheDit(StepCache):
                 f"{self.name}: first_blocks + last_blocks = {self.first_blocks + self.last_blocks} "
                 f"exceeds the {len(blocks)} blocks of this {type(transformer).__name__}"
             )
-        name = family.cache_dit_pattern or PATTERNS.get(family.name)
+        name = family.cache_dit_pattern
         if name is None:
+            known = ", ".join(s.name for s in family_specs() if s.cache_dit_pattern)
             raise StepCacheError(
                 f"{self.name}: no cache-dit block pattern is known for {type(transformer).__name__} "
-                f"(FamilySpec.cache_dit_pattern); known: {', '.join(sorted(PATTERNS))}"
+                f"(FamilySpec.cache_dit_pattern); families with one: {known}"
             )
         return name, getattr(cache_dit_module(self.name).ForwardPattern, name)
 

@@ -1,4 +1,12 @@
-"""PixArt-family adapters: the real PixArt-Σ pipeline and a tiny random-weight one."""
+"""PixArt-Σ, one module: its pruning spec, its MACs and its adapters.
+
+PixArt's transformer (``PixArtTransformer2DModel``) runs ``BasicTransformerBlock``\\ s
+with ``ada_norm_single`` (one timestep modulation shared by the blocks): image
+self-attention (``attn1``), then cross-attention to the T5 text (``attn2``), then the
+MLP. Pruned, the self-attention takes catlab's generic processor (the k selected
+queries over the layer's cache of every image token's K/V); the cross-attention runs
+stock on the k queries. The output is ``2·C`` channels (learned sigma).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +14,52 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
+from torch import nn
 
 from catlab.models.base import Conditioning, ModelAdapter, PipelineAdapter
 from catlab.models.tiny import TinyAdapter
-from catlab.registry import models
+from catlab.pruning.families import FamilySpec, UnsupportedModelError, conv_macs, linear_macs
+from catlab.pruning.processors import PrunedSelfAttnProcessor
+from catlab.registry import families, models
+
+
+def pixart_macs(t: nn.Module, rows: int, n: int, n_total: int, n_text: int) -> int:
+    """One PixArt forward with ``n`` of ``n_total`` image tokens recomputed and ``n_text`` text tokens."""
+    per_row = conv_macs(t, n_total) + linear_macs(t.adaln_single) + n_text * linear_macs(t.caption_projection)
+    for blk in t.transformer_blocks:
+        a1, a2 = blk.attn1, blk.attn2
+        per_row += n * (linear_macs(a1.to_q) + linear_macs(a1.to_k) + linear_macs(a1.to_v) + linear_macs(a1.to_out[0]))
+        per_row += 2 * n * n_total * a1.to_q.out_features
+        per_row += n * (linear_macs(a2.to_q) + linear_macs(a2.to_out[0]))
+        per_row += n_text * (linear_macs(a2.to_k) + linear_macs(a2.to_v))
+        per_row += 2 * n * n_text * a2.to_q.out_features
+        per_row += n * linear_macs(blk.ff)
+    per_row += n * linear_macs(t.proj_out)
+    return rows * per_row
+
+
+def check_pixart(t: nn.Module) -> None:
+    """PixArt's own block layout: ``ada_norm_single`` with self-attention and cross-attention."""
+    for index, block in enumerate(t.transformer_blocks):
+        if getattr(block, "norm_type", None) != "ada_norm_single" or block.attn2 is None or block.only_cross_attention:
+            raise UnsupportedModelError(
+                f"block {index}: PixArt pruning needs BasicTransformerBlock(norm_type='ada_norm_single') "
+                "with self-attention (attn1) and cross-attention (attn2)"
+            )
+
+
+PIXART = families.register("pixart")(
+    FamilySpec(
+        name="pixart",
+        title="PixArt-Σ",
+        transformer_type="PixArtTransformer2DModel",
+        block_type="BasicTransformerBlock",
+        attentions=(("attn1", PrunedSelfAttnProcessor),),
+        macs=pixart_macs,
+        cache_dit_pattern="Pattern_3",  # blocks take the hidden states and return them
+        check=check_pixart,
+    )
+)
 
 
 def _pixart_predict(adapter: ModelAdapter, latents, timestep, cond: Conditioning) -> torch.Tensor:
