@@ -7,6 +7,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from catlab.registry import Named
+
 
 @dataclass(frozen=True)
 class Column:
@@ -26,7 +28,7 @@ class Column:
 
 
 @dataclass
-class Metric:
+class Metric(Named):
     """A per-image metric. ``needs_reference``: it compares against the full model's image.
 
     ``unavailable()`` returns a one-line reason when the metric cannot run here
@@ -43,10 +45,6 @@ class Metric:
     def cell(cls, value: float | None) -> str:
         """A table cell for ``value`` ("–" when not measured)."""
         return "–" if value is None else cls.column.fmt.format(value)
-
-    @property
-    def name(self) -> str:
-        return getattr(type(self), "registered_name", type(self).__name__)
 
     def unavailable(self, context: dict[str, Any]) -> str | None:
         return None

@@ -6,7 +6,7 @@ compiles with ``fullgraph=True``; the tests check it). What is compiled is each
 transformer block, in place, as diffusers' regional compilation does:
 
 * blocks of one kind share one compiled graph, so compile time does not grow
-  with depth (SD3-medium's 24 blocks compile like one);
+  with depth (24 blocks of one kind compile like one);
 * the hooks outside the blocks (the token gather and scatter, the policy hook of
   :func:`~catlab.pruning.enable_pruning`) stay eager, so a new
   :class:`~catlab.pruning.TokenPruner` per generation does not invalidate the
@@ -26,9 +26,9 @@ each block's replay of an inductor CUDA graph would overwrite the previous block
 output. ``max-autotune-no-cudagraphs`` is the autotuned mode that composes.
 
 Each block kind needs one compiled graph per (block variant, full or pruned step,
-row count): SD3's last block (``context_pre_only``) is a second variant, the first
-block's input has other strides than the later blocks', and every batch size is
-another row count. Past dynamo's recompile limit (8 by default) a block would fall
+row count): a last block that drops the text stream (``context_pre_only``) is a
+second variant, the first block's input has other strides than the later blocks',
+and every batch size is another row count. Past dynamo's recompile limit (8 by default) a block would fall
 back to eager without a word, so :func:`compile_pruned` raises the limit to what
 the transformer needs for ``row_counts`` batch sizes (it never lowers it).
 """

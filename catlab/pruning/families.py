@@ -87,7 +87,7 @@ class FamilySpec:
     #: the blocks are joint text+image attention blocks without rotary positions, so a selector that prunes
     #: inside one forward (``atedm``) may record and drop tokens in them
     in_step: bool = False
-    #: how messages name the family ("SD3", "PixArt-Σ"; empty: ``name``)
+    #: how messages name the family (its usual written name; empty: ``name``)
     title: str = ""
     #: refuses, with an :class:`UnsupportedModelError`, a variant of the transformer the spec cannot prune
     check: Callable[[nn.Module], None] | None = None

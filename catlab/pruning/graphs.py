@@ -1,6 +1,6 @@
 """Graphed execution: the transformer's full and pruned forwards replayed from captured CUDA graphs.
 
-At batch 1 a pruned step of SD3 or PixArt-Σ on a current GPU launches thousands
+At batch 1 a pruned step of a 1024² model on a current GPU launches thousands
 of small kernels; the host, not the GPU, sets the pace. Capturing the whole
 forward (gather, blocks, cache writes, scatter) once per *shape key* and
 replaying it makes a step one launch::

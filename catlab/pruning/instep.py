@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 
 
 class _RecordingJointAttn:
-    """A joint text+image attention (image and text projections, no rotary table) that, when asked, also keeps the image→image probabilities of its active tokens.
+    """A joint text+image attention (no rotary table) that, when asked, also keeps the image→image
+    probabilities of its active tokens.
 
     The image queries are computed explicitly (softmax(QKᵀ)·V, so the map costs nothing
     extra and the MAC counter sees the matmuls); the text queries use SDPA. When not

@@ -25,11 +25,11 @@ from typing import ClassVar
 import torch
 
 from catlab.capabilities import Capability
-from catlab.registry import reuses  # noqa: F401  (re-exported: catlab.reuse.reuses)
+from catlab.registry import Named, reuses  # noqa: F401  (reuses re-exported: catlab.reuse.reuses)
 
 
 @dataclass
-class Reuse:
+class Reuse(Named):
     """Base of every reuse rule: holds nothing, returns the engine's output unchanged.
 
     ``capabilities``: ``ROW_WISE`` when each batch row is composed alone (linear in the
@@ -55,10 +55,6 @@ class Reuse:
     ) -> torch.Tensor:
         """The output to use at ``step``: fresh at ``indices``, reused (by this rule) elsewhere."""
         return output
-
-    @property
-    def name(self) -> str:
-        return getattr(type(self), "registered_name", type(self).__name__)
 
 
 def unpatchify(tokens: torch.Tensor, patch: int, height: int, width: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 
 from catlab.capabilities import Capability
+from catlab.registry import Named
 
 
 @dataclass
@@ -57,7 +58,7 @@ def kept_tokens(alpha: float, num_tokens: int) -> int:
 
 
 @dataclass
-class Policy:
+class Policy(Named):
     """Base of every selector: the pruning schedule plus the selection hooks.
 
     ``alpha`` is the fraction of image tokens kept (recomputed) at a pruned step;
@@ -86,10 +87,6 @@ class Policy:
             raise ValueError(f"alpha must be in (0, 1] (the fraction of tokens kept); got {self.alpha}")
         if int(self.start_step) < 0:
             raise ValueError(f"start_step must be >= 0; got {self.start_step}")
-
-    @property
-    def name(self) -> str:
-        return getattr(type(self), "registered_name", type(self).__name__)
 
     def check(self, num_steps: int) -> None:
         """Fail before any compute if the schedule cannot work with ``num_steps``."""

@@ -22,7 +22,7 @@ from diffusers.hooks import HookRegistry
 from torch import nn
 
 from catlab.capabilities import Capability
-from catlab.registry import stepcaches  # noqa: F401  (re-exported: catlab.stepcache.stepcaches)
+from catlab.registry import Named, stepcaches  # noqa: F401  (stepcaches re-exported: catlab.stepcache.stepcaches)
 from catlab.stepcache.diffusers_private import CacheContext, _set_cache_context
 
 
@@ -31,7 +31,7 @@ class StepCacheError(RuntimeError):
 
 
 @dataclass
-class StepCache:
+class StepCache(Named):
     """Base wrapper: subclasses set :attr:`hook_names` and implement :meth:`_apply`."""
 
     #: names of the diffusers hooks this cache registers (removed by :meth:`remove`)
@@ -48,10 +48,6 @@ class StepCache:
     @property
     def needs_calibration(self) -> bool:
         return Capability.NEEDS_CALIBRATION in self.capabilities
-
-    @property
-    def name(self) -> str:
-        return getattr(type(self), "registered_name", type(self).__name__)
 
     @property
     def is_applied(self) -> bool:
