@@ -8,10 +8,10 @@ The pieces a user reaches for first::
     result = catlab.sample(adapter, policy, prompts, seeds)   # catlab's own loop
 """
 
-import catlab.families  # noqa: F401,E402  (families added as one module each: Qwen-Image)
+import catlab.families  # noqa: F401,E402  (one module per transformer family: its spec and its adapters)
 import catlab.loggers  # noqa: F401,E402
 import catlab.metrics  # noqa: F401,E402
-import catlab.models  # noqa: F401,E402  (register the built-in adapters)
+import catlab.models  # noqa: F401,E402  (the embedded model's adapter)
 import catlab.prompts  # noqa: F401,E402
 import catlab.reuse  # noqa: F401,E402  (reuse rules)
 import catlab.selection  # noqa: F401,E402  (register the built-in selectors)
