@@ -48,6 +48,26 @@ def test_nothing_outside_the_module_and_its_yaml_names_the_family():
     assert all(pattern.search(p.read_text()) for p in own)  # the check can see a mention
 
 
+def test_the_pruning_engine_names_no_family():
+    """``catlab/pruning/`` is family-agnostic: every family's names, classes and processors live in its module."""
+    from catlab.pruning import family_specs
+
+    words = {"SD3", "PixArt", "FLUX", "Flux", "Qwen", "DiT"}
+    for spec in family_specs():
+        words |= {spec.name, spec.title, spec.transformer_type}
+        words |= {b.block_type for b in spec.extra_blocks} | {cls.__name__ for _, cls in spec.attentions}
+    words -= {"", "PrunedSelfAttnProcessor", "BasicTransformerBlock"}  # the generic processor; diffusers' block
+    pattern = re.compile(r"\b(" + "|".join(sorted(map(re.escape, words))) + r")\b")
+    found = {
+        f"{p.relative_to(ROOT)}:{i}": line.strip()
+        for p in sorted((ROOT / "catlab" / "pruning").glob("*.py"))
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line.replace("cache-dit", "cache_dit"))  # the library, not the family
+    }
+    assert found == {}
+    assert pattern.search("runs on FluxTransformer2DModel") and pattern.search("an sd3 spec")
+
+
 def test_the_family_is_found_from_its_own_module(dit):
     from catlab.families.dit import DIT
     from catlab.pruning.processors import PrunedSelfAttnProcessor
@@ -113,9 +133,8 @@ def test_other_blocks_are_refused_by_name():
 
 def test_a_family_check_lives_in_its_spec():
     """PixArt's block layout is checked by its spec's own ``check``, not by a branch of the shared code."""
-    from catlab.families.pixart import TinyPixArt
+    from catlab.families.pixart import PIXART, TinyPixArt, check_pixart
     from catlab.pruning import UnsupportedModelError
-    from catlab.families.pixart import PIXART, check_pixart
 
     assert PIXART.check is check_pixart
     t = TinyPixArt(height=16, width=16, num_layers=2, num_heads=2, head_dim=16, text_dim=24).transformer

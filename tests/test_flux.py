@@ -7,8 +7,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from catlab.pruning import TokenPruner, family_of
 from catlab.families.flux import flux_macs_by_kind, rotate
+from catlab.pruning import TokenPruner, family_of
 from catlab.sampler import SamplerConfig, sample
 from catlab.selection.simple import Full, Random
 from tests.family_checks import assert_macs_match_the_flop_counter, assert_wrong_rotary_gather_is_caught, forward, perm
