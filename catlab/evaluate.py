@@ -148,9 +148,9 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
     if world > 1 and str(model_cfg.get("device", "cpu")).startswith("cuda"):
         model_cfg = {**model_cfg, "device": f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"}
     adapter = build_model(model_cfg)  # refuses a size the model cannot take
-    for _, (policy, _) in resolved:
+    for _, (policy, parts) in resolved:
         check_clusters(policy, adapter.grid[0] * adapter.grid[1])
-        check_model_fits(adapter.transformer, policy)
+        check_model_fits(adapter.transformer, policy, parts)
     store = ResultStore(Path(cfg.store_dir) if cfg.store_dir else out / "store")
     weights = adapter.fingerprint()  # a retrained checkpoint must not meet the old one's references or records
     model_key = {**plain(cfg.model), "weights": weights} if weights else plain(cfg.model)

@@ -23,6 +23,7 @@ from catlab.planner import StepKind, StepPlan
 from catlab.pruning.families import patchify
 from catlab.pruning.graphs import generation_counts
 from catlab.pruning.sync_check import no_host_sync
+from catlab.registry import selectors
 from catlab.reuse.base import Reuse, unpatchify
 from catlab.selection.base import Policy
 from catlab.stepcache.base import StepCache
@@ -135,11 +136,35 @@ def sample(
         count_macs=cfg.count_macs,
         check_indices=cfg.check_indices,
     )
+    return generate(adapter, session, prompts, seeds, cfg)
+
+
+@torch.inference_mode()
+def generate(
+    adapter: ModelAdapter,
+    session: PruningSession,
+    prompts: list[str],
+    seeds: list[int],
+    config: SamplerConfig | None = None,
+) -> SampleResult:
+    """:func:`sample` with a session already assembled (and so checked) on ``adapter.transformer``.
+
+    A run of many batches assembles its session once and generates each batch here; the
+    session is attached for the generation and detached after it.
+
+    Args:
+        adapter: the model adapter whose transformer ``session`` was built on.
+        session: the run's :class:`~catlab.assembly.PruningSession`.
+        prompts: one prompt per image.
+        seeds: one seed per image.
+        config: the sampler settings (default :class:`SamplerConfig`); those the session
+            was built with (CUDA graphs, MAC counting, index checks) are the session's.
+    """
     with session:
-        return _loop(_Run(adapter, cfg, session), prompts, seeds)
+        return _loop(_Generation(adapter, config or SamplerConfig(), session), prompts, seeds)
 
 
-def _loop(run: _Run, prompts: list[str], seeds: list[int]) -> SampleResult:
+def _loop(run: _Generation, prompts: list[str], seeds: list[int]) -> SampleResult:
     adapter, cfg, session = run.adapter, run.cfg, run.session
     scheduler = adapter.make_scheduler()
     scheduler.set_timesteps(cfg.num_steps, device=adapter.torch_device)
@@ -182,7 +207,7 @@ def _loop(run: _Run, prompts: list[str], seeds: list[int]) -> SampleResult:
     return run.finish(trace, latents)
 
 
-class _Run:
+class _Generation:
     """One generation of :func:`sample`: the loop's side of the assembly (guidance, timing, images)."""
 
     def __init__(self, adapter: ModelAdapter, cfg: SamplerConfig, session: PruningSession):
@@ -290,8 +315,6 @@ def calibrate(
     """Give a cache that needs it (``mag_cache``) its calibration: one full generation of this batch."""
     if not step_cache.needs_calibration or step_cache.calibrated:
         return
-    from catlab.registry import selectors
-
     full = replace(config or SamplerConfig(), progress=False, check_sync=False)
     if getattr(step_cache, "num_steps", 0) is None:
         step_cache.num_steps = full.num_steps  # a cache built outside a run takes this one's

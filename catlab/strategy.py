@@ -15,7 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from catlab.assembly import StepReuse
+from catlab.builders import ConfigError, build_step_cache, plain
 from catlab.hashing import config_hash
+from catlab.registry import config_fields, reuses, selectors
+from catlab.selection.base import Policy
 
 #: component kinds a selector may take as parts: the top-level group reaches the selector when its
 #: dataclass has a field of that name, its class lists the kind in ``group_parts`` (all, unless it
@@ -43,24 +47,19 @@ class Strategy:
         extra = {k: v for k, v in (("stepcache", self.stepcache), ("kv", self.kv)) if v}
         return config_hash({"selector": self.selector, "parts": self.parts, "reuse": self.reuse, **extra, **context})
 
-    def build(self, sampler_cfg):
-        """``(policy, StepReuse(rule, kv, step_cache))``, checked against the sampler settings."""
-        from catlab.assembly import CompositionError, StepReuse, check_composition
-        from catlab.builders import ConfigError, build_step_cache
-        from catlab.registry import reuses, selectors
+    def build(self, sampler_cfg) -> tuple[Policy, StepReuse]:
+        """``(policy, StepReuse(rule, kv, step_cache))``, each part checked against the sampler settings.
 
+        Whether the parts run together is checked once, where the run is assembled
+        (:func:`catlab.builders.assemble`, :class:`~catlab.assembly.PruningSession`).
+        """
         policy = selectors.build(self.selector, **self.parts)
         policy.check(sampler_cfg.num_steps)
-        cache = build_step_cache(self.stepcache, policy, sampler_cfg)
         parts = StepReuse(
             rule=reuses.build(self.reuse) if self.reuse else None,
             kv=reuses.build(self.kv) if self.kv else None,
-            step_cache=cache,
+            step_cache=build_step_cache(self.stepcache, sampler_cfg),
         )
-        try:  # the assembly's one check of the composition, before any compute
-            check_composition(policy, parts)
-        except CompositionError as err:
-            raise ConfigError(str(err)) from None
         return policy, parts
 
 
@@ -70,9 +69,6 @@ def resolve_strategy(spec: Any, groups: Any) -> Strategy:
 
     Keys the spec sets itself win over the top-level groups.
     """
-    from catlab.builders import ConfigError, plain
-    from catlab.registry import config_fields, selectors
-
     spec = {"name": spec} if isinstance(spec, str) else dict(plain(spec) or {})
     given = dict(spec)
     if "name" not in spec:
