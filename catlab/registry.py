@@ -147,6 +147,30 @@ def config_fields(cls: Callable[..., Any]) -> list[str]:
     return [p.name for p in sig.parameters.values() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
+def config_defaults(cls: Callable[..., Any]) -> dict[str, Any]:
+    """The default of each keyword argument a component accepts that is plain data (numbers, strings, lists,
+    mappings): a dataclass field's ``default`` or ``default_factory()``, or the signature's."""
+    if dataclasses.is_dataclass(cls):
+        found = {}
+        for f in dataclasses.fields(cls):
+            if f.init and f.default is not dataclasses.MISSING:
+                found[f.name] = f.default
+            elif f.init and f.default_factory is not dataclasses.MISSING:
+                found[f.name] = f.default_factory()
+    else:
+        params = inspect.signature(cls).parameters.values()
+        found = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    return {k: v for k, v in found.items() if _plain(v)}
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain(x) for x in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _plain(x) for k, x in value.items())
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
 scorers = Registry("scorer")
 stalenesses = Registry("staleness")
 clusterers = Registry("clusterer")
