@@ -95,6 +95,18 @@ class Registry:
         self._entries: dict[str, Callable[..., Any]] = {}
 
     def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """A class decorator that registers a component under ``name``.
+
+        Args:
+            name: the name configs and :meth:`build` use (``selector=name``, ``{"name": name}``).
+
+        Returns:
+            The decorator; it sets ``registered_name`` on the class and returns the class unchanged.
+
+        Raises:
+            ComponentError: another class is registered under ``name`` already.
+        """
+
         def deco(obj: Callable[..., Any]) -> Callable[..., Any]:
             if name in self._entries and self._entries[name] is not obj:
                 raise ComponentError(f"{self.kind} '{name}' is registered twice")
@@ -105,6 +117,11 @@ class Registry:
         return deco
 
     def names(self, pattern: str = "*") -> list[str]:
+        """The registered names, sorted, plugins included.
+
+        Args:
+            pattern: a shell-style pattern the names must match (``"cat*"``); all by default.
+        """
         load_plugins()
         return sorted(n for n in self._entries if fnmatch.fnmatch(n, pattern))
 
@@ -112,6 +129,14 @@ class Registry:
         return name in self.names()
 
     def get(self, name: str) -> Callable[..., Any]:
+        """The component class registered under ``name`` (plugins are loaded when it is not built in).
+
+        Args:
+            name: a registered name.
+
+        Raises:
+            ComponentError: no component has that name; the message lists those that do.
+        """
         if name not in self._entries:
             load_plugins()
         if name not in self._entries:
@@ -120,9 +145,19 @@ class Registry:
         return self._entries[name]
 
     def build(self, cfg: Mapping[str, Any] | str, **extra: Any) -> Any:
-        """Build from ``{"name": ..., **params}`` (or a bare name), checking the params.
+        """Build a component from its config, checking the keys before any compute.
 
-        Unknown keys fail here, before any compute, with the allowed keys named.
+        Args:
+            cfg: ``{"name": ..., **params}`` (the component's dataclass fields), or a bare name
+                for its defaults, e.g. ``selectors.build({"name": "cat", "alpha": 0.3})``.
+            **extra: more keyword arguments for the component (a selector's parts, say).
+
+        Returns:
+            The built component.
+
+        Raises:
+            ComponentError: no ``name``, an unknown name, or keys the component does not take
+                (the message names the key and the allowed ones).
         """
         if isinstance(cfg, str):
             cfg = {"name": cfg}

@@ -31,7 +31,18 @@ from catlab.stepcache.base import StepCache
 
 @dataclass
 class SamplerConfig:
-    """How to denoise. ``guidance_scale <= 1`` disables classifier-free guidance."""
+    """How to denoise: the settings of :func:`sample` (and of ``sampler.*`` on the command line).
+
+    Args:
+        num_steps: denoising steps (the paper's N = 28).
+        guidance_scale: classifier-free guidance scale; ``<= 1`` disables guidance.
+        progress: a progress bar per generation, when stderr is a terminal.
+        check_indices: check every index tensor (shape, range, uniqueness); a host sync per step.
+        sync_timing: synchronise the device around each step so per-step times are exact.
+        check_sync: fail on any host synchronisation in a pruned step (slow: for tests).
+        count_macs: count the MACs that really ran instead of the analytic formula.
+        cuda_graphs: replay the transformer's forwards from captured CUDA graphs where it can.
+    """
 
     num_steps: int = 28
     guidance_scale: float = 7.0
@@ -116,14 +127,29 @@ def sample(
 ) -> SampleResult:
     """Generate one image per (prompt, seed) with ``policy`` choosing the recomputed tokens.
 
-    ``reuse`` is a reuse rule for the unselected tokens or a :class:`StepReuse` (rule,
-    K/V rule, step cache); the policy always observes the output as computed. A step
+    The selector always observes the output as computed. A step
     whose budget is 0 tokens (a ``budget_schedule`` pattern) calls no transformer:
     every token's output is the reuse rule's forecast, or the previous step's.
     With a step cache, the MACs that really ran are counted, the steps it forecasts
     ask the policy nothing, and the reuse rule acts inside the transformer (so the
     cache records forecasts, not stale copies). A cache that needs calibration
     (``mag_cache``) must have it first: :func:`calibrate`.
+
+    Args:
+        adapter: the model adapter (``catlab.models.build({"name": "sd3", ...})``).
+        policy: a built selector (``catlab.selectors.build(...)``).
+        prompts: one prompt per image.
+        seeds: one seed per image (the initial noise).
+        config: the sampler settings; :class:`SamplerConfig`'s defaults when ``None``.
+        reuse: a reuse rule for the unselected tokens, or a :class:`StepReuse` (rule, K/V
+            rule, step cache); ``None``: their last computed values.
+
+    Returns:
+        A :class:`SampleResult`: the images ``(B, 3, H, W)`` in ``[0, 1]``, the final latents and the
+        :class:`Trace` (indices, MACs and times per step).
+
+    Raises:
+        CompositionError: the parts cannot run together (checked before any compute).
     """
     cfg = config or SamplerConfig()
     parts = reuse if isinstance(reuse, StepReuse) else StepReuse(rule=reuse)
