@@ -72,3 +72,41 @@ def test_every_experiments_strategies_have_distinct_labels_and_folders(experimen
     folders = {folder_name(s.label, s.key({})) for s in strategies}
     assert len(labels) == len(keys) == len(folders), experiment
     assert all(_safe(f) for f in folders)
+
+
+@pytest.mark.slow
+def test_an_evaluation_keeps_each_strategys_images_apart(tmp_path):
+    """The pair that once shared images/ and samples_*.png, evaluated: one folder and one grid each, none nested."""
+    from catlab.evaluate import run
+
+    pair = ",".join(
+        f"{{name:cat,alpha:{a},start_step:2,reuse:taylor,stepcache:{{name:taylorseer,cache_interval:2}}}}"
+        for a in (0.6, 0.5)
+    )
+    overrides = [
+        "model=tiny_sd3",
+        "model.num_layers=2",
+        "model.height=16",
+        "model.width=16",
+        "sampler.num_steps=5",
+        f"strategies=[{pair}]",
+        "batch_size=2",
+        "prompts.prompts=[a red circle,a blue square]",
+        "metrics=[psnr]",
+        f"cache_dir={tmp_path / 'cache'}",
+        "diagnostics=false",
+        "logger=local",
+        "clusterer=grid",
+    ]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=overrides)
+    out = tmp_path / "out"
+    out.mkdir()
+    rows = run(cfg, out)
+    labels = [r["method"] for r in rows]
+    assert len(set(labels)) == len(labels) == 3 and labels[1] != labels[2]
+    folders = sorted(p for p in (out / "images").iterdir())
+    assert len(folders) == 3 and all(_safe(p.name) for p in folders)
+    names = {tuple(sorted(f.name for f in p.iterdir())) for p in folders}
+    assert len(names) == 1 and len(names.pop()) == 2 and all(f.suffix == ".png" for p in folders for f in p.iterdir())
+    assert len(list(out.glob("samples_*.png"))) == 3
