@@ -14,7 +14,6 @@ from catlab.pruning.families import UnsupportedModelError
 from catlab.registry import ComponentError, models, stepcaches
 from catlab.sampler import SamplerConfig
 from catlab.selection.base import Policy
-from catlab.stepcache import StepCacheError
 
 
 class ConfigError(ValueError):
@@ -152,11 +151,7 @@ def assemble(transformer: nn.Module, policy: Policy, parts: StepReuse, sampler_c
         )
         with session:
             pass
-    except CompositionError as err:
-        raise ConfigError(str(err)) from None
-    except StepCacheError:
-        raise
-    except (UnsupportedModelError, ValueError) as err:
+    except (CompositionError, UnsupportedModelError, ValueError) as err:  # a step cache's own failure stays one
         raise ConfigError(str(err)) from None
     return session
 
