@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
+from torch import nn
 
-from catlab.registry import ComponentError, models
+from catlab.assembly import CompositionError, PruningSession, StepReuse
+from catlab.pruning.families import UnsupportedModelError
+from catlab.registry import ComponentError, models, stepcaches
+from catlab.sampler import SamplerConfig
 from catlab.selection.base import Policy
 
 
@@ -19,37 +25,28 @@ def plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-def build_step_cache(spec: Any, policy: Policy, sampler_cfg):
-    """A :mod:`catlab.stepcache` wrapper from a name or mapping (``None``: no cache), checked against the run.
+def build_step_cache(spec: Any, sampler_cfg: SamplerConfig):
+    """A :mod:`catlab.stepcache` wrapper from a name or mapping (``None``: no cache), for the run's sampler.
 
-    Fails before compute where the cache cannot work: an unknown cache or key, a
-    ``num_steps`` that is not the sampler's, or token pruning inside a cache that
-    compares block residuals between steps.
+    Fails at once on an unknown cache or key, or a ``num_steps`` that is not the
+    sampler's. Whether it composes with the selector is the assembly's check
+    (:func:`assemble`).
     """
     spec = plain(spec)
     if spec is None:
         return None
-    from catlab.assembly import CompositionError, StepReuse, check_composition
-    from catlab.stepcache import stepcaches
-
     cache = stepcaches.build(spec)
     steps = getattr(cache, "num_steps", None)
     if hasattr(cache, "num_steps") and steps is None:
         cache.num_steps = int(sampler_cfg.num_steps)  # null: the run's
     elif steps is not None and int(steps) != int(sampler_cfg.num_steps):
         raise ConfigError(f"stepcache.num_steps={steps} must equal sampler.num_steps={sampler_cfg.num_steps}")
-    try:
-        check_composition(policy, StepReuse(step_cache=cache))
-    except CompositionError as err:
-        raise ConfigError(str(err)) from None
     return cache
 
 
 def set_threads(threads: int | None) -> None:
     """Pin torch's CPU thread count when asked (``threads: null`` leaves torch's default)."""
     if threads is not None:
-        import torch
-
         if int(threads) < 1:
             raise ConfigError(f"threads must be >= 1 or null; got {threads}")
         torch.set_num_threads(int(threads))
@@ -108,10 +105,6 @@ def check_seeds(seeds, key: str) -> None:
 
 def sampler_config(node):
     """The :class:`~catlab.sampler.SamplerConfig` of a run, saying once when guidance is off."""
-    import logging
-
-    from catlab.sampler import SamplerConfig
-
     sampler_cfg = SamplerConfig(**plain(node))
     if float(sampler_cfg.guidance_scale) <= 1.0:
         logging.getLogger("catlab").info(
@@ -132,21 +125,40 @@ def check_clusters(policy, num_tokens: int) -> None:
             )
 
 
-def check_model_fits(transformer, policy) -> None:
-    """Put the policy's pruning parts on ``transformer`` and take them off again, before any compute.
+def assemble(transformer: nn.Module, policy: Policy, parts: StepReuse, sampler_cfg: SamplerConfig) -> PruningSession:
+    """The run's one :class:`~catlab.assembly.PruningSession`, checked before any compute.
 
-    A model the selector cannot prune (in-step AT-EDM on PixArt, a transformer of no known
-    family) or a setting the model cannot take (pruning layers beyond its depth) ends here as
-    a config error, not after the full model's references are computed.
+    Building it is the one check of the composition (a step cache or reuse rule the
+    selector cannot take); putting it on ``transformer`` and taking it off again is the
+    check of the model: a model the selector cannot prune (in-step AT-EDM on PixArt, a
+    transformer of no known family) or a setting the model cannot take (pruning layers
+    beyond its depth). Either ends here as a config error.
+
+    Args:
+        transformer: the model adapter's transformer.
+        policy: the built selector.
+        parts: the reuse rule, K/V rule and step cache of the strategy.
+        sampler_cfg: the sampler settings (CUDA graphs, MAC counting, index checks).
     """
-    from catlab.assembly import PruningSession
-    from catlab.pruning.families import UnsupportedModelError
-
     try:
-        with PruningSession(transformer, policy):
+        session = PruningSession(
+            transformer,
+            policy,
+            parts,
+            cuda_graphs=sampler_cfg.cuda_graphs,
+            count_macs=sampler_cfg.count_macs,
+            check_indices=sampler_cfg.check_indices,
+        )
+        with session:
             pass
-    except (UnsupportedModelError, ValueError) as err:
+    except (CompositionError, UnsupportedModelError, ValueError) as err:  # a step cache's own failure stays one
         raise ConfigError(str(err)) from None
+    return session
+
+
+def check_model_fits(transformer: nn.Module, policy: Policy, parts: StepReuse | None = None) -> None:
+    """:func:`assemble` for a loop that builds its own sessions (an evaluation): the same checks, no session kept."""
+    assemble(transformer, policy, parts or StepReuse(), SamplerConfig(num_steps=1))
 
 
 def quiet_libraries() -> None:

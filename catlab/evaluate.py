@@ -40,7 +40,14 @@ from catlab.builders import (
 )
 from catlab.config import register_evaluate_schema
 from catlab.evaluation import diagnostics, frontier
-from catlab.evaluation.harness import References, Strategy, evaluate_strategies, layout, make_jobs, set_metrics
+from catlab.evaluation.harness import (
+    EvaluatedStrategy,
+    References,
+    evaluate_strategies,
+    layout,
+    make_jobs,
+    set_metrics,
+)
 from catlab.evaluation.merge import manifest, rows_from_store, write_manifest, write_tables
 from catlab.evaluation.recorder import RecordingPolicy
 from catlab.evaluation.reference import ReferenceCache
@@ -148,9 +155,9 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
     if world > 1 and str(model_cfg.get("device", "cpu")).startswith("cuda"):
         model_cfg = {**model_cfg, "device": f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"}
     adapter = build_model(model_cfg)  # refuses a size the model cannot take
-    for _, (policy, _) in resolved:
+    for _, (policy, parts) in resolved:
         check_clusters(policy, adapter.grid[0] * adapter.grid[1])
-        check_model_fits(adapter.transformer, policy)
+        check_model_fits(adapter.transformer, policy, parts)
     store = ResultStore(Path(cfg.store_dir) if cfg.store_dir else out / "store")
     weights = adapter.fingerprint()  # a retrained checkpoint must not meet the old one's references or records
     model_key = {**plain(cfg.model), "weights": weights} if weights else plain(cfg.model)
@@ -177,7 +184,7 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
         )
         if cfg.diagnostics:
             policy = RecordingPolicy(policy, keep_outputs=not policy.prunes)
-        strategies.append(Strategy(strategy.label, policy, key, spec, parts))
+        strategies.append(EvaluatedStrategy(strategy.label, policy, key, spec, parts))
         infos.append(
             {
                 "key": key,
@@ -289,7 +296,7 @@ def write_diagnostics(strategies, warm, folder: Path) -> None:
     for s in strategies:
         labels = getattr(s.policy, "labels", None)  # the token clusters of a clustered selector, (B, N)
         if torch.is_tensor(labels):
-            diagnostics.cluster_map(labels[0], grid, folder / f"clusters_{s.label}.png", warm[s.label].images[0])
+            diagnostics.cluster_map(labels[0], grid, folder / f"clusters_{s.folder}.png", warm[s.label].images[0])
     outputs = getattr(strategies[0].policy, "outputs", {})
     reference = max(1, min(7, steps - 3))
     if len(outputs) >= reference + 3:

@@ -100,7 +100,7 @@ def _warm_up_diagnostics(folder: Path, overrides: list[str]) -> None:
 
     from catlab.builders import build_model, quiet_libraries, set_threads
     from catlab.evaluate import prepare, write_diagnostics
-    from catlab.evaluation.harness import Strategy, make_jobs
+    from catlab.evaluation.harness import EvaluatedStrategy, make_jobs
     from catlab.evaluation.recorder import RecordingPolicy
     from catlab.sampler import calibrate, sample
 
@@ -115,7 +115,7 @@ def _warm_up_diagnostics(folder: Path, overrides: list[str]) -> None:
     texts, seeds = [j.prompt for j in first], [j.seed for j in first]
     strategies, warm = [], {}
     for strategy, (policy, parts) in resolved:
-        s = Strategy(strategy.label, RecordingPolicy(policy, keep_outputs=not policy.prunes), "", {}, parts)
+        s = EvaluatedStrategy(strategy.label, RecordingPolicy(policy, keep_outputs=not policy.prunes), "", {}, parts)
         if s.step_cache is not None:
             calibrate(s.step_cache, adapter, texts, seeds, sampler_cfg)
         warm[s.label] = sample(adapter, s.policy, texts, seeds, sampler_cfg, s.reuse_parts)

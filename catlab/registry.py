@@ -109,6 +109,18 @@ class Registry:
         self._entries: dict[str, Callable[..., Any]] = {}
 
     def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """A class decorator that registers a component under ``name``.
+
+        Args:
+            name: the name configs and :meth:`build` use (``selector=name``, ``{"name": name}``).
+
+        Returns:
+            The decorator; it sets ``registered_name`` on the class and returns the class unchanged.
+
+        Raises:
+            ComponentError: another class is registered under ``name`` already.
+        """
+
         def deco(obj: Callable[..., Any]) -> Callable[..., Any]:
             if name in self._entries and self._entries[name] is not obj:
                 raise ComponentError(f"{self.kind} '{name}' is registered twice")
@@ -120,6 +132,11 @@ class Registry:
         return deco
 
     def names(self, pattern: str = "*") -> list[str]:
+        """The registered names, sorted, plugins included.
+
+        Args:
+            pattern: a shell-style pattern the names must match (``"cat*"``); all by default.
+        """
         load_plugins()
         return sorted(n for n in self._entries if fnmatch.fnmatch(n, pattern))
 
@@ -127,6 +144,14 @@ class Registry:
         return name in self.names()
 
     def get(self, name: str) -> Callable[..., Any]:
+        """The component class registered under ``name`` (plugins are loaded when it is not built in).
+
+        Args:
+            name: a registered name.
+
+        Raises:
+            ComponentError: no component has that name; the message lists those that do.
+        """
         if name not in self._entries:
             load_plugins()
         if name not in self._entries:
@@ -135,9 +160,19 @@ class Registry:
         return self._entries[name]
 
     def build(self, cfg: Mapping[str, Any] | str, **extra: Any) -> Any:
-        """Build from ``{"name": ..., **params}`` (or a bare name), checking the params.
+        """Build a component from its config, checking the keys before any compute.
 
-        Unknown keys fail here, before any compute, with the allowed keys named.
+        Args:
+            cfg: ``{"name": ..., **params}`` (the component's dataclass fields), or a bare name
+                for its defaults, e.g. ``selectors.build({"name": "cat", "alpha": 0.3})``.
+            **extra: more keyword arguments for the component (a selector's parts, say).
+
+        Returns:
+            The built component.
+
+        Raises:
+            ComponentError: no ``name``, an unknown name, or keys the component does not take
+                (the message names the key and the allowed ones).
         """
         if isinstance(cfg, str):
             cfg = {"name": cfg}
@@ -160,6 +195,30 @@ def config_fields(cls: Callable[..., Any]) -> list[str]:
         return [f.name for f in dataclasses.fields(cls) if f.init]
     sig = inspect.signature(cls)
     return [p.name for p in sig.parameters.values() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def config_defaults(cls: Callable[..., Any]) -> dict[str, Any]:
+    """The default of each keyword argument a component accepts that is plain data (numbers, strings, lists,
+    mappings): a dataclass field's ``default`` or ``default_factory()``, or the signature's."""
+    if dataclasses.is_dataclass(cls):
+        found = {}
+        for f in dataclasses.fields(cls):
+            if f.init and f.default is not dataclasses.MISSING:
+                found[f.name] = f.default
+            elif f.init and f.default_factory is not dataclasses.MISSING:
+                found[f.name] = f.default_factory()
+    else:
+        params = inspect.signature(cls).parameters.values()
+        found = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    return {k: v for k, v in found.items() if _plain(v)}
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain(x) for x in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _plain(x) for k, x in value.items())
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 scorers = Registry("scorer")

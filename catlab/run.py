@@ -29,9 +29,9 @@ import catlab  # noqa: F401  (registers the built-in components)
 from catlab import cli
 from catlab.builders import (
     ConfigError,
+    assemble,
     build_model,
     check_clusters,
-    check_model_fits,
     check_seeds,
     plain,
     run_app,
@@ -43,15 +43,16 @@ from catlab.config import register_schema
 from catlab.loggers.base import to_pil
 from catlab.metrics.cost import cost_metrics
 from catlab.registry import ComponentError, loggers, models, prompt_sets
-from catlab.sampler import calibrate, sample
-from catlab.strategy import resolve_strategy
+from catlab.sampler import calibrate, generate
+from catlab.strategy import Strategy, resolve_strategy
 
 log = logging.getLogger("catlab")
 register_schema()
 
 
 def prepare(cfg: DictConfig):
-    """Check and build everything cheap, so a bad config fails before the model loads."""
+    """Resolve the strategy (once: what is built, hashed and named all come from it) and check and build
+    everything cheap, so a bad config fails before the model loads."""
     try:
         sampler_cfg = sampler_config(cfg.sampler)
         strategy = resolve_strategy(cfg.selector, cfg)
@@ -68,13 +69,13 @@ def prepare(cfg: DictConfig):
         check_seeds([int(cfg.seed), int(cfg.seed) + num - 1], "seed (image i uses seed + i)")
     except (ComponentError, TypeError, ValueError) as err:
         raise ConfigError(str(err)) from err
-    return sampler_cfg, policy, prompts, logger, model_cfg, parts
+    return sampler_cfg, policy, prompts, logger, model_cfg, parts, strategy
 
 
-def run_hash(cfg: DictConfig) -> str:
+def run_hash(strategy: Strategy, cfg: DictConfig) -> str:
     """Hash of what determines a run's images: the resolved strategy, model, sampler, prompts, seeds."""
     context = {k: plain(cfg.get(k)) for k in ("model", "sampler", "prompts", "seed", "num_images")}
-    return resolve_strategy(cfg.selector, cfg).key(context)
+    return strategy.key(context)
 
 
 def sweep_group(cfg: DictConfig) -> str:
@@ -90,13 +91,13 @@ def sweep_group(cfg: DictConfig) -> str:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
-    sampler_cfg, policy, prompts, logger, model_cfg, parts = prepare(cfg)
-    step_cache = parts.step_cache
+    sampler_cfg, policy, prompts, logger, model_cfg, parts, strategy = prepare(cfg)
+    step_cache, config_hash = parts.step_cache, run_hash(strategy, cfg)
     check_writable(run_dir)  # a read-only or full folder fails here, before the model loads
     set_threads(cfg.threads)
     adapter = build_model(model_cfg)  # refuses a size the model cannot take
     check_clusters(policy, adapter.grid[0] * adapter.grid[1])
-    check_model_fits(adapter.transformer, policy)
+    session = assemble(adapter.transformer, policy, parts, sampler_cfg)  # the one check of the composition
     num = int(cfg.num_images) if cfg.num_images is not None else len(prompts)
     jobs = [(prompts[i % len(prompts)], int(cfg.seed) + i) for i in range(num)]
 
@@ -110,7 +111,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         resolved,
         name=f"{policy.name}-a{policy.alpha:.3g}" + (f"+{cache_name}" if cache_name else ""),
         group=sweep_group(cfg),
-        tags=[policy.name, model_cfg["name"], f"cfg-{run_hash(cfg)}"] + ([cache_name] if cache_name else []),
+        tags=[policy.name, model_cfg["name"], f"cfg-{config_hash}"] + ([cache_name] if cache_name else []),
     )
 
     try:  # the logger ends whatever happens: a run that fails leaves no open W&B run writing into its folder
@@ -121,7 +122,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             prompts_b, seeds_b = [p for p, _ in batch], [s for _, s in batch]
             if step_cache is not None:
                 calibrate(step_cache, adapter, prompts_b, seeds_b, sampler_cfg)  # once, on the first batch
-            result = sample(adapter, policy, prompts_b, seeds_b, sampler_cfg, parts)
+            result = generate(adapter, session, prompts_b, seeds_b, sampler_cfg)
             traces.append(result.trace)
             all_images.append(result.images)
             if cfg.save_images:
@@ -130,7 +131,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         wall = time.perf_counter() - start
 
         metrics = {
-            "config_hash": run_hash(cfg),
+            "config_hash": config_hash,
             "selector": policy.name,
             "stepcache": cache_name,
             "alpha": float(policy.alpha),

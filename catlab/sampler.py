@@ -23,6 +23,7 @@ from catlab.planner import StepKind, StepPlan
 from catlab.pruning.families import patchify
 from catlab.pruning.graphs import generation_counts
 from catlab.pruning.sync_check import no_host_sync
+from catlab.registry import selectors
 from catlab.reuse.base import Reuse, unpatchify
 from catlab.selection.base import Policy
 from catlab.stepcache.base import StepCache
@@ -30,7 +31,18 @@ from catlab.stepcache.base import StepCache
 
 @dataclass
 class SamplerConfig:
-    """How to denoise. ``guidance_scale <= 1`` disables classifier-free guidance."""
+    """How to denoise: the settings of :func:`sample` (and of ``sampler.*`` on the command line).
+
+    Args:
+        num_steps: denoising steps (the paper's N = 28).
+        guidance_scale: classifier-free guidance scale; ``<= 1`` disables guidance.
+        progress: a progress bar per generation, when stderr is a terminal.
+        check_indices: check every index tensor (shape, range, uniqueness); a host sync per step.
+        sync_timing: synchronise the device around each step so per-step times are exact.
+        check_sync: fail on any host synchronisation in a pruned step (slow: for tests).
+        count_macs: count the MACs that really ran instead of the analytic formula.
+        cuda_graphs: replay the transformer's forwards from captured CUDA graphs where it can.
+    """
 
     num_steps: int = 28
     guidance_scale: float = 7.0
@@ -115,14 +127,29 @@ def sample(
 ) -> SampleResult:
     """Generate one image per (prompt, seed) with ``policy`` choosing the recomputed tokens.
 
-    ``reuse`` is a reuse rule for the unselected tokens or a :class:`StepReuse` (rule,
-    K/V rule, step cache); the policy always observes the output as computed. A step
+    The selector always observes the output as computed. A step
     whose budget is 0 tokens (a ``budget_schedule`` pattern) calls no transformer:
     every token's output is the reuse rule's forecast, or the previous step's.
     With a step cache, the MACs that really ran are counted, the steps it forecasts
     ask the policy nothing, and the reuse rule acts inside the transformer (so the
     cache records forecasts, not stale copies). A cache that needs calibration
     (``mag_cache``) must have it first: :func:`calibrate`.
+
+    Args:
+        adapter: the model adapter (``catlab.models.build({"name": "sd3", ...})``).
+        policy: a built selector (``catlab.selectors.build(...)``).
+        prompts: one prompt per image.
+        seeds: one seed per image (the initial noise).
+        config: the sampler settings; :class:`SamplerConfig`'s defaults when ``None``.
+        reuse: a reuse rule for the unselected tokens, or a :class:`StepReuse` (rule, K/V
+            rule, step cache); ``None``: their last computed values.
+
+    Returns:
+        A :class:`SampleResult`: the images ``(B, 3, H, W)`` in ``[0, 1]``, the final latents and the
+        :class:`Trace` (indices, MACs and times per step).
+
+    Raises:
+        CompositionError: the parts cannot run together (checked before any compute).
     """
     cfg = config or SamplerConfig()
     parts = reuse if isinstance(reuse, StepReuse) else StepReuse(rule=reuse)
@@ -135,11 +162,35 @@ def sample(
         count_macs=cfg.count_macs,
         check_indices=cfg.check_indices,
     )
+    return generate(adapter, session, prompts, seeds, cfg)
+
+
+@torch.inference_mode()
+def generate(
+    adapter: ModelAdapter,
+    session: PruningSession,
+    prompts: list[str],
+    seeds: list[int],
+    config: SamplerConfig | None = None,
+) -> SampleResult:
+    """:func:`sample` with a session already assembled (and so checked) on ``adapter.transformer``.
+
+    A run of many batches assembles its session once and generates each batch here; the
+    session is attached for the generation and detached after it.
+
+    Args:
+        adapter: the model adapter whose transformer ``session`` was built on.
+        session: the run's :class:`~catlab.assembly.PruningSession`.
+        prompts: one prompt per image.
+        seeds: one seed per image.
+        config: the sampler settings (default :class:`SamplerConfig`); those the session
+            was built with (CUDA graphs, MAC counting, index checks) are the session's.
+    """
     with session:
-        return _loop(_Run(adapter, cfg, session), prompts, seeds)
+        return _loop(_Generation(adapter, config or SamplerConfig(), session), prompts, seeds)
 
 
-def _loop(run: _Run, prompts: list[str], seeds: list[int]) -> SampleResult:
+def _loop(run: _Generation, prompts: list[str], seeds: list[int]) -> SampleResult:
     adapter, cfg, session = run.adapter, run.cfg, run.session
     scheduler = adapter.make_scheduler()
     scheduler.set_timesteps(cfg.num_steps, device=adapter.torch_device)
@@ -182,7 +233,7 @@ def _loop(run: _Run, prompts: list[str], seeds: list[int]) -> SampleResult:
     return run.finish(trace, latents)
 
 
-class _Run:
+class _Generation:
     """One generation of :func:`sample`: the loop's side of the assembly (guidance, timing, images)."""
 
     def __init__(self, adapter: ModelAdapter, cfg: SamplerConfig, session: PruningSession):
@@ -290,8 +341,6 @@ def calibrate(
     """Give a cache that needs it (``mag_cache``) its calibration: one full generation of this batch."""
     if not step_cache.needs_calibration or step_cache.calibrated:
         return
-    from catlab.registry import selectors
-
     full = replace(config or SamplerConfig(), progress=False, check_sync=False)
     if getattr(step_cache, "num_steps", 0) is None:
         step_cache.num_steps = full.num_steps  # a cache built outside a run takes this one's

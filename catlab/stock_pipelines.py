@@ -290,24 +290,33 @@ def enable_pruning(
 ) -> PruningSession:
     """Make every call of ``target`` (a pipeline or its transformer) run token-pruned by ``policy``.
 
-    ``guidance_scale`` tells the hook how the pipeline combines its classifier-free
-    guidance branches, so both branches of a sample share indices and the policy
-    sees the guided output. For pipelines that store it (SD3) it is read at call
-    time; give it explicitly for the others (PixArt). A guidance-distilled family
-    (FLUX.1) runs one branch per call, its scale a model input: nothing to give.
+    Enabling again replaces the previous pruning; :func:`disable_pruning` removes it.
+    The composition (selector, reuse rule, step cache) is checked here, before any call.
 
-    ``reuse`` is a reuse rule for the unselected tokens or a :class:`~catlab.assembly.StepReuse`
-    (rule, K/V rule, step cache, time variable), as in :func:`catlab.sample`; ``count_macs``
-    counts the MACs that really ran (always on with a step cache or an in-step engine):
-    :func:`pruning_macs` reports them per step.
+    Args:
+        target: a diffusers pipeline (SD3, PixArt-Σ, FLUX.1, ...) or its transformer.
+        policy: a built selector, e.g. ``catlab.selectors.build({"name": "cat", "alpha": 0.3})``.
+        guidance_scale: how the pipeline combines its classifier-free guidance branches, so
+            both branches of a sample share indices and the selector sees the guided output.
+            For pipelines that store it (SD3) it is read at call time; give it for the others
+            (PixArt). A guidance-distilled family (FLUX.1) runs one branch per call, its scale
+            a model input: nothing to give.
+        cuda_graphs: replay each computed call from a CUDA graph captured once per shape
+            (:mod:`catlab.pruning.graphs`) and kept across pipeline calls; the selection stays
+            eager, between the calls. Where capture is not possible (a CPU, a probe layer,
+            another library's hook on the transformer) the calls run eagerly and one line says
+            why. :func:`disable_pruning` frees the graphs.
+        reuse: a reuse rule for the unselected tokens or a :class:`~catlab.assembly.StepReuse`
+            (rule, K/V rule, step cache, time variable), as in :func:`catlab.sample`.
+        count_macs: count the MACs that really ran (always on with a step cache or an in-step
+            engine); :func:`pruning_macs` reports them per step.
 
-    ``cuda_graphs=True`` replays each computed call from a CUDA graph captured once per
-    shape (:mod:`catlab.pruning.graphs`) and kept across pipeline calls; the policy's
-    selection stays eager, between the calls. Where capture is not possible (a CPU, a
-    probe layer, another library's hook on the transformer) the calls run eagerly and
-    one line says why. :func:`disable_pruning` frees the graphs.
+    Returns:
+        The run's assembly (:class:`~catlab.assembly.PruningSession`).
 
-    Returns the run's assembly (:class:`~catlab.assembly.PruningSession`).
+    Raises:
+        TypeError: ``policy`` is not a built selector (a name, say).
+        CompositionError: the parts cannot run together (:func:`catlab.assembly.check_composition`).
     """
     if not isinstance(policy, Policy):
         hint = f": catlab.selectors.build({policy!r})" if isinstance(policy, str) else ""
@@ -358,7 +367,12 @@ def _hook(transformer: nn.Module) -> TokenPruningHook | None:
 
 
 def reset_pruning(target) -> None:
-    """Forget all pruning state; the next call starts a new generation."""
+    """Forget all pruning state; the next call starts a new generation.
+
+    Args:
+        target: the pipeline or transformer given to :func:`enable_pruning`; one that is not
+            pruned is left as it is.
+    """
     transformer = _transformer_of(target)
     hook = _hook(transformer)
     if hook is not None:
@@ -366,7 +380,12 @@ def reset_pruning(target) -> None:
 
 
 def disable_pruning(target) -> None:
-    """Remove every hook and processor catlab installed; the stock model runs again."""
+    """Remove every hook and processor catlab installed; the stock model runs again.
+
+    Args:
+        target: the pipeline or transformer given to :func:`enable_pruning`; one that is not
+            pruned is left as it is.
+    """
     transformer = _transformer_of(target)
     state = peek_state(transformer)
     if state is None or state.session is None:
@@ -385,8 +404,15 @@ def disable_pruning(target) -> None:
 
 
 def pruning_macs(target) -> list[int]:
-    """MACs of each denoising step since the current generation started (every transformer call of the step):
-    counted as they ran where the run counts them, else the family's analytic formula."""
+    """MACs of each denoising step since the current generation started (every transformer call of the step).
+
+    Args:
+        target: the pipeline or transformer given to :func:`enable_pruning`.
+
+    Returns:
+        One count per step: counted as they ran where the run counts them (``count_macs``, a
+        step cache), else the family's analytic formula; empty when ``target`` is not pruned.
+    """
     hook = _hook(_transformer_of(target))
     return list(hook.macs) if hook is not None else []
 

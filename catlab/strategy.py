@@ -15,7 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from catlab.assembly import StepReuse
+from catlab.builders import ConfigError, build_step_cache, plain
 from catlab.hashing import config_hash
+from catlab.registry import config_defaults, config_fields, reuses, selectors
+from catlab.selection.base import Policy
 
 #: component kinds a selector may take as parts: the top-level group reaches the selector when its
 #: dataclass has a field of that name, its class lists the kind in ``group_parts`` (all, unless it
@@ -43,24 +47,19 @@ class Strategy:
         extra = {k: v for k, v in (("stepcache", self.stepcache), ("kv", self.kv)) if v}
         return config_hash({"selector": self.selector, "parts": self.parts, "reuse": self.reuse, **extra, **context})
 
-    def build(self, sampler_cfg):
-        """``(policy, StepReuse(rule, kv, step_cache))``, checked against the sampler settings."""
-        from catlab.assembly import CompositionError, StepReuse, check_composition
-        from catlab.builders import ConfigError, build_step_cache
-        from catlab.registry import reuses, selectors
+    def build(self, sampler_cfg) -> tuple[Policy, StepReuse]:
+        """``(policy, StepReuse(rule, kv, step_cache))``, each part checked against the sampler settings.
 
+        Whether the parts run together is checked once, where the run is assembled
+        (:func:`catlab.builders.assemble`, :class:`~catlab.assembly.PruningSession`).
+        """
         policy = selectors.build(self.selector, **self.parts)
         policy.check(sampler_cfg.num_steps)
-        cache = build_step_cache(self.stepcache, policy, sampler_cfg)
         parts = StepReuse(
             rule=reuses.build(self.reuse) if self.reuse else None,
             kv=reuses.build(self.kv) if self.kv else None,
-            step_cache=cache,
+            step_cache=build_step_cache(self.stepcache, sampler_cfg),
         )
-        try:  # the assembly's one check of the composition, before any compute
-            check_composition(policy, parts)
-        except CompositionError as err:
-            raise ConfigError(str(err)) from None
         return policy, parts
 
 
@@ -68,13 +67,10 @@ def resolve_strategy(spec: Any, groups: Any) -> Strategy:
     """Resolve a strategy spec (a selector name or mapping, optionally with ``reuse``, ``kv`` and
     ``stepcache`` keys) against the top-level config ``groups`` (scorer, clusterer, ..., reuse, kv, stepcache).
 
-    Keys the spec sets itself win over the top-level groups.
+    Keys the spec sets itself win over the top-level groups. The label (:func:`label`) shows what tells the
+    strategy apart from the others of its run.
     """
-    from catlab.builders import ConfigError, plain
-    from catlab.registry import config_fields, selectors
-
     spec = {"name": spec} if isinstance(spec, str) else dict(plain(spec) or {})
-    given = dict(spec)
     if "name" not in spec:
         raise ConfigError(f"a selector needs a 'name'; registered selectors: {', '.join(selectors.names())}")
     reuse = plain(spec.pop("reuse", groups.get("reuse")))
@@ -87,19 +83,48 @@ def resolve_strategy(spec: Any, groups: Any) -> Strategy:
         for kind in SELECTOR_PARTS
         if kind in fields and kind in takes and kind not in spec and groups.get(kind) is not None
     }
+    common = plain(groups.get("strategy_defaults")) or {}  # an evaluation's settings of every strategy alike
     if reuse in ("copy", {"name": "copy"}):
         reuse = None  # copying is what the engine does anyway: the same images with or without it
     if kv in ("copy", {"name": "copy"}):
         kv = None  # likewise for the cached K/V
     return Strategy(
-        selector=spec, parts=parts, reuse=reuse, stepcache=stepcache or None, label=label(given), kv=kv or None
+        selector=spec,
+        parts=parts,
+        reuse=reuse,
+        stepcache=stepcache or None,
+        label=label(spec, {**config_defaults(cls), **common}, reuse=reuse, kv=kv or None, stepcache=stepcache or None),
+        kv=kv or None,
     )
 
 
-def label(spec: dict) -> str:
-    """A table label: the selector's name plus every setting but alpha and start_step (mappings as name(k=v))."""
-    extras = [f"{k}={_show(v)}" for k, v in spec.items() if k not in ("name", "alpha", "start_step")]
-    return spec["name"] + (f"[{','.join(extras)}]" if extras else "")
+def label(selector: dict, defaults: dict | None = None, **parts: Any) -> str:
+    """A strategy's table label: the selector's name, then each of its settings that differs from ``defaults``
+    (the selector's own, under an evaluation's ``strategy_defaults``) and each of ``parts`` (reuse, kv, stepcache)
+    that is set, as ``name[k=v,...]`` (mappings as
+    ``name(k=v)``, lists as ``a/b``).
+
+    Everything that tells two strategies of one run apart is in it (α too, where it is not the default), so two
+    different strategies never share a label; the selector parts a run gives every strategy alike (its top-level
+    ``clusterer=``, ...) are left out. A label is for tables and legends: :func:`~catlab.hashing.folder_name` makes a
+    name for files from it.
+    """
+    defaults = defaults or {}
+    extras = [
+        f"{k}={_show(v)}" for k, v in selector.items() if k != "name" and not (k in defaults and _same(v, defaults[k]))
+    ]
+    extras += [f"{k}={_show(v)}" for k, v in parts.items() if v]
+    return selector["name"] + (f"[{','.join(extras)}]" if extras else "")
+
+
+def _same(value: Any, default: Any) -> bool:
+    """Whether a setting equals its default (lists and tuples alike)."""
+    if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)):
+        return list(value) == list(default)
+    try:
+        return type(value) is not bool and type(default) is not bool and value == default or value is default
+    except Exception:  # noqa: BLE001 (a default that cannot be compared: the setting is shown)
+        return False
 
 
 def _show(value) -> str:
@@ -107,5 +132,8 @@ def _show(value) -> str:
         inner = ",".join(f"{k}={_show(x)}" for k, x in value.items() if k != "name")
         return f"{value.get('name', '')}({inner})" if inner else str(value.get("name", ""))
     if isinstance(value, (list, tuple)):
-        return "/".join(f"{x:g}" if isinstance(x, float) else str(x) for x in value)
+        return "/".join(_show(x) for x in value)
+    if isinstance(value, float):
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)  # short where exact: 0.3, 1e-05; else every digit
     return str(value)

@@ -10,7 +10,8 @@ import torch
 
 pytest.importorskip("cache_dit", reason='cache-dit is not installed (pip install "catlab[peers]")')
 
-from catlab.builders import ConfigError, build_step_cache  # noqa: E402
+from catlab.assembly import StepReuse  # noqa: E402
+from catlab.builders import ConfigError, assemble, build_step_cache  # noqa: E402
 from catlab.registry import selectors  # noqa: E402
 from catlab.sampler import SamplerConfig  # noqa: E402
 from catlab.stepcache import StepCacheError, stepcaches  # noqa: E402
@@ -153,10 +154,12 @@ def test_dbprune_on_pixart_is_refused_with_the_reason(models, monkeypatch):
     assert after[:2] == before[:2] and all(torch.equal(after[2][k], v) for k, v in before[2].items())
 
 
-def test_pruning_inside_is_refused_before_compute():
+def test_pruning_inside_is_refused_before_compute(models):
     policy = selectors.build({"name": "random", "alpha": 0.5, "start_step": 3})
+    cfg = SamplerConfig(num_steps=STEPS)
+    parts = StepReuse(step_cache=build_step_cache({"name": "cachedit_dbcache"}, cfg))
     with pytest.raises(ConfigError, match="different tokens"):
-        build_step_cache({"name": "cachedit_dbcache"}, policy, SamplerConfig(num_steps=STEPS))
+        assemble(models["sd3"].transformer, policy, parts, cfg)
 
 
 def test_bad_options_fail_at_build():
@@ -176,7 +179,7 @@ def test_without_cache_dit_catlab_imports_and_the_config_fails_in_one_line():
         "from catlab.sampler import SamplerConfig\n"
         "assert 'cachedit_dbcache' in s.stepcaches.names()\n"
         "try:\n"
-        "    build_step_cache({'name': 'cachedit_dbcache'}, selectors.build('full'), SamplerConfig())\n"
+        "    build_step_cache({'name': 'cachedit_dbcache'}, SamplerConfig())\n"
         "except s.StepCacheError as err:\n"
         "    print(err)\n"
     )

@@ -350,7 +350,7 @@ def test_a_select_tensors_that_rebinds_state_is_not_captured(caplog):
     from catlab.selection.base import Policy
 
     class Rebinding(Policy):
-        declares = Capability.REPLAYS_SELECTION
+        capabilities = Capability.REPLAYS_SELECTION
 
         def reset(self, batch_size, grid, num_steps, device):
             self.total = torch.zeros(batch_size, grid[0] * grid[1])

@@ -57,7 +57,7 @@ def test_sampler_and_stock_pipelines_build_the_same_assembly():
 
 
 def test_the_samplers_run_is_a_thin_driver():
-    from catlab.sampler import _Run
+    from catlab.sampler import _Generation
 
-    lines = inspect.getsource(_Run.__init__).splitlines()
+    lines = inspect.getsource(_Generation.__init__).splitlines()
     assert len(lines) < 15, lines

@@ -88,7 +88,9 @@ def test_kv_keys_a_strategy_and_copy_or_none_keeps_the_old_key():
 
 
 def test_kv_without_pruning_is_refused_in_one_line():
-    from catlab.builders import ConfigError
+    from catlab.builders import ConfigError, assemble
 
+    cfg = SamplerConfig(num_steps=8)
+    policy, parts = _resolved({"name": "full", "kv": "taylor"}).build(cfg)
     with pytest.raises(ConfigError, match=r"selector 'full' computes every token: drop kv="):
-        _resolved({"name": "full", "kv": "taylor"}).build(SamplerConfig(num_steps=8))
+        assemble(tiny_sd3().transformer, policy, parts, cfg)

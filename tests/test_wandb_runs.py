@@ -113,6 +113,6 @@ def test_an_evaluation_logs_its_table_samples_plots_and_config(tmp_path):
     )
 
     images = {p.name.rsplit("_", 2)[0] for p in (files / "media" / "images" / "samples").glob("*.png")}
-    assert images == {"full", "random"}  # one grid of samples per strategy
+    assert {i.rsplit("-", 1)[0] for i in images} == {"full", "random"} and len(images) == 2  # a grid per strategy
     plots = {p.name.rsplit("_", 2)[0] for p in (files / "media" / "images" / "plots").glob("*.png")}
     assert {"cost_quality", "pareto", "selection_maps"} <= plots

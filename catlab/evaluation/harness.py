@@ -23,6 +23,7 @@ from PIL import Image
 
 from catlab.evaluation.reference import ReferenceCache
 from catlab.evaluation.store import Batch, ResultStore, prompt_sha
+from catlab.hashing import folder_name
 from catlab.loggers.base import from_pil, to_pil
 from catlab.metrics.base import Metric
 from catlab.models.base import ModelAdapter
@@ -43,8 +44,9 @@ class Job:
 
 
 @dataclass
-class Strategy:
-    """A selector to evaluate, with its label and the hash that keys its records."""
+class EvaluatedStrategy:
+    """A resolved strategy (:class:`catlab.strategy.Strategy`) as an evaluation runs it: its built policy and
+    parts, its label and the hash that keys its records."""
 
     label: str
     policy: Policy
@@ -53,6 +55,11 @@ class Strategy:
     #: what the sampler needs besides the policy: the reuse rule for unselected tokens' outputs, the one
     #: for their K/V, and a diffusers step cache (catlab.stepcache) around the strategy's steps
     reuse_parts: StepReuse = field(default_factory=StepReuse)
+
+    @property
+    def folder(self) -> str:
+        """The name of its files and folders (its saved images: ``images/<folder>/``)."""
+        return folder_name(self.label, self.key)
 
     @property
     def step_cache(self):
@@ -92,7 +99,7 @@ def layout(jobs: list[Job], batch_size: int, world: int = 1) -> list[Batch]:
 
 
 def timed_sample(
-    adapter, strategy: Strategy, jobs: list[Job], sampler: SamplerConfig, repeats: int
+    adapter, strategy: EvaluatedStrategy, jobs: list[Job], sampler: SamplerConfig, repeats: int
 ) -> tuple[SampleResult, float]:
     """One batch, timed; with ``repeats`` > 1 the best of several identical passes."""
     best, kept = float("inf"), None
@@ -160,7 +167,7 @@ class _Run:
         full = self.store.timings(self.full.key)
         self.paired[key] |= {b for (b, p) in self.store.timings(key) if (b, p) in full}
 
-    def work(self, batch: Batch) -> tuple[dict[str, list[int]], list[Strategy]]:
+    def work(self, batch: Batch) -> tuple[dict[str, list[int]], list[EvaluatedStrategy]]:
         """(each strategy's missing records as positions in the batch, the strategies to time on it)."""
         names = batch.names()
         missing = {s.key: [i for i, n in enumerate(names) if not self.store.has(s.key, n)] for s in self.strategies}
@@ -199,7 +206,7 @@ class _Run:
             self.store.release(batch)
         return True
 
-    def ready(self, s: Strategy, jobs: list[Job]) -> None:
+    def ready(self, s: EvaluatedStrategy, jobs: list[Job]) -> None:
         """Before a strategy's first timed batch in this process: calibrate its step cache, warm it up."""
         if s.key in self.warmed:
             return
@@ -210,7 +217,9 @@ class _Run:
         if self.warmup:
             self.warm[s.label] = sample(self.adapter, s.policy, prompts, seeds, self.sampler, s.reuse_parts)
 
-    def compute(self, batch: Batch, jobs: list[Job], missing: dict[str, list[int]], timed: list[Strategy]) -> None:
+    def compute(
+        self, batch: Batch, jobs: list[Job], missing: dict[str, list[int]], timed: list[EvaluatedStrategy]
+    ) -> None:
         full_images = None
         for s in timed:
             self.ready(s, jobs)
@@ -228,7 +237,7 @@ class _Run:
 
     def record(
         self,
-        s: Strategy,
+        s: EvaluatedStrategy,
         batch: Batch,
         jobs: list[Job],
         todo: list[int],
@@ -273,14 +282,14 @@ class _Run:
                 },
             )
             if self.image_dir is not None:
-                d = self.image_dir / s.label
+                d = self.image_dir / s.folder
                 d.mkdir(parents=True, exist_ok=True)
                 to_pil(images[i]).save(d / f"p{job.prompt_id:06d}_s{job.seed}.png")
 
 
 def evaluate_strategies(
     adapter: ModelAdapter,
-    strategies: list[Strategy],
+    strategies: list[EvaluatedStrategy],
     jobs: list[Job],
     sampler: SamplerConfig,
     batch_size: int,
@@ -338,14 +347,18 @@ def set_metrics(rows: list[dict], metrics: list[Metric], image_dir: Path | None)
             "skipped metric — %s: needs the saved images (save_images=true)", ", ".join(m.name for m in metrics)
         )
         return
-    reference_dir = image_dir / "full"
+    full = next((r for r in rows if r["method"] == "full"), None)
+    if full is None:
+        return
+    reference_dir = image_dir / folder_name(full["method"], full.get("key", ""))
     for row in rows:
-        if row["method"] == "full" or not (image_dir / row["method"]).is_dir():
+        folder = image_dir / folder_name(row["method"], row.get("key", ""))
+        if row is full or not folder.is_dir():
             continue
-        names = sorted(p.name for p in (image_dir / row["method"]).glob("*.png") if (reference_dir / p.name).exists())
+        names = sorted(p.name for p in folder.glob("*.png") if (reference_dir / p.name).exists())
         if not names:
             continue
-        images = torch.stack([from_pil(Image.open(image_dir / row["method"] / n)) for n in names])
+        images = torch.stack([from_pil(Image.open(folder / n)) for n in names])
         reference = torch.stack([from_pil(Image.open(reference_dir / n)) for n in names])
         for m in metrics:
             row[m.name] = m.compute(images, reference)

@@ -3,7 +3,8 @@
 Called once at the end of ``catlab.evaluate``. With ``logger=wandb`` (offline unless
 ``logger.mode=online``) this is a W&B Table with one row per strategy and its cost and
 quality columns (``docs/metrics.md`` defines them), an image grid per strategy under
-``samples/<strategy>``, and every figure of the run directory under ``plots/``.
+``samples/<folder>`` (the strategy's :func:`~catlab.strategy.folder_name`; its label in
+the caption), and every figure of the run directory under ``plots/``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 
+from catlab.hashing import folder_name
 from catlab.loggers.base import Logger, from_pil
 
 #: the table's columns, in this order, when any row has them
@@ -47,12 +49,12 @@ def samples_per_strategy(
 
     out = {}
     for row in rows:
-        label = row["method"]
+        label, folder = row["method"], folder_name(row["method"], row.get("key", ""))
         result = warm.get(label)
         if result is not None:
             out[label] = result.images[:SAMPLES].float().cpu()
-        elif image_dir is not None and (image_dir / label).is_dir():
-            files = sorted((image_dir / label).glob("*.png"))[:SAMPLES]
+        elif image_dir is not None and (image_dir / folder).is_dir():
+            files = sorted((image_dir / folder).glob("*.png"))[:SAMPLES]
             if files:
                 out[label] = torch.stack([from_pil(Image.open(f)) for f in files])
     return out
@@ -64,8 +66,9 @@ def log_evaluation(
     """Log the results table, the samples per strategy and the figures of ``out`` (and ``out/diagnostics``)."""
     columns = [c for c in COLUMNS if any(c in r for r in rows)]
     logger.log_table("results", columns, [[_cell(r.get(c)) for c in columns] for r in rows])
-    for label, images in samples_per_strategy(rows, warm, image_dir).items():
-        logger.log_images(f"samples/{label}", images, [label] * len(images))
+    keys = {r["method"]: r.get("key", "") for r in rows}
+    for label, images in samples_per_strategy(rows, warm, image_dir).items():  # one file name per strategy
+        logger.log_images(f"samples/{folder_name(label, keys[label])}", images, [label] * len(images))
     for path in sorted(out.glob("*.png")) + sorted((out / "diagnostics").glob("*.png")):
         logger.log_figure(f"plots/{path.stem}", path)
 

@@ -47,7 +47,7 @@ class AtEdm(Policy):
     """
 
     #: prunes inside the forward: the run's assembly installs the in-step engine instead of selecting tokens
-    declares: ClassVar[Capability] = Capability.IN_STEP_ENGINE
+    capabilities: ClassVar[Capability] = Capability.IN_STEP_ENGINE
 
     prune_layers: list = field(default_factory=lambda: [0, 1])
     iterations: int = 20

@@ -38,7 +38,7 @@ class ATEDMReuse(Policy):
     from ``alpha·(1 + spread)`` to ``alpha·(1 − spread)``, the same budget on average.
     """
 
-    declares: ClassVar[Capability] = Capability.ATTENTION_PROBES
+    capabilities: ClassVar[Capability] = Capability.ATTENTION_PROBES
 
     attention_layers: tuple[int, ...] = (3,)
     iterations: int = 20

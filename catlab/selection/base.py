@@ -10,6 +10,7 @@ history it needs (a reference output, staleness counters, ...).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, is_dataclass
 from typing import ClassVar
@@ -71,9 +72,10 @@ class Policy(Named):
     start_step: int = 8
     seed: int = 0
 
-    #: what this selector needs from the run (:class:`~catlab.capabilities.Capability`); read through
-    #: :attr:`capabilities`, never by looking for marker attributes
-    declares: ClassVar[Capability] = Capability.NONE
+    #: what this selector needs from the run (:class:`~catlab.capabilities.Capability`), declared as a class
+    #: attribute like a step cache's or a reuse rule's (``capabilities = Capability.REPLAYS_SELECTION``); read
+    #: through the :attr:`capabilities` property, which adds what the instance implies (probe layers)
+    _declared: ClassVar[Capability] = Capability.NONE
     #: probe layers whose attention probabilities :attr:`StepState.attention` must carry (any: the
     #: selector has :attr:`Capability.ATTENTION_PROBES <catlab.capabilities.Capability>`)
     attention_layers: ClassVar[tuple[int, ...]] = ()
@@ -81,6 +83,22 @@ class Policy(Named):
     #: classifier-free-guidance combination) or ``"branches"`` (the 2·B rows as the
     #: transformer computed them, unconditional first; B rows when a run has no guidance)
     observes: ClassVar[str] = "guided"
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """A subclass's ``capabilities = Capability...`` becomes its declared set, read by the property below
+        (``declares``, the former name, still works and warns)."""
+        super().__init_subclass__(**kwargs)
+        declared = cls.__dict__.get("capabilities")
+        if "declares" in cls.__dict__:
+            warnings.warn(
+                f"{cls.__name__}.declares is deprecated: set capabilities = ... instead",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            declared = cls.__dict__["declares"]
+        if isinstance(declared, Capability):
+            cls._declared = declared
+            cls.capabilities = Policy.__dict__["capabilities"]
 
     def __post_init__(self) -> None:
         if not (0.0 < float(self.alpha) <= 1.0):
@@ -98,7 +116,7 @@ class Policy(Named):
     @property
     def capabilities(self) -> Capability:
         """What the run must provide: the declared set, plus attention probes when probe layers are named."""
-        caps = type(self).declares
+        caps = type(self)._declared
         return caps | Capability.ATTENTION_PROBES if self.attention_layers else caps
 
     @property
@@ -135,7 +153,7 @@ class Policy(Named):
     #                                            attribute (writes outputs for observe in place), and
     #                                            changes nothing the next call reads
     #
-    # with select(state) = prepare_step(state), then select_tensors(state), and declares
+    # with select(state) = prepare_step(state), then select_tensors(state), and capabilities =
     # Capability.REPLAYS_SELECTION. ``cat`` does.
 
     def observe(self, step: int, output: torch.Tensor, indices: torch.Tensor | None) -> None:
