@@ -34,10 +34,10 @@ from catlab.builders import (
     check_model_fits,
     check_seeds,
     plain,
-    run_app,
     sampler_config,
     set_threads,
 )
+from catlab.cli import run_app
 from catlab.config import register_evaluate_schema
 from catlab.evaluation import diagnostics, frontier
 from catlab.evaluation.harness import References, Strategy, evaluate_strategies, layout, make_jobs, set_metrics

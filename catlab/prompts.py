@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from catlab.cli import write_text
+from catlab.fileio import write_text
 from catlab.registry import prompt_sets
 
 log = logging.getLogger("catlab")

@@ -34,11 +34,10 @@ from catlab.builders import (
     check_model_fits,
     check_seeds,
     plain,
-    run_app,
     sampler_config,
     set_threads,
 )
-from catlab.cli import check_writable, write_text
+from catlab.cli import check_writable, run_app, write_text
 from catlab.config import register_schema
 from catlab.loggers.base import to_pil
 from catlab.metrics.cost import cost_metrics

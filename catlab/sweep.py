@@ -21,7 +21,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from catlab.cli import write_text
+from catlab.fileio import write_text
 
 #: metrics shown in the markdown table, in this order, when any job has them
 SHOWN = ("macs_ratio", "seconds_per_image", "selection_share", "psnr", "ssim", "attribute_accuracy", "clip_score")
