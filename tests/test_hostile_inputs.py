@@ -757,3 +757,67 @@ def subprocess_sweep(folder: Path):
         env=env,
         timeout=120,
     )
+
+
+# -- the command line: folders it did not make, Ctrl-C, values checked before compute, sweeps ----------------------
+
+RUN_HERE = tuple(a for a in RUN if not a.startswith("hydra."))
+
+
+def _listing(folder: Path) -> dict[str, bytes | None]:
+    """Every entry under ``folder`` with its bytes (None: a folder): what "left as it was" compares."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
+def _only_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("catlab:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("where", ["an empty folder", "'.' of an empty folder", "a folder with files", "chdir"])
+def test_a_failed_run_leaves_a_folder_it_did_not_make_as_it_was(where, tmp_path, monkeypatch):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    if where in ("a folder with files", "chdir"):
+        (mine / "notes.txt").write_text("my notes\n")
+        (mine / "sub").mkdir()
+        (mine / "sub" / "data.csv").write_text("1,2\n")
+    monkeypatch.chdir(mine if where.startswith("'.'") else ROOT)
+    run_dir = "." if where.startswith("'.'") else str(mine)
+    chdir = ["hydra.job.chdir=true"] if where == "chdir" else []
+    before = _listing(mine)
+    code, _, err = _call("run", [*RUN_HERE, "selector.alpha=1.5", f"hydra.run.dir={run_dir}", *chdir])
+    assert code == 1
+    assert "alpha must be in (0, 1]" in _only_line(err)  # the real error, not a failed clean-up
+    assert mine.is_dir() and _listing(mine) == before
+
+
+def test_a_failed_run_removes_the_folders_it_made_and_no_more(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "old").mkdir()
+    code, _, err = _call("run", [*RUN_HERE, "selector.alpha=1.5", "hydra.run.dir=outputs/new/deeper/run"])
+    assert code == 1 and "alpha must be in (0, 1]" in _only_line(err)
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["old"]
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_ctrl_c_in_a_run_is_one_line_and_leaves_nothing(existing, tmp_path, monkeypatch):
+    import catlab.run
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(catlab.run, "sample", _interrupt)
+    run_dir = tmp_path / "run"
+    if existing:
+        run_dir.mkdir()
+        (run_dir / "mine.txt").write_text("kept\n")
+    before = _listing(tmp_path)
+    code, _, err = _call("run", [*RUN_HERE, f"hydra.run.dir={run_dir}"])
+    assert code == 130
+    assert _only_line(err).startswith("catlab: interrupted; removed ")
+    assert _listing(tmp_path) == before  # no partial run folder, no metrics-less images
