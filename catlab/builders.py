@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -50,8 +52,9 @@ def set_threads(threads: int | None) -> None:
     if threads is not None:
         import torch
 
-        if int(threads) < 1:
-            raise ConfigError(f"threads must be >= 1 or null; got {threads}")
+        cpus = os.cpu_count() or 1
+        if not 1 <= int(threads) <= cpus:
+            raise ConfigError(f"threads must be >= 1 and at most this machine's {cpus} CPUs, or null; got {threads}")
         torch.set_num_threads(int(threads))
 
 
@@ -113,6 +116,10 @@ def sampler_config(node):
     from catlab.sampler import SamplerConfig
 
     sampler_cfg = SamplerConfig(**plain(node))
+    if not math.isfinite(float(sampler_cfg.guidance_scale)):
+        raise ConfigError(
+            f"sampler.guidance_scale must be a finite number (<= 1: unguided); got {sampler_cfg.guidance_scale}"
+        )
     if float(sampler_cfg.guidance_scale) <= 1.0:
         logging.getLogger("catlab").info(
             "sampler.guidance_scale=%g <= 1: unguided (no classifier-free guidance)", sampler_cfg.guidance_scale

@@ -54,6 +54,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from catlab.builders import ConfigError
+from catlab.config import group_options
 from catlab.fileio import check_writable, io_message, os_error, write_text
 from catlab.planner import IndexContractError
 from catlab.pruning.families import UnsupportedModelError
@@ -304,14 +305,15 @@ def run_app(run: Callable[[DictConfig, Path], object], cfg: DictConfig) -> None:
         raise
     except Exception as err:  # noqa: BLE001 (sorted below: an input, a write, or a bug)
         message = error_line(err, out)
+        if single:
+            before.restore()  # a bug leaves no half-made folder either
+            _BEFORE = None
         if message is None and single:
             raise  # a bug, not an input: its traceback is what the developer needs
         if message is None:
             first = (str(err).strip().splitlines() or [""])[0]
             message = f"catlab: {type(err).__name__}: {first}" if first else f"catlab: {type(err).__name__}"
         if single:
-            before.restore()
-            _BEFORE = None
             raise CatlabExit(message) from None
         # a sweep job: marked failed, and the sweep goes on (its summary lists it; the exit code says so)
         logging.getLogger("catlab").error(message)
@@ -380,6 +382,8 @@ def hydra_message(err: Exception, argv: Sequence[str], config_name: str) -> str 
     io = os_error(err)
     if io is not None:
         return io_message(io)
+    if isinstance(err, ValueError) and "Config group override must be a string" in str(err):
+        return null_group(argv)
     if not isinstance(err, (HydraException, OmegaConfBaseException)):
         return None
     text = str(err) + ("\n" + str(err.__cause__) if err.__cause__ is not None else "")
@@ -398,6 +402,18 @@ def hydra_message(err: Exception, argv: Sequence[str], config_name: str) -> str 
         if line.strip() and not line.startswith(("To append", "Set the environment", "    "))
     ]
     return "catlab: config error: " + "; ".join(lines)
+
+
+def null_group(argv: Sequence[str]) -> str:
+    """The line for ``model=null``: a config group given no option."""
+    for a in argv:
+        key, _, value = a.lstrip("+").partition("=")
+        if value.lower() in ("null", "~", "none") and group_options(key):
+            return (
+                f"catlab: {key}={value} gives the {key} group no option; choose one: {key}=<option> "
+                f"(options of {key}: {', '.join(group_options(key))})"
+            )
+    return "catlab: config error: a config group was given null; choose one of its options"
 
 
 def unknown_option(group: str, name: str, options: list[str]) -> str:

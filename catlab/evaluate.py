@@ -38,7 +38,7 @@ from catlab.builders import (
     set_threads,
 )
 from catlab.cli import run_app
-from catlab.config import register_evaluate_schema
+from catlab.config import check_groups, register_evaluate_schema
 from catlab.evaluation import diagnostics, frontier
 from catlab.evaluation.harness import References, Strategy, evaluate_strategies, layout, make_jobs, set_metrics
 from catlab.evaluation.merge import manifest, rows_from_store, write_manifest, write_tables
@@ -93,6 +93,8 @@ def strategy_specs(cfg: DictConfig) -> list[dict]:
 def prepare(cfg: DictConfig):
     """Check and build everything cheap, before the model loads."""
     try:
+        check_groups(cfg, ("model", "prompts", "logger"))
+        check_lists(cfg)
         sampler_cfg = sampler_config(cfg.sampler)
         check_seeds(list(cfg.seeds), "seeds")
         strategies = [resolve_strategy(spec, cfg) for spec in strategy_specs(cfg)]
@@ -109,6 +111,26 @@ def prepare(cfg: DictConfig):
     except (ComponentError, TypeError, ValueError) as err:
         raise ConfigError(str(err)) from err
     return sampler_cfg, list(zip(strategies, built)), prompts, meta, metric_objs, logger, model_cfg
+
+
+def check_lists(cfg: DictConfig) -> None:
+    """Refuse, before any compute, what would leave a table with nothing in it: no metrics, no strategy beside
+    the full model, no seeds or prompts, or a seed given twice (the same images counted twice)."""
+    if not list(cfg.metrics):
+        raise ConfigError("metrics=[] leaves the table without quality columns; name one or more, e.g. metrics=[psnr]")
+    if not [s for s in plain(cfg.strategies) if s != "full" and not (isinstance(s, dict) and s == {"name": "full"})]:
+        raise ConfigError(
+            f"strategies={plain(cfg.strategies)} compares nothing with the full model (added first by itself); "
+            "name at least one other, e.g. strategies=[cat]"
+        )
+    seeds = list(cfg.seeds)
+    if not seeds:
+        raise ConfigError("seeds=[] gives no images; give at least one seed, e.g. seeds=[0]")
+    twice = sorted({int(s) for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise ConfigError(f"seeds={seeds} gives seed(s) {twice} twice (the same images would count twice)")
+    if cfg.num_prompts is not None and int(cfg.num_prompts) < 1:
+        raise ConfigError(f"num_prompts must be >= 1 or null (every prompt); got {cfg.num_prompts}")
 
 
 def _distributed() -> tuple[int, int]:

@@ -38,7 +38,7 @@ from catlab.builders import (
     set_threads,
 )
 from catlab.cli import check_writable, run_app, write_text
-from catlab.config import register_schema
+from catlab.config import check_groups, register_schema
 from catlab.loggers.base import to_pil
 from catlab.metrics.cost import cost_metrics
 from catlab.registry import ComponentError, loggers, models, prompt_sets
@@ -52,6 +52,7 @@ register_schema()
 def prepare(cfg: DictConfig):
     """Check and build everything cheap, so a bad config fails before the model loads."""
     try:
+        check_groups(cfg, ("model", "selector", "prompts", "logger"))
         sampler_cfg = sampler_config(cfg.sampler)
         strategy = resolve_strategy(cfg.selector, cfg)
         policy, parts = strategy.build(sampler_cfg)

@@ -821,3 +821,30 @@ def test_ctrl_c_in_a_run_is_one_line_and_leaves_nothing(existing, tmp_path, monk
     assert code == 130
     assert _only_line(err).startswith("catlab: interrupted; removed ")
     assert _listing(tmp_path) == before  # no partial run folder, no metrics-less images
+
+
+VALUE_CASES = [  # values that pass a type check and would fail after compute: refused first, naming the key
+    Case("start_step 0", ("selector.start_step=0",), "start_step=0 must be >= 1"),
+    Case("guidance inf", ("sampler.guidance_scale=inf",), "sampler.guidance_scale must be a finite number"),
+    Case("guidance nan", ("sampler.guidance_scale=nan",), "sampler.guidance_scale must be a finite number"),
+    Case("alpha a string", ("selector.alpha='0.5'",), "alpha must be a number in (0, 1]"),
+    Case("no model", ("~model",), "model is not set; choose one: model=<option> (options of model: "),
+    Case("model null", ("model=null",), "model=null gives the model group no option; choose one"),
+    Case("selector null", ("selector=null",), "options of selector: "),
+    Case("threads beyond the CPUs", ("threads=100000",), "threads must be >= 1 and at most this machine's"),
+    Case("prompts file not given", ("prompts=file",), "prompts.path is not set; give the file"),
+    Case("prompts file a folder", ("prompts=file", "prompts.path={tmp}"), "is a folder; give a prompts file"),
+    Case("prompts file /dev/null", ("prompts=file", "prompts.path=/dev/null"), "is not a regular file"),
+    Case("evaluate: no prompts", ("num_prompts=0",), "num_prompts must be >= 1 or null", app="evaluate"),
+    Case("evaluate: negative prompts", ("num_prompts=-1",), "num_prompts must be >= 1 or null", app="evaluate"),
+    Case("evaluate: no metrics", ("metrics=[]",), "metrics=[] leaves the table without", app="evaluate"),
+    Case("evaluate: no strategies", ("strategies=[]",), "compares nothing with the full model", app="evaluate"),
+    Case("evaluate: only full", ("strategies=[full]",), "compares nothing with the full model", app="evaluate"),
+    Case("evaluate: no seeds", ("seeds=[]",), "seeds=[] gives no images", app="evaluate"),
+    Case("evaluate: a seed twice", ("seeds=[0,0]",), "gives seed(s) [0] twice", app="evaluate"),
+]
+
+
+@pytest.mark.parametrize("case", VALUE_CASES, ids=[c.id for c in VALUE_CASES])
+def test_a_value_that_would_fail_after_compute_is_refused_first(case: Case, tmp_path, monkeypatch):
+    test_hostile_input(case, tmp_path, monkeypatch, None)
