@@ -55,11 +55,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from catlab.builders import ConfigError
 from catlab.config import group_options
-from catlab.fileio import check_writable, io_message, os_error, write_text
+from catlab.fileio import CatlabExit, check_writable, io_message, os_error, write_text
 from catlab.planner import IndexContractError
 from catlab.pruning.families import UnsupportedModelError
 from catlab.registry import REGISTRIES, config_fields
 from catlab.stepcache import StepCacheError
+from catlab.sweep import summarise_aborted
 
 __all__ = ["CatlabExit", "OutputFolder", "check_writable", "io_message", "main", "os_error", "run_app", "write_text"]
 
@@ -68,14 +69,6 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 INTERRUPTED = 130
 #: entries of an existing output folder noted one by one; past this only its top level is compared
 SNAPSHOT_LIMIT = 20000
-
-
-class CatlabExit(SystemExit):
-    """Ends a command with one ``catlab:`` line on stderr and exit status ``code`` (1: an error)."""
-
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(code)
-        self.message = message if message.startswith("catlab:") else f"catlab: {message}"
 
 
 # -- what the output folder held before the command ------------------------------------------------------------------
@@ -198,6 +191,9 @@ def main(hydra_main: Callable[[], None], argv: Sequence[str] | None = None, conf
     except SystemExit:
         raise
     except Exception as err:  # noqa: BLE001 (what Hydra raised before or around the run)
+        if _BEFORE is not None and not _BEFORE.single and _worker_died(err):
+            why = _first(err).split(". ")[0].rstrip(".")
+            _fail(summarise_aborted(_BEFORE.folder, f"a sweep worker process died ({why})"), made)
         if keep_full:
             raise
         message = hydra_message(err, argv, config_name)
@@ -217,12 +213,19 @@ def main(hydra_main: Callable[[], None], argv: Sequence[str] | None = None, conf
 
 
 def _interrupted() -> str:
-    if _BEFORE is not None and not _BEFORE.single:
-        return (
-            f"catlab: interrupted; the sweep's finished jobs are in {_BEFORE.folder} "
-            f"(python -m catlab.sweep {_BEFORE.folder} lists them and the ones that did not finish)"
-        )
+    if _BEFORE is not None and not _BEFORE.single and _BEFORE.folder.is_dir():
+        return summarise_aborted(_BEFORE.folder, "interrupted")
     return "catlab: interrupted; nothing this run wrote was kept"
+
+
+def _worker_died(err: BaseException) -> bool:
+    """A sweep's worker process ended under it (killed, out of memory): joblib's and concurrent.futures' errors."""
+    seen = 0
+    while err is not None and seen < 8:
+        if type(err).__name__ in ("TerminatedWorkerError", "BrokenProcessPool"):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
 
 
 def _missing_roots(argv: Sequence[str]) -> list[Path]:

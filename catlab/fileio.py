@@ -1,8 +1,9 @@
-"""Files written whole, folders checked before compute, and one line for an OS error that names its path.
+"""Files written whole, folders checked before compute, and the one line a command ends with.
 
 The bottom of the package: the prompt cache, the run and the sweep summary write
-through :func:`write_text`; the command line (:mod:`catlab.cli`) turns an
-:class:`OSError` into one ``catlab:`` line with :func:`io_message`.
+through :func:`write_text`; the command lines (:mod:`catlab.cli`, :mod:`catlab.sweep`)
+turn an :class:`OSError` into one ``catlab:`` line with :func:`io_message` and end
+with :class:`CatlabExit`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ WRITE_ERRNOS = {
     errno.EEXIST,
     errno.EFBIG,
 }
+
+
+class CatlabExit(SystemExit):
+    """Ends a command with one ``catlab:`` line on stderr and exit status ``code`` (1: an error)."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(code)
+        self.message = message if message.startswith("catlab:") else f"catlab: {message}"
 
 
 def io_message(err: OSError, where: Path | str | None = None) -> str:

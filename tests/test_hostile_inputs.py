@@ -848,3 +848,98 @@ VALUE_CASES = [  # values that pass a type check and would fail after compute: r
 @pytest.mark.parametrize("case", VALUE_CASES, ids=[c.id for c in VALUE_CASES])
 def test_a_value_that_would_fail_after_compute_is_refused_first(case: Case, tmp_path, monkeypatch):
     test_hostile_input(case, tmp_path, monkeypatch, None)
+
+
+def _fake_sweep(folder: Path, task: str, jobs: dict[int, dict[str, str]]) -> Path:
+    """A sweep folder as Hydra's basic sweeper leaves it: ``multirun.yaml`` and one folder per job that started,
+    each with the files given (name -> text)."""
+    folder.mkdir()
+    sweeper = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+    (folder / "multirun.yaml").write_text(
+        f"hydra:\n  sweeper:\n    _target_: {sweeper}\n    max_batch_size: null\n    params: null\n"
+        f"  overrides:\n    task:\n    - {task}\n"
+    )
+    for i, files in jobs.items():
+        (folder / str(i) / ".hydra").mkdir(parents=True)
+        (folder / str(i) / ".hydra" / "overrides.yaml").write_text(f"- {task.split(',')[0].split('=')[0]}=job{i}\n")
+        for name, text in files.items():
+            (folder / str(i) / name).write_text(text)
+    return folder
+
+
+DONE = {"metrics.json": '{"macs_ratio": 1.5}'}
+
+
+def test_a_sweep_summary_lists_a_job_that_never_ran_and_fails(tmp_path):
+    sweep = _fake_sweep(tmp_path / "sweep", "selector=full,random,cat", {0: DONE, 2: DONE})
+    code, out, err = _call("sweep", [str(sweep)])
+    assert code == 1
+    assert _only_line(err).startswith("catlab: 1 of 3 sweep jobs never ran (jobs 1); see ")
+    assert "| 1 | `selector=random` | missing |" in out  # named by the overrides it would have had
+
+
+def test_a_sweep_summary_after_the_last_job_was_killed_before_starting(tmp_path):
+    sweep = _fake_sweep(tmp_path / "sweep", "selector=full,random", {0: DONE})
+    code, _, err = _call("sweep", [str(sweep)])
+    assert code == 1 and "never ran (jobs 1)" in _only_line(err)
+
+
+@pytest.mark.parametrize(
+    "files, status",
+    [
+        ({".hydra/overrides.yaml": "{[ not: yaml", **DONE}, "| done |"),
+        ({".hydra/overrides.yaml": "just a string", **DONE}, "| done |"),
+        ({"metrics.json": "[1, 2]"}, "failed: unreadable metrics.json: a JSON list, not an object"),
+        ({"metrics.json": "{not json"}, "failed: unreadable metrics.json: JSONDecodeError"),
+        ({"failed.json": '["a", "list"]'}, "failed: unreadable failed.json: a JSON list, not an object"),
+        ({"failed.json": "7"}, "failed: unreadable failed.json: a JSON int"),
+    ],
+)
+def test_a_sweep_summary_of_garbage_job_files_is_a_row_not_a_traceback(files, status, tmp_path):
+    sweep = _fake_sweep(tmp_path / "sweep", "selector=full,random", {0: DONE, 1: {}})
+    for name, text in files.items():
+        (sweep / "1" / name).write_text(text)
+    code, out, err = _call("sweep", [str(sweep)])
+    assert "Traceback" not in err and status in out
+    assert code == (0 if status == "| done |" else 1)
+    if code == 0:
+        assert "| 1 | `selector=random` | done |" in out  # the overrides from multirun.yaml
+    else:
+        assert "of 2 sweep jobs failed (jobs 1)" in _only_line(err)
+
+
+@pytest.mark.parametrize("what", ["an empty folder", "a folder with files"])
+def test_a_sweep_summary_refuses_a_folder_that_is_not_a_sweep(what, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    if what == "a folder with files":
+        (folder / "notes.txt").write_text("mine\n")
+        (folder / "0").mkdir()  # numbered, but no job of Hydra's
+    before = _listing(folder)
+    code, _, err = _call("sweep", [str(folder)])
+    assert code == 2 and "is not a sweep folder" in _only_line(err)
+    assert _listing(folder) == before
+
+
+def test_a_killed_sweep_worker_is_one_line_and_a_summary(tmp_path, monkeypatch):
+    """What joblib raises when a worker process is killed (kill -9, out of memory) stops the sweep where it is:
+    the jobs that finished and the ones that never ran are in the summary, and the command says so in one line."""
+    from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+    from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+    launch = BasicLauncher.launch
+
+    def dies_after_the_first(self, job_overrides, initial_job_idx):
+        launch(self, job_overrides[:1], initial_job_idx)
+        raise TerminatedWorkerError("A worker process managed by the executor was unexpectedly terminated.")
+
+    monkeypatch.setattr(BasicLauncher, "launch", dies_after_the_first)
+    monkeypatch.chdir(ROOT)
+    argv = ["-m", *(a.format(tmp=tmp_path) for a in RUN), "selector=full,random"]
+    code, _, err = _call("run", argv)
+    assert code == 1
+    line = _only_line(err)
+    assert line.startswith("catlab: a sweep worker process died (A worker process managed by the executor")
+    assert line.endswith(f"1 of 2 jobs done, see {tmp_path / 'sweep' / 'summary.md'}")
+    summary = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "| 0 | `selector=full` | done |" in summary and "| 1 | `selector=random` | missing |" in summary
