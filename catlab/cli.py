@@ -44,6 +44,7 @@ from pathlib import Path
 
 import diffusers
 import transformers
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -54,7 +55,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from catlab.builders import ConfigError
-from catlab.config import group_options
+from catlab.config import EvaluateConfig, RunConfig, group_options
 from catlab.fileio import CatlabExit, check_writable, io_message, os_error, write_text
 from catlab.planner import IndexContractError
 from catlab.pruning.families import UnsupportedModelError
@@ -176,6 +177,9 @@ def main(hydra_main: Callable[[], None], argv: Sequence[str] | None = None, conf
     """
     global _BEFORE
     argv = list(sys.argv[1:] if argv is None else argv)
+    wrong = wrong_command(argv, config_name)
+    if wrong is not None:
+        _fail(wrong)
     made = _missing_roots(argv)
     keep_full = os.environ.get("HYDRA_FULL_ERROR") == "1"
     saved_argv, saved_env, saved_cwd = sys.argv, os.environ.get("HYDRA_FULL_ERROR"), os.getcwd()
@@ -210,6 +214,46 @@ def main(hydra_main: Callable[[], None], argv: Sequence[str] | None = None, conf
         if os.path.isdir(saved_cwd):
             os.chdir(saved_cwd)
         _clear_hydra()
+
+
+#: the two commands, by the config they compose: (command, its schema's own fields)
+COMMANDS = {"config": "python -m catlab.run", "evaluate": "python -m catlab.evaluate"}
+
+
+def _own_fields(config_name: str) -> set[str]:
+    """The top-level settings only one of the two commands has (``num_images`` for a run, ``strategies`` for an
+    evaluation)."""
+    run = {f.name for f in dataclasses.fields(RunConfig)}
+    evaluate = {f.name for f in dataclasses.fields(EvaluateConfig)}
+    return run - evaluate if config_name == "config" else evaluate - run
+
+
+def wrong_command(argv: Sequence[str], config_name: str) -> str | None:
+    """The line for an experiment or a setting of the other command (``experiment=embedded_table2`` given to
+    ``catlab.run``), naming the command that takes it; None when nothing points there."""
+    other = "evaluate" if config_name == "config" else "config"
+    theirs = _own_fields(other)
+    for a in argv:
+        key, _, value = a.lstrip("+~").partition("=")
+        if key == "experiment" and value:
+            path = CONF / "experiment" / f"{value}.yaml"
+            try:
+                keys = set(yaml.safe_load(path.read_text()) or {}) if path.is_file() else set()
+            except (OSError, yaml.YAMLError):
+                continue
+            if keys & theirs and not keys & _own_fields(config_name):
+                return f"catlab: experiment={value} is a setup of the other command; run {COMMANDS[other]} {a}"
+        elif key.split(".")[0] in theirs:
+            top = key.split(".")[0]
+            near = difflib.get_close_matches(top, sorted(_own_fields(config_name)), n=1, cutoff=0.7)
+            here = f" (did you mean '{near[0]}'?)" if near else ""
+            if top == "selector" and config_name == "evaluate":
+                here = " (here strategies=[...] and strategy_defaults.<key>=... set the selectors)"
+            return (
+                f"catlab: '{top}' is a setting of {COMMANDS[other]}, not of {COMMANDS[config_name]}{here}; "
+                f"to run it: {COMMANDS[other]} {a}"
+            )
+    return None
 
 
 def _interrupted() -> str:

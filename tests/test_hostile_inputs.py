@@ -943,3 +943,87 @@ def test_a_killed_sweep_worker_is_one_line_and_a_summary(tmp_path, monkeypatch):
     assert line.endswith(f"1 of 2 jobs done, see {tmp_path / 'sweep' / 'summary.md'}")
     summary = (tmp_path / "sweep" / "summary.md").read_text()
     assert "| 0 | `selector=full` | done |" in summary and "| 1 | `selector=random` | missing |" in summary
+
+
+COMMAND_CASES = [  # a setup or a setting of the other command: the line names the command that takes it
+    Case(
+        "an evaluation experiment given to catlab.run",
+        ("experiment=embedded_table2",),
+        "catlab: experiment=embedded_table2 is a setup of the other command; "
+        "run python -m catlab.evaluate experiment=embedded_table2",
+    ),
+    Case(
+        "an evaluation setting given to catlab.run",
+        ("strategies=[cat]",),
+        "'strategies' is a setting of python -m catlab.evaluate, not of python -m catlab.run",
+    ),
+    Case(
+        "a run experiment given to catlab.evaluate",
+        ("experiment=embedded_sweep",),
+        "run python -m catlab.run experiment=embedded_sweep",
+        app="evaluate",
+    ),
+    Case(
+        "a run setting given to catlab.evaluate",
+        ("seed=3",),
+        "'seed' is a setting of python -m catlab.run, not of python -m catlab.evaluate (did you mean 'seeds'?)",
+        app="evaluate",
+    ),
+    Case(
+        "a selector setting given to catlab.evaluate",
+        ("selector.alpha=0.3",),
+        "(here strategies=[...] and strategy_defaults.<key>=... set the selectors)",
+        app="evaluate",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", COMMAND_CASES, ids=[c.id for c in COMMAND_CASES])
+def test_a_setting_of_the_other_command_names_that_command(case: Case, tmp_path, monkeypatch):
+    test_hostile_input(case, tmp_path, monkeypatch, None)
+
+
+def test_a_folder_named_catlab_that_shadows_the_package_is_one_line(tmp_path, monkeypatch, capsys):
+    """``python -m catlab.run`` from a folder holding a ``catlab/`` directory (no ``__init__.py``): the namespace
+    package it makes is named in one line and the command exits 1, with no ImportError traceback."""
+    import types
+
+    from catlab import registry
+
+    shadow = types.ModuleType("catlab")
+    shadow.__path__ = [str(tmp_path / "catlab")]  # what Python makes of a folder without __init__.py
+    main = types.ModuleType("__main__")
+    main.__spec__ = types.SimpleNamespace(name="catlab.run")
+    monkeypatch.setitem(sys.modules, "catlab", shadow)
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    with pytest.raises(SystemExit) as stop:
+        registry._check_not_shadowed()
+    assert stop.value.code == 1
+    line = _only_line(capsys.readouterr().err)
+    assert f"found the folder {tmp_path / 'catlab'}, which is not the catlab package" in line
+    main.__spec__ = types.SimpleNamespace(name="my_notebook")  # imported as a library: an ImportError, as before
+    with pytest.raises(ImportError, match="Run from another directory"):
+        registry._check_not_shadowed()
+
+
+@pytest.mark.slow
+def test_wandb_says_nothing_about_symlinked_files(tmp_path):
+    import subprocess
+
+    script = (
+        "from pathlib import Path\n"
+        "from catlab.loggers.wandb_logger import WandbLogger\n"
+        f"d = Path({str(tmp_path)!r})\n"
+        "for name in ('config.yaml', 'metrics.json', 'run.log'):\n"
+        "    (d / name).write_text('{}')\n"
+        "log = WandbLogger()\n"
+        "log.start(d, {'a': 1}, 'n')\n"
+        "log.finish()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SILENT"}
+    env.update(PYTHONPATH=str(ROOT), WANDB_MODE="offline")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Symlinked" not in proc.stderr + proc.stdout
+    saved = {p.name for p in tmp_path.glob("wandb/offline-run-*/files/*")}
+    assert {"config.yaml", "metrics.json", "run.log"} <= saved
