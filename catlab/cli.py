@@ -68,6 +68,8 @@ __all__ = ["CatlabExit", "OutputFolder", "check_writable", "io_message", "main",
 CONF = Path(__file__).resolve().parents[1] / "conf"
 #: exit status of a command stopped by Ctrl-C (128 + SIGINT, as a shell reports it)
 INTERRUPTED = 130
+#: what torch's C++ file writer raises when a write fails (a full disk): a RuntimeError, not an OSError
+TORCH_WRITE = re.compile(r"PytorchStreamWriter|file write failed|inline_container")
 #: entries of an existing output folder noted one by one; past this only its top level is compared
 SNAPSHOT_LIMIT = 20000
 
@@ -340,8 +342,10 @@ def run_app(run: Callable[[DictConfig, Path], object], cfg: DictConfig) -> None:
     single = hc.mode == RunMode.RUN
     before = _BEFORE if single and _BEFORE is not None else Before.of(out, single=single)
     try:
-        check_choices(cfg, hc)
-        run(cfg, out)
+        with LogWrites() as log_writes:
+            check_choices(cfg, hc)
+            run(cfg, out)
+        log_writes.check()
     except KeyboardInterrupt:
         if single:
             before.restore()
@@ -370,6 +374,37 @@ def run_app(run: Callable[[DictConfig, Path], object], cfg: DictConfig) -> None:
         _write_failed(out, record)
 
 
+class LogWrites:
+    """The run's log files, whose failed writes (a full disk) are kept as one error instead of a traceback per line.
+
+    :meth:`check` raises the first, naming the log file: a run whose log could not be
+    written fails with one line like any other write.
+    """
+
+    def __enter__(self) -> LogWrites:
+        self.errors: list[OSError] = []
+        self.handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+        for handler in self.handlers:
+            handler.handleError = self._recorder(handler)  # shadows logging's, which prints a traceback
+        return self
+
+    def _recorder(self, handler: logging.FileHandler) -> Callable[[logging.LogRecord], None]:
+        def record(_: logging.LogRecord) -> None:
+            err = sys.exc_info()[1]
+            if isinstance(err, OSError) and not self.errors:
+                self.errors.append(OSError(err.errno, err.strerror, err.filename or handler.baseFilename))
+
+        return record
+
+    def __exit__(self, *exc) -> None:
+        for handler in self.handlers:
+            handler.__dict__.pop("handleError", None)
+
+    def check(self) -> None:
+        if self.errors:
+            raise self.errors[0]
+
+
 def error_line(err: Exception, out: Path) -> str | None:
     """The one line for an error a user can cause (a config, a write, a plugin breaking the contract); None: a bug."""
     io = os_error(err)
@@ -382,8 +417,22 @@ def error_line(err: Exception, out: Path) -> str | None:
         return f"catlab: {err}"
     if isinstance(err, UnsupportedModelError):  # a model the chosen strategy cannot prune
         return f"catlab: unsupported model: {err}"
-    if isinstance(err, RuntimeError) and re.search(r"PytorchStreamWriter|file write failed", str(err)):
-        return f"catlab: cannot write a tensor file under {out} or the cache (is the disk full?): {_first(err)}"
+    if isinstance(err, RuntimeError) and TORCH_WRITE.search(str(err)):
+        where = _saved_to(err) or f"a tensor file in {out} or the cache"
+        return f"catlab: cannot write {where}: the disk may be full (torch: {_first(err)})"
+    return None
+
+
+def _saved_to(err: BaseException) -> str | None:
+    """The file ``torch.save`` was writing when ``err`` was raised (its C++ writer names only the archive's member)."""
+    tb = err.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "save" and "torch" in frame.f_code.co_filename:
+            target = frame.f_locals.get("f")
+            if isinstance(target, (str, os.PathLike)):
+                return os.fspath(target)
+        tb = tb.tb_next
     return None
 
 

@@ -1027,3 +1027,78 @@ def test_wandb_says_nothing_about_symlinked_files(tmp_path):
     assert "Symlinked" not in proc.stderr + proc.stdout
     saved = {p.name for p in tmp_path.glob("wandb/offline-run-*/files/*")}
     assert {"config.yaml", "metrics.json", "run.log"} <= saved
+
+
+def test_a_write_that_names_no_file_is_named_by_its_folder(tmp_path):
+    from catlab.fileio import io_message
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # os.write on a descriptor: no file name
+    assert io_message(full, tmp_path) == f"catlab: cannot write a file in {tmp_path}: No space left on device"
+
+
+class _FullWriter:
+    """torch's C++ archive writer on a full disk: every record fails as torch reports it."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        def fails(*args, **kwargs):
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/0: "
+                "file write failed"
+            )
+
+        return fails
+
+
+def test_a_full_disk_under_torch_save_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    """The reference cache fills up: torch raises a RuntimeError, not an OSError; the line names the file."""
+    monkeypatch.setattr(torch._C, "PyTorchFileWriter", _FullWriter)
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "marker").write_text("")
+    code, out, err = _call("evaluate", [a.format(tmp=tmp_path) for a in EVAL])
+    monkeypatch.undo()
+    line = _only_line(err)
+    assert code == 1 and "Traceback" not in out
+    assert re.match(rf"catlab: cannot write {re.escape(str(tmp_path / 'cache'))}/\S+: the disk may be full ", line)
+    assert "PytorchStreamWriter failed writing file data/0" in line
+    assert not (tmp_path / "eval").exists()  # the evaluation's folder is gone; the cache holds no half-written image
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.suffix in (".tmp", ".pt")]
+
+
+FULL_DISK_CASES = [  # each write of a run on a full disk: one line naming the file, and no half-made run folder
+    Case("full disk: the run's log", (), "cannot write {tmp}/run/run.log: No space left on device"),
+    Case("full disk: an image", (), "cannot write {tmp}/run/images/00000_seed0.png: No space left on device"),
+    Case("full disk: Hydra's config", (), "cannot write {tmp}/run/.hydra/config.yaml: No space left on device"),
+    Case("full disk: the run's config", (), "cannot write {tmp}/run/config.yaml.tmp: No space left on device"),
+    Case(
+        "full disk: the evaluation's images",
+        ("save_images=true",),
+        "cannot write {tmp}/eval/images/full/p000001_s0.png: No space left on device",
+        app="evaluate",
+        keeps=("cache",),  # the full model's finished references are kept for the next try
+    ),
+    Case(
+        "full disk: the results",
+        (),
+        "cannot write {tmp}/eval/results.csv: No space left on device",
+        app="evaluate",
+        keeps=("cache",),
+    ),
+]
+_FULL = {  # what fills up, by case: (folder, the part of the path that fails)
+    "full disk: the run's log": ("run", "run.log"),
+    "full disk: an image": ("run", "/images/"),
+    "full disk: Hydra's config": ("run", ".hydra/config"),
+    "full disk: the run's config": ("run", "run/config.yaml"),
+    "full disk: the evaluation's images": ("eval", "/images/"),
+    "full disk: the results": ("eval", "results"),
+}
+for _case in FULL_DISK_CASES:
+    _case.setup = disk_full(*_FULL[_case.id])
+
+
+@pytest.mark.parametrize("case", FULL_DISK_CASES, ids=[c.id for c in FULL_DISK_CASES])
+def test_a_full_disk_is_one_line_naming_the_file_and_no_half_made_folder(case: Case, tmp_path, monkeypatch):
+    test_hostile_input(case, tmp_path, monkeypatch, None)
