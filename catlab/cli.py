@@ -87,6 +87,8 @@ class Before:
     entries: set[str] | None
     #: the snapshot holds only the top level (a folder with more than :data:`SNAPSHOT_LIMIT` entries)
     top_only: bool = False
+    #: the nearest folder above ``folder`` that existed (the folders between were made by the command)
+    existing_parent: Path | None = None
     #: a single run (RUN mode); a sweep's folder keeps its job records whatever happens
     single: bool = True
 
@@ -95,7 +97,8 @@ class Before:
         cwd = Path.cwd()
         folder = Path(os.path.abspath(Path(folder).expanduser()))
         if not folder.is_dir():
-            return cls(folder, cwd, None, single=single)
+            parent = next(p for p in folder.parents if p.exists())
+            return cls(folder, cwd, None, single=single, existing_parent=parent)
         entries: set[str] = set()
         for root, dirs, files in os.walk(folder):
             rel = Path(root).relative_to(folder)
@@ -108,17 +111,20 @@ class Before:
         """Remove what the command added: the folder itself if it made it (and the empty folders it made above
         it), else the entries that were not there. Files that were there are not touched."""
         _close_logs(self.folder)
-        if Path(os.path.abspath(".")) == self.folder or self.folder in Path(os.path.abspath(".")).parents:
+        try:
+            here = Path(os.getcwd())
+        except FileNotFoundError:
+            here = self.folder
+        if here == self.folder or self.folder in here.parents:
             os.chdir(self.cwd)  # hydra.job.chdir=true: leave the folder before it goes
         if not self.folder.exists() and not self.folder.is_symlink():
             return
         if self.entries is None:
             _remove(self.folder)
             for parent in self.folder.parents:  # the folders made on the way (outputs/, the date), while empty
-                if parent.exists() and (parent == self.cwd or any(parent.iterdir())):
+                if parent == self.existing_parent or not parent.is_dir() or any(parent.iterdir()):
                     break
-                if parent.exists() and _made_by_command(parent, self.cwd):
-                    parent.rmdir()
+                parent.rmdir()
             return
         for root, dirs, files in os.walk(self.folder):
             rel = Path(root).relative_to(self.folder)
@@ -129,11 +135,6 @@ class Before:
                 _remove(Path(root) / name)
                 if name in dirs:
                     dirs.remove(name)
-
-
-def _made_by_command(parent: Path, cwd: Path) -> bool:
-    """An empty folder above a new output folder: removed only inside the working folder (``outputs/2026-..``)."""
-    return cwd in parent.parents
 
 
 def _remove(path: Path) -> None:
@@ -322,7 +323,7 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
 
 
-def run_app(run: Callable[[DictConfig, Path], object], cfg: DictConfig) -> None:
+def run_app(run: Callable[[DictConfig, Path], object], cfg: DictConfig, resumable: bool = False) -> None:
     """Run a Hydra app's ``run(cfg, output_dir)``; whatever a user can cause ends in one line, not a traceback.
 
     A config error, a refused step cache, a model the strategy cannot prune or a folder that cannot be written
@@ -333,7 +334,8 @@ def run_app(run: Callable[[DictConfig, Path], object], cfg: DictConfig) -> None:
     line to its log and to ``failed.json`` (the traceback too, for the
     developer) and lets the sweep go on: the sweep's summary
     (:mod:`catlab.sweep`) lists it as failed and the sweep exits non-zero. A
-    sweep job stopped by Ctrl-C is marked failed and stops the sweep.
+    sweep job stopped by Ctrl-C is marked failed and stops the sweep. A ``resumable`` app (an evaluation, whose
+    store a rerun into the same folder resumes from) keeps its folder on Ctrl-C and says how to resume.
     """
     global _BEFORE
     quiet_libraries()
@@ -347,6 +349,12 @@ def run_app(run: Callable[[DictConfig, Path], object], cfg: DictConfig) -> None:
             run(cfg, out)
         log_writes.check()
     except KeyboardInterrupt:
+        if single and resumable:
+            _close_logs(out)
+            _BEFORE = None
+            raise CatlabExit(
+                f"catlab: interrupted; what finished is kept: rerun with hydra.run.dir={out} to resume", INTERRUPTED
+            ) from None
         if single:
             before.restore()
             _BEFORE = None

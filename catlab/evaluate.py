@@ -322,7 +322,7 @@ def write_diagnostics(strategies, warm, folder: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(cli.CONF), config_name="evaluate")  # absolute: imported or run
 def app(cfg: DictConfig) -> None:
-    run_app(run, cfg)
+    run_app(run, cfg, resumable=True)  # Ctrl-C keeps the store: a rerun into the same folder resumes
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -800,6 +800,9 @@ def test_a_failed_run_removes_the_folders_it_made_and_no_more(tmp_path, monkeypa
     code, _, err = _call("run", [*RUN_HERE, "selector.alpha=1.5", "hydra.run.dir=outputs/new/deeper/run"])
     assert code == 1 and "alpha must be in (0, 1]" in _only_line(err)
     assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["old"]
+    (tmp_path / "mine").mkdir()  # an empty folder of the user's above the run folder stays
+    code, _, err = _call("run", [*RUN_HERE, "selector.alpha=1.5", "hydra.run.dir=mine/new/run"])
+    assert code == 1 and (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
 
 
 def _interrupt(*args, **kwargs):
@@ -1102,3 +1105,20 @@ for _case in FULL_DISK_CASES:
 @pytest.mark.parametrize("case", FULL_DISK_CASES, ids=[c.id for c in FULL_DISK_CASES])
 def test_a_full_disk_is_one_line_naming_the_file_and_no_half_made_folder(case: Case, tmp_path, monkeypatch):
     test_hostile_input(case, tmp_path, monkeypatch, None)
+
+
+def test_ctrl_c_in_an_evaluation_keeps_what_finished_for_a_resume(tmp_path, monkeypatch):
+    import catlab.evaluate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(catlab.evaluate, "evaluate_strategies", interrupted)
+    code, _, err = _call("evaluate", [a.format(tmp=tmp_path) for a in EVAL])
+    assert code == 130
+    assert (
+        _only_line(err)
+        == f"catlab: interrupted; what finished is kept: rerun with hydra.run.dir={tmp_path / 'eval'} to resume"
+    )
+    assert (tmp_path / "eval" / "evaluation.json").exists()
