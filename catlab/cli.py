@@ -219,7 +219,7 @@ def main(hydra_main: Callable[[], None], argv: Sequence[str] | None = None, conf
         _clear_hydra()
 
 
-#: the two commands, by the config they compose: (command, its schema's own fields)
+#: the command line of each app, by the name of the config it composes
 COMMANDS = {"config": "python -m catlab.run", "evaluate": "python -m catlab.evaluate"}
 
 
