@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 from typing import Any
 
 import torch
@@ -47,8 +49,9 @@ def build_step_cache(spec: Any, sampler_cfg: SamplerConfig):
 def set_threads(threads: int | None) -> None:
     """Pin torch's CPU thread count when asked (``threads: null`` leaves torch's default)."""
     if threads is not None:
-        if int(threads) < 1:
-            raise ConfigError(f"threads must be >= 1 or null; got {threads}")
+        cpus = os.cpu_count() or 1
+        if not 1 <= int(threads) <= cpus:
+            raise ConfigError(f"threads must be >= 1 and at most this machine's {cpus} CPUs, or null; got {threads}")
         torch.set_num_threads(int(threads))
 
 
@@ -106,6 +109,10 @@ def check_seeds(seeds, key: str) -> None:
 def sampler_config(node):
     """The :class:`~catlab.sampler.SamplerConfig` of a run, saying once when guidance is off."""
     sampler_cfg = SamplerConfig(**plain(node))
+    if not math.isfinite(float(sampler_cfg.guidance_scale)):
+        raise ConfigError(
+            f"sampler.guidance_scale must be a finite number (<= 1: unguided); got {sampler_cfg.guidance_scale}"
+        )
     if float(sampler_cfg.guidance_scale) <= 1.0:
         logging.getLogger("catlab").info(
             "sampler.guidance_scale=%g <= 1: unguided (no classifier-free guidance)", sampler_cfg.guidance_scale
@@ -159,146 +166,3 @@ def assemble(transformer: nn.Module, policy: Policy, parts: StepReuse, sampler_c
 def check_model_fits(transformer: nn.Module, policy: Policy, parts: StepReuse | None = None) -> None:
     """:func:`assemble` for a loop that builds its own sessions (an evaluation): the same checks, no session kept."""
     assemble(transformer, policy, parts or StepReuse(), SamplerConfig(num_steps=1))
-
-
-def quiet_libraries() -> None:
-    """Keep a run's console and log to catlab's own lines: the libraries' known-harmless notices are errors-only.
-
-    (diffusers' "install accelerate" advice, transformers' torchvision notices, weight-loading
-    progress bars, deprecation warnings of arguments catlab does not pass.)
-    """
-    import warnings
-
-    import diffusers
-    import transformers
-
-    for lib in (diffusers, transformers):
-        lib.utils.logging.set_verbosity_error()
-        lib.utils.logging.disable_progress_bar()
-    for module in ("diffusers", "transformers", "torch", "huggingface_hub"):
-        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
-
-
-def run_app(run, cfg) -> None:
-    """Run a Hydra app's ``run(cfg, output_dir)``; whatever a user can cause ends in one line, not a traceback.
-
-    A config error, a refused step cache, a model the strategy cannot prune or a folder that cannot be written
-    (``catlab: cannot write <path>: <reason>``) ends a single run with that line
-    (:class:`~catlab.cli.CatlabExit`, exit status 1) and removes what the run
-    made: the whole run directory when Hydra made it for this run, else the new
-    entries in it. A sweep job that fails for any reason writes its first error
-    line to its log and to ``failed.json`` (the traceback too, for the
-    developer) and lets the sweep go on: the sweep's summary
-    (:mod:`catlab.sweep`) lists it as failed and the sweep exits non-zero.
-    """
-    import json
-    import logging
-    import traceback
-    from pathlib import Path
-
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from catlab.cli import CatlabExit, io_message, os_error
-    from catlab.planner import IndexContractError
-    from catlab.pruning.families import UnsupportedModelError
-    from catlab.stepcache import StepCacheError
-
-    quiet_libraries()
-    hc = HydraConfig.get()
-    out = Path(hc.runtime.output_dir)
-    hydra_files = {".hydra", f"{hc.job.name}.log"}
-    before = {p.name for p in out.iterdir()} if out.exists() else set()
-    fresh = before <= hydra_files  # Hydra made this directory for this run
-    try:
-        check_choices(cfg, hc)
-        run(cfg, out)
-    except Exception as err:  # noqa: BLE001 (sorted below: an input, a write, or a bug)
-        single = hc.mode == RunMode.RUN
-        io = os_error(err)
-        if isinstance(err, (ConfigError, StepCacheError)):
-            kind = "config error" if isinstance(err, ConfigError) else "step cache error"
-            message = str(err) if str(err).startswith("catlab:") else f"catlab: {kind}: {err}"
-        elif io is not None:
-            message = io_message(io)
-        elif isinstance(err, IndexContractError):  # a selector (often a plugin) that breaks the contract
-            message = f"catlab: {err}"
-        elif isinstance(err, UnsupportedModelError):  # a model the chosen strategy cannot prune
-            message = f"catlab: unsupported model: {err}"
-        elif single:
-            raise  # a bug, not an input: its traceback is what the developer needs
-        else:
-            first = (str(err).strip().splitlines() or [""])[0]
-            message = f"catlab: {type(err).__name__}: {first}" if first else f"catlab: {type(err).__name__}"
-        if single:
-            _close_logs(out)  # the run's log file, before its folder goes
-            _remove_created(out, before if not fresh else None)
-            raise CatlabExit(message) from None
-        # a sweep job: marked failed, and the sweep goes on (its summary lists it; the exit code says so)
-        logging.getLogger("catlab").error(message)
-        record = {"error": message}
-        if not isinstance(err, (ConfigError, StepCacheError)):
-            record["traceback"] = "".join(traceback.format_exception(err))
-        try:
-            (out / "failed.json").write_text(json.dumps(record) + "\n")
-        except OSError:
-            pass  # the folder cannot be written: the summary calls the job unfinished, the log says why
-
-
-def _close_logs(out) -> None:
-    import logging
-    from pathlib import Path
-
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if isinstance(handler, logging.FileHandler) and Path(out).resolve() in Path(handler.baseFilename).parents:
-            handler.close()
-            root.removeHandler(handler)
-
-
-def check_choices(cfg, hc) -> None:
-    """Refuse what Hydra lets through quietly: an option of an optional group (``experiment=nope``) that does
-    not exist, and a top-level key the schema does not have (``+foo=1``)."""
-    import dataclasses
-
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    from catlab.cli import key_line, unknown_option
-
-    if GlobalHydra.instance().is_initialized():
-        loader = GlobalHydra.instance().config_loader()
-        for group, choice in hc.runtime.choices.items():
-            if choice is None or group.startswith("hydra") or "/" in group:
-                continue
-            options = loader.get_group_options(group)
-            if options and choice not in options:
-                raise ConfigError(unknown_option(group, str(choice), options))
-    schema = OmegaConf.get_type(cfg)
-    if dataclasses.is_dataclass(schema):
-        fields = [f.name for f in dataclasses.fields(schema)]
-        for key in cfg.keys():
-            if key not in fields:
-                raise ConfigError(key_line(str(key), fields, "the config"))
-
-
-def _remove_created(out, before: set[str] | None) -> None:
-    """Remove what a failed run made: ``out`` itself (``before`` None: Hydra made it for this run) and the
-    empty folders above it inside the working directory, or else the entries of ``out`` not in ``before``."""
-    import shutil
-    from pathlib import Path
-
-    if not out.exists():
-        return
-    if before is not None:
-        for p in out.iterdir():
-            if p.name not in before:
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        return
-    shutil.rmtree(out, ignore_errors=True)
-    cwd = Path.cwd().resolve()
-    for parent in out.resolve().parents:  # the date folder and outputs/, when this run made them
-        if parent == cwd or cwd not in parent.parents or any(parent.iterdir()):
-            break
-        parent.rmdir()

@@ -10,6 +10,7 @@ dataclass fields when it is built.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -99,3 +100,25 @@ class EvaluateConfig(_Setup):
 
 def register_evaluate_schema() -> None:
     ConfigStore.instance().store(name="catlab_evaluate_schema", node=EvaluateConfig)
+
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group: the YAML files of ``conf/<group>/``."""
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def check_groups(cfg, groups: tuple[str, ...]) -> None:
+    """Refuse a component group that is not there (``~model``) or not a mapping with a ``name`` (a hand-made
+    value), before anything is built: ``model is not set; choose one: model=<option> (options of model: ...)``."""
+    for group in groups:
+        node = cfg.get(group)
+        name = node.get("name") if hasattr(node, "get") else None
+        if not isinstance(name, str):
+            what = "not set" if node is None else f"{node!r}, not a {group} config with a name"
+            raise ValueError(
+                f"{group} is {what}; choose one: {group}=<option> (options of {group}: "
+                f"{', '.join(group_options(group)) or '(none)'})"
+            )

@@ -34,11 +34,11 @@ from catlab.builders import (
     check_model_fits,
     check_seeds,
     plain,
-    run_app,
     sampler_config,
     set_threads,
 )
-from catlab.config import register_evaluate_schema
+from catlab.cli import run_app
+from catlab.config import check_groups, register_evaluate_schema
 from catlab.evaluation import diagnostics, frontier
 from catlab.evaluation.harness import (
     EvaluatedStrategy,
@@ -100,6 +100,8 @@ def strategy_specs(cfg: DictConfig) -> list[dict]:
 def prepare(cfg: DictConfig):
     """Check and build everything cheap, before the model loads."""
     try:
+        check_groups(cfg, ("model", "prompts", "logger"))
+        check_lists(cfg)
         sampler_cfg = sampler_config(cfg.sampler)
         check_seeds(list(cfg.seeds), "seeds")
         strategies = [resolve_strategy(spec, cfg) for spec in strategy_specs(cfg)]
@@ -116,6 +118,26 @@ def prepare(cfg: DictConfig):
     except (ComponentError, TypeError, ValueError) as err:
         raise ConfigError(str(err)) from err
     return sampler_cfg, list(zip(strategies, built)), prompts, meta, metric_objs, logger, model_cfg
+
+
+def check_lists(cfg: DictConfig) -> None:
+    """Refuse, before any compute, what would leave a table with nothing in it: no metrics, no strategy beside
+    the full model, no seeds or prompts, or a seed given twice (the same images counted twice)."""
+    if not list(cfg.metrics):
+        raise ConfigError("metrics=[] leaves the table without quality columns; name one or more, e.g. metrics=[psnr]")
+    if not [s for s in plain(cfg.strategies) if s != "full" and not (isinstance(s, dict) and s == {"name": "full"})]:
+        raise ConfigError(
+            f"strategies={plain(cfg.strategies)} compares nothing with the full model (added first by itself); "
+            "name at least one other, e.g. strategies=[cat]"
+        )
+    seeds = list(cfg.seeds)
+    if not seeds:
+        raise ConfigError("seeds=[] gives no images; give at least one seed, e.g. seeds=[0]")
+    twice = sorted({int(s) for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise ConfigError(f"seeds={seeds} gives seed(s) {twice} twice (the same images would count twice)")
+    if cfg.num_prompts is not None and int(cfg.num_prompts) < 1:
+        raise ConfigError(f"num_prompts must be >= 1 or null (every prompt); got {cfg.num_prompts}")
 
 
 def _distributed() -> tuple[int, int]:
@@ -307,7 +329,7 @@ def write_diagnostics(strategies, warm, folder: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(cli.CONF), config_name="evaluate")  # absolute: imported or run
 def app(cfg: DictConfig) -> None:
-    run_app(run, cfg)
+    run_app(run, cfg, resumable=True)  # Ctrl-C keeps the store: a rerun into the same folder resumes
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from catlab.cli import write_text
+from catlab.fileio import write_text
 from catlab.registry import prompt_sets
 
 log = logging.getLogger("catlab")
@@ -70,10 +70,22 @@ def text_lines(text: str, path: str, keep: str = "") -> list[str]:
     return lines
 
 
+def check_file(path) -> Path:
+    """``path`` as a readable regular file, or a ValueError that says what is wrong with it."""
+    if path in (None, "", "???"):
+        raise ValueError("prompts.path is not set; give the file, e.g. prompts=file prompts.path=/path/to/prompts.txt")
+    p = Path(str(path)).expanduser()
+    if p.is_dir():
+        raise ValueError(f"prompts.path: {str(path)!r} is a folder; give a prompts file (one prompt per line)")
+    if p.exists() and not p.is_file():
+        raise ValueError(f"prompts.path: {str(path)!r} is not a regular file (a device or a pipe); give a text file")
+    if not p.exists():
+        raise ValueError(f"prompts.path: no such file {str(path)!r}")
+    return p
+
+
 def _read_lines(path: str) -> list[str]:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ValueError(f"prompts.path: no such file {path!r}")
+    p = check_file(path)
     lines = [line.strip() for line in text_lines(p.read_text(), path)]
     prompts = [line for line in lines if line and not line.startswith("#")]
     if not prompts:
@@ -138,8 +150,7 @@ class _HubPrompts(PromptSet):
         return value[0] if isinstance(value, list) else str(value)
 
     def _from_file(self, p: Path):
-        if not p.is_file():
-            raise ValueError(f"prompts.path: no such file {str(p)!r}")
+        check_file(p)
         if p.suffix in (".jsonl", ".tsv") and not p.read_text().strip():
             raise ValueError(f"prompts.path: {str(p)!r} holds no prompts")
         if p.suffix == ".jsonl":

@@ -98,7 +98,8 @@ def redraw_diagnostics(folder: Path, overrides: list[str]) -> list[Path]:
 def _warm_up_diagnostics(folder: Path, overrides: list[str]) -> None:
     from hydra import compose, initialize_config_dir
 
-    from catlab.builders import build_model, quiet_libraries, set_threads
+    from catlab.builders import build_model, set_threads
+    from catlab.cli import quiet_libraries
     from catlab.evaluate import prepare, write_diagnostics
     from catlab.evaluation.harness import EvaluatedStrategy, make_jobs
     from catlab.evaluation.recorder import RecordingPolicy

@@ -49,10 +49,15 @@ def _check_not_shadowed() -> None:
     if package is None or getattr(package, "__file__", None) is not None:
         return
     where = ", ".join(str(p) for p in getattr(package, "__path__", [])) or "(unknown)"
-    raise ImportError(
+    message = (
         f"catlab: `import catlab` found the folder {where}, which is not the catlab package (no __init__.py; "
         f"the package is {Path(__file__).resolve().parent}). Run from another directory, or rename that folder."
     )
+    main = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if main is not None and str(main.name).startswith("catlab."):  # python -m catlab.<command>: one line, no traceback
+        print(message, file=sys.stderr)
+        raise SystemExit(1)
+    raise ImportError(message)
 
 
 _check_not_shadowed()

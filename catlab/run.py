@@ -34,12 +34,11 @@ from catlab.builders import (
     check_clusters,
     check_seeds,
     plain,
-    run_app,
     sampler_config,
     set_threads,
 )
-from catlab.cli import check_writable, write_text
-from catlab.config import register_schema
+from catlab.cli import check_writable, run_app, write_text
+from catlab.config import check_groups, register_schema
 from catlab.loggers.base import to_pil
 from catlab.metrics.cost import cost_metrics
 from catlab.registry import ComponentError, loggers, models, prompt_sets
@@ -54,6 +53,7 @@ def prepare(cfg: DictConfig):
     """Resolve the strategy (once: what is built, hashed and named all come from it) and check and build
     everything cheap, so a bad config fails before the model loads."""
     try:
+        check_groups(cfg, ("model", "selector", "prompts", "logger"))
         sampler_cfg = sampler_config(cfg.sampler)
         strategy = resolve_strategy(cfg.selector, cfg)
         policy, parts = strategy.build(sampler_cfg)

@@ -19,44 +19,100 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 
-from catlab.cli import write_text
+from catlab.fileio import CatlabExit, io_message, write_text
 
 #: metrics shown in the markdown table, in this order, when any job has them
 SHOWN = ("macs_ratio", "seconds_per_image", "selection_share", "psnr", "ssim", "attribute_accuracy", "clip_score")
 
 
+def is_sweep(sweep_dir: Path) -> bool:
+    """A folder Hydra made for a multirun: its ``multirun.yaml``, or numbered job folders with a ``.hydra/``."""
+    return (sweep_dir / "multirun.yaml").is_file() or any(
+        p.name.isdigit() and (p / ".hydra").is_dir() for p in sweep_dir.iterdir()
+    )
+
+
+def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
+    """The overrides of every job the sweep launches, expanded from ``multirun.yaml`` as Hydra's basic sweeper
+    does (job ``i`` is the ``i``-th); None where they cannot be known (another sweeper, an unreadable file)."""
+    try:
+        conf = OmegaConf.load(sweep_dir / "multirun.yaml")
+        if not str(OmegaConf.select(conf, "hydra.sweeper._target_", default="")).endswith("BasicSweeper"):
+            return None
+        params = OmegaConf.select(conf, "hydra.sweeper.params", default=None) or {}
+        task = OmegaConf.select(conf, "hydra.overrides.task", default=None) or []
+        args = [f"{k}={v}" for k, v in params.items()] + [str(a) for a in task]
+        batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args), None)
+        return [job for batch in batches for job in batch]
+    except Exception:  # noqa: BLE001 (a file that is not Hydra's: the job folders alone say what ran)
+        return None
+
+
 def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per job directory (numbered, as Hydra names them): overrides, status and flat metrics."""
+    """One row per job: overrides, status (done, failed, unfinished, or missing: never started) and flat metrics.
+
+    The jobs are the numbered folders Hydra made and, where ``multirun.yaml`` says
+    how many were launched, those that never made theirs (a killed sweep).
+    """
+    folders = {int(p.name): p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()}
+    expected = expected_jobs(sweep_dir)
+    count = max([len(expected or []), *(i + 1 for i in folders)], default=0)
     rows = []
-    jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
-    for job in jobs:
-        overrides_file = job / ".hydra" / "overrides.yaml"
-        overrides = _overrides(overrides_file) if overrides_file.exists() else []
-        row: dict[str, Any] = {"job": int(job.name), "overrides": " ".join(overrides)}
-        if (job / "metrics.json").exists():
-            row["status"] = "done"
-            try:
-                row.update(json.loads((job / "metrics.json").read_text()))
-            except ValueError as err:
-                row.update(status="failed", error=f"unreadable metrics.json: {err}")
-        elif (job / "failed.json").exists():
-            row["status"] = "failed"
-            try:
-                row["error"] = json.loads((job / "failed.json").read_text()).get("error", "")
-            except ValueError:
-                row["error"] = "unreadable failed.json"
-        else:
-            row["status"] = "unfinished"
-        rows.append(row)
+    for i in range(count):
+        planned = expected[i] if expected is not None and i < len(expected) else None
+        if i not in folders:
+            if planned is not None or i < max(folders, default=-1):  # a gap: a job that never ran
+                rows.append({"job": i, "overrides": " ".join(planned or []), "status": "missing"})
+            continue
+        rows.append(_row(i, folders[i], planned))
     return rows
 
 
-def _overrides(path: Path) -> list[str]:
-    import yaml
+def _row(i: int, job: Path, planned: list[str] | None) -> dict[str, Any]:
+    overrides = _overrides(job / ".hydra" / "overrides.yaml")
+    if overrides is None:
+        overrides = planned or []
+    row: dict[str, Any] = {"job": i, "overrides": " ".join(overrides)}
+    if (job / "metrics.json").exists():
+        metrics = _json_object(job / "metrics.json")
+        if isinstance(metrics, str):
+            row.update(status="failed", error=f"unreadable metrics.json: {metrics}")
+        else:
+            row.update({k: v for k, v in metrics.items() if k not in ("job", "overrides", "status", "error")})
+            row["status"] = "done"
+    elif (job / "failed.json").exists():
+        record = _json_object(job / "failed.json")
+        error = record.get("error") if isinstance(record, dict) else None
+        row.update(status="failed", error=str(error) if error else f"unreadable failed.json: {record}")
+    else:
+        row["status"] = "unfinished"
+    return row
 
-    return [str(o) for o in (yaml.safe_load(path.read_text()) or [])]
+
+def _json_object(path: Path) -> dict | str:
+    """A JSON file's object, or what is wrong with it (not JSON, not an object, unreadable)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return value if isinstance(value, dict) else f"a JSON {type(value).__name__}, not an object"
+
+
+def _overrides(path: Path) -> list[str] | None:
+    """A job's overrides (a YAML list of strings); None where the file is missing or not such a list."""
+    try:
+        value = yaml.safe_load(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    if value is None:
+        return []
+    return [str(o) for o in value] if isinstance(value, list) else None
 
 
 def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -74,14 +130,14 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     lines = [
         f"Overrides of every job: `{' '.join(shared)}`" if shared else "",
         "",
-        "| job | overrides | status | " + " | ".join(shown) + " |",
+        "| " + " | ".join(["job", "overrides", "status", *shown]) + " |",
         "|---" * (3 + len(shown)) + "|",
     ]
     for row, overrides in zip(rows, split):
         cells = [_cell(row.get(k)) for k in shown]
         status = row["status"] if row["status"] != "failed" else f"failed: {_first_line(row.get('error', ''))}"
         own = " ".join(o for o in overrides if o not in shared)
-        lines.append(f"| {row['job']} | `{own}` | {status} | " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join([str(row["job"]), f"`{own}`", status, *cells]) + " |")
     write_text(sweep_dir / "summary.md", "\n".join(lines) + "\n")
     return rows
 
@@ -96,27 +152,49 @@ def _cell(value) -> str:
     return "" if value is None else str(value)
 
 
+def verdict(rows: list[dict[str, Any]], sweep_dir: Path) -> str | None:
+    """The line for a sweep whose jobs did not all finish, each kind listed
+    (``catlab: 1 of 3 sweep jobs failed (jobs 0); 1 never ran (jobs 2); see ...``); None: all done."""
+    parts = []
+    for status, words in (("failed", "failed"), ("missing", "never ran"), ("unfinished", "unfinished")):
+        jobs = [str(r["job"]) for r in rows if r["status"] == status]
+        if jobs:
+            parts.append(f"{len(jobs)}{{of}} {words} (jobs {', '.join(jobs)})")
+    if not parts:
+        return None
+    parts[0] = parts[0].replace("{of}", f" of {len(rows)} sweep jobs")
+    return "catlab: " + "; ".join(part.replace("{of}", "") for part in parts) + f"; see {sweep_dir / 'summary.md'}"
+
+
+def summarise_aborted(sweep_dir: Path, reason: str) -> str:
+    """The one line for a sweep that stopped early (a killed worker): the summary of what finished, written."""
+    try:
+        rows = write_summary(sweep_dir)
+    except OSError as err:
+        return f"catlab: {reason}; {io_message(err).removeprefix('catlab: ')}"
+    done = sum(r["status"] == "done" for r in rows)
+    return f"catlab: {reason}; {done} of {len(rows)} jobs done, see {sweep_dir / 'summary.md'}"
+
+
 class SweepSummary(Callback):
-    """Writes the sweep's summary when a multirun ends, and says how many jobs failed."""
+    """Writes the sweep's summary when a multirun ends, and says which jobs did not finish."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.exists():
             return
         rows = write_summary(sweep_dir)
-        failed = [r for r in rows if r["status"] == "failed"]
-        if failed:
-            from catlab.cli import CatlabExit
-
-            raise CatlabExit(
-                f"catlab: {len(failed)} of {len(rows)} sweep jobs failed (jobs "
-                f"{', '.join(str(r['job']) for r in failed)}); see {sweep_dir / 'summary.md'}"
-            )
+        line = verdict(rows, sweep_dir)
+        if line is not None:
+            raise CatlabExit(line)
         print(f"catlab: sweep summary of {len(rows)} jobs -> {sweep_dir / 'summary.md'}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m catlab.sweep DIR``: rebuild and print the summary; exit status 1 when a job failed."""
+    """``python -m catlab.sweep DIR``: rebuild and print the summary; exit status 1 unless every job is done.
+
+    A folder that is not a sweep is refused (status 2) and nothing is written into it.
+    """
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("catlab: usage: python -m catlab.sweep <sweep directory>", file=sys.stderr)
@@ -125,22 +203,22 @@ def main(argv: list[str] | None = None) -> int:
     if not sweep_dir.is_dir():
         print(f"catlab: no sweep directory {str(sweep_dir)!r}", file=sys.stderr)
         return 2
+    if not is_sweep(sweep_dir):
+        print(
+            f"catlab: {str(sweep_dir)!r} is not a sweep folder (no multirun.yaml, no numbered job folders with "
+            ".hydra/); nothing written",
+            file=sys.stderr,
+        )
+        return 2
     try:
         rows = write_summary(sweep_dir)
     except OSError as err:
-        from catlab.cli import io_message
-
-        print(io_message(err), file=sys.stderr)
+        print(io_message(err, sweep_dir), file=sys.stderr)
         return 1
     print((sweep_dir / "summary.md").read_text())
-    failed = [r for r in rows if r["status"] == "failed"]
-    unfinished = [r for r in rows if r["status"] == "unfinished"]
-    if failed:
-        print(
-            f"catlab: {len(failed)} of {len(rows)} sweep jobs failed (jobs {', '.join(str(r['job']) for r in failed)})"
-            + (f", {len(unfinished)} unfinished" if unfinished else ""),
-            file=sys.stderr,
-        )
+    line = verdict(rows, sweep_dir)
+    if line is not None:
+        print(line, file=sys.stderr)
         return 1
     return 0
 

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1] / "catlab"
 
 #: the rooms, bottom first; a room imports only from its own layer or below
 LAYERS: list[set[str]] = [
-    {"registry", "capabilities", "hashing", "cli"},
+    {"registry", "capabilities", "hashing", "fileio"},
     {"reuse", "loggers", "prompts", "embedded"},
     {"selection"},
     {"planner", "models"},
@@ -36,7 +36,7 @@ LAYERS: list[set[str]] = [
     {"sampler", "stock_pipelines", "testing", "train_toy"},
     {"builders", "strategy", "config", "metrics"},  # metrics read the sampler's traces
     {"catlab"},  # the front door (catlab/__init__.py): the applications below import it to register everything
-    {"evaluation", "run", "sweep", "evaluate", "redraw"},
+    {"evaluation", "cli", "run", "sweep", "evaluate", "redraw"},
 ]
 
 

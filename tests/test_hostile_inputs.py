@@ -757,3 +757,368 @@ def subprocess_sweep(folder: Path):
         env=env,
         timeout=120,
     )
+
+
+# -- the command line: folders it did not make, Ctrl-C, values checked before compute, sweeps ----------------------
+
+RUN_HERE = tuple(a for a in RUN if not a.startswith("hydra."))
+
+
+def _listing(folder: Path) -> dict[str, bytes | None]:
+    """Every entry under ``folder`` with its bytes (None: a folder): what "left as it was" compares."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
+def _only_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("catlab:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("where", ["an empty folder", "'.' of an empty folder", "a folder with files", "chdir"])
+def test_a_failed_run_leaves_a_folder_it_did_not_make_as_it_was(where, tmp_path, monkeypatch):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    if where in ("a folder with files", "chdir"):
+        (mine / "notes.txt").write_text("my notes\n")
+        (mine / "sub").mkdir()
+        (mine / "sub" / "data.csv").write_text("1,2\n")
+    monkeypatch.chdir(mine if where.startswith("'.'") else ROOT)
+    run_dir = "." if where.startswith("'.'") else str(mine)
+    chdir = ["hydra.job.chdir=true"] if where == "chdir" else []
+    before = _listing(mine)
+    code, _, err = _call("run", [*RUN_HERE, "selector.alpha=1.5", f"hydra.run.dir={run_dir}", *chdir])
+    assert code == 1
+    assert "alpha must be in (0, 1]" in _only_line(err)  # the real error, not a failed clean-up
+    assert mine.is_dir() and _listing(mine) == before
+
+
+def test_a_failed_run_removes_the_folders_it_made_and_no_more(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "old").mkdir()
+    code, _, err = _call("run", [*RUN_HERE, "selector.alpha=1.5", "hydra.run.dir=outputs/new/deeper/run"])
+    assert code == 1 and "alpha must be in (0, 1]" in _only_line(err)
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["old"]
+    (tmp_path / "mine").mkdir()  # an empty folder of the user's above the run folder stays
+    code, _, err = _call("run", [*RUN_HERE, "selector.alpha=1.5", "hydra.run.dir=mine/new/run"])
+    assert code == 1 and (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_ctrl_c_in_a_run_is_one_line_and_leaves_nothing(existing, tmp_path, monkeypatch):
+    import catlab.run
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(catlab.run, "generate", _interrupt)
+    run_dir = tmp_path / "run"
+    if existing:
+        run_dir.mkdir()
+        (run_dir / "mine.txt").write_text("kept\n")
+    before = _listing(tmp_path)
+    code, _, err = _call("run", [*RUN_HERE, f"hydra.run.dir={run_dir}"])
+    assert code == 130
+    assert _only_line(err).startswith("catlab: interrupted; removed ")
+    assert _listing(tmp_path) == before  # no partial run folder, no metrics-less images
+
+
+VALUE_CASES = [  # values that pass a type check and would fail after compute: refused first, naming the key
+    Case("start_step 0", ("selector.start_step=0",), "start_step=0 must be >= 1"),
+    Case("guidance inf", ("sampler.guidance_scale=inf",), "sampler.guidance_scale must be a finite number"),
+    Case("guidance nan", ("sampler.guidance_scale=nan",), "sampler.guidance_scale must be a finite number"),
+    Case("alpha a string", ("selector.alpha='0.5'",), "alpha must be a number in (0, 1]"),
+    Case("no model", ("~model",), "model is not set; choose one: model=<option> (options of model: "),
+    Case("model null", ("model=null",), "model=null gives the model group no option; choose one"),
+    Case("selector null", ("selector=null",), "options of selector: "),
+    Case("threads beyond the CPUs", ("threads=100000",), "threads must be >= 1 and at most this machine's"),
+    Case("prompts file not given", ("prompts=file",), "prompts.path is not set; give the file"),
+    Case("prompts file a folder", ("prompts=file", "prompts.path={tmp}"), "is a folder; give a prompts file"),
+    Case("prompts file /dev/null", ("prompts=file", "prompts.path=/dev/null"), "is not a regular file"),
+    Case("evaluate: no prompts", ("num_prompts=0",), "num_prompts must be >= 1 or null", app="evaluate"),
+    Case("evaluate: negative prompts", ("num_prompts=-1",), "num_prompts must be >= 1 or null", app="evaluate"),
+    Case("evaluate: no metrics", ("metrics=[]",), "metrics=[] leaves the table without", app="evaluate"),
+    Case("evaluate: no strategies", ("strategies=[]",), "compares nothing with the full model", app="evaluate"),
+    Case("evaluate: only full", ("strategies=[full]",), "compares nothing with the full model", app="evaluate"),
+    Case("evaluate: no seeds", ("seeds=[]",), "seeds=[] gives no images", app="evaluate"),
+    Case("evaluate: a seed twice", ("seeds=[0,0]",), "gives seed(s) [0] twice", app="evaluate"),
+]
+
+
+@pytest.mark.parametrize("case", VALUE_CASES, ids=[c.id for c in VALUE_CASES])
+def test_a_value_that_would_fail_after_compute_is_refused_first(case: Case, tmp_path, monkeypatch):
+    test_hostile_input(case, tmp_path, monkeypatch, None)
+
+
+def _fake_sweep(folder: Path, task: str, jobs: dict[int, dict[str, str]]) -> Path:
+    """A sweep folder as Hydra's basic sweeper leaves it: ``multirun.yaml`` and one folder per job that started,
+    each with the files given (name -> text)."""
+    folder.mkdir()
+    sweeper = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+    (folder / "multirun.yaml").write_text(
+        f"hydra:\n  sweeper:\n    _target_: {sweeper}\n    max_batch_size: null\n    params: null\n"
+        f"  overrides:\n    task:\n    - {task}\n"
+    )
+    for i, files in jobs.items():
+        (folder / str(i) / ".hydra").mkdir(parents=True)
+        (folder / str(i) / ".hydra" / "overrides.yaml").write_text(f"- {task.split(',')[0].split('=')[0]}=job{i}\n")
+        for name, text in files.items():
+            (folder / str(i) / name).write_text(text)
+    return folder
+
+
+DONE = {"metrics.json": '{"macs_ratio": 1.5}'}
+
+
+def test_a_sweep_summary_lists_a_job_that_never_ran_and_fails(tmp_path):
+    sweep = _fake_sweep(tmp_path / "sweep", "selector=full,random,cat", {0: DONE, 2: DONE})
+    code, out, err = _call("sweep", [str(sweep)])
+    assert code == 1
+    assert _only_line(err).startswith("catlab: 1 of 3 sweep jobs never ran (jobs 1); see ")
+    assert "| 1 | `selector=random` | missing |" in out  # named by the overrides it would have had
+
+
+def test_a_sweep_summary_after_the_last_job_was_killed_before_starting(tmp_path):
+    sweep = _fake_sweep(tmp_path / "sweep", "selector=full,random", {0: DONE})
+    code, _, err = _call("sweep", [str(sweep)])
+    assert code == 1 and "never ran (jobs 1)" in _only_line(err)
+
+
+@pytest.mark.parametrize(
+    "files, status",
+    [
+        ({".hydra/overrides.yaml": "{[ not: yaml", **DONE}, "| done |"),
+        ({".hydra/overrides.yaml": "just a string", **DONE}, "| done |"),
+        ({"metrics.json": "[1, 2]"}, "failed: unreadable metrics.json: a JSON list, not an object"),
+        ({"metrics.json": "{not json"}, "failed: unreadable metrics.json: JSONDecodeError"),
+        ({"failed.json": '["a", "list"]'}, "failed: unreadable failed.json: a JSON list, not an object"),
+        ({"failed.json": "7"}, "failed: unreadable failed.json: a JSON int"),
+    ],
+)
+def test_a_sweep_summary_of_garbage_job_files_is_a_row_not_a_traceback(files, status, tmp_path):
+    sweep = _fake_sweep(tmp_path / "sweep", "selector=full,random", {0: DONE, 1: {}})
+    for name, text in files.items():
+        (sweep / "1" / name).write_text(text)
+    code, out, err = _call("sweep", [str(sweep)])
+    assert "Traceback" not in err and status in out
+    assert code == (0 if status == "| done |" else 1)
+    if code == 0:
+        assert "| 1 | `selector=random` | done |" in out  # the overrides from multirun.yaml
+    else:
+        assert "of 2 sweep jobs failed (jobs 1)" in _only_line(err)
+
+
+@pytest.mark.parametrize("what", ["an empty folder", "a folder with files"])
+def test_a_sweep_summary_refuses_a_folder_that_is_not_a_sweep(what, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    if what == "a folder with files":
+        (folder / "notes.txt").write_text("mine\n")
+        (folder / "0").mkdir()  # numbered, but no job of Hydra's
+    before = _listing(folder)
+    code, _, err = _call("sweep", [str(folder)])
+    assert code == 2 and "is not a sweep folder" in _only_line(err)
+    assert _listing(folder) == before
+
+
+def test_a_killed_sweep_worker_is_one_line_and_a_summary(tmp_path, monkeypatch):
+    """What joblib raises when a worker process is killed (kill -9, out of memory) stops the sweep where it is:
+    the jobs that finished and the ones that never ran are in the summary, and the command says so in one line."""
+    from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+    from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+    launch = BasicLauncher.launch
+
+    def dies_after_the_first(self, job_overrides, initial_job_idx):
+        launch(self, job_overrides[:1], initial_job_idx)
+        raise TerminatedWorkerError("A worker process managed by the executor was unexpectedly terminated.")
+
+    monkeypatch.setattr(BasicLauncher, "launch", dies_after_the_first)
+    monkeypatch.chdir(ROOT)
+    argv = ["-m", *(a.format(tmp=tmp_path) for a in RUN), "selector=full,random"]
+    code, _, err = _call("run", argv)
+    assert code == 1
+    line = _only_line(err)
+    assert line.startswith("catlab: a sweep worker process died (A worker process managed by the executor")
+    assert line.endswith(f"1 of 2 jobs done, see {tmp_path / 'sweep' / 'summary.md'}")
+    summary = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "| 0 | `selector=full` | done |" in summary and "| 1 | `selector=random` | missing |" in summary
+
+
+COMMAND_CASES = [  # a setup or a setting of the other command: the line names the command that takes it
+    Case(
+        "an evaluation experiment given to catlab.run",
+        ("experiment=embedded_table2",),
+        "catlab: experiment=embedded_table2 is a setup of the other command; "
+        "run python -m catlab.evaluate experiment=embedded_table2",
+    ),
+    Case(
+        "an evaluation setting given to catlab.run",
+        ("strategies=[cat]",),
+        "'strategies' is a setting of python -m catlab.evaluate, not of python -m catlab.run",
+    ),
+    Case(
+        "a run experiment given to catlab.evaluate",
+        ("experiment=embedded_sweep",),
+        "run python -m catlab.run experiment=embedded_sweep",
+        app="evaluate",
+    ),
+    Case(
+        "a run setting given to catlab.evaluate",
+        ("seed=3",),
+        "'seed' is a setting of python -m catlab.run, not of python -m catlab.evaluate (did you mean 'seeds'?)",
+        app="evaluate",
+    ),
+    Case(
+        "a selector setting given to catlab.evaluate",
+        ("selector.alpha=0.3",),
+        "(here strategies=[...] and strategy_defaults.<key>=... set the selectors)",
+        app="evaluate",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", COMMAND_CASES, ids=[c.id for c in COMMAND_CASES])
+def test_a_setting_of_the_other_command_names_that_command(case: Case, tmp_path, monkeypatch):
+    test_hostile_input(case, tmp_path, monkeypatch, None)
+
+
+def test_a_folder_named_catlab_that_shadows_the_package_is_one_line(tmp_path, monkeypatch, capsys):
+    """``python -m catlab.run`` from a folder holding a ``catlab/`` directory (no ``__init__.py``): the namespace
+    package it makes is named in one line and the command exits 1, with no ImportError traceback."""
+    import types
+
+    from catlab import registry
+
+    shadow = types.ModuleType("catlab")
+    shadow.__path__ = [str(tmp_path / "catlab")]  # what Python makes of a folder without __init__.py
+    main = types.ModuleType("__main__")
+    main.__spec__ = types.SimpleNamespace(name="catlab.run")
+    monkeypatch.setitem(sys.modules, "catlab", shadow)
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    with pytest.raises(SystemExit) as stop:
+        registry._check_not_shadowed()
+    assert stop.value.code == 1
+    line = _only_line(capsys.readouterr().err)
+    assert f"found the folder {tmp_path / 'catlab'}, which is not the catlab package" in line
+    main.__spec__ = types.SimpleNamespace(name="my_notebook")  # imported as a library: an ImportError, as before
+    with pytest.raises(ImportError, match="Run from another directory"):
+        registry._check_not_shadowed()
+
+
+@pytest.mark.slow
+def test_wandb_says_nothing_about_symlinked_files(tmp_path):
+    import subprocess
+
+    script = (
+        "from pathlib import Path\n"
+        "from catlab.loggers.wandb_logger import WandbLogger\n"
+        f"d = Path({str(tmp_path)!r})\n"
+        "for name in ('config.yaml', 'metrics.json', 'run.log'):\n"
+        "    (d / name).write_text('{}')\n"
+        "log = WandbLogger()\n"
+        "log.start(d, {'a': 1}, 'n')\n"
+        "log.finish()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SILENT"}
+    env.update(PYTHONPATH=str(ROOT), WANDB_MODE="offline")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Symlinked" not in proc.stderr + proc.stdout
+    saved = {p.name for p in tmp_path.glob("wandb/offline-run-*/files/*")}
+    assert {"config.yaml", "metrics.json", "run.log"} <= saved
+
+
+def test_a_write_that_names_no_file_is_named_by_its_folder(tmp_path):
+    from catlab.fileio import io_message
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # os.write on a descriptor: no file name
+    assert io_message(full, tmp_path) == f"catlab: cannot write a file in {tmp_path}: No space left on device"
+
+
+class _FullWriter:
+    """torch's C++ archive writer on a full disk: every record fails as torch reports it."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        def fails(*args, **kwargs):
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/0: "
+                "file write failed"
+            )
+
+        return fails
+
+
+def test_a_full_disk_under_torch_save_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    """The reference cache fills up: torch raises a RuntimeError, not an OSError; the line names the file."""
+    monkeypatch.setattr(torch._C, "PyTorchFileWriter", _FullWriter)
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "marker").write_text("")
+    code, out, err = _call("evaluate", [a.format(tmp=tmp_path) for a in EVAL])
+    monkeypatch.undo()
+    line = _only_line(err)
+    assert code == 1 and "Traceback" not in out
+    assert re.match(rf"catlab: cannot write {re.escape(str(tmp_path / 'cache'))}/\S+: the disk may be full ", line)
+    assert "PytorchStreamWriter failed writing file data/0" in line
+    assert not (tmp_path / "eval").exists()  # the evaluation's folder is gone; the cache holds no half-written image
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.suffix in (".tmp", ".pt")]
+
+
+FULL_DISK_CASES = [  # each write of a run on a full disk: one line naming the file, and no half-made run folder
+    Case("full disk: the run's log", (), "cannot write {tmp}/run/run.log: No space left on device"),
+    Case("full disk: an image", (), "cannot write {tmp}/run/images/00000_seed0.png: No space left on device"),
+    Case("full disk: Hydra's config", (), "cannot write {tmp}/run/.hydra/config.yaml: No space left on device"),
+    Case("full disk: the run's config", (), "cannot write {tmp}/run/config.yaml.tmp: No space left on device"),
+    Case(
+        "full disk: the evaluation's images",
+        ("save_images=true",),
+        "cannot write {tmp}/eval/images/full-",  # the full model's folder: its label and a short hash of its key
+        app="evaluate",
+        keeps=("cache",),  # the full model's finished references are kept for the next try
+    ),
+    Case(
+        "full disk: the results",
+        (),
+        "cannot write {tmp}/eval/results.csv: No space left on device",
+        app="evaluate",
+        keeps=("cache",),
+    ),
+]
+_FULL = {  # what fills up, by case: (folder, the part of the path that fails)
+    "full disk: the run's log": ("run", "run.log"),
+    "full disk: an image": ("run", "/images/"),
+    "full disk: Hydra's config": ("run", ".hydra/config"),
+    "full disk: the run's config": ("run", "run/config.yaml"),
+    "full disk: the evaluation's images": ("eval", "/images/"),
+    "full disk: the results": ("eval", "results"),
+}
+for _case in FULL_DISK_CASES:
+    _case.setup = disk_full(*_FULL[_case.id])
+
+
+@pytest.mark.parametrize("case", FULL_DISK_CASES, ids=[c.id for c in FULL_DISK_CASES])
+def test_a_full_disk_is_one_line_naming_the_file_and_no_half_made_folder(case: Case, tmp_path, monkeypatch):
+    test_hostile_input(case, tmp_path, monkeypatch, None)
+
+
+def test_ctrl_c_in_an_evaluation_keeps_what_finished_for_a_resume(tmp_path, monkeypatch):
+    import catlab.evaluate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(catlab.evaluate, "evaluate_strategies", interrupted)
+    code, _, err = _call("evaluate", [a.format(tmp=tmp_path) for a in EVAL])
+    assert code == 130
+    assert (
+        _only_line(err)
+        == f"catlab: interrupted; what finished is kept: rerun with hydra.run.dir={tmp_path / 'eval'} to resume"
+    )
+    assert (tmp_path / "eval" / "evaluation.json").exists()

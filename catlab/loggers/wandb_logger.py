@@ -9,7 +9,10 @@ the run directory's ``config.yaml``, ``metrics.json``, Hydra's log (``run.log`` 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,9 +74,14 @@ class WandbLogger(Logger):
 
     def finish(self, failed=False):
         if self.run is not None:
-            for pattern in RUN_FILES:  # linked, not copied: a file written after this point is saved as it ends
-                for path in sorted(self.run_dir.glob(pattern)):
-                    self.run.save(str(path.resolve()), base_path=str(self.run_dir.resolve()), policy="end")
+            said = io.StringIO()
+            with contextlib.redirect_stderr(said):  # W&B warns "Symlinked 1 file..." per file: expected, not news
+                for pattern in RUN_FILES:  # linked, not copied: a file written after this point is saved as it ends
+                    for path in sorted(self.run_dir.glob(pattern)):
+                        self.run.save(str(path.resolve()), base_path=str(self.run_dir.resolve()), policy="end")
+            rest = [line for line in said.getvalue().splitlines() if "Symlinked" not in line]
+            if rest:
+                print("\n".join(rest), file=sys.stderr)
             self.run.finish(exit_code=1 if failed else 0)  # a failed run shows as failed in W&B, and its files close
             self.run = None
 

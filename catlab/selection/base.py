@@ -101,6 +101,11 @@ class Policy(Named):
             cls.capabilities = Policy.__dict__["capabilities"]
 
     def __post_init__(self) -> None:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            raise ValueError(
+                f"alpha must be a number in (0, 1] (the fraction of tokens kept); got {self.alpha!r}, "
+                f"a {type(self.alpha).__name__}"
+            )
         if not (0.0 < float(self.alpha) <= 1.0):
             raise ValueError(f"alpha must be in (0, 1] (the fraction of tokens kept); got {self.alpha}")
         if int(self.start_step) < 0:
@@ -111,6 +116,11 @@ class Policy(Named):
         if self.prunes and self.start_step >= num_steps:
             raise ValueError(
                 f"start_step={self.start_step} must be < num_steps={num_steps}: pruning starts at step start_step + 1"
+            )
+        if self.prunes and self.start_step < 1 and not self.capabilities & Capability.IN_STEP_ENGINE:
+            raise ValueError(
+                f"start_step={self.start_step} must be >= 1: a pruned step reuses the outputs of a full step before "
+                "it (steps 1..start_step run every token)"
             )
 
     @property
