@@ -40,7 +40,15 @@ from catlab.builders import (
 )
 from catlab.config import register_evaluate_schema
 from catlab.evaluation import diagnostics, frontier
-from catlab.evaluation.harness import References, Strategy, evaluate_strategies, layout, make_jobs, set_metrics
+from catlab.evaluation.harness import (
+    References,
+    Strategy,
+    evaluate_strategies,
+    layout,
+    make_jobs,
+    record_metrics,
+    set_metrics,
+)
 from catlab.evaluation.merge import manifest, rows_from_store, write_manifest, write_tables
 from catlab.evaluation.recorder import RecordingPolicy
 from catlab.evaluation.reference import ReferenceCache
@@ -188,6 +196,7 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
                 "start_step": int(policy.start_step),
                 "steps": sampler_cfg.num_steps,
                 "model": plain(cfg.model),
+                "metrics": record_metrics(strategies[-1], usable),
             }
         )
         store.register_strategy(key, infos[-1])
