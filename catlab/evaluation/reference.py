@@ -73,8 +73,9 @@ class ReferenceCache:
         return image
 
     def put(self, prompt: str, seed: int, image: torch.Tensor, batch: str | None = None) -> None:
-        image = image.detach().cpu().float().clone()
-        atomic_write_bytes(self.path(prompt, seed, batch), write=lambda tmp: torch.save(image, tmp))
+        data = io.BytesIO()  # serialised here, written through Python: a full disk is an OSError naming the file
+        torch.save(image.detach().cpu().float().clone(), data)
+        atomic_write_bytes(self.path(prompt, seed, batch), data.getvalue())
 
     def reject(self, path: Path, reason: str) -> None:
         """Move a bad entry to ``rejected/`` (never deleted) and say so in one line."""

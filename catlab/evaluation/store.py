@@ -296,6 +296,8 @@ class ResultStore:
             except FileExistsError:
                 if not force and self.holder(batch) is not None:
                     return False
+                if not force:
+                    log.info("batch %s: its claim names no live process (killed, or a reused pid): taken", batch.id)
                 _unlink_entry(path)  # its process is gone (killed), or waited for too long: take the batch over
                 continue
             with os.fdopen(fd, "w") as f:
