@@ -854,6 +854,21 @@ def test_a_store_record_with_bad_values_or_no_file_is_named_and_set_aside(tmp_pa
     assert (outside.read_text() if outside.exists() else None) == kept  # a link's target is neither read nor moved
 
 
+def test_a_strategy_folder_that_links_outside_the_store_is_neither_read_nor_moved(tmp_path, caplog):
+    import logging
+    import shutil
+
+    store, path = _stored(tmp_path / "store")
+    shutil.move(path.parent, tmp_path / "victim")
+    path.parent.symlink_to(tmp_path / "victim")
+    before = _snapshot(tmp_path / "victim")
+    with caplog.at_level(logging.WARNING, logger="catlab"):
+        assert store.load(KEY, path.name) is None and store.timings(KEY) == {}
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and "strategy folder is a symbolic link" in warned[0] and "left where it is" in warned[0]
+    assert _snapshot(tmp_path / "victim") == before
+
+
 def _claim(store, batch, **info) -> None:
     (store.root / "claims").mkdir(exist_ok=True)
     (store.root / "claims" / f"{batch.id}.claim").write_text(json.dumps(info))
@@ -1277,11 +1292,19 @@ def test_a_plugin_selector_that_fails_after_its_first_step_is_one_line_and_leave
 
 def test_the_device_side_check_flags_a_broken_later_step_without_a_host_read():
     """On a GPU the later steps' values are checked into a flag on the device, read once at the last step."""
-    from catlab.planner import flag_broken
+    from catlab.planner import IndexContractError, StepKind, StepPlan, StepPlanner, flag_broken
+    from catlab.pruning import no_host_sync
 
     good = torch.tensor([[0, 2, 5], [1, 3, 4]])
-    flag = flag_broken(good, 6, 3, None)
-    flag = flag_broken(torch.tensor([[0, 0, 5], [1, 3, 4]]), 6, 4, flag)  # a token twice
-    flag = flag_broken(torch.tensor([[0, 1, 9], [1, 3, 4]]), 6, 5, flag)  # later breakage keeps the first step
+    with no_host_sync("the device-side index check"):
+        flag = flag_broken(good, 6, 3, None)
+        flag = flag_broken(torch.tensor([[0, 0, 5], [1, 3, 4]]), 6, 4, flag)  # a token twice
+        flag = flag_broken(torch.tensor([[0, 1, 9], [1, 3, 4]]), 6, 5, flag)  # later breakage keeps the first step
     assert int(flag) == 4
     assert int(flag_broken(torch.tensor([[0, 6]]), 6, 7, None)) == 7 and int(flag_broken(good, 6, 7, None)) == 0
+    planner = StepPlanner(Random(start_step=1))  # the flag is read once, when the generation's last step is observed
+    planner.reset(2, (2, 3), 6, "cpu")
+    planner.flag = flag
+    planner.observe(StepPlan(5, StepKind.FULL, 6), torch.zeros(2, 6, 4), None)
+    with pytest.raises(IndexContractError, match="selector 'random' at step 4 returned indices outside"):
+        planner.observe(StepPlan(6, StepKind.FULL, 6), torch.zeros(2, 6, 4), None)

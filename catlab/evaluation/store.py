@@ -217,6 +217,8 @@ class ResultStore:
         """The valid record at ``<key>/<name>``, or ``None``: absent, or invalid (then set aside with one warning)."""
         path = self.path(key, name)
         try:
+            if path.parent.is_symlink():  # O_NOFOLLOW guards the file, not its folder
+                raise BadRecord("its strategy folder is a symbolic link")
             record = read_json(path)
             check_record(path, record)
         except FileNotFoundError:
@@ -267,7 +269,10 @@ class ResultStore:
     def timings(self, key: str) -> dict[tuple[str, str], float]:
         """``{(batch id, process): seconds}`` of every valid timing of ``key``."""
         out = {}
-        for p in sorted((self.path(key, "timings")).glob("*.json")):
+        folder = self.path(key, "timings")
+        if folder.is_symlink() or folder.parent.is_symlink():
+            return out
+        for p in sorted(folder.glob("*.json")):
             try:
                 t = read_json(p)
                 if not isinstance(t, dict):
