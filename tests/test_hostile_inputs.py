@@ -943,6 +943,24 @@ def test_a_full_disk_leaves_no_temporary_file_in_the_store_or_the_reference_cach
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
 
+@pytest.mark.parametrize(
+    "where,match,named", [("store", ".p0", ".json:"), ("cache", ".pt.", ".pt:")], ids=["store", "reference cache"]
+)
+def test_an_evaluation_on_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temporary_file(
+    tmp_path, monkeypatch, where, match, named
+):
+    monkeypatch.chdir(ROOT)
+    FailingWrites(monkeypatch, tmp_path / ("eval" if where == "store" else "cache"), errno.ENOSPC, match)
+    code, out, err = _call("evaluate", [a.format(tmp=tmp_path) for a in EVAL])
+    monkeypatch.undo()
+    lines = [ln for ln in err.splitlines() if ln.startswith("catlab:")]
+    assert code == 1 and "Traceback" not in err + out
+    assert len(lines) == 1 and lines[0].startswith("catlab: cannot write ") and named in lines[0], err[-2000:]
+    assert ".tmp" not in lines[0]  # the file it was writing, not its temporary name
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    assert not (tmp_path / "eval").exists()  # the run folder it made is gone; the cache keeps only what is whole
+
+
 def test_the_reference_cache_removes_temporary_files_whose_writer_is_gone(tmp_path):
     import socket
     import subprocess

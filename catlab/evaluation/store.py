@@ -423,8 +423,10 @@ def atomic_write_bytes(path: Path, data: bytes | None = None, write=None) -> Non
         else:
             tmp.write_bytes(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         _unlink_entry(tmp)
+        if isinstance(err, OSError) and err.errno and err.filename in (str(tmp), tmp):
+            raise OSError(err.errno, err.strerror, str(path)) from err  # named by the file it was for
         raise
 
 
