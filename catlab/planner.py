@@ -128,12 +128,7 @@ class StepPlanner:
             else:
                 indices = select_indices(self.policy, self.state)
         except Exception as err:
-            if isinstance(err, IndexContractError) or type(err).__name__ == "HostSyncError":
-                raise  # already names the selector (a nested one's contract, or a host read under a guard)
-            first = (str(err).strip().splitlines() or [""])[0][:300]
-            raise SelectorFailed(
-                f"selector '{self.policy.name}' failed at step {plan.step}: {type(err).__name__}: {first}"
-            ) from err
+            self._fail(err, plan.step)
         args = (self.batch_size, plan.kept, self.num_tokens, self.policy.name, plan.step)
         check_index_form(indices, *args, device=self.device)  # metadata only: no host read
         if self.check_indices or not self.checked or indices.device.type == "cpu":
@@ -154,11 +149,23 @@ class StepPlanner:
         Returns the seconds the policy spent (its bookkeeping counts as selection time)."""
         start = time.perf_counter()
         if plan.computes:
-            self.policy.observe(plan.step, output, indices)
+            try:
+                self.policy.observe(plan.step, output, indices)
+            except Exception as err:
+                self._fail(err, plan.step, " observing its output")
         self.output = output
         if plan.step == self.num_steps and self.flag is not None:
             self.read_flag()
         return time.perf_counter() - start
+
+    def _fail(self, err: Exception, step: int, doing: str = "") -> None:
+        """Raise a selector's own error as one line naming the selector and the step (the error stays chained)."""
+        if isinstance(err, IndexContractError) or type(err).__name__ == "HostSyncError":
+            raise err  # already names the selector (a nested one's contract, or a host read under a guard)
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise SelectorFailed(
+            f"selector '{self.policy.name}' failed at step {step}{doing}: {type(err).__name__}: {first}"
+        ) from err
 
     def read_flag(self) -> None:
         """Fail if the indices of a pruned step checked on the device broke the contract (one host read)."""

@@ -1246,6 +1246,14 @@ class _Raises(Random):
         return super().select(state)
 
 
+class _RaisesObserving(Random):
+    name = "raises_observing"
+
+    def observe(self, step, output, indices):
+        if step == 3:
+            raise KeyError("state")
+
+
 class _OnMeta(Random):
     name = "indices_on_meta"
 
@@ -1272,9 +1280,10 @@ LATE["empty"] = (lambda idx, n: idx[:, :0], "returned shape")
 def plugin_selectors():
     from catlab.registry import selectors
 
-    classes = [_Raises, _OnMeta] + [_late(breaks) for breaks, _ in LATE.values()]
-    for kind, cls in zip(["raises", "meta", *LATE], classes):
-        cls.name = {"raises": "raises_in_select", "meta": "indices_on_meta"}.get(kind, f"late_{kind}")
+    classes = [_Raises, _RaisesObserving, _OnMeta] + [_late(breaks) for breaks, _ in LATE.values()]
+    for kind, cls in zip(["raises", "observing", "meta", *LATE], classes):
+        fixed = {"raises": "raises_in_select", "observing": "raises_observing", "meta": "indices_on_meta"}
+        cls.name = fixed.get(kind, f"late_{kind}")
         selectors._entries[cls.name] = cls
         cls.registered_name = cls.name
     yield
@@ -1289,6 +1298,7 @@ def plugin_selectors():
             "raises_in_select",
             "catlab: selector 'raises_in_select' failed at step 4: RuntimeError: the plugin's own bug",
         ),
+        ("raises_observing", "catlab: selector 'raises_observing' failed at step 3 observing its output: KeyError"),
         ("indices_on_meta", "catlab: selector 'indices_on_meta' at step 3 returned indices on meta"),
         *[(f"late_{kind}", f"catlab: selector 'late_{kind}' at step 4 returned") for kind in LATE],
     ],
