@@ -59,12 +59,13 @@ class StepPlanner:
     """Turns a policy (and optionally a step cache's fixed schedule) into a plan per step.
 
     It also keeps the latest output in token space, the state a policy selects from.
-    Every selector's indices are checked against the contract (a tensor on the run's
-    device, of shape ``(B, k)``, an integer dtype, in ``[0, N)``, unique per row) at
-    every pruned step: the form from metadata alone; the values on the host on a CPU,
-    and on a GPU at the first pruned step of each generation (one host read) and
-    after it into a device-side flag read once, at the generation's last step (no
-    sync per step); ``check_indices`` reads every pruned step's values at once. A
+    Every selector's indices are checked against the contract (a tensor of shape
+    ``(B, k)``, an integer dtype, in ``[0, N)``, unique per row) at every pruned step
+    (a comparison-only selector, which may break it by design, at its first only):
+    the form from metadata alone; the values on the host on a CPU, and on a GPU at
+    the first pruned step of each generation (one host read) and after it into a
+    device-side flag read once, at the generation's last step (no sync per step);
+    ``check_indices`` reads every pruned step's values at once. A
     selector that breaks it, or raises, stops the run with :class:`IndexContractError`
     naming the selector, the step and what was wrong. With ``selection_graphs`` (a
     :class:`~catlab.pruning.selection_graphs.SelectionGraphs`), a policy that splits its selection
@@ -130,12 +131,15 @@ class StepPlanner:
         except Exception as err:
             self._fail(err, plan.step)
         args = (self.batch_size, plan.kept, self.num_tokens, self.policy.name, plan.step)
-        check_index_form(indices, *args, device=self.device)  # metadata only: no host read
-        if self.check_indices or not self.checked or indices.device.type == "cpu":
+        # a comparison-only selector (an authors' variant) may break the contract after its first step, by design
+        strict = Capability.COMPARISON_ONLY not in self.policy.capabilities
+        if self.check_indices or not self.checked or (strict and indices.device.type == "cpu"):
+            check_index_form(indices, *args)  # metadata only
             with _unguarded():  # the one host read this check costs, allowed under a host-sync guard
                 check_indices(indices, *args)
             self.checked = True
-        else:
+        elif strict:
+            check_index_form(indices, *args)  # metadata only: no host read
             self.flag = flag_broken(indices, self.num_tokens, plan.step, self.flag)
         return indices
 
@@ -188,10 +192,8 @@ class SelectorFailed(IndexContractError):
     """A selector's ``select`` raised: ``selector '<name>' failed at step <t>: <error>``."""
 
 
-def check_index_form(
-    idx, batch: int, k: int, n: int, name: str, step: int | None = None, device: torch.device | None = None
-) -> None:
-    """Fail unless ``idx`` is a tensor of shape ``(batch, k)``, an integer dtype, on ``device``'s kind of device.
+def check_index_form(idx, batch: int, k: int, n: int, name: str, step: int | None = None) -> None:
+    """Fail unless ``idx`` is a tensor of shape ``(batch, k)`` and an integer dtype, on a device that holds values.
 
     Reads metadata only (no host sync): cheap enough for every pruned step."""
     where = f"selector '{name}'" + (f" at step {step}" if step is not None else "")
@@ -199,8 +201,8 @@ def check_index_form(
         raise IndexContractError(
             f"{where} returned {type(idx).__name__}, not a tensor of ({batch}, {k}) token indices"
         )
-    if device is not None and idx.device.type != torch.device(device).type:
-        raise IndexContractError(f"{where} returned indices on {idx.device}; the run is on {device}")
+    if idx.device.type == "meta":
+        raise IndexContractError(f"{where} returned indices on meta, a device that holds no values")
     if idx.dtype not in (torch.int64, torch.int32):
         raise IndexContractError(f"{where} returned {idx.dtype} indices; token indices must be torch.int64 (or int32)")
     if tuple(idx.shape) != (batch, k):
@@ -225,7 +227,7 @@ def check_indices(idx, batch: int, k: int, n: int, name: str, step: int | None =
     """
     where = f"selector '{name}'" + (f" at step {step}" if step is not None else "")
     if torch.is_tensor(idx) and idx.device.type == "meta":
-        raise IndexContractError(f"{where} returned indices on the meta device, which hold no values")
+        raise IndexContractError(f"{where} returned indices on meta, a device that holds no values")
     if not torch.is_tensor(idx):
         raise IndexContractError(
             f"{where} returned {type(idx).__name__}, not a tensor of ({batch}, {k}) token indices"
