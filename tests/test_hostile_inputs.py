@@ -1052,7 +1052,16 @@ def _manifest(run: Path, store: str, key: str = KEY, batch: str = "0123456789ab"
 
 @pytest.mark.parametrize(
     "crafted",
-    ["store outside", "store absolute", "store a link outside", "key a path", "batch a path", "job a path"],
+    [
+        "store outside",
+        "store absolute",
+        "store a link outside",
+        "key a path",
+        "batch a path",
+        "job a path",
+        "alpha a string",
+        "notes a dict",
+    ],
 )
 def test_merge_of_a_crafted_manifest_touches_nothing_outside_the_run_folder(tmp_path, crafted):
     from catlab.evaluation import merge
@@ -1073,10 +1082,14 @@ def test_merge_of_a_crafted_manifest_touches_nothing_outside_the_run_folder(tmp_
             key="../../victim/" + KEY if crafted == "key a path" else KEY,
             batch="../../victim/x" if crafted == "batch a path" else "0123456789ab",
         )
+        plan = json.loads((run / "evaluation.json").read_text())
         if crafted == "job a path":
-            plan = json.loads((run / "evaluation.json").read_text())
             plan["batches"]["0123456789ab"] = [["../../victim", "x", 0]]
-            (run / "evaluation.json").write_text(json.dumps(plan))
+        elif crafted == "alpha a string":
+            plan["strategies"][0]["alpha"] = "1.0"
+        elif crafted == "notes a dict":
+            plan["notes"] = {"a": 1}
+        (run / "evaluation.json").write_text(json.dumps(plan))
     before = _snapshot(victim)
     run_before = _tree(run)
     with pytest.raises(SystemExit) as stop:

@@ -65,6 +65,13 @@ def check_plan(plan: Any) -> None:
         names = info.get("metrics", [])
         if not isinstance(names, list) or not all(isinstance(m, str) for m in names):
             raise ValueError(f"metrics of {info['key']} that are not a list of names")
+        kinds = {"label": str, "alpha": (int, float), "start_step": int, "steps": int, "spec": (dict, type(None))}
+        for field, kind in kinds.items():
+            value = info.get(field)
+            if not isinstance(value, kind) or isinstance(value, bool) or value != value:
+                raise ValueError(f"strategy {info['key']}: its {field} is not a {getattr(kind, '__name__', 'number')}")
+    if not isinstance(plan.get("notes", []), list) or not all(isinstance(n, str) for n in plan.get("notes", [])):
+        raise ValueError("notes that are not a list of lines")
     if not isinstance(plan.get("batches"), dict):
         raise ValueError("no batches")
     for bid, items in plan["batches"].items():
