@@ -46,6 +46,7 @@ from catlab.evaluation.harness import (
     evaluate_strategies,
     layout,
     make_jobs,
+    record_metrics,
     set_metrics,
 )
 from catlab.evaluation.merge import manifest, rows_from_store, write_manifest, write_tables
@@ -217,6 +218,7 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
                 "start_step": int(policy.start_step),
                 "steps": sampler_cfg.num_steps,
                 "model": plain(cfg.model),
+                "metrics": record_metrics(strategies[-1], usable),
             }
         )
         store.register_strategy(key, infos[-1])

@@ -59,10 +59,14 @@ class StepPlanner:
     """Turns a policy (and optionally a step cache's fixed schedule) into a plan per step.
 
     It also keeps the latest output in token space, the state a policy selects from.
-    Every selector's indices are checked against the contract (shape ``(B, k)``, an
-    integer dtype, in ``[0, N)``, unique per row) at the first pruned step of each
-    generation, one host read per generation; ``check_indices`` checks every pruned
-    step. A selector that breaks it stops the run with :class:`IndexContractError`
+    Every selector's indices are checked against the contract (a tensor of shape
+    ``(B, k)``, an integer dtype, in ``[0, N)``, unique per row) at every pruned step
+    (a comparison-only selector, which may break it by design, at its first only):
+    the form from metadata alone; the values on the host on a CPU, and on a GPU at
+    the first pruned step of each generation (one host read) and after it into a
+    device-side flag read once, at the generation's last step (no sync per step);
+    ``check_indices`` reads every pruned step's values at once. A
+    selector that breaks it, or raises, stops the run with :class:`IndexContractError`
     naming the selector, the step and what was wrong. With ``selection_graphs`` (a
     :class:`~catlab.pruning.selection_graphs.SelectionGraphs`), a policy that splits its selection
     (``prepare_step`` / ``select_tensors``, declaring ``Capability.REPLAYS_SELECTION``) has the tensor
@@ -77,6 +81,7 @@ class StepPlanner:
         self.output: torch.Tensor | None = None
         self.state: StepState | None = None
         self.checked = False  # whether this generation's indices have met the contract once
+        self.flag: torch.Tensor | None = None  # on a GPU: the first later pruned step whose indices broke it (0: none)
 
     @property
     def num_tokens(self) -> int:
@@ -86,7 +91,7 @@ class StepPlanner:
         """A new generation starts: the policy forgets everything."""
         self.batch_size, self.grid, self.num_steps = batch_size, tuple(grid), num_steps
         self.device = torch.device(device)
-        self.output, self.state, self.checked = None, None, False
+        self.output, self.state, self.checked, self.flag = None, None, False, None
         self.policy.reset(batch_size, self.grid, num_steps, self.device)
         if self.selection_graphs is not None:  # the policy's state tensors are new: so must the graphs be
             self.selection_graphs.reset()
@@ -118,14 +123,24 @@ class StepPlanner:
             attention=attention,
             device=self.device,
         )
-        if self.selection_graphs is not None and Capability.REPLAYS_SELECTION in self.policy.capabilities:
-            indices = self.selection_graphs.select(self.policy, self.state)
-        else:
-            indices = select_indices(self.policy, self.state)
-        if self.check_indices or not self.checked:
+        try:
+            if self.selection_graphs is not None and Capability.REPLAYS_SELECTION in self.policy.capabilities:
+                indices = self.selection_graphs.select(self.policy, self.state)
+            else:
+                indices = select_indices(self.policy, self.state)
+        except Exception as err:
+            self._fail(err, plan.step)
+        args = (self.batch_size, plan.kept, self.num_tokens, self.policy.name, plan.step)
+        # a comparison-only selector (an authors' variant) may break the contract after its first step, by design
+        strict = Capability.COMPARISON_ONLY not in self.policy.capabilities
+        if self.check_indices or not self.checked or (strict and indices.device.type == "cpu"):
+            check_index_form(indices, *args)  # metadata only
             with _unguarded():  # the one host read this check costs, allowed under a host-sync guard
-                check_indices(indices, self.batch_size, plan.kept, self.num_tokens, self.policy.name, plan.step)
+                check_indices(indices, *args)
             self.checked = True
+        elif strict:
+            check_index_form(indices, *args)  # metadata only: no host read
+            self.flag = flag_broken(indices, self.num_tokens, plan.step, self.flag)
         return indices
 
     def selection_macs(self) -> int:
@@ -138,13 +153,71 @@ class StepPlanner:
         Returns the seconds the policy spent (its bookkeeping counts as selection time)."""
         start = time.perf_counter()
         if plan.computes:
-            self.policy.observe(plan.step, output, indices)
+            try:
+                self.policy.observe(plan.step, output, indices)
+            except Exception as err:
+                self._fail(err, plan.step, " observing its output")
         self.output = output
+        if plan.step == self.num_steps and self.flag is not None:
+            self.read_flag()
         return time.perf_counter() - start
+
+    def _fail(self, err: Exception, step: int, doing: str = "") -> None:
+        """Raise a selector's own error as one line naming the selector and the step (the error stays chained)."""
+        if isinstance(err, IndexContractError) or type(err).__name__ == "HostSyncError":
+            raise err  # already names the selector (a nested one's contract, or a host read under a guard)
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise SelectorFailed(
+            f"selector '{self.policy.name}' failed at step {step}{doing}: {type(err).__name__}: {first}"
+        ) from err
+
+    def read_flag(self) -> None:
+        """Fail if the indices of a pruned step checked on the device broke the contract (one host read)."""
+        flag, self.flag = self.flag, None
+        with _unguarded():
+            step = int(flag)
+        if step:
+            raise IndexContractError(
+                f"selector '{self.policy.name}' at step {step} returned indices outside [0, {self.num_tokens}) "
+                "or a token twice in one sample; indices must be unique per row "
+                "(sampler.check_indices=true names the fault)"
+            )
 
 
 class IndexContractError(ValueError):
-    """A selector returned indices that are not ``(B, k)`` unique integers in ``[0, N)``."""
+    """A selector returned indices that are not ``(B, k)`` unique integers in ``[0, N)``, or raised."""
+
+
+class SelectorFailed(IndexContractError):
+    """A selector's ``select`` raised: ``selector '<name>' failed at step <t>: <error>``."""
+
+
+def check_index_form(idx, batch: int, k: int, n: int, name: str, step: int | None = None) -> None:
+    """Fail unless ``idx`` is a tensor of shape ``(batch, k)`` and an integer dtype, on a device that holds values.
+
+    Reads metadata only (no host sync): cheap enough for every pruned step."""
+    where = f"selector '{name}'" + (f" at step {step}" if step is not None else "")
+    if not torch.is_tensor(idx):
+        raise IndexContractError(
+            f"{where} returned {type(idx).__name__}, not a tensor of ({batch}, {k}) token indices"
+        )
+    if idx.device.type == "meta":
+        raise IndexContractError(f"{where} returned indices on meta, a device that holds no values")
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise IndexContractError(f"{where} returned {idx.dtype} indices; token indices must be torch.int64 (or int32)")
+    if tuple(idx.shape) != (batch, k):
+        raise IndexContractError(
+            f"{where} returned shape {tuple(idx.shape)}; expected ({batch}, {k}) = (batch, k tokens this step)"
+        )
+
+
+def flag_broken(idx: torch.Tensor, n: int, step: int, flag: torch.Tensor | None) -> torch.Tensor:
+    """``flag`` (the first broken step so far, 0: none) updated on the device with ``idx`` at ``step``: no sync."""
+    broken = (idx < 0).any() | (idx >= n).any()
+    if idx.shape[1] > 1:
+        broken = broken | (idx.sort(dim=1).values.diff(dim=1) == 0).any()
+    flag = torch.zeros((), dtype=torch.int64, device=idx.device) if flag is None else flag
+    return torch.where((flag == 0) & broken, torch.full_like(flag, step), flag)
 
 
 def check_indices(idx, batch: int, k: int, n: int, name: str, step: int | None = None) -> None:
@@ -153,6 +226,8 @@ def check_indices(idx, batch: int, k: int, n: int, name: str, step: int | None =
     Raises :class:`IndexContractError` naming the selector (``name``), the step and what was wrong.
     """
     where = f"selector '{name}'" + (f" at step {step}" if step is not None else "")
+    if torch.is_tensor(idx) and idx.device.type == "meta":
+        raise IndexContractError(f"{where} returned indices on meta, a device that holds no values")
     if not torch.is_tensor(idx):
         raise IndexContractError(
             f"{where} returned {type(idx).__name__}, not a tensor of ({batch}, {k}) token indices"

@@ -43,8 +43,9 @@ def simulate(
     Probe attention maps, when the policy asks for them, are random softmax rows.
     ``on_select(step, state, indices)`` sees each selection. ``guard(step, kind)``
     returning True runs that step's selection and observation under
-    :func:`~catlab.pruning.sync_check.no_host_sync`. The planner checks the index contract at the
-    first pruned step, or at every one with ``check_indices``. Returns the indices per step.
+    :func:`~catlab.pruning.sync_check.no_host_sync`. The planner checks the index contract at every
+    pruned step (on a GPU the later steps' values on the device, read at the last step; at once with
+    ``check_indices``). Returns the indices per step.
     """
     device = torch.device(device)
     n = grid[0] * grid[1]

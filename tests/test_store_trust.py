@@ -229,6 +229,8 @@ def test_merge_without_a_manifest_is_one_line(tmp_path):
 def test_a_batch_another_live_process_holds_is_waited_for_then_taken_over(tmp_path, base):
     """A claim by a live process is honoured (the batch is not computed twice); once that process is gone
     without finishing, the batch is taken over."""
+    from catlab.evaluation.store import _started
+
     base_dir, cache = base
     out = tmp_path / "run"
     plan = json.loads((base_dir / "evaluation.json").read_text())
@@ -238,7 +240,14 @@ def test_a_batch_another_live_process_holds_is_waited_for_then_taken_over(tmp_pa
     try:
         (out / "store" / "claims").mkdir(parents=True)
         (out / "store" / "claims" / f"{first}.claim").write_text(
-            json.dumps({"host": socket.gethostname().replace(".", "_"), "pid": holder.pid, "process": "elsewhere"})
+            json.dumps(
+                {
+                    "host": socket.gethostname().replace(".", "_"),
+                    "pid": holder.pid,
+                    "started": _started(holder.pid),
+                    "process": "elsewhere",
+                }
+            )
         )
         evaluate(out, cache)
         assert holder.poll() is not None  # it waited for the holder before computing the batch

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from catlab.evaluation import store as store_module
 from catlab.evaluation.reference import ReferenceCache
 from catlab.evaluation.store import Batch, ResultStore, prompt_sha
 from catlab.hashing import folder_name
@@ -69,6 +70,13 @@ class EvaluatedStrategy:
     def exact(self) -> bool:
         """Whether its images are the full model's (then they serve as the references)."""
         return not self.policy.prunes and self.step_cache is None
+
+
+def record_metrics(strategy: EvaluatedStrategy, metrics: list[Metric]) -> list[str]:
+    """The metrics every record of ``strategy`` carries: the per-image ones (the full model's lack those that
+    compare with it). A stored record that lacks one was made with another ``metrics`` list: it is computed again."""
+    per_image = [m for m in metrics if not getattr(m, "set_level", False)]
+    return [m.name for m in per_image if not (m.needs_reference and strategy.exact)]
 
 
 def make_jobs(
@@ -120,8 +128,9 @@ class References:
     def __init__(self, cache: ReferenceCache, adapter: ModelAdapter, full: Policy, sampler: SamplerConfig):
         self.cache, self.adapter, self.full, self.sampler = cache, adapter, full, sampler
 
-    def get(self, batch: Batch, jobs: list[Job]) -> torch.Tensor:
-        images = [self.cache.get(j.prompt, j.seed, batch.id) for j in jobs]
+    def get(self, batch: Batch, jobs: list[Job], shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The batch's reference images; ``shape``: one image's, which a cached entry must have."""
+        images = [self.cache.get(j.prompt, j.seed, batch.id, shape) for j in jobs]
         if any(img is None for img in images):
             images = sample(
                 self.adapter, self.full, [j.prompt for j in jobs], [j.seed for j in jobs], self.sampler
@@ -131,7 +140,7 @@ class References:
 
     def put(self, batch: Batch, jobs: list[Job], images: torch.Tensor) -> None:
         for j, img in zip(jobs, images):
-            if self.cache.get(j.prompt, j.seed, batch.id) is None:
+            if self.cache.get(j.prompt, j.seed, batch.id, tuple(img.shape)) is None:
                 self.cache.put(j.prompt, j.seed, img, batch.id)
 
 
@@ -156,12 +165,24 @@ class _Run:
         self.store, self.references, self.warmup, self.repeats = store, references, warmup, repeats
         self.image_dir, self.retime_batches, self.setup = image_dir, retime_batches, setup or {}
         self.full = strategies[0]
+        self.needs = {s.key: set(record_metrics(s, metrics)) for s in strategies}
         self.warm: dict[str, SampleResult | None] = {s.label: None for s in strategies}
         self.paired: dict[str, set[str]] = {s.key: set() for s in strategies[1:]}
         self.warmed: set[str] = set()
         self.retimed = 0  # batches timed only for a speed-up pair (their records were already there)
 
     # -- what a batch needs ---------------------------------------------------------
+    def has(self, s: EvaluatedStrategy, name: str, lacking: list | None = None) -> bool:
+        """Whether the store holds a valid record ``name`` of ``s`` with every metric this run computes."""
+        record = self.store.load(s.key, name)
+        if record is None:
+            return False
+        if self.needs[s.key] <= record["metrics"].keys():
+            return True
+        if lacking is not None:
+            lacking.append(self.needs[s.key] - record["metrics"].keys())
+        return False
+
     def refresh_pairs(self, key: str) -> None:
         """Batches where ``key`` and the full model were timed by one process (any process, from the store)."""
         full = self.store.timings(self.full.key)
@@ -170,7 +191,7 @@ class _Run:
     def work(self, batch: Batch) -> tuple[dict[str, list[int]], list[EvaluatedStrategy]]:
         """(each strategy's missing records as positions in the batch, the strategies to time on it)."""
         names = batch.names()
-        missing = {s.key: [i for i, n in enumerate(names) if not self.store.has(s.key, n)] for s in self.strategies}
+        missing = {s.key: [i for i, n in enumerate(names) if not self.has(s, n)] for s in self.strategies}
         timed, wants_pair = [], False
         for s in self.strategies[1:]:
             short = len(self.paired[s.key]) < self.retime_batches and batch.id not in self.paired[s.key]
@@ -186,17 +207,30 @@ class _Run:
 
     # -- doing it -------------------------------------------------------------------
     def run(self, plan: list[tuple[Batch, list[Job]]], wait: float) -> None:
-        """Every batch of ``plan`` this process can take; then wait for those other processes hold."""
+        """Every batch of ``plan`` this process can take; then wait for those other processes hold.
+
+        A wait is logged once per batch, naming the holder; after :data:`~catlab.evaluation.store.CLAIM_SECONDS`
+        the batch is taken over whoever holds it (a claim that outlives its use must not hang the evaluation)."""
         deferred = [(b, jobs) for b, jobs in plan if not self.attempt(b, jobs)]
+        since = {b.id: time.monotonic() for b, _ in deferred}
+        for b, _ in deferred:
+            log.info("batch %s is held by %s; waiting for it", b.id, self.store.holder(b) or "another process")
         while deferred:
             time.sleep(wait)
-            deferred = [(b, jobs) for b, jobs in deferred if not self.attempt(b, jobs)]
+            late = [b.id for b, _ in deferred if time.monotonic() - since[b.id] > store_module.CLAIM_SECONDS]
+            for bid in late:
+                log.warning(
+                    "catlab: batch %s still held after %.0f s of waiting; taking it over",
+                    bid,
+                    store_module.CLAIM_SECONDS,
+                )
+            deferred = [(b, jobs) for b, jobs in deferred if not self.attempt(b, jobs, force=b.id in late)]
 
-    def attempt(self, batch: Batch, jobs: list[Job]) -> bool:
+    def attempt(self, batch: Batch, jobs: list[Job], force: bool = False) -> bool:
         """Do what ``batch`` needs; ``False`` if another live process holds it (try again later)."""
         if not self.work(batch)[1]:
             return True
-        if not self.store.claim(batch):
+        if not self.store.claim(batch, force):
             return False
         try:
             missing, timed = self.work(batch)  # again: the holder before us may have done it
@@ -249,7 +283,7 @@ class _Run:
         images, metrics = result.images, self.metrics
         reference = None
         if not s.exact and any(m.needs_reference and not getattr(m, "set_level", False) for m in metrics):
-            reference = full_images if full_images is not None else self.references.get(batch, jobs)
+            reference = full_images if full_images is not None else self.references.get(batch, jobs, images.shape[1:])
         values = {}
         for m in metrics:
             if getattr(m, "set_level", False) or (m.needs_reference and reference is None):
@@ -319,9 +353,17 @@ def evaluate_strategies(
     )
     plan = make_batches(jobs, batch_size)
     for s in strategies:
-        done = sum(store.has(s.key, name) for b, _ in plan for name in b.names())
+        lacking: list[set[str]] = []
+        done = sum(run.has(s, name, lacking) for b, _ in plan for name in b.names())
         if 0 < done:
             log.info("%s: %d of %d records already in the store", s.label, done, len(jobs))
+        if lacking:
+            log.info(
+                "%s: %d stored record(s) lack metric(s) %s (made with another metrics list): computed again",
+                s.label,
+                len(lacking),
+                ", ".join(sorted(set().union(*lacking))),
+            )
         if s is not run.full:
             run.refresh_pairs(s.key)
     run.run(plan, wait)

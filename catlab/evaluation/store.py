@@ -18,7 +18,13 @@ checks them against the path and sets a record that fails aside.
 
 Writes are atomic (a temporary file, then rename): a killed process leaves
 either a whole record or none, plus at most a temporary file that the next
-store opened on the same host removes.
+store opened on the same host removes; a write that fails (a full disk) removes
+its own temporary file.
+
+Nothing in the store is trusted: a file is read only if it is a regular file
+inside the store (never a link, a FIFO or a folder), no larger than a record can
+be, and a record's numbers must be finite and in range. A file that fails is
+named in one line and set aside, and the record is computed again.
 """
 
 from __future__ import annotations
@@ -26,14 +32,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from catlab.evaluation.reference import config_hash
+from catlab.hashing import config_hash
 
 log = logging.getLogger("catlab.evaluate")
 
@@ -41,8 +50,15 @@ log = logging.getLogger("catlab.evaluate")
 NUMBERS = ("macs", "full_macs", "selection_macs", "seconds", "denoise_seconds", "selection_seconds")
 #: a temporary file older than this is stale even when its writer cannot be checked (another host)
 STALE_SECONDS = 3600.0
-#: a claim by a process on another host is honoured this long after it was made
+#: a claim by a process on another host is honoured this long after it was made; a batch waited for this long is
+#: taken over whoever holds it
 CLAIM_SECONDS = 3600.0
+#: the largest store file read (a record is a few kB; a timing or claim less)
+MAX_BYTES = 1 << 20
+#: what a strategy key and a batch id look like (both name folders and files: nothing else may)
+HASH = re.compile(r"[0-9a-f]{12}")
+#: numbers that must be > 0 (the rest of NUMBERS must be >= 0)
+POSITIVE = ("macs", "full_macs", "seconds")
 
 
 def prompt_sha(prompt: str) -> str:
@@ -85,6 +101,55 @@ class BadRecord(ValueError):
     """A record file that is not a valid record for its path."""
 
 
+def read_regular(path: Path, limit: int = MAX_BYTES) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes, else :class:`BadRecord`.
+
+    A symbolic link, a FIFO, a device or a folder is refused without waiting on it
+    (``O_NOFOLLOW | O_NONBLOCK``); :class:`FileNotFoundError` when it is absent."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        if os.path.islink(path):
+            raise BadRecord("a symbolic link, not a file") from None
+        raise BadRecord(f"unreadable ({err.strerror or err})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BadRecord("a folder, not a file" if stat.S_ISDIR(info.st_mode) else "not a regular file")
+        if info.st_size > limit:
+            raise BadRecord(f"{info.st_size} bytes, more than a store file holds ({limit})")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(limit + 1)
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path, limit: int = MAX_BYTES) -> Any:
+    """JSON from a regular file (:func:`read_regular`); :class:`BadRecord` for anything that is not."""
+    data = read_regular(path, limit)
+    try:
+        return json.loads(data.decode())
+    except RecursionError:
+        raise BadRecord("nested too deeply to be a store file") from None
+    except ValueError as err:  # JSON and UTF-8 decoding errors
+        raise BadRecord(f"not valid JSON ({err.__class__.__name__}: {err})") from None
+
+
+def _number(record: dict, key: str, where: str = "") -> float:
+    value = record.get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise BadRecord(f"'{where}{key}' missing or not a number")
+    try:
+        value = float(value)
+    except OverflowError:
+        raise BadRecord(f"'{where}{key}' is out of range") from None
+    if not math.isfinite(value):
+        raise BadRecord(f"'{where}{key}' is {value}")
+    return value
+
+
 def check_record(path: Path, record: Any) -> None:
     """Raise :class:`BadRecord` unless ``record`` is a record whose fields agree with ``path``."""
     if not isinstance(record, dict):
@@ -105,10 +170,11 @@ def check_record(path: Path, record: Any) -> None:
         if not isinstance(record[key], kind) or isinstance(record[key], bool):
             raise BadRecord(f"'{key}' is not {kind.__name__}")
     for key in NUMBERS:
-        if not isinstance(record.get(key), (int, float)) or isinstance(record.get(key), bool):
-            raise BadRecord(f"'{key}' missing or not a number")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in record["metrics"].values()):
-        raise BadRecord("a metric is not a number")
+        value = _number(record, key)
+        if value < 0 or (value == 0 and key in POSITIVE):
+            raise BadRecord(f"'{key}' is {value}, not {'> 0' if key in POSITIVE else '>= 0'}")
+    for name in record["metrics"]:
+        _number(record["metrics"], name, "metrics.")
     if record["key"] != path.parent.name:
         raise BadRecord(f"its key {record['key']} is not its folder's")
     if prompt_sha(record["prompt"]) != record["prompt_sha"]:
@@ -130,34 +196,35 @@ class ResultStore:
     # -- strategies ----------------------------------------------------------------
     def register_strategy(self, key: str, info: dict[str, Any]) -> None:
         """Remember what a strategy hash stands for (label, selector config, model, sampler)."""
-        folder = self.root / key
-        folder.mkdir(exist_ok=True)
-        path = folder / "strategy.json"
+        path = self.path(key, "strategy.json")
+        path.parent.mkdir(exist_ok=True)
         try:
-            json.loads(path.read_text())
+            read_json(path)
         except FileNotFoundError:
             _atomic_write(path, info)
-        except (OSError, ValueError) as err:
-            self.reject(path, f"not JSON ({err.__class__.__name__})")
+        except BadRecord as err:
+            self.reject(path, str(err))
             _atomic_write(path, info)
 
     # -- records -------------------------------------------------------------------
     def path(self, key: str, name: str) -> Path:
+        """``<store>/<key>/<name>``; a key that is not a strategy hash could name a path elsewhere: refused."""
+        if not HASH.fullmatch(str(key)) or "/" in name or name.startswith("."):
+            raise ValueError(f"not a store entry: {key!r}/{name!r}")
         return self.root / key / name
 
     def load(self, key: str, name: str, then: str = "it will be recomputed") -> dict[str, Any] | None:
         """The valid record at ``<key>/<name>``, or ``None``: absent, or invalid (then set aside with one warning)."""
         path = self.path(key, name)
         try:
-            data = path.read_bytes()
+            if path.parent.is_symlink():  # O_NOFOLLOW guards the file, not its folder
+                raise BadRecord("its strategy folder is a symbolic link")
+            record = read_json(path)
+            check_record(path, record)
         except FileNotFoundError:
             return None
-        try:
-            record = json.loads(data.decode())
-            check_record(path, record)
-        except ValueError as err:  # BadRecord, JSON and UTF-8 decoding errors
-            reason = str(err) if isinstance(err, BadRecord) else f"not valid JSON ({err.__class__.__name__}: {err})"
-            self.reject(path, reason, then)
+        except BadRecord as err:
+            self.reject(path, str(err), then)
             return None
         return record
 
@@ -174,6 +241,9 @@ class ResultStore:
 
     def reject(self, path: Path, reason: str, then: str = "it will be recomputed") -> None:
         """Move a bad file to ``<store>/rejected/`` (never deleted) and say so in one line."""
+        if self.root.resolve() not in path.parent.resolve().parents:
+            log.warning("catlab: bad store file %s: %s; outside the store, left where it is", path, reason)
+            return
         dest = self.root / "rejected" / path.parent.name / path.name
         dest.parent.mkdir(parents=True, exist_ok=True)
         n = 1
@@ -199,22 +269,29 @@ class ResultStore:
     def timings(self, key: str) -> dict[tuple[str, str], float]:
         """``{(batch id, process): seconds}`` of every valid timing of ``key``."""
         out = {}
-        for p in sorted((self.root / key / "timings").glob("*.json")):
+        folder = self.path(key, "timings")
+        if folder.is_symlink() or folder.parent.is_symlink():
+            return out
+        for p in sorted(folder.glob("*.json")):
             try:
-                t = json.loads(p.read_text())
-                entry = (str(t["batch"]), str(t["process"]))
-                seconds = float(t["seconds"])
+                t = read_json(p)
+                if not isinstance(t, dict):
+                    raise BadRecord("not a JSON object")
+                entry = (str(t.get("batch")), str(t.get("process")))
+                seconds = _number(t, "seconds")
                 if p.name != f"{entry[0]}_{entry[1]}.json" or not seconds > 0:
-                    raise ValueError("fields do not match its name")
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                self.reject(p, f"not a timing ({err.__class__.__name__})", "it is not used")
+                    raise BadRecord("its fields do not match its name, or its seconds are not > 0")
+            except FileNotFoundError:
+                continue
+            except BadRecord as err:
+                self.reject(p, f"not a timing: {err}", "it is not used")
                 continue
             out[entry] = seconds
         return out
 
     # -- claims --------------------------------------------------------------------
-    def claim(self, batch: Batch) -> bool:
-        """Take ``batch`` for this process; ``False`` while another live process holds it."""
+    def claim(self, batch: Batch, force: bool = False) -> bool:
+        """Take ``batch`` for this process; ``False`` while another live process holds it (``force``: take it)."""
         folder = self.root / "claims"
         folder.mkdir(exist_ok=True)
         path = folder / f"{batch.id}.claim"
@@ -222,61 +299,102 @@ class ResultStore:
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                if self._live_claim(path):
+                if not force and self.holder(batch) is not None:
                     return False
-                try:
-                    path.unlink()  # its process is gone (killed): take the batch over
-                except FileNotFoundError:
-                    pass
+                if not force:
+                    log.info("batch %s: its claim names no live process (killed, or a reused pid): taken", batch.id)
+                _unlink_entry(path)  # its process is gone (killed), or waited for too long: take the batch over
                 continue
             with os.fdopen(fd, "w") as f:
-                f.write(json.dumps({"host": _host(), "pid": os.getpid(), "process": self.process}))
+                f.write(json.dumps(self._claim_info()))
             return True
         return False
 
+    def holder(self, batch: Batch) -> str | None:
+        """Who holds ``batch``: a description of the other live process, or ``None``."""
+        path = self.root / "claims" / f"{batch.id}.claim"
+        try:
+            age = time.time() - path.lstat().st_mtime
+            info = read_json(path, 4096)
+        except FileNotFoundError:
+            return None
+        except BadRecord as err:
+            if "JSON" in str(err) and age < 5:
+                return "a process writing its claim"  # being written right now
+            return None
+        if not isinstance(info, dict) or info.get("process") == self.process:
+            return None
+        who = f"process {info.get('process')!s:.80} (host {info.get('host')!s:.40}, pid {info.get('pid')!s:.12})"
+        if info.get("host") == _host():
+            pid = info.get("pid")
+            if not isinstance(pid, int) or isinstance(pid, bool) or not _alive(pid):
+                return None
+            started = _started(pid)
+            # a pid is reused: the claim is that process's only if it also names the process's start time
+            return who if started is None or info.get("started") == started else None
+        return who if age < CLAIM_SECONDS else None
+
     def claimed(self, batch: Batch) -> bool:
         """Whether another live process holds ``batch``."""
-        path = self.root / "claims" / f"{batch.id}.claim"
-        return path.exists() and self._live_claim(path)
+        return self.holder(batch) is not None
 
     def release(self, batch: Batch) -> None:
-        try:
-            (self.root / "claims" / f"{batch.id}.claim").unlink()
-        except FileNotFoundError:
-            pass
+        _unlink_entry(self.root / "claims" / f"{batch.id}.claim")
 
-    def _live_claim(self, path: Path) -> bool:
-        try:
-            info = json.loads(path.read_text())
-            age = time.time() - path.stat().st_mtime
-        except FileNotFoundError:
-            return False
-        except ValueError:
-            return time.time() - path.stat().st_mtime < 5  # being written right now
-        if info.get("process") == self.process:
-            return False
-        if info.get("host") == _host():
-            return _alive(int(info.get("pid", -1)))
-        return age < CLAIM_SECONDS
+    def _claim_info(self) -> dict[str, Any]:
+        return {"host": _host(), "pid": os.getpid(), "started": _started(os.getpid()), "process": self.process}
 
     # -- housekeeping --------------------------------------------------------------
     def clean_temporary(self) -> int:
         """Remove temporary files whose writer is gone (dead on this host, or older than an hour)."""
-        removed = 0
-        host = _host()
-        for p in self.root.glob("**/.*.tmp"):
-            parts = p.name.rsplit(".", 3)  # .<name>.<host>.<pid>.tmp
-            try:
-                mine = len(parts) == 4 and parts[1] == host
-                stale = (mine and not _alive(int(parts[2]))) or time.time() - p.stat().st_mtime > STALE_SECONDS
-                if stale:
-                    p.unlink()
-                    removed += 1
-            except (ValueError, FileNotFoundError):
-                continue
+        removed = clean_temporary(self.root, recursive=True)
         if removed:
             log.info("removed %d stale temporary file(s) from %s", removed, self.root)
         return removed
+
+
+def clean_temporary(root: Path, recursive: bool = False) -> int:
+    """Remove the temporary files (``.<name>.<host>.<pid>.tmp``) under ``root`` whose writer is gone.
+
+    Gone: a process of this host that no longer runs, or any file older than :data:`STALE_SECONDS`.
+    Links are not followed: only files inside ``root`` are ever removed."""
+    removed, host, now = 0, _host(), time.time()
+    for folder, dirs, files in os.walk(root):  # followlinks=False
+        if not recursive:
+            dirs.clear()
+        for name in files:
+            if not (name.startswith(".") and name.endswith(".tmp")):
+                continue
+            p = Path(folder) / name
+            parts = name.rsplit(".", 3)  # .<name>.<host>.<pid>.tmp
+            try:
+                info = p.lstat()
+                mine = len(parts) == 4 and parts[1] == host and parts[2].isdigit()
+                if stat.S_ISREG(info.st_mode) and (
+                    (mine and not _alive(int(parts[2]))) or now - info.st_mtime > STALE_SECONDS
+                ):
+                    p.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+    return removed
+
+
+def _unlink_entry(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _started(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, from ``/proc``); ``None`` where that is unknown."""
+    try:
+        with open(f"/proc/{int(pid)}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return int(fields[19])  # the 22nd field of the whole line: starttime
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _alive(pid: int) -> bool:
@@ -291,7 +409,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def temporary_name(path: Path) -> Path:
+    """The temporary file :func:`atomic_write_bytes` writes ``path`` through (its host and pid tell who)."""
+    return path.with_name(f".{path.name}.{_host()}.{os.getpid()}.tmp")
+
+
+def atomic_write_bytes(path: Path, data: bytes | None = None, write=None) -> None:
+    """Write ``path`` whole or not at all (``data``, or ``write(tmp_path)``); a failure leaves no temporary file."""
+    tmp = temporary_name(path)
+    try:
+        if write is not None:
+            write(tmp)
+        else:
+            tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException as err:
+        _unlink_entry(tmp)
+        if isinstance(err, OSError) and err.errno and err.filename in (str(tmp), tmp):
+            raise OSError(err.errno, err.strerror, str(path)) from err  # named by the file it was for
+        raise
+
+
 def _atomic_write(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{_host()}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
