@@ -42,6 +42,7 @@ from catlab.cli import check_writable, write_text
 from catlab.config import register_schema
 from catlab.loggers.base import to_pil
 from catlab.metrics.cost import cost_metrics
+from catlab.progress import Progress
 from catlab.registry import ComponentError, loggers, models, prompt_sets
 from catlab.sampler import calibrate, sample
 from catlab.strategy import resolve_strategy
@@ -116,17 +117,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     try:  # the logger ends whatever happens: a run that fails leaves no open W&B run writing into its folder
         traces, all_images = [], []
         start = time.perf_counter()
-        for b in range(0, num, int(cfg.batch_size)):
-            batch = jobs[b : b + int(cfg.batch_size)]
-            prompts_b, seeds_b = [p for p, _ in batch], [s for _, s in batch]
-            if step_cache is not None:
-                calibrate(step_cache, adapter, prompts_b, seeds_b, sampler_cfg)  # once, on the first batch
-            result = sample(adapter, policy, prompts_b, seeds_b, sampler_cfg, parts)
-            traces.append(result.trace)
-            all_images.append(result.images)
-            if cfg.save_images:
-                for j, img in enumerate(result.images):
-                    to_pil(img).save(image_dir / f"{b + j:05d}_seed{batch[j][1]}.png")
+        with Progress(num, "generation", "images") as progress:
+            for b in range(0, num, int(cfg.batch_size)):
+                batch = jobs[b : b + int(cfg.batch_size)]
+                prompts_b, seeds_b = [p for p, _ in batch], [s for _, s in batch]
+                if step_cache is not None:
+                    calibrate(step_cache, adapter, prompts_b, seeds_b, sampler_cfg)  # once, on the first batch
+                result = sample(adapter, policy, prompts_b, seeds_b, sampler_cfg, parts)
+                traces.append(result.trace)
+                all_images.append(result.images)
+                if cfg.save_images:
+                    for j, img in enumerate(result.images):
+                        to_pil(img).save(image_dir / f"{b + j:05d}_seed{batch[j][1]}.png")
+                progress.update(len(batch))
         wall = time.perf_counter() - start
 
         metrics = {

@@ -96,10 +96,38 @@ def _cell(value) -> str:
     return "" if value is None else str(value)
 
 
+def sweep_size(overrides: list[str]) -> int:
+    """How many jobs the command-line sweep ``overrides`` make (the product of each swept key's values)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    total = 1
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if o.is_sweep_override():
+            total *= len(list(o.sweep_string_iterator()))
+    return total
+
+
 class SweepSummary(Callback):
-    """Writes the sweep's summary when a multirun ends, and says how many jobs failed."""
+    """Reports the sweep's progress as its jobs end; writes its summary when it ends, and says how many failed."""
+
+    progress = None
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        from catlab.progress import Progress
+
+        try:
+            total = sweep_size(list(config.hydra.overrides.task))
+        except Exception:  # a sweep syntax this count does not know: no progress, the sweep itself goes on
+            return
+        self.progress = Progress(total, "sweep", "jobs")
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        if self.progress is not None:
+            self.progress.update(1, " ".join(job_return.overrides or []))
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        if self.progress is not None:
+            self.progress.close()
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.exists():
             return
