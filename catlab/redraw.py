@@ -156,7 +156,7 @@ def _warm_up_diagnostics(folder: Path, overrides: list[str]) -> None:
             calibrate(s.step_cache, adapter, texts, seeds, sampler_cfg)
         warm[s.label] = sample(adapter, s.policy, texts, seeds, sampler_cfg, s.reuse_parts)
         strategies.append(s)
-    write_diagnostics(strategies, warm, folder)
+    write_diagnostics(strategies, warm, folder, texts)
 
 
 def main(argv: list[str] | None = None) -> None:

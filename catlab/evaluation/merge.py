@@ -105,6 +105,8 @@ def rows_from_store(
             row["speedup_batches"] = len(pairs)
             if pairs:
                 row["speedup"] = sum(full_times[bp] for bp in pairs) / sum(mine[bp] for bp in pairs)
+                ratios = [full_times[bp] / mine[bp] for bp in pairs]  # its spread across batches
+                row["speedup_min"], row["speedup_max"] = min(ratios), max(ratios)
             else:
                 row["speedup"] = None
                 unpaired.append(info["label"])

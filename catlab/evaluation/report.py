@@ -21,6 +21,8 @@ COST_COLUMNS = [
     "macs_ratio",
     "seconds_per_image",
     "speedup",
+    "speedup_min",
+    "speedup_max",
     "images_per_second",
     "selection_share",
 ]
@@ -60,6 +62,13 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
             w.writerow({k: r.get(k, "") for k in keys})
 
 
+def settings_title(title: str, prompts: int, seeds: int, steps: int, guidance: float) -> str:
+    """The title a table, its figures and W&B show: the experiment's name, then what actually ran
+    (counted from the jobs, never copied from a config text that an override can make wrong)."""
+    ran = f"{prompts} prompt{'s' * (prompts != 1)} × {seeds} seed{'s' * (seeds != 1)}, {steps} steps, CFG {guidance:g}"
+    return f"{title}: {ran}" if title else ran
+
+
 def markdown_table(rows: list[dict[str, Any]], title: str = "", notes: list[str] | None = None) -> str:
     """Method, α, steps, MACs, MACs ratio, s/image, speed-up, selection share, then each metric's column."""
     quality = metric_columns(rows)
@@ -89,7 +98,7 @@ def markdown_table(rows: list[dict[str, Any]], title: str = "", notes: list[str]
             _macs(r["macs_per_image"]),
             num("macs_ratio", "{:.2f}×"),
             num("seconds_per_image", "{:.3f}"),
-            num("speedup", "{:.2f}×"),
+            _speedup(r),
             num("selection_share", "{:.1%}"),
             *[c.cell(r.get(n)) for n, c in quality],
         ]
@@ -102,6 +111,12 @@ def markdown_table(rows: list[dict[str, Any]], title: str = "", notes: list[str]
             f"† PSNR below {PSNR.low:.0f} dB: the images differ from the full model's in content, "
             "not only in detail; why, strategy by strategy: docs/metrics.md#psnr-below-20-db.",
         ]
+    if any(_spread(r) for r in rows):
+        notes = [
+            *(notes or []),
+            "Speed-up: summed full-model time over summed strategy time on the batches both were timed on; "
+            "in brackets the lowest and highest ratio of a single batch (its spread across batches).",
+        ]
     if mixed:
         notes = [
             *(notes or []),
@@ -112,6 +127,19 @@ def markdown_table(rows: list[dict[str, Any]], title: str = "", notes: list[str]
     for note in notes or []:
         lines += ["", note]
     return "\n".join(lines) + "\n"
+
+
+def _spread(r: dict[str, Any]) -> bool:
+    lo, hi = r.get("speedup_min"), r.get("speedup_max")
+    return isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and r.get("speedup_batches", 2) > 1
+
+
+def _speedup(r: dict[str, Any]) -> str:
+    """``2.35×``, with its spread across batches when several were timed: ``2.35× (2.10–2.61)``."""
+    if not isinstance(r.get("speedup"), (int, float)):
+        return "–"
+    cell = f"{r['speedup']:.2f}×"
+    return cell + (f" ({r['speedup_min']:.2f}–{r['speedup_max']:.2f})" if _spread(r) else "")
 
 
 def psnr_cell(value: float | None) -> str:
