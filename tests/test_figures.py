@@ -115,8 +115,8 @@ def test_a_hundred_rows_fit_the_figure_key_and_legend_included(plot, monkeypatch
 def test_families_get_distinct_colour_and_marker_pairs():
     from catlab.evaluation.plots import PALETTE, family_styles
 
-    styles = family_styles([f"f{i}" for i in range(40)])
-    assert len({(s.color, s.marker) for s in styles.values()}) == 40
+    styles = family_styles([f"f{i}" for i in range(100)])
+    assert len({(s.color, s.marker) for s in styles.values()}) == 100
     assert len({s.color for s in list(styles.values())[: len(PALETTE)]}) == len(PALETTE)
 
 

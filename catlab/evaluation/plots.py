@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from matplotlib.text import Text
 
-#: distinct hues that stay apart for colour-blind readers (Okabe–Ito, then Paul Tol's muted set), no yellow on white
+#: distinct hues that stay apart for colour-blind readers (Okabe–Ito, then Paul Tol's muted set and a few
+#: more), none grey or near black (the overall front is black) and no yellow on white
 PALETTE = (
     "#0072B2",
     "#D55E00",
@@ -37,9 +38,13 @@ PALETTE = (
     "#117733",
     "#AA4499",
     "#999933",
-    "#661100",
+    "#44AA99",
+    "#CC6677",
+    "#8C564B",
+    "#6A3D9A",
+    "#B8860B",
 )
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "*")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "*", "d", "H", "8", "x")
 
 #: distances from the point (in points, 1/72 inch) and directions tried, nearest first
 RADII = (3, 6, 10, 15, 22, 30, 40, 52, 66)
@@ -141,11 +146,13 @@ def place_labels(
     fontsize: float = 7,
     marker_pt: float = 3.5,
     avoid: Sequence = (),
+    points: Sequence[tuple[float, float]] = (),
 ) -> list:
     """Annotate each point (data coordinates) with its text, with no two labels and no label and marker overlapping.
 
     Call after the layout is final (``tight_layout`` moves the axes); ``avoid``: artists
-    (a legend) that labels must not cover either. Returns the annotations. When no position in
+    (a legend) that labels must not cover either; ``points``: other markers (data coordinates) to keep clear of.
+    Returns the annotations. When no position in
     the rings is free (a very crowded plot), the least-covered one is used.
     """
     fig = ax.figure
@@ -155,7 +162,8 @@ def place_labels(
     px_per_pt = fig.dpi / 72
     pts = ax.transData.transform(np.column_stack([xs, ys]))
     r = marker_pt * px_per_pt
-    markers = [(x - r, y - r, x + r, y + r) for x, y in pts]
+    others = ax.transData.transform(np.array(points, dtype=float).reshape(-1, 2))
+    markers = [(x - r, y - r, x + r, y + r) for x, y in [*pts, *others]]
     markers += [tuple(a.get_window_extent(renderer).extents) for a in avoid]
     frame = ax.get_window_extent(renderer)
     placed: list[tuple[float, float, float, float]] = []

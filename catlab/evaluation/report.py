@@ -218,7 +218,7 @@ def cost_quality_plot(rows: list[dict[str, Any]], path: Path, title: str = "") -
         if identical:  # infinite PSNR has no place on the axis: said in words instead
             ax.text(0.99, 0.99, f"not drawn, identical to the full model (PSNR ∞): {len(identical)} row(s)",
                     transform=ax.transAxes, ha="right", va="top", fontsize=7, color="0.3")  # fmt: skip
-        xs, ys, labels = [], [], []
+        xs, ys, labels, hollow = [], [], [], []
         for i, (r, g) in enumerate(zip(shown, groups), 1):
             if q not in r or r in identical:
                 continue
@@ -226,6 +226,7 @@ def cost_quality_plot(rows: list[dict[str, Any]], path: Path, title: str = "") -
             speed = r.get("speedup")
             if isinstance(speed, (int, float)):
                 ax.plot([r["macs_ratio"], speed], [r[q], r[q]], color=st.color, alpha=0.35, lw=0.8, zorder=2)
+                hollow.append((speed, r[q]))
                 lo, hi = r.get("speedup_min"), r.get("speedup_max")
                 err = (
                     [[speed - lo], [hi - speed]]
@@ -248,7 +249,7 @@ def cost_quality_plot(rows: list[dict[str, Any]], path: Path, title: str = "") -
         ax.set_xlabel("cost reduction vs the full model (×): filled = MACs ratio, hollow = measured speed-up")
         ax.set_ylabel(QUALITY_AXIS.get(q, q))
         ax.grid(alpha=0.3)
-        place_labels(ax, xs, ys, labels)
+        place_labels(ax, xs, ys, labels, points=hollow)
     handles = [Line2D([], [], color=st.color, marker=st.marker, ls="", label=g) for g, st in styles.items()]
     handles += [
         Line2D([], [], color="0.3", marker="o", ls="", label="MACs ratio (filled)"),
