@@ -61,17 +61,17 @@ class Progress:
             self._timer.start()
 
     def line(self) -> str:
-        """``what: done/total unit (pct), elapsed …, ETA …[, note]``."""
+        """``what: done/total unit (pct), elapsed …, ETA …[, last: note]``."""
         with self._lock:
             done, note = self.done, self.note
         elapsed = time.monotonic() - self.start
         pct = f" ({done / self.total:.0%})" if self.total else ""
         eta = duration(elapsed / done * (self.total - done)) if done else "unknown until the first one ends"
-        tail = f", now: {note}" if note and done < self.total else ""
+        tail = f", last: {note}" if note and done < self.total else ""
         return f"{self.what}: {done}/{self.total} {self.unit}{pct}, elapsed {duration(elapsed)}, ETA {eta}{tail}"
 
     def update(self, n: int = 1, note: str = "") -> None:
-        """``n`` more units done; ``note``: what runs next (shown in the bar and the log lines)."""
+        """``n`` more units done; ``note``: what just ended (shown in the bar and the log lines)."""
         with self._lock:
             self.done = min(self.total, self.done + n)
             self.note = note or self.note

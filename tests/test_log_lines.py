@@ -96,7 +96,7 @@ def test_progress_lines_say_done_total_and_eta(caplog):
         with Progress(4, "sweep", "jobs", tty=False) as p:
             assert "ETA unknown" in p.line()
             p.update(1, "selector=cat")
-            assert re.search(r"sweep: 1/4 jobs \(25%\), elapsed \d+ s, ETA \d+ s, now: selector=cat", p.line())
+            assert re.search(r"sweep: 1/4 jobs \(25%\), elapsed \d+ s, ETA \d+ s, last: selector=cat", p.line())
             p.update(3)
     assert caplog.records[0].getMessage() == "sweep: 4 jobs to do"
     assert caplog.records[-1].getMessage().startswith("sweep: 4/4 jobs (100%)")
