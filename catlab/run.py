@@ -114,23 +114,24 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         tags=[policy.name, model_cfg["name"], f"cfg-{run_hash(cfg)}"] + ([cache_name] if cache_name else []),
     )
 
+    progress = Progress(num, "generation", "images")  # a bar in a terminal, a line every 30 s when piped
     try:  # the logger ends whatever happens: a run that fails leaves no open W&B run writing into its folder
         traces, all_images = [], []
         start = time.perf_counter()
-        with Progress(num, "generation", "images") as progress:
-            for b in range(0, num, int(cfg.batch_size)):
-                batch = jobs[b : b + int(cfg.batch_size)]
-                prompts_b, seeds_b = [p for p, _ in batch], [s for _, s in batch]
-                if step_cache is not None:
-                    calibrate(step_cache, adapter, prompts_b, seeds_b, sampler_cfg)  # once, on the first batch
-                result = sample(adapter, policy, prompts_b, seeds_b, sampler_cfg, parts)
-                traces.append(result.trace)
-                all_images.append(result.images)
-                if cfg.save_images:
-                    for j, img in enumerate(result.images):
-                        to_pil(img).save(image_dir / f"{b + j:05d}_seed{batch[j][1]}.png")
-                progress.update(len(batch))
+        for b in range(0, num, int(cfg.batch_size)):
+            batch = jobs[b : b + int(cfg.batch_size)]
+            prompts_b, seeds_b = [p for p, _ in batch], [s for _, s in batch]
+            if step_cache is not None:
+                calibrate(step_cache, adapter, prompts_b, seeds_b, sampler_cfg)  # once, on the first batch
+            result = sample(adapter, policy, prompts_b, seeds_b, sampler_cfg, parts)
+            traces.append(result.trace)
+            all_images.append(result.images)
+            if cfg.save_images:
+                for j, img in enumerate(result.images):
+                    to_pil(img).save(image_dir / f"{b + j:05d}_seed{batch[j][1]}.png")
+            progress.update(len(batch))
         wall = time.perf_counter() - start
+        progress.close()
 
         metrics = {
             "config_hash": run_hash(cfg),
@@ -146,6 +147,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         logger.log_images("samples", torch.cat(all_images)[:16], [p for p, _ in jobs[:16]])
     except BaseException:
+        progress.close()
         logger.finish(failed=True)
         raise
     logger.finish()

@@ -42,7 +42,7 @@ def _wrap(text: str, width_px: int, lines: int, size: int = FONT_SIZE) -> list[s
 
 
 def captioned_grid(
-    images: torch.Tensor, captions: list[str], cols: int | None = None, cell: int = CELL, lines: int = 3
+    images: torch.Tensor, captions: list[str], cols: int | None = None, cell: int = CELL, lines: int = 5
 ) -> Image.Image:
     """``(B, 3, H, W)`` in [0, 1] → one grid, each image enlarged to about ``cell`` px with its caption under it."""
     tiles = [_enlarged(img, cell) for img in images]
