@@ -17,7 +17,7 @@ afterwards from a finished run directory::
 Files: ``frontier.md`` (best strategy per budget, every family per budget, each
 family's front), ``frontier.csv`` (every family × budget × metric),
 ``frontier_psnr.png`` and ``frontier_ssim.png`` (one front per family, the
-overall front drawn on top).
+overall front as a wide band beneath them).
 """
 
 from __future__ import annotations
@@ -308,7 +308,8 @@ def write_csv(fr: Frontier, path: Path, budgets=BUDGETS) -> None:
 
 
 def plot(fr: Frontier, quality: str, path: Path, title: str = "", budgets=BUDGETS) -> None:
-    """Every family's points (faded) and front (bold; step caches dashed), the overall front on top in black.
+    """Every family's points (faded) and front (bold; step caches dashed), the overall front as a wide band
+    beneath them, so the family that holds each stretch of it stays visible.
 
     One colour and marker per family (:func:`catlab.evaluation.plots.family_styles`); the legend sits
     outside the axes, so no point is hidden at any number of families.
@@ -325,7 +326,7 @@ def plot(fr: Frontier, quality: str, path: Path, title: str = "", budgets=BUDGET
     if not fams:
         return
     styles = family_styles(fams)
-    fig, (ax,) = keyed_figure(1, [], [*fams, "overall front (black)"])
+    fig, (ax,) = keyed_figure(1, [], [*fams, "overall front (band)"])
     for fam in fams:
         st = styles[fam]
         pts = fr.points[quality][fam]
@@ -345,8 +346,16 @@ def plot(fr: Frontier, quality: str, path: Path, title: str = "", budgets=BUDGET
             label=fam,
         )
     overall = fr.front(quality)
-    ax.plot([p.x for p in overall], [p.y for p in overall], color="black", lw=3.2, alpha=0.8, zorder=4,
-            solid_capstyle="round", label="overall front")  # fmt: skip
+    ax.plot(
+        [p.x for p in overall],
+        [p.y for p in overall],
+        color="black",
+        lw=9,
+        alpha=0.18,
+        zorder=1.5,
+        solid_capstyle="round",
+        label="overall front (band)",
+    )  # under the families' own lines
     for x in budgets:
         ax.axvline(x, color="0.6", lw=0.6, ls=":", zorder=1)
     ax.set_xlabel(RATIO_AXIS)
