@@ -217,6 +217,7 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
         sampler_cfg.guidance_scale,
     )
     plan = manifest(infos, layout(jobs, int(cfg.batch_size), world), store.root, out, notes)
+    plan["title"] = title  # a table rebuilt by catlab.evaluation.merge keeps it
     if rank == 0:
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         write_manifest(out, plan)

@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     rows, notes = rows_from_store(ResultStore(store_dir), plan, "rerun the evaluation to recompute it")
-    write_tables(rows, out, args.title, [*plan.get("notes", []), *notes])
+    write_tables(rows, out, args.title or str(plan.get("title", "")), [*plan.get("notes", []), *notes])
     print((out / "results.md").read_text())
 
 
