@@ -36,8 +36,11 @@ class _Setup:
     #: rule by name or mapping, e.g. kv=taylor or kv='{name: taylor, order: 2}'
     kv: Any = None
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    #: torch CPU threads (null: torch's default). On a shared CPU only 1 gives sound timings.
-    threads: int | None = None
+    #: torch CPU threads (null: torch's default, one per core). 1 by default: on a shared CPU torch's default
+    #: threads wait on each other whenever another process holds a core (14–20 s per image instead of 0.8 s,
+    #: docs/performance.md), while one thread per process keeps per-image times stable. A dedicated
+    #: many-core CPU runs faster with threads=null; a GPU run hardly uses CPU threads.
+    threads: int | None = 1
 
 
 @dataclass

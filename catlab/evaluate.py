@@ -39,7 +39,8 @@ from catlab.builders import (
 )
 from catlab.cli import run_app
 from catlab.config import check_groups, register_evaluate_schema
-from catlab.evaluation import diagnostics, frontier
+from catlab.evaluation import diagnostics, frontier, report
+from catlab.evaluation.clock import Clock
 from catlab.evaluation.harness import (
     EvaluatedStrategy,
     References,
@@ -53,8 +54,8 @@ from catlab.evaluation.merge import manifest, rows_from_store, write_manifest, w
 from catlab.evaluation.recorder import RecordingPolicy
 from catlab.evaluation.reference import ReferenceCache
 from catlab.evaluation.store import ResultStore
-from catlab.loggers.base import image_grid
 from catlab.loggers.evaluation import log_evaluation
+from catlab.loggers.grids import captioned_grid
 from catlab.metrics.cost import MACS_RULE
 from catlab.prompts import cache_dir
 from catlab.registry import ComponentError, loggers, metrics, models, prompt_sets
@@ -239,13 +240,21 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
         )
         + "MACs include the selection's own work."
     ]
+    title = report.settings_title(
+        cfg.title,
+        len({j.prompt_id for j in jobs}),
+        len({j.seed for j in jobs}),
+        sampler_cfg.num_steps,
+        sampler_cfg.guidance_scale,
+    )
     plan = manifest(infos, layout(jobs, int(cfg.batch_size), world), store.root, out, notes)
+    plan["title"] = title  # a table rebuilt by catlab.evaluation.merge keeps it
     if rank == 0:
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         write_manifest(out, plan)
         logger.start(
             out,
-            OmegaConf.to_container(cfg, resolve=True),
+            {**OmegaConf.to_container(cfg, resolve=True), "title": title},  # the title of what actually ran
             name=cfg.experiment_name,
             group=cfg.experiment_name,
             tags=[model_cfg["name"]],
@@ -259,6 +268,7 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
             rank,
             world,
         )
+        clock = Clock(torch.get_num_threads(), cpu=str(model_cfg.get("device", "cpu")).startswith("cpu")).start()
         warm = evaluate_strategies(
             adapter,
             strategies,
@@ -274,6 +284,9 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
             int(cfg.retime_batches),
             setup,
         )
+        if clock.stop().note():  # the load and CPU time over the timed work said the wall clock is not to be trusted
+            log.warning("%s", clock.note())
+            notes.append(clock.note())
         if world > 1:
             dist.barrier()
         if rank != 0:
@@ -285,12 +298,13 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
         set_metrics(rows, usable, out / "images" if cfg.save_images else None)
         if any(m.name == "clip_score" for m in usable):
             notes.append(f"CLIP score backbone: `{next(m for m in usable if m.name == 'clip_score').backbone}`.")
-        write_tables(rows, out, cfg.title, [*notes, *store_notes])
+        write_tables(rows, out, title, [*notes, *store_notes])
         if cfg.frontier:  # each family's Pareto front and the best strategy per budget (catlab/evaluation/frontier.py)
-            frontier.write(rows, {i["key"]: i["spec"] for i in infos}, out, f"{cfg.title}, model `{model_label}`")
+            frontier.write(rows, {i["key"]: i["spec"] for i in infos}, out, f"{title}, model `{model_label}`")
         if cfg.diagnostics and all(w is not None for w in warm.values()):
-            write_diagnostics(strategies, warm, out / "diagnostics")
-        log_evaluation(logger, rows, out, warm, out / "images" if cfg.save_images else None)
+            write_diagnostics(strategies, warm, out / "diagnostics", [j.prompt for j in my_jobs])
+        captions = [j.prompt + (f" (seed {j.seed})" if len(cfg.seeds) > 1 else "") for j in my_jobs]
+        log_evaluation(logger, rows, out, warm, out / "images" if cfg.save_images else None, captions)
         logger.log_metrics(
             {f"{r['method']}/{k}": v for r in rows for k, v in r.items() if isinstance(v, (int, float))}
         )
@@ -302,8 +316,9 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
     return rows
 
 
-def write_diagnostics(strategies, warm, folder: Path) -> None:
-    """From the warm-up batch: selection maps, cluster maps, the relative-noise correlation."""
+def write_diagnostics(strategies, warm, folder: Path, prompts: list[str] | None = None) -> None:
+    """From the warm-up batch: selection maps, cluster maps, the relative-noise correlation, the full model's
+    samples (captioned with ``prompts``, the batch's prompts in order, when given)."""
     folder.mkdir(parents=True, exist_ok=True)
     first = warm[strategies[0].label]
     grid, steps = first.trace.grid, len(first.trace.steps)
@@ -326,7 +341,8 @@ def write_diagnostics(strategies, warm, folder: Path) -> None:
     if len(outputs) >= reference + 3:
         r = diagnostics.noise_correlation(outputs, reference, reference + 1, folder / "relative_noise_correlation.png")
         (folder / "relative_noise_correlation.txt").write_text(f"pearson_r {r:.4f}\n")
-    image_grid(first.images[:16]).save(folder / "full_samples.png")
+    shown = first.images[:16]
+    captioned_grid(shown, list(prompts or [])[: len(shown)]).save(folder / "full_samples.png")
 
 
 @hydra.main(version_base="1.3", config_path=str(cli.CONF), config_name="evaluate")  # absolute: imported or run

@@ -2,7 +2,8 @@
 
 ``python -m catlab.redraw <folder>`` reads ``results.csv`` (the committed
 result folders under ``docs/results/`` keep it) and rewrites ``results.md`` (its title
-and notes kept) and the cost figures it holds (``cost_quality.png``, ``pareto.png``). With ``--diagnostics
+and notes kept) and the cost figures it holds (``cost_quality.png``, ``pareto.png``, and the quality frontier's
+``frontier_psnr.png`` / ``frontier_ssim.png``, each strategy's spec read back from its label). With ``--diagnostics
 <overrides>`` it also regenerates the
 diagnostic figures (selection maps, cluster maps, the relative-noise correlation,
 the full model's samples), which need the selections themselves: it composes the
@@ -21,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from catlab.evaluation import report
+from catlab.evaluation import frontier, report
 
 #: lines of a results.md that the table writer adds itself (rewritten, not kept as notes)
 GENERATED = ("† PSNR below", "Rows marked (eager)")
@@ -57,6 +58,35 @@ def title_and_notes(markdown: str) -> tuple[str, list[str]]:
     return title, [p for p in paragraphs if not p.startswith(GENERATED)]
 
 
+def spec_of(label: str) -> dict[str, Any]:
+    """A strategy's spec read back from its table label: ``name[key=value,key=inner(key=value)]`` → a mapping."""
+    name, _, rest = label.partition("[")
+    spec: dict[str, Any] = {"name": name.strip()}
+    for part in _top_level(rest[:-1] if rest.endswith("]") else rest):
+        key, _, value = part.partition("=")
+        spec[key.strip()] = _value(value.strip())
+    return spec
+
+
+def _top_level(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [p for p in [*parts, text[start:]] if p.strip()]
+
+
+def _value(text: str) -> Any:
+    if "(" in text and text.endswith(")"):  # an inner component: name(key=value,...)
+        name, _, inner = text[:-1].partition("(")
+        return {"name": name, **{k: _value(v) for k, _, v in (p.partition("=") for p in _top_level(inner))}}
+    return _typed(text)
+
+
 def redraw(folder: Path) -> list[Path]:
     """Rewrite ``results.md`` and the cost figures of ``folder`` from its rows; returns what was written."""
     rows = read_rows(folder)
@@ -71,6 +101,12 @@ def redraw(folder: Path) -> list[Path]:
         draw = report.cost_quality_plot if name == "cost_quality.png" else report.pareto_plot
         draw(rows, folder / name, title)
         written.append(folder / name)
+    if (folder / "frontier_psnr.png").exists() or (folder / "frontier_ssim.png").exists():
+        fr = frontier.Frontier.from_rows(rows, {r.get("key"): spec_of(r["method"]) for r in rows})
+        for q in frontier.QUALITIES:
+            if (folder / f"frontier_{q}.png").exists():
+                frontier.plot(fr, q, folder / f"frontier_{q}.png", title)
+                written.append(folder / f"frontier_{q}.png")
     return written
 
 
@@ -121,7 +157,7 @@ def _warm_up_diagnostics(folder: Path, overrides: list[str]) -> None:
             calibrate(s.step_cache, adapter, texts, seeds, sampler_cfg)
         warm[s.label] = sample(adapter, s.policy, texts, seeds, sampler_cfg, s.reuse_parts)
         strategies.append(s)
-    write_diagnostics(strategies, warm, folder)
+    write_diagnostics(strategies, warm, folder, texts)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -41,6 +41,7 @@ from catlab.cli import check_writable, run_app, write_text
 from catlab.config import check_groups, register_schema
 from catlab.loggers.base import to_pil
 from catlab.metrics.cost import cost_metrics
+from catlab.progress import Progress
 from catlab.registry import ComponentError, loggers, models, prompt_sets
 from catlab.sampler import calibrate, generate
 from catlab.strategy import Strategy, resolve_strategy
@@ -114,6 +115,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         tags=[policy.name, model_cfg["name"], f"cfg-{config_hash}"] + ([cache_name] if cache_name else []),
     )
 
+    progress = Progress(num, "generation", "images")  # a bar in a terminal, a line every 30 s when piped
     try:  # the logger ends whatever happens: a run that fails leaves no open W&B run writing into its folder
         traces, all_images = [], []
         start = time.perf_counter()
@@ -128,7 +130,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             if cfg.save_images:
                 for j, img in enumerate(result.images):
                     to_pil(img).save(image_dir / f"{b + j:05d}_seed{batch[j][1]}.png")
+            progress.update(len(batch))
         wall = time.perf_counter() - start
+        progress.close()
 
         metrics = {
             "config_hash": config_hash,
@@ -144,6 +148,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         logger.log_images("samples", torch.cat(all_images)[:16], [p for p, _ in jobs[:16]])
     except BaseException:
+        progress.close()
         logger.finish(failed=True)
         raise
     logger.finish()

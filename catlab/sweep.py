@@ -26,6 +26,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from catlab.fileio import CatlabExit, io_message, write_text
+from catlab.progress import Progress
 
 #: metrics shown in the markdown table, in this order, when any job has them
 SHOWN = ("macs_ratio", "seconds_per_image", "selection_share", "psnr", "ssim", "attribute_accuracy", "clip_score")
@@ -176,10 +177,33 @@ def summarise_aborted(sweep_dir: Path, reason: str) -> str:
     return f"catlab: {reason}; {done} of {len(rows)} jobs done, see {sweep_dir / 'summary.md'}"
 
 
+def sweep_size(overrides: list[str]) -> int:
+    """How many jobs the command-line sweep ``overrides`` make, expanded as Hydra's basic sweeper does."""
+    return sum(
+        len(batch) for batch in BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), None)
+    )
+
+
 class SweepSummary(Callback):
-    """Writes the sweep's summary when a multirun ends, and says which jobs did not finish."""
+    """Reports the sweep's progress as its jobs end; writes its summary when it ends, and says which jobs did not
+    finish."""
+
+    progress = None
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        try:
+            total = sweep_size(list(config.hydra.overrides.task))
+        except Exception:  # a sweep syntax this count does not know: no progress, the sweep itself goes on
+            return
+        self.progress = Progress(total, "sweep", "jobs")
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        if self.progress is not None:
+            self.progress.update(1, " ".join(job_return.overrides or []))
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        if self.progress is not None:
+            self.progress.close()
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.exists():
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -15,7 +16,8 @@ def _metrics(run_dir):
 
 @pytest.mark.slow
 def test_full_and_random_write_metrics_images_and_config(tmp_path):
-    _, full_dir = run_cli("selector=full", *FAST, tmp_path=tmp_path / "full")
+    proc, full_dir = run_cli("selector=full", *FAST, tmp_path=tmp_path / "full")
+    assert re.search(r"generation: (\d+)/\1 images \(100%\), elapsed \d+", proc.stdout + proc.stderr)  # piped: lines
     _, rand_dir = run_cli("selector=random", "selector.start_step=2", *FAST, tmp_path=tmp_path / "random")
     full, rand = _metrics(full_dir), _metrics(rand_dir)
     for m, d in ((full, full_dir), (rand, rand_dir)):
@@ -29,7 +31,8 @@ def test_full_and_random_write_metrics_images_and_config(tmp_path):
 
 @pytest.mark.slow
 def test_multirun_writes_one_directory_per_job(tmp_path):
-    run_cli("-m", "selector=full,random", *FAST, tmp_path=tmp_path)
+    proc, _ = run_cli("-m", "selector=full,random", *FAST, tmp_path=tmp_path)
+    assert "sweep: 2/2 jobs (100%)" in proc.stdout + proc.stderr  # the sweep's progress, piped
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     names = {_metrics(j)["selector"] for j in jobs}
     assert names == {"full", "random"}

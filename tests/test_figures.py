@@ -72,8 +72,69 @@ def test_every_heat_map_has_a_colour_bar(monkeypatch, tmp_path):
     diagnostics.selection_maps(chosen, (8, 8), tmp_path / "maps.png", [5, 6, 10])
     diagnostics.cluster_map(torch.randint(0, 5, (64,), generator=g), (8, 8), tmp_path / "clusters.png")
     maps, clusters = figures
-    assert len(_colorbars(maps)) == 2  # one per "times recomputed" panel, each on its own scale
+    assert len(_colorbars(maps)) == 1  # one bar for every "times recomputed" panel: one scale
+    assert len({im.get_clim() for ax in maps.axes for im in ax.images if im.get_cmap().name == "viridis"}) == 1
     assert len(_colorbars(clusters)) == 1
+
+
+def _rows(n: int, families: int) -> list[dict]:
+    """``n`` strategies over ``families`` families, with long labels and points crowded on a few costs."""
+    rows = [{"method": "full", "family": "full", "alpha": 1.0, "macs_ratio": 1.0, "psnr": 100.0, "speedup": 1.0}]
+    for i in range(n):
+        fam = f"family_{i % families}"
+        name = f"{fam}[threshold={i / 100:.2f},max_skip_steps={i % 7},reuse=taylor,calibrator=taylorseer]"
+        ratio = 1.2 + (i % 12) * 0.25
+        rows.append({"method": name, "family": fam, "alpha": 0.3, "macs_ratio": ratio, "speedup": ratio * 0.9,
+                     "speedup_min": ratio * 0.8, "speedup_max": ratio, "psnr": 45 - 4 * ratio + (i % 5) * 0.7,
+                     "ssim": 0.99 - 0.02 * ratio})  # fmt: skip
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plot", ["pareto_plot", "cost_quality_plot"])
+def test_a_hundred_rows_fit_the_figure_key_and_legend_included(plot, monkeypatch, tmp_path):
+    """Every text of the figure (title, key lines, legend, point labels) lies inside it, and labels never overlap."""
+    figures = _captured(monkeypatch)
+    getattr(report, plot)(_rows(100, 9), tmp_path / "plot.png", "a title that names what ran")
+    fig = figures[0]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()  # the figure was closed after saving: draw it again as saved
+    renderer = fig.canvas.get_renderer()
+    frame = fig.bbox
+    texts = [*fig.texts, *(t for ax in fig.axes for t in ax.texts), *(ax.get_legend() for ax in fig.axes)]
+    texts = [t for t in texts if t is not None]
+    assert len(fig.texts) >= 101  # the title and a key line per strategy
+    for t in texts:
+        box = t.get_window_extent(renderer)
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, t
+    for ax in fig.axes:
+        _no_overlaps(label_boxes(list(ax.texts), renderer))
+
+
+def test_families_get_distinct_colour_and_marker_pairs():
+    from catlab.evaluation.plots import PALETTE, family_styles
+
+    styles = family_styles([f"f{i}" for i in range(100)])
+    assert len({(s.color, s.marker) for s in styles.values()}) == 100
+    assert len({s.color for s in list(styles.values())[: len(PALETTE)]}) == len(PALETTE)
+
+
+def test_axes_name_their_units_and_render_math(monkeypatch, tmp_path):
+    figures = _captured(monkeypatch)
+    rows = read_rows(ROOT / "docs" / "results" / "embedded_alpha_sweep")
+    report.cost_quality_plot(rows, tmp_path / "cq.png")
+    assert "(dB)" in figures[0].axes[0].get_ylabel() and "(×)" in figures[0].axes[0].get_xlabel()
+    labels = [t.get_text() for t in figures[0].axes[0].texts]
+    assert any("α=0.2" in t for t in labels)  # an α sweep's points say their α
+    g = torch.Generator().manual_seed(0)
+    outputs = {s: torch.randn(1, 16, 4, generator=g) for s in range(1, 12)}
+    diagnostics.noise_correlation(outputs, 7, 8, tmp_path / "corr.png")
+    ax = figures[1].axes[0]
+    assert ax.get_xlabel().startswith("$\\Vert n_{8} - n_{7}") and "‖" not in ax.get_xlabel()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figures[1]).draw()  # mathtext parses
 
 
 def test_identical_images_read_infinite_and_low_psnr_rows_carry_a_footnote():

@@ -1,10 +1,13 @@
 """Log lines a user reads without the code: a part's line names its selector; a shadowed package says where it is."""
 
 import logging
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
 
 import catlab
 from catlab.testing import simulate
@@ -45,3 +48,56 @@ def test_a_folder_named_catlab_that_shadows_the_package_is_named(tmp_path):
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert f"found the folder {tmp_path / 'catlab'}" in last and str(ROOT / "catlab") in last, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_piped_evaluation_logs_its_progress_with_an_eta(tmp_path):
+    """Not a terminal: progress comes as log lines at the set interval (here 0.2 s, by default 30 s) with an ETA."""
+    import os
+    import re
+
+    env = {**os.environ, "CATLAB_PROGRESS_INTERVAL": "0.2", "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+    overrides = [
+        "model=tiny_sd3",
+        "model.num_layers=1",
+        "model.height=16",
+        "model.width=16",
+        "sampler.num_steps=4",
+        "+strategy_defaults.start_step=2",
+        "strategies=[full,random]",
+        "batch_size=1",
+        "prompts.prompts=[a red circle,a blue square,a green star]",
+        "metrics=[psnr]",
+        "diagnostics=false",
+        "save_images=false",
+        f"cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "catlab.evaluate", *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if "evaluation: " in line]
+    progress = [line for line in lines if re.search(r"evaluation: \d+/6 strategy×batch .*ETA ", line)]
+    assert len(progress) >= 2, lines  # at least one line while running, and the last one
+    assert "evaluation: 6/6 strategy×batch (100%)" in progress[-1] and "ETA 0 s" in progress[-1]
+    assert any(re.search(r"ETA \d+ (s|min)", line) for line in progress[:-1]), progress
+
+
+def test_progress_lines_say_done_total_and_eta(caplog):
+    from catlab.progress import Progress, duration
+
+    with caplog.at_level(logging.INFO, logger="catlab.progress"):
+        with Progress(4, "sweep", "jobs", tty=False) as p:
+            assert "ETA unknown" in p.line()
+            p.update(1, "selector=cat")
+            assert re.search(r"sweep: 1/4 jobs \(25%\), elapsed \d+ s, ETA \d+ s, last: selector=cat", p.line())
+            p.update(3)
+    assert caplog.records[0].getMessage() == "sweep: 4 jobs to do"
+    assert caplog.records[-1].getMessage().startswith("sweep: 4/4 jobs (100%)")
+    assert (duration(5), duration(125), duration(3725)) == ("5 s", "2 min 05 s", "1 h 02 min")

@@ -115,4 +115,5 @@ def test_an_evaluation_logs_its_table_samples_plots_and_config(tmp_path):
     images = {p.name.rsplit("_", 2)[0] for p in (files / "media" / "images" / "samples").glob("*.png")}
     assert {i.rsplit("-", 1)[0] for i in images} == {"full", "random"} and len(images) == 2  # a grid per strategy
     plots = {p.name.rsplit("_", 2)[0] for p in (files / "media" / "images" / "plots").glob("*.png")}
-    assert {"cost_quality", "pareto", "selection_maps"} <= plots
+    assert {"cost_quality", "pareto", "selection_maps", "comparison"} <= plots  # strategies side by side per prompt
+    assert _config(run)["title"] == "2 prompts × 1 seed, 4 steps, CFG 7"  # the title of what ran

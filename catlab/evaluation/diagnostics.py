@@ -28,11 +28,16 @@ def selection_counts(indices: list[torch.Tensor | None], grid: tuple[int, int], 
 def selection_maps(
     results: dict[str, list[torch.Tensor | None]], grid: tuple[int, int], path: Path, steps: list[int], sample: int = 0
 ) -> None:
-    """Rows: strategies; columns: the selected tokens at a few steps, then the count over all steps."""
+    """Rows: strategies; columns: the selected tokens at a few steps, then the count over all steps.
+
+    The count maps share one colour range and one colour bar, so a colour means the same count in every row.
+    """
     plt = _plt()
     fig, axes = plt.subplots(
-        len(results), len(steps) + 1, figsize=(1.8 * (len(steps) + 1) + 0.5, 1.9 * len(results)), squeeze=False
+        len(results), len(steps) + 1, figsize=(1.8 * (len(steps) + 1) + 1.0, 1.9 * len(results) + 0.4), squeeze=False
     )
+    counts = {name: selection_counts(indices, grid, sample) for name, indices in results.items()}
+    top = max(1.0, max(float(c.max()) for c in counts.values()))
     for r, (name, indices) in enumerate(results.items()):
         for c, step in enumerate(steps):
             mask = torch.zeros(grid[0] * grid[1])
@@ -41,17 +46,18 @@ def selection_maps(
                 mask[idx[sample].long()] = 1
             axes[r][c].imshow(mask.view(*grid), cmap="gray", vmin=0, vmax=1)
             axes[r][c].set_title(f"step {step}: white = recomputed" if c == 0 else f"step {step}", fontsize=7)
-        counts = selection_counts(indices, grid, sample)
-        image = axes[r][-1].imshow(counts, cmap="viridis")
-        bar = fig.colorbar(image, ax=axes[r][-1], fraction=0.046, pad=0.04)  # its own scale: rows differ
-        bar.ax.tick_params(labelsize=6)
-        bar.ax.yaxis.get_major_locator().set_params(integer=True)
+        image = axes[r][-1].imshow(counts[name], cmap="viridis", vmin=0, vmax=top)
         axes[r][-1].set_title(f"times recomputed (of {sum(i is not None for i in indices)})", fontsize=7)
         axes[r][0].set_ylabel(name, fontsize=8)
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    slot = fig.add_axes((0.91, 0.1, 0.02, 0.8), label="<colorbar>")
+    bar = fig.colorbar(image, cax=slot)  # one scale for every row
+    bar.set_label("times recomputed (every row)", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+    bar.ax.yaxis.get_major_locator().set_params(integer=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -101,8 +107,8 @@ def noise_correlation(outputs: dict[int, torch.Tensor], reference_step: int, ste
     plt = _plt()
     fig, ax = plt.subplots(figsize=(3.6, 3.4))
     ax.scatter(x, y, s=3, alpha=0.5)
-    ax.set_xlabel(f"‖n_{{{step}}} − n_{{{reference_step}}}‖")
-    ax.set_ylabel(f"‖n_{{{step + 1}}} − n_{{{reference_step}}}‖")
+    ax.set_xlabel(rf"$\Vert n_{{{step}}} - n_{{{reference_step}}} \Vert_2$ per token, step {step}")
+    ax.set_ylabel(rf"$\Vert n_{{{step + 1}}} - n_{{{reference_step}}} \Vert_2$ per token, step {step + 1}")
     ax.set_title(f"Pearson r = {r:.3f}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

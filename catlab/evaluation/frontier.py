@@ -17,7 +17,7 @@ afterwards from a finished run directory::
 Files: ``frontier.md`` (best strategy per budget, every family per budget, each
 family's front), ``frontier.csv`` (every family × budget × metric),
 ``frontier_psnr.png`` and ``frontier_ssim.png`` (one front per family, the
-overall front drawn on top).
+overall front as a wide band beneath them).
 """
 
 from __future__ import annotations
@@ -308,49 +308,62 @@ def write_csv(fr: Frontier, path: Path, budgets=BUDGETS) -> None:
 
 
 def plot(fr: Frontier, quality: str, path: Path, title: str = "", budgets=BUDGETS) -> None:
-    """Every family's points and front (step caches dashed), the overall front on top in black."""
+    """Every family's points (faded) and front (bold; step caches dashed), the overall front as a wide band
+    beneath them, so the family that holds each stretch of it stays visible.
+
+    One colour and marker per family (:func:`catlab.evaluation.plots.family_styles`); the legend sits
+    outside the axes, so no point is hidden at any number of families.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from catlab.evaluation.plots import family_styles, keyed_figure, outside_legend
+    from catlab.evaluation.report import QUALITY_AXIS, RATIO_AXIS
+
     fams = [f for f in fr.families() if fr.points[quality].get(f)]
     if not fams:
         return
-    palette = [*plt.cm.tab10.colors, *plt.cm.Dark2.colors, *plt.cm.Set1.colors]  # distinct hues, not shades
-    fig, ax = plt.subplots(figsize=(9, 6))
-    for i, fam in enumerate(fams):
-        c = palette[i % len(palette)]
+    styles = family_styles(fams)
+    fig, (ax,) = keyed_figure(1, [], [*fams, "overall front (band)"])
+    for fam in fams:
+        st = styles[fam]
         pts = fr.points[quality][fam]
-        ax.scatter([p.x for p in pts], [p.y for p in pts], color=c, s=14, alpha=0.45, zorder=2)
+        ax.scatter(
+            [p.x for p in pts], [p.y for p in pts], color=st.color, marker=st.marker, s=16, alpha=0.35, zorder=2
+        )
         front = fr.front(quality, fam)
         ax.plot(
             [p.x for p in front],
             [p.y for p in front],
-            color=c,
-            marker="o",
-            ms=4,
-            lw=1.4,
+            color=st.color,
+            marker=st.marker,
+            ms=5,
+            lw=1.8,
             zorder=3,
             ls="--" if fam in fr.peers else "-",
             label=fam,
         )
     overall = fr.front(quality)
     ax.plot(
-        [p.x for p in overall], [p.y for p in overall], color="k", lw=2.6, alpha=0.55, zorder=4, label="overall front"
-    )
+        [p.x for p in overall],
+        [p.y for p in overall],
+        color="black",
+        lw=9,
+        alpha=0.18,
+        zorder=1.5,
+        solid_capstyle="round",
+        label="overall front (band)",
+    )  # under the families' own lines
     for x in budgets:
-        ax.axvline(x, color="grey", lw=0.6, alpha=0.4, zorder=1)
-    ax.set_xlabel("MACs ratio vs full model (higher = cheaper)")
-    ax.set_ylabel({"psnr": "PSNR to full model (dB)", "ssim": "SSIM to full model"}[quality])
+        ax.axvline(x, color="0.6", lw=0.6, ls=":", zorder=1)
+    ax.set_xlabel(RATIO_AXIS)
+    ax.set_ylabel(QUALITY_AXIS[quality])
     ax.grid(alpha=0.25)
-    ax.legend(fontsize=7, loc="upper right", ncol=1 if len(fams) < 12 else 2)
-    ax.set_title(
-        title.replace("`", "") + ("\n" if title else "") + "lines: each family's Pareto front (step caches dashed)",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    outside_legend(ax, ax.get_legend_handles_labels()[0], title="front per family (step caches dashed)")
+    fig.suptitle(title.replace("`", "") if title else f"{quality.upper()} frontier", fontsize=11)
+    fig.savefig(path)
     plt.close(fig)
 
 

@@ -28,6 +28,7 @@ from catlab.hashing import folder_name
 from catlab.loggers.base import from_pil, to_pil
 from catlab.metrics.base import Metric
 from catlab.models.base import ModelAdapter
+from catlab.progress import Progress
 from catlab.sampler import SamplerConfig, SampleResult, StepReuse, calibrate, sample
 from catlab.selection.base import Policy
 
@@ -170,6 +171,7 @@ class _Run:
         self.paired: dict[str, set[str]] = {s.key: set() for s in strategies[1:]}
         self.warmed: set[str] = set()
         self.retimed = 0  # batches timed only for a speed-up pair (their records were already there)
+        self.progress: Progress | None = None  # strategies × batches, advanced as each strategy ends a batch
 
     # -- what a batch needs ---------------------------------------------------------
     def has(self, s: EvaluatedStrategy, name: str, lacking: list | None = None) -> bool:
@@ -229,6 +231,7 @@ class _Run:
     def attempt(self, batch: Batch, jobs: list[Job], force: bool = False) -> bool:
         """Do what ``batch`` needs; ``False`` if another live process holds it (try again later)."""
         if not self.work(batch)[1]:
+            self._advance(len(self.strategies))
             return True
         if not self.store.claim(batch, force):
             return False
@@ -236,9 +239,14 @@ class _Run:
             missing, timed = self.work(batch)  # again: the holder before us may have done it
             if timed:
                 self.compute(batch, jobs, missing, timed)
+            self._advance(len(self.strategies) - len(timed))  # those with nothing to do on this batch
         finally:
             self.store.release(batch)
         return True
+
+    def _advance(self, n: int, note: str = "") -> None:
+        if self.progress is not None:
+            self.progress.update(n, note)
 
     def ready(self, s: EvaluatedStrategy, jobs: list[Job]) -> None:
         """Before a strategy's first timed batch in this process: calibrate its step cache, warm it up."""
@@ -268,6 +276,7 @@ class _Run:
                 self.references.put(batch, jobs, result.images)
             if missing[s.key]:
                 self.record(s, batch, jobs, missing[s.key], result, wall, full_images)
+            self._advance(1, f"{s.label} ended batch {batch.id}")
 
     def record(
         self,
@@ -366,7 +375,8 @@ def evaluate_strategies(
             )
         if s is not run.full:
             run.refresh_pairs(s.key)
-    run.run(plan, wait)
+    with Progress(len(strategies) * len(plan), "evaluation", "strategy×batch") as run.progress:
+        run.run(plan, wait)
     if run.retimed:
         log.info(
             "timed %d batch(es) again, whose records were already stored, for same-process speed-ups", run.retimed

@@ -148,6 +148,8 @@ def rows_from_store(
             row["speedup_batches"] = len(pairs)
             if pairs:
                 row["speedup"] = sum(full_times[bp] for bp in pairs) / sum(mine[bp] for bp in pairs)
+                ratios = [full_times[bp] / mine[bp] for bp in pairs]  # its spread across batches
+                row["speedup_min"], row["speedup_max"] = min(ratios), max(ratios)
             else:
                 row["speedup"] = None
                 unpaired.append(info["label"])
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     rows, notes = rows_from_store(ResultStore(store_dir), plan, "rerun the evaluation to recompute it")
-    write_tables(rows, out, args.title, [*plan.get("notes", []), *notes])
+    write_tables(rows, out, args.title or str(plan.get("title", "")), [*plan.get("notes", []), *notes])
     print((out / "results.md").read_text())
 
 

@@ -11,8 +11,6 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from catlab.evaluation.plots import place_labels
-
 #: the CSV's leading columns: the run and its cost (the metrics' follow, :func:`metric_columns`)
 COST_COLUMNS = [
     "method",
@@ -23,6 +21,8 @@ COST_COLUMNS = [
     "macs_ratio",
     "seconds_per_image",
     "speedup",
+    "speedup_min",
+    "speedup_max",
     "images_per_second",
     "selection_share",
 ]
@@ -62,6 +62,13 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
             w.writerow({k: r.get(k, "") for k in keys})
 
 
+def settings_title(title: str, prompts: int, seeds: int, steps: int, guidance: float) -> str:
+    """The title a table, its figures and W&B show: the experiment's name, then what actually ran
+    (counted from the jobs, never copied from a config text that an override can make wrong)."""
+    ran = f"{prompts} prompt{'s' * (prompts != 1)} × {seeds} seed{'s' * (seeds != 1)}, {steps} steps, CFG {guidance:g}"
+    return f"{title}: {ran}" if title else ran
+
+
 def markdown_table(rows: list[dict[str, Any]], title: str = "", notes: list[str] | None = None) -> str:
     """Method, α, steps, MACs, MACs ratio, s/image, speed-up, selection share, then each metric's column."""
     quality = metric_columns(rows)
@@ -91,7 +98,7 @@ def markdown_table(rows: list[dict[str, Any]], title: str = "", notes: list[str]
             _macs(r["macs_per_image"]),
             num("macs_ratio", "{:.2f}×"),
             num("seconds_per_image", "{:.3f}"),
-            num("speedup", "{:.2f}×"),
+            _speedup(r),
             num("selection_share", "{:.1%}"),
             *[c.cell(r.get(n)) for n, c in quality],
         ]
@@ -103,6 +110,12 @@ def markdown_table(rows: list[dict[str, Any]], title: str = "", notes: list[str]
             *(notes or []),
             f"† PSNR below {PSNR.low:.0f} dB: the images differ from the full model's in content, "
             "not only in detail; why, strategy by strategy: docs/metrics.md#psnr-below-20-db.",
+        ]
+    if any(_spread(r) for r in rows):
+        notes = [
+            *(notes or []),
+            "Speed-up: summed full-model time over summed strategy time on the batches both were timed on; "
+            "in brackets the lowest and highest ratio of a single batch (its spread across batches).",
         ]
     if mixed:
         notes = [
@@ -116,6 +129,19 @@ def markdown_table(rows: list[dict[str, Any]], title: str = "", notes: list[str]
     return "\n".join(lines) + "\n"
 
 
+def _spread(r: dict[str, Any]) -> bool:
+    lo, hi = r.get("speedup_min"), r.get("speedup_max")
+    return isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and r.get("speedup_batches", 2) > 1
+
+
+def _speedup(r: dict[str, Any]) -> str:
+    """``2.35×``, with its spread across batches when several were timed: ``2.35× (2.10–2.61)``."""
+    if not isinstance(r.get("speedup"), (int, float)):
+        return "–"
+    cell = f"{r['speedup']:.2f}×"
+    return cell + (f" ({r['speedup_min']:.2f}–{r['speedup_max']:.2f})" if _spread(r) else "")
+
+
 def psnr_cell(value: float | None) -> str:
     """PSNR for a table (the metric's own cell: "∞ (identical)" at its cap, a dagger below its threshold)."""
     from catlab.metrics.fidelity import PSNR
@@ -123,71 +149,114 @@ def psnr_cell(value: float | None) -> str:
     return PSNR.cell(value)
 
 
-def cost_quality_plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Speed-up and MACs ratio against PSNR (and alignment), one point per strategy and α.
+#: axis names, with their units
+QUALITY_AXIS = {
+    "psnr": "PSNR to the full model's image (dB)",
+    "ssim": "SSIM to the full model's image (1 = identical)",
+    "attribute_accuracy": "attribute accuracy (fraction correct)",
+    "clip_score": "CLIP score (cosine × 100)",
+}
+RATIO_AXIS = "MACs ratio: full model's MACs / method's (×, higher = cheaper)"
 
-    Methods are told apart by colour in one legend (no labels on the points, which
-    overlap when strategies cost the same); ``o`` is the MACs ratio, ``x`` the measured
-    speed-up of the same row, joined by a thin line.
+
+def _groups(rows: list[dict[str, Any]]) -> list[str]:
+    """What colours each row: its family when the rows span several, else its method (name before ``[``)."""
+    families = {r.get("family", "other") for r in rows}
+    if len(families) > 1:
+        return [r.get("family", "other") for r in rows]
+    return [r["method"].split("[")[0] for r in rows]
+
+
+def _alpha(r: dict[str, Any], swept: set[str] = frozenset()) -> str:
+    """`` α=…`` for a pruning row (and for every row of a method run at several α, in ``swept``)."""
+    a = r.get("alpha")
+    return f" α={a:.2g}" if isinstance(a, (int, float)) and (a != 1.0 or r["method"] in swept) else ""
+
+
+def _swept(rows: list[dict[str, Any]]) -> set[str]:
+    """The methods run at more than one α (an α sweep)."""
+    seen: dict[str, set] = {}
+    for r in rows:
+        seen.setdefault(r["method"], set()).add(r.get("alpha"))
+    return {m for m, alphas in seen.items() if len(alphas) > 1}
+
+
+def _save(fig, path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title.replace("`", ""), y=1 - 0.25 / fig.get_figheight(), fontsize=11)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def cost_quality_plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """MACs ratio (filled marker) and measured speed-up (hollow, with its spread across batches when known)
+    against each quality metric, one numbered point per strategy, one colour and marker per family.
+
+    The key below the plot names the numbers; a method run at several α is joined by a line in α order.
     """
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    quality = [k for k in ("psnr", "attribute_accuracy", "clip_score") if any(k in r for r in rows)]
-    fig, axes = plt.subplots(1, len(quality), figsize=(5.5 * len(quality), 4.4), squeeze=False)
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    colors = {m: plt.cm.tab10(i % 10) if len(methods) <= 10 else plt.cm.tab20(i % 20) for i, m in enumerate(methods)}
+    from catlab.evaluation.plots import family_styles, keyed_figure, outside_legend, place_labels
     from catlab.metrics.fidelity import PSNR
 
-    for ax, q in zip(axes[0], quality):
-        identical = [r for r in rows if q == "psnr" and r["method"] != "full" and r.get(q, 0) >= PSNR.cap]
+    quality = [k for k in ("psnr", "ssim", "attribute_accuracy", "clip_score") if any(k in r for r in rows)][:3]
+    shown = [r for r in rows if r["method"] != "full"]
+    groups = _groups(shown)
+    styles = family_styles(list(dict.fromkeys(groups)))
+    swept, key = _swept(shown), []
+    for i, (r, g) in enumerate(zip(shown, groups), 1):
+        speed = f", speed-up {r['speedup']:.2f}×" if isinstance(r.get("speedup"), (int, float)) else ""
+        key.append((f"{i:>2}  {r['method']}{_alpha(r, swept)}  (MACs {r['macs_ratio']:.2f}×{speed})", styles[g].color))
+    fig, axes = keyed_figure(max(1, len(quality)), key, [*styles, "MACs ratio (filled)"])
+    for ax, q in zip(axes, quality):
+        identical = [r for r in shown if q == "psnr" and r.get(q, 0) >= PSNR.cap]
         if identical:  # infinite PSNR has no place on the axis: said in words instead
-            ax.text(
-                0.99,
-                0.99,
-                f"not drawn, identical to the full model (PSNR ∞): {len(identical)} row(s)",
-                transform=ax.transAxes,
-                ha="right",
-                va="top",
-                fontsize=7,
-                color="0.3",
-            )
-        for r in rows:
-            if q not in r or (q == "psnr" and r["method"] == "full") or r in identical:
+            ax.text(0.99, 0.99, f"not drawn, identical to the full model (PSNR ∞): {len(identical)} row(s)",
+                    transform=ax.transAxes, ha="right", va="top", fontsize=7, color="0.3")  # fmt: skip
+        xs, ys, labels, hollow = [], [], [], []
+        for i, (r, g) in enumerate(zip(shown, groups), 1):
+            if q not in r or r in identical:
                 continue
-            c = colors[r["method"]]
-            ax.plot([r["macs_ratio"], r["speedup"]], [r[q], r[q]], color=c, alpha=0.35, lw=0.8)
-            ax.scatter(r["macs_ratio"], r[q], color=c, marker="o", s=28, zorder=3)
-            ax.scatter(r["speedup"], r[q], color=c, marker="x", s=28, zorder=3)
-        ax.margins(x=0.08, y=0.1)
-        ax.set_xlabel("cost reduction vs full (o: MACs ratio, x: measured speed-up)")
-        ax.set_ylabel(
-            {
-                "psnr": "PSNR to full model (dB)",
-                "attribute_accuracy": "attribute accuracy",
-                "clip_score": "CLIP score",
-            }[q]
-        )
+            st = styles[g]
+            speed = r.get("speedup")
+            if isinstance(speed, (int, float)):
+                ax.plot([r["macs_ratio"], speed], [r[q], r[q]], color=st.color, alpha=0.35, lw=0.8, zorder=2)
+                hollow.append((speed, r[q]))
+                lo, hi = r.get("speedup_min"), r.get("speedup_max")
+                err = (
+                    [[speed - lo], [hi - speed]]
+                    if isinstance(lo, (int, float)) and isinstance(hi, (int, float))
+                    else None
+                )
+                ax.errorbar(speed, r[q], xerr=err, color=st.color, marker=st.marker, mfc="white", ms=6, lw=0.8,
+                            capsize=2, zorder=3)  # fmt: skip
+            ax.scatter(r["macs_ratio"], r[q], color=st.color, marker=st.marker, s=34, zorder=4)
+            label = f"{i}: α={r['alpha']:.2g}" if r["method"] in swept else str(i)  # a sweep's points say their α
+            xs, ys, labels = [*xs, r["macs_ratio"]], [*ys, r[q]], [*labels, label]
+        for method in dict.fromkeys(r["method"] for r in shown):  # an α sweep: one line through its points
+            sweep = sorted(
+                (r["macs_ratio"], r[q]) for r in shown if r["method"] == method and q in r and r not in identical
+            )
+            if len(sweep) > 1:
+                g = groups[next(i for i, r in enumerate(shown) if r["method"] == method)]
+                ax.plot(*zip(*sweep), color=styles[g].color, lw=1.2, alpha=0.7, zorder=2)
+        ax.margins(x=0.1, y=0.12)
+        ax.set_xlabel("cost reduction vs the full model (×): filled = MACs ratio, hollow = measured speed-up")
+        ax.set_ylabel(QUALITY_AXIS.get(q, q))
         ax.grid(alpha=0.3)
-
-    def label(m: str) -> str:
-        alphas = sorted({r["alpha"] for r in rows if r["method"] == m})
-        return m + (f" (α={alphas[0]:.2g})" if len(alphas) == 1 and m != "full" else "")
-
-    handles = [Line2D([], [], color=colors[m], marker="o", ls="", label=label(m)) for m in methods]
+        place_labels(ax, xs, ys, labels, points=hollow)
+    handles = [Line2D([], [], color=st.color, marker=st.marker, ls="", label=g) for g, st in styles.items()]
     handles += [
-        Line2D([], [], color="k", marker="o", ls="", label="MACs ratio"),
-        Line2D([], [], color="k", marker="x", ls="", label="measured speed-up"),
+        Line2D([], [], color="0.3", marker="o", ls="", label="MACs ratio (filled)"),
+        Line2D([], [], color="0.3", marker="o", mfc="white", ls="-", lw=0.8, label="speed-up (hollow, spread)"),
     ]
-    fig.legend(handles=handles, fontsize=7, loc="lower center", ncol=min(5, len(handles)), bbox_to_anchor=(0.5, 0))
-    fig.suptitle(title)
-    rows_of_legend = -(-len(handles) // min(5, len(handles)))
-    fig.tight_layout(rect=(0, 0.05 + 0.045 * rows_of_legend, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    outside_legend(axes[min(1, len(axes) - 1)], handles)
+    _save(fig, path, title)
 
 
 def family(spec: dict[str, Any]) -> str:
@@ -215,48 +284,48 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 
 def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str = "", quality: str = "psnr") -> None:
-    """``quality`` against MACs ratio, one colour per method family, each family's Pareto front as a line.
-
-    Points are numbered; the key beside the plot names them. Readable with dozens of rows,
-    where :func:`cost_quality_plot` is not.
+    """``quality`` against MACs ratio, one colour and marker per method family, each family's Pareto front
+    drawn bold (its dominated points faded). Points are numbered; the key below names them, at any row count.
     """
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    from catlab.evaluation.plots import family_styles, keyed_figure, outside_legend, place_labels
 
     pts = [r for r in rows if quality in r and r["method"] != "full"]
     if not pts:
         return
-    families = list(dict.fromkeys(r.get("family", "other") for r in pts))
-    pts.sort(key=lambda r: (families.index(r.get("family", "other")), r["macs_ratio"]))
-    colors = {f: plt.cm.tab10(i % 10) for i, f in enumerate(families)}
-    fig, (ax, key) = plt.subplots(1, 2, figsize=(12, 6), gridspec_kw={"width_ratios": [1.4, 1]}, dpi=120)
-    for f in families:
-        mine = [r for r in pts if r.get("family", "other") == f]
-        ax.scatter([r["macs_ratio"] for r in mine], [r[quality] for r in mine], color=colors[f], label=f, zorder=3)
+    groups = _groups(pts)
+    order = list(dict.fromkeys(groups))
+    pts, groups = zip(*sorted(zip(pts, groups), key=lambda rg: (order.index(rg[1]), rg[0]["macs_ratio"])))
+    styles = family_styles(order)
+    key = [
+        (f"{i:>2}  {r['method']}{_alpha(r)}  ({r['macs_ratio']:.2f}×, {r[quality]:.2f})", styles[g].color)
+        for i, (r, g) in enumerate(zip(pts, groups), 1)
+    ]
+    fig, (ax,) = keyed_figure(1, key, [*order, "a family's Pareto front"])
+    for g in order:
+        mine = [r for r, h in zip(pts, groups) if h == g]
+        st = styles[g]
         front = pareto_front([(r["macs_ratio"], r[quality]) for r in mine])
+        on = [r for r in mine if (r["macs_ratio"], r[quality]) in front]
+        off = [r for r in mine if r not in on]
+        ax.scatter([r["macs_ratio"] for r in off], [r[quality] for r in off], color=st.color, marker=st.marker,
+                   s=22, alpha=0.4, zorder=3)  # fmt: skip
+        ax.scatter([r["macs_ratio"] for r in on], [r[quality] for r in on], color=st.color, marker=st.marker,
+                   s=42, edgecolor="black", linewidth=0.5, zorder=4)  # fmt: skip
         if len(front) > 1:
-            ax.plot(*zip(*front), color=colors[f], alpha=0.6, zorder=2)
-    lines = []
-    for i, r in enumerate(pts, 1):
-        alpha = f" α={r['alpha']:.2g}" if str(r.get("family", "")).startswith("token pruning") else ""
-        lines.append(f"{i:>2}  {r['method']}{alpha}  ({r['macs_ratio']:.2f}×, {r[quality]:.2f})")
-    ax.set_xlabel("MACs ratio vs full (higher = cheaper)")
-    ax.set_ylabel({"psnr": "PSNR to full model (dB)", "ssim": "SSIM to full model"}.get(quality, quality))
+            ax.plot(*zip(*front), color=st.color, lw=2.0, zorder=2)
+    ax.set_xlabel(RATIO_AXIS)
+    ax.set_ylabel(QUALITY_AXIS.get(quality, quality))
     ax.margins(x=0.06, y=0.08)  # the axes fit the points, not a range set elsewhere
     ax.grid(alpha=0.3)
-    legend = ax.legend(fontsize=8)
-    key.axis("off")
-    key.text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=6.5 if len(lines) > 24 else 7.5)
-    fig.suptitle(title)
-    fig.tight_layout()  # the layout first: labels are placed in the figure as it will be saved
+    handles = [Line2D([], [], color=styles[g].color, marker=styles[g].marker, lw=2.0, label=g) for g in order]
+    handles.append(Line2D([], [], color="0.4", marker="o", alpha=0.4, ls="", label="dominated (faded)"))
+    outside_legend(ax, handles, title="family: its Pareto front")
     place_labels(
-        ax,
-        [r["macs_ratio"] for r in pts],
-        [r[quality] for r in pts],
-        [str(i) for i in range(1, len(pts) + 1)],
-        avoid=[legend],
+        ax, [r["macs_ratio"] for r in pts], [r[quality] for r in pts], [str(i) for i in range(1, len(pts) + 1)]
     )
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path, title)

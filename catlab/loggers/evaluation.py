@@ -3,8 +3,9 @@
 Called once at the end of ``catlab.evaluate``. With ``logger=wandb`` (offline unless
 ``logger.mode=online``) this is a W&B Table with one row per strategy and its cost and
 quality columns (``docs/metrics.md`` defines them), an image grid per strategy under
-``samples/<folder>`` (the strategy's :func:`~catlab.strategy.folder_name`; its label in
-the caption), and every figure of the run directory under ``plots/``.
+``samples/<folder>`` (the strategy's :func:`~catlab.hashing.folder_name`; each image captioned with its
+prompt), the comparison grid (rows: prompts, columns: strategies, the full model first; also written to the run
+directory as ``comparison.png``), and every figure of the run directory under ``plots/``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from catlab.hashing import folder_name
 from catlab.loggers.base import Logger, from_pil
+from catlab.loggers.grids import comparison_grid
 
 #: the table's columns, in this order, when any row has them
 COLUMNS = (
@@ -39,6 +41,7 @@ COLUMNS = (
     "attribute_accuracy",
 )
 SAMPLES = 8  # images per strategy
+COMPARED = 6  # prompts (rows) of the comparison grid
 
 
 def samples_per_strategy(
@@ -61,14 +64,26 @@ def samples_per_strategy(
 
 
 def log_evaluation(
-    logger: Logger, rows: list[dict[str, Any]], out: Path, warm: dict[str, Any], image_dir: Path | None = None
+    logger: Logger,
+    rows: list[dict[str, Any]],
+    out: Path,
+    warm: dict[str, Any],
+    image_dir: Path | None = None,
+    prompts: list[str] | None = None,
 ) -> None:
-    """Log the results table, the samples per strategy and the figures of ``out`` (and ``out/diagnostics``)."""
+    """Log the results table, the samples per strategy, the comparison grid (written to ``out`` first) and the
+    figures of ``out`` (and ``out/diagnostics``). ``prompts``: the evaluation's images' prompts, in job order
+    (the captions; without them the strategy's label)."""
     columns = [c for c in COLUMNS if any(c in r for r in rows)]
     logger.log_table("results", columns, [[_cell(r.get(c)) for c in columns] for r in rows])
     keys = {r["method"]: r.get("key", "") for r in rows}
-    for label, images in samples_per_strategy(rows, warm, image_dir).items():  # one file name per strategy
-        logger.log_images(f"samples/{folder_name(label, keys[label])}", images, [label] * len(images))
+    samples = samples_per_strategy(rows, warm, image_dir)
+    for label, images in samples.items():  # one file name per strategy
+        captions = list(prompts or [])[: len(images)] or [label] * len(images)
+        logger.log_images(f"samples/{folder_name(label, keys[label])}", images, captions)
+    if samples and prompts:
+        compared = {label: images[:COMPARED] for label, images in samples.items()}
+        comparison_grid(compared, list(prompts)[:COMPARED]).save(out / "comparison.png")
     for path in sorted(out.glob("*.png")) + sorted((out / "diagnostics").glob("*.png")):
         logger.log_figure(f"plots/{path.stem}", path)
 

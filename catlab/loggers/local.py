@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from catlab.loggers.base import Logger, image_grid
+from catlab.loggers.base import Logger
+from catlab.loggers.grids import captioned_grid
 from catlab.registry import loggers
 
 
@@ -20,5 +21,5 @@ class LocalLogger(Logger):
 
     def log_images(self, key, images, captions):
         stem = key.replace("/", "_")
-        image_grid(images).save(self.run_dir / f"{stem}.png")
+        captioned_grid(images, captions).save(self.run_dir / f"{stem}.png")
         (self.run_dir / f"{stem}.txt").write_text("\n".join(captions) + "\n")

@@ -16,7 +16,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from catlab.loggers.base import Logger, image_grid
+from catlab.loggers.base import Logger
+from catlab.loggers.grids import captioned_grid
 from catlab.registry import loggers
 
 #: files of the run directory saved with the W&B run, when present
@@ -60,7 +61,7 @@ class WandbLogger(Logger):
     def log_images(self, key, images, captions):
         import wandb
 
-        self.run.log({key: wandb.Image(image_grid(images), caption=" | ".join(captions))})
+        self.run.log({key: wandb.Image(captioned_grid(images, captions), caption=" | ".join(captions))})
 
     def log_table(self, key, columns, rows):
         import wandb
