@@ -14,7 +14,7 @@ from catlab.sampler import SamplerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PARTS = {kind: REGISTRIES[kind].names() for kind in ("clusterer", "pooling", "staleness", "scorer")}
+PARTS = {kind: REGISTRIES[kind].builtin_names() for kind in ("clusterer", "pooling", "staleness", "scorer")}
 
 
 def _prepare(*overrides):
@@ -26,7 +26,7 @@ def _prepare(*overrides):
         return prepare(compose(config_name="config", overrides=list(overrides)))[1]
 
 
-@pytest.mark.parametrize("name", selectors.names())
+@pytest.mark.parametrize("name", selectors.builtin_names())
 def test_every_selector_config_builds(name):
     policy = _prepare(f"selector={name}")
     assert policy.name == name

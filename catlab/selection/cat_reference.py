@@ -94,6 +94,8 @@ class CatReference(Policy):
 
     #: the authors score the conditional branch, not the guided output
     observes: ClassVar[str] = "branches"
+    #: per-sample, per-cluster Python loops over host values at every step, by design (readable, not timed)
+    declares: ClassVar[Capability] = Capability.HOST_LOOPS
 
     num_clusters: int = 20
     per_tokens: int = 0
