@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -54,8 +56,31 @@ def adapter(request):
     return ADAPTERS[request.param]()
 
 
+_INTERPRETER = None
+
+
+def shared_interpreter():
+    """One interpreter per test session for commands that run Python (tests/doc_runner.py): imports paid once."""
+    global _INTERPRETER
+    if _INTERPRETER is None:
+        from tests.doc_runner import Interpreter
+
+        _INTERPRETER = Interpreter()
+    return _INTERPRETER
+
+
+def pytest_sessionfinish(session):
+    if _INTERPRETER is not None:
+        _INTERPRETER.close()
+
+
 def run_cli(*overrides: str, tmp_path: Path, module: str = "catlab.run", check: bool = True, timeout: int = 300):
-    """Run ``python -m catlab.run`` with Hydra's run dir under ``tmp_path``; return (proc, run_dir)."""
+    """Run ``python -m catlab.run`` with Hydra's run dir under ``tmp_path``; return (proc, run_dir).
+
+    A run expected to succeed (``check``) runs first in the session's shared interpreter (the imports
+    paid once), unless it picks a Hydra launcher (those start their own processes); if it fails there,
+    a fresh interpreter runs it again and only that verdict counts, so a failure is always a real one.
+    """
     run_dir = tmp_path / "run"
     flags = [o for o in overrides if o.startswith("-")]
     rest = [o for o in overrides if not o.startswith("-")]
@@ -69,6 +94,13 @@ def run_cli(*overrides: str, tmp_path: Path, module: str = "catlab.run", check: 
         *rest,
     ]
     env = {**os.environ, "WANDB_SILENT": "true", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    if check and not any(o.startswith("hydra/launcher=") for o in overrides):
+        out, err = tmp_path / "cli.stdout", tmp_path / "cli.stderr"
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        if shared_interpreter().run(cmd[1:], ROOT, env, out, err) == 0:
+            return subprocess.CompletedProcess(cmd, 0, out.read_text(errors="replace"), err.read_text()), run_dir
+        warnings.warn(f"`{' '.join(cmd[1:])}` failed in the shared interpreter; rerun in a fresh one", stacklevel=2)
+        shutil.rmtree(run_dir, ignore_errors=True)  # the fresh run starts from an empty folder
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
