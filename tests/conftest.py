@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -74,12 +75,30 @@ def pytest_sessionfinish(session):
         _INTERPRETER.close()
 
 
+def run_python(cmd: list[str], *, cwd: Path, env: dict, timeout: int = 300, clean: tuple[Path, ...] = ()):
+    """``subprocess.run(cmd)`` for a ``python -m ...`` / ``python script.py`` command expected to succeed.
+
+    It runs first in the session's shared interpreter (the imports paid once); if it fails there, a
+    fresh interpreter runs it again (after removing the folders in ``clean``) and only that verdict
+    counts, so a failure is always a real one. Returns the ``CompletedProcess`` (text output).
+    """
+    assert cmd[0] == sys.executable, cmd
+    with tempfile.TemporaryDirectory() as logs:
+        out, err = Path(logs) / "stdout", Path(logs) / "stderr"
+        if shared_interpreter().run(cmd[1:], cwd, env, out, err) == 0:
+            outputs = out.read_text(errors="replace"), err.read_text(errors="replace")
+            return subprocess.CompletedProcess(cmd, 0, *outputs)
+    warnings.warn(f"`{' '.join(cmd[1:])}` failed in the shared interpreter; rerun in a fresh one", stacklevel=2)
+    for folder in clean:
+        shutil.rmtree(folder, ignore_errors=True)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
 def run_cli(*overrides: str, tmp_path: Path, module: str = "catlab.run", check: bool = True, timeout: int = 300):
     """Run ``python -m catlab.run`` with Hydra's run dir under ``tmp_path``; return (proc, run_dir).
 
-    A run expected to succeed (``check``) runs first in the session's shared interpreter (the imports
-    paid once), unless it picks a Hydra launcher (those start their own processes); if it fails there,
-    a fresh interpreter runs it again and only that verdict counts, so a failure is always a real one.
+    A run expected to succeed (``check``) goes through :func:`run_python`, unless it picks a Hydra
+    launcher; one expected to fail runs in a fresh interpreter, as a user's would.
     """
     run_dir = tmp_path / "run"
     flags = [o for o in overrides if o.startswith("-")]
@@ -94,14 +113,10 @@ def run_cli(*overrides: str, tmp_path: Path, module: str = "catlab.run", check: 
         *rest,
     ]
     env = {**os.environ, "WANDB_SILENT": "true", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
-    if check and not any(o.startswith("hydra/launcher=") for o in overrides):
-        out, err = tmp_path / "cli.stdout", tmp_path / "cli.stderr"
-        tmp_path.mkdir(parents=True, exist_ok=True)
-        if shared_interpreter().run(cmd[1:], ROOT, env, out, err) == 0:
-            return subprocess.CompletedProcess(cmd, 0, out.read_text(errors="replace"), err.read_text()), run_dir
-        warnings.warn(f"`{' '.join(cmd[1:])}` failed in the shared interpreter; rerun in a fresh one", stacklevel=2)
-        shutil.rmtree(run_dir, ignore_errors=True)  # the fresh run starts from an empty folder
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and not any(o.startswith("hydra/launcher=") for o in overrides):  # a launcher starts processes
+        proc = run_python(cmd, cwd=ROOT, env=env, timeout=timeout, clean=(run_dir, tmp_path / "sweep"))
+    else:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc, run_dir
