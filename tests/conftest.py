@@ -10,9 +10,14 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import pytest
-import torch
+# One intra-op thread for the session and the commands it starts (unless OMP_NUM_THREADS says otherwise): models
+# this small only lose from more, and two threads on a busy 2-core machine stall (3.5x the CPU time measured)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 os.environ.setdefault("WANDB_SILENT", "true")
 pytest.register_assert_rewrite("tests.family_checks")  # its asserts report their values, as a test's do
 ROOT = Path(__file__).resolve().parents[1]
