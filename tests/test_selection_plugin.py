@@ -78,12 +78,12 @@ def example_plugin_loaded(monkeypatch):
     """
     for registry in REGISTRIES.values():
         monkeypatch.setattr(registry, "_entries", dict(registry._entries))
-    if "example_center" in selectors.names():  # the plugin is installed: its entry point registered it
-        yield
+    if "example_center" in selectors.names():  # an installed plugin's entry point registered it (this or the docs')
+        yield type(selectors.build({"name": "example_center"})).__module__
         return
     monkeypatch.syspath_prepend(str(PLUGIN / "src"))
     importlib.import_module("catlab_example_plugin.selector")
-    yield
+    yield "catlab_example_plugin.selector"
     for module in [m for m in sys.modules if m.split(".")[0] == "catlab_example_plugin"]:
         del sys.modules[module]
 
@@ -93,7 +93,8 @@ def test_catlabs_own_walks_hold_with_a_plugin_loaded(example_plugin_loaded):
     from tests import test_conf, test_selection_ops, test_sync
 
     assert "example_center" in selectors.names() and "example_center" not in selectors.builtin_names()
-    assert type(selectors.build({"name": "example_center"})).__module__ == "catlab_example_plugin.selector"
+    assert type(selectors.build({"name": "example_center"})).__module__ == example_plugin_loaded
+    assert not example_plugin_loaded.startswith("catlab.")
     for group in test_conf.GROUPS:
         test_conf.test_every_component_has_a_config(group)
     test_selection_ops.test_every_registered_selector_has_a_bound()
