@@ -59,6 +59,17 @@ NOT_ON_A_CPU = [
         r"^pip install|-m pytest|-m venv|^ruff ",
         "the CI script makes the environment, installs and runs the test suite itself",
     ),
+    *(
+        []
+        if os.environ.get("CATLAB_TEST_INDUCTOR") == "1"
+        else [
+            (
+                r"gpu_bench\.py .*--device cpu.*--compile\b",
+                "compiles with torch inductor (minutes on a small CPU, the slowest command by far): "
+                "set CATLAB_TEST_INDUCTOR=1 to run it, as for tests/test_compile.py",
+            )
+        ]
+    ),
 ]
 
 #: appended to each kind of command: the same code path, a fraction of the work
