@@ -18,6 +18,10 @@ COMPARISON_ONLY       selector     mirrors another implementation beyond the ind
                                    repeated or fewer than k): only catlab.testing.simulate drives it
 ROW_WISE              reuse rule   acts on each batch row alone (linear in the output), so it may
                                    run on the stacked guidance rows as well as on their combination
+HOST_SETUP            selector     sets itself up once per generation at its first pruned step (e.g.
+                                   its clusters) and may read the host there; later steps may not
+HOST_LOOPS            selector     reads host values at every pruned step by design (a readable
+                                   reference, not a timed method); its indices still keep the contract
 ====================  ==========  ============================================================
 """
 
@@ -35,6 +39,8 @@ class Capability(enum.Flag):
     NEEDS_CALIBRATION = enum.auto()
     ROW_WISE = enum.auto()
     COMPARISON_ONLY = enum.auto()
+    HOST_SETUP = enum.auto()
+    HOST_LOOPS = enum.auto()
 
 
 __all__ = ["Capability"]

@@ -145,6 +145,18 @@ class Registry:
         load_plugins()
         return sorted(n for n in self._entries if fnmatch.fnmatch(n, pattern))
 
+    def builtin_names(self, pattern: str = "*") -> list[str]:
+        """The names registered by catlab itself (modules under ``catlab.``), plugins left out.
+
+        catlab's own tests walk these: a plugin's components answer to their own tests and
+        to :func:`catlab.testing.check_policy`, not to catlab's per-component tables.
+        """
+        return sorted(
+            n
+            for n, obj in self._entries.items()
+            if getattr(obj, "__module__", "").startswith("catlab.") and fnmatch.fnmatch(n, pattern)
+        )
+
     def __contains__(self, name: str) -> bool:
         return name in self.names()
 

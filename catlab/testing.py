@@ -95,29 +95,51 @@ def check_policy(
     num_steps: int | None = None,
     device: torch.device | str = CPU,
     skip_first_pruned: bool = False,
+    declared: bool = True,
 ) -> int:
     """Drive ``policy`` through one synthetic generation: the index contract at every pruned step, and each
     pruned step under ``no_host_sync``.
 
-    Every pruned step's indices must be ``(batch_size, k)`` integers in ``[0, N)``, unique
-    per row (:class:`~catlab.planner.IndexContractError` otherwise). ``num_steps``
-    defaults to the policy's ``start_step`` + 8, so any policy's defaults get 8 pruned
-    steps. ``skip_first_pruned`` leaves the first pruned step unguarded (for a policy
-    that sizes something once, e.g. its clusters). Returns the number of guarded steps;
-    raises :class:`~catlab.pruning.sync_check.HostSyncError`.
+    Every pruned step's indices must be ``(batch_size, k)`` integers in ``[0, N)``, unique per row
+    (:class:`~catlab.planner.IndexContractError` otherwise). The host reads a policy declares are
+    allowed: with ``Capability.HOST_SETUP`` (a one-time set-up, e.g. its clusters) its first pruned
+    step is left unguarded, with ``Capability.HOST_LOOPS`` (a host-side reference) every step is.
+
+    Args:
+        policy: the selector to drive, as built (its ``alpha``, ``start_step``, ...).
+        grid: the token grid ``(height, width)``.
+        batch_size: samples per generation.
+        num_steps: steps of the generation; by default the policy's ``start_step`` + 8, so any
+            policy's defaults get 8 pruned steps.
+        device: where the synthetic outputs live.
+        skip_first_pruned: leave the first pruned step unguarded even without ``HOST_SETUP``.
+        declared: ``False`` guards the declared host steps too (to list them, as catlab's tests do).
+
+    Returns:
+        The number of guarded steps.
+
+    Raises:
+        HostSyncError: a guarded step read the host (:mod:`catlab.pruning.sync_check`).
+        IndexContractError: a pruned step's indices broke the contract.
     """
     if num_steps is None:
         num_steps = int(getattr(policy, "start_step", 0)) + 8
+    caps = policy.capabilities if declared else Capability.NONE
+    skip_first_pruned = skip_first_pruned or Capability.HOST_SETUP in caps
     pruned: list[int] = []
+    guarded: list[int] = []
 
     def guard(step: int, kind: StepKind) -> bool:
         if kind is not StepKind.PRUNED:
             return False
         pruned.append(step)
-        return not (skip_first_pruned and len(pruned) == 1)
+        if Capability.HOST_LOOPS in caps or (skip_first_pruned and len(pruned) == 1):
+            return False
+        guarded.append(step)
+        return True
 
     simulate(policy, grid, num_steps, batch=batch_size, channels=8, device=device, guard=guard, check_indices=True)
-    return len(pruned) - (1 if skip_first_pruned and pruned else 0)
+    return len(guarded)
 
 
 class OpCounter(TorchDispatchMode):

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import shared_interpreter
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
@@ -56,6 +58,17 @@ NOT_ON_A_CPU = [
     (
         r"^pip install|-m pytest|-m venv|^ruff ",
         "the CI script makes the environment, installs and runs the test suite itself",
+    ),
+    *(
+        []
+        if os.environ.get("CATLAB_TEST_INDUCTOR") == "1"
+        else [
+            (
+                r"gpu_bench\.py .*--device cpu.*--compile\b",
+                "compiles with torch inductor (minutes on a small CPU, the slowest command by far): "
+                "set CATLAB_TEST_INDUCTOR=1 to run it, as for tests/test_compile.py",
+            )
+        ]
     ),
 ]
 
@@ -160,39 +173,10 @@ def work(tmp_path_factory) -> Path:
     return work
 
 
-class Runner:
-    """The one interpreter of tests/doc_runner.py, started on first use and again if it dies."""
-
-    def __init__(self):
-        self.proc = None
-        self.ids = count()
-
-    def run(self, argv: list[str], cwd: Path, env: dict, out: Path) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(ROOT / "tests" / "doc_runner.py")],
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-        self.proc.stdin.write(json.dumps({"argv": argv, "cwd": str(cwd), "env": env, "out": str(out)}) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        return json.loads(line)["rc"] if line else -1
-
-    def close(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
-
-
 @pytest.fixture(scope="module")
 def runner():
-    r = Runner()
-    yield r
-    r.close()
+    """The session's shared interpreter (tests/doc_runner.py), which the command-line tests use too."""
+    return shared_interpreter()
 
 
 def _promised(cmd: str, runs: Path) -> str | None:
@@ -221,6 +205,9 @@ def test_the_docs_have_commands():
     assert len(COMMANDS) > 20 and any("catlab.run" in c for _, c in COMMANDS)
 
 
+RUN_IDS = count()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("source, cmd", COMMANDS, ids=[f"{s}:{c[:60]}" for s, c in COMMANDS])
 def test_doc_command_runs(source, cmd, work, runner):
@@ -234,7 +221,7 @@ def test_doc_command_runs(source, cmd, work, runner):
         "CATLAB_CACHE": str(work / "cache"),
         "PYTHONPATH": str(ROOT),
     }
-    runs = work / "runs" / str(next(runner.ids))
+    runs = work / "runs" / str(next(RUN_IDS))
     runs.mkdir(parents=True)
     argv = _shrunk(cmd, work, runs)
     rc, output = None, ""

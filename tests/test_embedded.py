@@ -18,6 +18,7 @@ from catlab.embedded import world
 from catlab.embedded.bundle import load_bundle, to_uint8
 from catlab.embedded.probe import attribute_accuracy, load_probe
 from catlab.embedded.text import build_tokenizer, tokenize
+from tests.conftest import run_python
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CAPTION = re.compile(
@@ -129,7 +130,7 @@ def test_training_command_runs(tmp_path):
     ]  # fmt: skip
     cmd = [*small_cfg, f"out_dir={out}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_python(cmd, cwd=REPO, env=env, clean=(out,))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "samples" / "step_000002.png").exists()
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 3
@@ -139,14 +140,7 @@ def test_training_command_runs(tmp_path):
 
     # a continuation stage starts from that bundle's weights and records its parent
     more = tmp_path / "stage2"
-    proc = subprocess.run(
-        [*small_cfg, f"out_dir={more}", f"init_from={out / 'bundle'}", "seed=1"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_python([*small_cfg, f"out_dir={more}", f"init_from={out / 'bundle'}", "seed=1"], cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     info = json.loads((more / "bundle" / "train_info.json").read_text())
     assert info["config"]["init_from"] == str(out / "bundle") and info["init_from_info"]["steps"] == 3

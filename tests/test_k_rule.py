@@ -34,7 +34,7 @@ def _spec(name: str, alpha: float) -> dict:
     return {"name": name, "alpha": alpha, "start_step": 2}
 
 
-@pytest.mark.parametrize("name", selectors.names())
+@pytest.mark.parametrize("name", selectors.builtin_names())
 @pytest.mark.parametrize("alpha, grid", CASES)
 def test_every_selector_keeps_floor_alpha_n(name, alpha, grid):
     policy = selectors.build(_spec(name, alpha))

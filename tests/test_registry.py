@@ -33,3 +33,12 @@ def test_double_registration_is_refused():
     reg.register("a")(type("A", (), {}))
     with pytest.raises(ComponentError, match="registered twice"):
         reg.register("a")(type("B", (), {}))
+
+
+def test_builtin_names_are_catlabs_own_components(monkeypatch):
+    """A component registered outside ``catlab.`` (a plugin, a test) is listed by names() but not as built-in."""
+    monkeypatch.setattr(selectors, "_entries", dict(selectors._entries))
+    selectors.register("elsewhere")(type("Elsewhere", (), {"__module__": "my_plugin.selector"}))
+    assert "elsewhere" in selectors.names() and "elsewhere" not in selectors.builtin_names()
+    assert {"cat", "full", "random"} <= set(selectors.builtin_names())
+    assert selectors.builtin_names("ra*") == ["random"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, run_python
 
 TINY = (
     "model=tiny_sd3",
@@ -86,7 +86,10 @@ def _evaluate(out: Path, *extra: str, torchrun: int = 0, killed_after: int = 0, 
     app = ["-c", KILLED_AFTER, str(killed_after)] if killed_after else ["-m", "catlab.evaluate"]
     cmd = [*launcher, *app, f"hydra.run.dir={out}", *EVAL, *extra]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "CATLAB_CACHE": str(out.parent / "cache")}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=full_env)
+    if check and not torchrun and not killed_after:  # expected to succeed in this process: the shared interpreter
+        proc = run_python(cmd, cwd=ROOT, env=full_env, timeout=600)
+    else:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=full_env)
     if check and proc.returncode != 0:
         raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
     return proc
@@ -142,12 +145,8 @@ def test_merge_rebuilds_the_table_from_the_store(tmp_path, clean_run):
     shutil.copytree(clean_run, out)
     table = (out / "results.md").read_text()
     (out / "results.md").unlink()
-    subprocess.run(
-        [sys.executable, "-m", "catlab.evaluation.merge", str(out)],
-        check=True,
-        capture_output=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    merge = [sys.executable, "-m", "catlab.evaluation.merge", str(out)]
+    proc = run_python(merge, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
     rebuilt = (out / "results.md").read_text()
     assert rebuilt.splitlines()[:4] == table.splitlines()[:4]

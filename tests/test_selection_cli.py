@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,10 +10,11 @@ import pytest
 import catlab  # noqa: F401  (registers the built-in components)
 from catlab.registry import REGISTRIES, selectors
 from catlab.sampler import SamplerConfig
+from tests.conftest import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PARTS = {kind: REGISTRIES[kind].names() for kind in ("clusterer", "pooling", "staleness", "scorer")}
+PARTS = {kind: REGISTRIES[kind].builtin_names() for kind in ("clusterer", "pooling", "staleness", "scorer")}
 
 
 def _prepare(*overrides):
@@ -26,7 +26,7 @@ def _prepare(*overrides):
         return prepare(compose(config_name="config", overrides=list(overrides)))[1]
 
 
-@pytest.mark.parametrize("name", selectors.names())
+@pytest.mark.parametrize("name", selectors.builtin_names())
 def test_every_selector_config_builds(name):
     policy = _prepare(f"selector={name}")
     assert policy.name == name
@@ -58,7 +58,7 @@ def test_cat_runs_from_the_command_line(tmp_path):
         f"hydra.run.dir={run_dir}",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    proc = run_python(cmd, env=env, cwd=ROOT, clean=(run_dir,))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["selector"] == "cat" and metrics["pruned_steps"] == 3 and metrics["macs_ratio"] > 1.0

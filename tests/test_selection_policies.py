@@ -22,7 +22,7 @@ def _assert_exact(idx, batch, k, n):
 
 @settings(max_examples=40, deadline=None)
 @given(
-    name=st.sampled_from(selectors.names()),
+    name=st.sampled_from(selectors.builtin_names()),
     alpha=st.floats(0.01, 1.0),
     h=st.integers(1, 12),
     w=st.integers(1, 12),

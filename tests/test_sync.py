@@ -10,9 +10,11 @@ import pytest
 import torch
 
 import catlab.selection  # noqa: F401  (registers the built-in selectors)
+from catlab.capabilities import Capability
 from catlab.pruning import HostSyncError, TokenPruner, no_host_sync
 from catlab.registry import selectors
 from catlab.sampler import SamplerConfig, sample
+from catlab.selection import Policy
 from catlab.selection.simple import Random
 from catlab.testing import check_policy
 
@@ -103,8 +105,9 @@ def test_check_sync_catches_a_syncing_selector():
         )
 
 
-# -- every registered selector -----------------------------------------------------------
-#: selectors known to read the host; reported, not failed (the check passes once they are fixed)
+# -- every built-in selector -------------------------------------------------------------
+#: selectors known to read the host; reported, not failed (the check passes once they are fixed). Each
+#: declares it (HOST_SETUP: the first pruned step only; HOST_LOOPS: every step), which check_policy allows
 NOT_YET_CLEAN = {
     "cat": "clusters once at the first pruned step: scikit-learn's KMeans on the host (the authors' choice; "
     "clusterer=kmeans stays on the device) and one read of the cluster count",
@@ -120,7 +123,7 @@ def _cases(known: dict[str, str]):
         pytest.param(n, marks=pytest.mark.xfail(reason=known[n], raises=HostSyncError, strict=True))
         if n in known
         else n
-        for n in selectors.names()
+        for n in selectors.builtin_names()
     ]
 
 
@@ -128,9 +131,9 @@ def _build(name: str):
     return selectors.build({"name": name} if name == "full" else {"name": name, "alpha": 0.3, "start_step": 2})
 
 
-def _pruned_steps(name: str, num_steps: int = 6) -> int:
+def _pruned_steps(name: str, num_steps: int = 6, policy: Policy | None = None) -> int:
     """Steps at which ``name`` selects tokens between steps (what check_policy guards)."""
-    policy = _build(name)
+    policy = policy or _build(name)
     n = 64
     ks = [policy.num_kept(step, n) for step in range(1, num_steps + 1)]
     count = sum(k is not None and 0 < k < n for k in ks)
@@ -141,14 +144,62 @@ def _pruned_steps(name: str, num_steps: int = 6) -> int:
 
 @pytest.mark.parametrize("name", _cases(NOT_YET_CLEAN))
 def test_selector_pruned_steps_do_not_sync(name):
-    assert check_policy(_build(name), num_steps=6) == _pruned_steps(name)
+    assert check_policy(_build(name), num_steps=6, declared=False) == _pruned_steps(name)
 
 
 @pytest.mark.parametrize("name", _cases(STEADY_NOT_YET_CLEAN))
 def test_selector_steady_state_does_not_sync(name):
     """After the first pruned step (where a policy may size its clusters once) no step may sync."""
     pruned = _pruned_steps(name)
-    assert check_policy(_build(name), num_steps=6, skip_first_pruned=True) == max(pruned - 1, 0)
+    assert check_policy(_build(name), num_steps=6, skip_first_pruned=True, declared=False) == max(pruned - 1, 0)
+
+
+def test_declared_host_reads_are_the_known_ones():
+    """A selector declares a host read exactly where the lists above know one: the allowance hides nothing."""
+    for name in selectors.builtin_names():
+        caps = selectors.build(name).capabilities
+        assert (name in NOT_YET_CLEAN) == bool(caps & (Capability.HOST_SETUP | Capability.HOST_LOOPS)), name
+        assert (name in STEADY_NOT_YET_CLEAN) == (Capability.HOST_LOOPS in caps), name
+
+
+@pytest.mark.parametrize("name", selectors.builtin_names())
+def test_check_policy_passes_every_builtin_selector_with_its_defaults(name):
+    policy = selectors.build({"name": name})
+    caps = policy.capabilities
+    pruned = _pruned_steps(name, policy.start_step + 8, policy)
+    expected = 0 if Capability.HOST_LOOPS in caps else pruned - (Capability.HOST_SETUP in caps)
+    assert check_policy(policy) == expected
+
+
+class _SetsUpOnce(Random):
+    """Reads the host at its first pruned step, as a clusterer would, and at ``every`` later one if asked."""
+
+    declares = Capability.HOST_SETUP
+    every = False
+
+    def select(self, state):
+        if self.every or not hasattr(self, "_made"):
+            self._made = int(state.output.abs().argmax())  # a host read
+        return super().select(state)
+
+
+def test_a_declared_setup_allows_the_first_pruned_step_only():
+    assert check_policy(_SetsUpOnce(start_step=2), num_steps=6) == 3  # 4 pruned steps, the first one unguarded
+    with pytest.raises(HostSyncError, match="at step 3"):
+        check_policy(_SetsUpOnce(start_step=2), num_steps=6, declared=False)
+    every = _SetsUpOnce(start_step=2)
+    every.every = True
+    with pytest.raises(HostSyncError, match="at step 4"):  # the second pruned step
+        check_policy(every, num_steps=6)
+
+
+#: selectors installed by plugins (none in catlab's CI): each must pass the check with its defaults
+PLUGINS = sorted(set(selectors.names()) - set(selectors.builtin_names()))
+
+
+@pytest.mark.parametrize("name", PLUGINS)
+def test_installed_plugin_selectors_pass_check_policy(name):
+    assert check_policy(selectors.build({"name": name})) >= 0
 
 
 # -- the diffusers pipeline hook -----------------------------------------------------------

@@ -67,7 +67,8 @@ class Cat(CatParts):
     #: the authors score the conditional branch, not the guided output
     observes: ClassVar[str] = "branches"
     #: its selection splits into prepare_step + select_tensors (replayable from captured graphs)
-    capabilities: ClassVar[Capability] = Capability.REPLAYS_SELECTION
+    #: replayable steps; the clusters are made once, on the host, at the first pruned step
+    capabilities: ClassVar[Capability] = Capability.REPLAYS_SELECTION | Capability.HOST_SETUP
 
     scorer: Any = field(default_factory=lambda: {"name": "relative_noise"})
     staleness: Any = field(default_factory=lambda: {"name": "ewma"})

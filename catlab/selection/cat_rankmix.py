@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from catlab.capabilities import Capability
 from catlab.registry import selectors
 from catlab.selection.base import StepState
 from catlab.selection.cat_parts import CatParts
@@ -50,6 +51,8 @@ class CatRankMix(CatParts):
 
     #: top-level part groups this selector takes (none: see the class docstring)
     group_parts: ClassVar[tuple[str, ...]] = ()
+    #: one read of the cluster count when the clusters are made, at the first pruned step
+    capabilities: ClassVar[Capability] = Capability.HOST_SETUP
 
     scorer: Any = field(default_factory=lambda: {"name": "relative_noise"})
     staleness: Any = field(default_factory=lambda: {"name": "ewma", "ties": "random"})

@@ -128,8 +128,9 @@ class CatReference(Policy):
 
     @property
     def capabilities(self) -> Capability:
-        """``pad: authors`` and ``pad: none`` break the index contract: for comparisons, not for runs."""
-        caps = super().capabilities
+        """Per-sample, per-cluster Python loops over host values at every step, by design (readable, not timed);
+        ``pad: authors`` and ``pad: none`` break the index contract: for comparisons, not for runs."""
+        caps = super().capabilities | Capability.HOST_LOOPS
         return caps if self.pad == "stalest" else caps | Capability.COMPARISON_ONLY
 
     def reset(self, batch_size: int, grid: tuple[int, int], num_steps: int, device: torch.device) -> None:
