@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -147,16 +148,17 @@ def assemble(transformer: nn.Module, policy: Policy, parts: StepReuse, sampler_c
         parts: the reuse rule, K/V rule and step cache of the strategy.
         sampler_cfg: the sampler settings (CUDA graphs, MAC counting, index checks).
     """
+    options = dict(
+        cuda_graphs=sampler_cfg.cuda_graphs, count_macs=sampler_cfg.count_macs, check_indices=sampler_cfg.check_indices
+    )
     try:
-        session = PruningSession(
-            transformer,
-            policy,
-            parts,
-            cuda_graphs=sampler_cfg.cuda_graphs,
-            count_macs=sampler_cfg.count_macs,
-            check_indices=sampler_cfg.check_indices,
-        )
-        with session:
+        session = PruningSession(transformer, policy, parts, **options)
+        trial = session
+        if parts.step_cache is not None and not parts.step_cache.calibrated:
+            # a cache calibrated on the run's first batch (mag_cache) goes on the model only then: the model is
+            # tried with the rest of the strategy now, the cache when it is calibrated
+            trial = PruningSession(transformer, policy, replace(parts, step_cache=None), **options)
+        with trial:
             pass
     except (CompositionError, UnsupportedModelError, ValueError) as err:  # a step cache's own failure stays one
         raise ConfigError(str(err)) from None

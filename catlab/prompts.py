@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from catlab.embedded.world import heldout_scenes
 from catlab.fileio import write_text
 from catlab.registry import prompt_sets
 
@@ -196,7 +197,6 @@ class EmbeddedHeldout(PromptSet):
     seed: int | None = None
 
     def load_with_meta(self):
-        from catlab.embedded.world import heldout_scenes
 
         kwargs = {} if self.seed is None else {"seed": self.seed}
         scenes, captions = heldout_scenes(self.n, **kwargs)

@@ -22,7 +22,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
+
+from catlab.builders import build_model, set_threads
+from catlab.cli import quiet_libraries
+from catlab.evaluate import prepare, write_diagnostics
 from catlab.evaluation import frontier, report
+from catlab.evaluation.harness import EvaluatedStrategy, make_jobs
+from catlab.evaluation.recorder import RecordingPolicy
+from catlab.sampler import calibrate, sample
 
 #: lines of a results.md that the table writer adds itself (rewritten, not kept as notes)
 GENERATED = ("† PSNR below", "Rows marked (eager)")
@@ -132,15 +140,6 @@ def redraw_diagnostics(folder: Path, overrides: list[str]) -> list[Path]:
 
 
 def _warm_up_diagnostics(folder: Path, overrides: list[str]) -> None:
-    from hydra import compose, initialize_config_dir
-
-    from catlab.builders import build_model, set_threads
-    from catlab.cli import quiet_libraries
-    from catlab.evaluate import prepare, write_diagnostics
-    from catlab.evaluation.harness import EvaluatedStrategy, make_jobs
-    from catlab.evaluation.recorder import RecordingPolicy
-    from catlab.sampler import calibrate, sample
-
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="evaluate", overrides=overrides)

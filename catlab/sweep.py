@@ -190,6 +190,11 @@ class SweepSummary(Callback):
 
     progress = None
 
+    def __getstate__(self) -> dict:
+        # Hydra's process launchers send the callbacks to their workers: the progress (a thread and its lock)
+        # stays with the sweep's own process
+        return {k: v for k, v in self.__dict__.items() if k != "progress"}
+
     def on_multirun_start(self, config, **kwargs) -> None:
         try:
             total = sweep_size(list(config.hydra.overrides.task))

@@ -1268,7 +1268,7 @@ def test_a_wait_for_a_held_batch_is_logged_and_times_out(tmp_path, monkeypatch, 
 
     class Run(harness._Run):  # the harness's waiting, with a batch that needs nothing but a claim
         def __init__(self, store):
-            self.store, self.computed = store, []
+            self.store, self.computed, self.strategies, self.progress = store, [], [], None
 
         def work(self, batch):
             return {}, ([] if batch.id in self.computed else ["a strategy"])

@@ -21,7 +21,7 @@ import transformers
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from catlab.embedded.text import encode_ids, tokenize
+from catlab.embedded.text import ENCODERS, encode_ids, tokenize
 
 
 @dataclass
@@ -91,7 +91,6 @@ def load_bundle(path=None, device="cpu", dtype=torch.float32) -> EmbeddedBundle:
 
 def _text_encoder_class(folder: pathlib.Path):
     """The transformers class named in the text encoder's config (one of catlab.embedded.text.ENCODERS)."""
-    from catlab.embedded.text import ENCODERS
 
     arch = (json.loads((folder / "config.json").read_text()).get("architectures") or ["CLIPTextModelWithProjection"])[
         0

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from catlab.embedded.world import COLOURS, SHAPES, SIZES, Scene, cell_targets, render, sample_scenes
+from catlab.embedded.bundle import resolve_bundle_path
+from catlab.embedded.world import COLOURS, SHAPES, SIZES, Scene, cell_targets, heldout_scenes, render, sample_scenes
 
 PROBE_SEED_BRANCH = 7  # the probe's training scenes come from their own branch of the seed tree
 
@@ -100,7 +101,6 @@ def default_probe_path() -> pathlib.Path:
 
 def probe_path_for(bundle_path=None) -> pathlib.Path:
     """The probe that goes with a bundle: its own `probe/` folder, else the shipped probe."""
-    from catlab.embedded.bundle import resolve_bundle_path
 
     own = resolve_bundle_path(bundle_path) / "probe"
     return own if (own / "config.json").exists() else default_probe_path()
@@ -194,7 +194,6 @@ def train_probe(cfg: ProbeConfig, log_every: int = 100) -> AttributeProbe:
 
 
 def main(argv=None) -> None:
-    from catlab.embedded.world import heldout_scenes
 
     ap = argparse.ArgumentParser(description="Train the embedded model's attribute probe.")
     ap.add_argument("--out", default=str(default_probe_path()))

@@ -30,6 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from catlab.evaluation.plots import family_styles, keyed_figure, outside_legend
+from catlab.evaluation.report import QUALITY_AXIS, RATIO_AXIS
+
 #: the budgets of the summary table (MACs ratio against the full model)
 BUDGETS = (1.5, 2.0, 2.5, 3.0)
 QUALITIES = ("psnr", "ssim")
@@ -318,9 +321,6 @@ def plot(fr: Frontier, quality: str, path: Path, title: str = "", budgets=BUDGET
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from catlab.evaluation.plots import family_styles, keyed_figure, outside_legend
-    from catlab.evaluation.report import QUALITY_AXIS, RATIO_AXIS
 
     fams = [f for f in fr.families() if fr.points[quality].get(f)]
     if not fams:

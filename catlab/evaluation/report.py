@@ -11,6 +11,10 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from catlab.evaluation.plots import family_styles, keyed_figure, outside_legend, place_labels
+from catlab.metrics.fidelity import PSNR
+from catlab.registry import metrics
+
 #: the CSV's leading columns: the run and its cost (the metrics' follow, :func:`metric_columns`)
 COST_COLUMNS = [
     "method",
@@ -31,7 +35,6 @@ COST_COLUMNS = [
 def metric_columns(rows: list[dict[str, Any]] | None = None) -> list[tuple[str, Any]]:
     """``(name, metric class)`` of every registered metric with a column, in column order; given ``rows``,
     only those a table shows: measured in some row, or declared ``always``."""
-    from catlab.registry import metrics
 
     declared = [(n, metrics.get(n)) for n in metrics.names() if getattr(metrics.get(n), "column", None) is not None]
     declared.sort(key=lambda nc: (nc[1].column.order, nc[0]))
@@ -103,7 +106,6 @@ def markdown_table(rows: list[dict[str, Any]], title: str = "", notes: list[str]
             *[c.cell(r.get(n)) for n, c in quality],
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    from catlab.metrics.fidelity import PSNR
 
     if any(r.get("psnr") is not None and r["psnr"] < PSNR.low for r in rows):
         notes = [
@@ -144,7 +146,6 @@ def _speedup(r: dict[str, Any]) -> str:
 
 def psnr_cell(value: float | None) -> str:
     """PSNR for a table (the metric's own cell: "∞ (identical)" at its cap, a dagger below its threshold)."""
-    from catlab.metrics.fidelity import PSNR
 
     return PSNR.cell(value)
 
@@ -200,9 +201,6 @@ def cost_quality_plot(rows: list[dict[str, Any]], path: Path, title: str = "") -
 
     matplotlib.use("Agg")
     from matplotlib.lines import Line2D
-
-    from catlab.evaluation.plots import family_styles, keyed_figure, outside_legend, place_labels
-    from catlab.metrics.fidelity import PSNR
 
     quality = [k for k in ("psnr", "ssim", "attribute_accuracy", "clip_score") if any(k in r for r in rows)][:3]
     shown = [r for r in rows if r["method"] != "full"]
@@ -291,8 +289,6 @@ def pareto_plot(rows: list[dict[str, Any]], path: Path, title: str = "", quality
 
     matplotlib.use("Agg")
     from matplotlib.lines import Line2D
-
-    from catlab.evaluation.plots import family_styles, keyed_figure, outside_legend, place_labels
 
     pts = [r for r in rows if quality in r and r["method"] != "full"]
     if not pts:

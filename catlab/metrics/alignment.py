@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from catlab.embedded.probe import attribute_accuracy, load_probe
 from catlab.metrics.base import Column, Metric
 from catlab.registry import metrics
 
@@ -118,14 +119,11 @@ class AttributeAccuracy(Metric):
         if not meta or meta[0] is None:
             return "attribute_accuracy: the prompt set carries no scene descriptions (use prompts=embedded_heldout)"
         try:
-            from catlab.embedded.probe import load_probe
-
             self._probe = load_probe()
         except Exception as err:  # noqa: BLE001
             return f"attribute_accuracy: the attribute probe could not be loaded ({err})"
         return None
 
     def __call__(self, images, reference, prompts, meta):
-        from catlab.embedded.probe import attribute_accuracy
 
         return attribute_accuracy(images * 2 - 1, list(meta)).float().cpu()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from catlab.embedded.bundle import load_bundle, weights_fingerprint
 from catlab.models.base import Conditioning, ModelAdapter, with_unconditional
 from catlab.registry import models
 
@@ -27,7 +28,6 @@ class Embedded(ModelAdapter):
     bundle: object = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        from catlab.embedded.bundle import load_bundle
 
         self.bundle = load_bundle(self.path, device=self.device, dtype=self.torch_dtype)
         self.transformer = self.bundle.transformer
@@ -40,7 +40,6 @@ class Embedded(ModelAdapter):
 
     def fingerprint(self) -> str:
         """A hash of the bundle's weight files: retraining the bundle invalidates cached references."""
-        from catlab.embedded.bundle import weights_fingerprint
 
         return weights_fingerprint(self.path)
 
