@@ -207,12 +207,15 @@ class SweepSummary(Callback):
             self.progress.update(1, " ".join(job_return.overrides or []))
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        if self.progress is not None:
-            self.progress.close()
         sweep_dir = Path(config.hydra.sweep.dir)
-        if not sweep_dir.exists():
+        rows = write_summary(sweep_dir) if sweep_dir.exists() else None
+        if self.progress is not None:
+            if rows is not None:  # under a process launcher the jobs end in its workers: count them here
+                ended = sum(r["status"] in ("done", "failed") for r in rows)
+                self.progress.update(max(0, ended - self.progress.done))
+            self.progress.close()
+        if rows is None:
             return
-        rows = write_summary(sweep_dir)
         line = verdict(rows, sweep_dir)
         if line is not None:
             raise CatlabExit(line)

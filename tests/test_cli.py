@@ -103,3 +103,20 @@ def test_cli_exits_nonzero_with_the_message(tmp_path, override, message):
     assert proc.returncode != 0
     assert message in proc.stderr + proc.stdout
     assert not (run_dir / "metrics.json").exists()
+
+
+def test_a_sweeps_progress_stays_out_of_what_process_launchers_send_their_workers():
+    """Hydra's process launchers pickle the callbacks for their workers; the progress (a thread and a lock) stays
+    home, and the other state goes with them."""
+    import pickle
+
+    from catlab.progress import Progress
+    from catlab.sweep import SweepSummary
+
+    summary = SweepSummary()
+    summary.progress, summary.other = Progress(2, "sweep", "jobs", tty=False), "kept"
+    try:
+        sent = pickle.loads(pickle.dumps(summary))
+    finally:
+        summary.progress.close()
+    assert sent.progress is None and sent.other == "kept"
