@@ -21,7 +21,7 @@ def test_checkpoint_adapters_load_a_local_pipeline_folder(tmp_path, family):
     import math
 
     from catlab.registry import models
-    from tests.tiny_pipelines import flux_pipeline, qwen_image_pipeline
+    from catlab.testing.tiny_pipelines import flux_pipeline, qwen_image_pipeline
 
     (flux_pipeline if family == "flux" else qwen_image_pipeline)().save_pretrained(tmp_path)
     adapter = models.build(

@@ -1,6 +1,6 @@
 """enable_pruning on a complete tiny FLUX.1 pipeline, called as users call it: ``pipe("a prompt")`` to PIL.
 
-The pipeline (tests/tiny_pipelines.py ``flux_pipeline``) has every component of
+The pipeline (catlab/testing/tiny_pipelines.py ``flux_pipeline``) has every component of
 FLUX.1-dev — CLIP and T5 encoders with their tokenizers, the transformer with
 dual- and single-stream blocks and a guidance input, a VAE, the shifting
 scheduler — tiny, random and built offline.
@@ -14,8 +14,8 @@ import torch
 
 from catlab import disable_pruning, enable_pruning, pruning_macs
 from catlab.pruning import TokenPruner
+from catlab.testing.tiny_pipelines import flux_pipeline
 from tests.test_stock_pipelines import Recording, assert_pruned_then_stock_again
-from tests.tiny_pipelines import flux_pipeline
 
 STEPS = 4
 

@@ -1,6 +1,6 @@
 """enable_pruning on a complete tiny Qwen-Image pipeline, called as users call it: ``pipe("a prompt")`` to PIL.
 
-The pipeline (tests/tiny_pipelines.py ``qwen_image_pipeline``) has every component
+The pipeline (catlab/testing/tiny_pipelines.py ``qwen_image_pipeline``) has every component
 of Qwen-Image — a Qwen2.5-VL text encoder and its tokenizer, the dual-stream
 transformer, the 3D-causal VAE, the shifting scheduler — tiny, random and built
 offline.
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from catlab import disable_pruning, enable_pruning, pruning_macs
+from catlab.testing.tiny_pipelines import qwen_image_pipeline
 from tests.test_stock_pipelines import Recording, assert_pruned_then_stock_again
-from tests.tiny_pipelines import qwen_image_pipeline
 
 STEPS = 4
 

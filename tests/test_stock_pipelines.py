@@ -1,6 +1,6 @@
 """enable_pruning on complete stock pipelines, called as users call them: ``pipe("a prompt", ...)`` to PIL.
 
-The pipelines (tests/tiny_pipelines.py) have every real component — tokenizers,
+The pipelines (catlab/testing/tiny_pipelines.py) have every real component — tokenizers,
 text encoders, transformer, VAE, scheduler — tiny and randomly initialised. Each
 row of the table in docs/pipelines.md is one test here.
 """
@@ -16,7 +16,7 @@ from catlab import disable_pruning, enable_pruning
 from catlab.selection.baselines import Sequential
 from catlab.selection.budget_schedule import BudgetSchedule
 from catlab.stock_pipelines import pruning_macs
-from tests.tiny_pipelines import pixart_alpha_pipeline, pixart_sigma_pipeline, sd3_pipeline, sd35_pipeline
+from catlab.testing.tiny_pipelines import pixart_alpha_pipeline, pixart_sigma_pipeline, sd3_pipeline, sd35_pipeline
 
 BUILDERS = {
     "sd3": sd3_pipeline,

@@ -1,4 +1,4 @@
-"""The tiny offline pipelines of tests/tiny_pipelines.py, run stock (no catlab) the way users call them.
+"""The tiny offline pipelines of catlab/testing/tiny_pipelines.py, run stock (no catlab) the way users call them.
 
 Also pins down how the stock pipelines call their transformer -- one call per step with CFG batched
 (uncond rows first), and SD3's extra skip-layer-guidance call -- since pruning hooks rely on it.
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests import tiny_pipelines as tp
+from catlab.testing import tiny_pipelines as tp
 
 BUILDERS = {
     "sd3": tp.sd3_pipeline,
