@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from catlab.capabilities import Capability
+from catlab.grid import Grid, grid_tokens
 from catlab.planner import StepKind, StepPlan, StepPlanner
 from catlab.pruning.engine import TokenPruner
 from catlab.pruning.graphs import graph_refusal, graphs_of, log_refusal
@@ -220,7 +221,7 @@ class PruningSession:
         self,
         batch: int,
         groups: int,
-        grid: tuple[int, int],
+        grid: Grid,
         num_steps: int,
         num_text: int,
         channels: int,
@@ -229,7 +230,7 @@ class PruningSession:
         """A generation starts: ``batch`` samples in ``groups`` stacked guidance branches, a ``grid`` of
         tokens, ``channels`` per token in what :meth:`compose` is shown. Every part forgets its state."""
         self.batch, self.rows, self.num_text, self.num_steps = batch, batch * groups, num_text, num_steps
-        self.num_tokens = grid[0] * grid[1]
+        self.num_tokens = grid_tokens(grid)
         self.pruner.set_bypass(False)
         self.pruner.reset()
         self.planner.reset(batch, grid, num_steps, device)

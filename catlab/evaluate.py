@@ -54,6 +54,7 @@ from catlab.evaluation.merge import manifest, rows_from_store, write_manifest, w
 from catlab.evaluation.recorder import RecordingPolicy
 from catlab.evaluation.reference import ReferenceCache
 from catlab.evaluation.store import ResultStore
+from catlab.grid import grid_tokens
 from catlab.loggers.evaluation import log_evaluation
 from catlab.loggers.grids import captioned_grid
 from catlab.metrics.cost import MACS_RULE
@@ -180,7 +181,7 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
         model_cfg = {**model_cfg, "device": f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"}
     adapter = build_model(model_cfg)  # refuses a size the model cannot take
     for _, (policy, parts) in resolved:
-        check_clusters(policy, adapter.grid[0] * adapter.grid[1])
+        check_clusters(policy, grid_tokens(adapter.grid))
         check_model_fits(adapter.transformer, policy, parts)
     store = ResultStore(Path(cfg.store_dir) if cfg.store_dir else out / "store")
     weights = adapter.fingerprint()  # a retrained checkpoint must not meet the old one's references or records

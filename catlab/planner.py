@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from catlab.capabilities import Capability
+from catlab.grid import Grid, check_grid, grid_tokens
 from catlab.selection.base import Policy, StepState, select_indices  # noqa: F401  (re-exported)
 
 
@@ -85,11 +86,11 @@ class StepPlanner:
 
     @property
     def num_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return grid_tokens(self.grid)
 
-    def reset(self, batch_size: int, grid: tuple[int, int], num_steps: int, device: torch.device | str) -> None:
+    def reset(self, batch_size: int, grid: Grid, num_steps: int, device: torch.device | str) -> None:
         """A new generation starts: the policy forgets everything."""
-        self.batch_size, self.grid, self.num_steps = batch_size, tuple(grid), num_steps
+        self.batch_size, self.grid, self.num_steps = batch_size, check_grid(grid), num_steps
         self.device = torch.device(device)
         self.output, self.state, self.checked, self.flag = None, None, False, None
         self.policy.reset(batch_size, self.grid, num_steps, self.device)

@@ -39,6 +39,7 @@ from catlab.builders import (
 )
 from catlab.cli import check_writable, run_app, write_text
 from catlab.config import check_groups, register_schema
+from catlab.grid import grid_tokens
 from catlab.loggers.base import to_pil
 from catlab.metrics.cost import cost_metrics
 from catlab.progress import Progress
@@ -97,7 +98,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     check_writable(run_dir)  # a read-only or full folder fails here, before the model loads
     set_threads(cfg.threads)
     adapter = build_model(model_cfg)  # refuses a size the model cannot take
-    check_clusters(policy, adapter.grid[0] * adapter.grid[1])
+    check_clusters(policy, grid_tokens(adapter.grid))
     session = assemble(adapter.transformer, policy, parts, sampler_cfg)  # the one check of the composition
     num = int(cfg.num_images) if cfg.num_images is not None else len(prompts)
     jobs = [(prompts[i % len(prompts)], int(cfg.seed) + i) for i in range(num)]

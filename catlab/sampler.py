@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from catlab.assembly import PruningSession, StepReuse
+from catlab.grid import Grid, grid_tokens
 from catlab.models.base import ModelAdapter
 from catlab.planner import StepKind, StepPlan
 from catlab.pruning.families import patchify
@@ -84,7 +85,7 @@ class Trace:
     """What happened at each step: indices, MACs, times. Feeds metrics and plots."""
 
     num_tokens: int
-    grid: tuple[int, int]
+    grid: Grid
     batch_size: int
     full_step_macs: int = 0
     steps: list[StepRecord] = field(default_factory=list)
@@ -254,7 +255,7 @@ class _Generation:
         )
         self.start = time.perf_counter()
         return Trace(
-            num_tokens=grid[0] * grid[1],
+            num_tokens=grid_tokens(grid),
             grid=grid,
             batch_size=batch,
             full_step_macs=self.session.full_macs(),

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1] / "catlab"
 
 #: the rooms, bottom first; a room imports only from its own layer or below
 LAYERS: list[set[str]] = [
-    {"registry", "capabilities", "hashing", "fileio", "progress"},
+    {"registry", "capabilities", "hashing", "fileio", "progress", "grid"},
     {"reuse", "loggers", "prompts", "embedded"},
     {"selection"},
     {"planner", "models"},

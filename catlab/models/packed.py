@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from catlab.grid import grid_tokens
 from catlab.models.base import PipelineAdapter
 from catlab.models.tiny import TinyAdapter
 
@@ -96,7 +97,7 @@ class PackedPipelineAdapter(PackedLatents, PipelineAdapter):
         super().__post_init__()
 
     def make_scheduler(self):
-        return fixed_shift_scheduler(self.pipeline.scheduler, self.grid[0] * self.grid[1])
+        return fixed_shift_scheduler(self.pipeline.scheduler, grid_tokens(self.grid))
 
 
 @dataclass

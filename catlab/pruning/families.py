@@ -78,7 +78,7 @@ class FamilySpec:
     #: the transformer takes and returns tokens ``(B, N, C)`` (packed latents), not ``(B, C, H, W)``;
     #: ``token_grid(call kwargs)`` reads their grid (rows, columns) from the call
     packed: bool = False
-    token_grid: Callable[[dict], tuple[int, int]] | None = None
+    token_grid: Callable[[dict], tuple[int, ...]] | None = None
     #: each call runs one guidance branch (distilled guidance, a model input; or true CFG, one call per
     #: branch) rather than stacked CFG halves
     guidance_distilled: bool = False

@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 
 from catlab.capabilities import Capability
+from catlab.grid import Grid, grid_tokens
 from catlab.registry import Named
 
 
@@ -35,7 +36,7 @@ class StepState:
 
     step: int
     num_steps: int
-    grid: tuple[int, int]
+    grid: Grid
     batch_size: int
     k: int
     output: torch.Tensor | None = None
@@ -44,7 +45,7 @@ class StepState:
 
     @property
     def num_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return grid_tokens(self.grid)
 
 
 def kept_tokens(alpha: float, num_tokens: int) -> int:
@@ -133,7 +134,7 @@ class Policy(Named):
     def prunes(self) -> bool:
         return True
 
-    def reset(self, batch_size: int, grid: tuple[int, int], num_steps: int, device: torch.device) -> None:
+    def reset(self, batch_size: int, grid: Grid, num_steps: int, device: torch.device) -> None:
         """Forget everything: a new generation starts."""
         self.generator = torch.Generator(device="cpu").manual_seed(int(self.seed))
         for part in vars(self).values():  # parts (clusterer, scorer, ...) name their selector in their log lines

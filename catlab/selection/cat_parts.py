@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from catlab.grid import grid_tokens
 from catlab.registry import clusterers, poolings, scorers, stalenesses
 from catlab.selection.base import Policy, build_part
 from catlab.selection.ranking import device_generator
@@ -29,6 +30,6 @@ class CatParts(Policy):
         super().reset(batch_size, grid, num_steps, device)
         self.generator = device_generator(self.seed, device)
         self.scorer.reset(self.start_step)
-        self.staleness.reset(batch_size, grid[0] * grid[1], device, self.generator)
+        self.staleness.reset(batch_size, grid_tokens(grid), device, self.generator)
         self.labels: torch.Tensor | None = None  # (B, N) cluster of each token, from the first pruned step
         self._macs = 0

@@ -18,6 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from catlab.capabilities import Capability
+from catlab.grid import Grid, grid_tokens
 from catlab.planner import StepKind, StepPlanner
 from catlab.pruning import SelectionGraphs, no_host_sync, replaying
 from catlab.selection import Policy, StepState
@@ -27,7 +28,7 @@ CPU = torch.device("cpu")
 
 def simulate(
     policy: Policy,
-    grid: tuple[int, int],
+    grid: Grid,
     num_steps: int,
     batch: int = 2,
     channels: int = 4,
@@ -48,7 +49,7 @@ def simulate(
     ``check_indices``). Returns the indices per step.
     """
     device = torch.device(device)
-    n = grid[0] * grid[1]
+    n = grid_tokens(grid)
     gen = torch.Generator().manual_seed(seed)
     planner = StepPlanner(policy, check_indices=check_indices)
     policy.check(num_steps)
@@ -90,7 +91,7 @@ def _guarded(checked: bool, policy: Policy, step: int):
 
 def check_policy(
     policy: Policy,
-    grid: tuple[int, int] = (8, 8),
+    grid: Grid = (8, 8),
     batch_size: int = 2,
     num_steps: int | None = None,
     device: torch.device | str = CPU,
@@ -166,7 +167,7 @@ class OpCounter(TorchDispatchMode):
 
 def selection_ops(
     policy: Policy,
-    grid: tuple[int, int] = (16, 16),
+    grid: Grid = (16, 16),
     num_steps: int = 12,
     batch: int = 1,
     channels: int = 16,
@@ -180,7 +181,7 @@ def selection_ops(
     count, not its FLOPs, is what its wall-clock share follows. ``graphed``: with the selection
     replayed from graphs where the policy allows it (the CPU stand-in; a replay counts nothing).
     """
-    n = grid[0] * grid[1]
+    n = grid_tokens(grid)
     gen = torch.Generator().manual_seed(seed)
     planner = StepPlanner(policy, selection_graphs=SelectionGraphs(CPU) if graphed else None)
     policy.check(num_steps)
