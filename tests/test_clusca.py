@@ -105,3 +105,29 @@ def test_clusca_runs_from_the_command_line(tmp_path, model):
     )
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["selector"] == "clusca" and metrics["macs_ratio"] > 1
+
+
+def test_stock_flux_pipeline_runs_the_selector_and_refuses_the_propagating_rule():
+    from catlab import disable_pruning, enable_pruning, pruning_macs
+    from catlab.assembly import CompositionError
+    from catlab.testing.tiny_pipelines import flux_pipeline
+
+    pipe = flux_pipeline()
+    spec = {"name": "clusca", "alpha": 0.0625, "start_step": 2, "interval": 3}
+    with pytest.raises(CompositionError, match="row by row"):
+        enable_pruning(pipe, selectors.build(spec), reuse=StepReuse(rule=reuses.build("cluster_propagate")))
+    enable_pruning(pipe, selectors.build(spec), reuse=StepReuse(rule=reuses.build("taylor")))
+    pipe(
+        "a red circle",
+        num_inference_steps=8,
+        height=64,
+        width=64,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+        guidance_scale=3.5,
+        max_sequence_length=32,
+    )
+    macs = pruning_macs(pipe)
+    disable_pruning(pipe)
+    full, cached = macs[0], macs[2]
+    assert macs == [full, full, cached, cached, full, cached, cached, full] and cached < full / 4
