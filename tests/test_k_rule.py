@@ -49,6 +49,9 @@ def test_every_selector_keeps_floor_alpha_n(name, alpha, grid):
     if name == "adaptive_schedule":  # full or forecast-only steps: it never computes a share of the tokens
         assert picked == []
         return
+    if name == "speca":  # full, forecast-only and verifying steps: the verifying ones compute ⌊α·N⌋ tokens
+        assert picked and {int(idx.shape[1]) for idx in picked} == {floor_k(alpha, n)}
+        return
     assert len(picked) == 4, f"{name}: steps 3-6 are pruned"
     assert {int(idx.shape[1]) for idx in picked} == {floor_k(alpha, n)}, name
 

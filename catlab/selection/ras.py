@@ -55,7 +55,10 @@ def ras_metric(output: torch.Tensor, patch_size: int, metric: str = "std", layou
     x = output.float().reshape(b, n, p, p, ch // (p * p))
     if layout == "channel_major":
         x = output.float().reshape(b, n, ch // (p * p), p, p).permute(0, 1, 3, 4, 2)
-    per_pixel = x.std(dim=-1) if metric == "std" else x.norm(p=2, dim=-1)
+    if metric == "std":  # unbiased, as the authors'; a single channel has no spread (0, not NaN)
+        per_pixel = x.std(dim=-1, correction=1 if x.shape[-1] > 1 else 0)
+    else:
+        per_pixel = x.norm(p=2, dim=-1)
     return per_pixel.mean(-1).mean(-1)
 
 
@@ -109,6 +112,7 @@ class RAS(Policy):
                 f"{self.drop_multiple}"
             )
         self.reset_steps = tuple(int(s) for s in self.reset_steps)
+        self.num_steps, self.drop_count, self._dynamic = 0, None, None
 
     def reset(self, batch_size, grid, num_steps, device) -> None:
         super().reset(batch_size, grid, num_steps, device)

@@ -76,6 +76,7 @@ class SpeCa(Policy):
             )
         if self.order not in (0, 1, 2):
             raise ValueError(f"speca: order must be 0, 1 or 2 (the forecast it verifies); got {self.order}")
+        self._forget(0)
 
     @property
     def prunes(self) -> bool:
@@ -83,7 +84,10 @@ class SpeCa(Policy):
 
     def reset(self, batch_size, grid, num_steps, device) -> None:
         super().reset(batch_size, grid, num_steps, device)
-        self.num_steps = int(num_steps)
+        self._forget(num_steps)
+
+    def _forget(self, num_steps: int) -> None:
+        self.num_steps = max(int(num_steps), 1)
         self.last: str | None = None
         self.counter, self.checking = 0, False
         self.error: float | None = None
