@@ -131,3 +131,22 @@ def test_stock_flux_pipeline_runs_the_selector_and_refuses_the_propagating_rule(
     disable_pruning(pipe)
     full, cached = macs[0], macs[2]
     assert macs == [full, full, cached, cached, full, cached, cached, full] and cached < full / 4
+
+
+def test_stock_sd3_pipeline_equals_catlabs_loop_with_taylor_reuse():
+    from catlab import disable_pruning, enable_pruning
+    from tests.test_assembly_parity import SCALE, STEPS, _sd3
+
+    spec = {"name": "clusca", "alpha": 0.0625, "start_step": 2, "interval": 3}
+    parts = lambda: StepReuse(rule=reuses.build("taylor"))  # noqa: E731
+    adapter = tiny_sd3()
+    cfg = SamplerConfig(num_steps=STEPS, guidance_scale=SCALE, progress=False)
+    policy = selectors.build(spec)
+    ran = sample(adapter, policy, PROMPTS, SEEDS, cfg, parts())
+    pipe, call = _sd3(adapter)
+    hooked = selectors.build(spec)
+    enable_pruning(pipe, hooked, guidance_scale=SCALE, reuse=parts())
+    latents = call()
+    disable_pruning(pipe)
+    assert torch.equal(hooked.clusters.labels, policy.clusters.labels)
+    torch.testing.assert_close(latents, ran.latents, atol=1e-4, rtol=1e-4)
