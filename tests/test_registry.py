@@ -25,7 +25,7 @@ def test_build_checks_keys_and_names():
 def test_builtin_registries_list_their_components():
     assert {"full", "random"} <= set(selectors.names())
     assert {"tiny_sd3", "tiny_pixart", "sd3", "pixart_sigma"} <= set(models.names())
-    assert selectors.names("ra*") == ["random"]
+    assert selectors.names("ra*") == ["random", "ras"]
 
 
 def test_double_registration_is_refused():
@@ -41,4 +41,4 @@ def test_builtin_names_are_catlabs_own_components(monkeypatch):
     selectors.register("elsewhere")(type("Elsewhere", (), {"__module__": "my_plugin.selector"}))
     assert "elsewhere" in selectors.names() and "elsewhere" not in selectors.builtin_names()
     assert {"cat", "full", "random"} <= set(selectors.builtin_names())
-    assert selectors.builtin_names("ra*") == ["random"]
+    assert selectors.builtin_names("ra*") == ["random", "ras"]

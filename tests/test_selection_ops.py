@@ -28,9 +28,13 @@ BOUNDS = {
     "atedm": (0, 0),  # prunes inside the forward; nothing between steps
     "full": (0, 0),
     "adaptive_schedule": (0, 0),  # full or forecast-only steps: no selection (its estimate runs in num_kept)
+    "ras": (17, 16),
+    "speca": (166, 166),  # a verifying step: the forecast of every token, its history pushed
 }
 #: loops on the host by design (docs/cat_reference.md): its count grows with batch and clusters
 UNBOUNDED = {"cat_reference"}
+#: clusca's first cached step after each full step runs k-means to convergence: a data-dependent count
+UNBOUNDED |= {"clusca"}
 
 
 def _build(name: str):
