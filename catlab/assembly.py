@@ -99,9 +99,8 @@ def check_composition(policy: Policy, parts: StepReuse, rows_stacked: bool = Fal
     cache = parts.step_cache
     if cache is not None and policy.prunes and Capability.COMPOSES_WITH_PRUNING not in cache.capabilities:
         raise CompositionError(
-            f"step cache '{cache.name}' compares block residuals between steps; with token pruning "
-            f"(selector '{policy.name}') those residuals belong to different tokens. Compose pruning with "
-            f"'taylorseer', or run '{cache.name}' with selector=full."
+            f"step cache '{cache.name}' {cache.pruning_conflict} (selector '{policy.name}' prunes). "
+            f"Compose pruning with 'taylorseer', or run '{cache.name}' with selector=full."
         )
     inside = parts.rule is not None and (cache is not None or parts.kv is not None)
     for role, rule in (("reuse", parts.rule if inside or rows_stacked else None), ("K/V reuse", parts.kv)):
@@ -241,7 +240,7 @@ class PruningSession:
         for hook in self.hooks:
             hook.reset()
         if self.parts.step_cache is not None:
-            self.parts.step_cache.reset()
+            self.parts.step_cache.begin(groups)
         if self.engine is not None:
             self.engine.reset()
         if self.graphs is not None:

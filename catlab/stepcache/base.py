@@ -5,7 +5,7 @@ transformer; catlab only chooses the layout where a family needs it (see each
 wrapper) and drives the state per generation. The loop calls::
 
     cache.apply(transformer)                   # once; after TokenPruner.attach() when composing
-    cache.reset()                              # at the start of each generation
+    cache.begin(groups)                        # at the start of each generation (2 groups: CFG)
     with cache.context(step, num_steps):       # around each transformer call (1-based step)
         pred = adapter.predict(...)
     cache.remove(transformer)                  # the transformer is the stock model again
@@ -40,6 +40,10 @@ class StepCache(Named):
     #: (token pruning may run inside the steps it computes, see docs/beyond_copy.md), ``NEEDS_CALIBRATION``
     #: (:meth:`calibrate` must run before generating)
     capabilities: ClassVar[Capability] = Capability.NONE
+    #: why the cache cannot run inside pruned steps (unless it declares ``COMPOSES_WITH_PRUNING``)
+    pruning_conflict: ClassVar[str] = (
+        "compares block residuals between steps; with token pruning those residuals belong to different tokens"
+    )
 
     @property
     def composes_with_pruning(self) -> bool:
@@ -84,6 +88,12 @@ class StepCache(Named):
             registry.remove_hook(hook, recurse=True)
         registry.invalidate_child_registries_cache()
         self._transformer = None
+
+    def begin(self, groups: int) -> None:
+        """A generation starts with ``groups`` stacked guidance row groups per sample (2: classifier-free
+        guidance, 1: none or one branch per call): forget the cached features (:meth:`reset`). A cache that
+        needs a kind of batch refuses the others here, before any step."""
+        self.reset()
 
     def reset(self) -> None:
         """Forget the cached features: a new generation starts."""
