@@ -122,6 +122,16 @@ def test_cat_clusters_span_frames_on_static_content(clusterer):
         assert sum(len(frames) > 1 for frames in spans) >= len(spans) // 2, (clusterer, spans)
 
 
+@pytest.mark.parametrize("frame_step, spans", [(1.0, True), (20.0, False)])
+def test_the_frame_scale_decides_whether_clusters_span_frames(frame_step, spans):
+    """k-means on the static clip's features: one frame one spatial step away, clusters span frames; frames
+    20 steps apart, every cluster stays in one frame."""
+    still = _static_video(batch=1)
+    pe = positional_encoding(VIDEO, still.shape[-1], frame_step=frame_step)
+    labels = clusterers.build({"name": "kmeans_sklearn"})(0.05 * still + pe, VIDEO)[0]
+    assert any(len(frames) > 1 for frames in _frames_of_each_cluster(labels, VIDEO)) == spans
+
+
 def test_on_an_image_clusters_stay_as_they_were():
     """The same clusterers on a one-frame video give the image's labels exactly."""
     still = _static_video(frames=1, batch=1)
