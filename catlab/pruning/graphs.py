@@ -210,7 +210,7 @@ class ForwardGraphs:
     def _key(self, pruner, leaves: list, spec, tag) -> tuple:
         idx = pruner.row_indices
         compiled = any(
-            getattr(b, "_compiled_call_impl", None) is not None for b in pruner.transformer.transformer_blocks
+            getattr(b, "_compiled_call_impl", None) is not None for b in getattr(pruner.transformer, pruner.spec.blocks)
         )
         sig = []
         for leaf in leaves:
