@@ -164,7 +164,7 @@ class _WanVideo:
         """The spatial patch (Wan2.1: ``(1, 2, 2)``, one latent frame per token)."""
         pt, ph, pw = self.transformer.config.patch_size
         if pt != 1 or ph != pw:
-            raise ValueError(f"the Wan adapters take patches (1, p, p); got {tuple(self.transformer.config.patch_size)}")
+            raise ValueError(f"the Wan adapters take patches (1, p, p); got {(pt, ph, pw)}")
         return int(ph)
 
     @property
