@@ -285,6 +285,11 @@ class Wan21T2V(_WanVideo, PipelineAdapter):
             )
         if int(self.num_frames) < 1 or (int(self.num_frames) - 1) % 4:
             raise ValueError(f"wan2_1_t2v: model.num_frames must be 4·n + 1 (81, 33, 5, ...); got {self.num_frames}")
+        self.load()
+
+    def load(self) -> None:
+        """``WanPipeline.from_pretrained(path)`` (its transformer keeps fp32 modules: loading needs the
+        ``accelerate`` package), the VAE in float32 as Wan's examples run it."""
         super().__post_init__()
         self.pipeline.vae.to(torch.float32)
 
