@@ -4,7 +4,7 @@ sees them, the 3D rotary rows of the selected tokens, the frames-major token ord
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -135,6 +135,31 @@ def test_pruned_runs_fewer_macs_exactly_k_tokens_and_is_deterministic(wan):
     assert not torch.allclose(runs[0].latents, full.latents, atol=1e-4)
     for idx in runs[0].trace.indices[2:]:
         assert idx.shape == (2, int(0.3 * n)) and all(len(set(row.tolist())) == idx.shape[1] for row in idx)
+
+
+def test_counted_macs_equal_the_formula(wan):
+    """``count_macs`` counts what ran (the Conv3d patch embedding from its input, SDPA called with keywords by the
+    stock cross-attention): the same as the formula on full and pruned steps."""
+    cfg = SamplerConfig(num_steps=4, guidance_scale=5.0, progress=False)
+    policy = {"name": "random", "alpha": 0.25, "start_step": 2}
+    counted = sample(wan, selectors.build(policy), PROMPTS[:1], [0], replace(cfg, count_macs=True)).trace
+    formula = sample(wan, selectors.build(policy), PROMPTS[:1], [0], cfg).trace
+    assert [s.macs for s in counted.steps] == [s.macs for s in formula.steps]
+
+
+def test_graphed_equals_eager_and_pruned_steps_read_nothing_on_the_host(wan):
+    from catlab.pruning import graphs_of
+    from catlab.pruning.capture import emulate_on_cpu
+
+    def run(**options):
+        cfg = SamplerConfig(num_steps=5, guidance_scale=5.0, progress=False, **options)
+        return sample(wan, selectors.build({"name": "random", "alpha": 0.3, "start_step": 2}), PROMPTS, SEEDS, cfg)
+
+    eager = run(check_sync=True)
+    with emulate_on_cpu():
+        first, second = run(cuda_graphs=True), run(cuda_graphs=True)
+    assert first.trace.graphed and torch.equal(first.images, eager.images) and torch.equal(second.images, eager.images)
+    assert graphs_of(wan.transformer).captures == 2
 
 
 def test_grid_blind_selectors_run_on_the_video_grid(wan):
