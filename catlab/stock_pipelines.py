@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import warnings
 
 import torch
@@ -153,10 +154,10 @@ class TokenPruningHook(ModelHook):
             session.begin(
                 rows // self.groups,
                 self.groups,
-                _grid(module, self.token_grid if self.packed else None, latents, kwargs),
+                _grid(module, self.token_grid, latents, kwargs),
                 self._num_steps(),
                 self.call_text,
-                module.config.in_channels * patch * patch,
+                module.config.in_channels * _patch_volume(patch),
                 latents.device,
             )
         self.plan = session.plan(step)
@@ -243,12 +244,20 @@ class TokenPruningHook(ModelHook):
         return float(scheduler.sigmas[scheduler.step_index or 0])
 
 
-def _grid(module: nn.Module, token_grid, latents: torch.Tensor, kwargs: dict) -> tuple[int, int]:
-    """The token grid of a call: from the latent image, or for packed tokens (the transformer takes and returns
-    tokens, not latent images) the family's ``token_grid`` of the call's arguments, once per generation."""
+def _patch_volume(patch) -> int:
+    """Latent values per token of a patch size: ``p`` (an image's ``p x p``) or ``(pt, ph, pw)`` (a video's)."""
+    return patch * patch if isinstance(patch, int) else math.prod(patch)
+
+
+def _grid(module: nn.Module, token_grid, latents: torch.Tensor, kwargs: dict) -> tuple[int, ...]:
+    """The token grid of a call: from the latent image, or the family's ``token_grid`` of the call's arguments
+    (packed tokens: the transformer takes and returns tokens, not latent images; a video: (frames, h, w)),
+    once per generation."""
     if token_grid is not None:
-        return token_grid(kwargs)
+        return token_grid({**kwargs, "hidden_states": latents})
     patch = module.config.patch_size
+    if latents.ndim == 5:  # a video (B, C, F, H, W): tokens frames-major, row-major
+        return tuple(size // p for size, p in zip(latents.shape[2:], patch))
     return latents.shape[-2] // patch, latents.shape[-1] // patch
 
 
@@ -256,14 +265,14 @@ def _tokens(module: nn.Module, packed: bool, sample: torch.Tensor) -> torch.Tens
     """A call's output as ``(rows, N, C)`` tokens of the latent channels (a learned variance left out)."""
     if packed:
         return sample.float()
-    return patchify(sample[:, : module.config.in_channels].float(), module.config.patch_size)
+    return patchify(sample[:, : module.config.in_channels].float(), module.config.patch_size)  # 4D, or 5D video
 
 
 def _from_tokens(module: nn.Module, packed: bool, tokens: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
     """``tokens`` back in the layout of the call's output ``sample``; channels they lack as in ``sample``."""
     if packed:
         return tokens.to(sample.dtype)
-    image = unpatchify(tokens, module.config.patch_size, sample.shape[-2], sample.shape[-1]).to(sample.dtype)
+    image = unpatchify(tokens, module.config.patch_size, *sample.shape[2:]).to(sample.dtype)
     if image.shape[1] < sample.shape[1]:  # the latent channels only: the rest (learned variance) as computed
         image = torch.cat([image, sample[:, image.shape[1] :]], 1)
     return image

@@ -67,12 +67,26 @@ class _GatherHook(ModelHook):
     def post_forward(self, module: nn.Module, output: torch.Tensor) -> torch.Tensor:
         if self.pruner.bypass:
             return output
+        if output.ndim > 3:  # a convolution's (B, D, *grid), flattened into tokens by the forward after it
+            return self._gather_channels_first(output)
         self.pruner.num_tokens = output.shape[1]
         self.pruner.prepare(output.shape[0], 0, output.device, text=False)
         idx = self.pruner.row_indices
         if idx is None:
             return output
         return output.gather(1, idx[..., None].expand(-1, -1, output.shape[-1]))
+
+    def _gather_channels_first(self, output: torch.Tensor) -> torch.Tensor:
+        """``(B, D, F, H, W)`` (a 3D patch embedding; tokens frames-major, row-major) → ``(B, D, k, 1, 1)``: the
+        selected tokens, which the forward's ``flatten(2).transpose(1, 2)`` turns into ``(B, k, D)``."""
+        tokens = output.flatten(2)
+        self.pruner.num_tokens = tokens.shape[2]
+        self.pruner.prepare(output.shape[0], 0, output.device, text=False)
+        idx = self.pruner.row_indices
+        if idx is None:
+            return output
+        picked = tokens.gather(2, idx[:, None, :].expand(-1, tokens.shape[1], -1))
+        return picked.view(*picked.shape, *([1] * (output.ndim - 3)))
 
 
 class _RotaryHook(ModelHook):
@@ -304,7 +318,7 @@ class TokenPruner:
         if not self.probe_layers:
             return 0
         attr, cls = self.spec.attentions[0]
-        attn = getattr(self.transformer.transformer_blocks[0], attr)
+        attn = getattr(getattr(self.transformer, self.spec.blocks)[0], attr)
         keys = self.num_tokens + (num_text_tokens if cls.holds_text(attn) else 0)
         dim = attn.to_q.out_features
         return rows * len(self.probe_layers) * kept * keys * dim

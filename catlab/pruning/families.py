@@ -70,6 +70,8 @@ class FamilySpec:
     text_embed: str | None = None
     #: block lists after ``transformer_blocks``, run in this order
     extra_blocks: tuple[BlockList, ...] = ()
+    #: the attribute that holds the first (or only) list of blocks
+    blocks: str = "transformer_blocks"
     #: the module whose output holds the rotary tables (``None``: positions are added to the tokens,
     #: not rotated into Q/K), and how a pruned step keeps the rows of the selected tokens:
     #: ``select_rotary(output, indices (rows, k), N)`` → what the blocks receive instead
@@ -94,11 +96,11 @@ class FamilySpec:
 
     def block_lists(self) -> tuple[BlockList, ...]:
         """Every list of blocks, in the order the forward runs them."""
-        return (BlockList("transformer_blocks", self.block_type, self.attentions), *self.extra_blocks)
+        return (BlockList(self.blocks, self.block_type, self.attentions), *self.extra_blocks)
 
     def check_block(self, index: int, block: nn.Module, kind: BlockList | None = None) -> None:
         kind = kind or self.block_lists()[0]
-        where = f"block {index}" if kind.attr == "transformer_blocks" else f"{kind.attr}[{index}]"
+        where = f"block {index}" if kind.attr == self.blocks else f"{kind.attr}[{index}]"
         if type(block).__name__ != kind.block_type:
             raise UnsupportedModelError(
                 f"{where} is a {type(block).__name__}; a {self.transformer_type} can be pruned "
@@ -142,8 +144,16 @@ def family_of(transformer: nn.Module) -> FamilySpec:
     return spec
 
 
-def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
-    """``(B, C, H, W)`` → ``(B, N, p·p·C)`` in the token order and channel layout of the output projection."""
+def patchify(x: torch.Tensor, patch: int | tuple[int, ...]) -> torch.Tensor:
+    """``(B, C, H, W)`` → ``(B, N, p·p·C)`` in the token order and channel layout of the output projection.
+
+    A video ``(B, C, F, H, W)`` with a patch ``(pt, ph, pw)`` (an int ``p``: ``(1, p, p)``) → ``(B, N, pt·ph·pw·C)``,
+    tokens frames-major then row-major, each token's channels ``(pt, ph, pw, C)``."""
+    if x.ndim == 5:
+        pt, ph, pw = (1, patch, patch) if isinstance(patch, int) else tuple(patch)
+        b, c, f, h, w = x.shape
+        x = x.reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw).permute(0, 2, 4, 6, 3, 5, 7, 1)
+        return x.reshape(b, (f // pt) * (h // ph) * (w // pw), pt * ph * pw * c)
     b, c, h, w = x.shape
     x = x.reshape(b, c, h // patch, patch, w // patch, patch)
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)
