@@ -10,6 +10,11 @@ narrow interventions make it pruned:
 3. a hook on the output projection scatters the k fresh outputs into the previous
    step's token-space output, so the stock unpatchify sees all N tokens.
 
+A family whose transformer takes per-block residuals of the image tokens (a ControlNet's,
+``FamilySpec.block_residuals``) has one more hook, on the transformer itself: at a pruned
+step it gathers each residual ``(rows, N, D)`` to the rows' k selected tokens, so the
+blocks add to every computed token its own residual.
+
 The caches live in a :class:`~catlab.pruning.buffers.BufferPool` and are written in
 place; the patch-embedding hook and one on the text embedding (a joint attention
 keeps the text's K/V after the image's) bind them and compute the step's write
@@ -42,6 +47,7 @@ GATHER_HOOK = "catlab_token_gather"
 SCATTER_HOOK = "catlab_token_scatter"
 TEXT_HOOK = "catlab_token_text"
 ROTARY_HOOK = "catlab_token_rotary"
+RESIDUAL_HOOK = "catlab_token_residuals"
 
 
 class _TextHook(ModelHook):
@@ -88,6 +94,24 @@ class _RotaryHook(ModelHook):
         if p.bypass or p.row_indices is None:
             return output
         return p.spec.select_rotary(output, p.row_indices, p.num_tokens)
+
+
+class _ResidualHook(ModelHook):
+    """Before the transformer's forward: at a pruned step, the per-block residuals of the call (a ControlNet's)
+    gathered to the selected tokens, in the same order as the gathered image tokens."""
+
+    def __init__(self, pruner: TokenPruner):
+        super().__init__()
+        self.pruner = pruner
+
+    def pre_forward(self, module: nn.Module, *args, **kwargs):
+        p = self.pruner
+        if p.bypass or p.row_indices is None:
+            return args, kwargs
+        for name in p.spec.block_residuals:
+            if kwargs.get(name) is not None:
+                kwargs[name] = [p.gather_tokens(r) if torch.is_tensor(r) else r for r in kwargs[name]]
+        return args, kwargs
 
 
 class _ScatterHook(ModelHook):
@@ -153,6 +177,8 @@ class TokenPruner:
         _registry(getattr(t, self.spec.output_proj)).register_hook(self._hook(_ScatterHook), SCATTER_HOOK)
         if self.spec.rotary is not None:
             _registry(getattr(t, self.spec.rotary)).register_hook(self._hook(_RotaryHook), ROTARY_HOOK)
+        if self.spec.block_residuals:
+            _registry(t).register_hook(self._hook(_ResidualHook), RESIDUAL_HOOK)
         layer = 0  # counted across the block lists (dual-stream blocks, then single-stream ones)
         for blocks in self.spec.block_lists():
             for i, block in enumerate(getattr(t, blocks.attr)):
@@ -188,6 +214,8 @@ class TokenPruner:
         _registry(getattr(t, self.spec.output_proj)).remove_hook(SCATTER_HOOK, recurse=False)
         if self.spec.rotary is not None:
             _registry(getattr(t, self.spec.rotary)).remove_hook(ROTARY_HOOK, recurse=False)
+        if self.spec.block_residuals:
+            _registry(t).remove_hook(RESIDUAL_HOOK, recurse=False)
         for attn, proc in self._original_processors.items():
             attn.processor = proc
         self._original_processors.clear()
@@ -238,6 +266,19 @@ class TokenPruner:
         buf = self.pool.get("indices", (rows, k), torch.long, indices.device)
         buf.view(rows // batch, batch, k).copy_(indices[None].expand(rows // batch, batch, k))
         self.row_indices = buf
+
+    def gather_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` ``(rows, N, D)``, one per image token, reduced to each row's selected tokens ``(rows, k, D)``
+        (as the patch-embedding hook reduces the image tokens); a full step keeps all of them."""
+        idx = self.row_indices
+        if idx is None:
+            return tokens
+        if tokens.shape[:2] != (idx.shape[0], self.num_tokens):
+            raise ValueError(
+                f"a per-token residual of shape {tuple(tokens.shape)} does not match the call's "
+                f"{idx.shape[0]} rows of {self.num_tokens} image tokens"
+            )
+        return tokens.gather(1, idx[..., None].expand(-1, -1, tokens.shape[-1]))
 
     def prepare(self, rows: int, num_text: int, device, text: bool) -> None:
         """Before the blocks, for the attentions with (``text=True``) or without text tokens in their K/V:
