@@ -280,6 +280,10 @@ class PruningSession:
     def prepare(self, plan: StepPlan, indices: torch.Tensor | None, time: float | None) -> None:
         """Before a forward of ``plan``: the rows' indices, and the step and time for the hooks inside."""
         self.pruner.set_indices(indices, self.rows)
+        # a step TaylorSeer forecasts from its output projection ("output" mode) runs no block: what the skipped
+        # blocks return is a placeholder, and per-block residuals (a ControlNet's) are not added to it
+        cache = self.parts.step_cache
+        self.pruner.blocks_skipped = plan.kind is StepKind.CACHED and getattr(cache, "mode", None) == "output"
         for hook in self.hooks:
             hook.step, hook.time = plan.step, time
 

@@ -106,6 +106,8 @@ class _ResidualHook(ModelHook):
 
     def pre_forward(self, module: nn.Module, *args, **kwargs):
         p = self.pruner
+        if p.blocks_skipped:  # the blocks return placeholders of the last computed step's shape: nothing to add
+            return args, {**kwargs, **dict.fromkeys(p.spec.block_residuals)}
         if p.bypass or p.row_indices is None:
             return args, kwargs
         for name in p.spec.block_residuals:
@@ -165,6 +167,8 @@ class TokenPruner:
         self.attached = False
         #: the stock forward runs and no cache is read or written (see :meth:`set_bypass`)
         self.bypass = False
+        #: the step cache forecasts this step from the output projection: the blocks do not run
+        self.blocks_skipped = False
 
     # -- lifecycle -------------------------------------------------------------
     def attach(self) -> TokenPruner:
