@@ -170,7 +170,7 @@ class TokenPruningHook(ModelHook):
                 _grid(module, self.token_grid if self.packed else None, latents, kwargs),
                 self._num_steps(),
                 self.call_text,
-                module.config.in_channels * patch * patch,
+                _latent_channels(module) * patch * patch,
                 latents.device,
             )
         self.plan = session.plan(step)
@@ -273,11 +273,19 @@ def _grid(module: nn.Module, token_grid, latents: torch.Tensor, kwargs: dict) ->
     return latents.shape[-2] // patch, latents.shape[-1] // patch
 
 
+def _latent_channels(module: nn.Module) -> int:
+    """The latent channels a call's output predicts: fewer than the output's with a learned variance (PixArt's
+    ``out_channels`` twice ``in_channels``), fewer than the input's where the input carries more (an inpainting
+    transformer that takes the mask and the masked image's latents too)."""
+    out = getattr(module.config, "out_channels", None) or module.config.in_channels
+    return min(module.config.in_channels, out)
+
+
 def _tokens(module: nn.Module, packed: bool, sample: torch.Tensor) -> torch.Tensor:
     """A call's output as ``(rows, N, C)`` tokens of the latent channels (a learned variance left out)."""
     if packed:
         return sample.float()
-    return patchify(sample[:, : module.config.in_channels].float(), module.config.patch_size)
+    return patchify(sample[:, : _latent_channels(module)].float(), module.config.patch_size)
 
 
 def _from_tokens(module: nn.Module, packed: bool, tokens: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:

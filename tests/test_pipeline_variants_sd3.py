@@ -14,7 +14,7 @@ import torch
 from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
 from catlab import disable_pruning, enable_pruning, pruning_macs
-from catlab.assembly import StepReuse
+from catlab.assembly import CompositionError, StepReuse
 from catlab.registry import reuses, selectors, stepcaches
 from catlab.selection.baselines import Sequential
 from catlab.selection.budget_schedule import BudgetSchedule
@@ -168,6 +168,10 @@ def test_first_block_cache_on_the_variant_where_diffusers_own_has_no_context(nam
     pruned, _ = _check_column(pipe, name, stock, cached(10.0), cached(0.0))
     _check_variant(name, pruned, stock)
 
+    cache = stepcaches.build({"name": "first_block_cache", "threshold": 0.05})
+    with pytest.raises(CompositionError, match="first_block_cache' compares block residuals.*'taylorseer'"):
+        _enable(pipe, selectors.build({"name": "cat", **PRUNED}), reuse=StepReuse(step_cache=cache))
+
     own = VARIANTS[name][0]()
     apply_first_block_cache(own.transformer, FirstBlockCacheConfig(threshold=0.2))
     with pytest.raises(ValueError, match="No cache context is set"):
@@ -261,3 +265,42 @@ def test_pixart_sigma_dpm_scheduler_is_stochastic_and_seeded():
     assert np.array_equal(_call(pipe, "pixart_sigma_dpm"), first)
     assert not np.allclose(_call(pipe, "pixart_sigma_dpm", generator=torch.Generator().manual_seed(1)), first)
     disable_pruning(pipe)
+
+
+def test_controlnet_graphed_equals_eager_with_a_new_control_image():
+    """The ControlNet residuals are inputs of a captured call: a replay with another control image uses its
+    residuals (CPU stand-in of capture and replay)."""
+    from catlab.pruning.capture import emulate_on_cpu
+    from catlab.pruning.graphs import graphs_of
+
+    pipe = sd3_controlnet_pipeline()
+    other = dict(control_image=control_image(seed=5))
+    _enable(pipe, selectors.build({"name": "cat", **PRUNED}))
+    eager, eager_other = _call(pipe, "controlnet"), _call(pipe, "controlnet", **other)
+    disable_pruning(pipe)
+    assert not np.allclose(eager, eager_other, atol=1e-3)
+    with emulate_on_cpu():
+        _enable(pipe, selectors.build({"name": "cat", **PRUNED}), cuda_graphs=True)
+        graphed, graphed_other = _call(pipe, "controlnet"), _call(pipe, "controlnet", **other)
+        store = graphs_of(pipe.transformer)
+        assert store.captures >= 2 and store.replays >= 6  # a full and a pruned graph, replayed
+        disable_pruning(pipe)
+    np.testing.assert_array_equal(graphed, eager)
+    np.testing.assert_array_equal(graphed_other, eager_other)
+
+
+def test_inpainting_transformer_that_takes_the_mask_channels():
+    """A 33-channel inpainting transformer (latents, mask, masked image's latents in; 16 latent channels out):
+    the reuse rule acts on the 16 channels the transformer predicts. diffusers blends the input into the kept
+    region only for a 16-channel transformer; this one is left to keep it itself."""
+    pipe = sd3_inpaint_pipeline(in_channels=33, out_channels=16)
+    stock = _call(pipe, "inpaint")
+    taylor = StepReuse(rule=reuses.build("taylor"))
+    _enable(pipe, BudgetSchedule(inner="cat", pattern=(1.0,), start_step=2), reuse=taylor)
+    np.testing.assert_allclose(_call(pipe, "inpaint"), stock, atol=1e-5, rtol=0)
+    _enable(pipe, BudgetSchedule(inner="cat", pattern=(1.0, 0.5, 0.0), start_step=2), reuse=taylor)
+    pruned = _call(pipe, "inpaint")
+    macs = pruning_macs(pipe)
+    disable_pruning(pipe)
+    assert macs[4] == 0 and macs[0] == macs[2] > macs[3] > 0
+    assert not np.allclose(pruned, stock, atol=1e-4)  # this pipeline blends nothing: the model keeps the rest
