@@ -19,7 +19,8 @@ from catlab.registry import reuses, selectors, stepcaches
 from catlab.selection.baselines import Sequential
 from catlab.selection.budget_schedule import BudgetSchedule
 from catlab.stock_pipelines import _hook
-from catlab.testing.tiny_pipelines import (
+from catlab.testing.tiny_pipelines import sd3_pipeline
+from catlab.testing.tiny_sd3_variants import (
     control_image,
     init_image,
     inpaint_mask,
@@ -27,7 +28,6 @@ from catlab.testing.tiny_pipelines import (
     sd3_controlnet_pipeline,
     sd3_img2img_pipeline,
     sd3_inpaint_pipeline,
-    sd3_pipeline,
 )
 from tests.test_stock_pipelines import Recording
 

@@ -538,6 +538,3 @@ def qwen_image_pipeline(seed: int = 0, **transformer_config) -> QwenImagePipelin
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-from catlab.testing.tiny_sd3_variants import *  # noqa: E402,F401,F403  (SD3 img2img, inpainting, ControlNet; PixArt-Σ with DPM-Solver)

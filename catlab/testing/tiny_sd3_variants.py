@@ -15,6 +15,10 @@ class, so a pruned variant can be compared with the stock text-to-image one comp
   otherwise than the text-to-image builder's (by default the stochastic ``sde-dpmsolver++`` with Karras
   sigmas: it draws noise from the call's generator at every step); keyword arguments override its config.
 
+Import them from here (``from catlab.testing.tiny_sd3_variants import sd3_img2img_pipeline``): this module
+builds on :mod:`catlab.testing.tiny_pipelines`, which therefore does not re-export it (that would be an import
+circle).
+
 ``control_image``, ``init_image`` and ``inpaint_mask`` make the inputs these calls take: seeded PIL images of any
 size (64x64 px by default, the builders' usual resolution: a 32x32 latent, 256 image tokens).
 """
@@ -33,13 +37,7 @@ from diffusers import (
 )
 from PIL import Image
 
-
-def _tiny():
-    """:mod:`catlab.testing.tiny_pipelines`, read when a builder runs (it re-exports this module's builders at its
-    end, so importing it here at import time would be circular)."""
-    from catlab.testing import tiny_pipelines
-
-    return tiny_pipelines
+from catlab.testing.tiny_pipelines import _seeded, pixart_sigma_pipeline, sd3_pipeline
 
 
 def _components(pipe) -> dict:
@@ -54,13 +52,13 @@ def _quiet(pipe):
 
 def sd3_img2img_pipeline(seed: int = 0, vae_scale_factor: int = 2, **transformer_config):
     """:func:`~catlab.testing.tiny_pipelines.sd3_pipeline`'s components in a ``StableDiffusion3Img2ImgPipeline``."""
-    t2i = _tiny().sd3_pipeline(seed, vae_scale_factor, **transformer_config)
+    t2i = sd3_pipeline(seed, vae_scale_factor, **transformer_config)
     return _quiet(StableDiffusion3Img2ImgPipeline(**_components(t2i)))
 
 
 def sd3_inpaint_pipeline(seed: int = 0, vae_scale_factor: int = 2, **transformer_config):
     """:func:`~catlab.testing.tiny_pipelines.sd3_pipeline`'s components in a ``StableDiffusion3InpaintPipeline``."""
-    t2i = _tiny().sd3_pipeline(seed, vae_scale_factor, **transformer_config)
+    t2i = sd3_pipeline(seed, vae_scale_factor, **transformer_config)
     return _quiet(StableDiffusion3InpaintPipeline(**_components(t2i)))
 
 
@@ -69,7 +67,7 @@ def tiny_sd3_controlnet(transformer, num_layers: int = 2, seed: int = 10, scale:
     from seeded generators; the zero-initialised output projections and conditioning embedding get
     ``N(0, scale²)`` weights so the ControlNet has an effect."""
     c = transformer.config
-    with _tiny()._seeded(seed):
+    with _seeded(seed):
         net = SD3ControlNetModel(
             sample_size=c.sample_size,
             patch_size=c.patch_size,
@@ -95,7 +93,7 @@ def sd3_controlnet_pipeline(seed: int = 0, vae_scale_factor: int = 2, controlnet
     """:func:`~catlab.testing.tiny_pipelines.sd3_pipeline`'s components and :func:`tiny_sd3_controlnet` in a
     ``StableDiffusion3ControlNetPipeline`` (3 transformer blocks, 2 ControlNet blocks: diffusers adds ControlNet
     block ``int(i / 1.5)``'s residual after transformer block ``i``, except the context-pre-only last block)."""
-    t2i = _tiny().sd3_pipeline(seed, vae_scale_factor, **config)
+    t2i = sd3_pipeline(seed, vae_scale_factor, **config)
     controlnet = tiny_sd3_controlnet(t2i.transformer, controlnet_layers, seed=seed + 10)
     return _quiet(StableDiffusion3ControlNetPipeline(**_components(t2i), controlnet=controlnet))
 
@@ -103,7 +101,7 @@ def sd3_controlnet_pipeline(seed: int = 0, vae_scale_factor: int = 2, controlnet
 def pixart_sigma_dpm_pipeline(seed: int = 0, vae_scale_factor: int = 2, **scheduler_config) -> PixArtSigmaPipeline:
     """:func:`~catlab.testing.tiny_pipelines.pixart_sigma_pipeline` with the stochastic multistep DPM-Solver
     (``sde-dpmsolver++``, order 2, Karras sigmas) unless ``scheduler_config`` says otherwise."""
-    pipe = _tiny().pixart_sigma_pipeline(seed, vae_scale_factor)
+    pipe = pixart_sigma_pipeline(seed, vae_scale_factor)
     config = dict(algorithm_type="sde-dpmsolver++", solver_order=2, use_karras_sigmas=True)
     config.update(scheduler_config)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, **config)
