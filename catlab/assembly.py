@@ -290,7 +290,7 @@ class PruningSession:
     def forward(self, plan: StepPlan, fn, args: tuple = (), kwargs: dict | None = None, tag=None):
         """``fn(*args, **kwargs)``, the transformer's forward: replayed from its graph, or eagerly inside the
         step cache's or in-step engine's context of this step."""
-        kwargs = kwargs or {}
+        kwargs = self.pruner.call_kwargs(kwargs or {})  # a ControlNet's residuals: for the computed tokens
         if self.graphs is not None:
             return self.graphs.call(self.pruner, fn, args, kwargs, tag=tag)
         slot = self.parts.step_cache or self.engine

@@ -11,9 +11,10 @@ narrow interventions make it pruned:
    step's token-space output, so the stock unpatchify sees all N tokens.
 
 A family whose transformer takes per-block residuals of the image tokens (a ControlNet's,
-``FamilySpec.block_residuals``) has one more hook, on the transformer itself: at a pruned
-step it gathers each residual ``(rows, N, D)`` to the rows' k selected tokens, so the
-blocks add to every computed token its own residual.
+``FamilySpec.block_residuals``) has them gathered from the call's arguments before the
+forward (:meth:`TokenPruner.call_kwargs`): each residual ``(rows, N, D)`` to the rows' k
+selected tokens, so the blocks add to every computed token its own residual. (Not a hook
+on the transformer itself: libraries that patch its ``forward`` expect a bound method.)
 
 The caches live in a :class:`~catlab.pruning.buffers.BufferPool` and are written in
 place; the patch-embedding hook and one on the text embedding (a joint attention
@@ -47,7 +48,6 @@ GATHER_HOOK = "catlab_token_gather"
 SCATTER_HOOK = "catlab_token_scatter"
 TEXT_HOOK = "catlab_token_text"
 ROTARY_HOOK = "catlab_token_rotary"
-RESIDUAL_HOOK = "catlab_token_residuals"
 
 
 class _TextHook(ModelHook):
@@ -94,26 +94,6 @@ class _RotaryHook(ModelHook):
         if p.bypass or p.row_indices is None:
             return output
         return p.spec.select_rotary(output, p.row_indices, p.num_tokens)
-
-
-class _ResidualHook(ModelHook):
-    """Before the transformer's forward: at a pruned step, the per-block residuals of the call (a ControlNet's)
-    gathered to the selected tokens, in the same order as the gathered image tokens."""
-
-    def __init__(self, pruner: TokenPruner):
-        super().__init__()
-        self.pruner = pruner
-
-    def pre_forward(self, module: nn.Module, *args, **kwargs):
-        p = self.pruner
-        if p.blocks_skipped:  # the blocks return placeholders of the last computed step's shape: nothing to add
-            return args, {**kwargs, **dict.fromkeys(p.spec.block_residuals)}
-        if p.bypass or p.row_indices is None:
-            return args, kwargs
-        for name in p.spec.block_residuals:
-            if kwargs.get(name) is not None:
-                kwargs[name] = [p.gather_tokens(r) if torch.is_tensor(r) else r for r in kwargs[name]]
-        return args, kwargs
 
 
 class _ScatterHook(ModelHook):
@@ -181,8 +161,6 @@ class TokenPruner:
         _registry(getattr(t, self.spec.output_proj)).register_hook(self._hook(_ScatterHook), SCATTER_HOOK)
         if self.spec.rotary is not None:
             _registry(getattr(t, self.spec.rotary)).register_hook(self._hook(_RotaryHook), ROTARY_HOOK)
-        if self.spec.block_residuals:
-            _registry(t).register_hook(self._hook(_ResidualHook), RESIDUAL_HOOK)
         layer = 0  # counted across the block lists (dual-stream blocks, then single-stream ones)
         for blocks in self.spec.block_lists():
             for i, block in enumerate(getattr(t, blocks.attr)):
@@ -218,8 +196,6 @@ class TokenPruner:
         _registry(getattr(t, self.spec.output_proj)).remove_hook(SCATTER_HOOK, recurse=False)
         if self.spec.rotary is not None:
             _registry(getattr(t, self.spec.rotary)).remove_hook(ROTARY_HOOK, recurse=False)
-        if self.spec.block_residuals:
-            _registry(t).remove_hook(RESIDUAL_HOOK, recurse=False)
         for attn, proc in self._original_processors.items():
             attn.processor = proc
         self._original_processors.clear()
@@ -270,6 +246,20 @@ class TokenPruner:
         buf = self.pool.get("indices", (rows, k), torch.long, indices.device)
         buf.view(rows // batch, batch, k).copy_(indices[None].expand(rows // batch, batch, k))
         self.row_indices = buf
+
+    def call_kwargs(self, kwargs: dict) -> dict:
+        """A forward's keyword arguments with its per-block residuals (``FamilySpec.block_residuals``) gathered
+        to the selected tokens at a pruned step; dropped at a step whose blocks do not run (:attr:`blocks_skipped`:
+        they return placeholders of the last computed step's shape). Unchanged otherwise."""
+        names = [name for name in self.spec.block_residuals if kwargs.get(name) is not None]
+        if not names or self.bypass:
+            return kwargs
+        if self.blocks_skipped:
+            return {**kwargs, **dict.fromkeys(names)}
+        if self.row_indices is None:
+            return kwargs
+        gathered = {name: [self.gather_tokens(r) if torch.is_tensor(r) else r for r in kwargs[name]] for name in names}
+        return {**kwargs, **gathered}
 
     def gather_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens`` ``(rows, N, D)``, one per image token, reduced to each row's selected tokens ``(rows, k, D)``

@@ -65,7 +65,6 @@ PRUNING_HOOKS = {
     "catlab_token_scatter",
     "catlab_token_text",
     "catlab_token_rotary",
-    "catlab_token_residuals",
     "catlab_token_pruning",
 }
 
