@@ -279,13 +279,17 @@ class PruningSession:
     def prepare(self, plan: StepPlan, indices: torch.Tensor | None, time: float | None) -> None:
         """Before a forward of ``plan``: the rows' indices, and the step and time for the hooks inside."""
         self.pruner.set_indices(indices, self.rows)
+        # a step TaylorSeer forecasts from its output projection ("output" mode) runs no block: what the skipped
+        # blocks return is a placeholder, and per-block residuals (a ControlNet's) are not added to it
+        cache = self.parts.step_cache
+        self.pruner.blocks_skipped = plan.kind is StepKind.CACHED and getattr(cache, "mode", None) == "output"
         for hook in self.hooks:
             hook.step, hook.time = plan.step, time
 
     def forward(self, plan: StepPlan, fn, args: tuple = (), kwargs: dict | None = None, tag=None):
         """``fn(*args, **kwargs)``, the transformer's forward: replayed from its graph, or eagerly inside the
         step cache's or in-step engine's context of this step."""
-        kwargs = kwargs or {}
+        kwargs = self.pruner.call_kwargs(kwargs or {})  # a ControlNet's residuals: for the computed tokens
         if self.graphs is not None:
             return self.graphs.call(self.pruner, fn, args, kwargs, tag=tag)
         slot = self.parts.step_cache or self.engine

@@ -25,6 +25,13 @@ such. Such a call runs the stock forward on all tokens, leaving the pruning
 caches and the policy untouched (its rows and skipped layers do not match the
 step's caches); its MACs are added to its step's.
 
+With ``strength`` < 1 (img2img, inpainting) a pipeline runs only the last steps of its
+schedule (``scheduler.set_begin_index``): the generation is the steps it runs, numbered
+from 1 at the first of them. ``start_step`` t0 counts full steps from there (the first
+t0 steps the pipeline runs compute every token), a schedule's pattern (``budget_schedule``)
+is laid over the steps run, and the policy is told their number; the time variable
+``sigma`` is still the scheduler's own sigma of each step.
+
 A new generation is detected when the pipeline's scheduler holds a new
 timestep tensor (every pipeline call runs ``scheduler.set_timesteps``), and
 everything is reset then; ``reset_pruning(pipe)`` does it by hand. Neither test
@@ -124,8 +131,15 @@ class TokenPruningHook(ModelHook):
         call within a step belongs to it), or on a bare transformer a change of timestep value."""
         scheduler = self._scheduler()
         if scheduler is not None and hasattr(scheduler, "step_index"):
-            return (scheduler.step_index or 0) + 1
+            return self._schedule_index() - _begin_index(scheduler) + 1
         return self.step if marker == self.marker else self.step + 1
+
+    def _schedule_index(self) -> int:
+        """The position in the scheduler's timesteps of the step being computed (before the first
+        ``scheduler.step`` of a generation its counter is unset: the pipeline's start, ``begin_index``)."""
+        scheduler = self._scheduler()
+        index = scheduler.step_index
+        return _begin_index(scheduler) if index is None else index
 
     def _starts_generation(self, marker, step: int) -> bool:
         if self.marker is None or torch.is_tensor(marker) != torch.is_tensor(self.marker):
@@ -157,7 +171,7 @@ class TokenPruningHook(ModelHook):
                 _grid(module, self.token_grid, latents, kwargs),
                 self._num_steps(),
                 self.call_text,
-                module.config.in_channels * _patch_volume(patch),
+                _latent_channels(module) * _patch_volume(patch),
                 latents.device,
             )
         self.plan = session.plan(step)
@@ -233,15 +247,22 @@ class TokenPruningHook(ModelHook):
         return 2 if cfg and rows % 2 == 0 else 1
 
     def _num_steps(self) -> int:
-        timesteps = getattr(self._scheduler(), "timesteps", None)
-        return len(timesteps) if timesteps is not None else 0
+        scheduler = self._scheduler()
+        timesteps = getattr(scheduler, "timesteps", None)
+        return len(timesteps) - _begin_index(scheduler) if timesteps is not None else 0
 
     def _time(self) -> float | None:
         """The forecasts' time variable: ``None`` (the step) or the scheduler's sigma of this step."""
         scheduler = self._scheduler()
         if self.session.parts.time != "sigma" or scheduler is None:
             return None
-        return float(scheduler.sigmas[scheduler.step_index or 0])
+        return float(scheduler.sigmas[self._schedule_index()])
+
+
+def _begin_index(scheduler) -> int:
+    """Where in its timesteps the pipeline starts (img2img and inpainting with ``strength`` < 1 skip the
+    first ones, ``scheduler.set_begin_index``); 0 for a pipeline that runs them all."""
+    return getattr(scheduler, "begin_index", None) or 0
 
 
 def _patch_volume(patch) -> int:
@@ -261,11 +282,19 @@ def _grid(module: nn.Module, token_grid, latents: torch.Tensor, kwargs: dict) ->
     return latents.shape[-2] // patch, latents.shape[-1] // patch
 
 
+def _latent_channels(module: nn.Module) -> int:
+    """The latent channels a call's output predicts: fewer than the output's with a learned variance (PixArt's
+    ``out_channels`` twice ``in_channels``), fewer than the input's where the input carries more (an inpainting
+    transformer that takes the mask and the masked image's latents too)."""
+    out = getattr(module.config, "out_channels", None) or module.config.in_channels
+    return min(module.config.in_channels, out)
+
+
 def _tokens(module: nn.Module, packed: bool, sample: torch.Tensor) -> torch.Tensor:
     """A call's output as ``(rows, N, C)`` tokens of the latent channels (a learned variance left out)."""
     if packed:
         return sample.float()
-    return patchify(sample[:, : module.config.in_channels].float(), module.config.patch_size)  # 4D, or 5D video
+    return patchify(sample[:, : _latent_channels(module)].float(), module.config.patch_size)  # 4D, or 5D video
 
 
 def _from_tokens(module: nn.Module, packed: bool, tokens: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:

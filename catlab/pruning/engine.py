@@ -10,6 +10,12 @@ narrow interventions make it pruned:
 3. a hook on the output projection scatters the k fresh outputs into the previous
    step's token-space output, so the stock unpatchify sees all N tokens.
 
+A family whose transformer takes per-block residuals of the image tokens (a ControlNet's,
+``FamilySpec.block_residuals``) has them gathered from the call's arguments before the
+forward (:meth:`TokenPruner.call_kwargs`): each residual ``(rows, N, D)`` to the rows' k
+selected tokens, so the blocks add to every computed token its own residual. (Not a hook
+on the transformer itself: libraries that patch its ``forward`` expect a bound method.)
+
 The caches live in a :class:`~catlab.pruning.buffers.BufferPool` and are written in
 place; the patch-embedding hook and one on the text embedding (a joint attention
 keeps the text's K/V after the image's) bind them and compute the step's write
@@ -155,6 +161,8 @@ class TokenPruner:
         self.attached = False
         #: the stock forward runs and no cache is read or written (see :meth:`set_bypass`)
         self.bypass = False
+        #: the step cache forecasts this step from the output projection: the blocks do not run
+        self.blocks_skipped = False
 
     # -- lifecycle -------------------------------------------------------------
     def attach(self) -> TokenPruner:
@@ -252,6 +260,33 @@ class TokenPruner:
         buf = self.pool.get("indices", (rows, k), torch.long, indices.device)
         buf.view(rows // batch, batch, k).copy_(indices[None].expand(rows // batch, batch, k))
         self.row_indices = buf
+
+    def call_kwargs(self, kwargs: dict) -> dict:
+        """A forward's keyword arguments with its per-block residuals (``FamilySpec.block_residuals``) gathered
+        to the selected tokens at a pruned step; dropped at a step whose blocks do not run (:attr:`blocks_skipped`:
+        they return placeholders of the last computed step's shape). Unchanged otherwise."""
+        names = [name for name in self.spec.block_residuals if kwargs.get(name) is not None]
+        if not names or self.bypass:
+            return kwargs
+        if self.blocks_skipped:
+            return {**kwargs, **dict.fromkeys(names)}
+        if self.row_indices is None:
+            return kwargs
+        gathered = {name: [self.gather_tokens(r) if torch.is_tensor(r) else r for r in kwargs[name]] for name in names}
+        return {**kwargs, **gathered}
+
+    def gather_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` ``(rows, N, D)``, one per image token, reduced to each row's selected tokens ``(rows, k, D)``
+        (as the patch-embedding hook reduces the image tokens); a full step keeps all of them."""
+        idx = self.row_indices
+        if idx is None:
+            return tokens
+        if tokens.shape[:2] != (idx.shape[0], self.num_tokens):
+            raise ValueError(
+                f"a per-token residual of shape {tuple(tokens.shape)} does not match the call's "
+                f"{idx.shape[0]} rows of {self.num_tokens} image tokens"
+            )
+        return tokens.gather(1, idx[..., None].expand(-1, -1, tokens.shape[-1]))
 
     def prepare(self, rows: int, num_text: int, device, text: bool) -> None:
         """Before the blocks, for the attentions with (``text=True``) or without text tokens in their K/V:

@@ -91,6 +91,10 @@ class FamilySpec:
     in_step: bool = False
     #: how messages name the family (its usual written name; empty: ``name``)
     title: str = ""
+    #: keyword arguments of the transformer's forward that hold per-block residuals of the image tokens, each a
+    #: list of ``(rows, N, D)`` tensors added to the blocks' image tokens (a ControlNet's): gathered to the k
+    #: selected tokens at a pruned step
+    block_residuals: tuple[str, ...] = ()
     #: refuses, with an :class:`UnsupportedModelError`, a variant of the transformer the spec cannot prune
     check: Callable[[nn.Module], None] | None = None
 
