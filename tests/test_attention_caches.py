@@ -169,3 +169,30 @@ def test_foca_forecasts_the_reused_residual(models):
     ]
     assert runs[0].step_macs == runs[1].step_macs
     assert not torch.equal(runs[0].images, runs[1].images)
+
+
+WAN_CACHES = [
+    {"name": "taylorseer", "start_step": 3, "cache_interval": 2},
+    {"name": "first_block_cache", "threshold": 10.0},
+    {"name": "mag_cache", "threshold": 10.0, "num_steps": STEPS, "mag_ratios": [1.0] * STEPS},
+    {"name": "pyramid_attention_broadcast", "cross_skip": 2, "timestep_range": EVERYWHERE},
+    {"name": "faster_cache", "uncond_skip": 2, "uncond_timestep_range": EVERYWHERE},
+]
+
+
+@pytest.fixture(scope="module")
+def wan():
+    from catlab.registry import models
+
+    torch.manual_seed(0)
+    model = models.build({"name": "tiny_wan"})
+    return model, generate(model, selectors.build("full"), PROMPTS, SEEDS, num_steps=STEPS)
+
+
+@pytest.mark.parametrize("spec", WAN_CACHES, ids=lambda s: s["name"])
+def test_every_step_cache_runs_on_a_video_transformer(wan, spec):
+    """Wan's block list is ``blocks``: the caches find it through its family, skip work and count it."""
+    model, full = wan
+    result = _run(model, spec)
+    assert result.macs < full.macs and min(result.step_macs) < full.full_step_macs
+    assert torch.isfinite(result.images).all()
