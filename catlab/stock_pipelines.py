@@ -156,7 +156,7 @@ class TokenPruningHook(ModelHook):
                 _grid(module, self.token_grid if self.packed else None, latents, kwargs),
                 self._num_steps(),
                 self.call_text,
-                module.config.in_channels * patch * patch,
+                latents.shape[-1] if self.packed else module.config.in_channels * patch * patch,  # token width
                 latents.device,
             )
         self.plan = session.plan(step)
