@@ -37,7 +37,7 @@ class _AttentionCounter(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            q, k, v = args[:3]
+            q, k, v = (*args[:3], *(kwargs[n] for n in ("query", "key", "value")[len(args[:3]) :]))  # by keyword too
             lq, lk = q.shape[-2], k.shape[-2]
             self.counter._add(q.shape[:-2].numel() * lq * lk * (q.shape[-1] + v.shape[-1]))
         out = func(*args, **kwargs)
