@@ -172,7 +172,11 @@ class TokenPruningHook(ModelHook):
         """The transformer, except at a step that computes no token: then the forecast of every token
         (or the previous call's output), and no forward at all."""
         if self.extra:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            cache = self.session.parts.step_cache  # its hooks need a context: the extra call's own state
+            if cache is None:
+                return self.fn_ref.original_forward(*args, **kwargs)
+            with cache.context(self.step, self.session.num_steps, name="catlab_extra_call"):
+                return self.fn_ref.original_forward(*args, **kwargs)
         if self.plan.kind is StepKind.SKIP:
             return self._forecast(module)
         return self.session.forward(self.plan, self.fn_ref.original_forward, args, kwargs, tag="pipeline")
