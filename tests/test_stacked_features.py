@@ -345,6 +345,7 @@ def test_model_cpu_offload_without_an_accelerator_is_diffusers_refusal():
 def test_group_offload(name, column):
     """diffusers' group offloading (block level, one block per group; onload and offload device both the CPU):
     its hooks on each block run around the token gather."""
+    pytest.importorskip("accelerate", reason="diffusers' group offloading needs accelerate: pip install accelerate")
     pipe = PIPELINES[name][0]()
     cpu = torch.device("cpu")
     pipe.transformer.enable_group_offload(
