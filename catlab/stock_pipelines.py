@@ -43,6 +43,7 @@ second call within the step, which reads the timestep on the host once per call.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -186,7 +187,11 @@ class TokenPruningHook(ModelHook):
         """The transformer, except at a step that computes no token: then the forecast of every token
         (or the previous call's output), and no forward at all."""
         if self.extra:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            cache = self.session.parts.step_cache  # its hooks need a context: the extra call's own state
+            if cache is None:
+                return self.fn_ref.original_forward(*args, **kwargs)
+            with cache.context(self.step, self.session.num_steps, name="catlab_extra_call"):
+                return self.fn_ref.original_forward(*args, **kwargs)
         if self.plan.kind is StepKind.SKIP:
             return self._forecast(module)
         return self.session.forward(self.plan, self.fn_ref.original_forward, args, kwargs, tag="pipeline")
@@ -365,17 +370,48 @@ def enable_pruning(
     if peek_state(transformer) is not None and state_of(transformer).session is not None:
         disable_pruning(transformer)
     parts = reuse if isinstance(reuse, StepReuse) else StepReuse(rule=reuse)
-    session = PruningSession(
-        transformer, policy, parts, cuda_graphs=cuda_graphs, count_macs=count_macs, rows_stacked=True
-    ).attach()
-    pipeline = None if target is transformer else target
-    hook = TokenPruningHook(session, pipeline, guidance_scale)
-    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, POLICY_HOOK)
+    if parts.step_cache is not None and any(
+        getattr(m, "_compiled_call_impl", None) is not None for m in transformer.modules()
+    ):
+        raise ValueError(
+            f"enable_pruning: the transformer's blocks are compiled (compile_pruned), and the step cache "
+            f"{parts.step_cache.name!r} decides on the host at each step whether a block computes, which a compiled "
+            "block cannot; catlab.pruning.uncompile(pipe) first, or run without the step cache"
+        )
+    with _inside_offload_hook(transformer):
+        session = PruningSession(
+            transformer, policy, parts, cuda_graphs=cuda_graphs, count_macs=count_macs, rows_stacked=True
+        ).attach()
+        pipeline = None if target is transformer else target
+        hook = TokenPruningHook(session, pipeline, guidance_scale)
+        HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, POLICY_HOOK)
     state = state_of(transformer)
     state.session = session
     if pipeline is not None and _watch_guidance(pipeline, hook):
         state.watched = pipeline
     return session
+
+
+@contextlib.contextmanager
+def _inside_offload_hook(transformer: nn.Module):
+    """Add or remove catlab's hook beneath accelerate's (``enable_model_cpu_offload``), never on top of it.
+
+    accelerate wraps the transformer's ``forward`` and, when the pipeline re-installs its offload hooks at the
+    end of every call, restores the ``forward`` it wrapped: a hook added on top of accelerate's would drop out
+    of the call path after the first call (its token hooks left behind with stale indices), and one removed
+    beneath it would come back. So accelerate's hook is lifted off while catlab's is added or removed.
+    """
+    offload = getattr(transformer, "_hf_hook", None)
+    if offload is None:
+        yield
+        return
+    from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+
+    remove_hook_from_module(transformer)
+    try:
+        yield
+    finally:
+        add_hook_to_module(transformer, offload)
 
 
 def _watch_guidance(pipeline, hook: TokenPruningHook) -> bool:
@@ -430,10 +466,11 @@ def disable_pruning(target) -> None:
         return
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     hook = registry.get_hook(POLICY_HOOK)
-    registry.remove_hook(POLICY_HOOK, recurse=False)
-    if hook is not None:
-        hook.session = None  # the hook and diffusers' reference to it form a cycle: hold nothing
-    state.session.detach()
+    with _inside_offload_hook(transformer):
+        registry.remove_hook(POLICY_HOOK, recurse=False)
+        if hook is not None:
+            hook.session = None  # the hook and diffusers' reference to it form a cycle: hold nothing
+        state.session.detach()
     release_graphs(transformer)
     state.session = None
     if state.watched is not None:

@@ -29,12 +29,39 @@ class UnsupportedModelError(TypeError):
 
 
 def linear_macs(module: nn.Module | None) -> int:
-    """Multiply-accumulates of one token through every ``nn.Linear`` in ``module``."""
+    """Multiply-accumulates of one token through every ``nn.Linear`` in ``module`` that runs.
+
+    A LoRA layer (peft's, as ``pipe.load_lora_weights`` installs it) keeps its adapters'
+    ``lora_A`` / ``lora_B`` linears as modules: they run (and count) while the adapter is
+    active and unmerged; once merged into the base weight (``fuse_lora``), disabled or
+    inactive they do not run, and are not counted.
+    """
     if module is None:
         return 0
     if isinstance(module, nn.Linear):
         return module.in_features * module.out_features
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+    idle = _idle_adapter_linears(module)
+    return sum(
+        m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear) and id(m) not in idle
+    )
+
+
+def _idle_adapter_linears(module: nn.Module) -> set[int]:
+    """ids of the adapter linears in ``module`` that do not run (see :func:`linear_macs`); read by duck typing,
+    so catlab needs no adapter library."""
+    idle: set[int] = set()
+    for layer in module.modules():
+        lora_a = getattr(layer, "lora_A", None)
+        if not isinstance(lora_a, nn.ModuleDict):
+            continue
+        active = set(getattr(layer, "active_adapters", ()))
+        off = bool(getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False))
+        for name in lora_a:
+            if off or name not in active:
+                for part in (lora_a, getattr(layer, "lora_B", {})):
+                    if name in part:
+                        idle.update(id(m) for m in part[name].modules())
+    return idle
 
 
 def conv_macs(t: nn.Module, n_total: int) -> int:
