@@ -25,6 +25,13 @@ such. Such a call runs the stock forward on all tokens, leaving the pruning
 caches and the policy untouched (its rows and skipped layers do not match the
 step's caches); its MACs are added to its step's.
 
+With ``strength`` < 1 (img2img, inpainting) a pipeline runs only the last steps of its
+schedule (``scheduler.set_begin_index``): the generation is the steps it runs, numbered
+from 1 at the first of them. ``start_step`` t0 counts full steps from there (the first
+t0 steps the pipeline runs compute every token), a schedule's pattern (``budget_schedule``)
+is laid over the steps run, and the policy is told their number; the time variable
+``sigma`` is still the scheduler's own sigma of each step.
+
 A new generation is detected when the pipeline's scheduler holds a new
 timestep tensor (every pipeline call runs ``scheduler.set_timesteps``), and
 everything is reset then; ``reset_pruning(pipe)`` does it by hand. Neither test
@@ -36,8 +43,10 @@ second call within the step, which reads the timestep on the host once per call.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import math
 import warnings
 
 import torch
@@ -123,8 +132,15 @@ class TokenPruningHook(ModelHook):
         call within a step belongs to it), or on a bare transformer a change of timestep value."""
         scheduler = self._scheduler()
         if scheduler is not None and hasattr(scheduler, "step_index"):
-            return (scheduler.step_index or 0) + 1
+            return self._schedule_index() - _begin_index(scheduler) + 1
         return self.step if marker == self.marker else self.step + 1
+
+    def _schedule_index(self) -> int:
+        """The position in the scheduler's timesteps of the step being computed (before the first
+        ``scheduler.step`` of a generation its counter is unset: the pipeline's start, ``begin_index``)."""
+        scheduler = self._scheduler()
+        index = scheduler.step_index
+        return _begin_index(scheduler) if index is None else index
 
     def _starts_generation(self, marker, step: int) -> bool:
         if self.marker is None or torch.is_tensor(marker) != torch.is_tensor(self.marker):
@@ -153,10 +169,10 @@ class TokenPruningHook(ModelHook):
             session.begin(
                 rows // self.groups,
                 self.groups,
-                _grid(module, self.token_grid if self.packed else None, latents, kwargs),
+                _grid(module, self.token_grid, latents, kwargs),
                 self._num_steps(),
                 self.call_text,
-                module.config.in_channels * patch * patch,
+                _latent_channels(module) * _patch_volume(patch),
                 latents.device,
             )
         self.plan = session.plan(step)
@@ -171,7 +187,11 @@ class TokenPruningHook(ModelHook):
         """The transformer, except at a step that computes no token: then the forecast of every token
         (or the previous call's output), and no forward at all."""
         if self.extra:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            cache = self.session.parts.step_cache  # its hooks need a context: the extra call's own state
+            if cache is None:
+                return self.fn_ref.original_forward(*args, **kwargs)
+            with cache.context(self.step, self.session.num_steps, name="catlab_extra_call"):
+                return self.fn_ref.original_forward(*args, **kwargs)
         if self.plan.kind is StepKind.SKIP:
             return self._forecast(module)
         return self.session.forward(self.plan, self.fn_ref.original_forward, args, kwargs, tag="pipeline")
@@ -232,38 +252,61 @@ class TokenPruningHook(ModelHook):
         return 2 if cfg and rows % 2 == 0 else 1
 
     def _num_steps(self) -> int:
-        timesteps = getattr(self._scheduler(), "timesteps", None)
-        return len(timesteps) if timesteps is not None else 0
+        scheduler = self._scheduler()
+        timesteps = getattr(scheduler, "timesteps", None)
+        return len(timesteps) - _begin_index(scheduler) if timesteps is not None else 0
 
     def _time(self) -> float | None:
         """The forecasts' time variable: ``None`` (the step) or the scheduler's sigma of this step."""
         scheduler = self._scheduler()
         if self.session.parts.time != "sigma" or scheduler is None:
             return None
-        return float(scheduler.sigmas[scheduler.step_index or 0])
+        return float(scheduler.sigmas[self._schedule_index()])
 
 
-def _grid(module: nn.Module, token_grid, latents: torch.Tensor, kwargs: dict) -> tuple[int, int]:
-    """The token grid of a call: from the latent image, or for packed tokens (the transformer takes and returns
-    tokens, not latent images) the family's ``token_grid`` of the call's arguments, once per generation."""
+def _begin_index(scheduler) -> int:
+    """Where in its timesteps the pipeline starts (img2img and inpainting with ``strength`` < 1 skip the
+    first ones, ``scheduler.set_begin_index``); 0 for a pipeline that runs them all."""
+    return getattr(scheduler, "begin_index", None) or 0
+
+
+def _patch_volume(patch) -> int:
+    """Latent values per token of a patch size: ``p`` (an image's ``p x p``) or ``(pt, ph, pw)`` (a video's)."""
+    return patch * patch if isinstance(patch, int) else math.prod(patch)
+
+
+def _grid(module: nn.Module, token_grid, latents: torch.Tensor, kwargs: dict) -> tuple[int, ...]:
+    """The token grid of a call: from the latent image, or the family's ``token_grid`` of the call's arguments
+    (packed tokens: the transformer takes and returns tokens, not latent images; a video: (frames, h, w)),
+    once per generation."""
     if token_grid is not None:
-        return token_grid(kwargs)
+        return token_grid({**kwargs, "hidden_states": latents})
     patch = module.config.patch_size
+    if latents.ndim == 5:  # a video (B, C, F, H, W): tokens frames-major, row-major
+        return tuple(size // p for size, p in zip(latents.shape[2:], patch))
     return latents.shape[-2] // patch, latents.shape[-1] // patch
+
+
+def _latent_channels(module: nn.Module) -> int:
+    """The latent channels a call's output predicts: fewer than the output's with a learned variance (PixArt's
+    ``out_channels`` twice ``in_channels``), fewer than the input's where the input carries more (an inpainting
+    transformer that takes the mask and the masked image's latents too)."""
+    out = getattr(module.config, "out_channels", None) or module.config.in_channels
+    return min(module.config.in_channels, out)
 
 
 def _tokens(module: nn.Module, packed: bool, sample: torch.Tensor) -> torch.Tensor:
     """A call's output as ``(rows, N, C)`` tokens of the latent channels (a learned variance left out)."""
     if packed:
         return sample.float()
-    return patchify(sample[:, : module.config.in_channels].float(), module.config.patch_size)
+    return patchify(sample[:, : _latent_channels(module)].float(), module.config.patch_size)  # 4D, or 5D video
 
 
 def _from_tokens(module: nn.Module, packed: bool, tokens: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
     """``tokens`` back in the layout of the call's output ``sample``; channels they lack as in ``sample``."""
     if packed:
         return tokens.to(sample.dtype)
-    image = unpatchify(tokens, module.config.patch_size, sample.shape[-2], sample.shape[-1]).to(sample.dtype)
+    image = unpatchify(tokens, module.config.patch_size, *sample.shape[2:]).to(sample.dtype)
     if image.shape[1] < sample.shape[1]:  # the latent channels only: the rest (learned variance) as computed
         image = torch.cat([image, sample[:, image.shape[1] :]], 1)
     return image
@@ -327,17 +370,48 @@ def enable_pruning(
     if peek_state(transformer) is not None and state_of(transformer).session is not None:
         disable_pruning(transformer)
     parts = reuse if isinstance(reuse, StepReuse) else StepReuse(rule=reuse)
-    session = PruningSession(
-        transformer, policy, parts, cuda_graphs=cuda_graphs, count_macs=count_macs, rows_stacked=True
-    ).attach()
-    pipeline = None if target is transformer else target
-    hook = TokenPruningHook(session, pipeline, guidance_scale)
-    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, POLICY_HOOK)
+    if parts.step_cache is not None and any(
+        getattr(m, "_compiled_call_impl", None) is not None for m in transformer.modules()
+    ):
+        raise ValueError(
+            f"enable_pruning: the transformer's blocks are compiled (compile_pruned), and the step cache "
+            f"{parts.step_cache.name!r} decides on the host at each step whether a block computes, which a compiled "
+            "block cannot; catlab.pruning.uncompile(pipe) first, or run without the step cache"
+        )
+    with _inside_offload_hook(transformer):
+        session = PruningSession(
+            transformer, policy, parts, cuda_graphs=cuda_graphs, count_macs=count_macs, rows_stacked=True
+        ).attach()
+        pipeline = None if target is transformer else target
+        hook = TokenPruningHook(session, pipeline, guidance_scale)
+        HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, POLICY_HOOK)
     state = state_of(transformer)
     state.session = session
     if pipeline is not None and _watch_guidance(pipeline, hook):
         state.watched = pipeline
     return session
+
+
+@contextlib.contextmanager
+def _inside_offload_hook(transformer: nn.Module):
+    """Add or remove catlab's hook beneath accelerate's (``enable_model_cpu_offload``), never on top of it.
+
+    accelerate wraps the transformer's ``forward`` and, when the pipeline re-installs its offload hooks at the
+    end of every call, restores the ``forward`` it wrapped: a hook added on top of accelerate's would drop out
+    of the call path after the first call (its token hooks left behind with stale indices), and one removed
+    beneath it would come back. So accelerate's hook is lifted off while catlab's is added or removed.
+    """
+    offload = getattr(transformer, "_hf_hook", None)
+    if offload is None:
+        yield
+        return
+    from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+
+    remove_hook_from_module(transformer)
+    try:
+        yield
+    finally:
+        add_hook_to_module(transformer, offload)
 
 
 def _watch_guidance(pipeline, hook: TokenPruningHook) -> bool:
@@ -392,10 +466,11 @@ def disable_pruning(target) -> None:
         return
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     hook = registry.get_hook(POLICY_HOOK)
-    registry.remove_hook(POLICY_HOOK, recurse=False)
-    if hook is not None:
-        hook.session = None  # the hook and diffusers' reference to it form a cycle: hold nothing
-    state.session.detach()
+    with _inside_offload_hook(transformer):
+        registry.remove_hook(POLICY_HOOK, recurse=False)
+        if hook is not None:
+            hook.session = None  # the hook and diffusers' reference to it form a cycle: hold nothing
+        state.session.detach()
     release_graphs(transformer)
     state.session = None
     if state.watched is not None:
