@@ -94,6 +94,7 @@ SD3 = families.register("sd3")(
         text_embed="context_embedder",
         cache_dit_pattern="Pattern_1",  # blocks take (hidden, text, ...) and return (text, hidden)
         in_step=True,
+        layer_modules=(("attn", "attn"), ("attn2", "attn"), ("ff", "mlp")),
     )
 )
 

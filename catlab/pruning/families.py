@@ -87,6 +87,12 @@ class FamilySpec:
     #: the blocks are joint text+image attention blocks without rotary positions, so a selector that prunes
     #: inside one forward (``atedm``) may record and drop tokens in them
     in_step: bool = False
+    #: the modules of a ``transformer_blocks`` block that selection at layer granularity
+    #: (:mod:`catlab.pruning.layerwise`) caches, each with its role: ``"attn"`` (an attention over
+    #: image tokens: its whole output is reused at a cached step), ``"cross"`` (a cross-attention to
+    #: the text: computed for the fresh tokens only) or ``"mlp"`` (a token-wise feed-forward: likewise);
+    #: empty: the family does not offer it
+    layer_modules: tuple[tuple[str, str], ...] = ()
     #: how messages name the family (its usual written name; empty: ``name``)
     title: str = ""
     #: refuses, with an :class:`UnsupportedModelError`, a variant of the transformer the spec cannot prune
