@@ -1,20 +1,21 @@
 """DuCa (dual feature caching, Zou et al., 2024): aggressive and conservative cached steps, alternating.
 
-Read from the authors' DiT implementation (``Shenyi-Z/DuCa``, ``DuCa-DiT/cache_functions``) and
-written fresh on :class:`~catlab.selection.toca.ToCa`'s rules and catlab's layer engine:
+Read from the authors' PixArt-α and DiT implementations (``Shenyi-Z/DuCa``, ``DuCa-PixArt-alpha`` and
+``DuCa-DiT``, ``cache_functions``) and written fresh on :class:`~catlab.selection.toca.ToCa`'s rules
+and catlab's layer engine:
 
-* the authors' step index counts *down* (``i = n − step``, DiT's sampler): a step is **full** when it
-  is the first or ``i`` is a multiple of the force interval; otherwise it is **conservative**
-  (ToCa's partial step: attention reused, the MLP's fresh tokens recomputed) when ``i mod interval``
-  is odd and **aggressive** when it is even: no block runs, the last block's output of the previous
-  computed step stands in and only the final norm and projection run with this step's timestep.
-* the force interval, set at each full step: ``round(fresh_threshold / (1 + w − 2w·i/n))`` with
-  ``w = 0.4`` (``force_weight: -0.4`` in ToCa's form), and 2 for the steps with ``i`` in
-  ``[⌊0.2n⌋, ⌊0.4n⌋)``;
+* with ``i`` the authors' step index (PixArt's sampler counts up from 0; DiT's, ``count_down``,
+  down to 0), a step is **full** when it is the first or ``i`` is a multiple of the force interval;
+  otherwise it is **conservative** (ToCa's partial step: attention reused, the cross-attention's
+  and MLP's fresh tokens recomputed) when ``i mod interval`` is odd and **aggressive** when it is
+  even: no block runs, the last block's output of the previous computed step stands in and only
+  the final norm and projection run with this step's timestep;
+* the force interval, set at each full step, is ToCa's ``round(fresh_threshold / (1 − w + 2w·i/n))``
+  (PixArt: ``w = 0``; DiT: ``w = −0.4`` and 2 for the steps with ``i`` in ``[⌊0.2n⌋, ⌊0.4n⌋)``, the
+  ``window``);
 * fresh tokens are picked at **random** (so no attention map is needed and fused attention works)
-  plus ToCa's cache-frequency (s3) and spatial (s4: 2×2 patches, bonus 0.8) terms; the fresh ratio is
-  ``alpha × (1 + a − 2a·i/n) × (1 + b − 2b·l/(L−1)) × 2.5`` for the MLP (``a = 2``, ``b = −0.2``),
-  so the earliest cached steps recompute no token and the last ones the most.
+  plus ToCa's cache-frequency (s3) and spatial (s4) terms; the fresh ratio follows ToCa's schedule
+  (the DiT script: ``a = 2``, ``b = −0.2``, MLP factor 2.5, attention 0).
 """
 
 from __future__ import annotations
@@ -30,20 +31,16 @@ from catlab.selection.toca import ToCa, force_threshold
 class DuCa(ToCa):
     """DuCa: full, conservative (ToCa) and aggressive (whole-network reuse) steps; random fresh tokens."""
 
-    alpha: float = 0.05
+    alpha: float = 0.75
     start_step: int = 1
     fresh_threshold: int = 3
-    force_weight: float = -0.4
-    step_weight: float = 2.0
-    layer_weight: float = -0.2
-    cross_weight: float = 0.0
-    mlp_weight: float = 2.5
+    force_weight: float = 0.0
     score: str = "random"
-    soft_fresh_weight: float = 0.25
-    bonus_ratio: float = 0.8
-    bonus_grid: int = 2
-    #: the share of the steps, from its start, where the force interval is 2 (the authors' [0.2n, 0.4n))
-    window: tuple = (0.2, 0.4)
+    #: the step index counts down to 0 (the authors' DiT sampler) rather than up from 0 (their PixArt one)
+    count_down: bool = False
+    #: shares of the step indices, ``[start, end)``, where a full step sets the force interval to 2 (the
+    #: authors' DiT: ``[0.2, 0.4)``; ``[0, 0]``: none)
+    window: tuple = (0.0, 0.0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -55,7 +52,7 @@ class DuCa(ToCa):
         self.window = window
 
     def step_index(self, step: int, num_steps: int) -> int:
-        return num_steps - step  # DiT's sampler counts its step index down to 0
+        return num_steps - step if self.count_down else step - 1
 
     def interval(self, index: int, num_steps: int) -> float:
         """The force interval a full step of index ``index`` sets."""
