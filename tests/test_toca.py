@@ -235,7 +235,102 @@ def test_bad_inputs_are_named():
 
 
 def test_a_family_without_layer_modules_is_refused():
+    with pytest.raises(UnsupportedModelError, match="selects tokens per layer in .*; Linear is not one"):
+        LayerCaching(_toca()).apply(torch.nn.Linear(2, 2))
+
+
+# -- FLUX: dual- and single-stream blocks ----------------------------------------------------------------
+def test_flux_every_step_full_is_the_model_and_partial_steps_cost_less():
     from tests.test_flux import tiny_flux
 
-    with pytest.raises(UnsupportedModelError, match="selects tokens per layer in"):
-        LayerCaching(_toca()).apply(tiny_flux().transformer)
+    a = tiny_flux()
+    cfg = SamplerConfig(num_steps=5, guidance_scale=3.5, progress=False)
+    full = sample(a, selectors.build("full"), ["a"], [0], cfg)
+    same = sample(a, _toca(fresh_threshold=1), ["a"], [0], cfg)
+    torch.testing.assert_close(same.images, full.images, atol=1e-5, rtol=0)
+    cached = sample(a, _toca(alpha=0.2), ["a"], [0], cfg)
+    macs = [s.macs for s in cached.trace.steps]
+    assert macs[0] == full.trace.steps[0].macs and max(macs[1:4]) < 0.5 * macs[0]
+
+
+def test_flux_partial_step_macs_equal_the_flop_counter_and_text_tokens_stay_fresh():
+    """A FLUX partial step: single-stream blocks run their MLP input projection and output projection on the
+    text tokens plus the same fresh image tokens; MACs are half of torch's FLOP count."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.overrides import TorchFunctionMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from catlab.stepcache import MacCounter
+    from tests.test_flux import _inputs, tiny_flux
+
+    a = tiny_flux()
+    t = a.transformer
+    policy = _toca(alpha=0.2)
+    engine = LayerCaching(policy).apply(t)
+    latents, cond = _inputs(a, batch=1)
+    text = cond.kwargs["encoder_hidden_states"].shape[1]
+    single = t.single_transformer_blocks[0]
+    seen: dict = {}
+    weights = {id(getattr(single, attr).weight): attr for attr in ("proj_mlp", "proj_out")}
+
+    class Rows(TorchFunctionMode):  # the rows each projection really ran on (a call answered from cache runs none)
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.linear and id(args[1]) in weights:
+                seen.setdefault(weights[id(args[1])], []).append(args[0].shape[1])
+            return func(*args, **(kwargs or {}))
+
+    try:
+        n = a.grid[0] * a.grid[1]
+        engine.begin(1, a.grid, 5, "cpu")
+        with MacCounter(t) as counter:
+            for step in (1, 2):
+                fc = FlopCounterMode(display=False)
+                with engine.context(step, 5), fc, sdpa_kernel(SDPBackend.MATH), torch.no_grad(), Rows():
+                    a.predict(latents, torch.tensor(500.0), cond)
+                assert counter.calls[-1] == fc.get_total_flops() // 2, f"step {step}"
+        layer = len(t.transformer_blocks)  # layers count across the block lists
+        k = fresh_count(policy.fresh_ratio(2, 5, layer, "mlp"), n)
+        assert 0 < k < n
+        assert seen == {"proj_mlp": [text + n, text + k], "proj_out": [text + n, text + k]}
+        assert counter.calls[1] < 0.5 * counter.calls[0]
+    finally:
+        engine.remove()
+
+
+def test_flux_stock_pipeline_equals_catlabs_loop(tmp_path):
+    """``enable_pruning`` on a complete tiny FLUX.1 pipeline (saved, loaded by ``model=flux``'s adapter) gives
+    catlab's loop's images and MACs per step; the pipeline is given the sigmas catlab's scheduler runs (its
+    resolution shift fixed), which the stock call would otherwise space differently."""
+    from catlab import disable_pruning, enable_pruning, pruning_macs
+    from catlab.models.packed import pack
+    from catlab.registry import models
+    from catlab.testing.tiny_pipelines import flux_pipeline
+
+    flux_pipeline().save_pretrained(tmp_path)
+    spec = {"name": "model", "path": str(tmp_path), "device": "cpu", "dtype": "float32", "height": 64, "width": 64}
+    a = models.build({**spec, "name": "flux", "max_sequence_length": 32})
+    prompts, seeds, steps = ["a red circle", "a blue square"], [0, 1], 5
+    ran = sample(
+        a, _toca(alpha=0.2), prompts, seeds, SamplerConfig(num_steps=steps, guidance_scale=3.5, progress=False)
+    )
+    scheduler = a.make_scheduler()
+    scheduler.set_timesteps(steps)
+    shifted, shift = scheduler.sigmas[:-1].double(), scheduler.config.shift
+    sigmas = (shifted / (shift - (shift - 1) * shifted)).tolist()  # unshifted: the pipeline shifts them itself
+    pipe = a.pipeline
+    enable_pruning(pipe, _toca(alpha=0.2))
+    images = pipe(
+        prompts,
+        num_inference_steps=steps,
+        sigmas=sigmas,
+        height=64,
+        width=64,
+        guidance_scale=3.5,
+        latents=pack(a.initial_latents(seeds)),
+        output_type="pt",
+        max_sequence_length=32,
+    ).images
+    macs = pruning_macs(pipe)
+    disable_pruning(pipe)
+    torch.testing.assert_close(images.float(), ran.images, atol=1e-5, rtol=0)
+    assert macs == [s.macs for s in ran.trace.steps] and macs[1] < 0.5 * macs[0]

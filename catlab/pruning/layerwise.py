@@ -14,7 +14,10 @@ hook per module:
   or ``"mlp"`` module asks the selector for this layer's and module's fresh tokens
   ``(rows, k)``, runs stock on those k tokens only (both act token by token, so a fresh
   token's output is exactly the stock one given its input) and scatters them into its
-  cache; the block receives the whole cache. The block's norms, modulation, gates and
+  cache; the block receives the whole cache. A ``"follow"`` module (a projection of the previous
+  module's output and other cached inputs, as FLUX's single-stream ``proj_out``) computes the same
+  positions as the block's previous module. A sequence with other tokens before the image's (a
+  single-stream block's text) computes those always. The block's norms, modulation, gates and
   residuals run on every token, with this step's timestep;
 * at a **reuse** step no block runs: each returns the last block's output kept from the
   previous computed step (DuCa's aggressive step), and the final norm and projection run
@@ -45,7 +48,7 @@ _registry = HookRegistry.check_if_exists_or_initialize
 
 MODULE_HOOK = "catlab_layer_module"
 BLOCK_HOOK = "catlab_layer_block"
-ROLES = ("attn", "cross", "mlp")
+ROLES = ("attn", "cross", "mlp", "follow")
 KINDS = ("full", "partial", "reuse")
 
 
@@ -90,7 +93,8 @@ class _ModuleCache(ModelHook):
                 f"{tuple(hidden.shape)}; a partial step needs a full step of the same batch"
             )
         idx = self.engine.fresh(self.layer, self.role, hidden)
-        if idx.shape[1] == 0:
+        if idx is None:  # "follow" after a module that computed nothing: none here either
+            return self.cache
             return self.cache
         fresh = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
         args, kwargs = _with_hidden(args, kwargs, fresh)
@@ -136,6 +140,8 @@ class LayerCaching:
         self._transformer: nn.Module | None = None
         self._modules: list[tuple[nn.Module, _ModuleCache]] = []
         self._blocks: list[nn.Module] = []
+        self._last: dict[int, torch.Tensor | None] = {}  # per layer, the positions its last partial module took
+        self.num_tokens = 0
 
     @property
     def name(self) -> str:
@@ -156,16 +162,18 @@ class LayerCaching:
                 f"({', '.join(s.transformer_type for s in allowed)}); {type(transformer).__name__} is not one"
             )
         self._transformer = transformer
-        blocks = list(transformer.transformer_blocks)
+        blocks = [
+            (kind.attr, i, b) for kind in spec.block_lists() for i, b in enumerate(getattr(transformer, kind.attr))
+        ]
         self.num_layers = len(blocks)
-        for layer, block in enumerate(blocks):
+        for layer, (attr_list, i, block) in enumerate(blocks):  # layers counted across the block lists
             for attr, role in spec.layer_modules:
                 module = getattr(block, attr, None)
                 if module is None:
                     continue
                 if role not in ROLES:
                     raise ValueError(f"{spec.name}.layer_modules: role {role!r} of {attr}; allowed: {ROLES}")
-                hook = _ModuleCache(self, layer, role, f"transformer_blocks.{layer}.{attr}")
+                hook = _ModuleCache(self, layer, role, f"{attr_list}.{i}.{attr}")
                 _registry(module).register_hook(hook, MODULE_HOOK)
                 self._modules.append((module, hook))
             _registry(block).register_hook(_BlockReuse(self, layer == len(blocks) - 1), BLOCK_HOOK)
@@ -187,7 +195,7 @@ class LayerCaching:
 
     def reset(self) -> None:
         """Forget every cache: the next forward must be a full step."""
-        self.kind, self.last_output = None, None
+        self.kind, self.last_output, self._last = None, None, {}
         for _, hook in self._modules:
             hook.cache = None
 
@@ -195,6 +203,9 @@ class LayerCaching:
         """A generation starts: ``batch`` samples on a ``grid`` of tokens, ``num_steps`` steps."""
         self.reset()
         self.num_steps = num_steps
+        self.num_tokens = 1
+        for size in grid:
+            self.num_tokens *= int(size)
         self.policy.begin_layers(batch, grid, num_steps, self.num_layers, device)
 
     @contextlib.contextmanager
@@ -205,22 +216,37 @@ class LayerCaching:
             raise ValueError(f"{self.policy.name}.step_kind returned {kind!r}; allowed: {KINDS}")
         if kind != "full" and self.last_output is None:
             raise RuntimeError(f"step {step} is {kind} but no full step ran before it in this generation")
-        self.kind, self.step, self.num_steps = kind, step, num_steps
+        self.kind, self.step, self.num_steps, self._last = kind, step, num_steps, {}
         try:
             yield
         finally:
             self.kind = None
 
-    def fresh(self, layer: int, role: str, hidden: torch.Tensor) -> torch.Tensor:
-        """The ``(rows, k)`` fresh tokens of ``layer``'s ``role`` module at this partial step, from the selector."""
-        rows, n = hidden.shape[:2]
+    def fresh(self, layer: int, role: str, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The ``(rows, k)`` positions ``layer``'s ``role`` module computes at this partial step (``None``: none).
+
+        The selector picks among the N image tokens; a sequence that carries other tokens before them (a
+        single-stream block's text) computes those always. A ``"follow"`` module takes the positions the
+        block's previous module took (a projection of that module's output, with other cached inputs)."""
+        if role == "follow":
+            return self._last.get(layer)
+        rows, total = hidden.shape[:2]
+        n = self.num_tokens or total
+        lead = total - n
+        if lead < 0:
+            raise RuntimeError(f"layer {layer}: {total} tokens in, fewer than the {n} image tokens")
         idx = self.policy.fresh_tokens(self.step, self.num_steps, layer, role, rows, n)
         if idx.dim() != 2 or idx.shape[0] != rows or idx.shape[1] > n:
             raise RuntimeError(
                 f"{self.policy.name}.fresh_tokens gave indices of shape {tuple(idx.shape)} "
                 f"for {rows} rows of {n} tokens"
             )
-        return idx.to(hidden.device)
+        idx = idx.to(hidden.device)
+        if lead:
+            text = torch.arange(lead, device=hidden.device).expand(rows, -1)
+            idx = torch.cat([text, idx + lead], dim=1)
+        self._last[layer] = None if idx.shape[1] == 0 else idx
+        return self._last[layer]
 
 
 __all__ = ["LayerCaching", "ROLES", "KINDS"]
