@@ -230,8 +230,18 @@ def test_bad_inputs_are_named():
         _toca(score="attention_map")
     with pytest.raises(ValueError, match="fresh_threshold must be >= 1"):
         _toca(fresh_threshold=0)
-    with pytest.raises(ValueError, match="bonus_grid 3 does not divide"):
-        _begun(_toca(bonus_grid=3), 6)
+    with pytest.raises(ValueError, match="bonus_grid must be >= 1"):
+        _toca(bonus_grid=0)
+
+
+def test_spatial_bonus_on_a_grid_with_partial_patches():
+    """A 5×7 grid in 2×2 patches: the edge patches are smaller, each still has exactly one best token raised."""
+    score = torch.rand(1, 35, generator=torch.Generator().manual_seed(0)) + 1
+    out = spatial_bonus(score, (5, 7), 0.5, 2)
+    raised = (out != score).reshape(5, 7)
+    assert int(raised.sum()) == 3 * 4  # ceil(5/2) × ceil(7/2) patches
+    assert int(raised[4, 6]) == 1  # the 1×1 corner patch: its one token is its best
+    torch.testing.assert_close(out[out != score], score[out != score] * 1.5)
 
 
 def test_a_family_without_layer_modules_is_refused():

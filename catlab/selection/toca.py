@@ -63,16 +63,18 @@ def fresh_count(ratio: float, num_tokens: int) -> int:
 
 def spatial_bonus(score: torch.Tensor, hw: tuple[int, int], bonus_ratio: float, grid: int) -> torch.Tensor:
     """ToCa's uniform spatial distribution (s4): in each ``grid × grid`` patch of an ``(h, w)`` token grid,
-    the best token's score is multiplied by ``1 + bonus_ratio`` (the first best on ties)."""
+    the best token's score is multiplied by ``1 + bonus_ratio`` (the first best on ties). A grid that does not
+    split into whole patches has smaller patches at its bottom and right edges."""
     rows, n = score.shape
     h, w = hw
-    if h % grid or w % grid:
-        raise ValueError(f"spatial bonus: a {h}×{w} token grid does not split into {grid}×{grid} patches")
-    patches = score.reshape(rows, h // grid, grid, w // grid, grid).permute(0, 1, 3, 2, 4)
-    patches = patches.reshape(rows, -1, grid * grid)
+    ph, pw = -(-h // grid), -(-w // grid)  # patches per column and row, edge patches partial
+    padded = score.new_full((rows, ph * grid, pw * grid), float("-inf"))
+    padded[:, :h, :w] = score.reshape(rows, h, w)
+    patches = padded.reshape(rows, ph, grid, pw, grid).permute(0, 1, 3, 2, 4).reshape(rows, -1, grid * grid)
     best, where = patches.max(dim=-1, keepdim=True)
     patches = patches + torch.zeros_like(patches).scatter(-1, where, 1.0) * best * bonus_ratio
-    return patches.reshape(rows, h // grid, w // grid, grid, grid).permute(0, 1, 3, 2, 4).reshape(rows, n)
+    out = patches.reshape(rows, ph, pw, grid, grid).permute(0, 1, 3, 2, 4).reshape(rows, ph * grid, pw * grid)
+    return out[:, :h, :w].reshape(rows, n)
 
 
 def cache_frequency(counter: torch.Tensor, fresh_threshold: int, weight: float) -> torch.Tensor:
@@ -152,11 +154,6 @@ class ToCa(Policy):
         self.generator = torch.Generator(device="cpu").manual_seed(int(self.seed))
         grid = tuple(int(g) for g in grid)
         self.hw = (grid[-2] * (grid[0] if len(grid) == 3 else 1), grid[-1])
-        if self.bonus_ratio and (self.hw[0] % self.bonus_grid or self.hw[1] % self.bonus_grid):
-            raise ValueError(
-                f"{self.name}: bonus_grid {self.bonus_grid} does not divide the {self.hw[0]}×{self.hw[1]} token grid; "
-                "choose a divisor or bonus_ratio: 0"
-            )
         self.batch, self.num_layers, self.device = batch, max(1, int(num_layers)), device
         self.threshold = float(self.fresh_threshold)
         self.counters: dict[tuple[int, str], torch.Tensor] = {}
