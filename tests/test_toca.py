@@ -344,3 +344,69 @@ def test_flux_stock_pipeline_equals_catlabs_loop(tmp_path):
     disable_pruning(pipe)
     torch.testing.assert_close(images.float(), ran.images, atol=1e-5, rtol=0)
     assert macs == [s.macs for s in ran.trace.steps] and macs[1] < 0.5 * macs[0]
+
+
+# -- the cross-attention entropy score (s2) ---------------------------------------------------------------
+def test_cross_entropy_score_is_the_model_without_caching_and_counts_its_macs():
+    """``score: cross_entropy`` writes PixArt's cross-attention out to keep its N×L map: every step full, it
+    is still the stock model to 1e-5; a partial step's MACs are half of torch's FLOP count."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from catlab.stepcache import MacCounter
+
+    a = tiny_pixart()
+    full = sample(a, selectors.build("full"), PROMPTS, SEEDS, CFG).images
+    got = sample(a, _toca(fresh_threshold=1, score="cross_entropy"), PROMPTS, SEEDS, CFG).images
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=0)
+    policy = _toca(alpha=0.2, score="cross_entropy")
+    engine = LayerCaching(policy).apply(a.transformer)
+    cond = a.encode(PROMPTS, True)
+    latents = torch.cat([a.initial_latents(SEEDS)] * cond.groups)
+    try:
+        engine.begin(len(SEEDS), (8, 8), 6, "cpu")
+        with MacCounter(a.transformer) as counter:
+            for step in (1, 2):
+                fc = FlopCounterMode(display=False)
+                with engine.context(step, 6), fc, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+                    a.predict(latents, torch.tensor(500.0), cond)
+                assert counter.calls[-1] == fc.get_total_flops() // 2, f"step {step}"
+                maps = {layer: m.clone() for layer, m in engine.cross_maps.items()}
+                assert set(maps) == {0, 1, 2} and maps[0].shape == (4, 64, 6)
+                torch.testing.assert_close(maps[0].sum(-1), torch.ones(4, 64))
+    finally:
+        engine.remove()
+
+
+def test_cross_entropy_selection_follows_the_recorded_map():
+    """At the first partial step, layer 0's cross-attention takes the top-k of the authors' s2 + s3 + s4 on
+    the map its full step recorded (both guidance branches mixed), and its map rows are refreshed for them."""
+    a = tiny_pixart()
+    policy = _toca(alpha=0.2, score="cross_entropy")
+    engine = LayerCaching(policy).apply(a.transformer)
+    cond = a.encode(PROMPTS, True)
+    latents = torch.cat([a.initial_latents(SEEDS)] * cond.groups)
+    try:
+        engine.begin(len(SEEDS), (8, 8), 6, "cpu")
+        with torch.no_grad():
+            with engine.context(1, 6):
+                a.predict(latents, torch.tensor(500.0), cond)
+            recorded = engine.cross_maps[0].clone()
+            with engine.context(2, 6):
+                a.predict(latents * 0.5, torch.tensor(400.0), cond)
+        b = len(SEEDS)
+        k = fresh_count(policy.fresh_ratio(2, 6, 0, "cross"), 64)
+        score = spatial_bonus(cross_attention_entropy(recorded[b:], recorded[:b]), (8, 8), 0.4, 4)
+        want = top_fresh(score, k)
+        assert torch.equal(
+            policy.counters[(0, "cross")] == 0, torch.zeros(b, 64, dtype=torch.bool).scatter(1, want, True)
+        )
+        changed = (engine.cross_maps[0] != recorded).any(-1)[b:]  # conditional rows (the empty prompt's map is flat)
+        assert torch.equal(changed, torch.zeros(b, 64, dtype=torch.bool).scatter(1, want, True))
+    finally:
+        engine.remove()
+
+
+def test_cross_entropy_needs_a_cross_attention():
+    with pytest.raises(UnsupportedModelError, match="no cross-attention"):
+        LayerCaching(_toca(score="cross_entropy")).apply(tiny_sd3().transformer)

@@ -36,6 +36,7 @@ import contextlib
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
@@ -123,6 +124,46 @@ class _BlockReuse(ModelHook):
         return out
 
 
+class _RecordingCrossAttn:
+    """A cross-attention to the text that also keeps each image token's probabilities over the text, averaged
+    over heads: ``(rows, N, L)``, the rows of this step's fresh tokens rewritten (a full step writes all).
+
+    The output is the stock processor's (the same projections and SDPA call); the map costs one more QKᵀ of
+    the computed queries over the L text keys (N×L, never N×N), which the MAC counter sees."""
+
+    def __init__(self, engine: LayerCaching, layer: int, original):
+        self.engine, self.layer, self.original = engine, layer, original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        e = self.engine
+        if e is None or e.kind is None or encoder_hidden_states is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        rows, n, _ = hidden_states.shape
+        text = encoder_hidden_states
+        if attn.norm_cross:
+            text = attn.norm_encoder_hidden_states(text)
+        h = attn.heads
+        query = attn.to_q(hidden_states)
+        key, value = attn.to_k(text), attn.to_v(text)
+        d = key.shape[-1] // h
+        query = query.view(rows, n, h, d).transpose(1, 2)
+        key = key.view(rows, -1, h, d).transpose(1, 2)
+        value = value.view(rows, -1, h, d).transpose(1, 2)
+        if attn.norm_q is not None:
+            query, key = attn.norm_q(query), attn.norm_k(key)
+        mask = None
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, key.shape[2], rows)
+            mask = mask.view(rows, h, -1, mask.shape[-1])
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        logits = torch.matmul(query, key.transpose(-1, -2)) * attn.scale  # the map: one extra QKᵀ over the text
+        probs = (logits if mask is None else logits + mask).softmax(-1)
+        out = out.transpose(1, 2).reshape(rows, n, h * d).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        e.record_cross(self.layer, probs.mean(1))
+        return out / attn.rescale_output_factor
+
+
 class LayerCaching:
     """The layer-granularity engine of a ``Capability.LAYER_SELECTION`` selector (see the module docstring).
 
@@ -141,6 +182,10 @@ class LayerCaching:
         self._modules: list[tuple[nn.Module, _ModuleCache]] = []
         self._blocks: list[nn.Module] = []
         self._last: dict[int, torch.Tensor | None] = {}  # per layer, the positions its last partial module took
+        #: per layer, each image token's cross-attention over the text ``(rows, N, L)`` (kept when the selector
+        #: scores with it: ``policy.cross_maps`` names this dict)
+        self.cross_maps: dict[int, torch.Tensor] = {}
+        self._recorders: list = []
         self.num_tokens = 0
 
     @property
@@ -173,14 +218,28 @@ class LayerCaching:
                     continue
                 if role not in ROLES:
                     raise ValueError(f"{spec.name}.layer_modules: role {role!r} of {attr}; allowed: {ROLES}")
+                if role == "cross" and getattr(self.policy, "needs_cross_maps", False):
+                    recorder = _RecordingCrossAttn(self, layer, module.processor)
+                    module.processor = recorder
+                    self._recorders.append((module, recorder))
                 hook = _ModuleCache(self, layer, role, f"{attr_list}.{i}.{attr}")
                 _registry(module).register_hook(hook, MODULE_HOOK)
                 self._modules.append((module, hook))
             _registry(block).register_hook(_BlockReuse(self, layer == len(blocks) - 1), BLOCK_HOOK)
             self._blocks.append(block)
+        if getattr(self.policy, "needs_cross_maps", False) and not self._recorders:
+            self.remove()
+            raise UnsupportedModelError(
+                f"selector {self.policy.name}: its score reads cross-attention maps, and "
+                f"{type(transformer).__name__}'s blocks have no cross-attention (PixArt's have): choose another score"
+            )
+        self.policy.cross_maps = self.cross_maps
         return self
 
     def remove(self, transformer: nn.Module | None = None) -> None:
+        for module, recorder in self._recorders:
+            module.processor, recorder.engine = recorder.original, None
+        self._recorders.clear()
         for module, hook in self._modules:
             hook.engine = None
             _registry(module).remove_hook(MODULE_HOOK, recurse=False)
@@ -196,6 +255,7 @@ class LayerCaching:
     def reset(self) -> None:
         """Forget every cache: the next forward must be a full step."""
         self.kind, self.last_output, self._last = None, None, {}
+        self.cross_maps.clear()
         for _, hook in self._modules:
             hook.cache = None
 
@@ -221,6 +281,15 @@ class LayerCaching:
             yield
         finally:
             self.kind = None
+
+    def record_cross(self, layer: int, probs: torch.Tensor) -> None:
+        """Keep a cross-attention's head-averaged map: whole at a full step, the fresh rows at a partial one."""
+        idx = self._last.get(layer) if self.kind == "partial" else None
+        if idx is None or layer not in self.cross_maps:
+            self.cross_maps[layer] = probs
+            return
+        index = idx[..., None].expand(-1, -1, probs.shape[-1])
+        self.cross_maps[layer] = self.cross_maps[layer].scatter(1, index, probs.to(self.cross_maps[layer].dtype))
 
     def fresh(self, layer: int, role: str, hidden: torch.Tensor) -> torch.Tensor | None:
         """The ``(rows, k)`` positions ``layer``'s ``role`` module computes at this partial step (``None``: none).

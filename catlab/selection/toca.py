@@ -19,11 +19,12 @@ written fresh for catlab's layer engine (``catlab/pruning/layerwise.py``):
   ``bonus_grid × bonus_grid`` patch of the token grid the best token's score grows by
   ``bonus_ratio`` times itself.
 
-Base scores: ``frequency`` (none: s3 and s4 alone) and ``random`` (uniform, one draw per sample
-shared by its guidance branches). The attention-map scores (s1: attention received; s2:
-cross-attention entropy) need attention probabilities that catlab's SDPA attention does not
-materialise: :func:`cross_attention_entropy` is the s2 rule as a function (tested against the
-authors'), not yet a base score of the selector. ``docs/selection.md`` lists every difference.
+Base scores: ``cross_entropy`` (s2, ToCa's PixArt score: the entropy of each token's cross-attention
+over the text, its two guidance branches' maps mixed; the layer engine writes the cross-attention
+out to keep its N×L map, rows refreshed with the fresh tokens), ``frequency`` (none: s3 and s4
+alone) and ``random`` (uniform, one draw per sample shared by its guidance branches). s1
+(attention received) would need the N×N self-attention map, which catlab's SDPA attention never
+materialises: not offered. ``docs/selection.md`` lists every difference.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from catlab.grid import Grid
 from catlab.registry import selectors
 from catlab.selection.base import Policy, StepState
 
-SCORES = ("frequency", "random")
+SCORES = ("frequency", "random", "cross_entropy")
 SCHEDULES = ("toca", "constant")
 
 
@@ -187,7 +188,19 @@ class ToCa(Policy):
             * self.module_weight(role)
         )
 
-    def base_score(self, rows: int, num_tokens: int) -> torch.Tensor:
+    @property
+    def needs_cross_maps(self) -> bool:
+        """Whether the layer engine must keep each layer's cross-attention map (``score: cross_entropy``)."""
+        return self.score == "cross_entropy"
+
+    def base_score(self, rows: int, num_tokens: int, layer: int = 0) -> torch.Tensor:
+        if self.score == "cross_entropy":
+            cmap = getattr(self, "cross_maps", {}).get(layer)
+            if cmap is None:
+                raise RuntimeError(f"{self.name}: no cross-attention map of layer {layer} yet (a full step first)")
+            b = self.batch
+            cond, uncond = (cmap[-b:], cmap[:b]) if cmap.shape[0] >= 2 * b else (cmap[-b:], cmap[-b:])
+            return cross_attention_entropy(cond.float(), uncond.float())
         if self.score == "random":
             return torch.rand(self.batch, num_tokens, generator=self.generator).to(self.device)
         return torch.zeros(self.batch, num_tokens, device=self.device)
@@ -199,7 +212,7 @@ class ToCa(Policy):
         counter = self.counters.get(key)
         if counter is None:
             counter = torch.zeros(self.batch, num_tokens, dtype=torch.int32, device=self.device)
-        score = self.base_score(rows, num_tokens)
+        score = self.base_score(rows, num_tokens, layer)
         score = score + cache_frequency(counter, int(self.fresh_threshold), float(self.soft_fresh_weight))
         if self.bonus_ratio:
             score = spatial_bonus(score, self.hw, float(self.bonus_ratio), int(self.bonus_grid))
