@@ -133,3 +133,19 @@ def test_cli_runs_with_fewer_macs_than_full(selector, tmp_path):
     _, run = run_cli(f"selector={selector}", "model=tiny_sd3", "num_images=1", *FAST, tmp_path=tmp_path)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["macs_ratio"] > 1.3
+
+
+def test_dit_script_settings_on_a_dit():
+    """The DiT script's settings on a DiT (class-conditional, self-attention and MLP blocks): no caching is the
+    model; with caching the three kinds of step run and cost less than full steps."""
+    from catlab.families.dit import TinyDiT
+
+    a = TinyDiT(height=16, width=16, num_layers=2, num_heads=2, head_dim=16)
+    cfg = SamplerConfig(num_steps=10, progress=False)
+    full = sample(a, selectors.build("full"), PROMPTS, SEEDS, cfg)
+    none = {**DIT, "fresh_threshold": 1, "force_weight": 0.0, "window": [0, 0]}
+    torch.testing.assert_close(sample(a, _duca(**none), PROMPTS, SEEDS, cfg).images, full.images, atol=1e-5, rtol=0)
+    kinds = [KINDS[k] for k in _kinds(_duca(**DIT), 10, layers=2)]
+    assert set(kinds) == set(KINDS)
+    macs = [s.macs for s in sample(a, _duca(**DIT), PROMPTS, SEEDS, cfg).trace.steps]
+    assert all((m == full.trace.steps[0].macs) == (kind == "full") for m, kind in zip(macs, kinds))

@@ -15,7 +15,7 @@ hook per module:
   ``(rows, k)``, runs stock on those k tokens only (both act token by token, so a fresh
   token's output is exactly the stock one given its input) and scatters them into its
   cache; the block receives the whole cache. A ``"follow"`` module (a projection of the previous
-  module's output and other cached inputs, as FLUX's single-stream ``proj_out``) computes the same
+  module's output and other cached inputs, as a single-stream block's output projection) computes the same
   positions as the block's previous module. A sequence with other tokens before the image's (a
   single-stream block's text) computes those always. The block's norms, modulation, gates and
   residuals run on every token, with this step's timestep;
@@ -231,7 +231,7 @@ class LayerCaching:
             self.remove()
             raise UnsupportedModelError(
                 f"selector {self.policy.name}: its score reads cross-attention maps, and "
-                f"{type(transformer).__name__}'s blocks have no cross-attention (PixArt's have): choose another score"
+                f"{type(transformer).__name__}'s blocks have no cross-attention: choose another score"
             )
         self.policy.cross_maps = self.cross_maps
         return self
