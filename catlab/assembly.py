@@ -309,6 +309,8 @@ class PruningSession:
         """Around a second transformer call within a step (skip-layer guidance): the stock forward,
         every cache untouched."""
         self.pruner.set_bypass(on)
+        if isinstance(self.engine, LayerCaching):
+            self.engine.set_bypass(on)
 
     def observe(self, plan: StepPlan, output: torch.Tensor, indices: torch.Tensor | None) -> float:
         """Show the policy the step's output ``(B, N, C)`` (or the branches it asks for); its seconds."""

@@ -149,3 +149,27 @@ def test_dit_script_settings_on_a_dit():
     assert set(kinds) == set(KINDS)
     macs = [s.macs for s in sample(a, _duca(**DIT), PROMPTS, SEEDS, cfg).trace.steps]
     assert all((m == full.trace.steps[0].macs) == (kind == "full") for m, kind in zip(macs, kinds))
+
+
+def test_skip_layer_guidance_call_runs_stock_and_leaves_the_caches():
+    """SD3.5's skip-layer-guidance call within a step runs stock beside the layer engine: every step full, the
+    pipeline's images are the stock pipeline's exactly; cached, they differ."""
+    import numpy as np
+
+    from catlab.testing.tiny_pipelines import sd35_pipeline
+
+    pipe = sd35_pipeline()
+    kw = dict(num_inference_steps=5, height=64, width=64, output_type="np", guidance_scale=4.5)
+    kw.update(skip_guidance_layers=[1], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)
+
+    def call():
+        return pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+
+    stock = call()
+    enable_pruning(pipe, selectors.build({"name": "toca", "fresh_threshold": 1}))
+    same = call()
+    disable_pruning(pipe)
+    enable_pruning(pipe, selectors.build({"name": "toca"}))
+    cached = call()
+    disable_pruning(pipe)
+    assert np.array_equal(same, stock) and not np.allclose(cached, stock, atol=1e-4)

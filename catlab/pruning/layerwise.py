@@ -282,6 +282,14 @@ class LayerCaching:
         finally:
             self.kind = None
 
+    def set_bypass(self, on: bool) -> None:
+        """Run the next forwards as the stock model, every cache untouched (``on=False`` ends it): a pipeline's
+        extra transformer call within a step (skip-layer guidance) whose rows and layers are not the step's."""
+        if on:
+            self._held, self.kind = self.kind, None
+        else:
+            self.kind = getattr(self, "_held", self.kind)
+
     def record_cross(self, layer: int, probs: torch.Tensor) -> None:
         """Keep a cross-attention's head-averaged map: whole at a full step, the fresh rows at a partial one."""
         idx = self._last.get(layer) if self.kind == "partial" else None
