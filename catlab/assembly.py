@@ -36,6 +36,7 @@ from catlab.planner import StepKind, StepPlan, StepPlanner
 from catlab.pruning.engine import TokenPruner
 from catlab.pruning.graphs import graph_refusal, graphs_of, log_refusal
 from catlab.pruning.instep import InStepPruning
+from catlab.pruning.layerwise import LayerCaching
 from catlab.pruning.reuse_hooks import KVReuse, ReuseHook
 from catlab.pruning.selection_graphs import SelectionGraphs
 from catlab.reuse.base import Reuse
@@ -82,6 +83,13 @@ def check_composition(policy: Policy, parts: StepReuse, rows_stacked: bool = Fal
             "selector.pad=authors|none): it is for comparisons through catlab.testing.simulate; "
             "runs need k unique tokens per sample (selector.pad=stalest)"
         )
+    if Capability.LAYER_SELECTION in caps:
+        if parts.step_cache is not None or parts.rule is not None or parts.kv is not None:
+            raise CompositionError(
+                f"selector '{policy.name}' caches each layer's module outputs itself: run it without a step "
+                "cache or a reuse rule (reuse=, kv=, stepcache=)"
+            )
+        return
     if Capability.IN_STEP_ENGINE in caps:
         if parts.step_cache is not None or parts.rule is not None or parts.kv is not None:
             raise CompositionError(
@@ -136,6 +144,8 @@ class PruningSession:
         caps = policy.capabilities
         #: the in-step engine's own slot (a selector that prunes inside each forward)
         self.engine = InStepPruning(policy) if Capability.IN_STEP_ENGINE in caps else None
+        if Capability.LAYER_SELECTION in caps:  # per-layer, per-module selection: the layer engine's slot
+            self.engine = LayerCaching(policy)
         #: where the reuse rule acts: inside the transformer (needed with a step cache or K/V rule) or after it
         self.rule_inside = parts.rule is not None and (parts.step_cache is not None or parts.kv is not None)
         #: why a run that asked for CUDA graphs runs eagerly (``None``: it did not ask, or it is graphed)
@@ -241,7 +251,9 @@ class PruningSession:
             hook.reset()
         if self.parts.step_cache is not None:
             self.parts.step_cache.begin(groups)
-        if self.engine is not None:
+        if isinstance(self.engine, LayerCaching):
+            self.engine.begin(batch, grid, num_steps, device)
+        elif self.engine is not None:
             self.engine.reset()
         if self.graphs is not None:
             self._renew_graphs()
@@ -300,6 +312,8 @@ class PruningSession:
         """Around a second transformer call within a step (skip-layer guidance): the stock forward,
         every cache untouched."""
         self.pruner.set_bypass(on)
+        if isinstance(self.engine, LayerCaching):
+            self.engine.set_bypass(on)
 
     def observe(self, plan: StepPlan, output: torch.Tensor, indices: torch.Tensor | None) -> float:
         """Show the policy the step's output ``(B, N, C)`` (or the branches it asks for); its seconds."""

@@ -22,6 +22,9 @@ HOST_SETUP            selector     sets itself up once per generation at its fir
                                    its clusters) and may read the host there; later steps may not
 HOST_LOOPS            selector     reads host values at every pruned step by design (a readable
                                    reference, not a timed method); its indices still keep the contract
+LAYER_SELECTION       selector     chooses its fresh tokens per block and per module (self-attention,
+                                   cross-attention, MLP) inside each forward, reusing each module's
+                                   cached per-layer output for the rest (``catlab.pruning.layerwise``)
 ====================  ==========  ============================================================
 """
 
@@ -41,6 +44,7 @@ class Capability(enum.Flag):
     COMPARISON_ONLY = enum.auto()
     HOST_SETUP = enum.auto()
     HOST_LOOPS = enum.auto()
+    LAYER_SELECTION = enum.auto()
 
 
 __all__ = ["Capability"]

@@ -66,6 +66,7 @@ DIT = families.register("dit")(
         macs=dit_macs,
         output_proj="proj_out_2",
         check=check_dit,
+        layer_modules=(("attn1", "attn"), ("ff", "mlp")),
     )
 )
 

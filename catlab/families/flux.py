@@ -208,6 +208,9 @@ FLUX = families.register("flux")(
         packed=True,
         token_grid=flux_grid,
         guidance_distilled=True,
+        # dual-stream blocks: attention reused, image MLP fresh; single-stream: attention reused, the MLP's input
+        # projection fresh and the output projection on the same positions (the text tokens always computed)
+        layer_modules=(("attn", "attn"), ("ff", "mlp"), ("proj_mlp", "mlp"), ("proj_out", "follow")),
         cache_dit_pattern="Pattern_1",
     )
 )

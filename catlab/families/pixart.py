@@ -58,6 +58,7 @@ PIXART = families.register("pixart")(
         macs=pixart_macs,
         cache_dit_pattern="Pattern_3",  # blocks take the hidden states and return them
         check=check_pixart,
+        layer_modules=(("attn1", "attn"), ("attn2", "cross"), ("ff", "mlp")),
     )
 )
 

@@ -95,6 +95,7 @@ SD3 = families.register("sd3")(
         block_residuals=("block_controlnet_hidden_states",),  # a ControlNet's, added after each joint block
         cache_dit_pattern="Pattern_1",  # blocks take (hidden, text, ...) and return (text, hidden)
         in_step=True,
+        layer_modules=(("attn", "attn"), ("attn2", "attn"), ("ff", "mlp")),
     )
 )
 

@@ -116,6 +116,13 @@ class FamilySpec:
     #: the blocks are joint text+image attention blocks without rotary positions, so a selector that prunes
     #: inside one forward (``atedm``) may record and drop tokens in them
     in_step: bool = False
+    #: the modules of a ``transformer_blocks`` block that selection at layer granularity
+    #: (:mod:`catlab.pruning.layerwise`) caches, each with its role: ``"attn"`` (an attention over
+    #: image tokens: its whole output is reused at a cached step), ``"cross"`` (a cross-attention to
+    #: the text: computed for the fresh tokens only), ``"mlp"`` (a token-wise feed-forward: likewise) or
+    #: ``"follow"`` (a projection of the previous module's output: the positions that module took), in any
+    #: of the block lists (a list's blocks without the attribute skip it); empty: the family does not offer it
+    layer_modules: tuple[tuple[str, str], ...] = ()
     #: how messages name the family (its usual written name; empty: ``name``)
     title: str = ""
     #: keyword arguments of the transformer's forward that hold per-block residuals of the image tokens, each a

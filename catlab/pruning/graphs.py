@@ -347,6 +347,8 @@ def graph_refusal(
     caps = policy.capabilities if policy is not None else Capability.NONE
     if Capability.IN_STEP_ENGINE in caps:
         return f"selector '{name}' prunes inside each forward with its own engine"
+    if Capability.LAYER_SELECTION in caps:
+        return f"selector '{name}' selects tokens per layer and module inside each forward, in Python"
     if Capability.ATTENTION_PROBES in caps:
         return f"selector '{name}' records attention maps of probe layers inside the forward"
     if step_cache is not None:

@@ -3,8 +3,10 @@
 Step-level caches skip whole blocks, attention modules or the whole network at
 some steps, decided inside diffusers' hooks; the token pruner shrinks what the
 blocks see. Instead of predicting either, :class:`MacCounter` counts what ran:
-every ``nn.Linear``, ``nn.Conv2d`` and ``nn.Conv3d`` call (tokens × weights, read from the
-tensors they got), every ``scaled_dot_product_attention`` call (queries ×
+every linear layer as it runs (each ``F.linear`` call: tokens × weights, read
+from the tensors it got, so a module computed on fewer tokens than it was
+handed counts those), every ``nn.Conv2d`` and ``nn.Conv3d`` call, every
+``scaled_dot_product_attention`` call (queries ×
 keys × (head_dim + value_dim) per head) and every explicit ``matmul``/``bmm``
 (an attention written out, a probe map, AT-EDM's G-WPR). That is the same quantity as the
 family's analytic counter (:attr:`catlab.pruning.families.FamilySpec.macs`), so
@@ -42,6 +44,9 @@ class _AttentionCounter(TorchFunctionMode):
             q, k, v = (args[i] if len(args) > i else kwargs[name] for i, name in enumerate(("query", "key", "value")))
             lq, lk = q.shape[-2], k.shape[-2]
             self.counter._add(q.shape[:-2].numel() * lq * lk * (q.shape[-1] + v.shape[-1]))
+        if func is F.linear:  # an nn.Linear's forward, or a direct call: tokens × weights, as it ran
+            x, weight = args[0] if args else kwargs["input"], args[1] if len(args) > 1 else kwargs["weight"]
+            self.counter._add(x.numel() // weight.shape[-1] * weight.numel())
         out = func(*args, **kwargs)
         if func in _MATMULS and isinstance(out, torch.Tensor) and args[0].dim() >= 1:
             self.counter._add(out.numel() * args[0].shape[-1])  # each output element: one dot product
@@ -64,9 +69,6 @@ class MacCounter:
     def _add(self, macs: int) -> None:
         if self.calls:
             self.calls[-1] += int(macs)
-
-    def _linear(self, module: nn.Linear, args, output) -> None:
-        self._add(args[0].numel() // module.in_features * module.in_features * module.out_features)
 
     def _conv(self, module: nn.Conv2d | nn.Conv3d, args, output) -> None:
         """Output positions (from the input: a hook after the patch embedding may keep only some of them)
@@ -96,10 +98,8 @@ class MacCounter:
     def attach(self) -> MacCounter:
         if self._handles:
             return self
-        for m in self.transformer.modules():
-            if isinstance(m, nn.Linear):
-                self._handles.append(m.register_forward_hook(self._linear))
-            elif isinstance(m, (nn.Conv2d, nn.Conv3d)):
+        for m in self.transformer.modules():  # linear layers are counted per call to F.linear (the mode)
+            if isinstance(m, (nn.Conv2d, nn.Conv3d)):
                 self._handles.append(m.register_forward_hook(self._conv))
         self._handles.append(self.transformer.register_forward_pre_hook(self._enter))
         self._handles.append(self.transformer.register_forward_hook(self._exit, always_call=True))
