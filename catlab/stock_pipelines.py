@@ -21,9 +21,18 @@ of every token, or the previous call's output (the copy rule).
 Steps are the pipeline's, not its transformer calls: the step is read from the
 scheduler's own counter, so a second call within a step (SD3's skip-layer
 guidance, on the conditional rows with some layers skipped) is recognised as
-such. Such a call runs the stock forward on all tokens, leaving the pruning
+such. Steps count those the pipeline runs: an image-to-image call with
+``strength`` < 1 starts the scheduler at a later index (``set_begin_index``) and
+runs fewer steps; its first is step 1, and the policy's ``start_step`` and
+schedules count from there. Such a call runs the stock forward on all tokens, leaving the pruning
 caches and the policy untouched (its rows and skipped layers do not match the
 step's caches); its MACs are added to its step's.
+
+Tokens of a reference image after the generated image's in the sequence (FLUX.1
+Kontext) are never selected: ``reference_tokens="computed"`` (the default) computes
+them at every step, ``"cached"`` at full steps only. Per-token inputs the forward adds
+to the image tokens (FLUX's ControlNet residuals) are cut to the selected tokens; a
+pipeline's ControlNet runs in full, and its MACs are added to its step's.
 
 A new generation is detected when the pipeline's scheduler holds a new
 timestep tensor (every pipeline call runs ``scheduler.set_timesteps``), and
@@ -45,14 +54,18 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from catlab.assembly import PruningSession, StepReuse
+from catlab.grid import grid_tokens
 from catlab.planner import StepKind
 from catlab.pruning.families import patchify
 from catlab.pruning.graphs import release_graphs
 from catlab.pruning.state import peek_state, state_of
 from catlab.reuse.base import Reuse, unpatchify
 from catlab.selection.base import Policy
+from catlab.stepcache.macs import MacCounter
 
 POLICY_HOOK = "catlab_token_pruning"
+#: how a pruned step treats the tokens after the generated image's (a reference image's, FLUX.1 Kontext)
+REFERENCE_TOKENS = ("computed", "cached")
 
 
 def _transformer_of(target) -> nn.Module:
@@ -73,7 +86,13 @@ class TokenPruningHook(ModelHook):
     #: from inside this hook's first call): the hook detects generations itself (``reset_pruning`` by hand)
     _is_stateful = False
 
-    def __init__(self, session: PruningSession, pipeline=None, guidance_scale: float | None = None):
+    def __init__(
+        self,
+        session: PruningSession,
+        pipeline=None,
+        guidance_scale: float | None = None,
+        reference_tokens: str = "computed",
+    ):
         super().__init__()
         self.session, self.policy, self.pipeline, self.guidance_scale = (
             session,
@@ -86,6 +105,11 @@ class TokenPruningHook(ModelHook):
         #: the transformer takes and returns tokens, not latent images (FLUX, Qwen-Image); where their grid is
         self.packed, self.token_grid = session.pruner.spec.packed, session.pruner.spec.token_grid
         self._warned = False
+        self.reference_tokens = reference_tokens
+        #: counts the MACs of the pipeline's ControlNet (it runs every token, before the transformer each step)
+        controlnet = getattr(pipeline, "controlnet", None)
+        self.controlnet = MacCounter(controlnet).attach() if isinstance(controlnet, nn.Module) else None
+        self._controlnet_seen = 0
         self.reset_state(None)
 
     def reset_state(self, module: nn.Module | None) -> nn.Module | None:
@@ -118,12 +142,22 @@ class TokenPruningHook(ModelHook):
             return timesteps
         return float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
 
+    def _begin_index(self) -> int:
+        """Where the pipeline started the scheduler: 0, or later for ``strength`` < 1 (img2img, inpainting)."""
+        return int(getattr(self._scheduler(), "begin_index", None) or 0)
+
+    def _scheduler_index(self) -> int:
+        """The scheduler's index of the running step (before its first ``step`` call: where it begins)."""
+        index = self._scheduler().step_index
+        return self._begin_index() if index is None else int(index)
+
     def _step_of_call(self, marker) -> int:
-        """The 1-based denoising step this call belongs to: the scheduler's own counter (so a second
-        call within a step belongs to it), or on a bare transformer a change of timestep value."""
+        """The 1-based denoising step this call belongs to, counted from the first step the pipeline runs:
+        the scheduler's own counter (so a second call within a step belongs to it) less its begin index, or on
+        a bare transformer a change of timestep value."""
         scheduler = self._scheduler()
         if scheduler is not None and hasattr(scheduler, "step_index"):
-            return (scheduler.step_index or 0) + 1
+            return self._scheduler_index() - self._begin_index() + 1
         return self.step if marker == self.marker else self.step + 1
 
     def _starts_generation(self, marker, step: int) -> bool:
@@ -145,27 +179,39 @@ class TokenPruningHook(ModelHook):
         self.call_rows, self.call_text = rows, text.shape[1] if text is not None else 0
         if self.extra:  # another call within the step: the stock forward, caches untouched
             session.extra_call(True)
+            self.macs[-1] += self._controlnet_macs()
             return args, kwargs
-        patch = module.config.patch_size
         self.step, self.groups = step, self._groups(rows)
         if self.fresh:  # the first call of a generation
             self.fresh = False
+            grid = _grid(module, self.token_grid if self.packed else None, latents, kwargs)
+            tail = latents.shape[1] - grid_tokens(grid) if self.packed else 0
             session.begin(
                 rows // self.groups,
                 self.groups,
-                _grid(module, self.token_grid if self.packed else None, latents, kwargs),
+                grid,
                 self._num_steps(),
                 self.call_text,
-                module.config.in_channels * patch * patch,
+                _channels(module, self.packed),
                 latents.device,
+                tail=tail,
+                tail_computed=self.reference_tokens == "computed",
             )
         self.plan = session.plan(step)
         self.indices = session.select(self.plan)
         self.time = self._time()
         if self.plan.calls_transformer:
             session.prepare(self.plan, self.indices, self.time)
-        self.macs.append(0)
+        self.macs.append(self._controlnet_macs())
         return args, kwargs
+
+    def _controlnet_macs(self) -> int:
+        """MACs of the ControlNet's forwards since last asked (it runs before the step's transformer call)."""
+        if self.controlnet is None:
+            return 0
+        calls = self.controlnet.calls
+        new, self._controlnet_seen = sum(calls[self._controlnet_seen :]), len(calls)
+        return new
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
         """The transformer, except at a step that computes no token: then the forecast of every token
@@ -184,7 +230,7 @@ class TokenPruningHook(ModelHook):
             return output
         self.macs[-1] += session.call_macs(self.plan)
         sample = _sample_of(output)
-        tokens = _tokens(module, self.packed, sample)  # the stacked guidance rows
+        tokens = _tokens(module, self.packed, sample)[:, : session.num_tokens]  # the grid's stacked guidance rows
         session.observe(self.plan, self._shown(tokens), self.indices)
         composed = session.compose(self.plan, tokens, self.indices, self.time)
         if composed is not tokens and self.indices is not None:
@@ -232,15 +278,16 @@ class TokenPruningHook(ModelHook):
         return 2 if cfg and rows % 2 == 0 else 1
 
     def _num_steps(self) -> int:
+        """Steps the pipeline runs: the scheduler's timesteps from where it begins."""
         timesteps = getattr(self._scheduler(), "timesteps", None)
-        return len(timesteps) if timesteps is not None else 0
+        return len(timesteps) - self._begin_index() if timesteps is not None else 0
 
     def _time(self) -> float | None:
         """The forecasts' time variable: ``None`` (the step) or the scheduler's sigma of this step."""
         scheduler = self._scheduler()
         if self.session.parts.time != "sigma" or scheduler is None:
             return None
-        return float(scheduler.sigmas[scheduler.step_index or 0])
+        return float(scheduler.sigmas[self._scheduler_index()])
 
 
 def _grid(module: nn.Module, token_grid, latents: torch.Tensor, kwargs: dict) -> tuple[int, int]:
@@ -252,6 +299,14 @@ def _grid(module: nn.Module, token_grid, latents: torch.Tensor, kwargs: dict) ->
     return latents.shape[-2] // patch, latents.shape[-1] // patch
 
 
+def _channels(module: nn.Module, packed: bool) -> int:
+    """Channels per token of a call's output in token space: packed tokens carry the output channels (FLUX.1
+    Fill takes more than it returns), latent images the latent channels per patch."""
+    if packed:
+        return module.config.out_channels or module.config.in_channels
+    return module.config.in_channels * module.config.patch_size**2
+
+
 def _tokens(module: nn.Module, packed: bool, sample: torch.Tensor) -> torch.Tensor:
     """A call's output as ``(rows, N, C)`` tokens of the latent channels (a learned variance left out)."""
     if packed:
@@ -260,9 +315,11 @@ def _tokens(module: nn.Module, packed: bool, sample: torch.Tensor) -> torch.Tens
 
 
 def _from_tokens(module: nn.Module, packed: bool, tokens: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-    """``tokens`` back in the layout of the call's output ``sample``; channels they lack as in ``sample``."""
+    """``tokens`` back in the layout of the call's output ``sample``; channels (or a reference image's tokens
+    after the grid's) they lack as in ``sample``."""
     if packed:
-        return tokens.to(sample.dtype)
+        tokens = tokens.to(sample.dtype)
+        return torch.cat([tokens, sample[:, tokens.shape[1] :]], 1) if tokens.shape[1] < sample.shape[1] else tokens
     image = unpatchify(tokens, module.config.patch_size, sample.shape[-2], sample.shape[-1]).to(sample.dtype)
     if image.shape[1] < sample.shape[1]:  # the latent channels only: the rest (learned variance) as computed
         image = torch.cat([image, sample[:, image.shape[1] :]], 1)
@@ -287,6 +344,7 @@ def enable_pruning(
     cuda_graphs: bool = False,
     reuse: StepReuse | Reuse | None = None,
     count_macs: bool = False,
+    reference_tokens: str = "computed",
 ) -> PruningSession:
     """Make every call of ``target`` (a pipeline or its transformer) run token-pruned by ``policy``.
 
@@ -310,12 +368,17 @@ def enable_pruning(
             (rule, K/V rule, step cache, time variable), as in :func:`catlab.sample`.
         count_macs: count the MACs that really ran (always on with a step cache or an in-step
             engine); :func:`pruning_macs` reports them per step.
+        reference_tokens: what a pruned step does with a reference image's tokens, which follow the generated
+            image's in the sequence (FLUX.1 Kontext) and are never selected: ``"computed"`` (every step computes
+            them, besides the k selected) or ``"cached"`` (only full steps do; in between the generated tokens
+            attend over their K/V of the last full step, as over an unselected token's).
 
     Returns:
         The run's assembly (:class:`~catlab.assembly.PruningSession`).
 
     Raises:
         TypeError: ``policy`` is not a built selector (a name, say).
+        ValueError: ``reference_tokens`` is not one of ``"computed"``, ``"cached"``.
         CompositionError: the parts cannot run together (:func:`catlab.assembly.check_composition`).
     """
     if not isinstance(policy, Policy):
@@ -323,6 +386,8 @@ def enable_pruning(
         raise TypeError(
             f"enable_pruning takes a selector (a catlab Policy{hint}); got {type(policy).__name__} {policy!r:.60}"
         )
+    if reference_tokens not in REFERENCE_TOKENS:
+        raise ValueError(f"enable_pruning: reference_tokens must be 'computed' or 'cached'; got {reference_tokens!r}")
     transformer = _transformer_of(target)
     if peek_state(transformer) is not None and state_of(transformer).session is not None:
         disable_pruning(transformer)
@@ -331,7 +396,7 @@ def enable_pruning(
         transformer, policy, parts, cuda_graphs=cuda_graphs, count_macs=count_macs, rows_stacked=True
     ).attach()
     pipeline = None if target is transformer else target
-    hook = TokenPruningHook(session, pipeline, guidance_scale)
+    hook = TokenPruningHook(session, pipeline, guidance_scale, reference_tokens)
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, POLICY_HOOK)
     state = state_of(transformer)
     state.session = session
@@ -395,6 +460,8 @@ def disable_pruning(target) -> None:
     registry.remove_hook(POLICY_HOOK, recurse=False)
     if hook is not None:
         hook.session = None  # the hook and diffusers' reference to it form a cycle: hold nothing
+        if hook.controlnet is not None:
+            hook.controlnet.detach()
     state.session.detach()
     release_graphs(transformer)
     state.session = None
@@ -404,7 +471,8 @@ def disable_pruning(target) -> None:
 
 
 def pruning_macs(target) -> list[int]:
-    """MACs of each denoising step since the current generation started (every transformer call of the step).
+    """MACs of each denoising step since the current generation started (every transformer call of the step,
+    and the pipeline's ControlNet call, if it has one).
 
     Args:
         target: the pipeline or transformer given to :func:`enable_pruning`.

@@ -239,6 +239,31 @@ class TokenPruner:
         buf.view(rows // batch, batch, k).copy_(indices[None].expand(rows // batch, batch, k))
         self.row_indices = buf
 
+    def gather_inputs(self, kwargs: dict) -> dict:
+        """The call's arguments, with each per-image-token input the family names (``FamilySpec.token_inputs``,
+        e.g. ControlNet residuals ``(rows, N, D)`` added to the image tokens between blocks) cut to the rows'
+        selected tokens ``(rows, k, D)``, so they meet the k tokens the blocks compute. A full step (or a bypassed
+        call) gets them as they are."""
+        idx = self.row_indices
+        names = [name for name in self.spec.token_inputs if kwargs.get(name) is not None]
+        if idx is None or self.bypass or not names:
+            return kwargs
+        kwargs = dict(kwargs)
+        for name in names:
+            value = kwargs[name]
+            many = isinstance(value, (list, tuple))
+            gathered = [self._gather_rows(name, x, idx) for x in (value if many else [value])]
+            kwargs[name] = type(value)(gathered) if many else gathered[0]
+        return kwargs
+
+    @staticmethod
+    def _gather_rows(name: str, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[0] != idx.shape[0]:
+            raise ValueError(
+                f"{name}: expected per-token tensors of shape (rows={idx.shape[0]}, N, D); got {tuple(x.shape)}"
+            )
+        return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
     def prepare(self, rows: int, num_text: int, device, text: bool) -> None:
         """Before the blocks, for the attentions with (``text=True``) or without text tokens in their K/V:
         at a full step bind their cache buffers; at a pruned step compute their flat write positions.

@@ -79,6 +79,10 @@ class FamilySpec:
     #: ``token_grid(call kwargs)`` reads their grid (rows, columns) from the call
     packed: bool = False
     token_grid: Callable[[dict], tuple[int, ...]] | None = None
+    #: call arguments holding per-image-token tensors ``(rows, N, D)`` (or lists of them) that the forward adds
+    #: to the image tokens between blocks (FLUX's ControlNet residuals): at a pruned step the pruner hands the
+    #: forward the selected tokens' rows of each (:meth:`~catlab.pruning.engine.TokenPruner.gather_inputs`)
+    token_inputs: tuple[str, ...] = ()
     #: each call runs one guidance branch (distilled guidance, a model input; or true CFG, one call per
     #: branch) rather than stacked CFG halves
     guidance_distilled: bool = False

@@ -37,7 +37,8 @@ class _AttentionCounter(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            q, k, v = args[:3]
+            names = ("query", "key", "value")  # diffusers' attention dispatch passes them by name
+            q, k, v = (args[i] if len(args) > i else kwargs[name] for i, name in enumerate(names))
             lq, lk = q.shape[-2], k.shape[-2]
             self.counter._add(q.shape[:-2].numel() * lq * lk * (q.shape[-1] + v.shape[-1]))
         out = func(*args, **kwargs)
