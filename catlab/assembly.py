@@ -303,7 +303,9 @@ class PruningSession:
     def forward(self, plan: StepPlan, fn, args: tuple = (), kwargs: dict | None = None, tag=None):
         """``fn(*args, **kwargs)``, the transformer's forward: replayed from its graph, or eagerly inside the
         step cache's or in-step engine's context of this step."""
-        kwargs = self.pruner.gather_inputs(kwargs or {})  # per-token inputs (ControlNet residuals): k rows
+        # per-token inputs (ControlNet residuals): the k rows, or none where a step cache skips the blocks
+        skipped = plan.kind is StepKind.CACHED and getattr(self.parts.step_cache, "mode", None) == "output"
+        kwargs = self.pruner.gather_inputs(kwargs or {}, skipped)
         if self.graphs is not None:
             return self.graphs.call(self.pruner, fn, args, kwargs, tag=tag)
         slot = self.parts.step_cache or self.engine

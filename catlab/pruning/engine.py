@@ -239,17 +239,22 @@ class TokenPruner:
         buf.view(rows // batch, batch, k).copy_(indices[None].expand(rows // batch, batch, k))
         self.row_indices = buf
 
-    def gather_inputs(self, kwargs: dict) -> dict:
+    def gather_inputs(self, kwargs: dict, skipped: bool = False) -> dict:
         """The call's arguments, with each per-image-token input the family names (``FamilySpec.token_inputs``,
         e.g. ControlNet residuals ``(rows, N, D)`` added to the image tokens between blocks) cut to the rows'
         selected tokens ``(rows, k, D)``, so they meet the k tokens the blocks compute. A full step (or a bypassed
-        call) gets them as they are."""
+        call) gets them as they are. ``skipped``: a step cache skips the blocks in this call (it forecasts the
+        output; the blocks return placeholders shaped as at the last computed step), so what would be added to
+        their outputs goes unused: those inputs are passed as ``None``."""
         idx = self.row_indices
         names = [name for name in self.spec.token_inputs if kwargs.get(name) is not None]
-        if idx is None or self.bypass or not names:
+        if not names or self.bypass or (idx is None and not skipped):
             return kwargs
         kwargs = dict(kwargs)
         for name in names:
+            if skipped:
+                kwargs[name] = None
+                continue
             value = kwargs[name]
             many = isinstance(value, (list, tuple))
             gathered = [self._gather_rows(name, x, idx) for x in (value if many else [value])]
