@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 import catlab
-from catlab.testing.tiny_pipelines import (
+from catlab.testing.tiny_flux_variants import (
     flux_controlnet_pipeline,
     flux_fill_pipeline,
     flux_img2img_pipeline,

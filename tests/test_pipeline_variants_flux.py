@@ -21,7 +21,7 @@ from catlab.pruning.state import peek_state
 from catlab.registry import reuses, selectors, stepcaches
 from catlab.selection.baselines import Sequential
 from catlab.stepcache.macs import MacCounter
-from catlab.testing.tiny_pipelines import (
+from catlab.testing.tiny_flux_variants import (
     flux_controlnet_pipeline,
     flux_fill_pipeline,
     flux_img2img_pipeline,

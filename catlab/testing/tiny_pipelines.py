@@ -538,6 +538,3 @@ def qwen_image_pipeline(seed: int = 0, **transformer_config) -> QwenImagePipelin
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-from catlab.testing.tiny_flux_variants import *  # noqa: E402, F401, F403  (FLUX img2img, inpaint, Fill, ControlNet, Kontext)
