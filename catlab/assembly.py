@@ -120,7 +120,8 @@ class PruningSession:
     """The assembly of one run on one transformer; see the module docstring.
 
     ``rows_stacked``: the loop shows :meth:`compose` the stacked guidance rows rather than
-    their combination (a stock pipeline). Nothing is installed until :meth:`attach` (or
+    their combination (a stock pipeline). ``side_models``: models the pipeline runs beside the
+    transformer at each step (a ControlNet), unpruned; :meth:`side_macs` counts what they ran. Nothing is installed until :meth:`attach` (or
     ``with session:``); :meth:`detach` removes everything and leaves no reference cycle.
     """
 
@@ -134,6 +135,7 @@ class PruningSession:
         count_macs: bool = False,
         check_indices: bool = False,
         rows_stacked: bool = False,
+        side_models: tuple[nn.Module, ...] = (),
     ):
         parts = parts or StepReuse()
         check_composition(policy, parts, rows_stacked)
@@ -152,6 +154,9 @@ class PruningSession:
         self.pruner.probe_layers = set(policy.attention_layers) if Capability.ATTENTION_PROBES in caps else set()
         self.counting = count_macs or parts.step_cache is not None or self.engine is not None
         self.counter: MacCounter | None = None
+        #: models a pipeline runs beside the transformer (a ControlNet): unpruned, their MACs counted as they run
+        self.side = [MacCounter(model) for model in side_models]
+        self._side_seen = 0
         self.hooks: list = []  # told the step and time before each forward
         self._undo: list = []  # what detach() runs, last installed first
         self.attached = False
@@ -209,6 +214,8 @@ class PruningSession:
         if self.counting:
             self.counter = MacCounter(t).attach()
             self._undo.append(self.counter.detach)
+        for side in self.side:
+            self._undo.append(side.attach().detach)
 
     def detach(self) -> None:
         """Remove every part; the transformer is the stock model again."""
@@ -383,6 +390,12 @@ class PruningSession:
         if plan is None:
             return self.pruner.macs(rows, num_text, num_tokens=total)
         return self.pruner.macs(self.rows, self.num_text, num_tokens=total, kept=self._kept(plan))
+
+    def side_macs(self) -> int:
+        """MACs the side models (a ControlNet) ran since last asked."""
+        total = sum(side.total for side in self.side)
+        new, self._side_seen = total - self._side_seen, total
+        return new
 
     def selection_macs(self, plan: StepPlan) -> int:
         """MACs of the step's selection, probes included (a counter already counts the probes' maps)."""

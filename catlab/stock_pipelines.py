@@ -61,7 +61,6 @@ from catlab.pruning.graphs import release_graphs
 from catlab.pruning.state import peek_state, state_of
 from catlab.reuse.base import Reuse, unpatchify
 from catlab.selection.base import Policy
-from catlab.stepcache.macs import MacCounter
 
 POLICY_HOOK = "catlab_token_pruning"
 #: how a pruned step treats the tokens after the generated image's (a reference image's, FLUX.1 Kontext)
@@ -106,10 +105,6 @@ class TokenPruningHook(ModelHook):
         self.packed, self.token_grid = session.pruner.spec.packed, session.pruner.spec.token_grid
         self._warned = False
         self.reference_tokens = reference_tokens
-        #: counts the MACs of the pipeline's ControlNet (it runs every token, before the transformer each step)
-        controlnet = getattr(pipeline, "controlnet", None)
-        self.controlnet = MacCounter(controlnet).attach() if isinstance(controlnet, nn.Module) else None
-        self._controlnet_seen = 0
         self.reset_state(None)
 
     def reset_state(self, module: nn.Module | None) -> nn.Module | None:
@@ -179,7 +174,7 @@ class TokenPruningHook(ModelHook):
         self.call_rows, self.call_text = rows, text.shape[1] if text is not None else 0
         if self.extra:  # another call within the step: the stock forward, caches untouched
             session.extra_call(True)
-            self.macs[-1] += self._controlnet_macs()
+            self.macs[-1] += session.side_macs()
             return args, kwargs
         self.step, self.groups = step, self._groups(rows)
         if self.fresh:  # the first call of a generation
@@ -202,16 +197,8 @@ class TokenPruningHook(ModelHook):
         self.time = self._time()
         if self.plan.calls_transformer:
             session.prepare(self.plan, self.indices, self.time)
-        self.macs.append(self._controlnet_macs())
+        self.macs.append(session.side_macs())  # the ControlNet's call, which comes before the transformer's
         return args, kwargs
-
-    def _controlnet_macs(self) -> int:
-        """MACs of the ControlNet's forwards since last asked (it runs before the step's transformer call)."""
-        if self.controlnet is None:
-            return 0
-        calls = self.controlnet.calls
-        new, self._controlnet_seen = sum(calls[self._controlnet_seen :]), len(calls)
-        return new
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
         """The transformer, except at a step that computes no token: then the forecast of every token
@@ -392,10 +379,17 @@ def enable_pruning(
     if peek_state(transformer) is not None and state_of(transformer).session is not None:
         disable_pruning(transformer)
     parts = reuse if isinstance(reuse, StepReuse) else StepReuse(rule=reuse)
-    session = PruningSession(
-        transformer, policy, parts, cuda_graphs=cuda_graphs, count_macs=count_macs, rows_stacked=True
-    ).attach()
     pipeline = None if target is transformer else target
+    controlnet = getattr(pipeline, "controlnet", None)  # runs every token beside the transformer: its MACs counted
+    session = PruningSession(
+        transformer,
+        policy,
+        parts,
+        cuda_graphs=cuda_graphs,
+        count_macs=count_macs,
+        rows_stacked=True,
+        side_models=(controlnet,) if isinstance(controlnet, nn.Module) else (),
+    ).attach()
     hook = TokenPruningHook(session, pipeline, guidance_scale, reference_tokens)
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, POLICY_HOOK)
     state = state_of(transformer)
@@ -460,8 +454,6 @@ def disable_pruning(target) -> None:
     registry.remove_hook(POLICY_HOOK, recurse=False)
     if hook is not None:
         hook.session = None  # the hook and diffusers' reference to it form a cycle: hold nothing
-        if hook.controlnet is not None:
-            hook.controlnet.detach()
     state.session.detach()
     release_graphs(transformer)
     state.session = None
