@@ -121,8 +121,9 @@ class PruningSession:
 
     ``rows_stacked``: the loop shows :meth:`compose` the stacked guidance rows rather than
     their combination (a stock pipeline). ``side_models``: models the pipeline runs beside the
-    transformer at each step (a ControlNet), unpruned; :meth:`side_macs` counts what they ran. Nothing is installed until :meth:`attach` (or
-    ``with session:``); :meth:`detach` removes everything and leaves no reference cycle.
+    transformer at each step (a ControlNet), unpruned; :meth:`side_macs` counts what they ran.
+    Nothing is installed until :meth:`attach` (or ``with session:``); :meth:`detach` removes
+    everything and leaves no reference cycle.
     """
 
     def __init__(
