@@ -272,3 +272,22 @@ def test_kontext_reference_tokens_are_never_selected(reference_tokens):
 def test_reference_tokens_setting_is_checked():
     with pytest.raises(ValueError, match="reference_tokens must be 'computed' or 'cached'; got 'pruned'"):
         enable_pruning(flux_kontext_pipeline(), _cat(0.5), reference_tokens="pruned")
+
+
+@pytest.mark.parametrize("name", ["controlnet", "kontext"])
+def test_graphed_controlnet_and_kontext_equal_eager(name):
+    """``cuda_graphs=True`` on the CPU stand-in of capture and replay: the gathered ControlNet residuals and
+    Kontext's appended reference indices are graph inputs like the others; one graph per shape, bit for bit."""
+    from catlab.pruning.capture import emulate_on_cpu
+
+    pipe = VARIANTS[name][0]()
+    enable_pruning(pipe, Recording(alpha=0.5, start_step=2))
+    eager = _call(pipe, name)
+    disable_pruning(pipe)
+    with emulate_on_cpu():
+        enable_pruning(pipe, Recording(alpha=0.5, start_step=2), cuda_graphs=True)
+        first, second = _call(pipe, name), _call(pipe, name)
+        store = peek_state(pipe.transformer).graphs
+        assert store.captures == len(store.graphs) == 2 and not store.refused
+        disable_pruning(pipe)
+    assert np.array_equal(first, eager) and np.array_equal(second, eager)
