@@ -320,6 +320,17 @@ class PruningSession:
         with slot.context(plan.step, self.num_steps) if slot is not None else contextlib.nullcontext():
             return fn(*args, **kwargs)
 
+    def extra_forward(self, step: int, fn, args: tuple = (), kwargs: dict | None = None):
+        """A second call within ``step`` (skip-layer guidance, true CFG): ``fn``, the stock forward (see
+        :meth:`extra_call`). A step cache keeps this call's state apart from the step's first call (its own
+        cache context), as a pipeline's ``"uncond"`` context does; pipelines that set none (FLUX img2img,
+        inpainting, Fill, ControlNet, Kontext) need it."""
+        cache = self.parts.step_cache
+        with (
+            cache.context(step, self.num_steps, name="catlab_extra") if cache is not None else contextlib.nullcontext()
+        ):
+            return fn(*args, **(kwargs or {}))
+
     def extra_call(self, on: bool) -> None:
         """Around a second transformer call within a step (skip-layer guidance): the stock forward,
         every cache untouched."""

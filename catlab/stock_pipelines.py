@@ -204,7 +204,7 @@ class TokenPruningHook(ModelHook):
         """The transformer, except at a step that computes no token: then the forecast of every token
         (or the previous call's output), and no forward at all."""
         if self.extra:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return self.session.extra_forward(self.step, self.fn_ref.original_forward, args, kwargs)
         if self.plan.kind is StepKind.SKIP:
             return self._forecast(module)
         return self.session.forward(self.plan, self.fn_ref.original_forward, args, kwargs, tag="pipeline")

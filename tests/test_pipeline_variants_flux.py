@@ -291,3 +291,24 @@ def test_graphed_controlnet_and_kontext_equal_eager(name):
         assert store.captures == len(store.graphs) == 2 and not store.refused
         disable_pruning(pipe)
     assert np.array_equal(first, eager) and np.array_equal(second, eager)
+
+
+def test_true_cfg_with_a_step_cache_on_a_pipeline_without_cache_context():
+    """img2img with a negative prompt calls the transformer twice a step and sets no cache context: catlab keeps the
+    second call's TaylorSeer state apart under its own context; alpha = 1 equals the same cache without pruning."""
+    pipe = flux_img2img_pipeline()
+    cfg = dict(negative_prompt="blurry", true_cfg_scale=2.0)
+
+    def cache():
+        return StepReuse(step_cache=stepcaches.build({"name": "taylorseer", "cache_interval": 2, "start_step": 2}))
+
+    enable_pruning(pipe, selectors.build("full"), reuse=cache())
+    reference = _call(pipe, "img2img", **cfg)
+    enable_pruning(pipe, _cat(1.0), reuse=cache())
+    np.testing.assert_allclose(_call(pipe, "img2img", **cfg), reference, atol=1e-5, rtol=0)
+    enable_pruning(pipe, _cat(0.5), reuse=cache())
+    first, second = _call(pipe, "img2img", **cfg), _call(pipe, "img2img", **cfg)
+    macs = pruning_macs(pipe)
+    disable_pruning(pipe)
+    assert np.array_equal(first, second) and not np.allclose(first, reference, atol=1e-3)
+    assert len(macs) == RUN and macs[2] < macs[1] < macs[0]  # step 3 forecast (both calls), step 2 pruned + stock

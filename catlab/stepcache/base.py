@@ -93,10 +93,11 @@ class StepCache(Named):
             _set_cache_context(t, None)
 
     @contextlib.contextmanager
-    def context(self, step: int, num_steps: int, **info):
-        """The diffusers cache context around one transformer call of ``step`` (1-based; CFG rows are stacked)."""
+    def context(self, step: int, num_steps: int, name: str = "catlab", **info):
+        """The diffusers cache context around one transformer call of ``step`` (1-based; CFG rows are stacked).
+        ``name`` keys the cache's state: a second call within a step (true CFG) keeps its own under another."""
         t = self._transformer
-        _set_cache_context(t, CacheContext("catlab", step_index=step - 1, num_inference_steps=num_steps, **info))
+        _set_cache_context(t, CacheContext(name, step_index=step - 1, num_inference_steps=num_steps, **info))
         try:
             yield
         finally:
