@@ -21,6 +21,7 @@ from catlab.pruning.state import peek_state
 from catlab.registry import reuses, selectors, stepcaches
 from catlab.selection.baselines import Sequential
 from catlab.stepcache.macs import MacCounter
+from catlab.stock_pipelines import _hook
 from catlab.testing.tiny_flux_variants import (
     flux_controlnet_pipeline,
     flux_fill_pipeline,
@@ -145,7 +146,8 @@ def test_diffusers_own_cache_needs_a_context_catlabs_sets_it():
 
 def test_strength_counts_the_steps_the_pipeline_runs():
     """img2img at strength 0.8 of 5 steps runs 4, from the scheduler's index 1: step 1 is the first it runs, t0
-    counts from there, the policy is told 4 steps, and the output moved away from the input image."""
+    counts from there, the policy is told 4 steps, a forecast in sigma reads the sigmas of the steps that run, and
+    the output moved away from the input image."""
     pipe = flux_img2img_pipeline()
     policy = Recording(alpha=0.5, start_step=2)
     enable_pruning(pipe, policy)
@@ -155,6 +157,12 @@ def test_strength_counts_the_steps_the_pipeline_runs():
     assert pipe.scheduler.begin_index == 1 and policy.seen == {"batch": 1, "grid": (16, 16), "num_steps": RUN}
     assert policy.observed == [(1, None), (2, None), (3, (1, 128)), (4, (1, 128))]
     assert macs[0] == macs[1] > macs[2] == macs[3]
+    times = []
+    enable_pruning(pipe, policy, reuse=StepReuse(rule=reuses.build("taylor"), time="sigma"))
+    hook = _hook(pipe.transformer)
+    _call(pipe, "img2img", callback_on_step_end=lambda p, i, t, kw: times.append(hook.time) or kw)
+    disable_pruning(pipe)
+    assert times == [float(s) for s in pipe.scheduler.sigmas[1:5]]  # the sigmas of the steps that run
     pixels = pipe.image_processor.preprocess(IMAGE, 64, 64)
     start = pipe._pack_latents(pipe._encode_vae_image(pixels, torch.Generator().manual_seed(0)), 1, 4, 32, 32)
     stock = _call(pipe, "img2img", output_type="latent")
