@@ -103,9 +103,8 @@ def check_composition(policy: Policy, parts: StepReuse, rows_stacked: bool = Fal
     cache = parts.step_cache
     if cache is not None and policy.prunes and Capability.COMPOSES_WITH_PRUNING not in cache.capabilities:
         raise CompositionError(
-            f"step cache '{cache.name}' compares block residuals between steps; with token pruning "
-            f"(selector '{policy.name}') those residuals belong to different tokens. Compose pruning with "
-            f"'taylorseer', or run '{cache.name}' with selector=full."
+            f"step cache '{cache.name}' {cache.pruning_conflict} (selector '{policy.name}' prunes). "
+            f"Compose pruning with 'taylorseer', or run '{cache.name}' with selector=full."
         )
     inside = parts.rule is not None and (cache is not None or parts.kv is not None)
     for role, rule in (("reuse", parts.rule if inside or rows_stacked else None), ("K/V reuse", parts.kv)):
@@ -262,7 +261,7 @@ class PruningSession:
         for hook in self.hooks:
             hook.reset()
         if self.parts.step_cache is not None:
-            self.parts.step_cache.reset()
+            self.parts.step_cache.begin(groups)
         if self.engine is not None:
             self.engine.reset()
         if self.graphs is not None:
@@ -305,31 +304,22 @@ class PruningSession:
         if indices is not None and self._tail_index is not None and self.tail_computed:
             indices = torch.cat([indices, self._tail_index.expand(indices.shape[0], -1)], dim=1)
         self.pruner.set_indices(indices, self.rows)
+        # a step TaylorSeer forecasts from its output projection ("output" mode) runs no block: what the skipped
+        # blocks return is a placeholder, and per-block residuals (a ControlNet's) are not added to it
+        cache = self.parts.step_cache
+        self.pruner.blocks_skipped = plan.kind is StepKind.CACHED and getattr(cache, "mode", None) == "output"
         for hook in self.hooks:
             hook.step, hook.time = plan.step, time
 
     def forward(self, plan: StepPlan, fn, args: tuple = (), kwargs: dict | None = None, tag=None):
         """``fn(*args, **kwargs)``, the transformer's forward: replayed from its graph, or eagerly inside the
         step cache's or in-step engine's context of this step."""
-        # per-token inputs (ControlNet residuals): the k rows, or none where a step cache skips the blocks
-        skipped = plan.kind is StepKind.CACHED and getattr(self.parts.step_cache, "mode", None) == "output"
-        kwargs = self.pruner.gather_inputs(kwargs or {}, skipped)
+        kwargs = self.pruner.call_kwargs(kwargs or {})  # a ControlNet's residuals: for the computed tokens
         if self.graphs is not None:
             return self.graphs.call(self.pruner, fn, args, kwargs, tag=tag)
         slot = self.parts.step_cache or self.engine
         with slot.context(plan.step, self.num_steps) if slot is not None else contextlib.nullcontext():
             return fn(*args, **kwargs)
-
-    def extra_forward(self, step: int, fn, args: tuple = (), kwargs: dict | None = None):
-        """A second call within ``step`` (skip-layer guidance, true CFG): ``fn``, the stock forward (see
-        :meth:`extra_call`). A step cache keeps this call's state apart from the step's first call (its own
-        cache context), as a pipeline's ``"uncond"`` context does; pipelines that set none (FLUX img2img,
-        inpainting, Fill, ControlNet, Kontext) need it."""
-        cache = self.parts.step_cache
-        with (
-            cache.context(step, self.num_steps, name="catlab_extra") if cache is not None else contextlib.nullcontext()
-        ):
-            return fn(*args, **(kwargs or {}))
 
     def extra_call(self, on: bool) -> None:
         """Around a second transformer call within a step (skip-layer guidance): the stock forward,

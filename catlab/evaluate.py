@@ -39,7 +39,7 @@ from catlab.builders import (
 )
 from catlab.cli import run_app
 from catlab.config import check_groups, register_evaluate_schema
-from catlab.evaluation import diagnostics, frontier, report
+from catlab.evaluation import diagnostics, frontier, paired, report
 from catlab.evaluation.clock import Clock
 from catlab.evaluation.harness import (
     EvaluatedStrategy,
@@ -299,9 +299,11 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
         set_metrics(rows, usable, out / "images" if cfg.save_images else None)
         if any(m.name == "clip_score" for m in usable):
             notes.append(f"CLIP score backbone: `{next(m for m in usable if m.name == 'clip_score').backbone}`.")
-        write_tables(rows, out, title, [*notes, *store_notes])
+        per_image = paired.per_image_values(store, plan)  # for paired intervals: is a margin more than noise?
+        write_tables(rows, out, title, [*notes, *store_notes], per_image)
         if cfg.frontier:  # each family's Pareto front and the best strategy per budget (catlab/evaluation/frontier.py)
-            frontier.write(rows, {i["key"]: i["spec"] for i in infos}, out, f"{title}, model `{model_label}`")
+            specs = {i["key"]: i["spec"] for i in infos}
+            frontier.write(rows, specs, out, f"{title}, model `{model_label}`", per_image)
         if cfg.diagnostics and all(w is not None for w in warm.values()):
             write_diagnostics(strategies, warm, out / "diagnostics", [j.prompt for j in my_jobs])
         captions = [j.prompt + (f" (seed {j.seed})" if len(cfg.seeds) > 1 else "") for j in my_jobs]

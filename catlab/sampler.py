@@ -298,17 +298,16 @@ class _Generation:
         composed = self.session.compose(plan, output, idx, sigma)
         if composed is output or idx is None:
             return pred
-        return unpatchify(composed, self.adapter.patch_size, pred.shape[-2], pred.shape[-1])
+        return unpatchify(composed, self.adapter.patch_size, *pred.shape[2:])
 
     def forecast(self, step: int, pred, sigma) -> torch.Tensor:
         """A step that computes no token: the rule's forecast of every token, or the last prediction."""
         if self.session.planner.output is None:
             raise ValueError(f"step {step} computes no token but no step has been computed yet")
-        patch, (height, width) = self.adapter.patch_size, pred.shape[-2:]
         tokens = self.session.forecast(step, self.session.planner.output, sigma)
         if tokens is None:
             return pred
-        pred = unpatchify(tokens, patch, height, width)
+        pred = unpatchify(tokens, self.adapter.patch_size, *pred.shape[2:])  # (H, W), or (F, H, W) for a video
         return self.guide(pred) if self.session.rule_inside else pred  # inside: the stacked rows, as returned
 
     def time(self, scheduler, i: int) -> float | None:

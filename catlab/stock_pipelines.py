@@ -21,18 +21,21 @@ of every token, or the previous call's output (the copy rule).
 Steps are the pipeline's, not its transformer calls: the step is read from the
 scheduler's own counter, so a second call within a step (SD3's skip-layer
 guidance, on the conditional rows with some layers skipped) is recognised as
-such. Steps count those the pipeline runs: an image-to-image call with
-``strength`` < 1 starts the scheduler at a later index (``set_begin_index``) and
-runs fewer steps; its first is step 1, and the policy's ``start_step`` and
-schedules count from there. Such a call runs the stock forward on all tokens, leaving the pruning
+such. Such a call runs the stock forward on all tokens, leaving the pruning
 caches and the policy untouched (its rows and skipped layers do not match the
 step's caches); its MACs are added to its step's.
 
+With ``strength`` < 1 (img2img, inpainting) a pipeline runs only the last steps of its
+schedule (``scheduler.set_begin_index``): the generation is the steps it runs, numbered
+from 1 at the first of them. ``start_step`` t0 counts full steps from there (the first
+t0 steps the pipeline runs compute every token), a schedule's pattern (``budget_schedule``)
+is laid over the steps run, and the policy is told their number; the time variable
+``sigma`` is still the scheduler's own sigma of each step.
+
 Tokens of a reference image after the generated image's in the sequence (FLUX.1
 Kontext) are never selected: ``reference_tokens="computed"`` (the default) computes
-them at every step, ``"cached"`` at full steps only. Per-token inputs the forward adds
-to the image tokens (FLUX's ControlNet residuals) are cut to the selected tokens; a
-pipeline's ControlNet runs in full, and its MACs are added to its step's.
+them at every step, ``"cached"`` at full steps only. A pipeline's ControlNet runs in
+full beside the transformer; its MACs are counted and added to its step's.
 
 A new generation is detected when the pipeline's scheduler holds a new
 timestep tensor (every pipeline call runs ``scheduler.set_timesteps``), and
@@ -45,8 +48,10 @@ second call within the step, which reads the timestep on the host once per call.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import math
 import warnings
 
 import torch
@@ -137,23 +142,20 @@ class TokenPruningHook(ModelHook):
             return timesteps
         return float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
 
-    def _begin_index(self) -> int:
-        """Where the pipeline started the scheduler: 0, or later for ``strength`` < 1 (img2img, inpainting)."""
-        return int(getattr(self._scheduler(), "begin_index", None) or 0)
-
-    def _scheduler_index(self) -> int:
-        """The scheduler's index of the running step (before its first ``step`` call: where it begins)."""
-        index = self._scheduler().step_index
-        return self._begin_index() if index is None else int(index)
-
     def _step_of_call(self, marker) -> int:
-        """The 1-based denoising step this call belongs to, counted from the first step the pipeline runs:
-        the scheduler's own counter (so a second call within a step belongs to it) less its begin index, or on
-        a bare transformer a change of timestep value."""
+        """The 1-based denoising step this call belongs to: the scheduler's own counter (so a second
+        call within a step belongs to it), or on a bare transformer a change of timestep value."""
         scheduler = self._scheduler()
         if scheduler is not None and hasattr(scheduler, "step_index"):
-            return self._scheduler_index() - self._begin_index() + 1
+            return self._schedule_index() - _begin_index(scheduler) + 1
         return self.step if marker == self.marker else self.step + 1
+
+    def _schedule_index(self) -> int:
+        """The position in the scheduler's timesteps of the step being computed (before the first
+        ``scheduler.step`` of a generation its counter is unset: the pipeline's start, ``begin_index``)."""
+        scheduler = self._scheduler()
+        index = scheduler.step_index
+        return _begin_index(scheduler) if index is None else index
 
     def _starts_generation(self, marker, step: int) -> bool:
         if self.marker is None or torch.is_tensor(marker) != torch.is_tensor(self.marker):
@@ -176,20 +178,20 @@ class TokenPruningHook(ModelHook):
             session.extra_call(True)
             self.macs[-1] += session.side_macs()
             return args, kwargs
+        patch = module.config.patch_size
         self.step, self.groups = step, self._groups(rows)
         if self.fresh:  # the first call of a generation
             self.fresh = False
-            grid = _grid(module, self.token_grid if self.packed else None, latents, kwargs)
-            tail = latents.shape[1] - grid_tokens(grid) if self.packed else 0
+            grid = _grid(module, self.token_grid, latents, kwargs)
             session.begin(
                 rows // self.groups,
                 self.groups,
                 grid,
                 self._num_steps(),
                 self.call_text,
-                _channels(module, self.packed),
+                _latent_channels(module) * _patch_volume(patch),
                 latents.device,
-                tail=tail,
+                tail=latents.shape[1] - grid_tokens(grid) if self.packed else 0,  # a reference image's tokens
                 tail_computed=self.reference_tokens == "computed",
             )
         self.plan = session.plan(step)
@@ -204,7 +206,11 @@ class TokenPruningHook(ModelHook):
         """The transformer, except at a step that computes no token: then the forecast of every token
         (or the previous call's output), and no forward at all."""
         if self.extra:
-            return self.session.extra_forward(self.step, self.fn_ref.original_forward, args, kwargs)
+            cache = self.session.parts.step_cache  # its hooks need a context: the extra call's own state
+            if cache is None:
+                return self.fn_ref.original_forward(*args, **kwargs)
+            with cache.context(self.step, self.session.num_steps, name="catlab_extra_call"):
+                return self.fn_ref.original_forward(*args, **kwargs)
         if self.plan.kind is StepKind.SKIP:
             return self._forecast(module)
         return self.session.forward(self.plan, self.fn_ref.original_forward, args, kwargs, tag="pipeline")
@@ -265,40 +271,54 @@ class TokenPruningHook(ModelHook):
         return 2 if cfg and rows % 2 == 0 else 1
 
     def _num_steps(self) -> int:
-        """Steps the pipeline runs: the scheduler's timesteps from where it begins."""
-        timesteps = getattr(self._scheduler(), "timesteps", None)
-        return len(timesteps) - self._begin_index() if timesteps is not None else 0
+        scheduler = self._scheduler()
+        timesteps = getattr(scheduler, "timesteps", None)
+        return len(timesteps) - _begin_index(scheduler) if timesteps is not None else 0
 
     def _time(self) -> float | None:
         """The forecasts' time variable: ``None`` (the step) or the scheduler's sigma of this step."""
         scheduler = self._scheduler()
         if self.session.parts.time != "sigma" or scheduler is None:
             return None
-        return float(scheduler.sigmas[self._scheduler_index()])
+        return float(scheduler.sigmas[self._schedule_index()])
 
 
-def _grid(module: nn.Module, token_grid, latents: torch.Tensor, kwargs: dict) -> tuple[int, int]:
-    """The token grid of a call: from the latent image, or for packed tokens (the transformer takes and returns
-    tokens, not latent images) the family's ``token_grid`` of the call's arguments, once per generation."""
+def _begin_index(scheduler) -> int:
+    """Where in its timesteps the pipeline starts (img2img and inpainting with ``strength`` < 1 skip the
+    first ones, ``scheduler.set_begin_index``); 0 for a pipeline that runs them all."""
+    return getattr(scheduler, "begin_index", None) or 0
+
+
+def _patch_volume(patch) -> int:
+    """Latent values per token of a patch size: ``p`` (an image's ``p x p``) or ``(pt, ph, pw)`` (a video's)."""
+    return patch * patch if isinstance(patch, int) else math.prod(patch)
+
+
+def _grid(module: nn.Module, token_grid, latents: torch.Tensor, kwargs: dict) -> tuple[int, ...]:
+    """The token grid of a call: from the latent image, or the family's ``token_grid`` of the call's arguments
+    (packed tokens: the transformer takes and returns tokens, not latent images; a video: (frames, h, w)),
+    once per generation."""
     if token_grid is not None:
-        return token_grid(kwargs)
+        return token_grid({**kwargs, "hidden_states": latents})
     patch = module.config.patch_size
+    if latents.ndim == 5:  # a video (B, C, F, H, W): tokens frames-major, row-major
+        return tuple(size // p for size, p in zip(latents.shape[2:], patch))
     return latents.shape[-2] // patch, latents.shape[-1] // patch
 
 
-def _channels(module: nn.Module, packed: bool) -> int:
-    """Channels per token of a call's output in token space: packed tokens carry the output channels (FLUX.1
-    Fill takes more than it returns), latent images the latent channels per patch."""
-    if packed:
-        return module.config.out_channels or module.config.in_channels
-    return module.config.in_channels * module.config.patch_size**2
+def _latent_channels(module: nn.Module) -> int:
+    """The latent channels a call's output predicts: fewer than the output's with a learned variance (PixArt's
+    ``out_channels`` twice ``in_channels``), fewer than the input's where the input carries more (an inpainting
+    transformer that takes the mask and the masked image's latents too)."""
+    out = getattr(module.config, "out_channels", None) or module.config.in_channels
+    return min(module.config.in_channels, out)
 
 
 def _tokens(module: nn.Module, packed: bool, sample: torch.Tensor) -> torch.Tensor:
     """A call's output as ``(rows, N, C)`` tokens of the latent channels (a learned variance left out)."""
     if packed:
         return sample.float()
-    return patchify(sample[:, : module.config.in_channels].float(), module.config.patch_size)
+    return patchify(sample[:, : _latent_channels(module)].float(), module.config.patch_size)  # 4D, or 5D video
 
 
 def _from_tokens(module: nn.Module, packed: bool, tokens: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
@@ -307,7 +327,7 @@ def _from_tokens(module: nn.Module, packed: bool, tokens: torch.Tensor, sample: 
     if packed:
         tokens = tokens.to(sample.dtype)
         return torch.cat([tokens, sample[:, tokens.shape[1] :]], 1) if tokens.shape[1] < sample.shape[1] else tokens
-    image = unpatchify(tokens, module.config.patch_size, sample.shape[-2], sample.shape[-1]).to(sample.dtype)
+    image = unpatchify(tokens, module.config.patch_size, *sample.shape[2:]).to(sample.dtype)
     if image.shape[1] < sample.shape[1]:  # the latent channels only: the rest (learned variance) as computed
         image = torch.cat([image, sample[:, image.shape[1] :]], 1)
     return image
@@ -379,24 +399,55 @@ def enable_pruning(
     if peek_state(transformer) is not None and state_of(transformer).session is not None:
         disable_pruning(transformer)
     parts = reuse if isinstance(reuse, StepReuse) else StepReuse(rule=reuse)
+    if parts.step_cache is not None and any(
+        getattr(m, "_compiled_call_impl", None) is not None for m in transformer.modules()
+    ):
+        raise ValueError(
+            f"enable_pruning: the transformer's blocks are compiled (compile_pruned), and the step cache "
+            f"{parts.step_cache.name!r} decides on the host at each step whether a block computes, which a compiled "
+            "block cannot; catlab.pruning.uncompile(pipe) first, or run without the step cache"
+        )
     pipeline = None if target is transformer else target
     controlnet = getattr(pipeline, "controlnet", None)  # runs every token beside the transformer: its MACs counted
-    session = PruningSession(
-        transformer,
-        policy,
-        parts,
-        cuda_graphs=cuda_graphs,
-        count_macs=count_macs,
-        rows_stacked=True,
-        side_models=(controlnet,) if isinstance(controlnet, nn.Module) else (),
-    ).attach()
-    hook = TokenPruningHook(session, pipeline, guidance_scale, reference_tokens)
-    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, POLICY_HOOK)
+    with _inside_offload_hook(transformer):
+        session = PruningSession(
+            transformer,
+            policy,
+            parts,
+            cuda_graphs=cuda_graphs,
+            count_macs=count_macs,
+            rows_stacked=True,
+            side_models=(controlnet,) if isinstance(controlnet, nn.Module) else (),
+        ).attach()
+        hook = TokenPruningHook(session, pipeline, guidance_scale, reference_tokens)
+        HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, POLICY_HOOK)
     state = state_of(transformer)
     state.session = session
     if pipeline is not None and _watch_guidance(pipeline, hook):
         state.watched = pipeline
     return session
+
+
+@contextlib.contextmanager
+def _inside_offload_hook(transformer: nn.Module):
+    """Add or remove catlab's hook beneath accelerate's (``enable_model_cpu_offload``), never on top of it.
+
+    accelerate wraps the transformer's ``forward`` and, when the pipeline re-installs its offload hooks at the
+    end of every call, restores the ``forward`` it wrapped: a hook added on top of accelerate's would drop out
+    of the call path after the first call (its token hooks left behind with stale indices), and one removed
+    beneath it would come back. So accelerate's hook is lifted off while catlab's is added or removed.
+    """
+    offload = getattr(transformer, "_hf_hook", None)
+    if offload is None:
+        yield
+        return
+    from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+
+    remove_hook_from_module(transformer)
+    try:
+        yield
+    finally:
+        add_hook_to_module(transformer, offload)
 
 
 def _watch_guidance(pipeline, hook: TokenPruningHook) -> bool:
@@ -451,10 +502,11 @@ def disable_pruning(target) -> None:
         return
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     hook = registry.get_hook(POLICY_HOOK)
-    registry.remove_hook(POLICY_HOOK, recurse=False)
-    if hook is not None:
-        hook.session = None  # the hook and diffusers' reference to it form a cycle: hold nothing
-    state.session.detach()
+    with _inside_offload_hook(transformer):
+        registry.remove_hook(POLICY_HOOK, recurse=False)
+        if hook is not None:
+            hook.session = None  # the hook and diffusers' reference to it form a cycle: hold nothing
+        state.session.detach()
     release_graphs(transformer)
     state.session = None
     if state.watched is not None:

@@ -26,15 +26,16 @@ import argparse
 import csv
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from catlab.evaluation.paired import PER_IMAGE, Paired, from_json, paired_difference, values_at
 from catlab.evaluation.plots import family_styles, keyed_figure, outside_legend
 from catlab.evaluation.report import QUALITY_AXIS, RATIO_AXIS
 
 #: the budgets of the summary table (MACs ratio against the full model)
-BUDGETS = (1.5, 2.0, 2.5, 3.0)
+BUDGETS = (1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
 QUALITIES = ("psnr", "ssim")
 _QUALITY_NAME = {"psnr": "PSNR (dB)", "ssim": "SSIM"}
 #: selectors whose α is derived from their own knob (shown in its place)
@@ -58,6 +59,8 @@ class Point:
     y: float
     #: the measured wall-clock speed-up of the same row (``None``: not timed beside the full model)
     speedup: float | None = None
+    #: the strategy key of the row (its per-image records, for paired comparisons)
+    key: str | None = None
 
 
 def family_of(spec: dict[str, Any]) -> str:
@@ -137,10 +140,16 @@ class Frontier:
 
     points: dict[str, dict[str, list[Point]]]  # quality -> family -> points
     peers: set[str]  # the families that are step caches on the full model
+    #: strategy key -> (prompt id, seed) -> metric -> value: the records behind the rows (paired comparisons)
+    per_image: dict = field(default_factory=dict)
 
     @classmethod
-    def from_rows(cls, rows: list[dict[str, Any]], specs: dict[str, dict[str, Any]]) -> Frontier:
-        """``rows``: an evaluation's rows (``key``, ``macs_ratio``, metrics); ``specs``: each key's strategy spec.
+    def from_rows(
+        cls, rows: list[dict[str, Any]], specs: dict[str, dict[str, Any]], per_image: dict | None = None
+    ) -> Frontier:
+        """``rows``: an evaluation's rows (``key``, ``macs_ratio``, metrics); ``specs``: each key's strategy spec;
+        ``per_image``: the per-image values of each key (:func:`catlab.evaluation.paired.per_image_values`), which
+        add paired intervals to the tables.
 
         The full model (no step cache) is the reference and belongs to no family.
         """
@@ -156,9 +165,16 @@ class Frontier:
             for q in QUALITIES:
                 if r.get(q) is not None:
                     points[q].setdefault(fam, []).append(
-                        Point(point_label(r, spec), fam, float(r["macs_ratio"]), float(r[q]), r.get("speedup"))
+                        Point(
+                            point_label(r, spec),
+                            fam,
+                            float(r["macs_ratio"]),
+                            float(r[q]),
+                            r.get("speedup"),
+                            r.get("key"),
+                        )
                     )
-        return cls(points, peers)
+        return cls(points, peers, per_image or {})
 
     def families(self) -> list[str]:
         return list(dict.fromkeys(f for q in QUALITIES for f in self.points[q]))
@@ -174,6 +190,13 @@ class Frontier:
         """(the family's interpolated quality at ``x``, the measured point of its front nearest to ``x``)."""
         front = self.front(quality, family)
         return value_at(front, x), nearest(front, x)
+
+    def paired(self, quality: str, a: str, b: str, x: float) -> Paired | None:
+        """Family ``a`` minus family ``b`` at ``x``, image by image on their fronts, with its 95 % bootstrap
+        interval; ``None`` where either has no value there or its records are not at hand."""
+        va = values_at(self.front(quality, a), x, self.per_image, quality)
+        vb = values_at(self.front(quality, b), x, self.per_image, quality)
+        return None if va is None or vb is None else paired_difference(va, vb)
 
     def best(self, quality: str, x: float, among: set[str] | None = None) -> tuple[str, float, Point] | None:
         """(family, interpolated quality, its nearest point) of the best family at ``x``; ``None``: none reaches it."""
@@ -224,7 +247,17 @@ def markdown(fr: Frontier, budgets=BUDGETS, title: str = "") -> str:
         "measured point of the family's front nearest to it (its knob, MACs ratio, value).",
         "",
     ]
+    paired = bool(fr.per_image)
+    if paired:
+        lines += [
+            "Margins are checked image by image: the mean paired difference with its 95 % bootstrap interval "
+            "(images resampled; catlab/evaluation/paired.py). A family **wins** only where the interval lies "
+            "above zero; where it holds zero the two **tie**, whatever the means say.",
+            "",
+        ]
     for q in QUALITIES:
+        digits = 2 if q == "psnr" else 4
+        extra = " paired per image [95 % CI] |" if paired else ""
         lines += [
             f"#### Best by {_QUALITY_NAME[q]}",
             "",
@@ -232,13 +265,14 @@ def markdown(fr: Frontier, budgets=BUDGETS, title: str = "") -> str:
             + _QUALITY_NAME[q]
             + " | nearest measured point | best step cache | "
             + _QUALITY_NAME[q]
-            + " | margin |",
-            "|---|---|---|---|---|---|---|",
+            + " | margin |"
+            + extra,
+            "|---|---|---|---|---|---|---|" + ("---|" if paired else ""),
         ]
         for x in budgets:
             top, peer = fr.best(q, x), fr.best(q, x, fr.peers)
             if top is None:
-                lines.append(f"| {x:g}× | – | – | – | – | – | – |")
+                lines.append(f"| {x:g}× | – | – | – | – | – | – |" + (" – |" if paired else ""))
                 continue
             fam, v, p = top
             cells = [f"{x:g}×", fam, _fmt(v, q), f"{p.label} ({p.x:.2f}×, {_fmt(p.y, q)})"]
@@ -246,8 +280,13 @@ def markdown(fr: Frontier, budgets=BUDGETS, title: str = "") -> str:
                 cells += ["–", "–", "–"]
             else:
                 cells += [peer[0], _fmt(peer[1], q), ("+" if v >= peer[1] else "") + _fmt(v - peer[1], q)]
+            if paired:
+                d = fr.paired(q, fam, peer[0], x) if peer is not None and peer[0] != fam else None
+                cells.append("–" if d is None else d.cell(digits))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    if paired:
+        lines += _paired_tables(fr, budgets)
     for q in QUALITIES:
         lines += [
             f"#### Every family, {_QUALITY_NAME[q]} at each MACs ratio",
@@ -275,6 +314,32 @@ def markdown(fr: Frontier, budgets=BUDGETS, title: str = "") -> str:
             share = "–" if p.speedup is None else f"{p.speedup / p.x:.0%}"
             lines.append(f"| {fam} | {p.label} | {p.x:.2f}× | {p.y:.2f} | {sp} | {share} |")
     return "\n".join(lines) + "\n"
+
+
+def _paired_tables(fr: Frontier, budgets) -> list[str]:
+    """Per quality: at each budget, the best family that is not a step cache against every step cache family,
+    as mean paired difference [95 % CI] and win / tie / loss."""
+    lines = []
+    peers = sorted(fr.peers)
+    for q in QUALITIES:
+        digits = 2 if q == "psnr" else 4
+        lines += [
+            f"#### Paired per image, {_QUALITY_NAME[q]}: the best other family against each step cache",
+            "",
+            "| MACs ratio | best other family | " + " | ".join(peers) + " |",
+            "|---|---|" + "---|" * len(peers),
+        ]
+        for x in budgets:
+            top = fr.best(q, x, set(fr.points[q]) - fr.peers)
+            if top is None:
+                continue
+            cells = []
+            for peer in peers:
+                d = fr.paired(q, top[0], peer, x)
+                cells.append("–" if d is None else d.cell(digits))
+            lines.append(f"| {x:g}× | {top[0]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def write_csv(fr: Frontier, path: Path, budgets=BUDGETS) -> None:
@@ -367,9 +432,16 @@ def plot(fr: Frontier, quality: str, path: Path, title: str = "", budgets=BUDGET
     plt.close(fig)
 
 
-def write(rows: list[dict[str, Any]], specs: dict[str, dict[str, Any]], out: Path, title: str = "") -> Frontier:
-    """Write ``frontier.md``, ``frontier.csv`` and the two figures into ``out``."""
-    fr = Frontier.from_rows(rows, specs)
+def write(
+    rows: list[dict[str, Any]],
+    specs: dict[str, dict[str, Any]],
+    out: Path,
+    title: str = "",
+    per_image: dict | None = None,
+) -> Frontier:
+    """Write ``frontier.md``, ``frontier.csv`` and the two figures into ``out``; with ``per_image`` (each key's
+    per-image values) the tables carry paired intervals and win / tie / loss."""
+    fr = Frontier.from_rows(rows, specs, per_image)
     (out / "frontier.md").write_text(markdown(fr, title=title))
     write_csv(fr, out / "frontier.csv")
     for q in QUALITIES:
@@ -386,12 +458,14 @@ def main(argv: list[str] | None = None) -> None:
         rows = json.loads((args.path / "results.json").read_text())
         plan = json.loads((args.path / "evaluation.json").read_text())
         specs = {s["key"]: s.get("spec") or {"name": s["label"]} for s in plan["strategies"]}
+        per_image_file = args.path / PER_IMAGE
+        per_image = from_json(json.loads(per_image_file.read_text())) if per_image_file.exists() else None
     except (OSError, ValueError, KeyError, TypeError) as err:
         sys.exit(
             f"catlab: cannot read the run {args.path}: {err.__class__.__name__}: {err} (it needs results.json "
             "and evaluation.json, as catlab.evaluate writes them)"
         )
-    write(rows, specs, args.path, args.title)
+    write(rows, specs, args.path, args.title, per_image)
     print((args.path / "frontier.md").read_text())
 
 

@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from catlab.evaluation import report
+from catlab.evaluation import paired, report
+from catlab.evaluation.paired import PER_IMAGE
 from catlab.evaluation.store import HASH, BadRecord, ResultStore, atomic_write_bytes, read_json, record_name
 
 MANIFEST = "evaluation.json"
@@ -175,8 +176,17 @@ def rows_from_store(
     return rows, notes
 
 
-def write_tables(rows: list[dict[str, Any]], out: Path, title: str = "", notes: list[str] | None = None) -> None:
-    """Each table and figure whole or not at all."""
+def write_tables(
+    rows: list[dict[str, Any]],
+    out: Path,
+    title: str = "",
+    notes: list[str] | None = None,
+    per_image: dict | None = None,
+) -> None:
+    """Each table and figure whole or not at all; ``per_image`` (each strategy's per-image values) as
+    ``per_image.json``, which the frontier's paired intervals are read from."""
+    if per_image is not None:
+        atomic_write_bytes(out / PER_IMAGE, (json.dumps(paired.to_json(per_image)) + "\n").encode())
     atomic_write_bytes(out / "results.csv", write=lambda tmp: report.write_csv(rows, tmp))
     atomic_write_bytes(out / "results.md", report.markdown_table(rows, title, notes).encode())
     atomic_write_bytes(out / "results.json", (json.dumps(rows, indent=2) + "\n").encode())
@@ -212,8 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    rows, notes = rows_from_store(ResultStore(store_dir), plan, "rerun the evaluation to recompute it")
-    write_tables(rows, out, args.title or str(plan.get("title", "")), [*plan.get("notes", []), *notes])
+    store = ResultStore(store_dir)
+    rows, notes = rows_from_store(store, plan, "rerun the evaluation to recompute it")
+    title, notes = args.title or str(plan.get("title", "")), [*plan.get("notes", []), *notes]
+    write_tables(rows, out, title, notes, paired.per_image_values(store, plan))
     print((out / "results.md").read_text())
 
 

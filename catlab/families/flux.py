@@ -218,7 +218,7 @@ FLUX = families.register("flux")(
         select_rotary=select_text_image_rows,
         packed=True,
         token_grid=flux_grid,
-        token_inputs=("controlnet_block_samples", "controlnet_single_block_samples"),
+        block_residuals=("controlnet_block_samples", "controlnet_single_block_samples"),
         guidance_distilled=True,
         cache_dit_pattern="Pattern_1",
     )

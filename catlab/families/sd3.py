@@ -92,6 +92,7 @@ SD3 = families.register("sd3")(
         attentions=(("attn", PrunedJointAttnProcessor), ("attn2", PrunedJointAttnProcessor)),
         macs=sd3_macs,
         text_embed="context_embedder",
+        block_residuals=("block_controlnet_hidden_states",),  # a ControlNet's, added after each joint block
         cache_dit_pattern="Pattern_1",  # blocks take (hidden, text, ...) and return (text, hidden)
         in_step=True,
     )

@@ -59,6 +59,8 @@ def compile_pruned(
     """
     compile_kwargs = _without_inductor_graphs(compile_kwargs)
     transformer = getattr(target, "transformer", target)
+    if fullgraph:
+        _refuse_step_cache_hooks(transformer)
     _raise_recompile_limit(transformer, row_counts)
     for block in _blocks(transformer):
         block.compile(fullgraph=fullgraph, dynamic=dynamic, **compile_kwargs)
@@ -88,6 +90,25 @@ def _without_inductor_graphs(kwargs: dict) -> dict:
     if kwargs.get("backend", "inductor") == "inductor":  # the global inductor config could turn them on
         return {**kwargs, "options": {**options, "triton.cudagraphs": False}}
     return kwargs
+
+
+def _refuse_step_cache_hooks(transformer: nn.Module) -> None:
+    """A step cache's hooks inside the blocks decide on the host, per step, whether a block computes (diffusers
+    marks that code ``torch.compiler.disable``): a block cannot be one graph then. Refused here in one line
+    rather than by dynamo's error at the first call."""
+    from catlab.pruning.state import hook_names
+    from catlab.registry import stepcaches
+
+    cache_hooks = {h: n for n in stepcaches.names() for h in getattr(stepcaches.get(n), "hook_names", ())}
+    for block in _blocks(transformer):
+        for module in block.modules():
+            found = [cache_hooks[h] for h in hook_names(module) if h in cache_hooks]
+            if found:
+                raise ValueError(
+                    f"compile_pruned: the blocks carry the step cache {found[0]!r}, whose hooks decide on the host "
+                    "at each step whether a block computes, so a block cannot compile as one graph; run the step "
+                    "cache without compile_pruned, or compile_pruned without the step cache"
+                )
 
 
 def _modes() -> set[str]:

@@ -10,6 +10,12 @@ narrow interventions make it pruned:
 3. a hook on the output projection scatters the k fresh outputs into the previous
    step's token-space output, so the stock unpatchify sees all N tokens.
 
+A family whose transformer takes per-block residuals of the image tokens (a ControlNet's,
+``FamilySpec.block_residuals``) has them gathered from the call's arguments before the
+forward (:meth:`TokenPruner.call_kwargs`): each residual ``(rows, N, D)`` to the rows' k
+selected tokens, so the blocks add to every computed token its own residual. (Not a hook
+on the transformer itself: libraries that patch its ``forward`` expect a bound method.)
+
 The caches live in a :class:`~catlab.pruning.buffers.BufferPool` and are written in
 place; the patch-embedding hook and one on the text embedding (a joint attention
 keeps the text's K/V after the image's) bind them and compute the step's write
@@ -67,12 +73,26 @@ class _GatherHook(ModelHook):
     def post_forward(self, module: nn.Module, output: torch.Tensor) -> torch.Tensor:
         if self.pruner.bypass:
             return output
+        if output.ndim > 3:  # a convolution's (B, D, *grid), flattened into tokens by the forward after it
+            return self._gather_channels_first(output)
         self.pruner.num_tokens = output.shape[1]
         self.pruner.prepare(output.shape[0], 0, output.device, text=False)
         idx = self.pruner.row_indices
         if idx is None:
             return output
         return output.gather(1, idx[..., None].expand(-1, -1, output.shape[-1]))
+
+    def _gather_channels_first(self, output: torch.Tensor) -> torch.Tensor:
+        """``(B, D, F, H, W)`` (a 3D patch embedding; tokens frames-major, row-major) → ``(B, D, k, 1, 1)``: the
+        selected tokens, which the forward's ``flatten(2).transpose(1, 2)`` turns into ``(B, k, D)``."""
+        tokens = output.flatten(2)
+        self.pruner.num_tokens = tokens.shape[2]
+        self.pruner.prepare(output.shape[0], 0, output.device, text=False)
+        idx = self.pruner.row_indices
+        if idx is None:
+            return output
+        picked = tokens.gather(2, idx[:, None, :].expand(-1, tokens.shape[1], -1))
+        return picked.view(*picked.shape, *([1] * (output.ndim - 3)))
 
 
 class _RotaryHook(ModelHook):
@@ -141,6 +161,8 @@ class TokenPruner:
         self.attached = False
         #: the stock forward runs and no cache is read or written (see :meth:`set_bypass`)
         self.bypass = False
+        #: the step cache forecasts this step from the output projection: the blocks do not run
+        self.blocks_skipped = False
 
     # -- lifecycle -------------------------------------------------------------
     def attach(self) -> TokenPruner:
@@ -239,35 +261,32 @@ class TokenPruner:
         buf.view(rows // batch, batch, k).copy_(indices[None].expand(rows // batch, batch, k))
         self.row_indices = buf
 
-    def gather_inputs(self, kwargs: dict, skipped: bool = False) -> dict:
-        """The call's arguments, with each per-image-token input the family names (``FamilySpec.token_inputs``,
-        e.g. ControlNet residuals ``(rows, N, D)`` added to the image tokens between blocks) cut to the rows'
-        selected tokens ``(rows, k, D)``, so they meet the k tokens the blocks compute. A full step (or a bypassed
-        call) gets them as they are. ``skipped``: a step cache skips the blocks in this call (it forecasts the
-        output; the blocks return placeholders shaped as at the last computed step), so what would be added to
-        their outputs goes unused: those inputs are passed as ``None``."""
-        idx = self.row_indices
-        names = [name for name in self.spec.token_inputs if kwargs.get(name) is not None]
-        if not names or self.bypass or (idx is None and not skipped):
+    def call_kwargs(self, kwargs: dict) -> dict:
+        """A forward's keyword arguments with its per-block residuals (``FamilySpec.block_residuals``) gathered
+        to the selected tokens at a pruned step; dropped at a step whose blocks do not run (:attr:`blocks_skipped`:
+        they return placeholders of the last computed step's shape). Unchanged otherwise."""
+        names = [name for name in self.spec.block_residuals if kwargs.get(name) is not None]
+        if not names or self.bypass:
             return kwargs
-        kwargs = dict(kwargs)
-        for name in names:
-            if skipped:
-                kwargs[name] = None
-                continue
-            value = kwargs[name]
-            many = isinstance(value, (list, tuple))
-            gathered = [self._gather_rows(name, x, idx) for x in (value if many else [value])]
-            kwargs[name] = type(value)(gathered) if many else gathered[0]
-        return kwargs
+        if self.blocks_skipped:
+            return {**kwargs, **dict.fromkeys(names)}
+        if self.row_indices is None:
+            return kwargs
+        gathered = {name: [self.gather_tokens(r) if torch.is_tensor(r) else r for r in kwargs[name]] for name in names}
+        return {**kwargs, **gathered}
 
-    @staticmethod
-    def _gather_rows(name: str, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[0] != idx.shape[0]:
+    def gather_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` ``(rows, N, D)``, one per image token, reduced to each row's selected tokens ``(rows, k, D)``
+        (as the patch-embedding hook reduces the image tokens); a full step keeps all of them."""
+        idx = self.row_indices
+        if idx is None:
+            return tokens
+        if tokens.shape[:2] != (idx.shape[0], self.num_tokens):
             raise ValueError(
-                f"{name}: expected per-token tensors of shape (rows={idx.shape[0]}, N, D); got {tuple(x.shape)}"
+                f"a per-token residual of shape {tuple(tokens.shape)} does not match the call's "
+                f"{idx.shape[0]} rows of {self.num_tokens} image tokens"
             )
-        return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+        return tokens.gather(1, idx[..., None].expand(-1, -1, tokens.shape[-1]))
 
     def prepare(self, rows: int, num_text: int, device, text: bool) -> None:
         """Before the blocks, for the attentions with (``text=True``) or without text tokens in their K/V:
@@ -334,7 +353,7 @@ class TokenPruner:
         if not self.probe_layers:
             return 0
         attr, cls = self.spec.attentions[0]
-        attn = getattr(self.transformer.transformer_blocks[0], attr)
+        attn = getattr(getattr(self.transformer, self.spec.blocks)[0], attr)
         keys = self.num_tokens + (num_text_tokens if cls.holds_text(attn) else 0)
         dim = attn.to_q.out_features
         return rows * len(self.probe_layers) * kept * keys * dim

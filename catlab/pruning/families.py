@@ -29,12 +29,39 @@ class UnsupportedModelError(TypeError):
 
 
 def linear_macs(module: nn.Module | None) -> int:
-    """Multiply-accumulates of one token through every ``nn.Linear`` in ``module``."""
+    """Multiply-accumulates of one token through every ``nn.Linear`` in ``module`` that runs.
+
+    A LoRA layer (peft's, as ``pipe.load_lora_weights`` installs it) keeps its adapters'
+    ``lora_A`` / ``lora_B`` linears as modules: they run (and count) while the adapter is
+    active and unmerged; once merged into the base weight (``fuse_lora``), disabled or
+    inactive they do not run, and are not counted.
+    """
     if module is None:
         return 0
     if isinstance(module, nn.Linear):
         return module.in_features * module.out_features
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+    idle = _idle_adapter_linears(module)
+    return sum(
+        m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear) and id(m) not in idle
+    )
+
+
+def _idle_adapter_linears(module: nn.Module) -> set[int]:
+    """ids of the adapter linears in ``module`` that do not run (see :func:`linear_macs`); read by duck typing,
+    so catlab needs no adapter library."""
+    idle: set[int] = set()
+    for layer in module.modules():
+        lora_a = getattr(layer, "lora_A", None)
+        if not isinstance(lora_a, nn.ModuleDict):
+            continue
+        active = set(getattr(layer, "active_adapters", ()))
+        off = bool(getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False))
+        for name in lora_a:
+            if off or name not in active:
+                for part in (lora_a, getattr(layer, "lora_B", {})):
+                    if name in part:
+                        idle.update(id(m) for m in part[name].modules())
+    return idle
 
 
 def conv_macs(t: nn.Module, n_total: int) -> int:
@@ -70,6 +97,8 @@ class FamilySpec:
     text_embed: str | None = None
     #: block lists after ``transformer_blocks``, run in this order
     extra_blocks: tuple[BlockList, ...] = ()
+    #: the attribute that holds the first (or only) list of blocks
+    blocks: str = "transformer_blocks"
     #: the module whose output holds the rotary tables (``None``: positions are added to the tokens,
     #: not rotated into Q/K), and how a pruned step keeps the rows of the selected tokens:
     #: ``select_rotary(output, indices (rows, k), N)`` → what the blocks receive instead
@@ -79,10 +108,6 @@ class FamilySpec:
     #: ``token_grid(call kwargs)`` reads their grid (rows, columns) from the call
     packed: bool = False
     token_grid: Callable[[dict], tuple[int, ...]] | None = None
-    #: call arguments holding per-image-token tensors ``(rows, N, D)`` (or lists of them) that the forward adds
-    #: to the image tokens between blocks (FLUX's ControlNet residuals): at a pruned step the pruner hands the
-    #: forward the selected tokens' rows of each (:meth:`~catlab.pruning.engine.TokenPruner.gather_inputs`)
-    token_inputs: tuple[str, ...] = ()
     #: each call runs one guidance branch (distilled guidance, a model input; or true CFG, one call per
     #: branch) rather than stacked CFG halves
     guidance_distilled: bool = False
@@ -93,16 +118,20 @@ class FamilySpec:
     in_step: bool = False
     #: how messages name the family (its usual written name; empty: ``name``)
     title: str = ""
+    #: keyword arguments of the transformer's forward that hold per-block residuals of the image tokens, each a
+    #: list of ``(rows, N, D)`` tensors added to the blocks' image tokens (a ControlNet's): gathered to the k
+    #: selected tokens at a pruned step
+    block_residuals: tuple[str, ...] = ()
     #: refuses, with an :class:`UnsupportedModelError`, a variant of the transformer the spec cannot prune
     check: Callable[[nn.Module], None] | None = None
 
     def block_lists(self) -> tuple[BlockList, ...]:
         """Every list of blocks, in the order the forward runs them."""
-        return (BlockList("transformer_blocks", self.block_type, self.attentions), *self.extra_blocks)
+        return (BlockList(self.blocks, self.block_type, self.attentions), *self.extra_blocks)
 
     def check_block(self, index: int, block: nn.Module, kind: BlockList | None = None) -> None:
         kind = kind or self.block_lists()[0]
-        where = f"block {index}" if kind.attr == "transformer_blocks" else f"{kind.attr}[{index}]"
+        where = f"block {index}" if kind.attr == self.blocks else f"{kind.attr}[{index}]"
         if type(block).__name__ != kind.block_type:
             raise UnsupportedModelError(
                 f"{where} is a {type(block).__name__}; a {self.transformer_type} can be pruned "
@@ -146,8 +175,16 @@ def family_of(transformer: nn.Module) -> FamilySpec:
     return spec
 
 
-def patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
-    """``(B, C, H, W)`` → ``(B, N, p·p·C)`` in the token order and channel layout of the output projection."""
+def patchify(x: torch.Tensor, patch: int | tuple[int, ...]) -> torch.Tensor:
+    """``(B, C, H, W)`` → ``(B, N, p·p·C)`` in the token order and channel layout of the output projection.
+
+    A video ``(B, C, F, H, W)`` with a patch ``(pt, ph, pw)`` (an int ``p``: ``(1, p, p)``) → ``(B, N, pt·ph·pw·C)``,
+    tokens frames-major then row-major, each token's channels ``(pt, ph, pw, C)``."""
+    if x.ndim == 5:
+        pt, ph, pw = (1, patch, patch) if isinstance(patch, int) else tuple(patch)
+        b, c, f, h, w = x.shape
+        x = x.reshape(b, c, f // pt, pt, h // ph, ph, w // pw, pw).permute(0, 2, 4, 6, 3, 5, 7, 1)
+        return x.reshape(b, (f // pt) * (h // ph) * (w // pw), pt * ph * pw * c)
     b, c, h, w = x.shape
     x = x.reshape(b, c, h // patch, patch, w // patch, patch)
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch) * (w // patch), patch * patch * c)

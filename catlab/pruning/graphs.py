@@ -209,9 +209,8 @@ class ForwardGraphs:
 
     def _key(self, pruner, leaves: list, spec, tag) -> tuple:
         idx = pruner.row_indices
-        compiled = any(
-            getattr(b, "_compiled_call_impl", None) is not None for b in pruner.transformer.transformer_blocks
-        )
+        blocks = getattr(pruner.transformer, pruner.spec.blocks)
+        compiled = any(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
         sig = []
         for leaf in leaves:
             if isinstance(leaf, torch.Tensor):

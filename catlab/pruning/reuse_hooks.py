@@ -56,6 +56,8 @@ class ReuseHook(ModelHook):
         self._shape = None
 
     def post_forward(self, module, output: torch.Tensor) -> torch.Tensor:
+        if self.pruner.bypass:  # an extra call within the step (true CFG, skip-layer guidance): rule untouched
+            return output
         if self._shape != tuple(output.shape):
             self.reuse.reset(output.shape[0], output.shape[1], output.shape[2], output.device, output.dtype)
             self._shape = tuple(output.shape)

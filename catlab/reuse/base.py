@@ -57,8 +57,15 @@ class Reuse(Named):
         return output
 
 
-def unpatchify(tokens: torch.Tensor, patch: int, height: int, width: int) -> torch.Tensor:
-    """``(B, N, p·p·C)`` → ``(B, C, H, W)``; the inverse of :func:`catlab.pruning.families.patchify`."""
+def unpatchify(tokens: torch.Tensor, patch: int | tuple[int, ...], *size: int) -> torch.Tensor:
+    """``(B, N, p·p·C)`` → ``(B, C, H, W)`` for ``size = (H, W)``, or ``(B, C, F, H, W)`` for
+    ``size = (F, H, W)``; the inverse of :func:`catlab.pruning.families.patchify`."""
+    if len(size) == 3:
+        pt, ph, pw = (1, patch, patch) if isinstance(patch, int) else tuple(patch)
+        (f, h, w), b = size, tokens.shape[0]
+        x = tokens.reshape(b, f // pt, h // ph, w // pw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(b, -1, f, h, w)
+    height, width = size
     b, n, pc = tokens.shape
     c = pc // (patch * patch)
     h, w = height // patch, width // patch

@@ -23,6 +23,10 @@ happens in a DiT, DSAP's exact form, the layers to prune at) the choice is a fie
 and ``docs/selection.md`` says so. Nothing is cached between steps, so the sampler
 sees every step as a full one; MACs are counted as the forward runs them. The CAT
 paper's adaptation (AT-EDM's ranking with CAT's cache-and-reuse) is ``atedm_reuse``.
+
+AT-EDM has no spatial part in a DiT: G-WPR and the similarity-based recovery read the
+attention map, whatever the grid, so on a video grid both run over all the clip's
+tokens at once (space and time), and the budget is ⌊α·N⌋ of them.
 """
 
 from __future__ import annotations

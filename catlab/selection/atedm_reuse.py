@@ -8,6 +8,8 @@ every block, the rest reused from the cache (pruning from step 9, 30 % kept).
 AT-EDM itself prunes inside each step: that is ``selector=atedm``
 (``catlab/selection/atedm.py``). ``schedule: step_aware`` is a linear ramp of the
 kept share over the pruned steps, a stand-in for AT-EDM's DSAP.
+G-WPR reads only the attention map, not the grid's shape: on a video grid it ranks
+every token of the clip at once (the attention is over space and time).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import ClassVar
 import torch
 
 from catlab.capabilities import Capability
+from catlab.grid import Grid
 from catlab.registry import selectors
 from catlab.selection.base import Policy, StepState, kept_tokens
 from catlab.selection.gwpr import gwpr
@@ -60,7 +63,7 @@ class ATEDMReuse(Policy):
                 "atedm_reuse needs start_step >= 1: its first selection reads the attention of a full step"
             )
 
-    def reset(self, batch_size: int, grid: tuple[int, int], num_steps: int, device: torch.device) -> None:
+    def reset(self, batch_size: int, grid: Grid, num_steps: int, device: torch.device) -> None:
         super().reset(batch_size, grid, num_steps, device)
         self.generator = device_generator(self.seed, device)
         self.num_steps = num_steps

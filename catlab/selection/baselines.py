@@ -2,7 +2,8 @@
 
 ``sequential`` walks the grid in consecutive rows; ``noise`` keeps only the
 exploitation part (top relative noise); ``noise_staleness`` adds the exploration
-part but no clustering.
+part but no clustering. Only ``sequential`` knows the grid's shape; the others rank
+tokens, so they serve a video grid (every token of the clip) as they serve an image.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from catlab.grid import Grid, as_video, grid_tokens
 from catlab.registry import scorers, selectors, stalenesses
 from catlab.selection.base import Policy, StepState, build_part
 from catlab.selection.ranking import device_generator, first_k_unchosen, top_k
@@ -23,17 +25,24 @@ class Sequential(Policy):
     """Consecutive tokens in raster order (whole rows when k is a multiple of the width).
 
     Step t0+1 takes tokens 0..k−1, the next step the k after them, wrapping around
-    the grid; every sample gets the same tokens.
+    the grid; every sample gets the same tokens. On a video grid the next rows are the
+    next rows of every frame: the walk visits each position of a frame in raster order
+    and, at each position, every frame (frame-interleaved), so a step takes the same band
+    of rows in each frame (⌊k/frames⌋ or ⌈k/frames⌉ tokens per frame) and the band moves
+    down the frames together. On an image (one frame) this is the raster walk.
     """
 
-    def reset(self, batch_size: int, grid: tuple[int, int], num_steps: int, device: torch.device) -> None:
+    def reset(self, batch_size: int, grid: Grid, num_steps: int, device: torch.device) -> None:
         super().reset(batch_size, grid, num_steps, device)
         self.offset = 0
 
     def select(self, state: StepState) -> torch.Tensor:
-        idx = (self.offset + torch.arange(state.k, device=state.device)) % state.num_tokens
+        frames, h, w = as_video(state.grid)
+        walk = (self.offset + torch.arange(state.k, device=state.device)) % state.num_tokens
         self.offset = (self.offset + state.k) % state.num_tokens
-        return idx.expand(state.batch_size, -1)
+        if frames > 1:  # walk position m: frame m % frames, position m // frames inside it
+            walk = (walk % frames) * (h * w) + walk // frames
+        return walk.expand(state.batch_size, -1)
 
 
 @dataclass
@@ -46,7 +55,7 @@ class _Scored(Policy):
         super().__post_init__()
         self.scorer = build_part(scorers, self.scorer)
 
-    def reset(self, batch_size: int, grid: tuple[int, int], num_steps: int, device: torch.device) -> None:
+    def reset(self, batch_size: int, grid: Grid, num_steps: int, device: torch.device) -> None:
         super().reset(batch_size, grid, num_steps, device)
         self.generator = device_generator(self.seed, device)
         self.scorer.reset(self.start_step)
@@ -81,9 +90,9 @@ class NoiseStaleness(_Scored):
             raise ValueError(f"staleness_share must be in [0, 1]; got {self.staleness_share}")
         self.staleness = build_part(stalenesses, self.staleness)
 
-    def reset(self, batch_size: int, grid: tuple[int, int], num_steps: int, device: torch.device) -> None:
+    def reset(self, batch_size: int, grid: Grid, num_steps: int, device: torch.device) -> None:
         super().reset(batch_size, grid, num_steps, device)
-        self.staleness.reset(batch_size, grid[0] * grid[1], device, self.generator)
+        self.staleness.reset(batch_size, grid_tokens(grid), device, self.generator)
 
     def observe(self, step: int, output: torch.Tensor, indices: torch.Tensor | None) -> None:
         super().observe(step, output, indices)

@@ -28,6 +28,12 @@ computed but not counted (the authors' compiled path). Ties fall to the lowest
 token index and the lowest cluster id (stable sorts). Everything per step is
 batched tensor work (sorts, gathers, cumulative sums) with no host sync; the
 clusters are made once, with one read of their count.
+
+On a video grid ``(frames, h, w)`` the same rules run over every token of the clip: the
+clusters are made in space and time (the frame index is a third coordinate of the
+positional encoding, and clusters touch across consecutive frames for the graph step;
+:mod:`catlab.selection.clustering`), so one cluster may hold a static region of several
+frames, and its quota is spent where the noise is largest in any of them.
 """
 
 from __future__ import annotations
@@ -39,10 +45,11 @@ from typing import Any, ClassVar
 import torch
 
 from catlab.capabilities import Capability
+from catlab.grid import Grid
 from catlab.registry import selectors
 from catlab.selection.base import StepState
 from catlab.selection.cat_parts import CatParts
-from catlab.selection.clustering import positional_encoding
+from catlab.selection.clustering import positional_encoding, video_channels
 from catlab.selection.ranking import first_k_unchosen, order_by
 
 
@@ -92,7 +99,7 @@ class Cat(CatParts):
         if any(int(b) < 1 for b in self.boost):
             raise ValueError(f"cat: boost holds quota multipliers >= 1; got {list(self.boost)}")
 
-    def reset(self, batch_size: int, grid: tuple[int, int], num_steps: int, device: torch.device) -> None:
+    def reset(self, batch_size: int, grid: Grid, num_steps: int, device: torch.device) -> None:
         super().reset(batch_size, grid, num_steps, device)
         self.counted: torch.Tensor | None = None  # (B, N) bool: the last selection without its padding
         self.pruned_steps = 0
@@ -151,6 +158,7 @@ class Cat(CatParts):
             out = torch.zeros(b, state.num_tokens, 2, device=state.device)
         else:
             out = conditional_rows(state.output.float(), b, "cat")
+        out = video_channels(out, state.grid)
         features = self.feature_weight * out + positional_encoding(state.grid, out.shape[-1], out.device)
         labels = self.clusterer(features, state.grid, self.generator)
         self.num_clusters = int(labels.max()) + 1

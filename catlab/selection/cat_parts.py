@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from catlab.grid import grid_tokens
+from catlab.grid import Grid, grid_tokens
 from catlab.registry import clusterers, poolings, scorers, stalenesses
 from catlab.selection.base import Policy, build_part
 from catlab.selection.ranking import device_generator
@@ -26,7 +26,7 @@ class CatParts(Policy):
         self.clusterer = build_part(clusterers, self.clusterer)
         self.pooling = build_part(poolings, self.pooling)
 
-    def reset(self, batch_size: int, grid: tuple[int, int], num_steps: int, device: torch.device) -> None:
+    def reset(self, batch_size: int, grid: Grid, num_steps: int, device: torch.device) -> None:
         super().reset(batch_size, grid, num_steps, device)
         self.generator = device_generator(self.seed, device)
         self.scorer.reset(self.start_step)

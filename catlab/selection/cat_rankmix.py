@@ -18,6 +18,7 @@ At the first pruned step every token was just computed, so staleness carries no
 information: the whole budget goes through the clusters, by relative noise alone,
 as in Algorithm 2. Everything is batched tensor work without host
 synchronisation, except one read of the cluster count when the clusters are made.
+On a video grid the clusters are made in space and time, as ``cat``'s are.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 
 from catlab.capabilities import Capability
+from catlab.grid import Grid
 from catlab.registry import selectors
 from catlab.selection.base import StepState
 from catlab.selection.cat_parts import CatParts
@@ -89,7 +91,7 @@ class CatRankMix(CatParts):
     def selection_macs(self, state: StepState) -> int:
         return self._macs
 
-    def _make_clusters(self, noise: torch.Tensor, grid: tuple[int, int]) -> None:
+    def _make_clusters(self, noise: torch.Tensor, grid: Grid) -> None:
         features = cluster_features(noise, grid, self.noise_weight)
         labels = self.clusterer(features, grid, self.generator)
         self.num_clusters = int(labels.max()) + 1

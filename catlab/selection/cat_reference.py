@@ -64,6 +64,12 @@ for: for comparisons with the authors' eager path, not for runs whose MACs count
 the selector then declares :attr:`~catlab.capabilities.Capability.COMPARISON_ONLY`: a run
 (``catlab.run``, ``enable_pruning``) refuses it with one line naming ``pad``, and the way
 to drive it is :func:`catlab.testing.simulate`, as the golden tests do.
+
+Video grids: the authors' code knows only images. On a ``(frames, h, w)`` grid this
+reference runs the same rules over all the clip's tokens with catlab's space-time clusters
+(the frame index as a third coordinate of the positional encoding, clusters that touch
+across consecutive frames in the graph convolution), as ``cat`` does; that extension is
+catlab's, not the authors'. A one-frame grid is an image and gives exactly the image's sets.
 """
 
 from __future__ import annotations
@@ -74,9 +80,10 @@ from typing import ClassVar
 import torch
 
 from catlab.capabilities import Capability
+from catlab.grid import Grid
 from catlab.registry import clusterers, scorers, selectors
 from catlab.selection.base import Policy, StepState
-from catlab.selection.clustering import positional_encoding
+from catlab.selection.clustering import positional_encoding, video_channels
 from catlab.selection.pooling import cluster_graph
 
 PADS = ("stalest", "authors", "none")
@@ -133,7 +140,7 @@ class CatReference(Policy):
         caps = super().capabilities | Capability.HOST_LOOPS
         return caps if self.pad == "stalest" else caps | Capability.COMPARISON_ONLY
 
-    def reset(self, batch_size: int, grid: tuple[int, int], num_steps: int, device: torch.device) -> None:
+    def reset(self, batch_size: int, grid: Grid, num_steps: int, device: torch.device) -> None:
         super().reset(batch_size, grid, num_steps, device)
         self._scorer.reset(self.start_step)
         self.labels: torch.Tensor | None = None
@@ -184,6 +191,7 @@ class CatReference(Policy):
         out = (
             self._rows(out.float(), b) if out is not None else torch.zeros(b, state.num_tokens, 2, device=state.device)
         )
+        out = video_channels(out, state.grid)
         features = self.feature_weight * out + positional_encoding(state.grid, out.shape[-1], out.device)
         self.labels = self._kmeans(features, state.grid)
         self.count = int(self.labels.max()) + 1

@@ -1,10 +1,16 @@
 """Clusterers: token → cluster id, run once when the first pruned selection is made.
 
 Every clusterer takes per-token features ``(B, N, D)`` (relative noise plus a
-positional encoding, see :func:`cluster_features`) and the token grid ``(h, w)``,
-and returns labels ``(B, N)`` in ``[0, num_clusters(N))``. By default there are
-``num_clusters`` (20) clusters on every grid, each about 5 % of the image, as the
-authors' 20 of 4096 tokens are; ``per_tokens > 0`` scales the count with the grid.
+positional encoding, see :func:`cluster_features`) and the token grid, ``(h, w)``
+or ``(frames, h, w)`` (:mod:`catlab.grid`), and returns labels ``(B, N)`` in
+``[0, num_clusters(N))``. By default there are ``num_clusters`` (20) clusters on every
+grid, each about 5 % of the image (or video), as the authors' 20 of 4096 tokens are;
+``per_tokens > 0`` scales the count with the grid.
+
+On a video grid the clusters are made in space and time: the positional encoding
+carries the frame index as a third coordinate, and the grid graph (:func:`grid_edges`)
+joins each token to its neighbours in the previous and next frame too, so a cluster
+spans frames wherever the content stays the same.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from catlab.grid import Grid as TokenGrid
+from catlab.grid import as_video, num_frames
 from catlab.registry import clusterers
 from catlab.selection.ranking import random_keys
 
@@ -23,16 +31,54 @@ Generator = torch.Generator | None
 log = logging.getLogger("catlab")
 
 
-def positional_encoding(grid: tuple[int, int], dim: int, device: torch.device | None = None) -> torch.Tensor:
-    """Paper Eq. 3: token (i, j) of an h×w grid gets i/h in the first ⌊d/2⌋ channels, j/w in the rest."""
-    h, w = grid
+def positional_encoding(
+    grid: TokenGrid, dim: int, device: torch.device | None = None, frame_step: float = 1.0
+) -> torch.Tensor:
+    """Paper Eq. 3, ``(N, dim)``: token (i, j) of an h×w grid gets i/h in the first ⌊d/2⌋ channels, j/w in the rest.
+
+    A video grid ``(frames, h, w)`` adds its frame index f as a third coordinate, on top of the same
+    channels with alternating signs inside each half (+, −, +, − ...), so the coordinates stay separate:
+    the squared distance between two tokens is ⌊d/2⌋·Δi² + ⌈d/2⌉·Δj² + m·(s·Δf)², m the channels with a
+    sign (an odd half leaves its last channel out). The scale s puts two tokens ``frame_step`` frames apart
+    as far apart as the mean of one row step and one column step (``frame_step=1``, the default): a frame
+    is one more spatial step, so on static content a cluster is a blob in space and time and spans
+    frames, while on moving content the noise part of the features splits it. Images keep their
+    encoding, and so does a one-frame video (exactly the 2D one). A video needs ``dim >= 3``.
+    """
+    frames, h, w = as_video(grid)
     i = torch.arange(h, device=device, dtype=torch.float32).repeat_interleave(w) / h
     j = torch.arange(w, device=device, dtype=torch.float32).repeat(h) / w
     half = dim // 2
-    return torch.cat([i[:, None].expand(-1, half), j[:, None].expand(-1, dim - half)], dim=1)
+    pe = torch.cat([i[:, None].expand(-1, half), j[:, None].expand(-1, dim - half)], dim=1)
+    if frames == 1:
+        return pe
+    sign = torch.tensor([_sign(c, half) if c < half else _sign(c - half, dim - half) for c in range(dim)])
+    signed = int(sign.abs().sum())
+    if signed == 0:
+        raise ValueError(f"a video grid's positional encoding needs dim >= 3 channels; got dim={dim} for {grid}")
+    spatial = (half / h**2 + (dim - half) / w**2) / 2  # squared distance of one row step and one column step, mean
+    scale = float(frame_step) * math.sqrt(spatial / signed)
+    f = torch.arange(frames, device=device, dtype=torch.float32).repeat_interleave(h * w)
+    return pe.repeat(frames, 1) + (scale * f)[:, None] * sign.to(device=device, dtype=torch.float32)
 
 
-def cluster_features(noise: torch.Tensor, grid: tuple[int, int], noise_weight: float) -> torch.Tensor:
+def _sign(c: int, size: int) -> float:
+    """Channel c's sign for the frame coordinate in a half of ``size`` channels: +1, −1, ...; 0 for an odd
+    half's last channel, so that the half's signs sum to zero."""
+    if size % 2 and c == size - 1:
+        return 0.0
+    return 1.0 if c % 2 == 0 else -1.0
+
+
+def video_channels(x: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
+    """``x`` ``(B, N, C)`` with zero channels added up to four on a video grid, so that its positional encoding
+    (which needs three) has both halves signed; unchanged on an image (and on a one-frame video)."""
+    if num_frames(grid) == 1 or x.shape[-1] >= 4:
+        return x
+    return torch.cat([x, x.new_zeros(*x.shape[:-1], 4 - x.shape[-1])], dim=-1)
+
+
+def cluster_features(noise: torch.Tensor, grid: TokenGrid, noise_weight: float) -> torch.Tensor:
     """``noise_weight`` · (relative noise / its RMS) + positional encoding, ``(B, N, D)``.
 
     Dividing by the per-sample RMS makes ``noise_weight`` mean the same on every
@@ -40,6 +86,7 @@ def cluster_features(noise: torch.Tensor, grid: tuple[int, int], noise_weight: f
     """
     if noise.shape[-1] < 2:
         noise = noise.expand(*noise.shape[:-1], 2)
+    noise = video_channels(noise, grid)
     rms = noise.float().pow(2).mean(dim=(1, 2), keepdim=True).sqrt().clamp_min(1e-12)
     pos = positional_encoding(grid, noise.shape[-1], noise.device)
     return noise_weight * noise.float() / rms + pos
@@ -205,7 +252,7 @@ class KMeans(_Clusterer):
 
     iters: int = 20
 
-    def __call__(self, features: torch.Tensor, grid: tuple[int, int], generator: Generator = None) -> torch.Tensor:
+    def __call__(self, features: torch.Tensor, grid: TokenGrid, generator: Generator = None) -> torch.Tensor:
         return kmeans(features.float(), self.count(features.shape[1]), self.iters, generator)
 
     def macs(self, batch: int, num_tokens: int, dim: int) -> int:
@@ -228,7 +275,7 @@ class KMeansMatched(_Clusterer):
         super().__post_init__()
         self._draws: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, features: torch.Tensor, grid: tuple[int, int], generator: Generator = None) -> torch.Tensor:
+    def __call__(self, features: torch.Tensor, grid: TokenGrid, generator: Generator = None) -> torch.Tensor:
         n, c = features.shape[1], self.count(features.shape[1])
         key = (n, c, self.seed, features.device)
         if key not in self._draws:  # once per grid and device: later generations upload nothing
@@ -263,7 +310,7 @@ class KMeansAuto(_Clusterer):
         self.host = KMeansSklearn(n_init=self.n_init, **common)
         self.device = KMeansMatched(max_iter=self.max_iter, **common)
 
-    def __call__(self, features: torch.Tensor, grid: tuple[int, int], generator: Generator = None) -> torch.Tensor:
+    def __call__(self, features: torch.Tensor, grid: TokenGrid, generator: Generator = None) -> torch.Tensor:
         return (self.host if features.device.type == "cpu" else self.device)(features, grid, generator)
 
 
@@ -275,7 +322,7 @@ class KMeansSklearn(_Clusterer):
     n_init: int = 1
     seed: int = 0
 
-    def __call__(self, features: torch.Tensor, grid: tuple[int, int], generator: Generator = None) -> torch.Tensor:
+    def __call__(self, features: torch.Tensor, grid: TokenGrid, generator: Generator = None) -> torch.Tensor:
         from sklearn.cluster import KMeans as SkKMeans
 
         c = self.count(features.shape[1])
@@ -286,13 +333,20 @@ class KMeansSklearn(_Clusterer):
         return torch.as_tensor(np.stack(labels), dtype=torch.long, device=features.device)
 
 
-def grid_edges(grid: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
-    """``(2, E)`` token pairs that touch on the grid (right and down neighbours, each pair once)."""
-    h, w = grid
-    idx = torch.arange(h * w, device=device).view(h, w)
-    right = torch.stack([idx[:, :-1].reshape(-1), idx[:, 1:].reshape(-1)])
-    down = torch.stack([idx[:-1, :].reshape(-1), idx[1:, :].reshape(-1)])
-    return torch.cat([right, down], dim=1)
+def grid_edges(grid: TokenGrid, device: torch.device | None = None) -> torch.Tensor:
+    """``(2, E)`` token pairs that touch on the grid, each pair once: right and down neighbours in every frame,
+    then each token and the same position in the next frame (a video's 6-neighbourhood, undirected).
+
+    A ``(frames, h, w)`` grid has frames·h·(w−1) + frames·(h−1)·w + (frames−1)·h·w edges; an image (one
+    frame) the first two terms, in the same order as before videos existed."""
+    frames, h, w = as_video(grid)
+    idx = torch.arange(frames * h * w, device=device).view(frames, h, w)
+    right = torch.stack([idx[..., :-1].reshape(-1), idx[..., 1:].reshape(-1)])
+    down = torch.stack([idx[:, :-1, :].reshape(-1), idx[:, 1:, :].reshape(-1)])
+    if frames == 1:
+        return torch.cat([right, down], dim=1)
+    later = torch.stack([idx[:-1].reshape(-1), idx[1:].reshape(-1)])
+    return torch.cat([right, down, later], dim=1)
 
 
 @clusterers.register("spectral")
@@ -308,7 +362,7 @@ class Spectral(_Clusterer):
     iters: int = 20
     seed: int = 0
 
-    def __call__(self, features: torch.Tensor, grid: tuple[int, int], generator: Generator = None) -> torch.Tensor:
+    def __call__(self, features: torch.Tensor, grid: TokenGrid, generator: Generator = None) -> torch.Tensor:
         from scipy.sparse import coo_matrix
         from sklearn.manifold import spectral_embedding
 
@@ -336,14 +390,23 @@ class Spectral(_Clusterer):
 @clusterers.register("grid")
 @dataclass
 class Grid(_Clusterer):
-    """Fixed square patches of about N / num_clusters tokens; ignores the features."""
+    """Fixed patches of about N / num_clusters tokens; ignores the features.
 
-    def __call__(self, features: torch.Tensor, grid: tuple[int, int], generator: Generator = None) -> torch.Tensor:
-        h, w = grid
-        side = max(1, round(math.sqrt(h * w / self.count(h * w))))
+    Squares on an image; on a video, boxes of ``depth`` frames by a square, the depth about the cube root
+    of the patch size (at most the frame count), so a patch spans frames as a space-time cluster does."""
+
+    def __call__(self, features: torch.Tensor, grid: TokenGrid, generator: Generator = None) -> torch.Tensor:
+        frames, h, w = as_video(grid)
+        size = frames * h * w / self.count(frames * h * w)
+        depth = min(frames, max(1, round(size ** (1 / 3)))) if frames > 1 else 1
+        side = max(1, round(math.sqrt(size / depth)))
         i = torch.arange(h, device=features.device).repeat_interleave(w) // side
         j = torch.arange(w, device=features.device).repeat(h) // side
-        return (i * math.ceil(w / side) + j).expand(features.shape[0], -1)
+        labels = i * math.ceil(w / side) + j
+        if frames > 1:
+            f = torch.arange(frames, device=features.device).repeat_interleave(h * w) // depth
+            labels = f * (math.ceil(h / side) * math.ceil(w / side)) + labels.repeat(frames)
+        return labels.expand(features.shape[0], -1)
 
 
 @clusterers.register("none")
@@ -357,5 +420,5 @@ class NoClusters:
     def macs(self, batch: int, num_tokens: int, dim: int) -> int:
         return 0
 
-    def __call__(self, features: torch.Tensor, grid: tuple[int, int], generator: Generator = None) -> torch.Tensor:
+    def __call__(self, features: torch.Tensor, grid: TokenGrid, generator: Generator = None) -> torch.Tensor:
         return torch.zeros(features.shape[:2], dtype=torch.long, device=features.device)

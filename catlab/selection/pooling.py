@@ -6,6 +6,10 @@ call then maps per-token features ``(B, N, D)`` (signed relative noise) to
 cluster scores ``(B, C)`` (``-inf`` for an empty cluster); ``first`` is true at
 the first pruned step, where the authors' code adds a graph step. The batch is
 one graph of ``B·C`` nodes, sample ``b``'s cluster ``c`` being node ``b·C + c``.
+
+Clusters touch where two of their tokens are grid neighbours (:func:`grid_edges`): on an image
+up, down, left and right; on a video also the same position in the previous and next frame,
+so a score flows between clusters over space and time.
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
+from catlab.grid import Grid
 from catlab.registry import poolings
 from catlab.selection.clustering import grid_edges
 
 
-def cluster_graph(labels: torch.Tensor, grid: tuple[int, int], num_clusters: int) -> torch.Tensor:
+def cluster_graph(labels: torch.Tensor, grid: Grid, num_clusters: int) -> torch.Tensor:
     """``(2, E)`` directed edges between distinct clusters that share a grid border, over ``B·C`` nodes."""
     from torch_geometric.utils import coalesce, to_undirected
 
@@ -33,7 +38,7 @@ def cluster_graph(labels: torch.Tensor, grid: tuple[int, int], num_clusters: int
 
 @dataclass
 class _Pooling:
-    def setup(self, labels: torch.Tensor, grid: tuple[int, int], num_clusters: int) -> None:
+    def setup(self, labels: torch.Tensor, grid: Grid, num_clusters: int) -> None:
         b = labels.shape[0]
         self.num_clusters = num_clusters
         self.node = (labels + num_clusters * torch.arange(b, device=labels.device)[:, None]).reshape(-1)
@@ -82,7 +87,7 @@ class GraphPooling(_Pooling):
     def __post_init__(self) -> None:
         import torch_geometric.utils  # noqa: F401  (slow first import: pay it when built, not while sampling)
 
-    def setup(self, labels: torch.Tensor, grid: tuple[int, int], num_clusters: int) -> None:
+    def setup(self, labels: torch.Tensor, grid: Grid, num_clusters: int) -> None:
         super().setup(labels, grid, num_clusters)
         self.edges = cluster_graph(labels, grid, num_clusters)
         self.has_neighbors = torch.zeros_like(self.sizes, dtype=torch.bool)
@@ -117,7 +122,7 @@ class ChannelMaxPooling(_Pooling):
 
     graph_at_first: bool = True
 
-    def setup(self, labels: torch.Tensor, grid: tuple[int, int], num_clusters: int) -> None:
+    def setup(self, labels: torch.Tensor, grid: Grid, num_clusters: int) -> None:
         super().setup(labels, grid, num_clusters)
         b, c = labels.shape[0], num_clusters
         self.labels = labels

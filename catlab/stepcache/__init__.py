@@ -1,4 +1,5 @@
-"""Step-level caches as catlab components: diffusers' (TaylorSeer, FirstBlockCache, MagCache), cache-dit's
+"""Step-level caches as catlab components: diffusers' (TaylorSeer, FirstBlockCache, MagCache,
+PyramidAttentionBroadcast, FasterCache), cache-dit's
 (DBCache, DBPrune; optional, ``pip install "catlab[peers]"``), and a MAC counter.
 
 Every module here is imported when the package is, so a new file that registers a step cache
@@ -10,6 +11,7 @@ from catlab.stepcache.base import StepCache, StepCacheError, stepcaches
 
 import_submodules(__name__, __path__)
 
+from catlab.stepcache.attention_caches import FasterCache, PyramidAttentionBroadcast  # noqa: E402
 from catlab.stepcache.cachedit import CacheDitDBCache, CacheDitDBPrune  # noqa: E402  (imports cache-dit only when built)
 from catlab.stepcache.caches import FirstBlockCache, MagCache, TaylorSeer  # noqa: E402
 from catlab.stepcache.macs import MacCounter  # noqa: E402
@@ -21,6 +23,8 @@ __all__ = [
     "TaylorSeer",
     "FirstBlockCache",
     "MagCache",
+    "PyramidAttentionBroadcast",
+    "FasterCache",
     "MacCounter",
     "CacheDitDBCache",
     "CacheDitDBPrune",

@@ -5,7 +5,7 @@ transformer; catlab only chooses the layout where a family needs it (see each
 wrapper) and drives the state per generation. The loop calls::
 
     cache.apply(transformer)                   # once; after TokenPruner.attach() when composing
-    cache.reset()                              # at the start of each generation
+    cache.begin(groups)                        # at the start of each generation (2 groups: CFG)
     with cache.context(step, num_steps):       # around each transformer call (1-based step)
         pred = adapter.predict(...)
     cache.remove(transformer)                  # the transformer is the stock model again
@@ -40,6 +40,10 @@ class StepCache(Named):
     #: (token pruning may run inside the steps it computes, see docs/beyond_copy.md), ``NEEDS_CALIBRATION``
     #: (:meth:`calibrate` must run before generating)
     capabilities: ClassVar[Capability] = Capability.NONE
+    #: why the cache cannot run inside pruned steps (unless it declares ``COMPOSES_WITH_PRUNING``)
+    pruning_conflict: ClassVar[str] = (
+        "compares block residuals between steps; with token pruning those residuals belong to different tokens"
+    )
 
     @property
     def composes_with_pruning(self) -> bool:
@@ -85,6 +89,12 @@ class StepCache(Named):
         registry.invalidate_child_registries_cache()
         self._transformer = None
 
+    def begin(self, groups: int) -> None:
+        """A generation starts with ``groups`` stacked guidance row groups per sample (2: classifier-free
+        guidance, 1: none or one branch per call): forget the cached features (:meth:`reset`). A cache that
+        needs a kind of batch refuses the others here, before any step."""
+        self.reset()
+
     def reset(self) -> None:
         """Forget the cached features: a new generation starts."""
         t = getattr(self, "_transformer", None)
@@ -94,8 +104,8 @@ class StepCache(Named):
 
     @contextlib.contextmanager
     def context(self, step: int, num_steps: int, name: str = "catlab", **info):
-        """The diffusers cache context around one transformer call of ``step`` (1-based; CFG rows are stacked).
-        ``name`` keys the cache's state: a second call within a step (true CFG) keeps its own under another."""
+        """The diffusers cache context around one transformer call of ``step`` (1-based; CFG rows are stacked);
+        ``name`` keys the cache's state (a step's second call, e.g. true CFG's negative prompt, has its own)."""
         t = self._transformer
         _set_cache_context(t, CacheContext(name, step_index=step - 1, num_inference_steps=num_steps, **info))
         try:

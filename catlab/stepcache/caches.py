@@ -19,6 +19,7 @@ from diffusers.hooks import (
 from torch import nn
 
 from catlab.capabilities import Capability
+from catlab.pruning.families import UnsupportedModelError, family_of
 from catlab.stepcache.base import StepCache, StepCacheError, stepcaches
 from catlab.stepcache.diffusers_private import (
     _FBC_BLOCK_HOOK,
@@ -29,12 +30,22 @@ from catlab.stepcache.diffusers_private import (
 )
 
 
+def _block_name(transformer: nn.Module) -> str:
+    """The attribute holding the transformer's main block list: its family's (Wan: ``blocks``), else
+    ``transformer_blocks``."""
+    try:
+        return family_of(transformer).blocks
+    except UnsupportedModelError:
+        return "transformer_blocks"
+
+
 def _blocks(transformer: nn.Module) -> nn.ModuleList:
-    blocks = getattr(transformer, "transformer_blocks", None)
+    name = _block_name(transformer)
+    blocks = getattr(transformer, name, None)
     if not isinstance(blocks, nn.ModuleList):
         raise StepCacheError(
-            f"a {type(transformer).__name__} has no `transformer_blocks` list; "
-            "catlab's step caches support SD3 and PixArt transformers"
+            f"a {type(transformer).__name__} has no `{name}` list; "
+            "catlab's step caches support the transformers of catlab's families"
         )
     return blocks
 
@@ -95,14 +106,14 @@ class TaylorSeer(StepCache):
             return TaylorSeerCacheConfig(**common)
         if self.mode != "output":
             raise StepCacheError(f"taylorseer: mode must be 'output' or 'attention'; got {self.mode!r}")
-        blocks = _blocks(transformer)
+        blocks, name = _blocks(transformer), _block_name(transformer)
         skip = []
         for i, block in enumerate(blocks):
             if _pre_only(block):
                 parts = [a for a in ("attn", "attn2", "ff") if getattr(block, a, None) is not None]
-                skip.append(rf"transformer_blocks\.{i}\.({'|'.join(parts)})")
+                skip.append(rf"{name}\.{i}\.({'|'.join(parts)})")
             else:
-                skip.append(rf"transformer_blocks\.{i}")
+                skip.append(rf"{name}\.{i}")
         singles = getattr(transformer, "single_transformer_blocks", None) or ()  # FLUX: every block list is skipped
         skip += [rf"single_transformer_blocks\.{i}" for i in range(len(singles))]
         return TaylorSeerCacheConfig(**common, cache_identifiers=["proj_out"], skip_predict_identifiers=skip)

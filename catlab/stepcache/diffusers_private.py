@@ -13,9 +13,11 @@ import diffusers
 CHECKED_WITH = "0.42.1"
 
 try:
+    from diffusers.hooks.faster_cache import _FASTER_CACHE_BLOCK_HOOK, _FASTER_CACHE_DENOISER_HOOK
     from diffusers.hooks.first_block_cache import _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK
     from diffusers.hooks.hooks import CacheContext, _set_cache_context
     from diffusers.hooks.mag_cache import _MAG_CACHE_BLOCK_HOOK, _MAG_CACHE_LEADER_BLOCK_HOOK
+    from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
     from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
 except ImportError as err:  # pragma: no cover - depends on the installed diffusers
     raise ImportError(
@@ -32,5 +34,8 @@ __all__ = [
     "_MAG_CACHE_BLOCK_HOOK",
     "_MAG_CACHE_LEADER_BLOCK_HOOK",
     "_TAYLORSEER_CACHE_HOOK",
+    "_FASTER_CACHE_BLOCK_HOOK",
+    "_FASTER_CACHE_DENOISER_HOOK",
+    "_PYRAMID_ATTENTION_BROADCAST_HOOK",
     "CHECKED_WITH",
 ]

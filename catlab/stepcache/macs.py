@@ -3,7 +3,7 @@
 Step-level caches skip whole blocks, attention modules or the whole network at
 some steps, decided inside diffusers' hooks; the token pruner shrinks what the
 blocks see. Instead of predicting either, :class:`MacCounter` counts what ran:
-every ``nn.Linear`` and ``nn.Conv2d`` call (tokens × weights, read from the
+every ``nn.Linear``, ``nn.Conv2d`` and ``nn.Conv3d`` call (tokens × weights, read from the
 tensors they got), every ``scaled_dot_product_attention`` call (queries ×
 keys × (head_dim + value_dim) per head) and every explicit ``matmul``/``bmm``
 (an attention written out, a probe map, AT-EDM's G-WPR). That is the same quantity as the
@@ -13,6 +13,8 @@ the two agree exactly on full and pruned steps, and it is half of what
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +39,7 @@ class _AttentionCounter(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            names = ("query", "key", "value")  # diffusers' attention dispatch passes them by name
-            q, k, v = (args[i] if len(args) > i else kwargs[name] for i, name in enumerate(names))
+            q, k, v = (args[i] if len(args) > i else kwargs[name] for i, name in enumerate(("query", "key", "value")))
             lq, lk = q.shape[-2], k.shape[-2]
             self.counter._add(q.shape[:-2].numel() * lq * lk * (q.shape[-1] + v.shape[-1]))
         out = func(*args, **kwargs)
@@ -67,9 +68,20 @@ class MacCounter:
     def _linear(self, module: nn.Linear, args, output) -> None:
         self._add(args[0].numel() // module.in_features * module.in_features * module.out_features)
 
-    def _conv(self, module: nn.Conv2d, args, output) -> None:
-        kh, kw = module.kernel_size
-        self._add(output.numel() * module.in_channels // module.groups * kh * kw)
+    def _conv(self, module: nn.Conv2d | nn.Conv3d, args, output) -> None:
+        """Output positions (from the input: a hook after the patch embedding may keep only some of them)
+        × output channels × the kernel's inputs; ``(kh, kw)``, or a video's ``(kt, kh, kw)``."""
+        x, positions = args[0], 1
+        for i, size in enumerate(x.shape[-len(module.kernel_size) :]):
+            k, s, d = module.kernel_size[i], module.stride[i], module.dilation[i]
+            if module.padding == "same":
+                positions *= size
+                continue
+            pad = 0 if module.padding == "valid" else module.padding[i]
+            positions *= (size + 2 * pad - d * (k - 1) - 1) // s + 1
+        batch = x.shape[0] if x.dim() == len(module.kernel_size) + 2 else 1
+        kernel = math.prod(module.kernel_size)
+        self._add(batch * positions * module.out_channels * module.in_channels // module.groups * kernel)
 
     def _enter(self, module, args, kwargs=None) -> None:
         self.calls.append(0)
@@ -87,7 +99,7 @@ class MacCounter:
         for m in self.transformer.modules():
             if isinstance(m, nn.Linear):
                 self._handles.append(m.register_forward_hook(self._linear))
-            elif isinstance(m, nn.Conv2d):
+            elif isinstance(m, (nn.Conv2d, nn.Conv3d)):
                 self._handles.append(m.register_forward_hook(self._conv))
         self._handles.append(self.transformer.register_forward_pre_hook(self._enter))
         self._handles.append(self.transformer.register_forward_hook(self._exit, always_call=True))

@@ -7,6 +7,10 @@ in a real generation. Useful in a plugin's own tests::
     from catlab.testing import simulate
     for indices in simulate(my_policy, grid=(8, 8), num_steps=12):
         ...                                   # (B, k) at pruned steps, None elsewhere
+    check_policy(my_policy, grid=(3, 8, 8))   # a video grid: 3 frames of 8×8 tokens
+
+A grid is ``(height, width)`` or ``(frames, height, width)`` (:mod:`catlab.grid`); the synthetic
+outputs have one row per token of the whole grid, numbered frames-major then row-major.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from catlab.capabilities import Capability
-from catlab.grid import Grid, grid_tokens
+from catlab.grid import Grid, check_grid, grid_tokens
 from catlab.planner import StepKind, StepPlanner
 from catlab.pruning import SelectionGraphs, no_host_sync, replaying
 from catlab.selection import Policy, StepState
@@ -39,7 +43,8 @@ def simulate(
     guard: Callable[[int, StepKind], bool] | None = None,
     check_indices: bool = False,
 ) -> list[torch.Tensor | None]:
-    """One generation of ``num_steps`` with random ``(B, N, C)`` outputs (or ``outputs(step)``).
+    """One generation of ``num_steps`` with random ``(B, N, C)`` outputs (or ``outputs(step)``), N the tokens of
+    ``grid`` (an image's ``(h, w)`` or a video's ``(frames, h, w)``).
 
     Probe attention maps, when the policy asks for them, are random softmax rows.
     ``on_select(step, state, indices)`` sees each selection. ``guard(step, kind)``
@@ -49,6 +54,7 @@ def simulate(
     ``check_indices``). Returns the indices per step.
     """
     device = torch.device(device)
+    grid = check_grid(grid)
     n = grid_tokens(grid)
     gen = torch.Generator().manual_seed(seed)
     planner = StepPlanner(policy, check_indices=check_indices)
@@ -108,7 +114,7 @@ def check_policy(
 
     Args:
         policy: the selector to drive, as built (its ``alpha``, ``start_step``, ...).
-        grid: the token grid ``(height, width)``.
+        grid: the token grid, ``(height, width)`` or ``(frames, height, width)``.
         batch_size: samples per generation.
         num_steps: steps of the generation; by default the policy's ``start_step`` + 8, so any
             policy's defaults get 8 pruned steps.

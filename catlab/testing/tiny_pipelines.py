@@ -538,3 +538,6 @@ def qwen_image_pipeline(seed: int = 0, **transformer_config) -> QwenImagePipelin
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+from catlab.testing.tiny_wan import wan_pipeline  # noqa: E402,F401  (Wan2.1 text to video: catlab/testing/tiny_wan.py)

@@ -1,0 +1,120 @@
+"""A complete, tiny, randomly initialised ``WanPipeline`` (Wan2.1 text to video), built offline from configs.
+
+Every component of the real pipeline is here: a UMT5 text encoder with a unigram tokenizer in T5's format (made
+the way :mod:`catlab.testing.tiny_pipelines` makes T5's), the 3D causal Wan VAE, the Wan transformer and Wan's
+UniPC flow-matching scheduler (``flow_shift`` 3.0, the 480p setting), so a test calls
+``pipe("a prompt", height=64, width=64, num_frames=5, num_inference_steps=4)`` as a user would. Nothing is read
+from a model hub; every weight is drawn from a seeded generator and the caller's RNG is left untouched.
+
+Shapes. The VAE downsamples by 4 in space and 4 in time (as the real one does in time; 8 in space there):
+5 frames of 64x64 px are a latent of 2 frames of 16x16 with 4 channels; with the transformer's ``(1, 2, 2)``
+patches that is a ``(2, 8, 8)`` token grid, 128 tokens. Text tokens per prompt: ``max_sequence_length``
+(512 unless the call says otherwise), zero-padded after the prompt's own, as the pipeline pads them.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+
+# catlab.testing.tiny_pipelines re-exports wan_pipeline: this module imports nothing from it
+
+#: whole words get their own piece; anything else is spelled out of single characters
+WORDS = (
+    "a", "an", "the", "of", "on", "in", "and", "red", "green", "blue", "yellow", "white", "black",
+    "small", "large", "circle", "square", "triangle", "star", "cat", "dog", "car", "moving", "left",
+    "right", "up", "down", "slowly", "fast", "rotating", "bouncing", "background", "blurry", "static",
+)  # fmt: skip
+WAN_TEXT_DIM = 32
+WAN_LATENT_CHANNELS = 4
+
+
+@contextmanager
+def _seeded(seed: int):
+    """Draw from torch's CPU RNG seeded with ``seed``; the caller's RNG state is restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def umt5_tokenizer(words=WORDS, model_max_length: int = 512) -> T5Tokenizer:
+    """A unigram tokenizer in T5's format (UMT5's is one): ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, the word-start
+    marker, single characters (the fallback) and one preferred piece per word."""
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()"
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    pieces += [(c, -8.0) for c in chars] + [("\u2581" + c, -7.0) for c in chars]
+    pieces += [("\u2581" + w, -2.0) for w in words if len(w) > 1]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
+def _umt5_encoder(tokenizer, seed: int) -> UMT5EncoderModel:
+    config = UMT5Config(
+        vocab_size=len(tokenizer),
+        d_model=WAN_TEXT_DIM,
+        d_kv=WAN_TEXT_DIM // 4,
+        d_ff=2 * WAN_TEXT_DIM,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    with _seeded(seed):
+        return UMT5EncoderModel(config).eval()
+
+
+def tiny_wan_vae(seed: int = 1) -> AutoencoderKLWan:
+    """The Wan VAE with 8 base channels, two spatial and two temporal downsamplings (factors 4 and 4)."""
+    with _seeded(seed):
+        return AutoencoderKLWan(
+            base_dim=8,
+            z_dim=WAN_LATENT_CHANNELS,
+            dim_mult=[1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[True, True],
+            latents_mean=[0.0] * WAN_LATENT_CHANNELS,
+            latents_std=[1.0] * WAN_LATENT_CHANNELS,
+            scale_factor_temporal=4,
+            scale_factor_spatial=4,
+        ).eval()
+
+
+def wan_pipeline(seed: int = 0, **transformer_config) -> WanPipeline:
+    """Wan2.1 text to video in miniature: 2 blocks, 2 heads of 16 (3D rotary positions), UMT5 text of width 32.
+
+    Keyword arguments override the WanTransformer3DModel config (e.g. ``num_layers=1``)."""
+    tokenizer = umt5_tokenizer()
+    config = dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=WAN_LATENT_CHANNELS,
+        out_channels=WAN_LATENT_CHANNELS,
+        text_dim=WAN_TEXT_DIM,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=2,
+        rope_max_seq_len=64,
+    )
+    config.update(transformer_config)
+    with _seeded(seed):
+        transformer = WanTransformer3DModel(**config).eval()
+    scheduler = UniPCMultistepScheduler(
+        num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+    )
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=_umt5_encoder(tokenizer, seed + 2),
+        vae=tiny_wan_vae(seed + 1),
+        scheduler=scheduler,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
