@@ -35,7 +35,7 @@ is laid over the steps run, and the policy is told their number; the time variab
 Tokens of a reference image after the generated image's in the sequence (FLUX.1
 Kontext) are never selected: ``reference_tokens="computed"`` (the default) computes
 them at every step, ``"cached"`` at full steps only. A pipeline's ControlNet runs in
-full beside the transformer; its MACs are counted and added to its step's.
+full beside the transformer; its MACs are counted apart (:func:`controlnet_macs`).
 
 A new generation is detected when the pipeline's scheduler holds a new
 timestep tensor (every pipeline call runs ``scheduler.set_timesteps``), and
@@ -120,8 +120,9 @@ class TokenPruningHook(ModelHook):
         self.last = self.last_tokens = None
         #: whether the current call is a second call within its step (skip-layer guidance)
         self.extra, self.fresh = False, True
-        #: MACs per step (every call of the step)
+        #: MACs per step (every call of the step), and those of the pipeline's ControlNet per step
         self.macs: list[int] = []
+        self.side: list[int] = []
         self.session.extra_call(False)
         return module
 
@@ -176,7 +177,7 @@ class TokenPruningHook(ModelHook):
         self.call_rows, self.call_text = rows, text.shape[1] if text is not None else 0
         if self.extra:  # another call within the step: the stock forward, caches untouched
             session.extra_call(True)
-            self.macs[-1] += session.side_macs()
+            self.side[-1] += session.side_macs()
             return args, kwargs
         patch = module.config.patch_size
         self.step, self.groups = step, self._groups(rows)
@@ -199,7 +200,8 @@ class TokenPruningHook(ModelHook):
         self.time = self._time()
         if self.plan.calls_transformer:
             session.prepare(self.plan, self.indices, self.time)
-        self.macs.append(session.side_macs())  # the ControlNet's call, which comes before the transformer's
+        self.macs.append(0)
+        self.side.append(session.side_macs())  # the ControlNet's call, which comes before the transformer's
         return args, kwargs
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
@@ -515,8 +517,7 @@ def disable_pruning(target) -> None:
 
 
 def pruning_macs(target) -> list[int]:
-    """MACs of each denoising step since the current generation started (every transformer call of the step,
-    and the pipeline's ControlNet call, if it has one).
+    """MACs of each denoising step since the current generation started (every transformer call of the step).
 
     Args:
         target: the pipeline or transformer given to :func:`enable_pruning`.
@@ -529,4 +530,28 @@ def pruning_macs(target) -> list[int]:
     return list(hook.macs) if hook is not None else []
 
 
-__all__ = ["enable_pruning", "disable_pruning", "reset_pruning", "pruning_macs", "TokenPruningHook", "POLICY_HOOK"]
+def controlnet_macs(target) -> list[int]:
+    """MACs of the pipeline's ControlNet at each denoising step of the current generation, counted as they ran.
+
+    A ControlNet runs unpruned, on every token, before the transformer at each step (also at a step that calls
+    no transformer); :func:`pruning_macs` counts the transformer only, so a step's total is the two summed.
+
+    Args:
+        target: the pipeline given to :func:`enable_pruning`.
+
+    Returns:
+        One count per step; empty when ``target`` is not pruned or has no ControlNet.
+    """
+    hook = _hook(_transformer_of(target))
+    return list(hook.side) if hook is not None and hook.session.side else []
+
+
+__all__ = [
+    "enable_pruning",
+    "disable_pruning",
+    "reset_pruning",
+    "pruning_macs",
+    "controlnet_macs",
+    "TokenPruningHook",
+    "POLICY_HOOK",
+]

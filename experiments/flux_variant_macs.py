@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 import catlab
+from catlab.stock_pipelines import controlnet_macs
 from catlab.testing.tiny_flux_variants import (
     flux_controlnet_pipeline,
     flux_fill_pipeline,
@@ -63,7 +64,7 @@ def generation_macs(pipe, call: dict, steps: int, alpha: float, settings: dict) 
         generator=torch.Generator().manual_seed(0),
         **call,
     )
-    macs = sum(catlab.pruning_macs(pipe))
+    macs = sum(catlab.pruning_macs(pipe)) + sum(controlnet_macs(pipe))  # the ControlNet runs beside it, unpruned
     catlab.disable_pruning(pipe)
     return macs
 

@@ -21,7 +21,7 @@ from catlab.pruning.state import peek_state
 from catlab.registry import reuses, selectors, stepcaches
 from catlab.selection.baselines import Sequential
 from catlab.stepcache.macs import MacCounter
-from catlab.stock_pipelines import _hook
+from catlab.stock_pipelines import _hook, controlnet_macs
 from catlab.testing.tiny_flux_variants import (
     flux_controlnet_pipeline,
     flux_fill_pipeline,
@@ -110,8 +110,7 @@ def test_budget_schedule_with_taylor_on_each_flux_variant(name):
         full_policy=selectors.build({**schedule, "pattern": (1.0,)}),
         full_reuse=reuses.build("taylor"),
     )
-    controlnet = macs[-1]  # the ControlNet still runs at a step without a transformer call (the pipeline calls it)
-    assert macs[0] == macs[1] == full[0] > macs[2] > controlnet and (controlnet == 0) == (name != "controlnet")
+    assert macs[0] == macs[1] == full[0] > macs[2] > macs[3] == 0  # no transformer call at step 4
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -224,20 +223,28 @@ def test_permuted_full_selection_is_the_stock_pipeline(name):
 
 
 def test_controlnet_residuals_follow_the_control_image_and_its_macs_are_counted():
+    """The control image steers a pruned run; ``pruning_macs`` counts the transformer (the formula's pruned
+    counts), ``controlnet_macs`` the ControlNet's unpruned forward at every step, also at a step that calls no
+    transformer (the pipeline calls the ControlNet first)."""
     pipe = flux_controlnet_pipeline()
     counter = MacCounter(pipe.controlnet).attach()  # the ControlNet's own MACs, counted apart
     _call(pipe, "controlnet")
     counter.detach()
-    assert len(counter.calls) == RUN and len(set(counter.calls)) == 1
+    assert len(counter.calls) == RUN and len(set(counter.calls)) == 1 and counter.calls[0] > 0
     enable_pruning(pipe, _cat(0.5))
     out = _call(pipe, "controlnet")
-    macs = pruning_macs(pipe)
+    macs, side = pruning_macs(pipe), controlnet_macs(pipe)
     weak = _call(pipe, "controlnet", controlnet_conditioning_scale=0.0)
+    nothing = {"name": "budget_schedule", "inner": "cat", "pattern": (0.0,), "start_step": 1}  # steps 2..: 0 tokens
+    enable_pruning(pipe, selectors.build(nothing))
+    _call(pipe, "controlnet")
+    skipped, skipped_side = pruning_macs(pipe), controlnet_macs(pipe)
     disable_pruning(pipe)
     assert not np.allclose(out, weak, atol=1e-3)  # the residuals reach the pruned blocks
     pruner = TokenPruner(pipe.transformer)
-    transformer = [pruner.macs(1, TEXT, N)] + [pruner.macs(1, TEXT, N, kept=128)] * (RUN - 1)
-    assert [m - t for m, t in zip(macs, transformer)] == counter.calls  # the ControlNet's MACs, added per step
+    assert macs == [pruner.macs(1, TEXT, N)] + [pruner.macs(1, TEXT, N, kept=128)] * (RUN - 1)
+    assert side == skipped_side == counter.calls and skipped[1:] == [0] * (RUN - 1)
+    assert controlnet_macs(flux_img2img_pipeline()) == []
 
 
 @pytest.mark.parametrize("reference_tokens", ["computed", "cached"])
