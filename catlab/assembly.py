@@ -20,6 +20,10 @@ declare (:class:`~catlab.capabilities.Capability`), checked in one place
             composed = session.compose(plan, tokens, idx, time)  # the reuse rule, when it acts outside
 
 A SKIP step calls no transformer: :meth:`forecast` gives every token's forecast.
+
+A sequence may carry tokens after the grid's (FLUX.1 Kontext's reference image): ``begin(..., tail=M)``. The
+policy never sees or selects them; ``tail_computed`` says whether a pruned step computes them all (their
+indices appended to every row's k) or reuses their K/V from the last full step like an unselected token's.
 """
 
 from __future__ import annotations
@@ -123,8 +127,10 @@ class PruningSession:
     """The assembly of one run on one transformer; see the module docstring.
 
     ``rows_stacked``: the loop shows :meth:`compose` the stacked guidance rows rather than
-    their combination (a stock pipeline). Nothing is installed until :meth:`attach` (or
-    ``with session:``); :meth:`detach` removes everything and leaves no reference cycle.
+    their combination (a stock pipeline). ``side_models``: models the pipeline runs beside the
+    transformer at each step (a ControlNet), unpruned; :meth:`side_macs` counts what they ran.
+    Nothing is installed until :meth:`attach` (or ``with session:``); :meth:`detach` removes
+    everything and leaves no reference cycle.
     """
 
     def __init__(
@@ -137,6 +143,7 @@ class PruningSession:
         count_macs: bool = False,
         check_indices: bool = False,
         rows_stacked: bool = False,
+        side_models: tuple[nn.Module, ...] = (),
     ):
         parts = parts or StepReuse()
         check_composition(policy, parts, rows_stacked)
@@ -157,10 +164,15 @@ class PruningSession:
         self.pruner.probe_layers = set(policy.attention_layers) if Capability.ATTENTION_PROBES in caps else set()
         self.counting = count_macs or parts.step_cache is not None or self.engine is not None
         self.counter: MacCounter | None = None
+        #: models a pipeline runs beside the transformer (a ControlNet): unpruned, their MACs counted as they run
+        self.side = [MacCounter(model) for model in side_models]
+        self._side_seen = 0
         self.hooks: list = []  # told the step and time before each forward
         self._undo: list = []  # what detach() runs, last installed first
         self.attached = False
         self.batch = self.rows = self.num_text = self.num_tokens = self.num_steps = 0
+        #: tokens after the grid's in the sequence (a reference image's), and whether pruned steps compute them
+        self.tail, self.tail_computed, self._tail_index = 0, True, None
 
     def _graphs(self, cuda_graphs: bool, count_macs: bool):
         if not cuda_graphs:
@@ -212,6 +224,8 @@ class PruningSession:
         if self.counting:
             self.counter = MacCounter(t).attach()
             self._undo.append(self.counter.detach)
+        for side in self.side:
+            self._undo.append(side.attach().detach)
 
     def detach(self) -> None:
         """Remove every part; the transformer is the stock model again."""
@@ -235,11 +249,18 @@ class PruningSession:
         num_text: int,
         channels: int,
         device: torch.device | str,
+        tail: int = 0,
+        tail_computed: bool = True,
     ) -> None:
         """A generation starts: ``batch`` samples in ``groups`` stacked guidance branches, a ``grid`` of
-        tokens, ``channels`` per token in what :meth:`compose` is shown. Every part forgets its state."""
+        tokens, ``channels`` per token in what :meth:`compose` is shown. Every part forgets its state.
+
+        ``tail`` tokens follow the grid's in the transformer's sequence (a reference image's): never selected,
+        computed at every step with ``tail_computed``, else at full steps only (their K/V reused in between)."""
         self.batch, self.rows, self.num_text, self.num_steps = batch, batch * groups, num_text, num_steps
         self.num_tokens = grid_tokens(grid)
+        self.tail, self.tail_computed = tail, tail_computed
+        self._tail_index = torch.arange(self.num_tokens, self.num_tokens + tail, device=device) if tail else None
         self.pruner.set_bypass(False)
         self.pruner.reset()
         self.planner.reset(batch, grid, num_steps, device)
@@ -286,10 +307,14 @@ class PruningSession:
         """Probe maps per sample: the conditional rows (the last ``batch`` rows)."""
         if not self.pruner.probe_layers or not self.pruner.attention:
             return None
-        return {layer: probs[-self.batch :] for layer, probs in self.pruner.attention.items()}
+        n = self.num_tokens  # the grid's tokens only (a tail's rows and columns left out)
+        return {layer: probs[-self.batch :, :n, :n] for layer, probs in self.pruner.attention.items()}
 
     def prepare(self, plan: StepPlan, indices: torch.Tensor | None, time: float | None) -> None:
-        """Before a forward of ``plan``: the rows' indices, and the step and time for the hooks inside."""
+        """Before a forward of ``plan``: the rows' indices (plus a computed tail's), and the step and time for
+        the hooks inside."""
+        if indices is not None and self._tail_index is not None and self.tail_computed:
+            indices = torch.cat([indices, self._tail_index.expand(indices.shape[0], -1)], dim=1)
         self.pruner.set_indices(indices, self.rows)
         # a step TaylorSeer forecasts from its output projection ("output" mode) runs no block: what the skipped
         # blocks return is a placeholder, and per-block residuals (a ControlNet's) are not added to it
@@ -348,7 +373,13 @@ class PruningSession:
     # -- cost --------------------------------------------------------------------------------------
     def full_macs(self) -> int:
         """MACs of one full forward of this generation's rows."""
-        return self.pruner.macs(self.rows, self.num_text, num_tokens=self.num_tokens)
+        return self.pruner.macs(self.rows, self.num_text, num_tokens=self.num_tokens + self.tail)
+
+    def _kept(self, plan: StepPlan) -> int:
+        """Tokens the plan's forward computes, a tail's included (all of them at a full step)."""
+        if plan.kind is StepKind.FULL or self.tail_computed:
+            return plan.kept + self.tail
+        return plan.kept
 
     def mark(self) -> int:
         """Where the MAC counter stands, before a step's forwards (see :meth:`step_macs`)."""
@@ -360,7 +391,8 @@ class PruningSession:
             return 0
         if self.counter is not None:
             return sum(self.counter.calls[mark:])
-        return self.pruner.macs(self.rows, self.num_text, num_tokens=self.num_tokens, kept=plan.kept)
+        total = self.num_tokens + self.tail
+        return self.pruner.macs(self.rows, self.num_text, num_tokens=total, kept=self._kept(plan))
 
     def call_macs(self, plan: StepPlan | None, rows: int = 0, num_text: int = 0) -> int:
         """MACs of the transformer call now ending, asked from inside it (a hook's ``post_forward``): counted
@@ -370,9 +402,16 @@ class PruningSession:
             return 0
         if self.counter is not None:
             return self.counter.calls[-1] if self.counter.calls else 0
+        total = self.num_tokens + self.tail
         if plan is None:
-            return self.pruner.macs(rows, num_text, num_tokens=self.num_tokens)
-        return self.pruner.macs(self.rows, self.num_text, num_tokens=self.num_tokens, kept=plan.kept)
+            return self.pruner.macs(rows, num_text, num_tokens=total)
+        return self.pruner.macs(self.rows, self.num_text, num_tokens=total, kept=self._kept(plan))
+
+    def side_macs(self) -> int:
+        """MACs the side models (a ControlNet) ran since last asked."""
+        total = sum(side.total for side in self.side)
+        new, self._side_seen = total - self._side_seen, total
+        return new
 
     def selection_macs(self, plan: StepPlan) -> int:
         """MACs of the step's selection, probes included (a counter already counts the probes' maps)."""

@@ -32,6 +32,11 @@ t0 steps the pipeline runs compute every token), a schedule's pattern (``budget_
 is laid over the steps run, and the policy is told their number; the time variable
 ``sigma`` is still the scheduler's own sigma of each step.
 
+Tokens of a reference image after the generated image's in the sequence (FLUX.1
+Kontext) are never selected: ``reference_tokens="computed"`` (the default) computes
+them at every step, ``"cached"`` at full steps only. A pipeline's ControlNet runs in
+full beside the transformer; its MACs are counted apart (:func:`controlnet_macs`).
+
 A new generation is detected when the pipeline's scheduler holds a new
 timestep tensor (every pipeline call runs ``scheduler.set_timesteps``), and
 everything is reset then; ``reset_pruning(pipe)`` does it by hand. Neither test
@@ -54,6 +59,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from catlab.assembly import PruningSession, StepReuse
+from catlab.grid import grid_tokens
 from catlab.planner import StepKind
 from catlab.pruning.families import patchify
 from catlab.pruning.graphs import release_graphs
@@ -62,6 +68,8 @@ from catlab.reuse.base import Reuse, unpatchify
 from catlab.selection.base import Policy
 
 POLICY_HOOK = "catlab_token_pruning"
+#: how a pruned step treats the tokens after the generated image's (a reference image's, FLUX.1 Kontext)
+REFERENCE_TOKENS = ("computed", "cached")
 
 
 def _transformer_of(target) -> nn.Module:
@@ -82,7 +90,13 @@ class TokenPruningHook(ModelHook):
     #: from inside this hook's first call): the hook detects generations itself (``reset_pruning`` by hand)
     _is_stateful = False
 
-    def __init__(self, session: PruningSession, pipeline=None, guidance_scale: float | None = None):
+    def __init__(
+        self,
+        session: PruningSession,
+        pipeline=None,
+        guidance_scale: float | None = None,
+        reference_tokens: str = "computed",
+    ):
         super().__init__()
         self.session, self.policy, self.pipeline, self.guidance_scale = (
             session,
@@ -95,6 +109,7 @@ class TokenPruningHook(ModelHook):
         #: the transformer takes and returns tokens, not latent images (FLUX, Qwen-Image); where their grid is
         self.packed, self.token_grid = session.pruner.spec.packed, session.pruner.spec.token_grid
         self._warned = False
+        self.reference_tokens = reference_tokens
         self.reset_state(None)
 
     def reset_state(self, module: nn.Module | None) -> nn.Module | None:
@@ -105,8 +120,9 @@ class TokenPruningHook(ModelHook):
         self.last = self.last_tokens = None
         #: whether the current call is a second call within its step (skip-layer guidance)
         self.extra, self.fresh = False, True
-        #: MACs per step (every call of the step)
+        #: MACs per step (every call of the step), and those of the pipeline's ControlNet per step
         self.macs: list[int] = []
+        self.side: list[int] = []
         self.session.extra_call(False)
         return module
 
@@ -161,19 +177,23 @@ class TokenPruningHook(ModelHook):
         self.call_rows, self.call_text = rows, text.shape[1] if text is not None else 0
         if self.extra:  # another call within the step: the stock forward, caches untouched
             session.extra_call(True)
+            self.side[-1] += session.side_macs()
             return args, kwargs
         patch = module.config.patch_size
         self.step, self.groups = step, self._groups(rows)
         if self.fresh:  # the first call of a generation
             self.fresh = False
+            grid = _grid(module, self.token_grid, latents, kwargs)
             session.begin(
                 rows // self.groups,
                 self.groups,
-                _grid(module, self.token_grid, latents, kwargs),
+                grid,
                 self._num_steps(),
                 self.call_text,
                 _latent_channels(module) * _patch_volume(patch),
                 latents.device,
+                tail=latents.shape[1] - grid_tokens(grid) if self.packed else 0,  # a reference image's tokens
+                tail_computed=self.reference_tokens == "computed",
             )
         self.plan = session.plan(step)
         self.indices = session.select(self.plan)
@@ -181,6 +201,7 @@ class TokenPruningHook(ModelHook):
         if self.plan.calls_transformer:
             session.prepare(self.plan, self.indices, self.time)
         self.macs.append(0)
+        self.side.append(session.side_macs())  # the ControlNet's call, which comes before the transformer's
         return args, kwargs
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
@@ -204,7 +225,7 @@ class TokenPruningHook(ModelHook):
             return output
         self.macs[-1] += session.call_macs(self.plan)
         sample = _sample_of(output)
-        tokens = _tokens(module, self.packed, sample)  # the stacked guidance rows
+        tokens = _tokens(module, self.packed, sample)[:, : session.num_tokens]  # the grid's stacked guidance rows
         session.observe(self.plan, self._shown(tokens), self.indices)
         composed = session.compose(self.plan, tokens, self.indices, self.time)
         if composed is not tokens and self.indices is not None:
@@ -303,9 +324,11 @@ def _tokens(module: nn.Module, packed: bool, sample: torch.Tensor) -> torch.Tens
 
 
 def _from_tokens(module: nn.Module, packed: bool, tokens: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-    """``tokens`` back in the layout of the call's output ``sample``; channels they lack as in ``sample``."""
+    """``tokens`` back in the layout of the call's output ``sample``; channels (or a reference image's tokens
+    after the grid's) they lack as in ``sample``."""
     if packed:
-        return tokens.to(sample.dtype)
+        tokens = tokens.to(sample.dtype)
+        return torch.cat([tokens, sample[:, tokens.shape[1] :]], 1) if tokens.shape[1] < sample.shape[1] else tokens
     image = unpatchify(tokens, module.config.patch_size, *sample.shape[2:]).to(sample.dtype)
     if image.shape[1] < sample.shape[1]:  # the latent channels only: the rest (learned variance) as computed
         image = torch.cat([image, sample[:, image.shape[1] :]], 1)
@@ -330,6 +353,7 @@ def enable_pruning(
     cuda_graphs: bool = False,
     reuse: StepReuse | Reuse | None = None,
     count_macs: bool = False,
+    reference_tokens: str = "computed",
 ) -> PruningSession:
     """Make every call of ``target`` (a pipeline or its transformer) run token-pruned by ``policy``.
 
@@ -353,12 +377,17 @@ def enable_pruning(
             (rule, K/V rule, step cache, time variable), as in :func:`catlab.sample`.
         count_macs: count the MACs that really ran (always on with a step cache or an in-step
             engine); :func:`pruning_macs` reports them per step.
+        reference_tokens: what a pruned step does with a reference image's tokens, which follow the generated
+            image's in the sequence (FLUX.1 Kontext) and are never selected: ``"computed"`` (every step computes
+            them, besides the k selected) or ``"cached"`` (only full steps do; in between the generated tokens
+            attend over their K/V of the last full step, as over an unselected token's).
 
     Returns:
         The run's assembly (:class:`~catlab.assembly.PruningSession`).
 
     Raises:
         TypeError: ``policy`` is not a built selector (a name, say).
+        ValueError: ``reference_tokens`` is not one of ``"computed"``, ``"cached"``.
         CompositionError: the parts cannot run together (:func:`catlab.assembly.check_composition`).
     """
     if not isinstance(policy, Policy):
@@ -366,6 +395,8 @@ def enable_pruning(
         raise TypeError(
             f"enable_pruning takes a selector (a catlab Policy{hint}); got {type(policy).__name__} {policy!r:.60}"
         )
+    if reference_tokens not in REFERENCE_TOKENS:
+        raise ValueError(f"enable_pruning: reference_tokens must be 'computed' or 'cached'; got {reference_tokens!r}")
     transformer = _transformer_of(target)
     if peek_state(transformer) is not None and state_of(transformer).session is not None:
         disable_pruning(transformer)
@@ -378,12 +409,19 @@ def enable_pruning(
             f"{parts.step_cache.name!r} decides on the host at each step whether a block computes, which a compiled "
             "block cannot; catlab.pruning.uncompile(pipe) first, or run without the step cache"
         )
+    pipeline = None if target is transformer else target
+    controlnet = getattr(pipeline, "controlnet", None)  # runs every token beside the transformer: its MACs counted
     with _inside_offload_hook(transformer):
         session = PruningSession(
-            transformer, policy, parts, cuda_graphs=cuda_graphs, count_macs=count_macs, rows_stacked=True
+            transformer,
+            policy,
+            parts,
+            cuda_graphs=cuda_graphs,
+            count_macs=count_macs,
+            rows_stacked=True,
+            side_models=(controlnet,) if isinstance(controlnet, nn.Module) else (),
         ).attach()
-        pipeline = None if target is transformer else target
-        hook = TokenPruningHook(session, pipeline, guidance_scale)
+        hook = TokenPruningHook(session, pipeline, guidance_scale, reference_tokens)
         HookRegistry.check_if_exists_or_initialize(transformer).register_hook(hook, POLICY_HOOK)
     state = state_of(transformer)
     state.session = session
@@ -492,4 +530,28 @@ def pruning_macs(target) -> list[int]:
     return list(hook.macs) if hook is not None else []
 
 
-__all__ = ["enable_pruning", "disable_pruning", "reset_pruning", "pruning_macs", "TokenPruningHook", "POLICY_HOOK"]
+def controlnet_macs(target) -> list[int]:
+    """MACs of the pipeline's ControlNet at each denoising step of the current generation, counted as they ran.
+
+    A ControlNet runs unpruned, on every token, before the transformer at each step (also at a step that calls
+    no transformer); :func:`pruning_macs` counts the transformer only, so a step's total is the two summed.
+
+    Args:
+        target: the pipeline given to :func:`enable_pruning`.
+
+    Returns:
+        One count per step; empty when ``target`` is not pruned or has no ControlNet.
+    """
+    hook = _hook(_transformer_of(target))
+    return list(hook.side) if hook is not None and hook.session.side else []
+
+
+__all__ = [
+    "enable_pruning",
+    "disable_pruning",
+    "reset_pruning",
+    "pruning_macs",
+    "controlnet_macs",
+    "TokenPruningHook",
+    "POLICY_HOOK",
+]

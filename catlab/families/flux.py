@@ -54,8 +54,19 @@ def _select_rows(table: torch.Tensor, idx: torch.Tensor, num_tokens: int) -> tor
 
 
 def flux_grid(kwargs: dict) -> tuple[int, int]:
-    """The token grid of a FLUX call, from its ``img_ids`` ``(N, 3)`` = (0, row, column); read on the host."""
+    """The token grid of the generated image in a FLUX call, from its ``img_ids`` ``(S, 3)`` = (0, row, column);
+    read on the host. FLUX.1 Kontext appends a reference image's tokens to the sequence, their ids (1, row,
+    column): they are not the grid's (they follow its ``N`` tokens, which must come first)."""
     ids = kwargs["img_ids"]
+    ids = ids[0] if ids.ndim == 3 else ids  # a deprecated batched (B, S, 3) table
+    generated = ids[..., 0] == 0
+    n = int(generated.sum())
+    if n == 0 or not bool(generated[:n].all()):
+        raise ValueError(
+            "FLUX img_ids: the generated image's tokens (first id 0) must lead the sequence; "
+            f"got {n} of {ids.shape[0]} tokens with first id 0, not all leading"
+        )
+    ids = ids[:n]
     return int(ids[..., 1].max()) + 1, int(ids[..., 2].max()) + 1
 
 
@@ -207,6 +218,7 @@ FLUX = families.register("flux")(
         select_rotary=select_text_image_rows,
         packed=True,
         token_grid=flux_grid,
+        block_residuals=("controlnet_block_samples", "controlnet_single_block_samples"),
         guidance_distilled=True,
         # dual-stream blocks: attention reused, image MLP fresh; single-stream: attention reused, the MLP's input
         # projection fresh and the output projection on the same positions (the text tokens always computed)
