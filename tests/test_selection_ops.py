@@ -26,6 +26,8 @@ BOUNDS = {
     "budget_schedule": (145, 145),
     "atedm_reuse": (165, 165),  # 20 G-WPR iterations over one probe map
     "atedm": (0, 0),  # prunes inside the forward; nothing between steps
+    "toca": (0, 0),  # fresh tokens per layer and module, chosen inside the forward (the layer engine)
+    "duca": (0, 0),  # likewise
     "full": (0, 0),
     "adaptive_schedule": (0, 0),  # full or forecast-only steps: no selection (its estimate runs in num_kept)
     "ras": (17, 16),
