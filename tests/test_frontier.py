@@ -149,3 +149,14 @@ def test_the_nearest_point_shown_is_on_the_front_and_carries_its_speedup():
     value, point = fr.at("psnr", "budget_schedule + taylor", 2.5)
     assert value == pytest.approx(38.5) and point.x != 2.45  # (2.45, 30) is beaten by (3.0, 34)
     assert [p.speedup for p in fr.points["psnr"]["budget_schedule + taylor"]] == [None, None, 2.4]
+
+
+def test_other_groups_token_level_methods_are_peers():
+    rows, specs = rows_and_specs()
+    specs["r"] = {"name": "ras", "alpha": 0.3}
+    rows.append({"key": "r", "method": "ras", "macs_ratio": 2.0, "psnr": 44.0, "ssim": 0.99})
+    fr = Frontier.from_rows(rows, specs)
+    assert fr.peers == {"TaylorSeer", "MagCache", "ras"}
+    assert fr.best("psnr", 2.0, fr.peers)[0] == "ras"  # the best peer at 2x is now RAS
+    assert frontier.is_peer({"name": "full", "stepcache": {"name": "faster_cache"}})
+    assert not frontier.is_peer({"name": "cat", "alpha": 0.3}) and not frontier.is_peer({"name": "full"})

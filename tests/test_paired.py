@@ -95,7 +95,7 @@ def test_frontier_tables_say_win_where_the_interval_excludes_zero(tmp_path):
     md = (tmp_path / "frontier.md").read_text()
     # at 2.5x the budget schedule (38.5) against TaylorSeer (35.0): every image +3.5 (same spread pattern)
     assert "+3.50 [+3.50, +3.50] win" in md
-    assert "#### Paired per image, PSNR (dB): the best other family against each step cache" in md
+    assert "#### Paired per image, PSNR (dB): catlab's best family against each peer" in md
     fr = Frontier.from_rows(rows, specs, per_image_for(rows))
     assert fr.paired("psnr", "budget_schedule + taylor", "TaylorSeer", 2.5) == Paired(3.5, 3.5, 3.5, 20)
 

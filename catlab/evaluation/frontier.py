@@ -41,6 +41,8 @@ _QUALITY_NAME = {"psnr": "PSNR (dB)", "ssim": "SSIM"}
 #: selectors whose α is derived from their own knob (shown in its place)
 NO_ALPHA = {"full", "budget_schedule", "adaptive_schedule"}
 _CACHE_NAME = {
+    "pyramid_attention_broadcast": "PAB",
+    "faster_cache": "FasterCache",
     "taylorseer": "TaylorSeer",
     "mag_cache": "MagCache",
     "first_block_cache": "FirstBlockCache",
@@ -95,8 +97,18 @@ def family_of(spec: dict[str, Any]) -> str:
     return " ".join([head, *parts])
 
 
+#: the token-level methods of other authors, in catlab (their families are peers, like the step caches)
+PEER_SELECTORS = {"ras", "toca", "duca", "clusca", "speca"}
+
+
+def is_peer(spec: dict[str, Any]) -> bool:
+    """A peer's method: a step cache on the full model, or another group's token-level method (RAS, ToCa, DuCa,
+    ClusCa, SpeCa) -- what a catlab strategy is measured against."""
+    return is_step_cache("", spec) or (spec.get("name") in PEER_SELECTORS and not spec.get("stepcache"))
+
+
 def is_step_cache(family: str, spec: dict[str, Any]) -> bool:
-    """A peer's step cache on the full model (the methods a catlab strategy is measured against)."""
+    """A peer's step cache on the full model."""
     return spec.get("name") == "full" and bool(spec.get("stepcache"))
 
 
@@ -139,7 +151,7 @@ class Frontier:
     """Every family's points and fronts, per quality metric."""
 
     points: dict[str, dict[str, list[Point]]]  # quality -> family -> points
-    peers: set[str]  # the families that are step caches on the full model
+    peers: set[str]  # the peers' families: step caches on the full model, other groups' token-level methods
     #: strategy key -> (prompt id, seed) -> metric -> value: the records behind the rows (paired comparisons)
     per_image: dict = field(default_factory=dict)
 
@@ -160,7 +172,7 @@ class Frontier:
             if spec.get("name") == "full" and not spec.get("stepcache"):
                 continue
             fam = family_of(spec)
-            if is_step_cache(fam, spec):
+            if is_peer(spec):
                 peers.add(fam)
             for q in QUALITIES:
                 if r.get(q) is not None:
@@ -239,7 +251,8 @@ def _fmt(v: float | None, quality: str) -> str:
 
 
 def markdown(fr: Frontier, budgets=BUDGETS, title: str = "") -> str:
-    """The best strategy per budget, catlab's best against the best step cache, every family, every front."""
+    """The best strategy per budget, against the best peer (step cache or token-level method), every family,
+    every front."""
     lines = [f"### {title}", ""] if title else []
     lines += [
         "Best strategy at each MACs ratio: each family's Pareto front interpolated linearly between its "
@@ -263,7 +276,7 @@ def markdown(fr: Frontier, budgets=BUDGETS, title: str = "") -> str:
             "",
             "| MACs ratio | best family | "
             + _QUALITY_NAME[q]
-            + " | nearest measured point | best step cache | "
+            + " | nearest measured point | best peer | "
             + _QUALITY_NAME[q]
             + " | margin |"
             + extra,
@@ -317,16 +330,16 @@ def markdown(fr: Frontier, budgets=BUDGETS, title: str = "") -> str:
 
 
 def _paired_tables(fr: Frontier, budgets) -> list[str]:
-    """Per quality: at each budget, the best family that is not a step cache against every step cache family,
+    """Per quality: at each budget, the best family that is not a peer's against every peer family,
     as mean paired difference [95 % CI] and win / tie / loss."""
     lines = []
     peers = sorted(fr.peers)
     for q in QUALITIES:
         digits = 2 if q == "psnr" else 4
         lines += [
-            f"#### Paired per image, {_QUALITY_NAME[q]}: the best other family against each step cache",
+            f"#### Paired per image, {_QUALITY_NAME[q]}: catlab's best family against each peer",
             "",
-            "| MACs ratio | best other family | " + " | ".join(peers) + " |",
+            "| MACs ratio | catlab's best family | " + " | ".join(peers) + " |",
             "|---|---|" + "---|" * len(peers),
         ]
         for x in budgets:
@@ -376,7 +389,7 @@ def write_csv(fr: Frontier, path: Path, budgets=BUDGETS) -> None:
 
 
 def plot(fr: Frontier, quality: str, path: Path, title: str = "", budgets=BUDGETS) -> None:
-    """Every family's points (faded) and front (bold; step caches dashed), the overall front as a wide band
+    """Every family's points (faded) and front (bold; peers' methods dashed), the overall front as a wide band
     beneath them, so the family that holds each stretch of it stays visible.
 
     One colour and marker per family (:func:`catlab.evaluation.plots.family_styles`); the legend sits
@@ -426,7 +439,7 @@ def plot(fr: Frontier, quality: str, path: Path, title: str = "", budgets=BUDGET
     ax.set_xlabel(RATIO_AXIS)
     ax.set_ylabel(QUALITY_AXIS[quality])
     ax.grid(alpha=0.25)
-    outside_legend(ax, ax.get_legend_handles_labels()[0], title="front per family (step caches dashed)")
+    outside_legend(ax, ax.get_legend_handles_labels()[0], title="front per family (peers' methods dashed)")
     fig.suptitle(title.replace("`", "") if title else f"{quality.upper()} frontier", fontsize=11)
     fig.savefig(path)
     plt.close(fig)
