@@ -130,6 +130,7 @@ def train(cfg: DictConfig) -> dict:
         clips = clip_batch(cfg.seed, step, cfg.batch_size, frames)
         x0 = render_clips(clips, frames, dcfg.image_size) * 2 - 1
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # the text encoder's dropout: a resumed step draws the same
         drop = torch.rand(len(clips), generator=gen) < cfg.caption_dropout
         captions = ["" if d else c.caption for c, d in zip(clips, drop.tolist())]
         sigmas = sample_sigmas(len(clips), cfg.timestep_sampling, gen, cfg.logit_mean, cfg.logit_std)

@@ -90,11 +90,21 @@ def default_video_bundle_path() -> pathlib.Path:
     return pathlib.Path(__file__).resolve().parent / "video_bundle"
 
 
+def load_wan_transformer(folder: pathlib.Path) -> WanTransformer3DModel:
+    """The transformer from its config and safetensors. Built by hand: diffusers' ``from_pretrained``
+    refuses Wan (it keeps some modules in fp32) unless ``accelerate`` is installed."""
+    from safetensors.torch import load_file
+
+    model = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(folder))
+    model.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"))
+    return model
+
+
 def load_video_bundle(path=None, device="cpu", dtype=torch.float32) -> VideoBundle:
     path = pathlib.Path(path) if path is not None else default_video_bundle_path()
     if not (path / "transformer" / "config.json").exists():
         raise FileNotFoundError(f"no embedded video bundle at {path}; train one with `python -m catlab.train_video`")
-    transformer = WanTransformer3DModel.from_pretrained(path / "transformer", torch_dtype=dtype)
+    transformer = load_wan_transformer(path / "transformer")
     text_encoder = BertModel.from_pretrained(path / "text_encoder", dtype=dtype)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path / "tokenizer")
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler")
@@ -103,6 +113,19 @@ def load_video_bundle(path=None, device="cpu", dtype=torch.float32) -> VideoBund
     text_encoder.to(device).eval()
     frames, size = info["frames"], info["image_size"]
     return VideoBundle(transformer, text_encoder, tokenizer, dict(scheduler.config), frames, size)
+
+
+def video_weights_fingerprint(path=None, length: int = 12) -> str:
+    """sha256 over the bundle's transformer and text-encoder weight files (a short hex id)."""
+    import hashlib
+
+    path = pathlib.Path(path) if path is not None else default_video_bundle_path()
+    digest = hashlib.sha256()
+    for part in ("transformer", "text_encoder"):
+        for f in sorted((path / part).glob("*.safetensors")):
+            digest.update(f.name.encode())
+            digest.update(f.read_bytes())
+    return digest.hexdigest()[:length]
 
 
 def save_video_bundle(bundle: VideoBundle, path, extra: dict | None = None) -> pathlib.Path:

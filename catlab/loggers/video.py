@@ -48,3 +48,36 @@ def frame_strip(video: torch.Tensor) -> torch.Tensor:
     """The frames side by side, (3, H, frames * W): one row of a video's frame grid."""
     x = frames_first(video)
     return torch.cat(list(x), dim=-1)
+
+
+def is_video_batch(images: torch.Tensor) -> bool:
+    """True for a batch of videos ``(B, frames, 3, H, W)``, False for images ``(B, 3, H, W)``."""
+    return images.ndim == 5
+
+
+def save_sample(image: torch.Tensor, run_dir, stem: str) -> list[pathlib.Path]:
+    """Write one generated sample of a run: an image as ``images/<stem>.png``; a video
+    ``(frames, 3, H, W)`` as ``videos/<stem>.gif`` (playable) and its frames side by side as
+    ``images/<stem>.png``. Returns the paths written."""
+    from catlab.loggers.base import to_pil
+
+    run_dir = pathlib.Path(run_dir)
+    (run_dir / "images").mkdir(parents=True, exist_ok=True)
+    if image.ndim == 3:
+        path = run_dir / "images" / f"{stem}.png"
+        to_pil(image).save(path)
+        return [path]
+    gif = save_gif(image, run_dir / "videos" / f"{stem}.gif")
+    strip = run_dir / "images" / f"{stem}.png"
+    to_pil(frame_strip(image)).save(strip)
+    return [gif, strip]
+
+
+def log_samples(logger, key: str, images: torch.Tensor, captions: list[str], run_dir=None) -> None:
+    """Hand a run's samples to its logger: images as an image grid; videos as their frame strips
+    (a grid, one video per cell) and, for sinks that take videos, as GIFs (``Logger.log_videos``)."""
+    if not is_video_batch(images):
+        logger.log_images(key, images, captions)
+        return
+    logger.log_images(key, torch.stack([frame_strip(v) for v in images]), captions)
+    logger.log_videos(f"{key}_video", images, captions)

@@ -1,0 +1,148 @@
+"""Video probe: reads each captioned object's presence, shape, size and motion back from a video.
+
+This is the alignment metric of the embedded video model, in the role the attribute probe
+(catlab.embedded.probe) plays for the image model: ``video_accuracy(videos, clips)`` is, per
+prompt, the share of the attributes its caption states that the probe finds in the video.
+
+It is a hand-written detector, not a learnt one, so it needs no weights and cannot fit the
+model's quirks. Objects of one clip never share a colour (catlab.embedded.video_world), so the
+probe looks each stated object up by its colour: a pixel belongs to colour ``k`` when ``k`` is
+its nearest palette colour and it lies within ``COLOUR_TOLERANCE`` of it. Per frame it measures
+the mask's area, centroid and fill of its bounding box; then
+
+- present: the mask holds at least ``MIN_PIXELS`` pixels in most frames (the colour is there);
+- shape:   the median bounding-box fill: a square fills it, a circle ~0.79 of it, a triangle ~0.5;
+- size:    the median area, against the midpoint of the small and large renders of that shape;
+- motion:  the least-squares slope of the centroid track: still below ``STILL_SPEED`` pixels
+           per frame, else the direction of its larger component.
+
+Shape, size and motion count only where the object is present. ``probe_hits`` gives the
+per-object table, ``attribute_table`` the share of each attribute over a set.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+
+from catlab.embedded.video_world import MOTIONS, Clip, MovingObject, render_clips
+from catlab.embedded.world import COLOUR_RGB, SHAPES, SIZES
+
+ATTRIBUTES = ("present", "shape", "size", "motion")
+COLOUR_TOLERANCE = 0.3  # RGB distance (in [0, 1] units) within which a pixel counts as a palette colour
+MIN_PIXELS = 6  # fewer pixels than this in a frame: the object is not seen there
+STILL_SPEED = 0.4  # centroid speed (pixels per frame) below which an object counts as still
+SHAPE_FILL = (0.9, 0.66)  # fill >= 0.9: square; >= 0.66: circle; else triangle
+
+
+def colour_masks(videos: torch.Tensor) -> torch.Tensor:
+    """Videos in [0, 1], (B, F, 3, H, W) -> bool masks (B, colours, F, H, W) of each palette colour."""
+    x = videos.float().permute(0, 1, 3, 4, 2)[..., None, :]  # (B, F, H, W, 1, 3)
+    dist = (x - COLOUR_RGB).norm(dim=-1)  # (B, F, H, W, colours)
+    nearest = dist.argmin(-1)
+    masks = torch.stack([(nearest == k) & (dist[..., k] < COLOUR_TOLERANCE) for k in range(len(COLOUR_RGB))])
+    return masks.permute(1, 0, 2, 3, 4)
+
+
+def _track(mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-frame area, centroid (x, y) and bounding-box fill of a (F, H, W) mask."""
+    f, h, w = mask.shape
+    m = mask.float()
+    area = m.sum((1, 2))
+    ys = torch.arange(h, dtype=torch.float32)[:, None]
+    xs = torch.arange(w, dtype=torch.float32)[None, :]
+    safe = area.clamp(min=1)
+    cx, cy = (m * xs).sum((1, 2)) / safe, (m * ys).sum((1, 2)) / safe
+    rows, cols = mask.any(2), mask.any(1)  # (F, H), (F, W)
+    # the bounding box spans from the first to the last occupied row/column
+    first_r = rows.float().argmax(1)
+    last_r = h - 1 - rows.flip(1).float().argmax(1)
+    first_c = cols.float().argmax(1)
+    last_c = w - 1 - cols.flip(1).float().argmax(1)
+    box = ((last_r - first_r + 1).clamp(min=1) * (last_c - first_c + 1).clamp(min=1)).float()
+    return {"area": area, "cx": cx, "cy": cy, "fill": area / box}
+
+
+@functools.lru_cache(maxsize=1)
+def _area_thresholds() -> dict[int, float]:
+    """Per shape, the area between its small and large renders (measured with this probe's own mask)."""
+    out = {}
+    for shape in range(len(SHAPES)):
+        areas = []
+        for size in range(len(SIZES)):
+            obj = MovingObject(shape, 0, size, MOTIONS.index("still"), 0.5, 0.5, 0.0)
+            clip = Clip((obj,), (0.0,) * 6 + (0.0,), False)
+            video = render_clips([clip], frames=1).permute(0, 2, 1, 3, 4)
+            areas.append(float(colour_masks(video)[0, 0, 0].sum()))
+        out[shape] = (areas[0] * areas[1]) ** 0.5
+    return out
+
+
+def read_object(mask: torch.Tensor, size_px: int) -> dict[str, int | bool]:
+    """What the probe reads from one colour's (F, H, W) mask: present, shape, size and motion indices."""
+    t = _track(mask)
+    seen = t["area"] >= MIN_PIXELS * (size_px / 32) ** 2
+    present = bool(seen.float().mean() > 0.5)
+    if not present:
+        return {"present": False, "shape": -1, "size": -1, "motion": -1}
+    fill = float(t["fill"][seen].median())
+    shape = 0 if SHAPE_FILL[1] <= fill < SHAPE_FILL[0] else (1 if fill >= SHAPE_FILL[0] else 2)  # circle, square, tri
+    area = float(t["area"][seen].median()) * (32 / size_px) ** 2
+    size = int(area >= _area_thresholds()[shape])
+    frames = torch.arange(mask.shape[0], dtype=torch.float32)[seen]
+    if len(frames) < 2:
+        motion = MOTIONS.index("still")
+    else:
+        fc = frames - frames.mean()
+        vx = float((fc * t["cx"][seen]).sum() / (fc * fc).sum()) * 32 / size_px
+        vy = float((fc * t["cy"][seen]).sum() / (fc * fc).sum()) * 32 / size_px
+        if max(abs(vx), abs(vy)) < STILL_SPEED:
+            motion = MOTIONS.index("still")
+        elif abs(vx) >= abs(vy):
+            motion = MOTIONS.index("right" if vx > 0 else "left")
+        else:
+            motion = MOTIONS.index("down" if vy > 0 else "up")
+    return {"present": True, "shape": shape, "size": size, "motion": motion}
+
+
+def frames_layout(videos: torch.Tensor) -> torch.Tensor:
+    """(B, F, 3, H, W) from that layout or Wan's (B, 3, F, H, W)."""
+    if videos.ndim != 5:
+        raise ValueError(f"videos are (B, frames, 3, H, W); got shape {tuple(videos.shape)}")
+    return videos if videos.shape[2] == 3 else videos.transpose(1, 2)
+
+
+def probe_hits(videos: torch.Tensor, clips: Sequence[Clip]) -> list[torch.Tensor]:
+    """Per clip, a bool tensor (objects, 4): which of present, shape, size, motion the probe finds.
+
+    ``videos`` are in [0, 1], (B, frames, 3, H, W) (or Wan's (B, 3, frames, H, W)).
+    """
+    videos = frames_layout(videos)
+    if len(videos) != len(clips):
+        raise ValueError(f"{len(videos)} videos for {len(clips)} clips")
+    masks = colour_masks(videos)
+    out = []
+    for i, clip in enumerate(clips):
+        rows = []
+        for o in clip.objects:
+            r = read_object(masks[i, o.colour], videos.shape[-1])
+            p = r["present"]
+            rows.append([p, p and r["shape"] == o.shape, p and r["size"] == o.size, p and r["motion"] == o.motion])
+        out.append(torch.tensor(rows, dtype=torch.bool))
+    return out
+
+
+def video_accuracy(videos: torch.Tensor, clips: Sequence[Clip]) -> torch.Tensor:
+    """Per-prompt share (B,) of the stated attributes (present, shape, size, motion of each object) found."""
+    return torch.stack([h.float().mean() for h in probe_hits(videos, clips)])
+
+
+def attribute_table(videos: torch.Tensor, clips: Sequence[Clip]) -> dict[str, float]:
+    """Share of objects whose each attribute the probe finds, and the mean per-prompt accuracy."""
+    hits = probe_hits(videos, clips)
+    rows = torch.cat(hits).float()
+    table = {name: float(rows[:, k].mean()) for k, name in enumerate(ATTRIBUTES)}
+    table["accuracy"] = float(torch.stack([h.float().mean() for h in hits]).mean())
+    return table
