@@ -109,7 +109,9 @@ def load_video_bundle(path=None, device="cpu", dtype=torch.float32) -> VideoBund
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path / "tokenizer")
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler")
     info = json.loads((path / "video.json").read_text())
-    transformer.to(device=device, dtype=dtype).eval()
+    transformer.to(device).eval()
+    if dtype != torch.float32:  # Wan keeps its norms, time embedding and rope in float32 (diffusers' rule)
+        transformer.to(dtype=dtype)
     text_encoder.to(device).eval()
     frames, size = info["frames"], info["image_size"]
     return VideoBundle(transformer, text_encoder, tokenizer, dict(scheduler.config), frames, size)
