@@ -307,3 +307,17 @@ def test_run_writes_videos_of_a_video_adapter(tmp_path):
     with Image.open(tmp_path / "samples_video.gif") as gif:
         assert gif.n_frames == 2
     assert (tmp_path / "samples.png").exists() and (tmp_path / "metrics.json").exists()
+
+
+def test_probe_keeps_the_largest_blob_and_ignores_speckle():
+    from catlab.embedded.video_probe import largest_component, read_object
+
+    mask = torch.zeros(2, 16, 16, dtype=torch.bool)
+    mask[:, 2:8, 3:9] = True  # a 6x6 square
+    mask[:, 12, ::3] = True  # isolated pixels
+    mask[1, 10:12, 12:14] = True  # a 2x2 blob, smaller than the square
+    kept = largest_component(mask)
+    assert kept.sum((1, 2)).tolist() == [36, 36] and kept[:, 2:8, 3:9].all()
+    g = torch.Generator().manual_seed(0)
+    speckle = torch.rand(8, 32, 32, generator=g) < 0.08  # scattered pixels of one colour: no object
+    assert read_object(speckle, 32)["present"] is False

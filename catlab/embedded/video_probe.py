@@ -7,10 +7,12 @@ prompt, the share of the attributes its caption states that the probe finds in t
 It is a hand-written detector, not a learnt one, so it needs no weights and cannot fit the
 model's quirks. Objects of one clip never share a colour (catlab.embedded.video_world), so the
 probe looks each stated object up by its colour: a pixel belongs to colour ``k`` when ``k`` is
-its nearest palette colour and it lies within ``COLOUR_TOLERANCE`` of it. Per frame it measures
-the mask's area, centroid and fill of its bounding box; then
+its nearest palette colour and it lies within ``COLOUR_TOLERANCE`` of it. Per frame it keeps the
+mask's largest connected blob (scattered pixels of noise are not an object) and measures its area,
+centroid and fill of its bounding box; then
 
-- present: the mask holds at least ``MIN_PIXELS`` pixels in most frames (the colour is there);
+- present: in most frames the blob holds at least ``MIN_PIXELS`` pixels and fills at least
+           ``MIN_FILL`` of its bounding box (a compact object of that colour is there);
 - shape:   the median bounding-box fill: a square fills it, a circle ~0.79 of it, a triangle ~0.5;
 - size:    the median area, against the midpoint of the small and large renders of that shape;
 - motion:  the least-squares slope of the centroid track: still below ``STILL_SPEED`` pixels
@@ -33,6 +35,7 @@ from catlab.embedded.world import COLOUR_RGB, SHAPES, SIZES
 ATTRIBUTES = ("present", "shape", "size", "motion")
 COLOUR_TOLERANCE = 0.3  # RGB distance (in [0, 1] units) within which a pixel counts as a palette colour
 MIN_PIXELS = 6  # fewer pixels than this in a frame: the object is not seen there
+MIN_FILL = 0.35  # a blob filling less of its bounding box is scattered noise, not an object
 STILL_SPEED = 0.4  # centroid speed (pixels per frame) below which an object counts as still
 SHAPE_FILL = (0.9, 0.66)  # fill >= 0.9: square; >= 0.66: circle; else triangle
 
@@ -44,6 +47,30 @@ def colour_masks(videos: torch.Tensor) -> torch.Tensor:
     nearest = dist.argmin(-1)
     masks = torch.stack([(nearest == k) & (dist[..., k] < COLOUR_TOLERANCE) for k in range(len(COLOUR_RGB))])
     return masks.permute(1, 0, 2, 3, 4)
+
+
+def largest_component(mask: torch.Tensor) -> torch.Tensor:
+    """Per frame of a (F, H, W) bool mask, its largest 8-connected component (speckle is dropped).
+
+    Every pixel starts with its own label and takes the largest label of its 3x3 neighbourhood inside
+    the mask until nothing changes; then the most frequent label of each frame is kept."""
+    f, h, w = mask.shape
+    if not mask.any():
+        return mask
+    ids = torch.arange(1, h * w + 1, dtype=torch.float32).reshape(1, h, w).expand(f, h, w).clone()
+    m = mask.float()
+    labels = ids * m
+    for _ in range(h * w):
+        grown = torch.nn.functional.max_pool2d(labels[:, None], 3, stride=1, padding=1)[:, 0] * m
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    keep = torch.zeros_like(mask)
+    for k in range(f):
+        values = labels[k][mask[k]]
+        if len(values):
+            keep[k] = labels[k] == values.mode().values
+    return keep & mask
 
 
 def _track(mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -82,8 +109,8 @@ def _area_thresholds() -> dict[int, float]:
 
 def read_object(mask: torch.Tensor, size_px: int) -> dict[str, int | bool]:
     """What the probe reads from one colour's (F, H, W) mask: present, shape, size and motion indices."""
-    t = _track(mask)
-    seen = t["area"] >= MIN_PIXELS * (size_px / 32) ** 2
+    t = _track(largest_component(mask))
+    seen = (t["area"] >= MIN_PIXELS * (size_px / 32) ** 2) & (t["fill"] >= MIN_FILL)
     present = bool(seen.float().mean() > 0.5)
     if not present:
         return {"present": False, "shape": -1, "size": -1, "motion": -1}
