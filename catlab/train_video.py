@@ -12,7 +12,7 @@ steps), ``checkpoint.pt`` (weights, EMA, optimizer and step, every ``ckpt_every`
 ``samples/`` (GIFs and frame grids of held-out prompts). Batch ``i`` and its noise are drawn from
 seed-tree branches of their own, so a run that is stopped and started again with the same command
 (``resume: true``) continues exactly where it stopped; raising ``steps`` continues a finished run.
-``max_minutes`` ends a run cleanly (checkpoint written) after that much wall time.
+``max_minutes`` ends a run cleanly (checkpoint written) after that much wall time; a larger value continues it.
 Config: conf/train_video.yaml.
 """
 
@@ -124,8 +124,12 @@ def train(cfg: DictConfig) -> dict:
 
     log = (out / "train_log.jsonl").open("a")
     start = time.time()
-    step = start_step
+    done = start_step
     for step in range(start_step, cfg.steps):
+        if cfg.max_minutes and wall_before + time.time() - start > 60 * cfg.max_minutes:
+            minutes = wall_before / 60
+            print(f"already trained {minutes:.1f} >= max_minutes={cfg.max_minutes} min; raise it to continue", flush=True)
+            break
         frames = frames_at(cfg, step)
         clips = clip_batch(cfg.seed, step, cfg.batch_size, frames)
         x0 = render_clips(clips, frames, dcfg.image_size) * 2 - 1
@@ -164,12 +168,10 @@ def train(cfg: DictConfig) -> dict:
         if cfg.sample_every and done % cfg.sample_every == 0:
             write_samples(ema_bundle, cfg, out / "samples" / f"step_{done:06d}")
         if out_of_time:
-            print(f"max_minutes={cfg.max_minutes} reached at step {done}; resume with the same command", flush=True)
+            print(f"max_minutes={cfg.max_minutes} reached at step {done}; raise it to continue", flush=True)
             break
-    else:
-        done = cfg.steps
-        if start_step >= cfg.steps:
-            print(f"already trained {start_step} >= steps={cfg.steps} steps; raise `steps` to continue", flush=True)
+    if start_step >= cfg.steps:
+        print(f"already trained {start_step} >= steps={cfg.steps} steps; raise `steps` to continue", flush=True)
 
     info = run_info(cfg, done, recent, wall_before + time.time() - start, modules)
     if cfg.export_to:

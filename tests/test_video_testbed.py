@@ -228,6 +228,7 @@ def test_train_video_resumes_exactly(tmp_path):
         "ckpt_every=1",
         "log_every=1",
         "warmup=2",
+        "short_steps=0",
     ]
 
     def run(out: Path, steps: int):

@@ -175,7 +175,9 @@ def attribute_table(videos: torch.Tensor, clips: Sequence[Clip]) -> dict[str, fl
     return table
 
 
-def evaluate_bundle(path=None, n: int = 32, steps: int = 20, guidance: float = 4.0, seed: int = 0) -> dict:
+def evaluate_bundle(
+    path=None, n: int = 32, steps: int = 20, guidance: float = 4.0, seed: int = 0, real_only: bool = False
+) -> dict:
     """The probe on ``n`` held-out clips as rendered (a sanity check of the probe) and as the bundle
     generates them from their captions (the model's alignment), plus what produced the figures."""
     import time
@@ -183,6 +185,9 @@ def evaluate_bundle(path=None, n: int = 32, steps: int = 20, guidance: float = 4
     from catlab.embedded.video import generate_video, load_video_bundle
     from catlab.embedded.video_world import heldout_clips
 
+    if real_only:
+        clips, _ = heldout_clips(n, seed=seed)
+        return {"prompts": n, "seed": seed, "real": attribute_table(render_clips(clips), clips)}
     bundle = load_video_bundle(path)
     clips, captions = heldout_clips(n, seed=seed, frames=bundle.frames)
     real = render_clips(clips, bundle.frames, bundle.image_size)
@@ -215,13 +220,17 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--real-only", action="store_true", help="only the rendered clips (the probe's own check)")
     ap.add_argument("--out", default=None, help="write the figures here (JSON) and the videos beside it (GIF)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = evaluate_bundle(args.bundle, args.prompts, args.steps, args.guidance)
-    fake, real, captions = result.pop("_videos")
+    result = evaluate_bundle(args.bundle, args.prompts, args.steps, args.guidance, real_only=args.real_only)
+    fake, real, captions = result.pop("_videos", (None, None, None))
     print(json.dumps(result, indent=2))
-    if args.out:
+    if args.out and fake is None:
+        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    elif args.out:
         out = pathlib.Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
