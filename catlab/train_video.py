@@ -128,7 +128,7 @@ def train(cfg: DictConfig) -> dict:
     for step in range(start_step, cfg.steps):
         if cfg.max_minutes and wall_before + time.time() - start > 60 * cfg.max_minutes:
             minutes = wall_before / 60
-            print(f"already trained {minutes:.1f} >= max_minutes={cfg.max_minutes} min; raise it to continue", flush=True)
+            print(f"trained {minutes:.1f} >= max_minutes={cfg.max_minutes}; raise it to continue", flush=True)
             break
         frames = frames_at(cfg, step)
         clips = clip_batch(cfg.seed, step, cfg.batch_size, frames)
