@@ -322,3 +322,15 @@ def test_probe_keeps_the_largest_blob_and_ignores_speckle():
     g = torch.Generator().manual_seed(0)
     speckle = torch.rand(8, 32, 32, generator=g) < 0.08  # scattered pixels of one colour: no object
     assert read_object(speckle, 32)["present"] is False
+
+
+def test_video_tokenizer_covers_every_caption_and_names_its_vocabulary():
+    from catlab.embedded.text import build_tokenizer, tokenize
+    from catlab.embedded.video_world import vocabulary
+
+    tok = build_tokenizer(20, vocabulary())
+    _, captions = heldout_clips(64)
+    ids = tokenize(tok, captions)
+    assert tok.unk_token_id not in ids.tolist() and (ids[:, -1] == tok.pad_token_id).all()  # none is cut
+    with pytest.warns(UserWarning, match=r"unknown words \['center', 'in', 'the'\].*'moving'"):
+        tokenize(tok, ["a red circle in the center"])
