@@ -201,3 +201,19 @@ class EmbeddedHeldout(PromptSet):
         kwargs = {} if self.seed is None else {"seed": self.seed}
         scenes, captions = heldout_scenes(self.n, **kwargs)
         return list(captions), list(scenes)
+
+
+@prompt_sets.register("embedded_video_heldout")
+@dataclass
+class EmbeddedVideoHeldout(PromptSet):
+    """The embedded video model's fixed held-out captions, each with the clip it describes
+    (for the video probe, catlab.embedded.video_probe)."""
+
+    n: int = 64
+    seed: int = 0
+
+    def load_with_meta(self):
+        from catlab.embedded.video_world import heldout_clips
+
+        clips, captions = heldout_clips(self.n, seed=self.seed)
+        return list(captions), list(clips)

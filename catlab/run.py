@@ -9,7 +9,8 @@ Examples::
     python -m catlab.run selector=budget_schedule reuse=taylor   # full / forecast / pruned steps
 
 Each run directory gets ``metrics.json`` (flat keys), ``images/`` (PNG) and
-``config.yaml`` (the resolved config).
+``config.yaml`` (the resolved config); a video model's run also ``videos/`` (a GIF per video,
+its frames side by side in ``images/``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from catlab.builders import (
 from catlab.cli import check_writable, run_app, write_text
 from catlab.config import check_groups, register_schema
 from catlab.grid import grid_tokens
-from catlab.loggers.base import to_pil
+from catlab.loggers.video import log_samples, save_sample
 from catlab.metrics.cost import cost_metrics
 from catlab.progress import Progress
 from catlab.registry import ComponentError, loggers, models, prompt_sets
@@ -128,9 +129,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             result = generate(adapter, session, prompts_b, seeds_b, sampler_cfg)
             traces.append(result.trace)
             all_images.append(result.images)
-            if cfg.save_images:
+            if cfg.save_images:  # a PNG per image; a GIF per video (videos/) and its frames as a PNG
                 for j, img in enumerate(result.images):
-                    to_pil(img).save(image_dir / f"{b + j:05d}_seed{batch[j][1]}.png")
+                    save_sample(img, run_dir, f"{b + j:05d}_seed{batch[j][1]}")
             progress.update(len(batch))
         wall = time.perf_counter() - start
         progress.close()
@@ -147,7 +148,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         }
         write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")  # whole or absent: a sweep reads it
         logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        logger.log_images("samples", torch.cat(all_images)[:16], [p for p, _ in jobs[:16]])
+        log_samples(logger, "samples", torch.cat(all_images)[:16], [p for p, _ in jobs[:16]])
     except BaseException:
         progress.close()
         logger.finish(failed=True)

@@ -33,7 +33,7 @@ LAYERS: list[set[str]] = [
     {"planner", "models"},
     {"pruning", "stepcache", "families"},
     {"assembly"},
-    {"sampler", "stock_pipelines", "testing", "train_toy"},
+    {"sampler", "stock_pipelines", "testing", "train_toy", "train_video"},
     {"builders", "strategy", "config", "metrics"},  # metrics read the sampler's traces
     {"catlab"},  # the front door (catlab/__init__.py): the applications below import it to register everything
     {"evaluation", "cli", "run", "sweep", "evaluate", "redraw"},

@@ -98,6 +98,8 @@ SHRINK = {
     ],
     "catlab.train_toy": ["steps=2", "batch_size=4", "sample_every=0", "sample_steps=2", "log_every=1"],
     "catlab.embedded.probe": ["--steps", "2", "--out", "outputs/probe"],
+    "catlab.train_video": ["steps=2", "batch_size=2", "sample_every=0", "log_every=1", "max_minutes=null"],
+    "catlab.embedded.video_probe": ["--prompts", "2", "--steps", "2"],
     "embedded_eval.py": ["--n", "2", "--steps", "2", "--grid-n", "2"],
     "selection_stats.py": ["--n", "1", "--steps", "10", "--selectors", "cat,sequential"],
     "gpu_bench.py": [

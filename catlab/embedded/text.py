@@ -50,9 +50,11 @@ class TextConfig:
             raise ValueError(f"text.encoder must be one of {sorted(ENCODERS)}; got {self.encoder!r}")
 
 
-def build_tokenizer(max_length: int = 24) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer: lower-cases, drops punctuation, adds <bos>/<eos>, pads to max_length."""
-    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *vocabulary()])}
+def build_tokenizer(max_length: int = 24, words: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: lower-cases, drops punctuation, adds <bos>/<eos>, pads to max_length.
+
+    ``words`` is the vocabulary (default: the image world's; the video world passes its own)."""
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *(words or vocabulary())])}
     tok = Tokenizer(WordLevel(vocab, unk_token=UNK))
     tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex(r"[^\w\s]"), " ")])
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -99,7 +101,7 @@ def tokenize(tokenizer: PreTrainedTokenizerFast, prompts: list[str], warn: bool 
         unknown = sorted({w for p in prompts for w in unknown_words(tokenizer, p)})
         if unknown:
             warnings.warn(
-                f"embedded model: unknown words {unknown} are mapped to {UNK}; its vocabulary is {vocabulary()}",
+                f"embedded model: unknown words {unknown} are mapped to {UNK}; its vocabulary is {_words(tokenizer)}",
                 stacklevel=3,
             )
         limit = tokenizer.model_max_length
@@ -118,6 +120,12 @@ def tokenize(tokenizer: PreTrainedTokenizerFast, prompts: list[str], warn: bool 
         return_tensors="pt",
     )
     return out["input_ids"]
+
+
+def _words(tokenizer: PreTrainedTokenizerFast) -> list[str]:
+    """The tokenizer's words in id order, special tokens left out."""
+    vocab = tokenizer.get_vocab()
+    return sorted((w for w in vocab if w not in SPECIAL_TOKENS), key=vocab.get)
 
 
 def build_text_encoder(cfg: TextConfig, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:

@@ -49,6 +49,10 @@ class Logger:
     def log_images(self, key: str, images: torch.Tensor, captions: list[str]) -> None:
         pass
 
+    def log_videos(self, key: str, videos: torch.Tensor, captions: list[str]) -> None:
+        """Videos ``(B, frames, 3, H, W)`` in [0, 1]; sinks without videos ignore them (the run folder
+        holds them as GIFs already, see catlab.loggers.video)."""
+
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
         """A table (one list of cells per row, in ``columns`` order); sinks without tables ignore it."""
 

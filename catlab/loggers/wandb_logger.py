@@ -63,6 +63,19 @@ class WandbLogger(Logger):
 
         self.run.log({key: wandb.Image(captioned_grid(images, captions), caption=" | ".join(captions))})
 
+    def log_videos(self, key, videos, captions):
+        """One ``wandb.Video`` per video, from a GIF written by Pillow (no video encoder needed)."""
+        import wandb
+
+        from catlab.loggers.video import save_gif
+
+        folder = self.run_dir / "wandb_videos"
+        items = []
+        for i, (video, caption) in enumerate(zip(videos, captions)):
+            path = save_gif(video, folder / f"{key.replace('/', '_')}_{i:03d}.gif")
+            items.append(wandb.Video(str(path), caption=caption, format="gif"))
+        self.run.log({key: items})
+
     def log_table(self, key, columns, rows):
         import wandb
 
