@@ -241,14 +241,14 @@ def _call(pipe, adapter, guidance=1.0, output_type="latent"):
 
 
 def test_checkpoint_adapter_shapes_and_decode_contract(saved):
-    """``decode`` gives ``(B, F, C, H, W)`` in [-1, 1]: the pipeline's own ``pt`` video (in [0, 1]) mapped back."""
+    """``decode`` gives ``(B, F, C, H, W)`` in [0, 1]: the pipeline's own ``pt`` video."""
     assert saved.grid == (2, 4, 4) and saved.latent_channels == 4 and saved.make_scheduler().config.flow_shift == 3.0
     assert saved.initial_latents(SEEDS).shape == (2, 4, 2, 8, 8)
     pipe = _pipe(saved)
     latents = _call(pipe, saved)
     video = saved.decode(latents)
     assert video.shape == (2, FRAMES, 3, SIZE, SIZE) and video.dtype == torch.float32
-    torch.testing.assert_close((video + 1) / 2, _call(pipe, saved, output_type="pt"), atol=1e-5, rtol=0)
+    torch.testing.assert_close(video, _call(pipe, saved, output_type="pt"), atol=1e-5, rtol=0)
 
 
 def test_stock_pipeline_pruned_equals_catlabs_loop_and_disable_gives_it_back(saved):

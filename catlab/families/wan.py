@@ -29,7 +29,8 @@ one call and prunes both with the sample's indices.
 
 Adapters: ``tiny_wan`` (seeded random weights, pixel space, no VAE: ``model.frames`` frames are the token
 grid's frames) and ``wan2_1_t2v`` (a ``WanPipeline`` checkpoint: ``model=wan2_1_t2v_1_3b`` and
-``model=wan2_1_t2v_14b``). Both decode to a video ``(B, F, C, H, W)`` in ``[-1, 1]`` (float32, CPU).
+``model=wan2_1_t2v_14b``). Both decode to a video ``(B, F, C, H, W)`` in ``[0, 1]``
+(float32, CPU), as image adapters decode to ``[0, 1]``.
 """
 
 from __future__ import annotations
@@ -205,7 +206,8 @@ class TinyWan(_WanVideo, TinyAdapter):
     weights, in pixel space (no VAE): ``frames`` frames of ``height x width``, 3 channels, 2x2 patches.
 
     Decode contract: ``decode(latents)`` returns the video ``(B, F, C, H, W)``, float32 on the CPU, in
-    ``[-1, 1]`` (clamped); frame ``f`` is latent frame ``f``. Cost and plumbing, not quality."""
+    ``[0, 1]`` (the model's [-1, 1] pixels mapped, clamped); frame ``f`` is latent frame ``f``. Cost and
+    plumbing, not quality."""
 
     frames: int = 5
     height: int = 16
@@ -254,7 +256,7 @@ class TinyWan(_WanVideo, TinyAdapter):
         return dict(encoder_hidden_states=embeds)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents.float().cpu().clamp(-1, 1).permute(0, 2, 1, 3, 4)
+        return ((latents.float().cpu() + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4)
 
 
 @models.register("wan2_1_t2v")
@@ -266,7 +268,7 @@ class Wan21T2V(_WanVideo, PipelineAdapter):
     negative prompt's rows with the prompt's), 50 steps (``sampler.num_steps``); the VAE runs in float32.
 
     Decode contract: ``decode(latents)`` returns the video ``(B, F, C, H, W)``, float32 on the CPU, in
-    ``[-1, 1]`` (clamped), ``F = num_frames`` (``(num_frames - 1) / 4 + 1`` latent frames)."""
+    ``[0, 1]`` (the VAE's [-1, 1] mapped, clamped), ``F = num_frames`` (``(num_frames - 1) / 4 + 1`` latent frames)."""
 
     pipeline_class = "WanPipeline"
     path: str = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
@@ -323,4 +325,4 @@ class Wan21T2V(_WanVideo, PipelineAdapter):
         mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, vae.dtype)
         std = torch.tensor(vae.config.latents_std).view(shape).to(latents.device, vae.dtype)
         video = vae.decode(latents.to(vae.dtype) * std + mean, return_dict=False)[0]
-        return video.float().cpu().clamp(-1, 1).permute(0, 2, 1, 3, 4)
+        return ((video.float().cpu() + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4)
