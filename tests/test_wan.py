@@ -200,7 +200,7 @@ def saved():
     """The checkpoint adapter (``model=wan2_1_t2v``) around the tiny WanPipeline: everything but
     ``from_pretrained`` (which, for a Wan transformer, needs the ``accelerate`` package)."""
     from catlab.families.wan import Wan21T2V
-    from catlab.testing.tiny_pipelines import wan_pipeline
+    from catlab.testing.tiny_wan import wan_pipeline
 
     @dataclass
     class InMemory(Wan21T2V):

@@ -200,8 +200,11 @@ def _clip_encoder(
         return cls(config).eval()
 
 
-def _t5_encoder(tokenizer: T5Tokenizer, d_model: int, seed: int) -> T5EncoderModel:
-    config = T5Config(
+def _t5_encoder(
+    tokenizer: T5Tokenizer, d_model: int, seed: int, model_cls=T5EncoderModel, config_cls=T5Config
+) -> T5EncoderModel:
+    """A two-layer T5 encoder (or, with ``model_cls``/``config_cls``, another of its kind: Wan's UMT5)."""
+    config = config_cls(
         vocab_size=len(tokenizer),
         d_model=d_model,
         d_kv=d_model // 4,
@@ -217,7 +220,7 @@ def _t5_encoder(tokenizer: T5Tokenizer, d_model: int, seed: int) -> T5EncoderMod
         decoder_start_token_id=tokenizer.pad_token_id,
     )
     with _seeded(seed):
-        return T5EncoderModel(config).eval()
+        return model_cls(config).eval()
 
 
 # -- VAE ---------------------------------------------------------------------------------------------------------
@@ -538,6 +541,3 @@ def qwen_image_pipeline(seed: int = 0, **transformer_config) -> QwenImagePipelin
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-from catlab.testing.tiny_wan import wan_pipeline  # noqa: E402,F401  (Wan2.1 text to video: catlab/testing/tiny_wan.py)

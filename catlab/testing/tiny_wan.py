@@ -14,13 +14,10 @@ patches that is a ``(2, 8, 8)`` token grid, 128 tokens. Text tokens per prompt: 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
-import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
-# catlab.testing.tiny_pipelines re-exports wan_pipeline: this module imports nothing from it
+from catlab.testing.tiny_pipelines import _seeded, _t5_encoder, t5_tokenizer
 
 #: whole words get their own piece; anything else is spelled out of single characters
 WORDS = (
@@ -32,42 +29,13 @@ WAN_TEXT_DIM = 32
 WAN_LATENT_CHANNELS = 4
 
 
-@contextmanager
-def _seeded(seed: int):
-    """Draw from torch's CPU RNG seeded with ``seed``; the caller's RNG state is restored afterwards."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def umt5_tokenizer(words=WORDS, model_max_length: int = 512) -> T5Tokenizer:
-    """A unigram tokenizer in T5's format (UMT5's is one): ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, the word-start
-    marker, single characters (the fallback) and one preferred piece per word."""
-    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()"
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
-    pieces += [(c, -8.0) for c in chars] + [("\u2581" + c, -7.0) for c in chars]
-    pieces += [("\u2581" + w, -2.0) for w in words if len(w) > 1]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+    """UMT5's tokenizer has T5's format: catlab's tiny unigram T5 tokenizer over Wan's test words."""
+    return t5_tokenizer(words, model_max_length)
 
 
 def _umt5_encoder(tokenizer, seed: int) -> UMT5EncoderModel:
-    config = UMT5Config(
-        vocab_size=len(tokenizer),
-        d_model=WAN_TEXT_DIM,
-        d_kv=WAN_TEXT_DIM // 4,
-        d_ff=2 * WAN_TEXT_DIM,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    with _seeded(seed):
-        return UMT5EncoderModel(config).eval()
+    return _t5_encoder(tokenizer, WAN_TEXT_DIM, seed, UMT5EncoderModel, UMT5Config)
 
 
 def tiny_wan_vae(seed: int = 1) -> AutoencoderKLWan:
