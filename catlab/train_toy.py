@@ -181,10 +181,10 @@ def load_weights(path: pathlib.Path, transformer: torch.nn.Module, text_encoder:
         ) from None
 
 
-def export(src: pathlib.Path, dst: pathlib.Path) -> None:
-    """Copy the model parts into `dst`, leaving anything else there (e.g. the probe) alone."""
+def export(src: pathlib.Path, dst: pathlib.Path, parts=BUNDLE_PARTS) -> None:
+    """Copy the model ``parts`` into `dst`, leaving anything else there (e.g. the probe) alone."""
     dst.mkdir(parents=True, exist_ok=True)
-    for part in BUNDLE_PARTS:
+    for part in parts:
         if (dst / part).is_dir():
             shutil.rmtree(dst / part)
         if (src / part).is_dir():

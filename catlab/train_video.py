@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-import shutil
 import time
 
 import hydra
@@ -41,6 +40,7 @@ from catlab.embedded.video import (
 )
 from catlab.embedded.video_world import clip_batch, heldout_clips, render_clips, vocabulary
 from catlab.train_toy import EMA
+from catlab.train_toy import export as export_parts
 
 VIDEO_BUNDLE_PARTS = ("transformer", "text_encoder", "tokenizer", "scheduler", "video.json", "train_info.json")
 
@@ -196,14 +196,7 @@ def run_info(cfg: DictConfig, steps_done: int, recent: list[float], wall: float,
 
 def export(src: pathlib.Path, dst: pathlib.Path) -> None:
     """Copy the bundle parts into `dst`, leaving anything else there alone."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for part in VIDEO_BUNDLE_PARTS:
-        if (dst / part).is_dir():
-            shutil.rmtree(dst / part)
-        if (src / part).is_dir():
-            shutil.copytree(src / part, dst / part)
-        elif (src / part).exists():
-            shutil.copy2(src / part, dst / part)
+    export_parts(src, dst, VIDEO_BUNDLE_PARTS)
 
 
 @hydra.main(config_path="../conf", config_name="train_video", version_base="1.3")
