@@ -18,7 +18,7 @@ from torch import nn
 
 from catlab.models.base import Conditioning, ModelAdapter, PipelineAdapter
 from catlab.models.tiny import TinyAdapter
-from catlab.pruning.families import FamilySpec, UnsupportedModelError, conv_macs, linear_macs
+from catlab.pruning.families import FamilySpec, UnsupportedModelError, conv_macs, linear_macs, self_cross_block_macs
 from catlab.pruning.processors import PrunedSelfAttnProcessor
 from catlab.registry import families, models
 
@@ -27,13 +27,7 @@ def pixart_macs(t: nn.Module, rows: int, n: int, n_total: int, n_text: int) -> i
     """One PixArt forward with ``n`` of ``n_total`` image tokens recomputed and ``n_text`` text tokens."""
     per_row = conv_macs(t, n_total) + linear_macs(t.adaln_single) + n_text * linear_macs(t.caption_projection)
     for blk in t.transformer_blocks:
-        a1, a2 = blk.attn1, blk.attn2
-        per_row += n * (linear_macs(a1.to_q) + linear_macs(a1.to_k) + linear_macs(a1.to_v) + linear_macs(a1.to_out[0]))
-        per_row += 2 * n * n_total * a1.to_q.out_features
-        per_row += n * (linear_macs(a2.to_q) + linear_macs(a2.to_out[0]))
-        per_row += n_text * (linear_macs(a2.to_k) + linear_macs(a2.to_v))
-        per_row += 2 * n * n_text * a2.to_q.out_features
-        per_row += n * linear_macs(blk.ff)
+        per_row += self_cross_block_macs(blk, blk.ff, n, n_total, n_text)
     per_row += n * linear_macs(t.proj_out)
     return rows * per_row
 

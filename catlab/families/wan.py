@@ -44,7 +44,7 @@ from torch import nn
 from catlab.grid import Grid
 from catlab.models.base import Conditioning, PipelineAdapter
 from catlab.models.tiny import TinyAdapter
-from catlab.pruning.families import FamilySpec, UnsupportedModelError, linear_macs
+from catlab.pruning.families import FamilySpec, UnsupportedModelError, linear_macs, self_cross_block_macs
 from catlab.pruning.processors import CachedAttention
 from catlab.registry import families, models
 
@@ -105,13 +105,7 @@ def wan_macs(t: nn.Module, rows: int, n: int, n_total: int, n_text: int) -> int:
     per_row += linear_macs(embedder.time_embedder) + linear_macs(embedder.time_proj)
     per_row += n_text * linear_macs(embedder.text_embedder)
     for blk in t.blocks:
-        a1, a2 = blk.attn1, blk.attn2
-        per_row += n * (linear_macs(a1.to_q) + linear_macs(a1.to_k) + linear_macs(a1.to_v) + linear_macs(a1.to_out[0]))
-        per_row += 2 * n * n_total * a1.to_q.out_features
-        per_row += n * (linear_macs(a2.to_q) + linear_macs(a2.to_out[0]))
-        per_row += n_text * (linear_macs(a2.to_k) + linear_macs(a2.to_v))
-        per_row += 2 * n * n_text * a2.to_q.out_features
-        per_row += n * linear_macs(blk.ffn)
+        per_row += self_cross_block_macs(blk, blk.ffn, n, n_total, n_text)
     per_row += n * linear_macs(t.proj_out)
     return rows * per_row
 

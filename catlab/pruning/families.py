@@ -28,6 +28,19 @@ class UnsupportedModelError(TypeError):
     """The transformer (or one of its blocks) is not of a family catlab knows how to prune."""
 
 
+def self_cross_block_macs(blk: nn.Module, ff: nn.Module, n: int, n_total: int, n_text: int) -> int:
+    """One row of a block with self-attention ``attn1`` (``n`` queries over ``n_total`` keys; K/V of the ``n``
+    recomputed tokens), cross-attention ``attn2`` to ``n_text`` text tokens, and feed-forward ``ff`` on ``n``
+    tokens: a cross-attention family's block."""
+    a1, a2 = blk.attn1, blk.attn2
+    macs = n * (linear_macs(a1.to_q) + linear_macs(a1.to_k) + linear_macs(a1.to_v) + linear_macs(a1.to_out[0]))
+    macs += 2 * n * n_total * a1.to_q.out_features
+    macs += n * (linear_macs(a2.to_q) + linear_macs(a2.to_out[0]))
+    macs += n_text * (linear_macs(a2.to_k) + linear_macs(a2.to_v))
+    macs += 2 * n * n_text * a2.to_q.out_features
+    return macs + n * linear_macs(ff)
+
+
 def linear_macs(module: nn.Module | None) -> int:
     """Multiply-accumulates of one token through every ``nn.Linear`` in ``module`` that runs.
 
