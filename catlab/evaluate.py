@@ -57,6 +57,7 @@ from catlab.evaluation.store import ResultStore
 from catlab.grid import grid_tokens
 from catlab.loggers.evaluation import log_evaluation
 from catlab.loggers.grids import captioned_grid
+from catlab.loggers.video import frame_strip
 from catlab.metrics.cost import MACS_RULE
 from catlab.prompts import cache_dir
 from catlab.registry import ComponentError, loggers, metrics, models, prompt_sets
@@ -169,7 +170,11 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
     out = _shared_dir(out, world)
     jobs = make_jobs(prompts, meta, list(cfg.seeds), cfg.num_prompts, int(cfg.subset_seed))
     my_jobs = jobs[rank::world]
-    context = {"model": model_cfg["name"], "meta": [j.meta for j in jobs]}
+    if world > 1 and str(model_cfg.get("device", "cpu")).startswith("cuda"):
+        model_cfg = {**model_cfg, "device": f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"}
+    adapter = build_model(model_cfg)  # refuses a size the model cannot take
+    # what a metric may need to know to say it cannot run here (a video metric on an image model, ...)
+    context = {"model": model_cfg["name"], "meta": [j.meta for j in jobs], "video": len(adapter.grid) == 3}
     usable = []
     for m in metric_objs:
         reason = m.unavailable(context)
@@ -177,9 +182,6 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
             log.warning("skipped metric — %s", reason)
         else:
             usable.append(m)
-    if world > 1 and str(model_cfg.get("device", "cpu")).startswith("cuda"):
-        model_cfg = {**model_cfg, "device": f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"}
-    adapter = build_model(model_cfg)  # refuses a size the model cannot take
     for _, (policy, parts) in resolved:
         check_clusters(policy, grid_tokens(adapter.grid))
         check_model_fits(adapter.transformer, policy, parts)
@@ -345,6 +347,8 @@ def write_diagnostics(strategies, warm, folder: Path, prompts: list[str] | None 
         r = diagnostics.noise_correlation(outputs, reference, reference + 1, folder / "relative_noise_correlation.png")
         (folder / "relative_noise_correlation.txt").write_text(f"pearson_r {r:.4f}\n")
     shown = first.images[:16]
+    if shown.ndim == 5:  # videos: each as its frames side by side
+        shown = torch.stack([frame_strip(v) for v in shown])
     captioned_grid(shown, list(prompts or [])[: len(shown)]).save(folder / "full_samples.png")
 
 

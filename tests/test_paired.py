@@ -135,3 +135,21 @@ def test_without_per_image_values_the_tables_are_as_before(tmp_path):
     rows, specs = rows_and_specs()
     frontier.write(rows, specs, tmp_path, "hand-made")
     assert "95 % CI" not in (tmp_path / "frontier.md").read_text()
+
+
+def test_video_frontiers_compare_the_psnr_winners_temporal_error(tmp_path):
+    """With per-video temporal errors the tables say whether catlab's PSNR winner moves less like the full
+    model's video than each peer (lower is better): here catlab's is 0.01 lower on every video at 2.5x."""
+    rows, specs = rows_and_specs()
+    per_image = per_image_for(rows)
+    for r in rows:
+        if r["key"] in per_image:
+            err = 0.05 if specs[r["key"]].get("name") == "full" else 0.04
+            per_image[r["key"]] = {i: {**m, "temporal_error": err} for i, m in per_image[r["key"]].items()}
+    frontier.write(rows, specs, tmp_path, "hand-made", per_image)
+    md = (tmp_path / "frontier.md").read_text()
+    assert "#### Temporal error of the PSNR winners (videos; lower is better)" in md
+    line = next(ln for ln in md.splitlines() if ln.startswith("| 2.5× | budget_schedule + taylor | 0.0400 |"))
+    assert "-0.0100 [-0.0100, -0.0100] better" in line
+    frontier.write(rows, specs, tmp_path, "hand-made", per_image_for(rows))  # images: no such table
+    assert "Temporal error" not in (tmp_path / "frontier.md").read_text()

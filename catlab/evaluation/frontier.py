@@ -300,6 +300,7 @@ def markdown(fr: Frontier, budgets=BUDGETS, title: str = "") -> str:
         lines.append("")
     if paired:
         lines += _paired_tables(fr, budgets)
+        lines += _temporal_table(fr, budgets)
     for q in QUALITIES:
         lines += [
             f"#### Every family, {_QUALITY_NAME[q]} at each MACs ratio",
@@ -353,6 +354,45 @@ def _paired_tables(fr: Frontier, budgets) -> list[str]:
             lines.append(f"| {x:g}× | {top[0]} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
+
+
+def _temporal_table(fr: Frontier, budgets) -> list[str]:
+    """Videos: the temporal error (lower is better) of catlab's best family by PSNR and of each peer, on their
+    PSNR fronts at each budget, as catlab minus peer per video [95 % CI]; empty without temporal errors."""
+    if not any("temporal_error" in m for images in fr.per_image.values() for m in images.values()):
+        return []
+    peers = sorted(fr.peers)
+    lines = [
+        "#### Temporal error of the PSNR winners (videos; lower is better)",
+        "",
+        "On each family's PSNR front at the budget: catlab's best family's temporal error (the error of its "
+        "consecutive-frame differences against the full model's, catlab/metrics/video.py), and catlab minus each "
+        "peer per video [95 % CI]: **better** where the interval lies below zero, **worse** above, else tie.",
+        "",
+        "| MACs ratio | catlab's best family | its temporal error | " + " | ".join(peers) + " |",
+        "|---|---|---|" + "---|" * len(peers),
+    ]
+
+    def errors(fam: str, x: float):
+        return values_at(fr.front("psnr", fam), x, fr.per_image, "temporal_error")
+
+    for x in budgets:
+        top = fr.best("psnr", x, set(fr.points["psnr"]) - fr.peers)
+        mine = errors(top[0], x) if top is not None else None
+        if mine is None:
+            continue
+        cells = []
+        for peer in peers:
+            theirs = errors(peer, x)
+            d = paired_difference(mine, theirs) if theirs is not None else None
+            if d is None:
+                cells.append("–")
+                continue
+            verdict = "better" if d.high < 0 else "worse" if d.low > 0 else "tie"
+            cells.append(f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}] {verdict}")
+        mean = sum(mine.values()) / len(mine)
+        lines.append(f"| {x:g}× | {top[0]} | {mean:.4f} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def write_csv(fr: Frontier, path: Path, budgets=BUDGETS) -> None:

@@ -25,7 +25,8 @@ from catlab.evaluation import store as store_module
 from catlab.evaluation.reference import ReferenceCache
 from catlab.evaluation.store import Batch, ResultStore, prompt_sha
 from catlab.hashing import folder_name
-from catlab.loggers.base import from_pil, to_pil
+from catlab.loggers.base import from_pil
+from catlab.loggers.video import save_evaluated
 from catlab.metrics.base import Metric
 from catlab.models.base import ModelAdapter
 from catlab.progress import Progress
@@ -325,9 +326,7 @@ class _Run:
                 },
             )
             if self.image_dir is not None:
-                d = self.image_dir / s.folder
-                d.mkdir(parents=True, exist_ok=True)
-                to_pil(images[i]).save(d / f"p{job.prompt_id:06d}_s{job.seed}.png")
+                save_evaluated(images[i], self.image_dir / s.folder, f"p{job.prompt_id:06d}_s{job.seed}")
 
 
 def evaluate_strategies(

@@ -1,4 +1,4 @@
-"""An on-disk cache of the full model's images, shared by every strategy of a sweep.
+"""An on-disk cache of the full model's images (or videos), shared by every strategy of a sweep.
 
 Entries are keyed by the model config, the sampler config, the prompt, the
 seed and the batch the image was generated in (float rounding depends on a
@@ -92,15 +92,16 @@ class ReferenceCache:
 
 
 def image_problem(image, shape: tuple[int, ...] | None = None) -> str | None:
-    """Why ``image`` is not a valid reference (``(C, H, W)`` floats in [0, 1], finite, not blank), or ``None``."""
+    """Why ``image`` is not a valid reference (an image ``(C, H, W)`` or a video ``(frames, C, H, W)`` of floats
+    in [0, 1], finite, not blank), or ``None``."""
     if not torch.is_tensor(image):
         return f"a {type(image).__name__}, not an image tensor"
     if not image.is_floating_point():
         return f"{image.dtype}, not a float image"
     if shape is not None and tuple(image.shape) != tuple(shape):
         return f"shape {tuple(image.shape)}, not the image shape {tuple(shape)}"
-    if image.dim() != 3 or image.numel() == 0:
-        return f"shape {tuple(image.shape)}, not (channels, height, width)"
+    if image.dim() not in (3, 4) or image.numel() == 0:
+        return f"shape {tuple(image.shape)}, not (channels, height, width) or (frames, channels, height, width)"
     if not bool(torch.isfinite(image).all()):
         return "it holds NaN or infinite values"
     if float(image.min()) < 0 or float(image.max()) > 1:

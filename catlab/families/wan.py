@@ -141,6 +141,7 @@ WAN = families.register("wan")(
         select_rotary=select_token_rows,
         guidance_distilled=True,  # a WanPipeline runs one guidance branch per transformer call
         check=check_wan,
+        cache_dit_pattern="Pattern_2",  # blocks take (hidden, text, temb, rotary) and return the hidden states
     )
 )
 

@@ -53,6 +53,9 @@ class Logger:
         """Videos ``(B, frames, 3, H, W)`` in [0, 1]; sinks without videos ignore them (the run folder
         holds them as GIFs already, see catlab.loggers.video)."""
 
+    def log_video_file(self, key: str, path: Path, caption: str = "") -> None:
+        """A video already written to ``path`` (GIF); a sink that keeps the run directory ignores it."""
+
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
         """A table (one list of cells per row, in ``columns`` order); sinks without tables ignore it."""
 

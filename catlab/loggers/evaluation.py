@@ -6,6 +6,10 @@ quality columns (``docs/metrics.md`` defines them), an image grid per strategy u
 ``samples/<folder>`` (the strategy's :func:`~catlab.hashing.folder_name`; each image captioned with its
 prompt), the comparison grid (rows: prompts, columns: strategies, the full model first; also written to the run
 directory as ``comparison.png``), and every figure of the run directory under ``plots/``.
+
+For a video model the samples are videos: each strategy's are logged as a grid of frame strips and as
+playable videos (``Logger.log_videos``: ``wandb.Video`` in W&B) under ``samples/<folder>_video``, and the
+comparison is also written as ``comparison.gif`` (every cell playing), which W&B shows under ``videos/comparison``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from catlab.hashing import folder_name
 from catlab.loggers.base import Logger, from_pil
 from catlab.loggers.grids import comparison_grid
+from catlab.loggers.video import comparison_gif, frame_strip, load_gif, log_samples
 
 #: the table's columns, in this order, when any row has them
 COLUMNS = (
@@ -38,6 +43,7 @@ COLUMNS = (
     "lpips",
     "fid",
     "clip_score",
+    "temporal_error",
     "attribute_accuracy",
 )
 SAMPLES = 8  # images per strategy
@@ -47,7 +53,8 @@ COMPARED = 6  # prompts (rows) of the comparison grid
 def samples_per_strategy(
     rows: list[dict[str, Any]], warm: dict[str, Any], image_dir: Path | None
 ) -> dict[str, torch.Tensor]:
-    """Up to ``SAMPLES`` images per strategy: its warm-up batch, else the images the evaluation saved."""
+    """Up to ``SAMPLES`` images (or videos, ``(B, frames, 3, H, W)``) per strategy: its warm-up batch, else the
+    samples the evaluation saved (a video strategy's GIFs)."""
     from PIL import Image
 
     out = {}
@@ -57,8 +64,11 @@ def samples_per_strategy(
         if result is not None:
             out[label] = result.images[:SAMPLES].float().cpu()
         elif image_dir is not None and (image_dir / folder).is_dir():
+            gifs = sorted((image_dir / folder).glob("*.gif"))[:SAMPLES]
             files = sorted((image_dir / folder).glob("*.png"))[:SAMPLES]
-            if files:
+            if gifs:
+                out[label] = torch.stack([load_gif(f) for f in gifs])
+            elif files:
                 out[label] = torch.stack([from_pil(Image.open(f)) for f in files])
     return out
 
@@ -80,9 +90,14 @@ def log_evaluation(
     samples = samples_per_strategy(rows, warm, image_dir)
     for label, images in samples.items():  # one file name per strategy
         captions = list(prompts or [])[: len(images)] or [label] * len(images)
-        logger.log_images(f"samples/{folder_name(label, keys[label])}", images, captions)
+        log_samples(logger, f"samples/{folder_name(label, keys[label])}", images, captions)
     if samples and prompts:
         compared = {label: images[:COMPARED] for label, images in samples.items()}
+        videos = all(v.ndim == 5 for v in compared.values())
+        if videos:
+            gif = comparison_gif(compared, list(prompts)[:COMPARED], out / "comparison.gif")
+            logger.log_video_file("videos/comparison", gif, "rows: prompts; columns: strategies")
+            compared = {label: torch.stack([frame_strip(x) for x in v]) for label, v in compared.items()}
         comparison_grid(compared, list(prompts)[:COMPARED]).save(out / "comparison.png")
     for path in sorted(out.glob("*.png")) + sorted((out / "diagnostics").glob("*.png")):
         logger.log_figure(f"plots/{path.stem}", path)

@@ -81,3 +81,46 @@ def log_samples(logger, key: str, images: torch.Tensor, captions: list[str], run
         return
     logger.log_images(key, torch.stack([frame_strip(v) for v in images]), captions)
     logger.log_videos(f"{key}_video", images, captions)
+
+
+def save_evaluated(sample: torch.Tensor, folder, stem: str) -> list[pathlib.Path]:
+    """An evaluation's saved sample in its strategy's folder: an image as ``<stem>.png``; a video as
+    ``<stem>.gif`` (playable) and its frames side by side as ``<stem>.png`` (what image grids and FID read)."""
+    from catlab.loggers.base import to_pil
+
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    png = folder / f"{stem}.png"
+    if sample.ndim == 3:
+        to_pil(sample).save(png)
+        return [png]
+    gif = save_gif(sample, folder / f"{stem}.gif")
+    to_pil(frame_strip(sample)).save(png)
+    return [gif, png]
+
+
+def load_gif(path, scale: int = 4) -> torch.Tensor:
+    """A GIF written by :func:`save_gif` back as ``(frames, 3, H, W)`` in [0, 1], shrunk by ``scale`` (every
+    ``scale``-th pixel, which undoes its nearest-neighbour enlargement). GIF colours are a 256-colour palette:
+    for showing, not for measuring."""
+    from PIL import Image, ImageSequence
+
+    with Image.open(path) as gif:
+        frames = [np.asarray(f.convert("RGB"))[::scale, ::scale] for f in ImageSequence.Iterator(gif)]
+    return torch.from_numpy(np.stack(frames).copy()).permute(0, 3, 1, 2).float() / 255
+
+
+def comparison_gif(columns: dict[str, torch.Tensor], prompts: list[str], path, fps: float = 6.0) -> pathlib.Path:
+    """The comparison grid of :func:`catlab.loggers.grids.comparison_grid` as a playing GIF: rows ``prompts``,
+    columns strategies (``columns``: label → that strategy's videos ``(B, frames, 3, H, W)`` of those prompts),
+    every cell playing its video in step with the others."""
+    from catlab.loggers.grids import comparison_grid
+
+    frames = min(v.shape[1] for v in columns.values())
+    pictures = [comparison_grid({k: v[:, f] for k, v in columns.items()}, prompts) for f in range(frames)]
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pictures[0].save(
+        path, save_all=True, append_images=pictures[1:], duration=int(round(1000 / fps)), loop=0, optimize=False
+    )
+    return path

@@ -76,6 +76,11 @@ class WandbLogger(Logger):
             items.append(wandb.Video(str(path), caption=caption, format="gif"))
         self.run.log({key: items})
 
+    def log_video_file(self, key, path, caption=""):
+        import wandb
+
+        self.run.log({key: wandb.Video(str(path), caption=caption or Path(path).name, format="gif")})
+
     def log_table(self, key, columns, rows):
         import wandb
 

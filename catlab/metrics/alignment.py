@@ -109,7 +109,9 @@ class CLIPScore(Metric):
 class AttributeAccuracy(Metric):
     """Share of the attributes stated in the prompt that the embedded model's probe reads back from the image.
 
-    Needs prompts that come with their scenes (the ``embedded_heldout`` prompt set).
+    Needs prompts that come with their scenes (the ``embedded_heldout`` prompt set). For the embedded video
+    model's videos (prompts ``embedded_video_heldout``, which come with their clips) it is the video probe's
+    share (catlab.embedded.video_probe: presence, shape, size and motion of each object).
     """
 
     column = Column("Attribute acc.", "{:.3f}", order=11)
@@ -117,7 +119,12 @@ class AttributeAccuracy(Metric):
     def unavailable(self, context):
         meta = context.get("meta")
         if not meta or meta[0] is None:
-            return "attribute_accuracy: the prompt set carries no scene descriptions (use prompts=embedded_heldout)"
+            return (
+                "attribute_accuracy: the prompt set carries no scene descriptions "
+                "(use prompts=embedded_heldout, or embedded_video_heldout for model=embedded_video)"
+            )
+        if _is_clip(meta[0]):
+            return None  # the video probe reads colours and tracks: nothing to load
         try:
             self._probe = load_probe()
         except Exception as err:  # noqa: BLE001
@@ -125,5 +132,14 @@ class AttributeAccuracy(Metric):
         return None
 
     def __call__(self, images, reference, prompts, meta):
+        if images.ndim == 5:
+            from catlab.embedded.video_probe import video_accuracy
 
+            return video_accuracy(images, list(meta)).float().cpu()
         return attribute_accuracy(images * 2 - 1, list(meta)).float().cpu()
+
+
+def _is_clip(scene) -> bool:
+    from catlab.embedded.video_world import Clip
+
+    return isinstance(scene, Clip)

@@ -66,7 +66,8 @@ def ssim(
 @metrics.register("psnr")
 @dataclass
 class PSNR(Metric):
-    """PSNR in dB, capped at ``cap`` so that identical images (infinite PSNR) average sensibly."""
+    """PSNR in dB, capped at ``cap`` so that identical images (infinite PSNR) average sensibly; for videos the
+    mean of the frames' PSNRs (each capped)."""
 
     needs_reference = True
     column = Column("PSNR (dB)", "{:.2f}", order=20, always=True)
@@ -84,16 +85,26 @@ class PSNR(Metric):
         return f"{value:.2f}" + (" †" if value < cls.low else "")
 
     def __call__(self, images, reference, prompts, meta):
+        if images.ndim == 5:  # videos: the mean of the frames' PSNRs (catlab.metrics.video)
+            from catlab.metrics.video import frame_psnr
+
+            return frame_psnr(images, reference, self.cap)
         return psnr(images, reference).clamp(max=self.cap)
 
 
 @metrics.register("ssim")
 @dataclass
 class SSIM(Metric):
+    """SSIM per image; for videos the mean of the frames' SSIMs."""
+
     needs_reference = True
     column = Column("SSIM", "{:.4f}", order=21, always=True)
 
     def __call__(self, images, reference, prompts, meta):
+        if images.ndim == 5:
+            from catlab.metrics.video import frame_ssim
+
+            return frame_ssim(images, reference)
         return ssim(images, reference)
 
 
@@ -121,6 +132,9 @@ class LPIPS(Metric):
     def __call__(self, images, reference, prompts, meta):
         import lpips
 
+        if images.ndim == 5:  # videos: the mean over frames
+            b, f = images.shape[:2]
+            return self(images.flatten(0, 1), reference.flatten(0, 1), prompts, meta).reshape(b, f).mean(1)
         if not hasattr(self, "_model"):
             self._model = lpips.LPIPS(net=self.net, verbose=False).eval()
         with torch.no_grad():

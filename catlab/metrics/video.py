@@ -2,6 +2,10 @@
 
 Videos are float tensors in [0, 1], ``(B, frames, 3, H, W)`` (a video adapter's ``decode``).
 
+In ``catlab.evaluate`` the registered ``psnr``, ``ssim`` and ``lpips`` take a video model's videos
+frame by frame (the functions below), ``temporal_error`` is registered here, and
+``attribute_accuracy`` runs the video probe on the ``embedded_video_heldout`` prompts.
+
 - per-frame fidelity: PSNR and SSIM (catlab.metrics.fidelity) of each frame against the same
   frame of the reference, averaged over the frames of a video; LPIPS the same way where the
   ``lpips`` package and its weights are installed (else a one-line reason, see :func:`lpips_skip`);
@@ -16,10 +20,13 @@ Videos are float tensors in [0, 1], ``(B, frames, 3, H, W)`` (a video adapter's 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+from catlab.metrics.base import Column, Metric
 from catlab.metrics.fidelity import psnr, ssim
+from catlab.registry import metrics
 
 
 def _check(videos: torch.Tensor, reference: torch.Tensor) -> None:
@@ -93,3 +100,23 @@ def video_metrics(
 
         out.update({f"probe_{k}": v for k, v in attribute_table(videos, clips).items()})
     return out
+
+
+@metrics.register("temporal_error")
+@dataclass
+class TemporalError(Metric):
+    """:func:`temporal_error` of each video against the full model's (lower is better); skipped for images."""
+
+    needs_reference = True
+    higher_is_better = False
+    column = Column("Temporal err.", "{:.4f}", order=24)
+
+    def unavailable(self, context):
+        if context.get("video") is False:
+            return f"temporal_error: model {context.get('model')!r} makes images, not videos"
+        return None
+
+    def __call__(self, images, reference, prompts, meta):
+        if images.ndim != 5:
+            raise ValueError(f"temporal_error compares videos (B, frames, 3, H, W); got images {tuple(images.shape)}")
+        return temporal_error(images, reference)

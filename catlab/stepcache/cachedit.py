@@ -151,7 +151,7 @@ class _CacheDit(StepCache):
             family = family_of(transformer)
         except UnsupportedModelError as err:
             raise StepCacheError(f"{self.name}: {err}") from None
-        blocks = transformer.transformer_blocks
+        blocks = _block_lists(transformer)[0]  # the first list: where the Fn head and the Bn tail are counted
         if self.first_blocks + self.last_blocks > len(blocks):
             raise StepCacheError(
                 f"{self.name}: first_blocks + last_blocks = {self.first_blocks + self.last_blocks} "
