@@ -23,10 +23,16 @@ PROMPTS, SEEDS = ["a red square"], [0]
 
 @pytest.fixture(scope="module")
 def models():
+    from catlab.builders import build_model
     from catlab.models.embedded import Embedded
 
     torch.manual_seed(0)
-    return {"sd3": tiny_sd3(), "pixart": tiny_pixart(), "embedded": Embedded()}
+    return {
+        "sd3": tiny_sd3(),
+        "pixart": tiny_pixart(),
+        "embedded": Embedded(),
+        "wan": build_model({"name": "tiny_wan"}),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +59,7 @@ def _state(t):
     """What a cache could leave behind: instance attributes of the transformer and its block list, weights."""
     return (
         set(t.__dict__) - {"_diffusers_hook"},
-        set(t.transformer_blocks.__dict__),
+        set((t.blocks if hasattr(t, "blocks") else t.transformer_blocks).__dict__),  # Wan's list: `blocks`
         {k: v.clone() for k, v in t.state_dict().items()},
     )
 
@@ -71,6 +77,8 @@ CACHES = [
     ("pixart", {"name": "cachedit_dbcache", "calibrator": "taylorseer", "taylorseer_order": 2}),
     ("embedded", {"name": "cachedit_dbcache", "calibrator": "taylorseer"}),
     ("embedded", {"name": "cachedit_dbprune"}),
+    ("wan", {"name": "cachedit_dbcache"}),
+    ("wan", {"name": "cachedit_dbcache", "calibrator": "foca"}),
 ]
 
 
