@@ -271,3 +271,17 @@ def test_the_embedded_video_model_skips_steps_with_the_default_threshold():
     cached = generate(model, selectors.build("full"), prompts, seeds, num_steps=10, step_cache=_sea())
     torch.testing.assert_close(zero.latents, full.latents, atol=1e-5, rtol=0)
     assert _skipped(cached, full) and cached.macs < full.macs
+
+
+def test_on_a_bare_transformer_without_a_scheduler_it_stops_at_the_first_call(saved):
+    """``enable_pruning`` on the transformer alone knows no scheduler, so no sigma: a clear error, not a full run."""
+    transformer = saved.pipeline.transformer
+    enable_pruning(transformer, selectors.build("full"), reuse=StepReuse(step_cache=stepcaches.build(LENIENT)))
+    x = torch.randn(1, transformer.config.in_channels, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(1, TEXT, transformer.config.text_dim, generator=torch.Generator().manual_seed(1))
+    try:
+        with pytest.raises(StepCacheError, match="a bare transformer has no scheduler"), torch.no_grad():
+            transformer(hidden_states=x, timestep=torch.tensor([900.0]), encoder_hidden_states=text)
+    finally:
+        disable_pruning(transformer)
+    assert not any(hasattr(m, "_diffusers_hook") and m._diffusers_hook.hooks for m in transformer.modules())

@@ -117,7 +117,8 @@ class SeaCache(StepCache):
         sigma = info.get("sigma")
         if sigma is None:
             raise StepCacheError(
-                f"sea_cache needs the scheduler's sigma of step {step}: call context(step, num_steps, sigma=...)"
+                f"sea_cache needs the scheduler's sigma of step {step}: catlab's loop and enable_pruning on a "
+                "pipeline pass it (a bare transformer has no scheduler); by hand, context(step, num_steps, sigma=...)"
             )
         sigma = float(sigma)
         if not (math.isfinite(sigma) and 0.0 <= sigma <= 1.0):
