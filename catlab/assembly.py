@@ -28,7 +28,6 @@ indices appended to every row's k) or reuses their K/V from the last full step l
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -173,6 +172,8 @@ class PruningSession:
         self.batch = self.rows = self.num_text = self.num_tokens = self.num_steps = 0
         #: tokens after the grid's in the sequence (a reference image's), and whether pruned steps compute them
         self.tail, self.tail_computed, self._tail_index = 0, True, None
+        #: the scheduler's sigma of the step being computed, for the step cache's context (SeaCache gates on it)
+        self.sigma: float | None = None
 
     def _graphs(self, cuda_graphs: bool, count_macs: bool):
         if not cuda_graphs:
@@ -310,9 +311,12 @@ class PruningSession:
         n = self.num_tokens  # the grid's tokens only (a tail's rows and columns left out)
         return {layer: probs[-self.batch :, :n, :n] for layer, probs in self.pruner.attention.items()}
 
-    def prepare(self, plan: StepPlan, indices: torch.Tensor | None, time: float | None) -> None:
+    def prepare(
+        self, plan: StepPlan, indices: torch.Tensor | None, time: float | None, sigma: float | None = None
+    ) -> None:
         """Before a forward of ``plan``: the rows' indices (plus a computed tail's), and the step and time for
-        the hooks inside."""
+        the hooks inside; ``sigma`` (the scheduler's, :meth:`step_sigma`) goes into the step cache's context."""
+        self.sigma = sigma
         if indices is not None and self._tail_index is not None and self.tail_computed:
             indices = torch.cat([indices, self._tail_index.expand(indices.shape[0], -1)], dim=1)
         self.pruner.set_indices(indices, self.rows)
@@ -330,8 +334,22 @@ class PruningSession:
         if self.graphs is not None:
             return self.graphs.call(self.pruner, fn, args, kwargs, tag=tag)
         slot = self.parts.step_cache or self.engine
-        with slot.context(plan.step, self.num_steps) if slot is not None else contextlib.nullcontext():
+        if slot is None:
             return fn(*args, **kwargs)
+        with slot.context(plan.step, self.num_steps, **self.step_info()):
+            return fn(*args, **kwargs)
+
+    def step_info(self) -> dict:
+        """What a step cache's context is told beyond the step: the scheduler's ``sigma`` where known."""
+        return {} if self.sigma is None else {"sigma": self.sigma}
+
+    def step_sigma(self, scheduler, index: int) -> float | None:
+        """The scheduler's sigma at position ``index`` of its schedule, read only for a step cache (one host
+        read per step); ``None`` without a cache or for a scheduler without sigmas."""
+        sigmas = getattr(scheduler, "sigmas", None)
+        if self.parts.step_cache is None or sigmas is None or index >= len(sigmas):
+            return None
+        return float(sigmas[index])
 
     def extra_call(self, on: bool) -> None:
         """Around a second transformer call within a step (skip-layer guidance): the stock forward,

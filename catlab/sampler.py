@@ -204,6 +204,7 @@ def _loop(run: _Generation, prompts: list[str], seeds: list[int]) -> SampleResul
     )
     for i, t in enumerate(bar):
         plan, sigma = session.plan(i + 1), run.time(scheduler, i)
+        step_sigma = session.step_sigma(scheduler, i)  # for a step cache's context (SeaCache gates on it)
         t0 = run.clock()
         with run.guard(plan, "the selection"):
             idx = session.select(plan)
@@ -213,7 +214,7 @@ def _loop(run: _Generation, prompts: list[str], seeds: list[int]) -> SampleResul
             if plan.kind is StepKind.SKIP:
                 stacked, pred = None, run.forecast(plan.step, pred, sigma)
             else:
-                stacked = run.forward(plan, idx, torch.cat([latents] * cond.groups), t, cond, sigma)
+                stacked = run.forward(plan, idx, torch.cat([latents] * cond.groups), t, cond, sigma, step_sigma)
                 pred = run.guide(stacked)
             output = patchify(pred, adapter.patch_size)
             observe_seconds = session.observe(plan, run.shown(plan, output, stacked), idx)
@@ -272,9 +273,10 @@ class _Generation:
             trace.graph_counts, trace.graphed = counts.as_dict(), counts.replayed()
         return SampleResult(images=self.adapter.decode(latents), latents=latents, trace=trace)
 
-    def forward(self, plan: StepPlan, idx, latents: torch.Tensor, t, cond, sigma) -> torch.Tensor:
-        """The transformer on the stacked guidance rows (pruned to ``idx``); the rows as it returns them."""
-        self.session.prepare(plan, idx, sigma)
+    def forward(self, plan: StepPlan, idx, latents: torch.Tensor, t, cond, sigma, step_sigma=None) -> torch.Tensor:
+        """The transformer on the stacked guidance rows (pruned to ``idx``); the rows as it returns them.
+        ``sigma`` is the reuse rules' time variable, ``step_sigma`` the scheduler's sigma for a step cache."""
+        self.session.prepare(plan, idx, sigma, step_sigma)
         if self.session.graphs is not None:  # the same forward, replayed from the graph of its shape
             predict = lambda lat, tt, kwargs: self.adapter.predict(lat, tt, replace(cond, kwargs=kwargs))  # noqa: E731
             return self.session.forward(plan, predict, (latents, t, cond.kwargs), tag=type(self.adapter).__qualname__)

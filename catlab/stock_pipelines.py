@@ -199,7 +199,7 @@ class TokenPruningHook(ModelHook):
         self.indices = session.select(self.plan)
         self.time = self._time()
         if self.plan.calls_transformer:
-            session.prepare(self.plan, self.indices, self.time)
+            session.prepare(self.plan, self.indices, self.time, self._step_sigma())
         self.macs.append(0)
         self.side.append(session.side_macs())  # the ControlNet's call, which comes before the transformer's
         return args, kwargs
@@ -211,7 +211,8 @@ class TokenPruningHook(ModelHook):
             cache = self.session.parts.step_cache  # its hooks need a context: the extra call's own state
             if cache is None:
                 return self.fn_ref.original_forward(*args, **kwargs)
-            with cache.context(self.step, self.session.num_steps, name="catlab_extra_call"):
+            info = self.session.step_info()  # the step's sigma, read in pre_forward
+            with cache.context(self.step, self.session.num_steps, name="catlab_extra_call", **info):
                 return self.fn_ref.original_forward(*args, **kwargs)
         if self.plan.kind is StepKind.SKIP:
             return self._forecast(module)
@@ -276,6 +277,11 @@ class TokenPruningHook(ModelHook):
         scheduler = self._scheduler()
         timesteps = getattr(scheduler, "timesteps", None)
         return len(timesteps) - _begin_index(scheduler) if timesteps is not None else 0
+
+    def _step_sigma(self) -> float | None:
+        """The scheduler's sigma of this step, for the step cache's context (``None`` without one)."""
+        scheduler = self._scheduler()
+        return None if scheduler is None else self.session.step_sigma(scheduler, self._schedule_index())
 
     def _time(self) -> float | None:
         """The forecasts' time variable: ``None`` (the step) or the scheduler's sigma of this step."""

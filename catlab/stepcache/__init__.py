@@ -1,5 +1,6 @@
 """Step-level caches as catlab components: diffusers' (TaylorSeer, FirstBlockCache, MagCache,
-PyramidAttentionBroadcast, FasterCache), cache-dit's
+PyramidAttentionBroadcast, FasterCache,
+SeaCache), cache-dit's
 (DBCache, DBPrune; optional, ``pip install "catlab[peers]"``), and a MAC counter.
 
 Every module here is imported when the package is, so a new file that registers a step cache
@@ -15,6 +16,7 @@ from catlab.stepcache.attention_caches import FasterCache, PyramidAttentionBroad
 from catlab.stepcache.cachedit import CacheDitDBCache, CacheDitDBPrune  # noqa: E402  (imports cache-dit only when built)
 from catlab.stepcache.caches import FirstBlockCache, MagCache, TaylorSeer  # noqa: E402
 from catlab.stepcache.macs import MacCounter  # noqa: E402
+from catlab.stepcache.sea_cache import SeaCache  # noqa: E402
 
 __all__ = [
     "StepCache",
@@ -25,6 +27,7 @@ __all__ = [
     "MagCache",
     "PyramidAttentionBroadcast",
     "FasterCache",
+    "SeaCache",
     "MacCounter",
     "CacheDitDBCache",
     "CacheDitDBPrune",

@@ -18,6 +18,12 @@ try:
     from diffusers.hooks.hooks import CacheContext, _set_cache_context
     from diffusers.hooks.mag_cache import _MAG_CACHE_BLOCK_HOOK, _MAG_CACHE_LEADER_BLOCK_HOOK
     from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
+    from diffusers.hooks.sea_cache import (
+        _SEA_CACHE_BLOCK_HOOK,
+        _SEA_CACHE_LEADER_BLOCK_HOOK,
+        _SEA_CACHE_POST_NORM_HOOK,
+        _SEA_CACHE_ROOT_HOOK,
+    )
     from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
 except ImportError as err:  # pragma: no cover - depends on the installed diffusers
     raise ImportError(
@@ -37,5 +43,9 @@ __all__ = [
     "_FASTER_CACHE_BLOCK_HOOK",
     "_FASTER_CACHE_DENOISER_HOOK",
     "_PYRAMID_ATTENTION_BROADCAST_HOOK",
+    "_SEA_CACHE_ROOT_HOOK",
+    "_SEA_CACHE_LEADER_BLOCK_HOOK",
+    "_SEA_CACHE_BLOCK_HOOK",
+    "_SEA_CACHE_POST_NORM_HOOK",
     "CHECKED_WITH",
 ]
