@@ -48,6 +48,7 @@ _CACHE_NAME = {
     "first_block_cache": "FirstBlockCache",
     "cachedit_dbcache": "DBCache",
     "cachedit_dbprune": "DBPrune",
+    "sea_cache": "SeaCache",
 }
 
 

@@ -63,6 +63,14 @@ def ssim(
     return full[..., pad:-pad, pad:-pad].flatten(1).mean(1)
 
 
+def per_frame(fn, videos: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``fn(frames, reference frames)`` over every frame of videos ``(B, frames, 3, H, W)``: ``(B, frames)``."""
+    if videos.shape != reference.shape:
+        raise ValueError(f"videos {tuple(videos.shape)} and reference {tuple(reference.shape)} differ in shape")
+    b, f = videos.shape[:2]
+    return fn(videos.flatten(0, 1), reference.flatten(0, 1)).reshape(b, f)
+
+
 @metrics.register("psnr")
 @dataclass
 class PSNR(Metric):
@@ -85,10 +93,8 @@ class PSNR(Metric):
         return f"{value:.2f}" + (" †" if value < cls.low else "")
 
     def __call__(self, images, reference, prompts, meta):
-        if images.ndim == 5:  # videos: the mean of the frames' PSNRs (catlab.metrics.video)
-            from catlab.metrics.video import frame_psnr
-
-            return frame_psnr(images, reference, self.cap)
+        if images.ndim == 5:  # videos: the mean of the frames' PSNRs (catlab.metrics.video.frame_psnr)
+            return per_frame(psnr, images, reference).clamp(max=self.cap).mean(1)
         return psnr(images, reference).clamp(max=self.cap)
 
 
@@ -102,9 +108,7 @@ class SSIM(Metric):
 
     def __call__(self, images, reference, prompts, meta):
         if images.ndim == 5:
-            from catlab.metrics.video import frame_ssim
-
-            return frame_ssim(images, reference)
+            return per_frame(ssim, images, reference).mean(1)
         return ssim(images, reference)
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from catlab.metrics.base import Column, Metric
-from catlab.metrics.fidelity import psnr, ssim
+from catlab.metrics.fidelity import per_frame, psnr, ssim
 from catlab.registry import metrics
 
 
@@ -39,8 +39,7 @@ def _check(videos: torch.Tensor, reference: torch.Tensor) -> None:
 def _per_frame(fn, videos: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """``fn`` over every frame, (B, frames)."""
     _check(videos, reference)
-    b, f = videos.shape[:2]
-    return fn(videos.flatten(0, 1), reference.flatten(0, 1)).reshape(b, f)
+    return per_frame(fn, videos, reference)
 
 
 def frame_psnr(videos: torch.Tensor, reference: torch.Tensor, cap: float = 100.0) -> torch.Tensor:
