@@ -127,6 +127,30 @@ def test_evaluate_on_a_video_model_writes_videos_per_strategy_and_logs_them(tmp_
     with Image.open(out / "comparison.gif") as g:
         assert g.n_frames == 5
     assert "Temporal err." in (out / "results.md").read_text()
+    # a chosen few strategies side by side, playing (experiments/video_comparison_gif.py)
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("video_comparison_gif", ROOT / "experiments/video_comparison_gif.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(
+        [
+            str(out),
+            "--strategy",
+            "full",
+            "--strategy",
+            "cat[alpha=0.5]",
+            "--prompts",
+            "2",
+            "--out",
+            str(tmp_path / "c.gif"),
+        ]
+    )
+    with Image.open(tmp_path / "c.gif") as g:
+        assert g.n_frames == 5
+    assert script.prompts_of(out, rows["full"]["key"]) == ["a red circle", "a blue square"]
     _, files = _run(out)
     videos = list((files / "media" / "videos").rglob("*.gif"))
     # one per strategy and sample under samples/, and the playing comparison grid
