@@ -3,28 +3,40 @@
 ``adaptive_schedule`` chooses between two kinds of step, full or forecast-only, from one
 number per step: the mean estimated error of forecasting *every* token. That error is
 not spread evenly over the image: a few tokens (edges, the parts still being formed)
-carry most of it. :class:`AdaptiveRefresh` forecasts every token with ``reuse=taylor``
-but at each step after the warm-up also recomputes the ``k = ⌊α·N⌋`` tokens whose
-estimated forecast error is largest (gathered, computed, scattered back by the engine),
-so that only the remaining tokens' errors count towards the next full step.
+carry much of it (``experiments/forecast_error_maps.py``). :class:`AdaptiveRefresh`
+adds a third kind of step between the two: a *refresh* step, which forecasts every token
+with ``reuse=taylor`` but recomputes the ``k = ⌊α·N⌋`` tokens whose estimated forecast
+error is largest (gathered, computed, scattered back by the engine), so that only the
+remaining tokens' errors count towards the next full step.
 
 Per token ``i`` the estimate is ``forecast_error``'s: the second divided difference of
-its own history of computed outputs (full steps and its refreshes) times the node
-polynomial, ``e_i = |[y0, y1, y2]_i| · |(s − t0_i)(s − t1_i)|`` — what the order-1
-forecast leaves out at step ``s``. A refresh step's error is the mean of ``e_i`` over
-the tokens *not* refreshed (the refreshed ones are exact), divided by the mean norm of
-the tokens' newest outputs. These errors are summed since the last full step (the
-drift accumulates in the latents, as in ``adaptive_schedule``); a step whose sum would
-pass ``threshold``, or the step after ``max_skip`` refresh steps in a row, is full.
-Tokens whose history is too short to estimate (fewer than three computations) make
-the step full. ``threshold = 0`` runs every step full (the full model); ``alpha = 1``
-refreshes every token (the full model's outputs).
+its own history of computed outputs times the node polynomial,
+``e_i = |[y0, y1, y2]_i| · |(s − t0_i)(s − t1_i)|`` — what the order-1 forecast leaves out
+at step ``s``. Relative errors divide by the mean norm of the tokens' newest outputs.
+After the warm-up each step is, in this order of preference:
+
+* forecast-only (``forecast_steps``, no token computed) if the summed error since the
+  last full step plus this step's mean ``e`` over every token stays within ``threshold``;
+* a refresh step if that sum plus the mean ``e`` with the ``k`` largest set to zero (the
+  refreshed tokens are computed) stays within it;
+* else full, as is the step after ``max_skip`` forecast or refresh steps in a row, and a
+  step where tokens have too short a history to estimate (fewer than three computations).
+
+``threshold = 0`` runs every step full (the full model); ``alpha = 1`` with
+``forecast_steps=False`` refreshes every token (the full model's outputs, through the
+pruned path). ``partial`` must match the ``taylor`` rule's: with ``"push"`` a refreshed
+token's output becomes the newest node of its history (and of the estimate's), with
+``"output"`` it serves its own step only and the histories keep full steps' nodes (a
+refreshed token reads the other tokens' stale keys and values, so its value is close
+but not exact, and pushed one step after a full one that error enters the divided
+difference over a one-step gap).
 
 One host read per step after the warm-up (the decision, in :meth:`num_kept`), as
 ``adaptive_schedule``; :meth:`select` only returns the tokens ranked there. Registered
 as the selector ``adaptive_refresh``::
 
-    python -m catlab.run selector=adaptive_refresh reuse=taylor selector.alpha=0.1 selector.threshold=0.3
+    python -m catlab.run selector=adaptive_refresh selector.alpha=0.1 selector.threshold=0.8 \
+        selector.partial=output reuse=taylor +reuse.partial=output
 """
 
 from __future__ import annotations
@@ -42,11 +54,13 @@ from catlab.selection.ranking import top_k
 @selectors.register("adaptive_refresh")
 @dataclass
 class AdaptiveRefresh(ForecastError):
-    """After ``start_step`` full steps: refresh steps (⌊α·N⌋ least trustworthy tokens) while the rest's error allows.
+    """After ``start_step`` full steps: forecast or refresh steps (⌊α·N⌋ least trustworthy tokens) while allowed.
 
     ``alpha``: the share of tokens recomputed at a refresh step. ``threshold``: the summed
     relative error of the unrefreshed tokens allowed between two full steps (0: every
-    step full). ``max_skip``: at most this many refresh steps in a row.
+    step full). ``max_skip``: at most this many forecast or refresh steps in a row.
+    ``forecast_steps``: allow steps that compute no token. ``partial``: the ``taylor``
+    rule's setting of the same name (``"push"`` or ``"output"``), for the estimate.
     """
 
     alpha: float = 0.1
