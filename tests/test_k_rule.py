@@ -32,6 +32,8 @@ def test_kept_tokens_edges():
 def _spec(name: str, alpha: float) -> dict:
     if name == "budget_schedule":  # its α is the pattern's mean: one pruned share, every pruned step
         return {"name": name, "pattern": [alpha], "start_step": 2, "inner": "random"}
+    if name == "adaptive_refresh":  # random outputs forecast badly: a threshold that lets every step refresh
+        return {"name": name, "alpha": alpha, "start_step": 2, "threshold": 1e9, "forecast_steps": False}
     return {"name": name, "alpha": alpha, "start_step": 2}
 
 
@@ -52,6 +54,9 @@ def test_every_selector_keeps_floor_alpha_n(name, alpha, grid):
         return
     if name == "adaptive_schedule":  # full or forecast-only steps: it never computes a share of the tokens
         assert picked == []
+        return
+    if name == "adaptive_refresh":  # step 3 is full (two computations cannot estimate a forecast's error)
+        assert len(picked) == 3 and {int(idx.shape[1]) for idx in picked} == {floor_k(alpha, n)}
         return
     if name == "speca":  # full, forecast-only and verifying steps: the verifying ones compute ⌊α·N⌋ tokens
         assert picked and {int(idx.shape[1]) for idx in picked} == {floor_k(alpha, n)}

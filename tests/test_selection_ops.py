@@ -32,6 +32,7 @@ BOUNDS = {
     "adaptive_schedule": (0, 0),  # full or forecast-only steps: no selection (its estimate runs in num_kept)
     "ras": (17, 16),
     "speca": (166, 166),  # a verifying step: the forecast of every token, its history pushed
+    "adaptive_refresh": (90, 90),  # its ranking runs in num_kept (the decision); a refresh step pushes the history
 }
 #: loops on the host by design (docs/cat_reference.md): its count grows with batch and clusters
 UNBOUNDED = {"cat_reference"}
@@ -42,6 +43,9 @@ UNBOUNDED |= {"clusca"}
 def _build(name: str):
     if name in ("full", "budget_schedule"):
         return selectors.build(name if name == "full" else {"name": name, "start_step": 3})
+    if name == "adaptive_refresh":  # random outputs forecast badly: a threshold that lets every step refresh
+        spec = {"alpha": 0.3, "start_step": 3, "threshold": 1e9, "forecast_steps": False}
+        return selectors.build({"name": name, **spec})
     return selectors.build({"name": name, "alpha": 0.3, "start_step": 3})
 
 

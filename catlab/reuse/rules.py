@@ -52,14 +52,24 @@ class Taylor(Reuse):
     ``max_horizon`` caps how far past a token's last computation the polynomial is
     followed (in time units); beyond it the forecast is held, so a token that is
     rarely refreshed does not run away. ``None``: no cap.
+
+    ``partial`` says what a partly computed step's fresh tokens do: ``"push"`` (default)
+    makes them the newest node of their histories; ``"output"`` uses them in this
+    step's output only, and the histories keep the nodes of full steps. A token
+    computed at a pruned step reads the others' stale keys and values, so its value is
+    close but not exact; pushed one step from a full one, that error enters the
+    divided difference divided by a one-step gap.
     """
 
     order: int = 1
     max_horizon: float | None = None
+    partial: str = "push"
 
     def __post_init__(self) -> None:
         if self.order not in (0, 1, 2):
             raise ValueError(f"taylor reuse: order must be 0, 1 or 2; got {self.order}")
+        if self.partial not in ("push", "output"):
+            raise ValueError(f"taylor reuse: partial must be 'push' or 'output'; got {self.partial!r}")
 
     def reset(self, batch, num_tokens, channels, device="cpu", dtype=torch.float32):
         m = self.order + 1
@@ -111,7 +121,7 @@ class Taylor(Reuse):
         t = float(step if time is None else time)
         b, n, _ = output.shape
         idx = _as_indices(indices, b, n, output.device)
-        if idx.shape[1]:
+        if idx.shape[1] and (self.partial == "push" or idx.shape[1] == n):
             self._push(output, idx, t)
         composed = self.forecast(t).to(output.dtype)
         if idx.shape[1]:  # the fresh tokens: exactly what was computed
