@@ -156,3 +156,21 @@ def test_evaluate_on_a_video_model_writes_videos_per_strategy_and_logs_them(tmp_
     # one per strategy and sample under samples/, and the playing comparison grid
     assert len([v for v in videos if "samples" in str(v)]) == 3 * 2
     assert any("comparison" in str(v) for v in videos)
+
+
+def test_set_metrics_skip_a_video_models_frame_strips(tmp_path, caplog):
+    from catlab.evaluation.harness import set_metrics
+    from catlab.hashing import folder_name
+    from catlab.metrics.base import SetMetric
+
+    class Counting(SetMetric):
+        name = "counting"
+
+        def compute(self, images, reference):
+            raise AssertionError("a set metric must not see frame strips")
+
+    rows = [{"method": "full", "key": "a"}, {"method": "cat", "key": "b"}]
+    for row in rows:
+        save_evaluated(_videos(0, b=1)[0], tmp_path / folder_name(row["method"], row["key"]), "p000000_s0")
+    set_metrics(rows, [Counting()], tmp_path)
+    assert "counting" not in rows[1] and "this model makes videos" in caplog.text

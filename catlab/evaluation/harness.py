@@ -402,6 +402,11 @@ def set_metrics(rows: list[dict], metrics: list[Metric], image_dir: Path | None)
     if full is None:
         return
     reference_dir = image_dir / folder_name(full["method"], full.get("key", ""))
+    if any(reference_dir.glob("*.gif")):  # a video model's samples: its PNGs are frame strips, not images
+        log.warning(
+            "skipped metric — %s: a set of images; this model makes videos", ", ".join(m.name for m in metrics)
+        )
+        return
     for row in rows:
         folder = image_dir / folder_name(row["method"], row.get("key", ""))
         if row is full or not folder.is_dir():
