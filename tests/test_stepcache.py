@@ -147,6 +147,34 @@ def test_budget_schedule_mixes_full_forecast_and_pruned_steps(model):
     assert torch.isfinite(result.images).all()
 
 
+def test_budget_schedule_aligned_at_the_end_puts_its_full_step_next_to_last(model):
+    """align='end': the pattern's first entry falls on step N-1 whatever N is, so (1, 0) ends on a full step and a
+    one-step forecast; here (8 steps, t0 = 3) that is the start-aligned (0, 1), image for image."""
+    from catlab.selection.budget_schedule import BudgetSchedule
+
+    taylor = reuses.build("taylor")
+    end = generate(
+        model,
+        BudgetSchedule(inner="sequential", pattern=(1.0, 0.0), start_step=3, align="end"),
+        PROMPTS,
+        SEEDS,
+        num_steps=STEPS,
+        reuse=taylor,
+    )
+    shifted = generate(
+        model,
+        BudgetSchedule(inner="sequential", pattern=(0.0, 1.0), start_step=3),
+        PROMPTS,
+        SEEDS,
+        num_steps=STEPS,
+        reuse=reuses.build("taylor"),
+    )
+    assert end.computed_tokens == [64, 64, 64, 0, 64, 0, 64, 0]
+    assert torch.equal(end.images, shifted.images)
+    with pytest.raises(ValueError, match="align must be 'start' or 'end'"):
+        BudgetSchedule(pattern=(1.0, 0.0), align="middle")
+
+
 def test_skipped_step_without_a_rule_reuses_the_last_prediction(model):
     """A 0 budget with no reuse rule repeats the previous prediction: the same images as the copy rule."""
     from catlab.selection.budget_schedule import BudgetSchedule

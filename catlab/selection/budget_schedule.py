@@ -41,7 +41,12 @@ class BudgetSchedule(Policy):
 
     inner: Mapping[str, Any] | str | Policy = "forecast_error"
     pattern: tuple[float, ...] = (1.0, 0.3, 0.0, 0.0)
+    #: where the repeating pattern is anchored: ``"start"`` (its first entry at step start_step + 1) or ``"end"``
+    #: (its first entry at the next-to-last step, so that a pattern ``[1, 0, ...]`` ends on a full step followed
+    #: by a one-step forecast, whatever the step count; see docs/beyond_copy.md, "Where the pattern ends")
+    align: str = "start"
     policy: Policy = field(default=None, init=False, repr=False)
+    _num_steps: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -49,6 +54,8 @@ class BudgetSchedule(Policy):
         if not self.pattern or any(not 0.0 <= p <= 1.0 for p in self.pattern):
             raise ValueError(f"budget_schedule: pattern must be fractions in [0, 1]; got {self.pattern}")
         self.alpha = max(sum(self.pattern) / len(self.pattern), 1e-6)
+        if self.align not in ("start", "end"):
+            raise ValueError(f"budget_schedule: align must be 'start' or 'end'; got {self.align!r}")
         spec = self.inner
         if isinstance(spec, (str, Mapping)):
             spec = {"name": spec} if isinstance(spec, str) else dict(spec)
@@ -60,7 +67,12 @@ class BudgetSchedule(Policy):
         """The budget of ``step``: ``None`` during the warm-up, else the pattern's fraction."""
         if step <= self.start_step:
             return None
-        return self.pattern[(step - self.start_step - 1) % len(self.pattern)]
+        anchor = self.start_step + 1
+        if self.align == "end":
+            if self._num_steps is None:
+                raise RuntimeError("budget_schedule: align='end' needs the step count: reset() first")
+            anchor = self._num_steps - 1
+        return self.pattern[(step - anchor) % len(self.pattern)]
 
     def num_kept(self, step: int, num_tokens: int) -> int | None:
         frac = self.phase(step)
@@ -70,6 +82,7 @@ class BudgetSchedule(Policy):
 
     def reset(self, batch_size, grid, num_steps, device) -> None:
         super().reset(batch_size, grid, num_steps, device)
+        self._num_steps = int(num_steps)
         self.policy.reset(batch_size, grid, num_steps, device)
 
     def select(self, state: StepState) -> torch.Tensor:
