@@ -9,7 +9,8 @@ directory as ``comparison.png``), and every figure of the run directory under ``
 
 For a video model the samples are videos: each strategy's are logged as a grid of frame strips and as
 playable videos (``Logger.log_videos``: ``wandb.Video`` in W&B) under ``samples/<folder>_video``, and the
-comparison is also written as ``comparison.gif`` (every cell playing), which W&B shows under ``videos/comparison``.
+comparison is also written as ``comparison.gif`` (every cell playing; the first :data:`PLAYED` strategies), which
+W&B shows under ``videos/comparison``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ COLUMNS = (
 )
 SAMPLES = 8  # images per strategy
 COMPARED = 6  # prompts (rows) of the comparison grid
+#: strategies (columns) of the playing comparison, in row order: a frontier's dozens of columns would make a GIF of
+#: tens of MB (experiments/video_comparison_gif.py picks the columns of a finished run)
+PLAYED = 12
 
 
 def samples_per_strategy(
@@ -95,7 +99,8 @@ def log_evaluation(
         compared = {label: images[:COMPARED] for label, images in samples.items()}
         videos = all(v.ndim == 5 for v in compared.values())
         if videos:
-            gif = comparison_gif(compared, list(prompts)[:COMPARED], out / "comparison.gif")
+            played = dict(list(compared.items())[:PLAYED])
+            gif = comparison_gif(played, list(prompts)[:COMPARED], out / "comparison.gif")
             logger.log_video_file("videos/comparison", gif, "rows: prompts; columns: strategies")
             compared = {label: torch.stack([frame_strip(x) for x in v]) for label, v in compared.items()}
         comparison_grid(compared, list(prompts)[:COMPARED]).save(out / "comparison.png")
