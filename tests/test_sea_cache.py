@@ -5,8 +5,6 @@ full-model fallback is refused, and unsupported models are refused in one line."
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
@@ -168,28 +166,16 @@ TWO = ["a red circle", "a blue square"], [0, 1]
 
 @pytest.fixture(scope="module")
 def saved():
-    from catlab.families.wan import Wan21T2V
-    from catlab.testing.tiny_wan import wan_pipeline
+    """The checkpoint adapter (``model=wan2_1_t2v``) around the tiny WanPipeline, held in memory."""
+    from catlab.testing.tiny_wan import checkpoint_adapter
 
-    @dataclass
-    class InMemory(Wan21T2V):
-        given: object = None
-
-        def load(self):
-            self.pipeline, self.transformer = self.given, self.given.transformer
-
-    return InMemory(
-        device="cpu", dtype="float32", height=SIZE, width=SIZE, num_frames=FRAMES, max_sequence_length=TEXT,
-        given=wan_pipeline(),
-    )  # fmt: skip
+    return checkpoint_adapter(SIZE, SIZE, FRAMES, TEXT)
 
 
 def _pipe(adapter):
-    from diffusers import WanPipeline
+    from catlab.testing.tiny_wan import stock_pipeline
 
-    pipe = WanPipeline(**{**adapter.pipeline.components, "scheduler": adapter.make_scheduler()})
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return stock_pipeline(adapter)
 
 
 def _call(pipe, adapter, guidance=1.0):

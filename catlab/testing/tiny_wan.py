@@ -86,3 +86,32 @@ def wan_pipeline(seed: int = 0, **transformer_config) -> WanPipeline:
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def checkpoint_adapter(
+    height: int = 32, width: int = 32, num_frames: int = 5, max_sequence_length: int = 16, **kwargs
+):
+    """The checkpoint adapter (``model=wan2_1_t2v``) around :func:`wan_pipeline`, held in memory: everything but
+    ``from_pretrained`` (which, for a Wan transformer, needs the ``accelerate`` package)."""
+    from dataclasses import dataclass
+
+    from catlab.families.wan import Wan21T2V
+
+    @dataclass
+    class InMemory(Wan21T2V):
+        given: object = None
+
+        def load(self):
+            self.pipeline, self.transformer = self.given, self.given.transformer
+
+    return InMemory(
+        device="cpu", dtype="float32", height=height, width=width, num_frames=num_frames,
+        max_sequence_length=max_sequence_length, given=wan_pipeline(), **kwargs,
+    )  # fmt: skip
+
+
+def stock_pipeline(adapter) -> WanPipeline:
+    """A stock ``WanPipeline`` on ``adapter``'s components and a fresh scheduler of its settings (no progress bar)."""
+    pipe = WanPipeline(**{**adapter.pipeline.components, "scheduler": adapter.make_scheduler()})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
