@@ -26,6 +26,7 @@ import argparse
 import csv
 import json
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -481,7 +482,8 @@ def plot(fr: Frontier, quality: str, path: Path, title: str = "", budgets=BUDGET
     ax.set_ylabel(QUALITY_AXIS[quality])
     ax.grid(alpha=0.25)
     outside_legend(ax, ax.get_legend_handles_labels()[0], title="front per family (peers' methods dashed)")
-    fig.suptitle(title.replace("`", "") if title else f"{quality.upper()} frontier", fontsize=11)
+    # wrapped: an experiment's title with its setting runs wider than the figure
+    fig.suptitle(textwrap.fill(title.replace("`", ""), 110) if title else f"{quality.upper()} frontier", fontsize=11)
     fig.savefig(path)
     plt.close(fig)
 
