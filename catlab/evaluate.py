@@ -187,7 +187,9 @@ def run(cfg: DictConfig, out: Path) -> list[dict]:
         check_model_fits(adapter.transformer, policy, parts)
     store = ResultStore(Path(cfg.store_dir) if cfg.store_dir else out / "store")
     weights = adapter.fingerprint()  # a retrained checkpoint must not meet the old one's references or records
-    model_key = {**plain(cfg.model), "weights": weights} if weights else plain(cfg.model)
+    model_key = {**plain(cfg.model), **({"weights": weights} if weights else {})}
+    if adapter.timesteps:  # a spacing other than the scheduler's own: old references and records must miss
+        model_key["timesteps"] = adapter.timesteps
     references = References(
         ReferenceCache(cfg.cache_dir or cache_dir(), model_key, plain(cfg.sampler)),
         adapter,

@@ -194,7 +194,7 @@ def generate(
 def _loop(run: _Generation, prompts: list[str], seeds: list[int]) -> SampleResult:
     adapter, cfg, session = run.adapter, run.cfg, run.session
     scheduler = adapter.make_scheduler()
-    scheduler.set_timesteps(cfg.num_steps, device=adapter.torch_device)
+    adapter.set_timesteps(scheduler, cfg.num_steps)
     cond = adapter.embed_guidance(adapter.encode(prompts, run.guided), cfg.guidance_scale)
     latents = adapter.initial_latents(seeds)
     trace = run.begin(len(prompts), cond)

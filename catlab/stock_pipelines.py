@@ -14,7 +14,9 @@ do in ``catlab.run``. A stateful hook on the transformer is the loop's driver: i
 counts the denoising steps, and before each call plans the step and asks the
 policy for indices; after it, it shows the policy the guided output and applies
 the reuse rule to the stacked guidance rows (the rule acts row by row, so this
-equals applying it after guidance). A step whose budget is 0 tokens
+equals applying it after guidance; a guidance-distilled family's call, FLUX.1's or
+Qwen-Image's, has one row per image, so there a rule that is not row-wise, ClusCa's
+k-means propagation, runs too). A step whose budget is 0 tokens
 (``budget_schedule``) calls no transformer: the hook returns the rule's forecast
 of every token, or the previous call's output (the copy rule).
 
@@ -61,7 +63,7 @@ from torch import nn
 from catlab.assembly import PruningSession, StepReuse
 from catlab.grid import grid_tokens
 from catlab.planner import StepKind
-from catlab.pruning.families import patchify
+from catlab.pruning.families import family_of, patchify
 from catlab.pruning.graphs import release_graphs
 from catlab.pruning.state import peek_state, state_of
 from catlab.reuse.base import Reuse, unpatchify
@@ -424,7 +426,7 @@ def enable_pruning(
             parts,
             cuda_graphs=cuda_graphs,
             count_macs=count_macs,
-            rows_stacked=True,
+            rows_stacked=not family_of(transformer).guidance_distilled,  # FLUX: one row per image in a call
             side_models=(controlnet,) if isinstance(controlnet, nn.Module) else (),
         ).attach()
         hook = TokenPruningHook(session, pipeline, guidance_scale, reference_tokens)

@@ -308,9 +308,8 @@ def test_flux_partial_step_macs_equal_the_flop_counter_and_text_tokens_stay_fres
 
 
 def test_flux_stock_pipeline_equals_catlabs_loop(tmp_path):
-    """``enable_pruning`` on a complete tiny FLUX.1 pipeline (saved, loaded by ``model=flux``'s adapter) gives
-    catlab's loop's images and MACs per step; the pipeline is given the sigmas catlab's scheduler runs (its
-    resolution shift fixed), which the stock call would otherwise space differently."""
+    """``enable_pruning`` on a complete tiny FLUX.1 pipeline (saved, loaded by ``model=flux``'s adapter), called
+    as users call it, gives catlab's loop's images and MACs per step."""
     from catlab import disable_pruning, enable_pruning, pruning_macs
     from catlab.models.packed import pack
     from catlab.registry import models
@@ -323,16 +322,11 @@ def test_flux_stock_pipeline_equals_catlabs_loop(tmp_path):
     ran = sample(
         a, _toca(alpha=0.2), prompts, seeds, SamplerConfig(num_steps=steps, guidance_scale=3.5, progress=False)
     )
-    scheduler = a.make_scheduler()
-    scheduler.set_timesteps(steps)
-    shifted, shift = scheduler.sigmas[:-1].double(), scheduler.config.shift
-    sigmas = (shifted / (shift - (shift - 1) * shifted)).tolist()  # unshifted: the pipeline shifts them itself
     pipe = a.pipeline
     enable_pruning(pipe, _toca(alpha=0.2))
     images = pipe(
         prompts,
         num_inference_steps=steps,
-        sigmas=sigmas,
         height=64,
         width=64,
         guidance_scale=3.5,

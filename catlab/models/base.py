@@ -79,8 +79,17 @@ class ModelAdapter:
         return h // self.patch_size, w // self.patch_size
 
     # -- the generation steps ------------------------------------------------------
+    #: a name for how :meth:`set_timesteps` spaces the steps where that is not the scheduler's own spacing
+    #: (``None``): it keys cached references and records, so a changed spacing never meets old images
+    timesteps: ClassVar[str | None] = None
+
     def make_scheduler(self):
         raise NotImplementedError
+
+    def set_timesteps(self, scheduler, num_steps: int) -> None:
+        """Space ``scheduler``'s ``num_steps`` steps as the model's own pipeline does; by default the
+        scheduler's own ``set_timesteps(num_steps)``."""
+        scheduler.set_timesteps(num_steps, device=self.torch_device)
 
     def encode(self, prompts: list[str], guidance: bool) -> Conditioning:
         raise NotImplementedError

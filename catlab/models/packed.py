@@ -4,16 +4,17 @@ FLUX.1 and Qwen-Image take *packed* latents: each 2×2 patch of the latent image
 token of ``4·C`` channels. Their adapters keep the sampler's latents as ``(B, C, H, W)``
 and pack them around the transformer call, so the generic loop, its selectors and reuse
 rules see the same token grid as for SD3 (``patch_size = 2``). This module holds the
-packing, the positions of the packed tokens, the fixed-shift scheduler their pipelines
-imply, the size checks, :class:`PackedPipelineAdapter`, the base of their checkpoint adapters, and
-:class:`TinyPackedAdapter`, the base of their tiny adapters.
+packing, the positions of the packed tokens, the step spacing of their pipelines
+(:func:`pipeline_timesteps`), the size checks, :class:`PackedPipelineAdapter`, the
+base of their checkpoint adapters, and :class:`TinyPackedAdapter`, the base of their
+tiny adapters.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -44,19 +45,22 @@ def image_ids(height: int, width: int, device=None) -> torch.Tensor:
     return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).float()
 
 
-def fixed_shift_scheduler(scheduler, tokens: int) -> FlowMatchEulerDiscreteScheduler:
-    """A copy of a pipeline's flow-matching scheduler with the shift it picks for ``tokens`` image tokens fixed:
-    the FLUX-style pipelines pass a resolution-dependent ``mu`` to ``set_timesteps``, the sampler passes none.
-    ``exp(mu)`` as a static shift gives the same sigmas."""
-    config = dict(scheduler.config)
+def pipeline_timesteps(scheduler, num_steps: int, tokens: int, device=None) -> None:
+    """Set ``scheduler``'s steps as FLUX.1's and Qwen-Image's pipelines do for ``tokens`` image tokens: the
+    unshifted sigmas ``1, …, 1/num_steps`` evenly spaced, shifted by the scheduler, with the resolution-dependent
+    ``mu`` where its config shifts dynamically (the pipelines' ``calculate_shift``). The scheduler's own
+    ``set_timesteps(num_steps)`` would space them from its training range instead and end elsewhere."""
+    config = scheduler.config
+    extra = {}
     if config.get("use_dynamic_shifting"):
         (n0, n1), (s0, s1) = (
-            (config["base_image_seq_len"], config["max_image_seq_len"]),
-            (config["base_shift"], config["max_shift"]),
+            (config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)),
+            (config.get("base_shift", 0.5), config.get("max_shift", 1.15)),
         )
-        mu = s0 + (s1 - s0) * (tokens - n0) / (n1 - n0)
-        config.update(use_dynamic_shifting=False, shift=math.exp(mu))
-    return FlowMatchEulerDiscreteScheduler.from_config(config)
+        slope = (s1 - s0) / (n1 - n0)
+        extra["mu"] = tokens * slope + (s0 - slope * n0)
+    sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+    scheduler.set_timesteps(sigmas=sigmas, device=device, **extra)
 
 
 def check_packable(name: str, height: int, width: int, multiple: int = 16) -> None:
@@ -90,14 +94,16 @@ class PackedLatents:
 @dataclass
 class PackedPipelineAdapter(PackedLatents, PipelineAdapter):
     """A checkpoint of a packed family: sizes in multiples of 16 (checked before anything loads), and the
-    pipeline's scheduler with the shift it would pick for the run's token count."""
+    pipeline's scheduler stepped as the pipeline steps it (:func:`pipeline_timesteps`)."""
+
+    timesteps = "pipeline_sigmas"
 
     def __post_init__(self) -> None:
         check_packable(self.model_name, self.height, self.width)
         super().__post_init__()
 
-    def make_scheduler(self):
-        return fixed_shift_scheduler(self.pipeline.scheduler, grid_tokens(self.grid))
+    def set_timesteps(self, scheduler, num_steps: int) -> None:
+        pipeline_timesteps(scheduler, num_steps, grid_tokens(self.grid), self.torch_device)
 
 
 @dataclass
