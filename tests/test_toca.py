@@ -307,7 +307,8 @@ def test_flux_partial_step_macs_equal_the_flop_counter_and_text_tokens_stay_fres
         engine.remove()
 
 
-def test_flux_stock_pipeline_equals_catlabs_loop(tmp_path):
+@pytest.mark.parametrize("score", ["frequency", "attention"])
+def test_flux_stock_pipeline_equals_catlabs_loop(tmp_path, score):
     """``enable_pruning`` on a complete tiny FLUX.1 pipeline (saved, loaded by ``model=flux``'s adapter), called
     as users call it, gives catlab's loop's images and MACs per step."""
     from catlab import disable_pruning, enable_pruning, pruning_macs
@@ -320,10 +321,14 @@ def test_flux_stock_pipeline_equals_catlabs_loop(tmp_path):
     a = models.build({**spec, "name": "flux", "max_sequence_length": 32})
     prompts, seeds, steps = ["a red circle", "a blue square"], [0, 1], 5
     ran = sample(
-        a, _toca(alpha=0.2), prompts, seeds, SamplerConfig(num_steps=steps, guidance_scale=3.5, progress=False)
+        a,
+        _toca(alpha=0.2, score=score),
+        prompts,
+        seeds,
+        SamplerConfig(num_steps=steps, guidance_scale=3.5, progress=False),
     )
     pipe = a.pipeline
-    enable_pruning(pipe, _toca(alpha=0.2))
+    enable_pruning(pipe, _toca(alpha=0.2, score=score))
     images = pipe(
         prompts,
         num_inference_steps=steps,

@@ -220,6 +220,7 @@ FLUX = families.register("flux")(
         token_grid=flux_grid,
         block_residuals=("controlnet_block_samples", "controlnet_single_block_samples"),
         guidance_distilled=True,
+        text_first=True,
         # dual-stream blocks: attention reused, image MLP fresh; single-stream: attention reused, the MLP's input
         # projection fresh and the output projection on the same positions (the text tokens always computed)
         layer_modules=(("attn", "attn"), ("ff", "mlp"), ("proj_mlp", "mlp"), ("proj_out", "follow")),

@@ -124,6 +124,9 @@ class FamilySpec:
     #: each call runs one guidance branch (distilled guidance, a model input; or true CFG, one call per
     #: branch) rather than stacked CFG halves
     guidance_distilled: bool = False
+    #: a joint attention's sequence holds the text tokens before the image tokens; else the image tokens lead
+    #: or stand alone
+    text_first: bool = False
     #: cache-dit's ``ForwardPattern`` name for these blocks (``None``: cache-dit's step caches refuse the family)
     cache_dit_pattern: str | None = None
     #: the blocks are joint text+image attention blocks without rotary positions, so a selector that prunes

@@ -28,6 +28,13 @@ fresh tokens as the forward reaches it; it never sees the model. A fresh count o
 every module of a partial step recomputes the cross-attention and MLP outputs exactly,
 and a run whose every step is full is the stock model. MACs are counted as the modules
 run (``catlab.stepcache.macs.MacCounter``).
+
+A selector that scores with the attention each image token receives (ToCa's s1, ``score:
+attention``) asks for it with ``needs_attention_maps``: at a full step each ``"attn"`` module
+then runs under :class:`_ReceivedAttention`, which sees the module's SDPA call and computes,
+beside it, the softmax map's mean over heads and queries for every key (in query chunks, never
+the whole N×N map at once; one more QKᵀ, counted in the MACs). The stock call's output is
+unchanged.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from catlab.pruning.families import UnsupportedModelError, family_of, family_specs
 
@@ -81,7 +89,11 @@ class _ModuleCache(ModelHook):
         if kind is None:  # outside a step's context: the stock module
             return run(*args, **kwargs)
         if kind == "full":
-            self.cache = run(*args, **kwargs)
+            if self.role == "attn" and self.engine.wants_received:
+                with _ReceivedAttention(self.engine, self.layer):
+                    self.cache = run(*args, **kwargs)
+            else:
+                self.cache = run(*args, **kwargs)
             return self.cache
         if self.cache is None:
             raise RuntimeError(f"{self.name}: a partial step needs a full step before it (no cached output)")
@@ -102,6 +114,54 @@ class _ModuleCache(ModelHook):
         out = run(*args, **kwargs)
         self.cache = self.cache.scatter(1, idx[..., None].expand(-1, -1, out.shape[-1]), out.to(self.cache.dtype))
         return self.cache
+
+
+#: the most logits one chunk of :func:`received_attention` holds (64 MiB in fp32)
+CHUNK_ELEMENTS = 1 << 24
+
+
+def received_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """The attention each key receives, ``(rows, S_k)``: SDPA's softmax map (same arguments, ``query (rows,
+    heads, S_q, d)``) averaged over heads and queries, computed a chunk of queries at a time."""
+    if is_causal:
+        raise ValueError("received_attention: a causal attention is not an attention over image tokens")
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    rows, heads, s_q, s_k = query.shape[0], query.shape[-3], query.shape[-2], key.shape[-2]
+    chunk = max(1, CHUNK_ELEMENTS // max(1, rows * heads * s_k))
+    total = torch.zeros(rows, s_k, dtype=torch.float32, device=query.device)
+    for start in range(0, s_q, chunk):
+        logits = torch.matmul(query[..., start : start + chunk, :], key.transpose(-1, -2)).float() * scale
+        if attn_mask is not None:
+            mask = attn_mask[..., start : start + chunk, :] if attn_mask.shape[-2] == s_q else attn_mask
+            logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+        total += logits.softmax(-1).sum(dim=(-3, -2))
+    return total / (heads * s_q)
+
+
+class _ReceivedAttention(TorchFunctionMode):
+    """Around one ``"attn"`` module's forward at a full step: each SDPA call it makes runs as it would, and
+    the attention its keys receive (:func:`received_attention`) goes to the engine for ``layer``."""
+
+    def __init__(self, engine: LayerCaching, layer: int):
+        super().__init__()
+        self.engine, self.layer = engine, layer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self.engine.record_received(self.layer, received_attention(*args, **kwargs))
+        return func(*args, **kwargs)
 
 
 class _BlockReuse(ModelHook):
@@ -185,6 +245,13 @@ class LayerCaching:
         #: per layer, each image token's cross-attention over the text ``(rows, N, L)`` (kept when the selector
         #: scores with it: ``policy.cross_maps`` names this dict)
         self.cross_maps: dict[int, torch.Tensor] = {}
+        #: per layer, the attention each image token received at the last full step ``(rows, N)`` (kept when
+        #: the selector scores with it: ``policy.attention_maps`` names this dict)
+        self.received: dict[int, torch.Tensor] = {}
+        self.wants_received = bool(getattr(policy, "needs_attention_maps", False))
+        self.text_first = False
+        self._received_now: set[int] = set()
+        self._attn_layers: set[int] = set()  # the layers with an "attn" module
         self._recorders: list = []
         self.num_tokens = 0
 
@@ -206,7 +273,7 @@ class LayerCaching:
                 f"{', '.join(s.title or s.name for s in allowed)} transformers "
                 f"({', '.join(s.transformer_type for s in allowed)}); {type(transformer).__name__} is not one"
             )
-        self._transformer = transformer
+        self._transformer, self.text_first = transformer, spec.text_first
         blocks = [
             (kind.attr, i, b) for kind in spec.block_lists() for i, b in enumerate(getattr(transformer, kind.attr))
         ]
@@ -222,6 +289,8 @@ class LayerCaching:
                     recorder = _RecordingCrossAttn(self, layer, module.processor)
                     module.processor = recorder
                     self._recorders.append((module, recorder))
+                if role == "attn":
+                    self._attn_layers.add(layer)
                 hook = _ModuleCache(self, layer, role, f"{attr_list}.{i}.{attr}")
                 _registry(module).register_hook(hook, MODULE_HOOK)
                 self._modules.append((module, hook))
@@ -233,7 +302,14 @@ class LayerCaching:
                 f"selector {self.policy.name}: its score reads cross-attention maps, and "
                 f"{type(transformer).__name__}'s blocks have no cross-attention: choose another score"
             )
+        if self.wants_received and not self._attn_layers:
+            self.remove()
+            raise UnsupportedModelError(
+                f"selector {self.policy.name}: its score reads the self-attention map, and "
+                f"{spec.title or spec.name} names no attention module to read it from: choose another score"
+            )
         self.policy.cross_maps = self.cross_maps
+        self.policy.attention_maps = self.received
         return self
 
     def remove(self, transformer: nn.Module | None = None) -> None:
@@ -249,6 +325,7 @@ class LayerCaching:
             registry.remove_hook(BLOCK_HOOK, recurse=False)
         self._modules.clear()
         self._blocks.clear()
+        self._attn_layers.clear()
         self._transformer = None
         self.reset()
 
@@ -256,6 +333,7 @@ class LayerCaching:
         """Forget every cache: the next forward must be a full step."""
         self.kind, self.last_output, self._last = None, None, {}
         self.cross_maps.clear()
+        self.received.clear()
         for _, hook in self._modules:
             hook.cache = None
 
@@ -276,9 +354,16 @@ class LayerCaching:
             raise ValueError(f"{self.policy.name}.step_kind returned {kind!r}; allowed: {KINDS}")
         if kind != "full" and self.last_output is None:
             raise RuntimeError(f"step {step} is {kind} but no full step ran before it in this generation")
-        self.kind, self.step, self.num_steps, self._last = kind, step, num_steps, {}
+        self.kind, self.step, self.num_steps, self._last, self._received_now = kind, step, num_steps, {}, set()
         try:
             yield
+            missing = sorted(self._attn_layers - self._received_now) if kind == "full" and self.wants_received else []
+            if missing:
+                raise RuntimeError(
+                    f"{self.policy.name}: its score reads the attention each token receives, and layer {missing[0]}'s "
+                    "attention ran without torch's scaled_dot_product_attention (another attention backend?), so "
+                    "no map was kept: run torch's SDPA, or choose another score"
+                )
         finally:
             self.kind = None
 
@@ -298,6 +383,19 @@ class LayerCaching:
             return
         index = idx[..., None].expand(-1, -1, probs.shape[-1])
         self.cross_maps[layer] = self.cross_maps[layer].scatter(1, index, probs.to(self.cross_maps[layer].dtype))
+
+    def record_received(self, layer: int, received: torch.Tensor) -> None:
+        """Keep the attention ``layer``'s image tokens received at this full step, from its keys' ``(rows, S)``:
+        the image tokens' columns (after the text in a ``text_first`` family's joint sequence, else first)."""
+        if layer in self._received_now:  # a second attention in the block: the first one's map
+            return
+        self._received_now.add(layer)
+        n = self.num_tokens or received.shape[1]
+        if received.shape[1] < n:
+            raise RuntimeError(
+                f"layer {layer}: an attention over {received.shape[1]} keys, fewer than {n} image tokens"
+            )
+        self.received[layer] = received[:, received.shape[1] - n :] if self.text_first else received[:, :n]
 
     def fresh(self, layer: int, role: str, hidden: torch.Tensor) -> torch.Tensor | None:
         """The ``(rows, k)`` positions ``layer``'s ``role`` module computes at this partial step (``None``: none).

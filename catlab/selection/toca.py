@@ -22,9 +22,10 @@ written fresh for catlab's layer engine (``catlab/pruning/layerwise.py``):
 Base scores: ``cross_entropy`` (s2, ToCa's PixArt score: the entropy of each token's cross-attention
 over the text, its two guidance branches' maps mixed; the layer engine writes the cross-attention
 out to keep its N×L map, rows refreshed with the fresh tokens), ``frequency`` (none: s3 and s4
-alone) and ``random`` (uniform, one draw per sample shared by its guidance branches). s1
-(attention received) would need the N×N self-attention map, which catlab's SDPA attention never
-materialises: not offered. ``docs/selection.md`` lists every difference.
+alone), ``random`` (uniform, one draw per sample shared by its guidance branches) and ``attention``
+(s1, ToCa's FLUX and DiT score: the attention each token received in the block's self-attention at the
+last full step, averaged over heads and queries, its guidance branches' mixed; the layer engine computes
+it beside the SDPA call, a chunk of queries at a time). ``docs/selection.md`` lists every difference.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from catlab.grid import Grid
 from catlab.registry import selectors
 from catlab.selection.base import Policy, StepState
 
-SCORES = ("frequency", "random", "cross_entropy")
+SCORES = ("frequency", "random", "cross_entropy", "attention")
 SCHEDULES = ("toca", "constant")
 
 
@@ -81,6 +82,12 @@ def spatial_bonus(score: torch.Tensor, hw: tuple[int, int], bonus_ratio: float, 
 def cache_frequency(counter: torch.Tensor, fresh_threshold: int, weight: float) -> torch.Tensor:
     """s3: ``weight × counter / fresh_threshold``, ``counter`` the partial steps since each token was last fresh."""
     return weight * counter.float() / fresh_threshold
+
+
+def attention_received(cond: torch.Tensor, uncond: torch.Tensor, cond_weight: float = 0.5) -> torch.Tensor:
+    """s1: the attention each image token received ``(B, N)`` (mean over heads and queries), the two guidance
+    branches' mixed by ``cond_weight``, L2-normalised over the tokens."""
+    return F.normalize(cond_weight * cond + (1 - cond_weight) * uncond, dim=1, p=2)
 
 
 def cross_attention_entropy(cond: torch.Tensor, uncond: torch.Tensor, cond_weight: float = 0.5) -> torch.Tensor:
@@ -193,7 +200,19 @@ class ToCa(Policy):
         """Whether the layer engine must keep each layer's cross-attention map (``score: cross_entropy``)."""
         return self.score == "cross_entropy"
 
+    @property
+    def needs_attention_maps(self) -> bool:
+        """Whether the layer engine must keep the attention each token received (``score: attention``)."""
+        return self.score == "attention"
+
     def base_score(self, rows: int, num_tokens: int, layer: int = 0) -> torch.Tensor:
+        if self.score == "attention":
+            received = getattr(self, "attention_maps", {}).get(layer)
+            if received is None:
+                raise RuntimeError(f"{self.name}: no attention map of layer {layer} yet (a full step first)")
+            b = self.batch
+            cond, uncond = (received[-b:], received[:b]) if received.shape[0] >= 2 * b else (received[-b:],) * 2
+            return attention_received(cond.float(), uncond.float())
         if self.score == "cross_entropy":
             cmap = getattr(self, "cross_maps", {}).get(layer)
             if cmap is None:
@@ -231,6 +250,7 @@ __all__ = [
     "spatial_bonus",
     "cache_frequency",
     "cross_attention_entropy",
+    "attention_received",
     "top_fresh",
     "mark_fresh",
 ]
