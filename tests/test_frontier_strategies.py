@@ -60,6 +60,24 @@ def test_adaptive_schedule_copy_order_uses_the_first_difference():
     assert policy.estimate(4) == pytest.approx(3.5 * 2 / float(quadratic(2)[0, 0, 0]))
 
 
+def test_adaptive_schedule_force_full_runs_the_named_steps_in_full(model):
+    """``force_full: [-2]`` (the step before the last) and a 1-based step: full whatever the estimate, and the
+    forecast run restarts after them; without it the same schedule forecasts those steps."""
+    spec = {"name": "adaptive_schedule", "start_step": 3, "threshold": 10.0, "max_skip": 2}
+    free = generate(model, selectors.build(spec), PROMPTS, SEEDS, num_steps=STEPS, reuse=reuses.build("taylor"))
+    assert free.computed_tokens == [64, 64, 64, 0, 0, 64, 0, 0]
+    forced = selectors.build({**spec, "force_full": [-2, 4]})
+    result = generate(model, forced, PROMPTS, SEEDS, num_steps=STEPS, reuse=reuses.build("taylor"))
+    assert forced.forced() == {7, 4}
+    assert result.computed_tokens == [64, 64, 64, 64, 0, 0, 64, 0]
+
+
+@pytest.mark.parametrize("bad", [[0], [1.5], ["last"], [True]])
+def test_adaptive_schedule_refuses_bad_forced_steps(bad):
+    with pytest.raises(ValueError, match="force_full must list non-zero step numbers"):
+        selectors.build({"name": "adaptive_schedule", "force_full": bad})
+
+
 @pytest.mark.parametrize("bad", [{"threshold": -1}, {"max_skip": -1}, {"order": 2}])
 def test_adaptive_schedule_refuses_bad_settings(bad):
     with pytest.raises(ValueError, match="adaptive_schedule: " + next(iter(bad))):

@@ -15,6 +15,10 @@ Forecast steps follow one another while their estimated errors, summed since the
 last full step (the drift accumulates in the latents), stay within
 ``threshold`` and there are at most ``max_skip`` of them; then a full step comes.
 The threshold is the knob: larger, fewer full steps, more MACs saved.
+``force_full`` names steps that run in full whatever the estimate (negative:
+counted from the end): ``[-2]`` ends the schedule on a full step before the last,
+so that the last step is forecast from one step away (docs/beyond_copy.md, "Where
+the pattern ends", measures what that phase is worth on fixed patterns).
 
 The decision is one per batch (the batch's mean error), as for diffusers' MagCache,
 and like it reads one number on the host per step after the warm-up (the estimate,
@@ -47,6 +51,8 @@ class AdaptiveSchedule(Policy):
     threshold: float = 0.1
     max_skip: int = 4
     order: int = 1
+    #: steps that run in full whatever the estimate, 1-based; negative ones count from the end (-1: the last)
+    force_full: tuple[int, ...] = ()
     _history: list = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -57,12 +63,29 @@ class AdaptiveSchedule(Policy):
             raise ValueError(f"adaptive_schedule: max_skip must be >= 0; got {self.max_skip}")
         if self.order not in (0, 1):
             raise ValueError(f"adaptive_schedule: order must be 0 (copy reuse) or 1 (taylor); got {self.order}")
+        forced = list(self.force_full or ())
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s != 0 for s in forced):
+            raise ValueError(
+                f"adaptive_schedule: force_full must list non-zero step numbers (1-based; negative from the end); "
+                f"got {self.force_full!r}"
+            )
+        self.force_full = tuple(forced)
         self.alpha = 1.0 / (1 + int(self.max_skip))
+        self.num_steps: int | None = None
         self._forget()
 
     def reset(self, batch_size, grid, num_steps, device) -> None:
         super().reset(batch_size, grid, num_steps, device)
+        self.num_steps = int(num_steps)
         self._forget()
+
+    def forced(self) -> set[int]:
+        """The steps ``force_full`` names, as 1-based steps of this generation."""
+        if not self.force_full:
+            return set()
+        if self.num_steps is None:
+            raise RuntimeError("adaptive_schedule: force_full needs the step count: reset() first")
+        return {s if s > 0 else self.num_steps + 1 + s for s in self.force_full}
 
     def _forget(self) -> None:
         self._history = []  # (step, output) of the last order + 2 computed steps, newest first
@@ -90,7 +113,12 @@ class AdaptiveSchedule(Policy):
         if step in self.decisions:
             return self.decisions[step]
         kept = None
-        if step > self.start_step and self.skipped < self.max_skip and self.threshold > 0:
+        if (
+            step > self.start_step
+            and self.skipped < self.max_skip
+            and self.threshold > 0
+            and step not in self.forced()
+        ):
             err = self.estimate(step)
             if err is not None and self.accumulated + err <= self.threshold:
                 kept = 0
