@@ -78,6 +78,13 @@ def test_adaptive_schedule_refuses_bad_forced_steps(bad):
         selectors.build({"name": "adaptive_schedule", "force_full": bad})
 
 
+@pytest.mark.parametrize("step", [9, -9])
+def test_adaptive_schedule_refuses_a_forced_step_outside_the_run(step):
+    policy = selectors.build({"name": "adaptive_schedule", "start_step": 2, "force_full": [step]})
+    with pytest.raises(ValueError, match=f"force_full names step {step}, outside the run's 8 steps"):
+        policy.check(STEPS)  # the check every run makes before any compute
+
+
 @pytest.mark.parametrize("bad", [{"threshold": -1}, {"max_skip": -1}, {"order": 2}])
 def test_adaptive_schedule_refuses_bad_settings(bad):
     with pytest.raises(ValueError, match="adaptive_schedule: " + next(iter(bad))):

@@ -79,6 +79,15 @@ class AdaptiveSchedule(Policy):
         self.num_steps = int(num_steps)
         self._forget()
 
+    def check(self, num_steps: int) -> None:
+        super().check(num_steps)
+        outside = [s for s in self.force_full if not 1 <= (s if s > 0 else num_steps + 1 + s) <= num_steps]
+        if outside:
+            raise ValueError(
+                f"adaptive_schedule: force_full names step {outside[0]}, outside the run's {num_steps} steps "
+                f"(1..{num_steps}, or -1..-{num_steps} from the end)"
+            )
+
     def forced(self) -> set[int]:
         """The steps ``force_full`` names, as 1-based steps of this generation."""
         if not self.force_full:
